@@ -1,0 +1,13 @@
+"""qintrospect: explain, address by address, how a running QEMU guest's memory maps.
+
+    import qintrospect
+    with qintrospect.attach(qmp="/run/vm/qmp.sock", gdb="127.0.0.1:1234") as vm:
+        t = vm.translate(0x7f12345673e8)
+        print(t.gpa, t.hva, t.hpa, t.value)
+"""
+
+from .errors import AttachError, MemoryReadError, ParseError, QIError, UsageError, VMGoneError
+from .session import Session, Translation, attach
+
+__all__ = ["attach", "Session", "Translation", "QIError", "UsageError", "ParseError",
+           "AttachError", "VMGoneError", "MemoryReadError"]

@@ -1,0 +1,139 @@
+"""Where guest-physical memory comes from: one port, several adapters.
+
+Every adapter reads RAM only: the RAM map is consulted before any read, so a page-table entry
+pointing at a device (MMIO) or beyond RAM makes a MemoryReadError, never a device access.
+All adapters must agree byte for byte (tests/integration say so).
+
+- GdbMemory: the gdbstub in physical mode (works wherever the gdbstub reaches).
+- DirectMemory: the QEMU process's own memory at the HVA (/proc/PID/mem): fastest, local only.
+- QmpMemory: HMP `xp` through QMP: slow, but an independent path.
+- PageCache: keeps whole 4 KiB pages while the VM is stopped, for batches and whole maps.
+"""
+
+import re
+import struct
+from typing import Dict
+
+from .errors import MemoryReadError
+from .host import PAGE, HostProcess, RamMap
+
+
+class PhysicalMemory:
+    """The port: read `length` bytes of guest-physical memory at `gpa`."""
+
+    name = "?"
+
+    def __init__(self, ram_map: RamMap):
+        self.ram_map = ram_map
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self.ram_map.check_readable(gpa, length)
+        return self._read(gpa, length)
+
+    def _read(self, gpa: int, length: int) -> bytes:
+        raise NotImplementedError
+
+
+class GdbMemory(PhysicalMemory):
+    name = "gdb"
+    # QEMU 7.2 answers at most 2048 bytes per `m` packet; gdb splits for us, but we keep each
+    # MI request to a page so one answer stays small.
+    CHUNK = PAGE
+
+    def __init__(self, ram_map: RamMap, gdb):
+        super().__init__(ram_map)
+        self.gdb = gdb
+
+    def _read(self, gpa, length):
+        parts = []
+        for off in range(0, length, self.CHUNK):
+            parts.append(self.gdb.read(gpa + off, min(self.CHUNK, length - off)))
+        return b"".join(parts)
+
+
+class DirectMemory(PhysicalMemory):
+    """Reads the QEMU process at the HVA. A host page that is not present reads as zeros, as the
+    guest would see it, without touching it (reading it through /proc/PID/mem would fault it
+    in on the host)."""
+
+    name = "direct"
+
+    def __init__(self, ram_map: RamMap, process: HostProcess):
+        super().__init__(ram_map)
+        self.process = process
+
+    def _read(self, gpa, length):
+        out = bytearray()
+        while length > 0:
+            region = self.ram_map.check_readable(gpa, 1)
+            if region.hva is None:
+                raise MemoryReadError(f"no host address known for RAM region {region.block!r}",
+                                      gpa)
+            n = min(length, PAGE - gpa % PAGE, region.end - gpa + 1)
+            hva = region.hva_of(gpa)
+            if self.process.pagemap_entry(hva) >> 63 & 1:
+                out += self.process.read(hva, n)
+            else:
+                out += bytes(n)
+            gpa += n
+            length -= n
+        return bytes(out)
+
+
+class QmpMemory(PhysicalMemory):
+    name = "qmp"
+    _LINE = re.compile(r"^[0-9a-fA-F]+:((?:\s+0x[0-9a-fA-F]+)+)\s*$")
+
+    def __init__(self, ram_map: RamMap, qmp):
+        super().__init__(ram_map)
+        self.qmp = qmp
+
+    def _read(self, gpa, length):
+        start = gpa & ~7
+        count = (gpa + length - start + 7) // 8
+        words = []
+        for off in range(0, count, 512):
+            n = min(512, count - off)
+            text = self.qmp.hmp(f"xp /{n}gx {start + off * 8:#x}")
+            for line in text.splitlines():
+                m = self._LINE.match(line.strip())
+                if m:
+                    words.extend(int(w, 16) for w in m.group(1).split())
+        if len(words) != count:
+            raise MemoryReadError(f"xp returned {len(words)} of {count} words at {start:#x}", gpa)
+        data = struct.pack(f"<{count}Q", *words)
+        return data[gpa - start:gpa - start + length]
+
+
+class PageCache:
+    """Whole-page cache in front of an adapter. Valid only while the VM is stopped: the session
+    drops it whenever the VM may have run or the root changes."""
+
+    def __init__(self, inner: PhysicalMemory, max_pages: int = 65536):
+        self.inner = inner
+        self.name = inner.name
+        self.ram_map = inner.ram_map
+        self.max_pages = max_pages
+        self._pages: Dict[int, bytes] = {}
+        self.hits = self.misses = 0
+
+    def read(self, gpa: int, length: int) -> bytes:
+        if gpa % PAGE + length <= PAGE:
+            page = self._page(gpa - gpa % PAGE)
+            return page[gpa % PAGE:gpa % PAGE + length]
+        return self.inner.read(gpa, length)
+
+    def _page(self, base: int) -> bytes:
+        page = self._pages.get(base)
+        if page is None:
+            self.misses += 1
+            page = self.inner.read(base, PAGE)
+            if len(self._pages) >= self.max_pages:
+                self._pages.clear()
+            self._pages[base] = page
+        else:
+            self.hits += 1
+        return page
+
+    def clear(self) -> None:
+        self._pages.clear()

@@ -1,0 +1,341 @@
+"""QMP access (through the `qemu.qmp` package) and parsers for the text QEMU's monitor prints.
+
+Everything here is read-only. The monitor commands qintrospect may send are listed once, in
+ALLOWED_QMP and ALLOWED_HMP; `QmpMonitor` refuses anything else, so a read-only promise is
+enforced by one small table (and a test proves it on the wire). `stop`/`cont` are only ever
+sent to put the run state back as it was found.
+
+HMP `gpa2hpa` is deliberately absent: in QEMU it does an atomic add on the guest page.
+"""
+
+import asyncio
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+from .errors import AttachError, ParseError, UsageError, VMGoneError
+
+# QMP commands qintrospect may send. Nothing here changes guest memory or registers.
+ALLOWED_QMP = frozenset({
+    "qmp_capabilities", "query-status", "query-version", "query-name", "query-cpus-fast",
+    "query-kvm", "query-stats", "qom-get", "x-query-ramblock", "human-monitor-command",
+    "stop", "cont",  # only to restore the run state that was found
+})
+# HMP commands (first word(s) of the command line) allowed through human-monitor-command.
+ALLOWED_HMP = ("info mtree", "info registers", "info ramblock", "info tlb", "info mem",
+               "gpa2hva", "gva2gpa", "xp ")
+
+SocketAddress = Union[str, Tuple[str, int]]
+
+
+def parse_address(text: str, what: str, allow_remote: bool = False) -> SocketAddress:
+    """'PATH', 'unix:PATH', 'HOST:PORT' or 'tcp:HOST:PORT' -> a path or a (host, port) pair.
+
+    A TCP address off loopback is refused unless allow_remote: these sockets have no
+    authentication, and whoever reaches them owns the VM.
+    """
+    text = text.strip()
+    if not text:
+        raise UsageError(f"{what}: empty address; give a Unix socket path or HOST:PORT")
+    if text.startswith("unix:"):
+        return text[5:]
+    if text.startswith("tcp:"):
+        text = text[4:]
+    elif "/" in text or ":" not in text:
+        return text
+    host, _, port_text = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"{what}: bad port in {text!r}; expected HOST:PORT with PORT 1-65535")
+    if not allow_remote and not _is_loopback(host):
+        raise UsageError(f"{what}: {host} is not a loopback address; the monitor and gdbstub have "
+                         "no authentication, so qintrospect refuses remote ones unless you pass "
+                         "--allow-remote")
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def describe_address(address: SocketAddress) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+class QmpCommandError(AttachError):
+    """QEMU answered a QMP command with an error."""
+
+    exit_status = 1
+
+
+class QmpMonitor:
+    """A synchronous QMP connection with a timeout on every exchange.
+
+    Uses qemu.qmp's asyncio client on a private event loop (its `legacy` wrapper has no connect
+    timeout: a socket that accepts but never greets would hang us).
+    """
+
+    def __init__(self, address: SocketAddress, timeout: float = 10.0):
+        self.address = address
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._client = None
+        self.greeting: Optional[dict] = None
+
+    def connect(self, await_greeting: bool = True) -> "QmpMonitor":
+        from qemu.qmp import QMPClient  # imported late: keeps `--help` fast
+        where = describe_address(self.address)
+        if isinstance(self.address, str) and not os.path.exists(self.address):
+            raise AttachError(f"QMP socket {where} does not exist; is QEMU running with "
+                              f"-qmp unix:{where},server=on,wait=off ?")
+        client = QMPClient("qintrospect")
+        client.await_greeting = await_greeting
+        client.negotiate = await_greeting
+        try:
+            self._run(client.connect(self.address))
+            if not await_greeting:  # a serial line joined late: the greeting went by unheard
+                self._run(client.execute("qmp_capabilities"))
+        except asyncio.TimeoutError:
+            self._abandon(client)
+            raise AttachError(f"QMP at {where} did not answer within {self.timeout:g} s; is it a "
+                              "QMP socket (not HMP or a serial console), and is nobody else "
+                              "connected to it?") from None
+        except PermissionError:
+            raise AttachError(f"permission denied opening the QMP socket {where}; run as the "
+                              "user that owns it (or root)") from None
+        except Exception as exc:  # qemu.qmp wraps OSError and protocol errors in its own types
+            self._abandon(client)
+            raise AttachError(f"could not connect to QMP at {where}: {_root_cause(exc)}") from None
+        self._client = client
+        self.greeting = client.greeting._raw if client.greeting else None
+        return self
+
+    def command(self, name: str, **arguments) -> object:
+        """Run one allowlisted QMP command and return its 'return' value."""
+        if name not in ALLOWED_QMP:
+            raise ValueError(f"QMP command {name!r} is not on qintrospect's read-only allowlist")
+        from qemu.qmp import ExecuteError
+        if self._client is None:
+            raise VMGoneError("QMP is not connected")
+        try:
+            return self._run(self._client.execute(name, arguments or None))
+        except ExecuteError as exc:
+            raise QmpCommandError(f"QEMU refused QMP {name}: {exc.error.desc}") from None
+        except asyncio.TimeoutError:
+            raise VMGoneError(f"QMP {name} got no answer within {self.timeout:g} s; "
+                              "QEMU may be hung or gone") from None
+        except Exception as exc:
+            raise VMGoneError(f"QMP connection lost during {name}: {_root_cause(exc)}") from None
+
+    def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
+        """Run one allowlisted HMP command through QMP and return what it prints."""
+        if not command_line.startswith(ALLOWED_HMP):
+            raise ValueError(f"HMP command {command_line!r} is not on qintrospect's read-only "
+                             "allowlist")
+        args = {"command-line": command_line}
+        if cpu_index is not None:
+            args["cpu-index"] = cpu_index
+        return self.command("human-monitor-command", **args)
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._run(self._client.disconnect())
+            except Exception:
+                pass
+            self._client = None
+        if not self._loop.is_closed():
+            self._loop.close()
+
+    def _run(self, coroutine):
+        return self._loop.run_until_complete(asyncio.wait_for(coroutine, self.timeout))
+
+    def _abandon(self, client) -> None:
+        try:
+            self._loop.run_until_complete(asyncio.wait_for(client.disconnect(), 1.0))
+        except Exception:
+            pass
+
+
+def _root_cause(exc: BaseException) -> str:
+    while getattr(exc, "exc", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "exc", None) or exc.__cause__
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+# ---- parsers for what QEMU prints ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Region:
+    """One line of `info mtree -f` for the system address space."""
+    start: int
+    end: int            # inclusive, as QEMU prints it
+    kind: str           # "ram", "rom", "romd", "i/o", ...
+    name: str
+    offset: int         # offset inside the RAM block (the "@..." part), 0 when absent
+    priority: int
+
+    @property
+    def is_ram(self) -> bool:
+        """Backed by a RAM block: safe to read, and has a host address."""
+        return self.kind in ("ram", "rom") or self.kind.startswith("ram") or self.kind == "romd"
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+
+_MTREE_LINE = re.compile(
+    r"^\s+([0-9a-fA-F]+)-([0-9a-fA-F]+) \(prio (-?\d+), ([^)]+)\): (.*?)(?: @([0-9a-fA-F]+))?"
+    r"(?: KVM)?\s*$")
+
+
+def parse_mtree_flat(text: str) -> List[Region]:
+    """The regions of the FlatView that serves the "memory" address space in `info mtree -f`."""
+    if not isinstance(text, str):
+        raise ParseError("info mtree -f: expected text")
+    views = re.split(r"^FlatView #\d+\s*$", text, flags=re.M)
+    for view in views[1:]:
+        if not re.search(r'^\s*AS "memory"', view, flags=re.M):
+            continue
+        regions = []
+        for line in view.splitlines():
+            m = _MTREE_LINE.match(line)
+            if not m:
+                continue
+            start, end = int(m.group(1), 16), int(m.group(2), 16)
+            if end < start:
+                raise ParseError(f"info mtree -f: region end before start in {line.strip()!r}")
+            regions.append(Region(start, end, m.group(4).strip(), m.group(5).strip(),
+                                  int(m.group(6), 16) if m.group(6) else 0, int(m.group(3))))
+        if not regions:
+            raise ParseError('info mtree -f: the "memory" address space has no regions')
+        return regions
+    raise ParseError('info mtree -f: no FlatView for the "memory" address space found; '
+                     "is this QEMU's `info mtree -f` output?")
+
+
+_GPA2HVA = re.compile(r"Host virtual address for (0x[0-9a-fA-F]+) \((.*)\) is (0x[0-9a-fA-F]+)")
+
+
+def parse_gpa2hva(text: str) -> Tuple[int, str, int]:
+    """`gpa2hva ADDR` output -> (gpa, region name, hva). ParseError for "not RAM" and the like."""
+    m = _GPA2HVA.search(text or "")
+    if not m:
+        raise ParseError(f"gpa2hva: unexpected answer {(text or '').strip()[:120]!r}")
+    return int(m.group(1), 16), m.group(2), int(m.group(3), 16)
+
+
+_REG = re.compile(r"\b([A-Z][A-Z0-9]*)=([0-9a-fA-F]+)\b")
+
+
+def parse_registers(text: str) -> Dict[str, int]:
+    """`info registers` -> {"CR0": ..., "CR3": ..., "EFER": ..., "RIP"/"EIP": ..., "CPL": ...}.
+
+    Only NAME=HEX pairs are taken (segment lines and vector registers are skipped). CPL is
+    printed in decimal but is a single digit, so hex reads it the same.
+    """
+    regs: Dict[str, int] = {}
+    for line in (text or "").splitlines():
+        if line.startswith(("ES =", "CS =", "SS =", "DS =", "FS =", "GS =", "LDT=", "TR ",
+                            "GDT=", "IDT=", "FPR", "XMM", "YMM", "ZMM", "Opmask")):
+            continue
+        for name, value in _REG.findall(line):
+            regs.setdefault(name, int(value, 16))
+    for needed in ("CR0", "CR3", "CR4", "EFER"):
+        if needed not in regs:
+            raise ParseError(f"info registers: no {needed}= in the output")
+    return regs
+
+
+_TLB_LINE = re.compile(r"^([0-9a-fA-F]+): ([0-9a-fA-F]+) ([-XGPDACTUW]{9})\s*$")
+
+
+@dataclass(frozen=True)
+class TlbLine:
+    va: int
+    pa: int
+    flags: str   # QEMU's 9 letters: X G P D A C T U W (X means NX set)
+
+
+def parse_info_tlb(text: str) -> List[TlbLine]:
+    """`info tlb` -> one TlbLine per leaf (QEMU prints large pages once, at their base)."""
+    out = []
+    for line in (text or "").splitlines():
+        m = _TLB_LINE.match(line.strip())
+        if m:
+            out.append(TlbLine(int(m.group(1), 16), int(m.group(2), 16), m.group(3)))
+    return out
+
+
+_GVA2GPA = re.compile(r"^gpa: (0x[0-9a-fA-F]+)\s*$", re.M)
+
+
+def parse_gva2gpa(text: str) -> Optional[int]:
+    """`gva2gpa ADDR` -> the GPA, or None when QEMU says "Unmapped"."""
+    m = _GVA2GPA.search(text or "")
+    if m:
+        return int(m.group(1), 16)
+    if "Unmapped" in (text or ""):
+        return None
+    raise ParseError(f"gva2gpa: unexpected answer {(text or '').strip()[:120]!r}")
+
+
+def peer_pid(address: SocketAddress) -> Optional[int]:
+    """The pid of the process serving a local socket: SO_PEERCRED for Unix sockets, the owner
+    of the listening socket (/proc/net/tcp + /proc/*/fd) for loopback TCP. None if unknown.
+
+    For a socket reached through another VM's serial port this is that VM's QEMU, not the one
+    behind the monitor: callers check the process really holds the VM's RAM before using it.
+    """
+    if isinstance(address, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(2.0)
+        try:
+            # A second client on QEMU's chardev waits in the backlog; SO_PEERCRED is filled in
+            # at connect() time all the same, so we can ask and leave at once.
+            s.connect(address)
+            import struct
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = struct.unpack("3i", creds)[0]
+            return pid or None
+        except OSError:
+            return None
+        finally:
+            s.close()
+    return _tcp_listener_pid(address[1])
+
+
+def _tcp_listener_pid(port: int) -> Optional[int]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local, state, inode = fields[1], fields[3], fields[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{inode}]")
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            for fd in os.listdir(fd_dir):
+                if os.readlink(f"{fd_dir}/{fd}") in inodes:
+                    return int(pid)
+        except OSError:
+            continue
+    return None

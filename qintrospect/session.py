@@ -1,0 +1,373 @@
+"""Attach to a running QEMU VM, translate addresses, and leave the VM exactly as found.
+
+A Session owns the connections: QMP (run state, RAM map, host addresses), the gdbstub (vCPU
+control registers, guest-physical reads) and the QEMU process (pagemap, memory). Attaching
+gdb stops the VM, so everything a session reports is one consistent view. On close the run
+state is put back: a VM found running runs again (gdb detaches), a VM found paused stays
+paused (gdb only disconnects), and QMP confirms it.
+"""
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional
+
+from . import paging
+from .errors import AttachError, MemoryReadError, UsageError, VMGoneError
+from .gdbstub import GdbStub
+from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
+from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory
+from .qmp import QmpMonitor, describe_address, parse_address, peer_pid
+
+MASK64 = (1 << 64) - 1
+VALUE_SIZE = 8
+
+
+def _hex(v):
+    return None if v is None else f"{v:#x}"
+
+
+@dataclass
+class Translation:
+    """One address followed down the chain. Renderers read this; none recomputes it."""
+    gva: int
+    vcpu: int
+    cr3: int
+    walk: paging.Walk
+    ram: Optional[RamRegion] = None     # the RAM region holding the GPA
+    gpa_note: str = ""                  # why the GPA has no RAM block (device, unassigned)
+    hva: Optional[int] = None
+    host: Optional[HostPage] = None
+    value: Optional[bytes] = None       # the 8 bytes at GVA, read through the GPA
+    value_at_hva: Optional[bytes] = None
+    value_note: str = ""
+    memory_path: str = "gdb"
+    qemu_pid: Optional[int] = None
+    cr3_source: str = "vcpu"
+
+    @property
+    def ok(self) -> bool:
+        return self.walk.ok
+
+    @property
+    def gpa(self) -> Optional[int]:
+        return self.walk.pa
+
+    @property
+    def hpa(self) -> Optional[int]:
+        return self.host.hpa if self.host else None
+
+    def to_dict(self) -> dict:
+        w = self.walk
+        out = {"gva": _hex(self.gva), "vcpu": self.vcpu, "cr3": _hex(self.cr3),
+               "cr3_source": self.cr3_source, "root": _hex(w.root), "pcid": _hex(w.pcid),
+               "mode": w.mode.name if w.mode else None,
+               "levels": [s.to_dict() for s in w.levels]}
+        if not w.ok:
+            out["fault"] = w.fault.to_dict() if w.fault else {"level": None, "reason": "unknown",
+                                                               "message": "no translation"}
+            out["memory_path"] = self.memory_path
+            return out
+        value = None if self.value is None else int.from_bytes(self.value, "little")
+        value_hva = None if self.value_at_hva is None else int.from_bytes(self.value_at_hva,
+                                                                          "little")
+        out.update({
+            "page_size": w.page_size, "gpa": _hex(w.pa),
+            "ram_block": self.ram.block if self.ram else None,
+            "ram_block_offset": _hex(self.ram.block_offset + (w.pa - self.ram.start))
+            if self.ram else None,
+            "gpa_note": self.gpa_note or None,
+            "hva": _hex(self.hva), "qemu_pid": self.qemu_pid,
+            "hpa": _hex(self.hpa),
+            "host_page_size": self.host.page_size if self.host else None,
+            "host": self.host.to_dict() if self.host else None,
+            "writable": w.writable, "user": w.user, "executable": w.executable,
+            "access": {k: v.to_dict() for k, v in w.access.items()},
+            "value": _hex(value), "value_bytes": self.value.hex() if self.value else None,
+            "value_at_hva": _hex(value_hva),
+            "value_matches": (self.value == self.value_at_hva)
+            if self.value is not None and self.value_at_hva is not None else None,
+            "value_note": self.value_note or None,
+            "maxphyaddr": w.maxphyaddr, "assumed_maxphyaddr": w.assumed_maxphyaddr,
+            "memory_path": self.memory_path,
+        })
+        return out
+
+
+class Session:
+    """`with attach(qmp=..., gdb=...) as vm: vm.translate(0x7f...)`; see attach()."""
+
+    def __init__(self, qmp: str, gdb: str, pid: Optional[int] = None, vcpu: int = 0,
+                 via: str = "gdb", allow_remote: bool = False, timeout: float = 10.0,
+                 verbose: bool = False):
+        if via not in ("gdb", "direct"):
+            raise UsageError(f"--via {via!r}: expected gdb or direct")
+        if vcpu < 0:
+            raise UsageError(f"--vcpu {vcpu}: vCPU numbers start at 0")
+        self.qmp_address = parse_address(qmp, "--qmp", allow_remote)
+        self.gdb_address = parse_address(gdb, "--gdb", allow_remote)
+        self.requested_pid = pid
+        self.vcpu = vcpu
+        self.via = via
+        self.timeout = timeout
+        self.verbose = verbose
+        self.qmp: Optional[QmpMonitor] = None
+        self.gdb: Optional[GdbStub] = None
+        self.process: Optional[HostProcess] = None
+        self.process_note = ""
+        self.ram_map: Optional[RamMap] = None
+        self.memory: Optional[PhysicalMemory] = None
+        self.cpu: Optional[paging.CpuState] = None
+        self.found_status: Optional[dict] = None
+        self.vcpus: List[dict] = []
+        self.timings = {}
+
+    # ---- attach / detach ------------------------------------------------------------------------
+
+    def __enter__(self) -> "Session":
+        if self.memory is None:
+            self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> "Session":
+        t0 = time.perf_counter()
+        try:
+            self.qmp = QmpMonitor(self.qmp_address, self.timeout).connect()
+            self.found_status = self.qmp.command("query-status")
+            self.vcpus = self.qmp.command("query-cpus-fast")
+            if self.vcpu >= len(self.vcpus):
+                raise UsageError(f"--vcpu {self.vcpu}: this VM has {len(self.vcpus)} vCPU(s), "
+                                 f"numbered 0-{len(self.vcpus) - 1}")
+            self.ram_map = RamMap.from_qmp(self.qmp)
+            self._find_process()
+            self.gdb = GdbStub(self.gdb_address, self.timeout).connect()
+            self.gdb.select_vcpu(self.vcpu)
+            self.cpu = self._read_cpu_state()
+            self.gdb.physical_mode()
+            self._choose_memory()
+        except BaseException:
+            self.close()
+            raise
+        self.timings["attach"] = time.perf_counter() - t0
+        return self
+
+    def close(self) -> None:
+        """Leave the VM as found: gdb detached (or disconnected if the VM was not running),
+        the PhyMemMode put back, the run state checked through QMP, sockets closed."""
+        # While we clean up, a second Ctrl-C or SIGTERM must not cut the restore short.
+        old_int = _block_signal(signal.SIGINT)
+        old_term = _block_signal(signal.SIGTERM)
+        try:
+            was_running = bool(self.found_status and self.found_status.get("running"))
+            if self.gdb is not None:
+                self.gdb.close(resume=was_running)
+                self.gdb = None
+            if self.qmp is not None and self.found_status is not None:
+                try:
+                    now = self.qmp.command("query-status")
+                    if was_running and not now.get("running"):
+                        self.qmp.command("cont")
+                    elif not was_running and now.get("running"):
+                        self.qmp.command("stop")
+                except Exception:
+                    pass
+            if self.qmp is not None:
+                self.qmp.close()
+                self.qmp = None
+            if self.process is not None:
+                self.process.close()
+        finally:
+            _restore_signal(signal.SIGINT, old_int)
+            _restore_signal(signal.SIGTERM, old_term)
+
+    def _find_process(self) -> None:
+        pid = self.requested_pid
+        how = "--pid"
+        if pid is None:
+            pid = peer_pid(self.qmp_address) or peer_pid(self.gdb_address)
+            how = "socket peer"
+        if pid is None:
+            self.process_note = ("the QEMU process was not found (remote sockets?); pass --pid "
+                                 "to get host addresses")
+            return
+        if not process_exists(pid):
+            if self.requested_pid is not None:
+                raise UsageError(f"--pid {pid}: no such process")
+            return
+        self.process = HostProcess(pid)
+        self.process_note = f"QEMU {self.process.describe()}, found by {how}"
+
+    def _read_cpu_state(self) -> paging.CpuState:
+        regs = self.gdb.registers()
+        maxphyaddr = None
+        try:
+            qom = self.vcpus[self.vcpu].get("qom-path")
+            if qom:
+                maxphyaddr = int(self.qmp.command("qom-get", path=qom, property="phys-bits"))
+        except Exception:
+            maxphyaddr = None
+        return paging.CpuState(cr0=regs["cr0"], cr3=regs["cr3"], cr4=regs["cr4"],
+                               efer=regs["efer"], maxphyaddr=maxphyaddr)
+
+    def _choose_memory(self) -> None:
+        gdb_memory = GdbMemory(self.ram_map, self.gdb)
+        self.memory = gdb_memory
+        if self.process is not None:
+            # The process behind a socket may be another VM's QEMU (nested rigs): trust it only
+            # if it holds this VM's RAM, i.e. the root table reads the same both ways.
+            if not self._process_holds_ram(gdb_memory):
+                self.process_note += ("; but its memory does not hold this VM's RAM (or cannot "
+                                      "be read), so host addresses are not shown")
+                self.process.close()
+                self.process = None
+        if self.via == "direct":
+            if self.process is None:
+                raise AttachError("--via direct needs the local QEMU process and permission to "
+                                  "read its memory: " + self.process_note)
+            self.memory = DirectMemory(self.ram_map, self.process)
+
+    def _process_holds_ram(self, gdb_memory: GdbMemory) -> bool:
+        probe = self.cpu.cr3 & ~0xFFF & MASK64
+        region = self.ram_map.ram_at(probe)
+        if region is None or region.hva is None:
+            region = next((r for r in self.ram_map.ram if r.hva is not None), None)
+            if region is None:
+                return False
+            probe = region.start
+        try:
+            hva = region.hva_of(probe)
+            if not self.process.pagemap_entry(hva) >> 63 & 1:
+                return True  # untouched on the host: nothing to compare, nothing contradicts
+            return gdb_memory.read(probe, 256) == self.process.read(hva, 256)
+        except (OSError, MemoryReadError):
+            return False
+
+    # ---- translation ------------------------------------------------------------------------------
+
+    def cpu_state(self, cr3: Optional[int] = None) -> paging.CpuState:
+        self._check_open()
+        if cr3 is None:
+            return self.cpu
+        return paging.CpuState(self.cpu.cr0, cr3, self.cpu.cr4, self.cpu.efer,
+                               self.cpu.maxphyaddr, self.cpu.pkru)
+
+    def read_phys(self, gpa: int, length: int) -> bytes:
+        self._check_open()
+        return self.memory.read(gpa, length)
+
+    def translate(self, gva: int, cr3: Optional[int] = None) -> Translation:
+        """Follow one guest virtual address down to the host. Faults are values, not errors."""
+        self._check_open()
+        if not 0 <= gva <= MASK64:
+            raise UsageError(f"address {gva:#x} does not fit in 64 bits")
+        cpu = self.cpu_state(cr3)
+        walk = paging.walk(self.memory.read, cpu, gva)
+        t = Translation(gva=gva, vcpu=self.vcpu, cr3=cpu.cr3, walk=walk,
+                        memory_path=self.memory.name,
+                        qemu_pid=self.process.pid if self.process else None,
+                        cr3_source="vcpu" if cr3 is None else "given")
+        if not walk.ok:
+            return t
+        self._finish_on_host(t)
+        self._read_value(t)
+        return t
+
+    def translate_many(self, addresses: Iterable[int], cr3: Optional[int] = None):
+        """Translate a batch with a page cache in front of memory (the VM is stopped meanwhile,
+        so cached table pages stay valid for the whole batch)."""
+        self._check_open()
+        inner = self.memory
+        self.memory = PageCache(inner)
+        try:
+            for gva in addresses:
+                yield self.translate(gva, cr3)
+        finally:
+            self.memory = inner
+
+    def _finish_on_host(self, t: Translation) -> None:
+        gpa = t.walk.pa
+        t.ram = self.ram_map.ram_at(gpa)
+        if t.ram is None:
+            t.gpa_note = self.ram_map.describe(gpa)
+            return
+        t.hva = t.ram.hva_of(gpa)
+        if t.hva is None:
+            t.gpa_note = f"QEMU gave no host address for RAM region {t.ram.block!r}"
+            return
+        if self.process is None:
+            t.gpa_note = self.process_note
+            return
+        t.host = self.process.host_page(t.hva)
+
+    def _read_value(self, t: Translation) -> None:
+        """The 8 bytes at the GVA through the GPA, and the same bytes at the HVA."""
+        gpa = t.walk.pa
+        in_page = min(VALUE_SIZE, t.walk.page_size - gpa % t.walk.page_size)
+        try:
+            value = self.memory.read(gpa, in_page)
+            if in_page < VALUE_SIZE:  # crosses into the next virtual page: walk that one too
+                nxt = paging.walk(self.memory.read, self.cpu_state(t.cr3 if t.cr3_source ==
+                                                                   "given" else None),
+                                  (t.gva + in_page) & MASK64)
+                if not nxt.ok:
+                    t.value_note = (f"the 8 bytes cross into the next page, which is not mapped "
+                                    f"({nxt.fault.reason}); showing {in_page} bytes")
+                else:
+                    value += self.memory.read(nxt.pa, VALUE_SIZE - in_page)
+            t.value = value
+        except MemoryReadError as exc:
+            t.value_note = f"value not read: {exc}"
+            return
+        if t.host is not None and t.host.status == "present" and len(value) == VALUE_SIZE \
+                and in_page == VALUE_SIZE:
+            try:
+                t.value_at_hva = self.process.read(t.hva, VALUE_SIZE)
+            except MemoryReadError as exc:
+                t.value_note = str(exc)
+
+    def _check_open(self) -> None:
+        if self.memory is None:
+            raise VMGoneError("the session is not attached")
+
+    # ---- facts for the header --------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        return {"qmp": describe_address(self.qmp_address),
+                "gdb": describe_address(self.gdb_address),
+                "status_found": self.found_status.get("status") if self.found_status else None,
+                "vcpu": self.vcpu, "vcpus": len(self.vcpus),
+                "qemu_pid": self.process.pid if self.process else None,
+                "process_note": self.process_note, "memory_path": self.memory.name
+                if self.memory else None}
+
+
+def attach(qmp: str, gdb: str, **options) -> Session:
+    """Open a session on a running QEMU VM. Use it as a context manager:
+
+        with qintrospect.attach(qmp="/run/vm/qmp.sock", gdb="127.0.0.1:1234") as vm:
+            t = vm.translate(0x7f12345673e8)
+
+    Options: pid (the QEMU process, found from the socket's peer otherwise), vcpu (default 0),
+    via ("gdb" or "direct"), allow_remote, timeout (seconds for every socket exchange).
+    The VM is stopped while attached and left as found on exit.
+    """
+    return Session(qmp, gdb, **options).open()
+
+
+def _block_signal(signum):
+    try:
+        return signal.signal(signum, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _restore_signal(signum, old) -> None:
+    if old is not None:
+        try:
+            signal.signal(signum, old)
+        except ValueError:
+            pass
