@@ -9,11 +9,17 @@ from .model import (
     EPT_ACCESS_KINDS, X86_ACCESS_KINDS, AccessResult, CpuState, Fault, LevelSpec, LevelStep,
     Mapping, PagingMode, ReadPhys, Walk,
 )
-from .x86 import iter_mappings, paging_mode, walk
+from .modes import (
+    ALL_MODES, MODE_4LEVEL, MODE_5LEVEL, MODE_32BIT, MODE_32BIT_PSE, MODE_EPT4, MODE_EPT5,
+    MODE_NPT4, MODE_NPT5, MODE_PAE, paging_mode,
+)
+from .x86 import cr3_root, iter_mappings, walk
 from .ept import decode_eptp, walk_ept, walk_npt
 
 __all__ = [
     "ReadPhys", "CpuState", "LevelSpec", "PagingMode", "LevelStep", "Fault", "AccessResult",
     "Walk", "Mapping", "X86_ACCESS_KINDS", "EPT_ACCESS_KINDS",
-    "paging_mode", "walk", "iter_mappings", "walk_ept", "decode_eptp", "walk_npt",
+    "paging_mode", "walk", "iter_mappings", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
+    "ALL_MODES", "MODE_32BIT", "MODE_32BIT_PSE", "MODE_PAE", "MODE_4LEVEL", "MODE_5LEVEL",
+    "MODE_EPT4", "MODE_EPT5", "MODE_NPT4", "MODE_NPT5",
 ]

@@ -145,6 +145,7 @@ class Walk:
     access: MappingT[str, AccessResult] = field(default_factory=dict)
     assumed_maxphyaddr: bool = False
     maxphyaddr: int = 52
+    notes: Tuple[str, ...] = ()     # assumptions made, in sentences ("MAXPHYADDR unknown: ...")
 
     @property
     def ok(self) -> bool:
@@ -167,6 +168,7 @@ class Walk:
             "access": {k: v.to_dict() for k, v in self.access.items()},
             "maxphyaddr": self.maxphyaddr,
             "assumed_maxphyaddr": self.assumed_maxphyaddr,
+            "notes": list(self.notes),
         }
 
 

@@ -1,0 +1,270 @@
+"""Entry formats: how a mode's entries say present / leaf / reserved / frame address / flags.
+
+A format is built once per walk from the mode and the state that changes the layout (MAXPHYADDR,
+EFER.NXE, CR4.PKE, EPT mode-based execute control). It precomputes, per level, the reserved-bit
+rules for a table entry and for a leaf entry, each rule being (mask, why) so that a fault can say
+which bits and why; the walker and the whole-space iterator only ask it questions.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from .model import EPT_MISCONFIGURATION, EPT_VIOLATION, NOT_PRESENT, RESERVED_BIT, PagingMode
+
+Rule = Tuple[int, str]  # (mask of bits that must be 0, why they must be)
+
+# x86 entry bits (SDM Vol 3, tables 4-4 .. 4-20).
+P, RW, US, PWT, PCD, A, D, PS, G = (1 << n for n in range(9))
+PAT_LARGE = 1 << 12
+XD = 1 << 63
+# EPT entry bits (SDM Vol 3, tables 29-1 .. 29-7).
+EPT_R, EPT_W, EPT_X = 1, 2, 4
+EPT_IPAT, EPT_PS, EPT_A, EPT_D, EPT_XU = 1 << 6, 1 << 7, 1 << 8, 1 << 9, 1 << 10
+EPT_SVE = 1 << 63
+EPT_BAD_MEMORY_TYPES = (2, 3, 7)
+MEMORY_TYPES = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
+
+ADDR_51_12 = ((1 << 52) - 1) & ~0xFFF
+
+
+def bits(hi: int, lo: int) -> int:
+    """Mask of bits hi..lo inclusive (0 when hi < lo)."""
+    if hi < lo:
+        return 0
+    return ((1 << (hi + 1)) - 1) & ~((1 << lo) - 1)
+
+
+def bit_list(mask: int) -> str:
+    """'51', '51:48', '63, 20:13' -- set bits, highest first, runs written hi:lo."""
+    runs = []
+    n = mask.bit_length() - 1
+    while n >= 0:
+        if mask >> n & 1:
+            hi = n
+            while n - 1 >= 0 and mask >> (n - 1) & 1:
+                n -= 1
+            runs.append(str(hi) if hi == n else f"{hi}:{n}")
+        n -= 1
+    return ", ".join(runs)
+
+
+def size_name(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} B"
+
+
+class EntryFormat:
+    """Common shape; subclasses fill the per-level tables in __init__."""
+
+    not_present_reason = NOT_PRESENT
+    invalid_reason = RESERVED_BIT
+
+    def __init__(self, mode: PagingMode, maxphyaddr: int):
+        self.mode = mode
+        self.m = maxphyaddr
+        self.last = len(mode.levels) - 1
+        n = len(mode.levels)
+        self.table_rules: List[List[Rule]] = [[] for _ in range(n)]
+        self.leaf_rules: List[List[Rule]] = [[] for _ in range(n)]
+        self.table_addr = [ADDR_51_12] * n
+        self.leaf_addr = [0] * n
+        self._masks = None
+        for i, spec in enumerate(mode.levels):
+            size = self.page_size(i, True)
+            if size:
+                self.leaf_addr[i] = ADDR_51_12 & ~(size - 1)
+
+    # -- questions the walkers ask -------------------------------------------------------
+    def page_size(self, i: int, leaf: bool) -> Optional[int]:
+        if not leaf:
+            return None
+        spec = self.mode.levels[i]
+        return 1 << spec.shift if i == self.last else spec.large_page
+
+    def present(self, e: int) -> bool:
+        return bool(e & P)
+
+    def is_leaf(self, i: int, e: int) -> bool:
+        return i == self.last or bool(self.mode.levels[i].large_page and e & PS)
+
+    def problems(self, i: int, e: int, leaf: bool) -> List[Rule]:
+        """The rules this present entry breaks, each with the offending bits only."""
+        rules = self.leaf_rules[i] if leaf else self.table_rules[i]
+        return [(e & mask, why) for mask, why in rules if e & mask]
+
+    def reserved_mask(self, i: int, leaf: bool) -> int:
+        """All must-be-zero bits of an entry at level i."""
+        m = 0
+        for mask, _ in (self.leaf_rules[i] if leaf else self.table_rules[i]):
+            m |= mask
+        return m
+
+    def valid(self, i: int, e: int, leaf: bool) -> bool:
+        """No rule broken (the fast question of the whole-space scan)."""
+        masks = self._masks
+        if masks is None:
+            masks = self._masks = ([self.reserved_mask(k, False) for k in range(self.last + 1)],
+                                   [self.reserved_mask(k, True) for k in range(self.last + 1)])
+        return not e & masks[leaf][i]
+
+    def frame(self, i: int, e: int, leaf: bool) -> int:
+        """Next table's base, or the page frame's base at a leaf."""
+        return e & (self.leaf_addr[i] if leaf else self.table_addr[i])
+
+    def flags(self, i: int, e: int, leaf: bool) -> Tuple[str, ...]:
+        raise NotImplementedError
+
+
+class X86Format(EntryFormat):
+    """32-bit, PAE, 4-level and 5-level entries (also NPT, which uses the 4/5-level format)."""
+
+    def __init__(self, mode: PagingMode, maxphyaddr: int, nxe: bool, pke: bool = False):
+        self.kind = {"32-bit": "32-bit", "pae": "pae"}.get(mode.name, "long")
+        self.nxe = nxe and self.kind != "32-bit"   # 4-byte entries have no XD bit
+        self.pke = pke and self.kind == "long"     # protection keys exist only in IA-32e mode
+        super().__init__(mode, maxphyaddr)
+        if self.kind == "32-bit":
+            self._rules_32bit()
+        else:
+            self._rules_64bit()
+
+    def _rules_32bit(self) -> None:
+        # PSE-36: a 4 MiB PDE holds physical bits (M'-1):32 in bits (M'-20):13, M' = min(M, 40);
+        # bits 21:(M'-19) must be 0 (SDM table 4-4). 4 KiB entries have no reserved bits.
+        m = max(32, min(self.m, 40))
+        self.table_addr = [0xFFFFF000] * 2
+        self.leaf_addr = [0xFFC00000, 0xFFFFF000]
+        self.leaf_rules[0] = [(bits(21, m - 19),
+                               f"reserved in a 4 MiB PDE: PSE-36 with MAXPHYADDR {m}")]
+
+    def _rules_64bit(self) -> None:
+        m = self.m
+        long = self.kind == "long"
+        # Above MAXPHYADDR: 4/5-level entries ignore bits 62:52; PAE reserves them too.
+        above = (bits(51, m) if long else bits(62, m), f"above MAXPHYADDR {m}")
+        nx = (0 if self.nxe else XD, "XD (NX) with EFER.NXE=0")
+        for i, spec in enumerate(self.mode.levels):
+            if self.kind == "pae" and i == 0:
+                # PDPTEs are loaded at MOV CR3; any of these set there is a #GP (SDM table 4-8).
+                self.table_rules[0] = [(bits(63, m), f"above MAXPHYADDR {m}"),
+                                       (bits(2, 1) | bits(8, 5),
+                                        "reserved in a PAE PDPTE (bits 2:1, 8:5)")]
+                continue
+            common = [r for r in (above, nx) if r[0]]
+            if i != self.last:
+                extra = [] if spec.large_page else [(PS, f"PS is reserved in a {spec.name} entry")]
+                self.table_rules[i] = common + extra
+            if spec.large_page:
+                low = bits(spec.large_page.bit_length() - 2, 13)  # between PAT (12) and the frame
+                self.leaf_rules[i] = common + [
+                    (low, f"must be 0 in a {size_name(spec.large_page)} page entry")]
+            elif i == self.last:
+                self.leaf_rules[i] = common
+
+    def frame(self, i: int, e: int, leaf: bool) -> int:
+        if self.kind == "32-bit" and leaf and i == 0:
+            return (e & 0xFFC00000) | ((e >> 13) & 0xFF) << 32   # PSE-36 high bits
+        return super().frame(i, e, leaf)
+
+    def rights(self, i: int, e: int) -> Tuple[bool, bool, bool]:
+        """(R/W, U/S, XD) this entry contributes. PAE PDPTEs have neither R/W nor U/S."""
+        if self.kind == "pae" and i == 0:
+            return True, True, False
+        return bool(e & RW), bool(e & US), bool(self.nxe and e & XD)
+
+    def protection_key(self, e: int) -> Optional[int]:
+        return (e >> 59) & 0xF if self.pke else None
+
+    def flags(self, i: int, e: int, leaf: bool) -> Tuple[str, ...]:
+        names = [n for n, b in (("P", P), ("RW", RW), ("US", US), ("PWT", PWT), ("PCD", PCD),
+                                ("A", A)) if e & b]
+        large = leaf and i != self.last
+        if leaf and e & D:
+            names.append("D")
+        if e & PS and i != self.last:
+            names.append("PS")
+        if leaf and i == self.last and e & PS:
+            names.append("PAT")           # bit 7 of a 4 KiB PTE is PAT
+        if leaf and e & G:
+            names.append("G")
+        if large and e & PAT_LARGE:
+            names.append("PAT")           # bit 12 of a large-page entry is PAT
+        if leaf and self.pke:
+            names.append(f"PK={self.protection_key(e)}")
+        if self.mode.entry_size == 8 and e & XD:
+            names.append("NX")
+        return tuple(names)
+
+
+class EptFormat(EntryFormat):
+    """Intel EPT entries: R/W/X permissions, memory type at leaves, misconfigurations."""
+
+    not_present_reason = EPT_VIOLATION
+    invalid_reason = EPT_MISCONFIGURATION
+
+    def __init__(self, mode: PagingMode, maxphyaddr: int, mbec: bool = False):
+        self.mbec = mbec
+        super().__init__(mode, maxphyaddr)
+        above = (bits(51, maxphyaddr), f"above MAXPHYADDR {maxphyaddr}")
+        common = [above] if above[0] else []
+        for i, spec in enumerate(mode.levels):
+            if i != self.last:
+                if spec.large_page:
+                    extra = (bits(6, 3), "reserved in a non-leaf EPT entry (bits 6:3)")
+                else:
+                    extra = (bits(7, 3), f"reserved in an EPT {spec.name} entry (bits 7:3)")
+                self.table_rules[i] = common + [extra]
+            if spec.large_page:
+                low = bits(spec.large_page.bit_length() - 2, 12)
+                self.leaf_rules[i] = common + [
+                    (low, f"must be 0 in a {size_name(spec.large_page)} EPT page entry")]
+            elif i == self.last:
+                self.leaf_rules[i] = common
+
+    def present(self, e: int) -> bool:
+        # Not present = no access right at all (bit 10 counts with mode-based execute control).
+        return bool(e & 7 or (self.mbec and e & EPT_XU))
+
+    def is_leaf(self, i: int, e: int) -> bool:
+        return i == self.last or bool(self.mode.levels[i].large_page and e & EPT_PS)
+
+    def problems(self, i: int, e: int, leaf: bool) -> List[Rule]:
+        found = super().problems(i, e, leaf)
+        if (e & (EPT_R | EPT_W)) == EPT_W:
+            found.append((EPT_W, "write permission without read (W=1, R=0)"))
+        if leaf and self.memory_type(e) in EPT_BAD_MEMORY_TYPES:
+            found.append((bits(5, 3), f"memory type {self.memory_type(e)} is reserved"))
+        return found
+
+    def valid(self, i: int, e: int, leaf: bool) -> bool:
+        return not self.problems(i, e, leaf)
+
+    @staticmethod
+    def memory_type(e: int) -> int:
+        return (e >> 3) & 7
+
+    def rights(self, e: int) -> Tuple[bool, bool, bool, bool]:
+        """(read, write, execute, user-execute); user-execute is X itself without MBEC."""
+        x = bool(e & EPT_X)
+        return bool(e & EPT_R), bool(e & EPT_W), x, bool(e & EPT_XU) if self.mbec else x
+
+    def flags(self, i: int, e: int, leaf: bool) -> Tuple[str, ...]:
+        names = [n for n, b in (("R", EPT_R), ("W", EPT_W), ("X", EPT_X)) if e & b]
+        if leaf:
+            names.append(f"MT={self.memory_type(e)}")
+            if e & EPT_IPAT:
+                names.append("IPAT")
+        if e & EPT_PS and i != self.last:
+            names.append("PS")
+        if e & EPT_A:
+            names.append("A")
+        if leaf and e & EPT_D:
+            names.append("D")
+        if self.mbec and e & EPT_XU:
+            names.append("XU")
+        if leaf and e & EPT_SVE:
+            names.append("SVE")
+        return tuple(names)
