@@ -47,6 +47,33 @@ def index_lines(walk) -> List[str]:
     return ["  " + " ".join(decs), "  " + " ".join(heads), "  " + " ".join(bins)]
 
 
+def access_lines(access) -> List[str]:
+    """What each kind of access would do, as a CPU would: a grid, then the reasons."""
+    if not access:
+        return []
+    reasons: List[str] = []
+
+    def cell(result):
+        if result.allowed:
+            return "ok"
+        if result.reason not in reasons:
+            reasons.append(result.reason)
+        mark = f"[{reasons.index(result.reason) + 1}]"
+        if result.error_code is None:
+            return f"denied {mark}"
+        return f"#PF {result.error_code:#x} {mark}"
+
+    lines = [f"  {'access':<12}{'read':<16}{'write':<16}execute"]
+    rows = [("supervisor", "supervisor-"), ("user", "user-")] \
+        if "user-read" in access else [("guest", "")]
+    for label, prefix in rows:
+        cells = [cell(access[prefix + k]) if prefix + k in access else "-"
+                 for k in ("read", "write", "execute")]
+        lines.append(f"  {label:<12}{cells[0]:<16}{cells[1]:<16}{cells[2]}")
+    lines += [f"    [{i}] {reason}" for i, reason in enumerate(reasons, 1)]
+    return lines
+
+
 def translation_text(t, show_bits: bool = True) -> str:
     w = t.walk
     out = []
@@ -59,14 +86,14 @@ def translation_text(t, show_bits: bool = True) -> str:
     if w.levels:
         out.append("")
         out.append(f"  {'level':<6}{'idx':>5}  {'entry address':<20}{'entry':<20}"
-                   f"{'next':<20}flags")
+                   f"{'next':<28}flags")
         entry_size = w.mode.entry_size if w.mode else 8
         for s in w.levels:
             nxt = "-" if s.next_addr is None else f"{s.next_addr:#x}"
             if s.leaf:
                 nxt += f" ({size_name(s.page_size)} page)"
             out.append(f"  {s.name:<6}{s.index:>5}  {s.entry_addr:<#20x}{s.entry:<#20x}"
-                       f"{nxt:<20}{' '.join(s.flags)}")
+                       f"{nxt:<28}{' '.join(s.flags)}")
             if show_bits:
                 out.append(f"  {'':<11}{s.linux_name.upper():<5}{binary_split(s.entry, entry_size)}")
     out.append("")
@@ -82,10 +109,7 @@ def translation_text(t, show_bits: bool = True) -> str:
                        ("user" if w.user else "supervisor-only"),
                        ("executable" if w.executable else "no-execute")])
     out.append(f"  => GPA {w.pa:#x} in a {size_name(w.page_size)} page; {perms}")
-    denied = [f"{kind} -> #PF {r.error_code:#x} ({r.reason})" if r.error_code is not None
-              else f"{kind} -> {r.reason}" for kind, r in w.access.items() if not r.allowed]
-    if denied:
-        out.append("  denied: " + "; ".join(denied))
+    out.extend(access_lines(w.access))
     out.append("")
     out.append("  chain")
     out.append(f"    GVA  {t.gva:#018x}")
