@@ -1,0 +1,439 @@
+"""Boot the oracle guest in QEMU and read what it and QEMU say.
+
+    from vm.oracle.boot import OracleVM
+    with OracleVM("pae", workdir) as vm:       # builds (if needed), boots, waits for READY
+        out = vm.output                        # parsed ORACLE lines
+        vm.hmp("info tlb"); vm.gva2gpa(va); vm.read_phys(pa, n); vm.cpu_state()
+
+QEMU runs under TCG with `-display none`, the serial port in a file, the gdbstub on
+127.0.0.1:<free port> (vm.gdb_address) and two QMP monitors on Unix sockets in `workdir`:
+vm.qmp_path is left free for the tool under test (a QMP socket takes one client at a time),
+vm.own_qmp_path is the one this helper talks to. Everything here reads the VM through QMP only, with read-only commands (`xp`, `info registers`,
+`info tlb`, `gva2gpa`, `qom-get`): never `gpa2hpa`, which writes to the guest page.
+
+Also a command line for trying it by hand:
+    python -m vm.oracle.boot pae        # boots, prints the serial output and QEMU's `info tlb`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("32bit", "pse", "pae", "4level", "5level")
+QEMU = os.environ.get("QI_QEMU", "qemu-system-x86_64")
+#: -cpu per mode: 1 GiB pages need pdpe1gb, 5-level needs la57 (qemu64 has neither).
+CPU = {
+    "32bit": "qemu64,+pdpe1gb",
+    "pse": "qemu64,+pdpe1gb",
+    "pae": "qemu64,+pdpe1gb",
+    "4level": "qemu64,+pdpe1gb",
+    "5level": "qemu64,+pdpe1gb,+la57",
+}
+#: Enough RAM for the 1 GiB page's frame at 0x40000000 (the guest fills its first 8 bytes).
+MEMORY = "1152M"
+
+
+class OracleError(Exception):
+    pass
+
+
+def cache_dir() -> str:
+    base = os.environ.get("QI_VM_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "qintrospect", "vm")
+    return os.path.join(base, "oracle")
+
+
+def build(outdir: Optional[str] = None) -> str:
+    """Run build.sh (idempotent) and return the path of oracle.elf."""
+    args = [os.path.join(HERE, "build.sh")] + ([outdir] if outdir else [])
+    res = subprocess.run(args, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise OracleError(f"vm/oracle/build.sh failed ({res.returncode}):\n{res.stderr}")
+    return res.stdout.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The guest's output
+
+@dataclass(frozen=True)
+class MapLine:
+    va: int
+    pa: Optional[int]        # None for a fault line
+    size: int                # page size; for a fault line the span of the faulting entry
+    w: bool
+    u: bool
+    x: bool
+    fault: str               # "none", "not-present", "reserved-bit"
+    name: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    va: int
+    ok: bool
+    value: Optional[int]     # the 8 bytes the guest read (little-endian), when ok
+    err: Optional[int]       # the #PF error code, when not ok
+
+
+@dataclass
+class OracleOutput:
+    info: Dict[str, str] = field(default_factory=dict)
+    fills: Dict[int, int] = field(default_factory=dict)    # pa -> 8-byte value written there
+    maps: List[MapLine] = field(default_factory=list)
+    probes: Dict[int, Probe] = field(default_factory=dict)  # va -> probe
+    ready: Dict[str, str] = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def _kv(text: str) -> Dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
+def parse_output(text: str) -> OracleOutput:
+    out = OracleOutput()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line.startswith("ORACLE "):
+            continue
+        kind, _, rest = line[len("ORACLE "):].partition(" ")
+        kv = _kv(rest)
+        if kind == "INFO":
+            out.info = kv
+        elif kind == "FILL":
+            out.fills[int(kv["pa"], 16)] = int(kv["value"], 16)
+        elif kind == "MAP":
+            out.maps.append(MapLine(
+                va=int(kv["va"], 16),
+                pa=None if kv["pa"] == "none" else int(kv["pa"], 16),
+                size=int(kv["size"], 16),
+                w=kv["w"] == "1", u=kv["u"] == "1", x=kv["x"] == "1",
+                fault=kv["fault"], name=kv.get("name", "")))
+        elif kind == "PROBE":
+            va = int(kv["va"], 16)
+            ok = kv["result"] == "ok"
+            out.probes[va] = Probe(va, ok, int(kv["value"], 16) if ok else None,
+                                   None if ok else int(kv["err"], 16))
+        elif kind == "READY":
+            out.ready = kv
+        elif kind == "ERROR":
+            out.error = rest
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A minimal synchronous QMP client (raw JSON over the Unix socket)
+
+class QMP:
+    def __init__(self, path: str, timeout: float = 10.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self._buf = b""
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise OracleError(f"not a QMP greeting: {greeting}")
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise OracleError("QMP connection closed")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def cmd(self, name: str, **args):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise OracleError(f"QMP {name}: {reply['error']}")
+            # events: ignore
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# QEMU's own answers, parsed
+
+_TLB_RE = re.compile(r"^([0-9a-f]{16}): ([0-9a-f]{16}) ([X-])([G-])([P-])([D-])([A-])([C-])([T-])([U-])([W-])$")
+#: info tlb letters, in print order, and the entry bit each one shows.
+TLB_LETTERS = (("X", 63), ("G", 8), ("P", 7), ("D", 6), ("A", 5), ("C", 4), ("T", 3),
+               ("U", 2), ("W", 1))
+
+
+@dataclass(frozen=True)
+class TlbLine:
+    va: int
+    frame: int     # exactly as printed: QEMU's mask may leave NX/high bits in (see FACTS)
+    flags: str     # the 9 letters as printed, e.g. "X--DA--UW"
+
+
+def parse_info_tlb(text: str) -> List[TlbLine]:
+    lines = []
+    for raw in text.splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        m = _TLB_RE.match(raw)
+        if not m:
+            raise OracleError(f"unexpected `info tlb` line: {raw!r}")
+        lines.append(TlbLine(int(m.group(1), 16), int(m.group(2), 16), "".join(m.groups()[2:])))
+    return lines
+
+
+def tlb_letters(entry: int, leaf_level: int) -> str:
+    """The letters `info tlb` prints for a leaf entry (it clears bit 7 of a 4 KiB PTE: PAT)."""
+    out = []
+    for letter, bit in TLB_LETTERS:
+        on = bool(entry >> bit & 1)
+        if letter == "P" and leaf_level == 1:
+            on = False
+        out.append(letter if on else "-")
+    return "".join(out)
+
+
+class OracleVM:
+    """One QEMU running the oracle guest in one paging mode."""
+
+    def __init__(self, mode: str, workdir: str, cpu: Optional[str] = None,
+                 memory: str = MEMORY, timeout: float = 30.0, elf: Optional[str] = None,
+                 extra_args: Optional[List[str]] = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.mode = mode
+        self.workdir = workdir
+        self.cpu = cpu or CPU[mode]
+        self.memory = memory
+        self.timeout = timeout
+        self.elf = elf
+        self.extra_args = extra_args or []
+        self.proc: Optional[subprocess.Popen] = None
+        self.qmp: Optional[QMP] = None
+        self.qmp_path = os.path.join(workdir, f"qmp-{mode}.sock")
+        self.own_qmp_path = os.path.join(workdir, f"qmp-oracle-{mode}.sock")
+        self.serial_path = os.path.join(workdir, f"serial-{mode}.txt")
+        self.log_path = os.path.join(workdir, f"qemu-{mode}.log")
+        self.gdb_port: Optional[int] = None
+        self.boot_seconds: Optional[float] = None
+        self.output: Optional[OracleOutput] = None
+        self._page_cache: Dict[int, bytes] = {}
+
+    @property
+    def gdb_address(self) -> str:
+        return f"127.0.0.1:{self.gdb_port}"
+
+    # -- life cycle --
+    def __enter__(self) -> "OracleVM":
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self) -> "OracleVM":
+        if shutil.which(QEMU) is None:
+            raise OracleError(f"{QEMU} not found")
+        elf = self.elf or build()
+        for attempt in range(3):      # the free port may be taken between probe and bind
+            self.gdb_port = free_port()
+            for p in (self.qmp_path, self.own_qmp_path, self.serial_path):
+                if os.path.exists(p):
+                    os.unlink(p)
+            args = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                    "-accel", "tcg", "-m", self.memory, "-cpu", self.cpu,
+                    "-kernel", elf, "-append", f"mode={self.mode}",
+                    "-serial", f"file:{self.serial_path}",
+                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                    "-chardev", f"socket,id=oracleqmp,path={self.own_qmp_path},server=on,wait=off",
+                    "-mon", "chardev=oracleqmp,mode=control",
+                    "-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] + self.extra_args
+            t0 = time.monotonic()
+            log = open(self.log_path, "w")
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+            log.close()
+            try:
+                self._wait_ready(t0)
+                break
+            except OracleError:
+                err = self._log()
+                self.close()
+                if "Address already in use" in err and attempt < 2:
+                    continue
+                raise
+        self.qmp = QMP(self.own_qmp_path)
+        return self
+
+    def _log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def serial_text(self) -> str:
+        try:
+            with open(self.serial_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _wait_ready(self, t0: float):
+        deadline = t0 + self.timeout
+        while True:
+            text = self.serial_text()
+            if re.search(r"ORACLE READY [^\n]*\n", text):
+                self.boot_seconds = time.monotonic() - t0
+                self.output = parse_output(text)
+                return
+            if "ORACLE ERROR" in text and text.endswith("\n"):
+                raise OracleError(f"guest reported an error:\n{text}")
+            if self.proc.poll() is not None:
+                raise OracleError(f"QEMU exited ({self.proc.returncode}) before READY:\n"
+                                  f"{self._log()}\nserial:\n{text}")
+            if time.monotonic() > deadline:
+                raise OracleError(f"no ORACLE READY within {self.timeout}s; serial:\n{text}")
+            time.sleep(0.01)
+
+    def wait_halted(self, timeout: float = 5.0):
+        """Until the vCPU sits in its final hlt (`info registers` says HLT=1): from then on
+        nothing in the guest changes, accessed/dirty bits included."""
+        deadline = time.monotonic() + timeout
+        while "HLT=1" not in self.hmp("info registers"):
+            if time.monotonic() > deadline:
+                raise OracleError("the guest printed READY but did not reach hlt")
+            time.sleep(0.01)
+
+    def close(self):
+        if self.qmp is not None:
+            try:
+                self.qmp.cmd("quit")
+            except (OracleError, OSError):
+                pass
+            self.qmp.close()
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    # -- QMP / HMP --
+    def hmp(self, command: str) -> str:
+        return self.qmp.cmd("human-monitor-command", **{"command-line": command})
+
+    def gva2gpa(self, va: int) -> Optional[int]:
+        """QEMU's debug translation (ignores reserved bits). None if it says Unmapped."""
+        text = self.hmp(f"gva2gpa {va:#x}").strip()
+        if text.startswith("gpa:"):
+            return int(text.split()[1], 16)
+        if "Unmapped" in text:
+            return None
+        raise OracleError(f"unexpected gva2gpa answer for {va:#x}: {text!r}")
+
+    def info_tlb(self) -> List[TlbLine]:
+        return parse_info_tlb(self.hmp("info tlb"))
+
+    def phys_bits(self) -> int:
+        cpus = self.qmp.cmd("query-cpus-fast")
+        return int(self.qmp.cmd("qom-get", path=cpus[0]["qom-path"], property="phys-bits"))
+
+    def registers(self) -> Dict[str, int]:
+        """CR0, CR3, CR4, EFER (and the rest of `info registers` of the form NAME=hex)."""
+        text = self.hmp("info registers")
+        regs = {}
+        for name, value in re.findall(r"\b([A-Z][A-Z0-9]*)=([0-9a-fA-F]+)\b", text):
+            regs.setdefault(name, int(value, 16))
+        for need in ("CR0", "CR3", "CR4", "EFER"):
+            if need not in regs:
+                raise OracleError(f"`info registers` has no {need}=:\n{text}")
+        return regs
+
+    def cpu_state(self):
+        """qintrospect.paging.model.CpuState from `info registers` and qom-get phys-bits."""
+        from qintrospect.paging.model import CpuState
+        r = self.registers()
+        return CpuState(cr0=r["CR0"], cr3=r["CR3"], cr4=r["CR4"], efer=r["EFER"],
+                        maxphyaddr=self.phys_bits())
+
+    def _xp_page(self, page: int) -> bytes:
+        if page not in self._page_cache:
+            text = self.hmp(f"xp /512gx {page:#x}")
+            if "Cannot access memory" in text:
+                try:
+                    from qintrospect.errors import MemoryReadError
+                except ImportError:                  # pragma: no cover
+                    raise OracleError(f"no RAM at {page:#x}") from None
+                raise MemoryReadError(f"xp: no RAM at {page:#x}", page)
+            words = []
+            for line in text.splitlines():
+                if ":" not in line:
+                    continue
+                words += [int(w, 16) for w in line.split(":", 1)[1].split()]
+            if len(words) != 512:
+                raise OracleError(f"xp /512gx {page:#x}: got {len(words)} words:\n{text[:500]}")
+            self._page_cache[page] = b"".join(w.to_bytes(8, "little") for w in words)
+        return self._page_cache[page]
+
+    def read_phys(self, addr: int, length: int) -> bytes:
+        """Guest-physical memory through HMP `xp` (read-only), one 4 KiB page per command,
+        cached: call forget() if the guest may have written since. Outside RAM it raises
+        qintrospect.errors.MemoryReadError, as a qintrospect ReadPhys must."""
+        out = b""
+        while length > 0:
+            page = addr & ~0xFFF
+            off = addr - page
+            n = min(length, 0x1000 - off)
+            out += self._xp_page(page)[off:off + n]
+            addr += n
+            length -= n
+        return out
+
+    def forget(self):
+        self._page_cache.clear()
+
+
+def main(argv=None) -> int:
+    import tempfile
+    argv = sys.argv[1:] if argv is None else argv
+    mode = argv[0] if argv else "4level"
+    with tempfile.TemporaryDirectory() as d, OracleVM(mode, d) as vm:
+        print(vm.serial_text(), end="")
+        print(f"# booted in {vm.boot_seconds:.3f}s; qmp {vm.qmp_path}; gdb {vm.gdb_address}")
+        print(vm.hmp("info tlb"), end="")
+        if "--wait" in argv:
+            input("# VM running; press Enter to quit ")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
