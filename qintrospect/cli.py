@@ -47,9 +47,9 @@ def _session_options(p: argparse.ArgumentParser) -> None:
                    help="gdbstub: HOST:PORT or a Unix socket path (env QI_GDB)")
     g.add_argument("--pid", type=int, help="the QEMU process (default: the QMP socket's peer)")
     g.add_argument("--vcpu", type=int, default=0, help="vCPU index whose registers to use (0)")
-    g.add_argument("--via", choices=("gdb", "direct"), default="gdb",
-                   help="where guest-physical memory is read: the gdbstub, or the QEMU "
-                        "process's memory directly")
+    g.add_argument("--via", choices=("auto", "gdb", "direct"), default="auto",
+                   help="where guest-physical memory is read: the QEMU process's memory "
+                        "directly when it is local and readable (auto), or the gdbstub")
     g.add_argument("--allow-remote", action="store_true",
                    help="allow QMP/gdb addresses that are not on loopback")
     g.add_argument("--timeout", type=float, default=10.0,
@@ -76,8 +76,25 @@ def cmd_translate(args) -> int:
         if "-" in args.addresses:
             raise UsageError("'-' (read addresses from stdin) must be the only address")
         addresses = [parse_number(a) for a in args.addresses]
+    if args.find_cr3:
+        if cr3 is not None:
+            raise UsageError("--find-cr3 and --cr3 exclude each other")
+        if not args.expect or not isinstance(addresses, list) or len(addresses) != 1:
+            raise UsageError("--find-cr3 needs --expect VALUE and exactly one ADDR")
+    elif args.expect:
+        raise UsageError("--expect goes with --find-cr3")
     status = EXIT_OK
     with _attach(args) as vm:
+        if args.find_cr3:
+            expect = parse_number(args.expect, "--expect")
+            found = [c for c in _find_cr3(vm, addresses[0], expect) if c.value_matches]
+            if not found:
+                print(f"qintrospect: no page-table root in guest RAM maps {addresses[0]:#x} to "
+                      f"the value {expect:#x}", file=sys.stderr)
+                return EXIT_FAULT
+            cr3 = found[0].root
+            if args.verbose:
+                print(f"# root {cr3:#x} found by scanning ({found[0].how})", file=sys.stderr)
         if args.verbose:
             info = vm.describe()
             print(f"# attached: QMP {info['qmp']}, gdb {info['gdb']}, VM was "
@@ -94,6 +111,129 @@ def cmd_translate(args) -> int:
                     print()
                 print(render.translation_text(t, show_bits=not args.no_bits), flush=True)
             first = False
+    return status
+
+
+def cmd_cpus(args) -> int:
+    from .cpu import CR0_BITS, CR4_BITS, EFER_BITS, bit_names
+    with _attach(args) as vm:
+        for v in vm.vcpu_info:
+            if args.json:
+                print(render.json_line(v.to_dict()))
+                continue
+            pcid = f" PCID {v.pcid:#x}" if v.pcid is not None else ""
+            print(f"vCPU {v.index}  host thread {v.thread_id}  CPL {v.cpl}  {v.mode} paging  "
+                  f"CR3 {v.cr3:#x} (root {v.root:#x}{pcid})")
+            print(f"  CR0  {v.cr0:#018x}  {' '.join(bit_names(v.cr0, CR0_BITS))}")
+            print(f"  CR4  {v.cr4:#018x}  {' '.join(bit_names(v.cr4, CR4_BITS))}")
+            print(f"  EFER {v.efer:#018x}  {' '.join(bit_names(v.efer, EFER_BITS))}")
+    return EXIT_OK
+
+
+def _find_cr3(vm, gva, expect, label="find-cr3"):
+    from .progress import Progress
+    progress = Progress(f"{label}: scanning guest RAM", vm.ram_map.ram_bytes)
+    try:
+        return vm.find_cr3(gva, expect, progress)
+    finally:
+        progress.close()
+
+
+def cmd_find_cr3(args) -> int:
+    gva = parse_number(args.gva, "--gva") if args.gva else None
+    expect = parse_number(args.expect, "--expect") if args.expect else None
+    if expect is not None and gva is None:
+        raise UsageError("--expect VALUE needs --gva ADDR (the address whose 8 bytes to check)")
+    with _attach(args) as vm:
+        candidates = _find_cr3(vm, gva, expect)
+    if expect is not None:
+        shown = [c for c in candidates if c.value_matches]
+    elif gva is not None:
+        shown = [c for c in candidates if c.maps_gva]
+    else:
+        shown = candidates
+    if args.json:
+        for c in shown:
+            print(render.json_line(c.to_dict()))
+    else:
+        print(f"{len(candidates)} candidate page-table root(s) in guest RAM; "
+              f"{len(shown)} shown" + (f" (mapping {gva:#x})" if gva is not None else "")
+              + (f" (holding {expect:#x} there)" if expect is not None else ""))
+        for c in shown:
+            extra = ""
+            if c.maps_gva:
+                extra = f"  maps it: GPA {c.gpa:#x}, value {c.value:#x}" if c.value is not None \
+                    else f"  maps it: GPA {c.gpa:#x}"
+            elif c.maps_gva is False:
+                extra = "  does not map it"
+            current = "  [current CR3]" if c.is_current else ""
+            print(f"  CR3 {c.root:#014x}  {c.how}{current}{extra}")
+    return EXIT_OK if shown else EXIT_FAULT
+
+
+def cmd_vmmap(args) -> int:
+    from . import vmmap
+    from .progress import Progress
+    cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
+    start, end = 0, None
+    if args.range:
+        a, sep, b = args.range.partition("-")
+        if not sep:
+            raise UsageError(f"--range {args.range!r}: expected START-END")
+        start, end = parse_number(a, "range start"), parse_number(b, "range end")
+        if end <= start:
+            raise UsageError(f"--range {args.range!r}: END must be above START")
+    show_hpa = args.hpa
+    show_gpa = args.gpa or show_hpa or args.leaf
+    with _attach(args) as vm:
+        progress = Progress("vmmap: leaves", unit="leaves", scale=1)
+        rows = vmmap.rows_from_mappings(vm.mappings(cr3, start, end))
+        rows = (r for r in rows if vmmap.keep(r, args.user, args.kernel, args.writable,
+                                              args.exec))
+        if show_hpa:
+            rows = vmmap.split_by_host(rows, vm.ram_map, vm.process)
+        if not args.leaf:
+            rows = vmmap.merge(rows, physical=show_gpa)
+        count = 0
+        if not args.json:
+            print(vmmap.header(show_gpa, show_hpa, args.leaf))
+        for row in rows:
+            count += 1
+            progress.advance(row.leaves)
+            if args.json:
+                print(render.json_line(row.to_dict(leaf=args.leaf)))
+            else:
+                print(vmmap.row_text(row, show_gpa, show_hpa, args.leaf))
+        progress.close()
+        skipped = getattr(vm, "unreadable_tables", [])
+    if skipped:
+        print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
+              f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)
+    return EXIT_OK
+
+
+MAX_READ = 64 << 20
+
+
+def cmd_read(args) -> int:
+    address = parse_number(args.address)
+    length = parse_number(args.length, "length")
+    if length == 0 or length > MAX_READ:
+        raise UsageError(f"length {length}: give 1 to {MAX_READ} bytes ({MAX_READ >> 20} MiB)")
+    if address + length - 1 > MASK64:
+        raise UsageError(f"{address:#x}+{length} runs past the top of the address space")
+    cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
+    if args.phys and cr3 is not None:
+        raise UsageError("--phys and --cr3 exclude each other")
+    status = EXIT_OK
+    with _attach(args) as vm:
+        for piece in vm.read_pieces(address, length, physical=args.phys, cr3=cr3):
+            if piece.data is None:
+                status = EXIT_FAULT
+            if args.json:
+                print(render.json_line(piece.to_dict()))
+            else:
+                print(render.hexdump_piece(piece))
     return status
 
 
@@ -114,11 +254,54 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes JSON Lines.")
     t.add_argument("addresses", nargs="+", metavar="ADDR", help="0x-prefixed hex or decimal")
     t.add_argument("--cr3", help="use this page-table root instead of the vCPU's CR3")
+    t.add_argument("--find-cr3", action="store_true",
+                   help="find the root that maps the (single) ADDR holding --expect VALUE")
+    t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
     t.add_argument("--json", action="store_true", help="one JSON object per address, per line")
     t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
     t.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     _session_options(t)
     t.set_defaults(func=cmd_translate)
+
+    c = sub.add_parser("cpus", help="every vCPU: host thread, CPL, paging mode, CR3, CR0/CR4/EFER")
+    c.add_argument("--json", action="store_true", help="one JSON object per vCPU")
+    _session_options(c)
+    c.set_defaults(func=cmd_cpus)
+
+    f = sub.add_parser("find-cr3", help="find page-table roots in guest RAM (no symbols needed)",
+                       description="Scan guest RAM for top-level page tables that share the "
+                                   "kernel half of the current one (one per process; KPTI "
+                                   "copies paired), optionally keeping those that map --gva "
+                                   "and hold --expect there. Exit 1 when none is left.")
+    f.add_argument("--gva", help="keep roots that map this address")
+    f.add_argument("--expect", help="keep roots whose 8 bytes at --gva equal this value")
+    f.add_argument("--json", action="store_true", help="one JSON object per candidate")
+    _session_options(f)
+    f.set_defaults(func=cmd_find_cr3)
+
+    m = sub.add_parser("vmmap", help="the whole address space as ranges (or --leaf pages)")
+    m.add_argument("--cr3", help="map this page-table root instead of the vCPU's")
+    m.add_argument("--leaf", action="store_true", help="one row per mapped page, with its GPA")
+    m.add_argument("--user", action="store_true", help="only user-accessible ranges")
+    m.add_argument("--kernel", action="store_true", help="only supervisor-only ranges")
+    m.add_argument("--writable", action="store_true", help="only writable ranges")
+    m.add_argument("--exec", action="store_true", help="only executable ranges")
+    m.add_argument("--range", help="only START-END (virtual, end exclusive)")
+    m.add_argument("--gpa", action="store_true", help="add a GPA column (merge only if linear)")
+    m.add_argument("--hpa", action="store_true", help="add GPA and HPA columns")
+    m.add_argument("--json", action="store_true", help="one JSON object per row")
+    _session_options(m)
+    m.set_defaults(func=cmd_vmmap)
+
+    r = sub.add_parser("read", help="hexdump guest memory, virtual or --phys",
+                       description="Unmapped pages are marked, MMIO is never read.")
+    r.add_argument("address", metavar="ADDR")
+    r.add_argument("length", metavar="LEN")
+    r.add_argument("--phys", action="store_true", help="ADDR is guest-physical")
+    r.add_argument("--cr3", help="translate with this page-table root")
+    r.add_argument("--json", action="store_true", help="one JSON object per page piece")
+    _session_options(r)
+    r.set_defaults(func=cmd_read)
     return p
 
 

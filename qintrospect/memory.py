@@ -69,14 +69,32 @@ class DirectMemory(PhysicalMemory):
             if region.hva is None:
                 raise MemoryReadError(f"no host address known for RAM region {region.block!r}",
                                       gpa)
-            n = min(length, PAGE - gpa % PAGE, region.end - gpa + 1)
-            hva = region.hva_of(gpa)
-            if self.process.pagemap_entry(hva) >> 63 & 1:
-                out += self.process.read(hva, n)
-            else:
-                out += bytes(n)
+            n = min(length, region.end - gpa + 1)
+            out += self._read_host_range(region.hva_of(gpa), n)
             gpa += n
             length -= n
+        return bytes(out)
+
+    def _read_host_range(self, hva: int, length: int) -> bytes:
+        """Read [hva, hva+length) of the QEMU process: one pagemap read for the whole range,
+        then one pread per run of present pages; absent pages are zeros."""
+        first = hva // PAGE
+        count = (hva + length - 1) // PAGE - first + 1
+        try:
+            present = [e >> 63 & 1 for e in self.process.pagemap_entries(hva, count)]
+        except OSError as exc:
+            raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
+                                  hva) from None
+        out = bytearray()
+        i = 0
+        while i < count:
+            j = i
+            while j < count and present[j] == present[i]:
+                j += 1
+            lo = max(hva, (first + i) * PAGE)
+            hi = min(hva + length, (first + j) * PAGE)
+            out += self.process.read(lo, hi - lo) if present[i] else bytes(hi - lo)
+            i = j
         return bytes(out)
 
 

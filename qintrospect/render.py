@@ -143,3 +143,18 @@ def translation_text(t, show_bits: bool = True) -> str:
 
 def translations_text(translations: Iterable, show_bits: bool = True) -> str:
     return "\n\n".join(translation_text(t, show_bits) for t in translations)
+
+
+def hexdump_piece(piece) -> str:
+    """xxd-like lines for one piece of a read; a marker line where there are no bytes."""
+    where = f" (GPA {piece.gpa:#x})" if piece.gpa is not None else ""
+    if piece.data is None:
+        return f"{piece.address:016x}: -- {piece.length} bytes not read: {piece.note} --"
+    lines = []
+    for off in range(0, len(piece.data), 16):
+        chunk = piece.data[off:off + 16]
+        hexes = " ".join(chunk[i:i + 2].hex() for i in range(0, len(chunk), 2))
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        suffix = where if off == 0 else ""
+        lines.append(f"{piece.address + off:016x}: {hexes:<39}  {text}{suffix}")
+    return "\n".join(lines)

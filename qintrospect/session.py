@@ -13,15 +13,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
-from . import paging
-from .errors import AttachError, MemoryReadError, UsageError, VMGoneError
-from .gdbstub import GdbStub
+from . import finder, paging
+from .cpu import Vcpu
+from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneError
+from .gdbstub import CONTROL_REGISTERS, GdbStub
 from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory
 from .qmp import QmpMonitor, describe_address, parse_address, peer_pid
 
 MASK64 = (1 << 64) - 1
 VALUE_SIZE = 8
+PAGE = 4096
 
 
 def _hex(v):
@@ -95,14 +97,29 @@ class Translation:
         return out
 
 
+@dataclass
+class MemoryPiece:
+    """Up to one page of a `read`: the bytes, or why there are none."""
+    address: int
+    length: int
+    gpa: Optional[int]          # for virtual reads
+    data: Optional[bytes]
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"address": _hex(self.address), "length": self.length, "gpa": _hex(self.gpa),
+                "data": self.data.hex() if self.data is not None else None,
+                "note": self.note or None}
+
+
 class Session:
     """`with attach(qmp=..., gdb=...) as vm: vm.translate(0x7f...)`; see attach()."""
 
     def __init__(self, qmp: str, gdb: str, pid: Optional[int] = None, vcpu: int = 0,
-                 via: str = "gdb", allow_remote: bool = False, timeout: float = 10.0,
+                 via: str = "auto", allow_remote: bool = False, timeout: float = 10.0,
                  verbose: bool = False):
-        if via not in ("gdb", "direct"):
-            raise UsageError(f"--via {via!r}: expected gdb or direct")
+        if via not in ("auto", "gdb", "direct"):
+            raise UsageError(f"--via {via!r}: expected auto, gdb or direct")
         if vcpu < 0:
             raise UsageError(f"--vcpu {vcpu}: vCPU numbers start at 0")
         self.qmp_address = parse_address(qmp, "--qmp", allow_remote)
@@ -120,7 +137,8 @@ class Session:
         self.memory: Optional[PhysicalMemory] = None
         self.cpu: Optional[paging.CpuState] = None
         self.found_status: Optional[dict] = None
-        self.vcpus: List[dict] = []
+        self.vcpus: List[dict] = []          # query-cpus-fast
+        self.vcpu_info: List[Vcpu] = []      # registers of each vCPU, read at attach
         self.timings = {}
 
     # ---- attach / detach ------------------------------------------------------------------------
@@ -145,8 +163,10 @@ class Session:
             self.ram_map = RamMap.from_qmp(self.qmp)
             self._find_process()
             self.gdb = GdbStub(self.gdb_address, self.timeout).connect()
-            self.gdb.select_vcpu(self.vcpu)
-            self.cpu = self._read_cpu_state()
+            # Registers of every vCPU first: selecting a gdb thread makes gdb read memory at
+            # its PC, which must happen before memory packets become physical.
+            self.vcpu_info = self._read_vcpus()
+            self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
             self.gdb.physical_mode()
             self._choose_memory()
         except BaseException:
@@ -201,17 +221,28 @@ class Session:
         self.process = HostProcess(pid)
         self.process_note = f"QEMU {self.process.describe()}, found by {how}"
 
-    def _read_cpu_state(self) -> paging.CpuState:
-        regs = self.gdb.registers()
+    def _read_vcpus(self) -> List[Vcpu]:
+        out = []
+        for i, info in enumerate(self.vcpus):
+            self.gdb.select_vcpu(i)
+            regs = self.gdb.registers(CONTROL_REGISTERS + ("cs",))
+            out.append(Vcpu(i, info.get("thread-id"), info.get("qom-path"), regs["cr0"],
+                            regs["cr3"], regs["cr4"], regs["efer"], regs["cs"]))
+        self.gdb.select_vcpu(self.vcpu)
+        return out
+
+    def _cpu_state_of(self, vcpu: Vcpu) -> paging.CpuState:
+        """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
+        need; None (the walker then assumes 52 and says so) when QEMU will not tell."""
         maxphyaddr = None
-        try:
-            qom = self.vcpus[self.vcpu].get("qom-path")
-            if qom:
-                maxphyaddr = int(self.qmp.command("qom-get", path=qom, property="phys-bits"))
-        except Exception:
-            maxphyaddr = None
-        return paging.CpuState(cr0=regs["cr0"], cr3=regs["cr3"], cr4=regs["cr4"],
-                               efer=regs["efer"], maxphyaddr=maxphyaddr)
+        if vcpu.qom_path:
+            try:
+                maxphyaddr = int(self.qmp.command("qom-get", path=vcpu.qom_path,
+                                                  property="phys-bits"))
+            except (QIError, TypeError, ValueError):
+                maxphyaddr = None
+        return paging.CpuState(cr0=vcpu.cr0, cr3=vcpu.cr3, cr4=vcpu.cr4, efer=vcpu.efer,
+                               maxphyaddr=maxphyaddr)
 
     def _choose_memory(self) -> None:
         gdb_memory = GdbMemory(self.ram_map, self.gdb)
@@ -224,10 +255,10 @@ class Session:
                                       "be read), so host addresses are not shown")
                 self.process.close()
                 self.process = None
-        if self.via == "direct":
-            if self.process is None:
-                raise AttachError("--via direct needs the local QEMU process and permission to "
-                                  "read its memory: " + self.process_note)
+        if self.via == "direct" and self.process is None:
+            raise AttachError("--via direct needs the local QEMU process and permission to "
+                              "read its memory: " + self.process_note)
+        if self.via in ("direct", "auto") and self.process is not None:
             self.memory = DirectMemory(self.ram_map, self.process)
 
     def _process_holds_ram(self, gdb_memory: GdbMemory) -> bool:
@@ -332,6 +363,52 @@ class Session:
     def _check_open(self) -> None:
         if self.memory is None:
             raise VMGoneError("the session is not attached")
+
+    def read_pieces(self, address: int, length: int, physical: bool = False,
+                    cr3: Optional[int] = None):
+        """Guest memory in pieces that end at page boundaries: each piece is read, or says why
+        not (unmapped, not RAM). MMIO is never read."""
+        self._check_open()
+        memory = PageCache(self.memory)
+        cpu = self.cpu_state(cr3)
+        end = address + length
+        while address < end:
+            n = min(end - address, PAGE - address % PAGE)
+            gpa, note = address, ""
+            if not physical:
+                walk = paging.walk(memory.read, cpu, address)
+                gpa = walk.pa if walk.ok else None
+                if not walk.ok:
+                    note = f"unmapped: {walk.fault.reason}" + (
+                        f" at {walk.fault.level}" if walk.fault.level else "")
+            data = None
+            if gpa is not None:
+                try:
+                    data = memory.read(gpa, n)
+                except MemoryReadError as exc:
+                    note = str(exc)
+            yield MemoryPiece(address, n, None if physical else gpa, data, note)
+            address += n
+
+    # ---- whole address spaces and roots ------------------------------------------------------
+
+    def find_cr3(self, gva: Optional[int] = None, expect: Optional[int] = None,
+                 progress=None) -> List[finder.Candidate]:
+        """Candidate page-table roots in guest RAM (no symbols), best match first."""
+        self._check_open()
+        candidates = finder.scan(self.memory.read, self.ram_map, self.cpu, progress)
+        return finder.check(PageCache(self.memory).read, self.cpu, candidates, gva, expect)
+
+    def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
+        """Every present leaf of the address space (paging.Mapping), in VA order. Table pages
+        come through a page cache; the VM is stopped meanwhile."""
+        self._check_open()
+        cache = PageCache(self.memory)
+        unreadable = []
+        yield from paging.iter_mappings(cache.read, self.cpu_state(cr3), start, end,
+                                        lambda level, addr, exc: unreadable.append(
+                                            (level, addr, str(exc))))
+        self.unreadable_tables = unreadable
 
     # ---- facts for the header --------------------------------------------------------------------
 

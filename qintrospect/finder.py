@@ -1,0 +1,132 @@
+"""Find page-table roots in guest RAM without symbols.
+
+Every process's top-level table shares the kernel half (entries 256-511) with every other, so
+a 4 KiB page whose upper 2 KiB equal those of the current CR3's table is a candidate root
+(FACTS.md, "The guest's view"). With KPTI each process has a pair: the kernel copy at an 8 KiB
+aligned address and the user copy 4 KiB above it, whose user half is the same. Candidates are
+then filtered by "maps GVA" and "the 8 bytes at GVA equal VALUE" with the ordinary walker.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional
+
+from . import paging
+from .errors import MemoryReadError, UsageError
+from .host import PAGE
+
+HALF = PAGE // 2
+CHUNK = 4 << 20   # scan granularity: bounded memory whatever the guest's size
+
+
+@dataclass(frozen=True)
+class Candidate:
+    root: int
+    how: str
+    is_current: bool = False
+    kpti_kernel_copy: Optional[int] = None   # set on a KPTI user copy
+    kpti_user_copy: Optional[int] = None     # set on a KPTI kernel copy
+    maps_gva: Optional[bool] = None
+    gpa: Optional[int] = None
+    value: Optional[int] = None
+    value_matches: Optional[bool] = None
+
+    @property
+    def rank(self):
+        """Best first: the value matches, then the GVA is mapped, then the current root."""
+        return (self.value_matches is not True, self.maps_gva is not True, not self.is_current,
+                self.kpti_kernel_copy is not None, self.root)
+
+    def to_dict(self) -> dict:
+        h = lambda v: None if v is None else f"{v:#x}"  # noqa: E731
+        return {"cr3": h(self.root), "how": self.how, "is_current": self.is_current,
+                "kpti_kernel_copy": h(self.kpti_kernel_copy),
+                "kpti_user_copy": h(self.kpti_user_copy), "maps_gva": self.maps_gva,
+                "gpa": h(self.gpa), "value": h(self.value), "value_matches": self.value_matches}
+
+
+def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
+    """The kernel copy of the current top-level table and its upper half."""
+    mode = paging.paging_mode(cpu)
+    if mode is None or mode.name not in ("4-level", "5-level"):
+        raise UsageError(f"find-cr3 needs 4- or 5-level paging; this vCPU is in "
+                         f"{mode.name if mode else 'no paging'} mode")
+    root = cpu.cr3 & 0x000FFFFFFFFFF000
+    table = read(root, PAGE)
+    if not any(table[HALF:]) and root % (2 * PAGE) == PAGE:
+        # CR3 holds a KPTI user copy (stopped in user mode): the kernel copy is just below it
+        root -= PAGE
+        table = read(root, PAGE)
+    kernel_half = table[HALF:]
+    if not any(kernel_half):
+        raise UsageError(f"the current page table at {root:#x} has an empty kernel half; there "
+                         "is nothing to recognise other processes' tables by")
+    return root, kernel_half
+
+
+def scan(read: Callable[[int, int], bytes], ram_map, cpu: paging.CpuState,
+         progress=None) -> List[Candidate]:
+    """Every RAM page whose upper half equals the current table's, streamed in CHUNK pieces."""
+    current, kernel_half = fingerprint_root(read, cpu)
+    found = []
+    for region in ram_map.ram:
+        if region.kind != "ram":
+            continue  # ROM views alias RAM already scanned, or firmware
+        start = (region.start + PAGE - 1) & ~(PAGE - 1)
+        while start + PAGE - 1 <= region.end:
+            length = min(CHUNK, (region.end + 1 - start) & ~(PAGE - 1))
+            try:
+                data = read(start, length)
+            except MemoryReadError:
+                data = b""
+            pos = data.find(kernel_half)
+            while pos >= 0:
+                if pos % PAGE == HALF:
+                    found.append(start + pos - HALF)
+                pos = data.find(kernel_half, pos + 1)
+            if progress is not None:
+                progress.advance(length)
+            start += length
+    return pair_kpti(read, found, current)
+
+
+def pair_kpti(read, roots: List[int], current: int) -> List[Candidate]:
+    """Mark KPTI pairs: an 8 KiB aligned kernel copy whose next page repeats its user half."""
+    out = []
+    for root in sorted(set(roots)):
+        how = ("the current CR3's table" if root == current else
+               "kernel half equals the current CR3's table")
+        cand = Candidate(root, how, is_current=root == current)
+        if root % (2 * PAGE) == 0:
+            try:
+                user_half = read(root, HALF)
+                other = read(root + PAGE, HALF)
+            except MemoryReadError:
+                other = None
+            if other is not None and any(user_half) and other == user_half:
+                cand = replace(cand, kpti_user_copy=root + PAGE)
+                out.append(Candidate(root + PAGE, f"KPTI user copy of {root:#x}",
+                                     kpti_kernel_copy=root))
+        out.append(cand)
+    return out
+
+
+def check(read, cpu: paging.CpuState, candidates: List[Candidate], gva: Optional[int],
+          expect: Optional[int]) -> List[Candidate]:
+    """Walk gva with each candidate; record whether it maps and what 8 bytes it finds."""
+    if gva is None:
+        return sorted(candidates, key=lambda c: c.rank)
+    out = []
+    for c in candidates:
+        state = paging.CpuState(cpu.cr0, c.root, cpu.cr4 & ~(1 << 17), cpu.efer, cpu.maxphyaddr)
+        walk = paging.walk(read, state, gva)
+        if not walk.ok:
+            out.append(replace(c, maps_gva=False))
+            continue
+        value = None
+        try:
+            value = int.from_bytes(read(walk.pa, 8), "little")
+        except MemoryReadError:
+            pass
+        out.append(replace(c, maps_gva=True, gpa=walk.pa, value=value,
+                           value_matches=None if expect is None else value == expect))
+    return sorted(out, key=lambda c: c.rank)
