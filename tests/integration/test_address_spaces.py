@@ -1,0 +1,174 @@
+"""Issue: find any process's page tables, and map whole address spaces.
+
+Checked against QEMU's own `info tlb` / `info mem` / `info registers` and the guest's pagemap.
+"""
+
+import re
+
+import pytest
+
+from qintrospect.qmp import parse_info_tlb, parse_registers
+
+from .conftest import attach_args, boot, run_cli, run_json
+from .test_translate_chain import stop_on_probe
+
+pytestmark = pytest.mark.vm
+
+
+def test_vmmap_leaf_equals_info_tlb(guest):
+    g = guest
+    cr3 = stop_on_probe(g)
+    try:
+        tlb = parse_info_tlb(g.hmp("info tlb"))
+        rc, rows, err = run_json("vmmap", "--leaf", *attach_args(g))
+        assert rc == 0, err
+    finally:
+        g.qmp("cont")
+    assert len(tlb) > 1000
+    ours = {int(r["start"], 16): r for r in rows}
+    assert len(ours) == len(rows)
+    assert sorted(ours) == [t.va for t in tlb]
+    for t in tlb:
+        r = ours[t.va]
+        # QEMU prints the leaf entry's own bits: X = NX set, P = large page, U, W
+        assert int(r["gpa"], 16) == t.pa, hex(t.va)
+        assert ("NX" in r["flags"]) == ("X" in t.flags), hex(t.va)
+        assert ("US" in r["flags"]) == ("U" in t.flags), hex(t.va)
+        assert ("RW" in r["flags"]) == ("W" in t.flags), hex(t.va)
+        assert (r["page_size"] > 4096) == ("P" in t.flags), hex(t.va)
+        assert (r["user"] is True) <= ("U" in t.flags)
+        assert (r["writable"] is True) <= ("W" in t.flags)
+    sizes = {r["page_size"] for r in rows}
+    assert 4096 in sizes and (2 << 20) in sizes
+    regions = g.probe["regions"]
+    for name in ("heap", "stack", "rodata", "thp", "text"):
+        r = regions[name]
+        row = next(x for x in rows
+                   if int(x["start"], 16) <= r["gva"] < int(x["start"], 16) + x["page_size"])
+        assert int(row["gpa"], 16) + r["gva"] - int(row["start"], 16) == r["gpa"]
+
+
+def test_merged_vmmap_agrees_with_info_mem():
+    """`info mem` (4-level only: QEMU 7.2's prints nothing under LA57) lists ranges of equal
+    user/write rights; our merged map, joined on the same rights, gives the same ranges."""
+    g = boot("qemu64")
+    try:
+        stop_on_probe(g)
+        try:
+            text = g.hmp("info mem")
+            rc, rows, err = run_json("vmmap", *attach_args(g))
+            assert rc == 0, err
+        finally:
+            g.qmp("cont")
+    finally:
+        g.stop()
+    mem = []
+    for line in text.splitlines():
+        m = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ([0-9a-f]+) ([-u])r([-w])$", line.strip())
+        if m:
+            mem.append((int(m.group(1), 16), int(m.group(2), 16), m.group(4) == "u",
+                        m.group(5) == "w"))
+    assert len(mem) > 5
+    joined = []
+    for r in rows:
+        start, end = int(r["start"], 16), int(r["end"], 16)
+        key = (r["user"], r["writable"])
+        if joined and joined[-1][1] == start and joined[-1][2:] == key:
+            joined[-1] = (joined[-1][0], end) + key
+        else:
+            joined.append((start, end) + key)
+    assert joined == mem
+
+
+def test_cpus_two_vcpus_match_info_registers():
+    g = boot("max", smp=2, probe=None)
+    try:
+        g.qmp("stop")
+        try:
+            rc, cpus, err = run_json("cpus", *attach_args(g))
+            assert rc == 0, err
+            expected = [parse_registers(g.qmp("human-monitor-command", **{
+                "command-line": "info registers", "cpu-index": i})) for i in range(2)]
+            threads = [c["thread-id"] for c in g.qmp("query-cpus-fast")]
+        finally:
+            g.qmp("cont")
+        rc, out, err = run_cli("cpus", *attach_args(g))
+    finally:
+        g.stop()
+    assert [c["index"] for c in cpus] == [0, 1]
+    for c, regs, tid in zip(cpus, expected, threads):
+        assert int(c["cr3"], 16) == regs["CR3"]
+        assert int(c["cr0"], 16) == regs["CR0"] and int(c["cr4"], 16) == regs["CR4"]
+        assert int(c["efer"], 16) == regs["EFER"]
+        assert c["thread_id"] == tid and c["cpl"] == regs["CPL"]
+        assert c["mode"] == "5-level" and "LA57" in c["cr4_bits"] and "NXE" in c["efer_bits"]
+    assert rc == 0 and "vCPU 1" in out and "LA57" in out
+
+
+@pytest.fixture(scope="module")
+def sleeping():
+    """A guest whose probe sleeps: the vCPU's CR3 is whoever ran last, not the probe."""
+    g = boot("max", probe="sleep")
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def test_find_cr3_finds_a_sleeping_process(sleeping):
+    g = sleeping
+    heap = g.probe["regions"]["heap"]
+    rc, found, err = run_json("find-cr3", *attach_args(g), "--gva", hex(heap["gva"]),
+                              "--expect", hex(heap["value"]))
+    assert rc == 0, err
+    best = found[0]
+    assert best["value_matches"] is True and int(best["gpa"], 16) == heap["gpa"]
+    # translate with that root agrees with the guest's own pagemap, for every region
+    regions = g.probe["regions"]
+    names = ["heap", "stack", "rodata", "thp", "text"]
+    rc, out, err = run_json("translate", *attach_args(g), "--cr3", best["cr3"],
+                            *[hex(regions[n]["gva"]) for n in names])
+    assert rc == 0, err
+    for name, t in zip(names, out):
+        assert int(t["gpa"], 16) == regions[name]["gpa"], name
+        assert int(t["value"], 16) == regions[name]["value"], name
+        assert t["cr3_source"] == "given"
+    # and in one go
+    rc, out, err = run_json("translate", *attach_args(g), "--find-cr3", "--expect",
+                            hex(heap["value"]), hex(heap["gva"]))
+    assert rc == 0, err
+    assert int(out[0]["gpa"], 16) == heap["gpa"]
+    # without filters every root is listed, the current one among them
+    rc, allroots, err = run_json("find-cr3", *attach_args(g))
+    assert rc == 0 and any(c["is_current"] for c in allroots)
+    assert best["cr3"] in [c["cr3"] for c in allroots]
+    # a value nobody holds: nothing found, exit 1
+    rc, none, err = run_json("find-cr3", *attach_args(g), "--gva", hex(heap["gva"]),
+                             "--expect", "0x1234")
+    assert rc == 1 and none == []
+    assert g.qmp("query-status")["running"]
+
+
+def test_read_virtual_and_physical(sleeping):
+    g = sleeping
+    heap = g.probe["regions"]["heap"]
+    rc, found, err = run_json("find-cr3", *attach_args(g), "--gva", hex(heap["gva"]),
+                              "--expect", hex(heap["value"]))
+    cr3 = found[0]["cr3"]
+    rc, pieces, err = run_json("read", *attach_args(g), "--cr3", cr3, hex(heap["gva"]), "16")
+    assert rc == 0, err
+    data = bytes.fromhex("".join(p["data"] for p in pieces))
+    assert data[:8] == heap["value"].to_bytes(8, "little")
+    rc, pieces, err = run_json("read", *attach_args(g), "--phys", hex(heap["gpa"]), "8")
+    assert rc == 0 and bytes.fromhex(pieces[0]["data"]) == heap["value"].to_bytes(8, "little")
+    # an unmapped page is marked, not read; an MMIO range is refused, never read
+    untouched = g.probe["regions"]["untouched"]
+    rc, pieces, err = run_json("read", *attach_args(g), "--cr3", cr3,
+                               hex(untouched["gva"] - 16), "32")
+    assert rc == 1
+    assert pieces[0]["data"] is not None or "unmapped" in pieces[0]["note"]
+    assert pieces[-1]["data"] is None and "unmapped" in pieces[-1]["note"]
+    rc, pieces, err = run_json("read", *attach_args(g), "--phys", "0xfed00000", "8")
+    assert rc == 1 and pieces[0]["data"] is None and "hpet" in pieces[0]["note"]
+    rc, out, err = run_cli("read", *attach_args(g), "--phys", "0x0", str(1 << 40))
+    assert rc == 2 and "length" in err
