@@ -124,7 +124,7 @@ class LogLevel:
 class Printed:
     """One number as one line printed it: what it is, for which level, which bits were shown."""
 
-    what: str             # address, index, root, entry, next, final, value, mask1, hfn, mask2, offset
+    what: str             # address index root entry next final value mask1 hfn mask2 offset
     level: Optional[str]  # PGD..PTE where it belongs to a level
     value: int
     mask: int
@@ -243,15 +243,22 @@ def _looks_like_message(raw: str) -> bool:
 # ------------------------------------------------------------------------------- line patterns
 
 _LVL = r"(PGD|P4D|PUD|PMD|PTE)"
-_P_VALUE = re.compile(r"^Value at (GVA|GPA|HPA)\s*(\(hex[^)]{0,20}\))?\s*:\s*(-?(?:0x[0-9a-fA-F]{1,16}|\d{1,20}))(.*)$", re.A)
-_P_INDEX = re.compile(r"^(GPT|EPT)\s+" + _LVL + r"\s+index\s*:\s*(\d{1,6})(.*)$", re.A)
+_END = r"(?![0-9a-zA-Z])"     # a number ends here: no more digits glued to it
+_P_VALUE = re.compile(r"^Value at (GVA|GPA|HPA)\s*(\(hex[^)]{0,20}\))?\s*:\s*"
+                      r"(-?(?:0x[0-9a-fA-F]{1,16}|\d{1,20}))" + _END + r"(.*)$", re.A)
+_P_INDEX = re.compile(r"^(GPT|EPT)\s+" + _LVL + r"\s+index\s*:\s*(\d{1,6})" + _END + r"(.*)$",
+                      re.A)
 _P_COLUMNS = re.compile(r"^\d{1,3}(?:\s+\d{1,3}){2,5}$", re.A)
 _P_HEADER = re.compile(r"^(GVA|GPA)\s+((?:\[\s*\w{3} IDX\s*\]\s*){1,6})", re.A)
-_P_NEXT = re.compile(r"^NEXT_LVL_(GPA|HPA)\(\s*(CR3|EPTP|PGD|P4D|PUD|PMD|PTE)\s*\)\s*=\s*([01]*)(.*)$", re.A)
+_P_NEXT = re.compile(r"^NEXT_LVL_(GPA|HPA)\(\s*(CR3|EPTP|PGD|P4D|PUD|PMD|PTE)\s*\)\s*=\s*"
+                     r"([01]*)(.*)$", re.A)
 _P_ENTRY = re.compile(r"^(\d{1,3})\s*:\s*" + _LVL + r"(?:\s+(.*))?$", re.A)
-_P_SPLIT = re.compile(r"^(GVA|GPA|HPA|PGD|P4D|PUD|PMD|PTE|Mask1|Mask2|HFN|Offset)\s+([01].*)$", re.A)
-_P_HEX = re.compile(r"^(GVA|GPA|HPA|CR3|EPTP)\b[^:=]{0,40}[:=]\s*0x([0-9a-fA-F]{1,16})(.*)$", re.A)
-_P_ENTRY_HEX = re.compile(r"^" + _LVL + r" entry\b[^:]{0,40}:\s*0x([0-9a-fA-F]{1,16})(.*)$", re.A)
+_P_SPLIT = re.compile(r"^(GVA|GPA|HPA|PGD|P4D|PUD|PMD|PTE|Mask1|Mask2|HFN|Offset)\s+"
+                      r"([01]+" + _END + r".*)$", re.A)
+_P_HEX = re.compile(r"^(GVA|GPA|HPA|CR3|EPTP)\b[^:=]{0,40}[:=]\s*0x([0-9a-fA-F]{1,16})" + _END
+                    + r"(.*)$", re.A)
+_P_ENTRY_HEX = re.compile(r"^" + _LVL + r" entry\b[^:]{0,40}:\s*0x([0-9a-fA-F]{1,16})" + _END
+                          + r"(.*)$", re.A)
 _P_HUGE = re.compile(r"^Huge Page \((\d{1,4})\s*([KMG])i?B?\) at level (\w{1,5})", re.A)
 _P_NOT_PRESENT = re.compile(r"^" + _LVL + r"\b.{0,40}\bnot present", re.A)
 _P_EPT_MARK = re.compile(r"^This is EPT\b", re.A)
@@ -443,9 +450,13 @@ class _Reader:
             return
         digits = number.lstrip("-")
         value = int(digits, 16) if digits.startswith("0x") else int(digits)
+        if value > U64:
+            self.once(("value", None, source))
+            self.warn(f"the value {number} does not fit in 64 bits; not used")
+            return
         if number.startswith("-"):
             value = -value & U64    # a signed print of the same 64 bits
-        self.add("value", None, value & U64, U64, source)
+        self.add("value", None, value, U64, source)
 
     def index(self, m) -> None:
         self.vote("ept_dump" if m.group(1) == "EPT" else "gpt_dump")
@@ -508,11 +519,11 @@ class _Reader:
             self.run.addr_split = (self.line.no, tokens, self.line.cut)
             return
         what = {"Mask1": "mask1", "Mask2": "mask2", "HFN": "hfn", "Offset": "offset"}.get(name)
-        if what is None:
-            # GVA/GPA/HPA are resolved by the log's kind in _build; the rest are entries.
-            what, level = ("hex:" + name, None) if name in ("GVA", "GPA", "HPA") else ("entry", name)
-        else:
-            level = None
+        level = None
+        if name in ("GVA", "GPA", "HPA"):
+            what = "hex:" + name     # address or final address: decided by the kind in _build
+        elif what is None:
+            what, level = "entry", name
         self.fields_line(what, level, tokens, f"{name} line", "split line")
 
     def fields_line(self, what, level, tokens, label, source) -> None:
@@ -659,6 +670,11 @@ def _build(run: _Run) -> ModLog:
         size = sizes.get(name)
         if index is None and entry is None and nxt is None and name not in absent and not size:
             if levels:
+                later = [lvl for lvl in names[names.index(name) + 1:]
+                         if any(it.level == lvl for it in items)]
+                if later:
+                    warnings.append(f"nothing is printed for the {name} level, so the lines for "
+                                    f"{', '.join(later)} after it are not used")
                 break     # the log stops here
             table, table_mask = None, 0
             continue
@@ -1206,10 +1222,16 @@ def chain(guest_log: ModLog, host_log: ModLog) -> Chain:
                      + ("the same" if value_agree else "DIFFERENT"))
     else:
         value_agree = None
-    if guest_log.address is not None and hgpa is not None and hmask == U64:
+    low48 = (1 << 48) - 1
+    if guest_log.address is not None and hgpa is not None and hmask & low48 == low48:
         text = explain_direct_map(guest_log.address, hgpa)
         if text:
             notes.append(text)
+        base = guest_log.page_offset_base
+        if base is not None:
+            same = (guest_log.address - hgpa) & U64 == base
+            notes.append(f"the guest log prints page_offset_base {hex(base)}: GVA - host GPA "
+                         + ("equals it" if same else "does not equal it"))
     if hgpa is not None and hpa_cmask == U64:
         text = explain_shared_bits(hgpa, hpa_c, "GPA", "HPA")
         if text:
