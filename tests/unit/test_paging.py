@@ -2,7 +2,6 @@
 access rule, with the exact #PF error codes a CPU would push (SDM Vol 3, 4.7)."""
 
 import json
-import struct
 
 import pytest
 
@@ -883,6 +882,10 @@ def test_ept_reserved_and_large_page_bits():
     mem = Mem()
     ept_chain(mem, gpa, 2, 0x10800000, extra={2: 1 << 12})    # bits 20:12 of a 2 MiB entry
     assert walk_ept(mem, EPTP, gpa).fault.reason == "ept-misconfiguration"
+    mem = Mem()
+    ept_chain(mem, gpa, 1, 0x40000000, extra={1: 1 << 29})    # bits 29:12 of a 1 GiB entry
+    w = walk_ept(mem, EPTP, gpa)
+    assert w.fault.reason == "ept-misconfiguration" and "1 GiB" in w.fault.message
     mem = Mem()
     ept_chain(mem, gpa, 3, 0x88000000, extra={3: 1 << 45})
     w = walk_ept(mem, EPTP, gpa, maxphyaddr=40)
