@@ -40,6 +40,8 @@ def parse_number(text: str, what: str = "address") -> int:
 
 
 def _session_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="say what was attached and how")
     g = p.add_argument_group("attaching")
     g.add_argument("--qmp", default=os.environ.get("QI_QMP"),
                    help="QMP socket: a Unix socket path or HOST:PORT (env QI_QMP)")
@@ -52,8 +54,8 @@ def _session_options(p: argparse.ArgumentParser) -> None:
                         "directly when it is local and readable (auto), or the gdbstub")
     g.add_argument("--allow-remote", action="store_true",
                    help="allow QMP/gdb addresses that are not on loopback")
-    g.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to wait for any answer from QEMU or gdb (10)")
+    g.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for any answer from QEMU or gdb (5)")
 
 
 def _attach(args):
@@ -62,9 +64,18 @@ def _attach(args):
         raise UsageError("need both --qmp and --gdb (or QI_QMP and QI_GDB in the environment)")
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
-    return Session(args.qmp, args.gdb, pid=args.pid, vcpu=args.vcpu, via=args.via,
-                   allow_remote=args.allow_remote, timeout=args.timeout,
-                   verbose=args.verbose)
+    vm = Session(args.qmp, args.gdb, pid=args.pid, vcpu=args.vcpu, via=args.via,
+                 allow_remote=args.allow_remote, timeout=args.timeout,
+                 verbose=args.verbose).open()
+    for warning in vm.warnings:
+        print(f"qintrospect: warning: {warning}", file=sys.stderr)
+    if args.verbose:
+        info = vm.describe()
+        print(f"# attached: QMP {info['qmp']}, gdb {info['gdb']}, VM was "
+              f"{info['status_found']}; {info['process_note']}; memory via "
+              f"{info['memory_path']}; {vm.timings['attach'] * 1000:.0f} ms", file=sys.stderr,
+              flush=True)
+    return vm
 
 
 def cmd_translate(args) -> int:
@@ -95,11 +106,6 @@ def cmd_translate(args) -> int:
             cr3 = found[0].root
             if args.verbose:
                 print(f"# root {cr3:#x} found by scanning ({found[0].how})", file=sys.stderr)
-        if args.verbose:
-            info = vm.describe()
-            print(f"# attached: QMP {info['qmp']}, gdb {info['gdb']}, VM was "
-                  f"{info['status_found']}; {info['process_note']}; memory via "
-                  f"{info['memory_path']}", file=sys.stderr)
         first = True
         for t in vm.translate_many(addresses, cr3):
             if not t.ok:
@@ -237,6 +243,34 @@ def cmd_read(args) -> int:
     return status
 
 
+def cmd_resume(args) -> int:
+    """Resume a VM (QMP only): the way out after a killed qintrospect left it paused."""
+    from . import runstate
+    from .qmp import QmpMonitor, describe_address, parse_address
+    if not args.qmp:
+        raise UsageError("need --qmp (or QI_QMP in the environment)")
+    address = parse_address(args.qmp, "--qmp", args.allow_remote)
+    key = describe_address(address)
+    qmp = QmpMonitor(address, args.timeout).connect()
+    try:
+        status = qmp.command("query-status")
+        record = runstate.left_paused(key, bool(status.get("running")))
+        if status.get("running"):
+            print("the VM is already running")
+        elif status.get("status") not in ("paused", "debug"):
+            raise UsageError(f"the VM is {status.get('status')!r}, not paused; `cont` would not "
+                             "help (QEMU only resumes a paused VM)")
+        else:
+            qmp.command("cont")
+            why = (f" (paused since {record.get('since')} by qintrospect pid {record.get('pid')})"
+                   if record else "")
+            print(f"resumed the VM{why}")
+        runstate.forget(key)
+    finally:
+        qmp.close()
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qintrospect",
@@ -259,7 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
     t.add_argument("--json", action="store_true", help="one JSON object per address, per line")
     t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
-    t.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     _session_options(t)
     t.set_defaults(func=cmd_translate)
 
@@ -302,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="one JSON object per page piece")
     _session_options(r)
     r.set_defaults(func=cmd_read)
+
+    z = sub.add_parser("resume", help="resume a VM left paused (e.g. by a killed qintrospect)",
+                       description="Sends QMP `cont`. Needs only --qmp.")
+    z.add_argument("--qmp", default=os.environ.get("QI_QMP"),
+                   help="QMP socket: a Unix socket path or HOST:PORT (env QI_QMP)")
+    z.add_argument("--allow-remote", action="store_true")
+    z.add_argument("--timeout", type=float, default=5.0)
+    z.set_defaults(func=cmd_resume)
     return p
 
 

@@ -9,22 +9,80 @@ queries, and Qqemu.PhyMemMode to switch memory packets to guest-physical address
 the mode we found. No memory or register write is ever issued.
 """
 
+import ctypes
 import os
 import re
 import select
 import shutil
+import signal
+import subprocess
 import time
 from typing import Dict, List, Optional
 
 from .errors import AttachError, MemoryReadError, VMGoneError
-from .qmp import SocketAddress, describe_address
+from .qmp import SocketAddress, check_socket_path, describe_address
 
 # The control registers the walk needs, by the names QEMU's target.xml gives them.
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 
 
+# gdb's words for a remote end that went away (as opposed to one refusing a single read)
+_LOST = re.compile(r"Remote connection closed|Remote communication error|not being run|"
+                   r"Connection reset|Broken pipe|No such process", re.I)
+
+
 class GdbError(AttachError):
     """gdb answered ^error."""
+
+
+def _controller(command):
+    """pygdbmi's GdbController, with gdb made safe to lose: gdb runs in its own session (a
+    Ctrl-C at the terminal reaches qintrospect, which restores the VM, not gdb), and it is
+    killed outright when qintrospect dies. gdb must never see EOF on its input first: its quit
+    path detaches, and detaching resumes a VM that qintrospect may have found paused. So gdb's
+    stdin is a pipe whose write end gdb itself also holds: it reads no EOF, it only dies."""
+    from pygdbmi.gdbcontroller import GdbController
+    from pygdbmi.IoManager import IoManager
+
+    class Controller(GdbController):
+        def spawn_new_gdb_subprocess(self) -> int:
+            read_end, write_end = os.pipe()
+            try:
+                self.gdb_process = subprocess.Popen(
+                    self.command, shell=False, stdin=read_end, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, bufsize=0, start_new_session=True,
+                    pass_fds=(write_end,), preexec_fn=_die_with_parent)
+            except BaseException:
+                os.close(write_end)
+                raise
+            finally:
+                os.close(read_end)
+            self.gdb_process.stdin = os.fdopen(write_end, "wb", buffering=0)
+            self.io_manager = IoManager(self.gdb_process.stdin, self.gdb_process.stdout, None,
+                                        self.time_to_check_for_additional_output_sec)
+            return self.gdb_process.pid
+
+        def exit(self) -> None:
+            # SIGKILL, not SIGTERM: gdb's SIGTERM handler quits through detach
+            if self.gdb_process is not None:
+                self.gdb_process.kill()
+                self.gdb_process.wait()
+                for stream in (self.gdb_process.stdin, self.gdb_process.stdout):
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+                self.gdb_process = None
+
+    return Controller(command=command, time_to_check_for_additional_output_sec=0)
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class GdbStub:
@@ -46,10 +104,7 @@ class GdbStub:
         """Start gdb and `target remote` the stub. Connecting stops the VM (QEMU does that)."""
         if shutil.which(self.gdb_path) is None:
             raise AttachError(f"{self.gdb_path} not found; install gdb (apt-get install gdb)")
-        from pygdbmi.gdbcontroller import GdbController
-        self._controller = GdbController(
-            command=[self.gdb_path, "--nx", "--quiet", "--interpreter=mi3"],
-            time_to_check_for_additional_output_sec=0)
+        self._controller = _controller([self.gdb_path, "--nx", "--quiet", "--interpreter=mi3"])
         self._proc = self._controller.gdb_process
         for setting in ("confirm off", "pagination off", "width 0", "stack-cache off",
                         "code-cache off", "remotetimeout %d" % max(1, int(self.timeout)),
@@ -57,8 +112,9 @@ class GdbStub:
             self.mi(f"-gdb-set {setting}")
         where = describe_address(self.address)
         target = where if isinstance(self.address, str) else f"{self.address[0]}:{self.address[1]}"
-        if isinstance(self.address, str) and not os.path.exists(self.address):
-            raise AttachError(f"gdbstub socket {where} does not exist")
+        if isinstance(self.address, str):
+            check_socket_path(self.address, "gdbstub socket",
+                              f"is QEMU running with -gdb unix:{where},server=on ?")
         try:
             self.mi(f"-target-select remote {target}", timeout=self.timeout + 5)
         except GdbError as exc:
@@ -201,6 +257,9 @@ class GdbStub:
         try:
             out = self.mi(f"-data-read-memory-bytes {address:#x} {length}")
         except GdbError as exc:
+            if _LOST.search(str(exc)):
+                raise VMGoneError(f"the gdbstub connection was lost ({exc}); QEMU may have "
+                                  "exited") from None
             raise MemoryReadError(f"gdbstub could not read {length} bytes at {address:#x}: {exc}",
                                   address) from None
         data = b"".join(bytes.fromhex(block["contents"]) for block in out.get("memory", []))

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .errors import MemoryReadError, ParseError
+from .errors import MemoryReadError, ParseError, VMGoneError
 from .qmp import QmpCommandError, Region, parse_gpa2hva, parse_mtree_flat
 
 PAGE = 4096
@@ -233,6 +233,8 @@ class HostProcess:
                 self._mem = self._open(f"/proc/{self.pid}/mem")
             data = os.pread(self._mem, length, hva)
         except OSError as exc:
+            if not process_exists(self.pid):
+                raise VMGoneError(f"the QEMU process {self.pid} is gone") from None
             raise MemoryReadError(f"cannot read QEMU's memory at HVA {hva:#x} "
                                   f"(/proc/{self.pid}/mem): {exc.strerror or exc}", hva) from None
         if len(data) != length:

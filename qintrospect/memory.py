@@ -14,8 +14,8 @@ import re
 import struct
 from typing import Dict
 
-from .errors import MemoryReadError
-from .host import PAGE, HostProcess, RamMap
+from .errors import MemoryReadError, VMGoneError
+from .host import PAGE, HostProcess, RamMap, process_exists
 
 
 class PhysicalMemory:
@@ -83,6 +83,8 @@ class DirectMemory(PhysicalMemory):
         try:
             present = [e >> 63 & 1 for e in self.process.pagemap_entries(hva, count)]
         except OSError as exc:
+            if not process_exists(self.process.pid):
+                raise VMGoneError(f"the QEMU process {self.process.pid} is gone") from None
             raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
                                   hva) from None
         out = bytearray()

@@ -3,7 +3,7 @@
 Everything here is read-only. The monitor commands qintrospect may send are listed once, in
 ALLOWED_QMP and ALLOWED_HMP; `QmpMonitor` refuses anything else, so a read-only promise is
 enforced by one small table (and a test proves it on the wire). `stop`/`cont` are only ever
-sent to put the run state back as it was found.
+sent to put the run state back as it was found, and `cont` when the user asks `resume`.
 
 HMP `gpa2hpa` is deliberately absent: in QEMU it does an atomic add on the guest page.
 """
@@ -66,6 +66,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_socket_path(path: str, what: str, hint: str) -> None:
+    """Say plainly why a Unix socket path cannot be used: missing, or hidden from this user."""
+    if os.path.exists(path):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and not os.access(folder, os.X_OK):
+        raise AttachError(f"permission denied: {what} {path} is in {folder}, which this user "
+                          "cannot enter; run as the user that started QEMU (or root)")
+    raise AttachError(f"{what} {path} does not exist; {hint}")
+
+
 def describe_address(address: SocketAddress) -> str:
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
@@ -93,9 +104,9 @@ class QmpMonitor:
     def connect(self, await_greeting: bool = True) -> "QmpMonitor":
         from qemu.qmp import QMPClient  # imported late: keeps `--help` fast
         where = describe_address(self.address)
-        if isinstance(self.address, str) and not os.path.exists(self.address):
-            raise AttachError(f"QMP socket {where} does not exist; is QEMU running with "
-                              f"-qmp unix:{where},server=on,wait=off ?")
+        if isinstance(self.address, str):
+            check_socket_path(self.address, "QMP socket",
+                              f"is QEMU running with -qmp unix:{where},server=on,wait=off ?")
         client = QMPClient("qintrospect")
         client.await_greeting = await_greeting
         client.negotiate = await_greeting

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional
 
-from . import finder, paging
+from . import finder, paging, runstate
 from .cpu import Vcpu
 from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneError
 from .gdbstub import CONTROL_REGISTERS, GdbStub
@@ -140,6 +140,9 @@ class Session:
         self.vcpus: List[dict] = []          # query-cpus-fast
         self.vcpu_info: List[Vcpu] = []      # registers of each vCPU, read at attach
         self.timings = {}
+        self.warnings: List[str] = []
+        self.left_paused: Optional[dict] = None
+        self._marker = False
 
     # ---- attach / detach ------------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class Session:
         try:
             self.qmp = QmpMonitor(self.qmp_address, self.timeout).connect()
             self.found_status = self.qmp.command("query-status")
+            self._note_run_state()
             self.vcpus = self.qmp.command("query-cpus-fast")
             if self.vcpu >= len(self.vcpus):
                 raise UsageError(f"--vcpu {self.vcpu}: this VM has {len(self.vcpus)} vCPU(s), "
@@ -175,6 +179,18 @@ class Session:
         self.timings["attach"] = time.perf_counter() - t0
         return self
 
+    def _note_run_state(self) -> None:
+        key = describe_address(self.qmp_address)
+        running = bool(self.found_status.get("running"))
+        self.left_paused = runstate.left_paused(key, running)
+        if self.left_paused:
+            self.warnings.append(
+                f"this VM has been paused since {self.left_paused.get('since')} by a "
+                f"qintrospect (pid {self.left_paused.get('pid')}) that was killed while "
+                "attached; it found the VM running. `qintrospect resume` resumes it.")
+        runstate.record(key, running, self.left_paused)
+        self._marker = True
+
     def close(self) -> None:
         """Leave the VM as found: gdb detached (or disconnected if the VM was not running),
         the PhyMemMode put back, the run state checked through QMP, sockets closed."""
@@ -186,23 +202,38 @@ class Session:
             if self.gdb is not None:
                 self.gdb.close(resume=was_running)
                 self.gdb = None
-            if self.qmp is not None and self.found_status is not None:
-                try:
-                    now = self.qmp.command("query-status")
-                    if was_running and not now.get("running"):
-                        self.qmp.command("cont")
-                    elif not was_running and now.get("running"):
-                        self.qmp.command("stop")
-                except Exception:
-                    pass
+            if self.found_status is not None:
+                self._restore_run_state(was_running)
             if self.qmp is not None:
                 self.qmp.close()
                 self.qmp = None
+            if self._marker:
+                runstate.release(describe_address(self.qmp_address), self.left_paused)
+                self._marker = False
             if self.process is not None:
                 self.process.close()
         finally:
             _restore_signal(signal.SIGINT, old_int)
             _restore_signal(signal.SIGTERM, old_term)
+
+    def _restore_run_state(self, was_running: bool) -> None:
+        """Confirm through QMP that the VM runs (or not) as found. If our QMP connection was
+        broken by the interruption that brought us here, use a fresh one."""
+        for attempt in range(2):
+            try:
+                if self.qmp is None:
+                    self.qmp = QmpMonitor(self.qmp_address, self.timeout).connect()
+                now = self.qmp.command("query-status")
+                if was_running and not now.get("running"):
+                    self.qmp.command("cont")
+                elif not was_running and now.get("running"):
+                    self.qmp.command("stop")
+                return
+            except Exception:
+                if self.qmp is not None:
+                    self.qmp.close()
+                    self.qmp = None
+        self.warnings.append("could not confirm the VM's run state through QMP after detaching")
 
     def _find_process(self) -> None:
         pid = self.requested_pid
@@ -353,7 +384,8 @@ class Session:
         except MemoryReadError as exc:
             t.value_note = f"value not read: {exc}"
             return
-        if t.host is not None and t.host.status == "present" and len(value) == VALUE_SIZE \
+        if t.host is not None and t.host.status in ("present", "pfn-hidden") \
+                and len(value) == VALUE_SIZE \
                 and in_page == VALUE_SIZE:
             try:
                 t.value_at_hva = self.process.read(t.hva, VALUE_SIZE)

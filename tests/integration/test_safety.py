@@ -1,0 +1,367 @@
+"""Issue: never harm the VM, never fall over.
+
+Read-only proven (RAM and registers hashed around every command; a recording proxy on the
+gdbstub and QMP sockets), run state kept through errors and signals, and the faults of the
+world answered with exit 3 within seconds.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from qintrospect.qmp import ALLOWED_HMP, ALLOWED_QMP, parse_gpa2hva, parse_mtree_flat
+
+from .conftest import REPO, attach_args, boot, run_cli, run_json
+from .test_translate_chain import stop_on_probe
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def g():
+    guest = boot("max")
+    try:
+        yield guest
+    finally:
+        guest.stop()
+
+
+def every_command(g, extra=()):
+    """Each qintrospect command that talks to a VM, with typical arguments."""
+    r = g.probe["regions"]
+    a = list(attach_args(g)) + list(extra)
+    return [
+        ["translate", *a, hex(r["heap"]["gva"]), hex(r["untouched"]["gva"]), "0xffff800000000000"],
+        ["translate", *a, "--via", "gdb", hex(r["thp"]["gva"])],
+        ["translate", *a, "--json", "--find-cr3", "--expect", hex(r["heap"]["value"]),
+         hex(r["heap"]["gva"])],
+        ["cpus", *a],
+        ["find-cr3", *a, "--gva", hex(r["heap"]["gva"])],
+        ["vmmap", *a, "--hpa"],
+        ["vmmap", *a, "--leaf", "--json", "--user"],
+        ["read", *a, hex(r["stack"]["gva"] & ~0xFFF), "8192"],
+        ["read", *a, "--phys", "0xfed00000", "64"],
+        ["read", *a, "--phys", "0x100000", "4096", "--via", "gdb"],
+    ]
+
+
+def ram_and_registers_digest(g):
+    """Hash of all guest RAM (read from the QEMU process at the HVAs QEMU names) and of every
+    vCPU's registers, taken by the test itself."""
+    h = hashlib.sha256()
+    regions = [r for r in parse_mtree_flat(g.hmp("info mtree -f")) if r.kind == "ram"]
+    with open(f"/proc/{g.pid}/mem", "rb") as mem:
+        for r in regions:
+            _, _, hva = parse_gpa2hva(g.hmp(f"gpa2hva {r.start:#x}"))
+            mem.seek(hva)
+            left = r.size
+            while left:
+                chunk = mem.read(min(left, 8 << 20))
+                h.update(chunk)
+                left -= len(chunk)
+    for cpu in g.qmp("query-cpus-fast"):
+        h.update(g.qmp("human-monitor-command", **{"command-line": "info registers",
+                                                   "cpu-index": cpu["cpu-index"]}).encode())
+    return h.hexdigest()
+
+
+def test_every_command_leaves_ram_and_registers_unchanged(g):
+    stop_on_probe(g)
+    try:
+        before = ram_and_registers_digest(g)
+        for argv in every_command(g):
+            rc, out, err = run_cli(*argv)
+            assert rc in (0, 1), (argv, err)
+            assert "Traceback" not in err
+            assert g.qmp("query-status")["status"] == "paused", argv
+        assert ram_and_registers_digest(g) == before
+    finally:
+        g.qmp("cont")
+
+
+# ---- a recording proxy between qintrospect and QEMU's sockets ---------------------------------
+
+class Proxy:
+    """Forwards one listening socket to QEMU's and records what the client sends."""
+
+    def __init__(self, listener, connect):
+        self.listener, self.connect = listener, connect
+        self.sent = []  # bytes from the client, one entry per connection
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = self.connect()
+            record = bytearray()
+            self.sent.append(record)
+            threading.Thread(target=self._pump, args=(client, server, record), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, record):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if record is not None:
+                    record += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self._stop = True
+        self.listener.close()
+
+
+def rsp_packets(stream: bytes):
+    """The packets ($...#xx) of a gdb remote-protocol byte stream, decoded."""
+    out, i = [], 0
+    while True:
+        start = stream.find(b"$", i)
+        if start < 0:
+            return out
+        end = stream.find(b"#", start)
+        if end < 0:
+            return out
+        out.append(stream[start + 1:end].decode(errors="replace"))
+        i = end + 3
+
+
+# Packets that only read, query or leave: anything else (M/X memory writes, P/G register writes,
+# c/s/vCont resumes, Z breakpoints, k kill...) would fail the test.
+READ_ONLY_PACKET = ("qSupported", "qXfer:features:read", "qTStatus", "qfThreadInfo",
+                    "qsThreadInfo", "qAttached", "qC", "qOffsets", "qSymbol", "qqemu.PhyMemMode",
+                    "qqemu.Supported", "qTfV", "qTfP", "qL", "qThreadExtraInfo", "qXfer:threads",
+                    "Qqemu.PhyMemMode:", "QStartNoAckMode", "vMustReplyEmpty", "vCont?", "?",
+                    "Hg", "Hc", "T", "g", "p", "m", "D")
+
+
+def test_wire_shows_only_reads_and_allowlisted_monitor_commands(g):
+    host, port = g.gdb_address.rsplit(":", 1)
+    gdb_listener = socket.create_server(("127.0.0.1", 0))
+    gdb_proxy = Proxy(gdb_listener, lambda: socket.create_connection((host, int(port))))
+    qmp_path = os.path.join(g.tmpdir, "proxy-qmp.sock")
+    qmp_listener = socket.socket(socket.AF_UNIX)
+    qmp_listener.bind(qmp_path)
+    qmp_listener.listen(4)
+
+    def qmp_connect():
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(g.qmp_path)
+        return s
+    qmp_proxy = Proxy(qmp_listener, qmp_connect)
+    try:
+        proxied = ["--qmp", qmp_path, "--gdb", f"127.0.0.1:{gdb_listener.getsockname()[1]}",
+                   "--pid", str(g.pid)]
+        for argv in every_command(g):
+            argv = [argv[0]] + proxied + argv[len(attach_args(g)) + 1:]
+            rc, out, err = run_cli(*argv)
+            assert rc in (0, 1), (argv, err)
+    finally:
+        gdb_proxy.close()
+        qmp_proxy.close()
+    packets = [p for conn in gdb_proxy.sent for p in rsp_packets(bytes(conn))]
+    assert any(p.startswith("m") for p in packets)  # it did read memory through the stub
+    bad = sorted({p for p in packets if not p.startswith(READ_ONLY_PACKET)})
+    assert not bad, f"packets that are not reads: {bad}"
+    assert not [p for p in packets if p[:1] in "MXPGcsCSZzk"]
+    commands = []
+    for conn in qmp_proxy.sent:
+        decoder = json.JSONDecoder()
+        text = bytes(conn).decode()
+        i = 0
+        while i < len(text):
+            while i < len(text) and text[i].isspace():
+                i += 1
+            if i >= len(text):
+                break
+            obj, i = decoder.raw_decode(text, i)
+            commands.append(obj)
+    executed = {c["execute"] for c in commands}
+    assert executed <= ALLOWED_QMP and "human-monitor-command" in executed
+    hmp = [c["arguments"]["command-line"] for c in commands
+           if c["execute"] == "human-monitor-command"]
+    assert all(line.startswith(ALLOWED_HMP) for line in hmp)
+    assert not [line for line in hmp if line.startswith("gpa2hpa")]
+    # the VM was found running every time: stop/cont appear only to put that back
+    assert "stop" not in executed
+    assert g.qmp("query-status")["running"]
+
+
+# ---- run state through errors and signals ----------------------------------------------------
+
+def start_slow_scan(g, *extra):
+    """find-cr3 over the gdbstub (slow: ~30 s for 256 MiB), waiting until it is attached."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qintrospect", "-v", "find-cr3", *attach_args(g), "--via", "gdb",
+         *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    assert line.startswith("# attached"), line
+    time.sleep(1.0)  # now scanning
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("found", ["running", "paused"])
+def test_signal_mid_scan_restores_run_state(g, signum, found):
+    if found == "paused":
+        g.qmp("stop")
+    try:
+        proc = start_slow_scan(g)
+        t0 = time.monotonic()
+        proc.send_signal(signum)
+        rc = proc.wait(timeout=15)
+        err = proc.stderr.read()
+        assert time.monotonic() - t0 < 10
+        assert rc == 130 and "left as found" in err and "Traceback" not in err
+        assert g.qmp("query-status")["status"] == found
+    finally:
+        g.qmp("cont")
+
+
+def test_sigkill_leaves_paused_then_resume(g):
+    proc = start_slow_scan(g)
+    proc.kill()
+    proc.wait(timeout=10)
+    time.sleep(0.5)
+    assert g.qmp("query-status")["status"] == "paused"  # gdb died with it, without detaching
+    r = g.probe["regions"]["heap"]
+    rc, out, err = run_cli("translate", *attach_args(g), hex(r["gva"]))
+    assert "was killed while attached" in err and "qintrospect resume" in err
+    assert g.qmp("query-status")["status"] == "paused"  # still as that command found it
+    rc, out, err = run_cli("resume", "--qmp", g.qmp_path)
+    assert rc == 0 and "resumed" in out
+    assert g.qmp("query-status")["running"]
+    rc, out, err = run_cli("translate", *attach_args(g), hex(r["gva"]))
+    assert "killed" not in err
+
+
+def test_error_exit_keeps_run_state(g):
+    rc, out, err = run_cli("translate", *attach_args(g), "--vcpu", "3", "0x1000")
+    assert rc == 2
+    rc, out, err = run_cli("vmmap", *attach_args(g), "--range", "0x5000-0x1000")
+    assert rc == 2
+    assert g.qmp("query-status")["running"]
+
+
+# ---- faults of the world ---------------------------------------------------------------------
+
+def timed_cli(*args, limit=20):
+    t0 = time.monotonic()
+    rc, out, err = run_cli(*args, timeout=60)
+    assert time.monotonic() - t0 < limit, "took too long"
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_missing_refused_and_wrong_sockets(g, tmp_path):
+    rc, err = timed_cli("translate", "--qmp", str(tmp_path / "nope.sock"), "--gdb",
+                        g.gdb_address, "0x1000")
+    assert rc == 3 and "does not exist" in err
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))
+    dead.close()  # a socket file nobody listens on: connection refused
+    rc, err = timed_cli("translate", "--qmp", str(tmp_path / "dead.sock"), "--gdb",
+                        g.gdb_address, "0x1000")
+    assert rc == 3 and "QMP" in err
+    # something that is not QMP: it accepts and says nothing / says garbage
+    for greeting in (b"", b"hello, I am not QMP\r\n"):
+        srv = socket.socket(socket.AF_UNIX)
+        path = str(tmp_path / f"other{len(greeting)}.sock")
+        srv.bind(path)
+        srv.listen(1)
+
+        def serve(srv=srv, greeting=greeting):
+            try:
+                conn, _ = srv.accept()
+                conn.sendall(greeting)
+                time.sleep(15)
+            except OSError:
+                pass
+        threading.Thread(target=serve, daemon=True).start()
+        rc, err = timed_cli("translate", "--qmp", path, "--gdb", g.gdb_address, "--timeout",
+                            "2", "0x1000")
+        srv.close()
+        assert rc == 3 and "QMP" in err
+    # the QMP socket given as the gdbstub: not a gdbstub
+    silent = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lambda: (silent.accept(), time.sleep(15)), daemon=True).start()
+    rc, err = timed_cli("translate", *attach_args(g)[:2], "--gdb",
+                        f"127.0.0.1:{silent.getsockname()[1]}", "--timeout", "2", "0x1000")
+    silent.close()
+    assert rc == 3 and "gdbstub" in err
+    assert g.qmp("query-status")["running"]
+
+
+def test_gdbstub_already_taken(g):
+    host, port = g.gdb_address.rsplit(":", 1)
+    other = socket.create_connection((host, int(port)))  # another debugger holds the stub
+    try:
+        time.sleep(0.3)
+        rc, err = timed_cli("translate", *attach_args(g), "--timeout", "2", "0x1000")
+        assert rc == 3 and "gdbstub" in err
+    finally:
+        other.close()
+    time.sleep(0.5)
+    g.qmp("cont")  # the other client's connection stopped the VM; that was not us
+
+
+def test_permission_denied_and_hidden_pfns(g, tmp_path):
+    # as an unprivileged user the QMP socket cannot be opened
+    rc, out, err = run_cli_as(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+                              "translate", *attach_args(g), "0x1000")
+    assert rc == 3 and "permission denied" in err.lower(), err
+    # root without CAP_SYS_ADMIN sees pagemap with the frame numbers zeroed: said, never HPA 0
+    heap = g.probe["regions"]["heap"]
+    stop_on_probe(g)
+    try:
+        rc, out, err = run_cli_as(["setpriv", "--bounding-set=-sys_admin",
+                                   "--inh-caps=-sys_admin"],
+                                  "translate", *attach_args(g), "--json", hex(heap["gva"]))
+    finally:
+        g.qmp("cont")
+    assert rc == 0, err
+    t = json.loads(out)
+    assert t["hpa"] is None and t["host"]["status"] == "pfn-hidden"
+    assert "CAP_SYS_ADMIN" in t["host"]["detail"]
+    assert t["value"] == t["value_at_hva"]
+
+
+def run_cli_as(prefix, *args):
+    proc = subprocess.run(prefix + [sys.executable, "-m", "qintrospect", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_qemu_killed_mid_scan():
+    g = boot("qemu64")
+    try:
+        proc = start_slow_scan(g)
+        os.kill(g.pid, signal.SIGKILL)
+        rc = proc.wait(timeout=20)
+        err = proc.stderr.read()
+        assert rc == 3, err
+        assert "Traceback" not in err and ("gone" in err or "lost" in err)
+    finally:
+        g.stop()
