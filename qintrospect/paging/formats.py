@@ -149,8 +149,11 @@ class X86Format(EntryFormat):
         for i, spec in enumerate(self.mode.levels):
             if self.kind == "pae" and i == 0:
                 # PDPTEs are loaded at MOV CR3; any of these set there is a #GP (SDM table 4-8).
+                # Bit 5 (A) is reserved too, but QEMU's TCG sets it in memory whenever it walks
+                # (it keeps no PDPTE registers), so every PDPTE a TCG guest used has it: the
+                # walk goes on, and walk() says so in a note (PDPTE_ACCESSED_NOTE).
                 self.table_rules[0] = [(bits(63, m), f"above MAXPHYADDR {m}"),
-                                       (bits(2, 1) | bits(8, 5),
+                                       (bits(2, 1) | bits(8, 6),
                                         "reserved in a PAE PDPTE (bits 2:1, 8:5)")]
                 continue
             common = [r for r in (above, nx) if r[0]]

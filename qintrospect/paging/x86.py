@@ -23,6 +23,8 @@ from .walker import iter_leaves, walk_tables
 __all__ = ["paging_mode", "walk", "iter_mappings", "cr3_root", "x86_format"]
 
 DEFAULT_MAXPHYADDR = 52
+PDPTE_ACCESSED_NOTE = ("PAE PDPTE has bit 5 (A) set, which the SDM reserves (MOV CR3 would #GP); "
+                       "QEMU's TCG sets it when it walks, so it is not treated as a fault")
 
 
 def _maxphyaddr(cpu: CpuState) -> Tuple[int, bool]:
@@ -175,6 +177,8 @@ def walk(read_phys: ReadPhys, cpu: CpuState, va: int, access: str = "supervisor-
 
     fmt = x86_format(cpu, mode)
     steps, fault = walk_tables(read_phys, mode, fmt, root, va)
+    if mode.name == "pae" and steps and steps[0].entry & 0x21 == 0x21:
+        notes.append(PDPTE_ACCESSED_NOTE)
     if fault:
         return failed(fault, root, pcid, steps)
 

@@ -169,7 +169,7 @@ def ref_pae(mem, cr3, va, m, nxe):
         raise Stop(None, "non-canonical")
     r = ((1 << 63) - (1 << m)) | (0 if nxe else 1 << 63)
     pdpte = rd("PDPT", (cr3 & 0xFFFFFFE0) | ((va >> 27) & 0x18))
-    need(pdpte, "PDPT", ((1 << 64) - (1 << m)) | 0x1E6)
+    need(pdpte, "PDPT", ((1 << 64) - (1 << m)) | 0x1C6)      # A (bit 5): QEMU sets it
     pde = rd("PD", (pdpte & ADDR) | ((va >> 18) & 0xFF8))
     if pde & 0x81 == 0x81:
         need(pde, "PD", r | 0x1FE000)
