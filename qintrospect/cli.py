@@ -271,6 +271,99 @@ def cmd_resume(args) -> int:
     return EXIT_OK
 
 
+def cmd_parse_log(args) -> int:
+    """Offline: what a module log says, and whether it agrees with itself."""
+    from . import modlog
+    logs = [modlog.parse_log_file(path) for path in args.logs]
+    checks = [modlog.check_log(log) for log in logs]
+    joined = None
+    if len(logs) == 2:
+        guest, host = sorted(logs, key=lambda log: log.kind != "gpt_dump")
+        joined = modlog.chain(guest, host)
+    disagree = any(f.agree is False for fs in checks for f in fs) or \
+        (joined is not None and (joined.gpa_agree is False or joined.value_agree is False))
+    if args.json:
+        for path, log, fs in zip(args.logs, logs, checks):
+            print(render.json_line({"file": path, "log": log.to_dict(),
+                                    "checks": [f.to_dict() for f in fs]}))
+        if joined is not None:
+            print(render.json_line({"chain": joined.to_dict()}))
+    else:
+        for path, log, fs in zip(args.logs, logs, checks):
+            print(render.modlog_text(path, log, fs))
+            print()
+        if joined is not None:
+            print(render.chain_text(joined))
+    return EXIT_FAULT if disagree else EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    """A module log against the live outside view of the same address."""
+    from . import modlog
+    log = modlog.parse_log_file(args.log)
+    if log.address is None:
+        raise UsageError(f"{args.log}: the log does not say which address it walked")
+    with _attach(args) as vm:
+        if log.kind == "ept_dump":
+            cmp, explain, outside = _compare_host(vm, log)
+        else:
+            cr3, how = _root_for_log(vm, log, args)
+            t = vm.translate(log.address, cr3)
+            value = int.from_bytes(t.value, "little") if t.value and len(t.value) == 8 else None
+            cmp = modlog.compare(log, t.walk, value)
+            explain = modlog.explain_direct_map(log.address, t.gpa) if t.ok else None
+            outside = dict(t.to_dict(), root_found_by=how)
+    if args.json:
+        print(render.json_line({"agree": cmp.agree, "kind": log.kind, "rows":
+                                [r.to_dict() for r in cmp.rows], "explain": explain,
+                                "outside": outside, "log": log.to_dict()}))
+    else:
+        print(render.comparison_text(log, cmp, outside, explain))
+    return EXIT_OK if cmp.agree else EXIT_FAULT
+
+
+def _root_for_log(vm, log, args):
+    """The page-table root to walk with: the one the log printed, else the finder's."""
+    if log.root is not None and log.root_known_mask & 0x000FFFFFFFFFF000 == 0x000FFFFFFFFFF000:
+        return log.root, "printed in the log"
+    if log.value is None:
+        raise UsageError(f"{args.log}: the log prints neither its page-table root nor the value "
+                         "at the address, so the process cannot be found from outside")
+    found = [c for c in _find_cr3(vm, log.address, log.value, "compare") if c.value_matches]
+    if not found:
+        raise UsageError(f"no page-table root in guest RAM maps {log.address:#x} to the log's "
+                         f"value {log.value:#x}: the log is from another boot, or the page "
+                         "changed since")
+    return found[0].root, f"find-cr3 (the 8 bytes at {log.address:#x} equal the log's value)"
+
+
+def _compare_host(vm, log):
+    from . import modlog
+    gpa = log.address
+    region = vm.ram_map.ram_at(gpa)
+    outside = {"gpa": f"{gpa:#x}", "ram_block": region.block if region else None}
+    hpa, value, why = None, None, ""
+    if region is None:
+        why = vm.ram_map.describe(gpa)
+    elif vm.process is None:
+        why = vm.process_note
+    else:
+        hva = region.hva_of(gpa)
+        page = vm.process.host_page(hva)
+        outside.update(hva=f"{hva:#x}", host=page.to_dict())
+        hpa, why = page.hpa, page.detail
+        try:
+            value = int.from_bytes(vm.read_phys(gpa, 8), "little")
+        except QIError as exc:
+            why = why or str(exc)
+    outside.update(hpa=None if hpa is None else f"{hpa:#x}",
+                   value=None if value is None else f"{value:#x}")
+    explain = None
+    if hpa is not None:
+        explain = modlog.explain_shared_bits(gpa, hpa)
+    return modlog.compare_host(log, hpa, value, why), explain, outside
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qintrospect",
@@ -335,6 +428,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="one JSON object per page piece")
     _session_options(r)
     r.set_defaults(func=cmd_read)
+
+    pl = sub.add_parser("parse-log", help="read gpt_dump/ept_dump module logs, offline",
+                        description="Parse one module log (or a gpt_dump and an ept_dump log of "
+                                    "one experiment, chained), recompute what the log implies "
+                                    "and say where it agrees with itself. Exit 1 on any "
+                                    "disagreement.")
+    pl.add_argument("logs", nargs="+", metavar="FILE")
+    pl.add_argument("--json", action="store_true", help="one JSON object per log (+ the chain)")
+    pl.set_defaults(func=cmd_parse_log)
+
+    cp = sub.add_parser("compare", help="compare a module log with the live outside walk",
+                        description="Walk the log's address from outside (with the CR3 the log "
+                                    "prints, or the process finder) and set the two side by "
+                                    "side, level by level. Exit 1 on any difference.")
+    cp.add_argument("--log", required=True, metavar="FILE", help="gpt_dump or ept_dump output")
+    cp.add_argument("--json", action="store_true", help="one JSON object")
+    _session_options(cp)
+    cp.set_defaults(func=cmd_compare)
 
     z = sub.add_parser("resume", help="resume a VM left paused (e.g. by a killed qintrospect)",
                        description="Sends QMP `cont`. Needs only --qmp.")

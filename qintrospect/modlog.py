@@ -1137,6 +1137,33 @@ def compare(log: ModLog, walk, value: Optional[int] = None) -> Comparison:
     return Comparison(tuple(rows))
 
 
+def compare_host(log: ModLog, hpa: Optional[int], value: Optional[int] = None,
+                 why_no_hpa: str = "") -> Comparison:
+    """Set an ept_dump log (GPA -> HPA) against the host's own answer for the same GPA: the
+    HPA from the QEMU process's pagemap, and the 8 bytes read there."""
+    rows: List[Row] = []
+    if log.final_address is None or not log.final_known_mask:
+        rows.append(Row("final", None, log.final_address, hpa, 0, None, "not printed in the log"))
+    elif hpa is None:
+        rows.append(Row("final", None, log.final_address, None, log.final_known_mask, None,
+                        why_no_hpa or "the host gave no HPA"))
+    else:
+        diff = (log.final_address ^ hpa) & log.final_known_mask
+        reason = "" if not diff else (f"bits {bit_ranges(diff)} differ: the log is from another "
+                                      "boot, or the host moved the page since")
+        unknown = U64 & ~log.final_known_mask
+        if unknown:
+            note = f"bits {bit_ranges(unknown)} not printed in the log"
+            reason = f"{reason}; {note}" if reason else note
+        rows.append(Row("final", None, log.final_address, hpa, log.final_known_mask, not diff,
+                        reason))
+    if value is not None and log.value is not None:
+        ok = value == log.value
+        rows.append(Row("value", None, log.value, value, U64, ok,
+                        "" if ok else "the value changed since the log was taken"))
+    return Comparison(tuple(rows))
+
+
 def _pti_pair(log: ModLog, walk) -> bool:
     """Kernel and user copy of one PTI page table: the user copy is the kernel one + 4 KiB."""
     if log.root is None or walk.root is None:

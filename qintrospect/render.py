@@ -158,3 +158,71 @@ def hexdump_piece(piece) -> str:
         suffix = where if off == 0 else ""
         lines.append(f"{piece.address + off:016x}: {hexes:<39}  {text}{suffix}")
     return "\n".join(lines)
+
+
+def _masked(value, mask, full=(1 << 64) - 1) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:#x}"
+    return text if mask & full == full or not mask else text + "*"
+
+
+def modlog_text(path: str, log, findings) -> str:
+    """A parsed module log: the walk it printed, then what it implies about itself."""
+    out = [f"{path}: {log.kind} log, {log.address_name} {_masked(log.address, log.address_bits_known)}"
+           + (f", root {log.root:#x}" if log.root is not None else "")
+           + f", {log.paging_levels}-level" + (f", pid {log.pid}" if log.pid else "")]
+    out.append(f"  {'level':<6}{'index':>6}  {'entry':<22}{'next':<22}")
+    for lvl in log.levels:
+        idx = "-" if lvl.index is None else str(lvl.index)
+        size = f" ({size_name(lvl.page_size)} page)" if lvl.page_size else ""
+        state = " not present" if lvl.present is False else ""
+        out.append(f"  {lvl.name:<6}{idx:>6}  {_masked(lvl.entry, lvl.entry_known_mask):<22}"
+                   f"{_masked(lvl.next_addr, lvl.next_known_mask):<22}{size}{state}")
+    out.append(f"  => {log.final_name} {_masked(log.final_address, log.final_known_mask)}"
+               + (f"   value {log.value:#x} ({log.value})" if log.value is not None else ""))
+    out.append("  (* = some bits were not printed in the log)")
+    out.append("  checks (what the log's own numbers imply):")
+    for f in findings:
+        mark = {True: "agree ", False: "DIFFER", None: "  ?   "}[f.agree]
+        out.append(f"    {mark} {f.message}")
+    for w in log.warnings:
+        out.append(f"  note: {w}")
+    return "\n".join(out)
+
+
+def chain_text(c) -> str:
+    out = ["chained: the guest log's GVA -> GPA, the host log's GPA -> HPA",
+           f"  GVA {_masked(c.gva, c.gva_known_mask)}",
+           f"  GPA {_masked(c.guest_gpa, c.guest_gpa_known_mask)} (guest log), "
+           f"{_masked(c.host_gpa, c.host_gpa_known_mask)} (host log): "
+           + {True: "agree", False: "DIFFER", None: "nothing to compare"}[c.gpa_agree],
+           f"  HPA {_masked(c.hpa, c.hpa_known_mask)} printed, "
+           f"{_masked(c.hpa_recomputed, c.hpa_recomputed_mask)} recomputed"]
+    if c.guest_value is not None or c.host_value is not None:
+        out.append(f"  value {c.guest_value} (guest) / {c.host_value} (host): "
+                   + {True: "same", False: "DIFFERENT", None: "-"}[c.value_agree])
+    out += [f"  note: {n}" for n in c.notes]
+    return "\n".join(out)
+
+
+def comparison_text(log, cmp, outside: dict, explain) -> str:
+    """The log and the live outside view side by side, row by row."""
+    how = outside.get("root_found_by")
+    head = (f"{log.kind} log for {log.address_name} {log.address:#x} against the outside view"
+            + (f" (root {outside.get('root')}, {how})" if how else ""))
+    out = [head, f"  {'field':<10}{'level':<6}{'log':<22}{'outside':<22}verdict"]
+    for r in cmp.rows:
+        plain = r.field in ("index", "page_size")
+        fmt = (lambda v: "-" if v is None else str(v)) if plain else \
+            (lambda v: "-" if v is None else f"{v:#x}")
+        verdict = {True: "agree", False: "DIFFER", None: "-"}[r.agree]
+        line = f"  {r.field:<10}{r.level or '':<6}{fmt(r.log):<22}{fmt(r.outside):<22}{verdict}"
+        if r.reason:
+            line += f"  ({r.reason})"
+        out.append(line)
+    out.append("  => " + ("the outside view agrees with the log at every level"
+                          if cmp.agree else f"{len(cmp.differences())} difference(s)"))
+    if explain:
+        out.append("  why: " + explain)
+    return "\n".join(out)
