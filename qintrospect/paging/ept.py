@@ -8,6 +8,7 @@ and every nested access counts as a user access.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
 from .formats import ADDR_51_12, MEMORY_TYPES, EptFormat, X86Format, bits
@@ -19,6 +20,16 @@ from .modes import MODE_EPT4, MODE_EPT5, MODE_NPT4, MODE_NPT5
 from .walker import walk_tables
 
 __all__ = ["decode_eptp", "walk_ept", "walk_npt"]
+
+
+@lru_cache(maxsize=16)
+def _ept_format(mode: PagingMode, maxphyaddr: int, mbec: bool) -> EptFormat:
+    return EptFormat(mode, maxphyaddr, mbec)
+
+
+@lru_cache(maxsize=16)
+def _npt_format(mode: PagingMode, maxphyaddr: int, nxe: bool) -> X86Format:
+    return X86Format(mode, maxphyaddr, nxe)
 
 
 def decode_eptp(eptp: int, maxphyaddr: int = 52) -> dict:
@@ -79,7 +90,7 @@ def walk_ept(read_phys: ReadPhys, eptp: int, gpa: int, maxphyaddr: int = 52,
     bad = _range_fault(mode, gpa, f"{info['walk_length']}-level EPT")
     if bad:
         return failed(bad)
-    fmt = EptFormat(mode, maxphyaddr, mbec)
+    fmt = _ept_format(mode, maxphyaddr, mbec)
     steps, fault = walk_tables(read_phys, mode, fmt, root, gpa)
     if fault:
         return failed(fault, steps)
@@ -127,7 +138,7 @@ def walk_npt(read_phys: ReadPhys, ncr3: int, gpa: int, levels: int = 4, maxphyad
     bad = _range_fault(mode, gpa, f"{levels}-level NPT")
     if bad:
         return failed(bad)
-    fmt = X86Format(mode, maxphyaddr, nxe)
+    fmt = _npt_format(mode, maxphyaddr, nxe)
     steps, fault = walk_tables(read_phys, mode, fmt, root, gpa)
     if fault:
         return failed(fault, steps)

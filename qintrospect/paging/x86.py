@@ -7,6 +7,7 @@ iter_mappings() lists every present leaf of an address space, reading each table
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from .formats import ADDR_51_12, X86Format
@@ -23,6 +24,7 @@ from .walker import iter_leaves, walk_tables
 __all__ = ["paging_mode", "walk", "iter_mappings", "cr3_root", "x86_format"]
 
 DEFAULT_MAXPHYADDR = 52
+FLAG_BITS = 0xF8000000000011FF      # the bits X86Format.flags reads: 8:0, 12, 63:59
 PDPTE_ACCESSED_NOTE = ("PAE PDPTE has bit 5 (A) set, which the SDM reserves (MOV CR3 would #GP); "
                        "QEMU's TCG sets it when it walks, so it is not treated as a fault")
 
@@ -45,7 +47,12 @@ def cr3_root(cpu: CpuState, mode: PagingMode) -> Tuple[int, Optional[int]]:
 
 
 def x86_format(cpu: CpuState, mode: PagingMode) -> X86Format:
-    return X86Format(mode, _maxphyaddr(cpu)[0], bool(cpu.efer & EFER_NXE), bool(cpu.cr4 & CR4_PKE))
+    return _format(mode, _maxphyaddr(cpu)[0], bool(cpu.efer & EFER_NXE), bool(cpu.cr4 & CR4_PKE))
+
+
+@lru_cache(maxsize=64)
+def _format(mode: PagingMode, m: int, nxe: bool, pke: bool) -> X86Format:
+    return X86Format(mode, m, nxe, pke)     # immutable once built: shared between walks
 
 
 def _canonical_fault(mode: PagingMode, va: int) -> Optional[Fault]:
@@ -226,11 +233,20 @@ def iter_mappings(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optio
     lo, hi = _raw_bounds(mode, start, end)
     n = mode.va_bits
     sign = (1 << 64) - (1 << n) if mode.va_bits > 32 else 0
+    sizes = [fmt.page_size(i, True) for i in range(len(mode.levels))]
+    skip = 1 if mode.name == "pae" else 0          # PAE PDPTEs carry no R/W, U/S or XD
+    xd = 1 << 63 if fmt.nxe else 0
+    flags_of: Dict[Tuple[int, int], Tuple[str, ...]] = {}   # leaves repeat a few flag sets
     for raw, i, path in iter_leaves(read_phys, mode, fmt, root, lo, hi, on_unreadable):
         leaf = path[-1]
-        rights = [fmt.rights(k, e) for k, e in enumerate(path)]
+        every, some = -1, 0                        # AND and OR of the entries' bits
+        for e in path[skip:]:
+            every &= e
+            some |= e
+        key = (i, leaf & FLAG_BITS)
+        flags = flags_of.get(key)
+        if flags is None:
+            flags = flags_of[key] = fmt.flags(i, leaf, True)
         va = raw + sign if raw >> (n - 1) and sign else raw
-        yield Mapping(va=va, pa=fmt.frame(i, leaf, True), size=fmt.page_size(i, True),
-                      writable=all(r[0] for r in rights), user=all(r[1] for r in rights),
-                      executable=not any(r[2] for r in rights), levels_entries=path,
-                      flags=fmt.flags(i, leaf, True))
+        yield Mapping(va, fmt.frame(i, leaf, True), sizes[i], bool(every & 2), bool(every & 4),
+                      not some & xd, path, flags)
