@@ -46,12 +46,18 @@ def _session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qmp", default=os.environ.get("QI_QMP"),
                    help="QMP socket: a Unix socket path or HOST:PORT (env QI_QMP)")
     g.add_argument("--gdb", default=os.environ.get("QI_GDB"),
-                   help="gdbstub: HOST:PORT or a Unix socket path (env QI_GDB)")
+                   help="gdbstub: HOST:PORT or a Unix socket path (env QI_GDB). Attaching it "
+                        "stops the VM while qintrospect looks. Without it, registers come "
+                        "from QMP and the VM keeps running (see --freeze)")
+    g.add_argument("--freeze", action="store_true",
+                   help="without --gdb: pause the VM for the command (one consistent view), "
+                        "then put the run state back")
     g.add_argument("--pid", type=int, help="the QEMU process (default: the QMP socket's peer)")
     g.add_argument("--vcpu", type=int, default=0, help="vCPU index whose registers to use (0)")
-    g.add_argument("--via", choices=("auto", "gdb", "direct"), default="auto",
+    g.add_argument("--via", choices=("auto", "gdb", "direct", "qmp"), default="auto",
                    help="where guest-physical memory is read: the QEMU process's memory "
-                        "directly when it is local and readable (auto), or the gdbstub")
+                        "directly when it is local and readable (auto), the gdbstub, or QMP "
+                        "xp (slow)")
     g.add_argument("--allow-remote", action="store_true",
                    help="allow QMP/gdb addresses that are not on loopback")
     g.add_argument("--timeout", type=float, default=5.0,
@@ -60,18 +66,21 @@ def _session_options(p: argparse.ArgumentParser) -> None:
 
 def _attach(args):
     from .session import Session
-    if not args.qmp or not args.gdb:
-        raise UsageError("need both --qmp and --gdb (or QI_QMP and QI_GDB in the environment)")
+    if not args.qmp:
+        raise UsageError("need --qmp (or QI_QMP in the environment), and usually --gdb")
+    if args.freeze and args.gdb:
+        raise UsageError("--freeze is for sessions without --gdb (attaching gdb already "
+                         "stops the VM)")
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     vm = Session(args.qmp, args.gdb, pid=args.pid, vcpu=args.vcpu, via=args.via,
                  allow_remote=args.allow_remote, timeout=args.timeout,
-                 verbose=args.verbose).open()
+                 verbose=args.verbose, freeze=args.freeze).open()
     for warning in vm.warnings:
         print(f"qintrospect: warning: {warning}", file=sys.stderr)
     if args.verbose:
         info = vm.describe()
-        print(f"# attached: QMP {info['qmp']}, gdb {info['gdb']}, VM was "
+        print(f"# attached: QMP {info['qmp']}, gdb {info['gdb'] or '(none: registers via QMP)'}, VM was "
               f"{info['status_found']}; {info['process_note']}; memory via "
               f"{info['memory_path']}; {vm.timings['attach'] * 1000:.0f} ms", file=sys.stderr,
               flush=True)

@@ -18,8 +18,8 @@ from .cpu import Vcpu
 from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneError
 from .gdbstub import CONTROL_REGISTERS, GdbStub
 from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
-from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory
-from .qmp import QmpMonitor, describe_address, parse_address, peer_pid
+from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
+from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
 
 MASK64 = (1 << 64) - 1
 VALUE_SIZE = 8
@@ -115,15 +115,18 @@ class MemoryPiece:
 class Session:
     """`with attach(qmp=..., gdb=...) as vm: vm.translate(0x7f...)`; see attach()."""
 
-    def __init__(self, qmp: str, gdb: str, pid: Optional[int] = None, vcpu: int = 0,
-                 via: str = "auto", allow_remote: bool = False, timeout: float = 10.0,
-                 verbose: bool = False):
-        if via not in ("auto", "gdb", "direct"):
-            raise UsageError(f"--via {via!r}: expected auto, gdb or direct")
+    def __init__(self, qmp: str, gdb: Optional[str] = None, pid: Optional[int] = None,
+                 vcpu: int = 0, via: str = "auto", allow_remote: bool = False,
+                 timeout: float = 5.0, verbose: bool = False, freeze: bool = False):
+        if via not in ("auto", "gdb", "direct", "qmp"):
+            raise UsageError(f"--via {via!r}: expected auto, gdb, direct or qmp")
+        if via == "gdb" and not gdb:
+            raise UsageError("--via gdb needs --gdb")
         if vcpu < 0:
             raise UsageError(f"--vcpu {vcpu}: vCPU numbers start at 0")
         self.qmp_address = parse_address(qmp, "--qmp", allow_remote)
-        self.gdb_address = parse_address(gdb, "--gdb", allow_remote)
+        self.gdb_address = parse_address(gdb, "--gdb", allow_remote) if gdb else None
+        self.freeze = freeze
         self.requested_pid = pid
         self.vcpu = vcpu
         self.via = via
@@ -164,14 +167,20 @@ class Session:
             if self.vcpu >= len(self.vcpus):
                 raise UsageError(f"--vcpu {self.vcpu}: this VM has {len(self.vcpus)} vCPU(s), "
                                  f"numbered 0-{len(self.vcpus) - 1}")
+            if self.gdb_address is None and self.freeze and self.found_status.get("running"):
+                self.qmp.command("stop")  # one consistent view; close() resumes
             self.ram_map = RamMap.from_qmp(self.qmp)
             self._find_process()
-            self.gdb = GdbStub(self.gdb_address, self.timeout).connect()
-            # Registers of every vCPU first: selecting a gdb thread makes gdb read memory at
-            # its PC, which must happen before memory packets become physical.
-            self.vcpu_info = self._read_vcpus()
-            self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
-            self.gdb.physical_mode()
+            if self.gdb_address is not None:
+                self.gdb = GdbStub(self.gdb_address, self.timeout).connect()
+                # Registers of every vCPU first: selecting a gdb thread makes gdb read memory
+                # at its PC, which must happen before memory packets become physical.
+                self.vcpu_info = self._read_vcpus()
+                self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
+                self.gdb.physical_mode()
+            else:
+                self.vcpu_info = self._read_vcpus_qmp()
+                self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
             self._choose_memory()
         except BaseException:
             self.close()
@@ -262,6 +271,26 @@ class Session:
         self.gdb.select_vcpu(self.vcpu)
         return out
 
+    def _read_vcpus_qmp(self) -> List[Vcpu]:
+        """Without a gdbstub: every vCPU's registers from HMP `info registers`."""
+        out = []
+        for i, info in enumerate(self.vcpus):
+            regs = parse_registers(self.qmp.hmp("info registers", cpu_index=info["cpu-index"]))
+            out.append(Vcpu(i, info.get("thread-id"), info.get("qom-path"), regs["CR0"],
+                            regs["CR3"], regs["CR4"], regs["EFER"], regs.get("CPL", 0)))
+        return out
+
+    @property
+    def stopped(self) -> bool:
+        """The VM cannot run while we look (gdb attached, or frozen, or found paused): cached
+        table pages stay valid."""
+        return self.gdb is not None or self.freeze or \
+            not (self.found_status or {}).get("running")
+
+    def _cached(self):
+        """Memory with a whole-page cache in front, when the VM cannot change it meanwhile."""
+        return PageCache(self.memory) if self.stopped else self.memory
+
     def _cpu_state_of(self, vcpu: Vcpu) -> paging.CpuState:
         """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
         need; None (the walker then assumes 52 and says so) when QEMU will not tell."""
@@ -276,23 +305,27 @@ class Session:
                                maxphyaddr=maxphyaddr)
 
     def _choose_memory(self) -> None:
-        gdb_memory = GdbMemory(self.ram_map, self.gdb)
-        self.memory = gdb_memory
-        if self.process is not None:
-            # The process behind a socket may be another VM's QEMU (nested rigs): trust it only
-            # if it holds this VM's RAM, i.e. the root table reads the same both ways.
-            if not self._process_holds_ram(gdb_memory):
-                self.process_note += ("; but its memory does not hold this VM's RAM (or cannot "
-                                      "be read), so host addresses are not shown")
-                self.process.close()
-                self.process = None
+        """The gdbstub, the QEMU process (direct), or QMP `xp`: direct when it is local and
+        really holds this VM's RAM, unless --via says otherwise."""
+        reference = GdbMemory(self.ram_map, self.gdb) if self.gdb is not None \
+            else QmpMemory(self.ram_map, self.qmp)
+        self.memory = reference
+        if self.process is not None and not self._process_holds_ram(reference):
+            # The process behind a socket may be another VM's QEMU (nested rigs): trust it
+            # only if it holds this VM's RAM, i.e. the root table reads the same both ways.
+            self.process_note += ("; but its memory does not hold this VM's RAM (or cannot "
+                                  "be read), so host addresses are not shown")
+            self.process.close()
+            self.process = None
         if self.via == "direct" and self.process is None:
             raise AttachError("--via direct needs the local QEMU process and permission to "
                               "read its memory: " + self.process_note)
-        if self.via in ("direct", "auto") and self.process is not None:
+        if self.via == "qmp":
+            self.memory = QmpMemory(self.ram_map, self.qmp)
+        elif self.via in ("direct", "auto") and self.process is not None:
             self.memory = DirectMemory(self.ram_map, self.process)
 
-    def _process_holds_ram(self, gdb_memory: GdbMemory) -> bool:
+    def _process_holds_ram(self, reference: PhysicalMemory) -> bool:
         probe = self.cpu.cr3 & ~0xFFF & MASK64
         region = self.ram_map.ram_at(probe)
         if region is None or region.hva is None:
@@ -304,7 +337,7 @@ class Session:
             hva = region.hva_of(probe)
             if not self.process.pagemap_entry(hva) >> 63 & 1:
                 return True  # untouched on the host: nothing to compare, nothing contradicts
-            return gdb_memory.read(probe, 256) == self.process.read(hva, 256)
+            return reference.read(probe, 256) == self.process.read(hva, 256)
         except (OSError, MemoryReadError):
             return False
 
@@ -342,6 +375,10 @@ class Session:
         """Translate a batch with a page cache in front of memory (the VM is stopped meanwhile,
         so cached table pages stay valid for the whole batch)."""
         self._check_open()
+        if not self.stopped:  # a running VM may change its tables under us: no cache
+            for gva in addresses:
+                yield self.translate(gva, cr3)
+            return
         inner = self.memory
         self.memory = PageCache(inner)
         try:
@@ -401,7 +438,7 @@ class Session:
         """Guest memory in pieces that end at page boundaries: each piece is read, or says why
         not (unmapped, not RAM). MMIO is never read."""
         self._check_open()
-        memory = PageCache(self.memory)
+        memory = self._cached()
         cpu = self.cpu_state(cr3)
         end = address + length
         while address < end:
@@ -429,13 +466,13 @@ class Session:
         """Candidate page-table roots in guest RAM (no symbols), best match first."""
         self._check_open()
         candidates = finder.scan(self.memory.read, self.ram_map, self.cpu, progress)
-        return finder.check(PageCache(self.memory).read, self.cpu, candidates, gva, expect)
+        return finder.check(self._cached().read, self.cpu, candidates, gva, expect)
 
     def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
         """Every present leaf of the address space (paging.Mapping), in VA order. Table pages
         come through a page cache; the VM is stopped meanwhile."""
         self._check_open()
-        cache = PageCache(self.memory)
+        cache = self._cached()
         unreadable = []
         yield from paging.iter_mappings(cache.read, self.cpu_state(cr3), start, end,
                                         lambda level, addr, exc: unreadable.append(
@@ -446,7 +483,7 @@ class Session:
 
     def describe(self) -> dict:
         return {"qmp": describe_address(self.qmp_address),
-                "gdb": describe_address(self.gdb_address),
+                "gdb": describe_address(self.gdb_address) if self.gdb_address else None,
                 "status_found": self.found_status.get("status") if self.found_status else None,
                 "vcpu": self.vcpu, "vcpus": len(self.vcpus),
                 "qemu_pid": self.process.pid if self.process else None,
@@ -454,15 +491,17 @@ class Session:
                 if self.memory else None}
 
 
-def attach(qmp: str, gdb: str, **options) -> Session:
+def attach(qmp: str, gdb: Optional[str] = None, **options) -> Session:
     """Open a session on a running QEMU VM. Use it as a context manager:
 
         with qintrospect.attach(qmp="/run/vm/qmp.sock", gdb="127.0.0.1:1234") as vm:
             t = vm.translate(0x7f12345673e8)
 
     Options: pid (the QEMU process, found from the socket's peer otherwise), vcpu (default 0),
-    via ("gdb" or "direct"), allow_remote, timeout (seconds for every socket exchange).
-    The VM is stopped while attached and left as found on exit.
+    via ("auto", "gdb", "direct", "qmp"), allow_remote, timeout (seconds for every socket
+    exchange), freeze (without gdb: pause the VM while attached). With gdb the VM is stopped
+    while attached; without gdb (registers through QMP) it keeps running unless freeze. Either
+    way it is left as found on exit.
     """
     return Session(qmp, gdb, **options).open()
 

@@ -1,0 +1,93 @@
+"""Issue: fast paths. Every memory path reads the same bytes; batches from stdin; a session
+without gdb (registers through QMP) that leaves the VM running, or --freeze for one view."""
+
+import json
+
+import pytest
+
+import qintrospect
+
+from .conftest import attach_args, boot, run_cli, run_json
+from .test_translate_chain import USER_REGIONS, stop_on_probe
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def g():
+    guest = boot("max")
+    try:
+        yield guest
+    finally:
+        guest.stop()
+
+
+def test_all_paths_give_the_same_translation(g):
+    regions = g.probe["regions"]
+    addrs = [hex(regions[n]["gva"]) for n in USER_REGIONS]
+    stop_on_probe(g)
+    try:
+        results = {}
+        for via in ("gdb", "direct", "qmp"):
+            rc, out, err = run_json("translate", *attach_args(g), "--via", via, *addrs)
+            assert rc == 0, err
+            assert {t["memory_path"] for t in out} == {via}
+            results[via] = [(t["gpa"], t["hpa"], t["value"], t["levels"]) for t in out]
+        # without gdb: registers through QMP, the VM paused (as found) all along
+        rc, out, err = run_json("translate", "--qmp", g.qmp_path, *addrs)
+        assert rc == 0, err
+        results["no-gdb"] = [(t["gpa"], t["hpa"], t["value"], t["levels"]) for t in out]
+        assert g.qmp("query-status")["status"] == "paused"
+    finally:
+        g.qmp("cont")
+    assert results["gdb"] == results["direct"] == results["qmp"] == results["no-gdb"]
+    assert [int(r[0], 16) for r in results["gdb"]] == [regions[n]["gpa"] for n in USER_REGIONS]
+    rc, out, err = run_cli("-v", "translate", *attach_args(g), "--via", "direct", addrs[0])
+    assert "memory via direct" in err
+
+
+def test_stdin_batch_writes_json_lines(g):
+    regions = g.probe["regions"]
+    lines = [hex(regions[n]["gva"]) for n in USER_REGIONS] * 50 + ["0x0", str(regions["heap"]["gva"])]
+    rc, out, err = run_cli("translate", *attach_args(g), "-", input="\n".join(lines) + "\n")
+    assert rc == 1, err  # address 0 is not mapped
+    objs = [json.loads(line) for line in out.splitlines()]
+    assert len(objs) == len(lines)
+    assert objs[-2]["fault"]["reason"] == "not-present"
+    assert int(objs[-1]["gva"], 16) == regions["heap"]["gva"]
+    rc, out, err = run_cli("translate", *attach_args(g), "-", input="0x1000\nnot-a-number\n")
+    assert rc == 2 and "not-a-number" in err
+
+
+def test_translate_many_api_uses_a_page_cache_while_stopped(g):
+    regions = g.probe["regions"]
+    stop_on_probe(g)
+    try:
+        with qintrospect.attach(qmp=g.qmp_path, gdb=g.gdb_address, via="gdb") as vm:
+            assert vm.stopped
+            reads_before = vm.gdb.reads
+            ts = list(vm.translate_many([regions["heap"]["gva"] + 8 * i for i in range(200)]))
+            # 200 walks of one page: the tables and the data page are each read once
+            assert vm.gdb.reads - reads_before <= 8
+            assert {t.gpa & ~0xFFF for t in ts} == {regions["heap"]["gpa"] & ~0xFFF}
+    finally:
+        g.qmp("cont")
+
+
+def test_live_session_keeps_running_and_freeze_restores(g):
+    heap = g.probe["regions"]["heap"]
+    with qintrospect.attach(qmp=g.qmp_path) as vm:
+        assert not vm.stopped and vm.gdb is None
+        assert vm.qmp.command("query-status")["running"]  # we did not stop it
+    assert g.qmp("query-status")["running"]
+    with qintrospect.attach(qmp=g.qmp_path, freeze=True) as vm:
+        assert vm.qmp.command("query-status")["status"] == "paused"
+        assert vm.stopped
+    assert g.qmp("query-status")["running"]
+    rc, out, err = run_json("translate", "--qmp", g.qmp_path, "--freeze", "--find-cr3",
+                            "--expect", hex(heap["value"]), hex(heap["gva"]))
+    assert rc == 0, err
+    assert int(out[0]["gpa"], 16) == heap["gpa"]
+    assert g.qmp("query-status")["running"]
+    rc, out, err = run_cli("translate", *attach_args(g), "--freeze", "0x1000")
+    assert rc == 2 and "--freeze" in err

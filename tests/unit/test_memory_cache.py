@@ -1,0 +1,29 @@
+"""The page cache in front of a memory adapter: whole pages, read once."""
+
+from qintrospect.host import RamMap
+from qintrospect.memory import PageCache, PhysicalMemory
+from qintrospect.qmp import Region
+
+
+class Counting(PhysicalMemory):
+    name = "test"
+
+    def __init__(self):
+        super().__init__(RamMap([Region(0, 0xFFFFF, "ram", "pc.ram", 0, 0)], {0: 0x7F0000000000}))
+        self.calls = []
+
+    def _read(self, gpa, length):
+        self.calls.append((gpa, length))
+        return bytes((gpa + i) & 0xFF for i in range(length))
+
+
+def test_page_cache_reads_each_page_once():
+    inner = Counting()
+    cache = PageCache(inner)
+    assert cache.read(0x1008, 8) == inner._read(0x1008, 8)
+    inner.calls.clear()
+    for off in range(0, 4096, 8):
+        cache.read(0x1000 + off, 8)
+    assert inner.calls == [] and cache.hits == 512
+    # a read across a page boundary goes to the adapter
+    assert cache.read(0x1FFC, 8) == inner._read(0x1FFC, 8)
