@@ -79,8 +79,7 @@ def _have_qemu():
 
 @pytest.fixture(scope="session")
 def oracle_elf(tmp_path_factory):
-    if not _have_qemu():
-        pytest.skip(f"{boot.QEMU} not installed")
+    assert _have_qemu(), f"{boot.QEMU} is not installed; run scripts/setup"
     return boot.build()
 
 
@@ -186,12 +185,11 @@ def test_qemu_gva2gpa(vm):
             assert vm.gva2gpa(va) is None
 
 
+@pytest.mark.parametrize("vm", ["pae"], indirect=True)
 def test_qemu_sets_accessed_in_pae_pdptes(vm):
     """Known QEMU behaviour: its walk sets A (bit 5) in PAE PDPTEs, which the guest wrote as
     frame|P only and which the SDM reserves (table 4-8: bits 8:5). A walker of a PAE guest
     under TCG must therefore meet PDPTEs with bit 5 set."""
-    if vm.mode != "pae":
-        pytest.skip("PAE only")
     root = int(vm.output.ready["cr3"], 16) & ~0x1F
     pdptes = [int.from_bytes(vm.read_phys(root + 8 * i, 8), "little") for i in range(4)]
     present = [e for e in pdptes if e & 1]
@@ -251,12 +249,8 @@ def test_qemu_info_tlb(vm):
 # (c) our walker
 
 def _walker():
-    try:
-        from qintrospect import paging
-        paging.walk, paging.iter_mappings      # noqa: B018 -- present?
-        return paging
-    except (ImportError, AttributeError) as exc:   # pragma: no cover
-        pytest.skip(f"qintrospect.paging not available: {exc}")
+    from qintrospect import paging
+    return paging
 
 
 def check(problems, ok, message):
@@ -390,14 +384,6 @@ def test_iter_mappings_equals_info_tlb(vm):
 # ---------------------------------------------------------------------------------------------
 # (c) the whole tool: attach layer + walker, through the real command line
 
-def _attach_available():
-    try:
-        import qintrospect
-        return callable(getattr(qintrospect, "attach", None))
-    except ImportError:                               # pragma: no cover
-        return False
-
-
 def _cli():
     exe = os.path.join(REPO, ".venv", "bin", "qintrospect")
     if os.access(exe, os.X_OK):
@@ -406,8 +392,6 @@ def _cli():
 
 
 def test_cli_translate(vm):
-    if not _attach_available():
-        pytest.skip("qintrospect.attach does not exist yet (test_walker_* cover the walker)")
     points = []
     for m in vm.output.maps:
         points += [(m, va, off) for va, off in probe_points(m)]
@@ -463,8 +447,6 @@ def test_cli_translate(vm):
 
 def test_attach_session_state(vm):
     """qintrospect.attach sees the same registers and memory as QEMU's monitor."""
-    if not _attach_available():
-        pytest.skip("qintrospect.attach does not exist yet")
     import qintrospect
     regs = vm.registers()
     with qintrospect.attach(qmp=vm.qmp_path, gdb=vm.gdb_address) as s:
