@@ -6,7 +6,8 @@ the result record carrying our token: one physical read then costs what gdb/MI c
 
 Read-only: the only packets we make gdb send are register and memory reads, qqemu.PhyMemMode
 queries, and Qqemu.PhyMemMode to switch memory packets to guest-physical addresses and back to
-the mode we found. No memory or register write is ever issued.
+the mode we found. No memory or register write is ever issued, and no detach or continue:
+the session resumes a VM it found running through QMP.
 """
 
 import ctypes
@@ -131,16 +132,17 @@ class GdbStub:
                               "qintrospect needs qemu-system-x86_64's gdbstub")
         return self
 
-    def close(self, resume: bool) -> None:
-        """Put the stub's memory mode back, then detach (resumes the VM) or only disconnect
-        (leaves it stopped). Never `kill`: that would end QEMU."""
+    def close(self) -> None:
+        """Put the stub's memory mode back and disconnect, leaving the VM stopped: the session
+        resumes it through QMP if it was found running. Never `detach`: a gdbstub behind a
+        serial line (nested rigs) never sees the connection end, and after a detach the next
+        debugger's first query crashes that QEMU. Never `kill`: that would end QEMU."""
         if self._proc is None:
             return
         try:
             if self._phys_mode_found is not None:
                 self.monitor_packet(f"Qqemu.PhyMemMode:{self._phys_mode_found}")
-            self.mi("-target-detach" if resume else "-interpreter-exec console disconnect",
-                    timeout=5)
+            self.mi("-interpreter-exec console disconnect", timeout=5)
         except Exception:
             pass
         finally:

@@ -29,6 +29,8 @@ ALLOWED_HMP = ("info mtree", "info registers", "info ramblock", "info tlb", "inf
                "gpa2hva", "gva2gpa", "xp ")
 
 SocketAddress = Union[str, Tuple[str, int]]
+# QEMU greets at once on a fresh connection; a greeting that has not come by then never will.
+GREETING_TIMEOUT = 1.5
 
 
 def parse_address(text: str, what: str, allow_remote: bool = False) -> SocketAddress:
@@ -101,33 +103,57 @@ class QmpMonitor:
         self._client = None
         self.greeting: Optional[dict] = None
 
-    def connect(self, await_greeting: bool = True) -> "QmpMonitor":
-        from qemu.qmp import QMPClient  # imported late: keeps `--help` fast
+    def connect(self) -> "QmpMonitor":
+        """Connect and negotiate. A QMP endpoint behind a guest's serial line (nested rigs)
+        sent its greeting long before anyone listened: when no greeting comes, connect again
+        without waiting for one and negotiate anyway ("already complete" is fine too)."""
         where = describe_address(self.address)
         if isinstance(self.address, str):
             check_socket_path(self.address, "QMP socket",
                               f"is QEMU running with -qmp unix:{where},server=on,wait=off ?")
-        client = QMPClient("qintrospect")
-        client.await_greeting = await_greeting
-        client.negotiate = await_greeting
         try:
-            self._run(client.connect(self.address))
-            if not await_greeting:  # a serial line joined late: the greeting went by unheard
-                self._run(client.execute("qmp_capabilities"))
+            self._client = self._open(await_greeting=True,
+                                      timeout=min(self.timeout, GREETING_TIMEOUT))
+        except asyncio.TimeoutError:
+            try:
+                self._client = self._open(await_greeting=False, timeout=self.timeout)
+            except asyncio.TimeoutError:
+                raise AttachError(f"QMP at {where} did not answer within {self.timeout:g} s; is "
+                                  "it a QMP socket (not HMP or a serial console), and is nobody "
+                                  "else connected to it?") from None
+        greeting = self._client.greeting
+        self.greeting = greeting._raw if greeting else None
+        return self
+
+    def _open(self, await_greeting: bool, timeout: float):
+        from qemu.qmp import ExecuteError, QMPClient  # imported late: keeps `--help` fast
+        where = describe_address(self.address)
+        client = QMPClient("qintrospect")
+        client.await_greeting = client.negotiate = await_greeting
+        try:
+            self._loop.run_until_complete(asyncio.wait_for(client.connect(self.address),
+                                                           timeout))
+            if not await_greeting:
+                try:
+                    self._loop.run_until_complete(asyncio.wait_for(
+                        client.execute("qmp_capabilities"), timeout))
+                except ExecuteError as exc:
+                    if "already complete" not in str(exc.error.desc):
+                        raise AttachError(f"QMP at {where} refused qmp_capabilities: "
+                                          f"{exc.error.desc}") from None
+            return client
         except asyncio.TimeoutError:
             self._abandon(client)
-            raise AttachError(f"QMP at {where} did not answer within {self.timeout:g} s; is it a "
-                              "QMP socket (not HMP or a serial console), and is nobody else "
-                              "connected to it?") from None
+            raise
         except PermissionError:
             raise AttachError(f"permission denied opening the QMP socket {where}; run as the "
                               "user that owns it (or root)") from None
+        except AttachError:
+            self._abandon(client)
+            raise
         except Exception as exc:  # qemu.qmp wraps OSError and protocol errors in its own types
             self._abandon(client)
             raise AttachError(f"could not connect to QMP at {where}: {_root_cause(exc)}") from None
-        self._client = client
-        self.greeting = client.greeting._raw if client.greeting else None
-        return self
 
     def command(self, name: str, **arguments) -> object:
         """Run one allowlisted QMP command and return its 'return' value."""

@@ -3,8 +3,8 @@
 A Session owns the connections: QMP (run state, RAM map, host addresses), the gdbstub (vCPU
 control registers, guest-physical reads) and the QEMU process (pagemap, memory). Attaching
 gdb stops the VM, so everything a session reports is one consistent view. On close the run
-state is put back: a VM found running runs again (gdb detaches), a VM found paused stays
-paused (gdb only disconnects), and QMP confirms it.
+state is put back: gdb disconnects (leaving the VM stopped), then QMP resumes a VM that was
+found running and confirms that a VM found paused is still paused.
 """
 
 import os
@@ -201,15 +201,15 @@ class Session:
         self._marker = True
 
     def close(self) -> None:
-        """Leave the VM as found: gdb detached (or disconnected if the VM was not running),
-        the PhyMemMode put back, the run state checked through QMP, sockets closed."""
+        """Leave the VM as found: the PhyMemMode put back, gdb disconnected, the VM resumed
+        through QMP if it was found running (and only then), sockets closed."""
         # While we clean up, a second Ctrl-C or SIGTERM must not cut the restore short.
         old_int = _block_signal(signal.SIGINT)
         old_term = _block_signal(signal.SIGTERM)
         try:
             was_running = bool(self.found_status and self.found_status.get("running"))
             if self.gdb is not None:
-                self.gdb.close(resume=was_running)
+                self.gdb.close()
                 self.gdb = None
             if self.found_status is not None:
                 self._restore_run_state(was_running)
@@ -336,7 +336,9 @@ class Session:
         try:
             hva = region.hva_of(probe)
             if not self.process.pagemap_entry(hva) >> 63 & 1:
-                return True  # untouched on the host: nothing to compare, nothing contradicts
+                # The guest's own page table is never untouched in the QEMU that runs it:
+                # an absent page means this process is not that QEMU.
+                return False
             return reference.read(probe, 256) == self.process.read(hva, 256)
         except (OSError, MemoryReadError):
             return False
