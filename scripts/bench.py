@@ -1,0 +1,916 @@
+#!/usr/bin/env python3
+"""qintrospect benchmark: boots the bundled guest and measures qintrospect beside QEMU's monitor.
+
+Measured (each in a fresh child process, so that each peak RSS is its own):
+
+1. one translation: qintrospect through the gdbstub (via="gdb") and the direct path
+   (via="direct"), `vm.translate(gva)` repeated, median/p90; HMP `gva2gpa` over QMP
+   (qemu.qmp's legacy QEMUMonitorProtocol, one connection) repeated; one whole
+   `qintrospect translate` command, process start to exit.
+2. a batch of 100,000 addresses (the probe's pages, the kernel's direct map, ~5% faulting) through
+   `vm.translate_many()`, beside a loop of HMP `gva2gpa` over a spread sample of the same
+   addresses (timed on a few thousand calls, extrapolated to the batch); ratio.
+3. the whole address space: `list(vm.mappings())` (direct and gdb paths) and the
+   `qintrospect vmmap --leaf --json` command beside HMP `info tlb`; ratio.
+4. the find-cr3 scan rate (`vm.find_cr3()`, direct path) on the 256 MiB guest and on a 2 GiB guest
+   (as booted, and after the guest filled its RAM so that it is present on the host).
+5. the peak RSS (ru_maxrss) of every measurement's process.
+
+The VM is paused with QMP `stop` for all measurements, so both sides see a still VM (attaching gdb
+would stop it anyway; qintrospect leaves a VM it found paused paused). Targets are printed beside
+the figures and marked met / not met; nothing is asserted.
+
+    scripts/bench [--json] [--quick] [--cpu max|qemu64] [--profile NAME,...]
+
+Progress goes to stderr, the table (or, with --json, one JSON object) to stdout.
+Internal: `bench.py --one NAME --ctx FILE [--profile-out FILE]` runs one measurement and prints
+one `BENCH-RESULT {json}` line.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+MASK64 = (1 << 64) - 1
+PAGE = 4096
+MB = 1000 * 1000            # figures in MB are 10^6 bytes; GB/s is 10^9 bytes a second
+RESULT_TAG = "BENCH-RESULT "
+
+TARGETS = {
+    "single_gdb_ms": 3.0,        # one translation through the gdbstub alone: <= 3 ms
+    "batch_ratio": 200.0,        # batch >= 200x the HMP gva2gpa loop
+    "map_ratio": 1.0,            # whole map no slower than info tlb: <= 1.0x
+    "scan_mb_s": 1000.0,         # scan >= 1 GB/s
+    "scan_2g_rss_mb": 200.0,     # peak RSS < 200 MB for the 2 GiB scan
+}
+
+FULL = dict(n_single_gdb=300, n_single_direct=1000, n_single_hmp=500, cli_reps=5,
+            batch_n=100_000, hmp_loop_n=3000, map_reps=5, tlb_reps=10, map_cli_reps=3,
+            scan_reps=3)
+QUICK = dict(n_single_gdb=50, n_single_direct=200, n_single_hmp=100, cli_reps=2,
+             batch_n=20_000, hmp_loop_n=400, map_reps=2, tlb_reps=3, map_cli_reps=1,
+             scan_reps=2)
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def summary(seconds):
+    s = sorted(seconds)
+    n = len(s)
+    return {"n": n, "median_ms": statistics.median(s) * 1e3,
+            "p90_ms": s[max(0, math.ceil(0.9 * n) - 1)] * 1e3,
+            "min_ms": s[0] * 1e3, "max_ms": s[-1] * 1e3, "mean_ms": statistics.fmean(s) * 1e3}
+
+
+# =============================================================================================
+# Child side: one measurement per process
+# =============================================================================================
+
+def _attach(ctx, via):
+    import qintrospect
+    return qintrospect.attach(qmp=ctx["qmp"], gdb=ctx["gdb"], pid=ctx["pid"], via=via,
+                              timeout=10.0)
+
+
+def _monitor(ctx):
+    """One legacy QMP connection (QEMU serves one QMP client at a time)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    mon = QEMUMonitorProtocol(ctx["qmp"])
+    mon.connect()            # no timeout of its own: the parent's per-child timeout covers it
+    mon.settimeout(30)
+    status = mon.cmd("query-status")
+    if status.get("running"):
+        raise RuntimeError(f"the VM is running ({status}); the bench expects it paused")
+    return mon
+
+
+def _hmp(mon, line):
+    return mon.cmd("human-monitor-command", **{"command-line": line})
+
+
+_GPA_RE = re.compile(r"gpa:\s*(0x[0-9a-fA-F]+)")
+_CR3_RE = re.compile(r"CR3=([0-9a-fA-F]+)")
+
+
+def _parse_gva2gpa(text):
+    m = _GPA_RE.search(text)
+    return int(m.group(1), 16) if m else None
+
+
+def _qintrospect_cli():
+    exe = os.path.join(os.path.dirname(sys.executable), "qintrospect")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "qintrospect"]
+
+
+def run_timed(argv, timeout):
+    """Run a command, process start to exit: (seconds, exit status, stdout bytes, maxrss KiB).
+    The process's own rusage comes from wait4; a timer kills it (and its group) on timeout."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    killed = []
+
+    def kill():
+        killed.append(True)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    elapsed = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    if killed:
+        raise TimeoutError(f"{' '.join(argv[:2])} did not finish within {timeout} s")
+    return elapsed, proc.returncode, out, usage.ru_maxrss
+
+
+def m_baseline(ctx):
+    """Python + qintrospect + qemu.qmp imported, no VM: the floor under every RSS figure."""
+    import qemu.qmp.legacy  # noqa: F401  (what every measurement imports)
+    import qintrospect
+    return {"qintrospect": qintrospect.__file__}
+
+
+def _single(ctx, via, n):
+    gva, expect = ctx["gva"], ctx["expect"]
+    t0 = time.perf_counter()
+    vm = _attach(ctx, via)
+    try:
+        attach_s = time.perf_counter() - t0
+        first = vm.translate(gva)
+        if not first.ok:
+            raise RuntimeError(f"{gva:#x} did not translate: {first.walk.fault}")
+        value = int.from_bytes(first.value, "little") if first.value else None
+        reads0 = vm.gdb.reads
+        vm.translate(gva)
+        reads_per = vm.gdb.reads - reads0
+        for _ in range(5):
+            vm.translate(gva)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            vm.translate(gva)
+            times.append(time.perf_counter() - t)
+        return {"via": via, "memory_path": first.memory_path, "attach_s": attach_s,
+                "gva": gva, "gpa": first.gpa, "cr3": vm.cpu.cr3, "value_ok": value == expect,
+                "levels": len(first.walk.levels), "gdb_reads_per_translation": reads_per,
+                "times": summary(times)}
+    finally:
+        vm.close()
+
+
+def m_single_gdb(ctx):
+    return _single(ctx, "gdb", ctx["n_single_gdb"])
+
+
+def m_single_direct(ctx):
+    return _single(ctx, "direct", ctx["n_single_direct"])
+
+
+def m_single_hmp(ctx):
+    gva, n = ctx["gva"], ctx["n_single_hmp"]
+    mon = _monitor(ctx)
+    try:
+        m = _CR3_RE.search(_hmp(mon, "info registers"))
+        cr3 = int(m.group(1), 16) if m else None
+        gpa = _parse_gva2gpa(_hmp(mon, f"gva2gpa {gva:#x}"))
+        for _ in range(5):
+            _hmp(mon, f"gva2gpa {gva:#x}")
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            _hmp(mon, f"gva2gpa {gva:#x}")
+            times.append(time.perf_counter() - t)
+        return {"gva": gva, "gpa": gpa, "cr3": cr3, "times": summary(times)}
+    finally:
+        mon.close()
+
+
+def m_cli_translate(ctx):
+    argv = _qintrospect_cli() + ["translate", "--qmp", ctx["qmp"], "--gdb", ctx["gdb"],
+                                 "--json", f"{ctx['gva']:#x}"]
+    times, rss, path = [], [], None
+    for _ in range(ctx["cli_reps"]):
+        elapsed, status, out, maxrss = run_timed(argv, 60)
+        if status != 0:
+            raise RuntimeError(f"qintrospect translate exited {status}")
+        path = json.loads(out.decode().splitlines()[0]).get("memory_path")
+        times.append(elapsed)
+        rss.append(maxrss)
+    return {"times": summary(times), "memory_path": path, "cmd_maxrss_kb": max(rss),
+            "argv": " ".join(argv[1:2] + ["..."])}
+
+
+def m_addresses(ctx):
+    """The batch's addresses, from the whole map: every 4 KiB page of the probe's (user) mappings
+    and of the kernel's direct map, a random 8-byte slot in each, plus ~5% that fault (holes
+    between user mappings, above the direct map, and non-canonical ones); shuffled."""
+    with _attach(ctx, "direct") as vm:
+        maps = list(vm.mappings())
+        mode = vm.cpu_state()
+        va_bits = 57 if mode.cr4 >> 12 & 1 else 48
+    user = sorted((m for m in maps if m.va < 1 << 63), key=lambda m: m.va)
+    kernel = [m for m in maps if m.va >= 1 << 63]
+    weight = Counter()
+    for m in kernel:
+        weight[(m.va - m.pa) & MASK64] += m.size
+    direct_offset, _ = weight.most_common(1)[0]
+    direct = sorted((m for m in kernel if (m.va - m.pa) & MASK64 == direct_offset),
+                    key=lambda m: m.va)
+
+    def pages(ms):
+        return [m.va + k * PAGE for m in ms for k in range(m.size // PAGE)]
+    user_pages, direct_pages = pages(user), pages(direct)
+    holes = []
+    for a, b in zip(user, user[1:]):
+        end = a.va + a.size
+        holes.extend(end + k * PAGE for k in range(min(8, (b.va - end) // PAGE)))
+    top = direct[-1].va + direct[-1].size
+    holes.extend(top + k * PAGE for k in range(64))                      # above the direct map
+    holes.extend((1 << 63) + k * (1 << 30) for k in range(16))           # non-canonical
+    holes.extend(k * PAGE for k in range(16))                            # the NULL pages
+
+    n = ctx["batch_n"]
+    n_bad = n // 20
+    rng = random.Random(20240611)
+    good_pool = user_pages + direct_pages
+    rng.shuffle(good_pool)
+    addrs = [good_pool[i % len(good_pool)] + rng.randrange(PAGE // 8) * 8
+             for i in range(n - n_bad)]
+    addrs += [holes[i % len(holes)] + rng.randrange(PAGE // 8) * 8 for i in range(n_bad)]
+    rng.shuffle(addrs)
+    with open(ctx["addresses_file"], "w") as f:
+        json.dump(addrs, f)
+    return {"n": len(addrs), "leaves": len(maps), "va_bits": va_bits,
+            "user_pages": len(user_pages), "direct_map_pages": len(direct_pages),
+            "direct_map_offset": f"{direct_offset:#x}", "fault_candidates": n_bad,
+            "distinct_pages": len({a & ~(PAGE - 1) for a in addrs})}
+
+
+def _sample_indexes(n, k):
+    step = max(1, n // k)
+    return list(range(0, n, step))[:k]
+
+
+def m_batch(ctx):
+    with open(ctx["addresses_file"]) as f:
+        addrs = json.load(f)
+    sample = _sample_indexes(len(addrs), ctx["hmp_loop_n"])
+    wanted = set(sample)
+    got = {}
+    ok = faults = 0
+    with _attach(ctx, "direct") as vm:
+        t0 = time.perf_counter()
+        for i, t in enumerate(vm.translate_many(addrs)):
+            if t.ok:
+                ok += 1
+            else:
+                faults += 1
+            if i in wanted:
+                got[i] = t.gpa
+        elapsed = time.perf_counter() - t0
+        path = vm.memory.name
+    return {"n": len(addrs), "seconds": elapsed, "per_second": len(addrs) / elapsed,
+            "us_per_translation": elapsed / len(addrs) * 1e6, "translated": ok,
+            "faulted": faults, "memory_path": path,
+            "sample_gpas": [got[i] for i in sample]}
+
+
+def m_batch_hmp(ctx):
+    with open(ctx["addresses_file"]) as f:
+        addrs = json.load(f)
+    sample = _sample_indexes(len(addrs), ctx["hmp_loop_n"])
+    mon = _monitor(ctx)
+    try:
+        gpas, times = [], []
+        t0 = time.perf_counter()
+        for i in sample:
+            t = time.perf_counter()
+            gpas.append(_parse_gva2gpa(_hmp(mon, f"gva2gpa {addrs[i]:#x}")))
+            times.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t0
+    finally:
+        mon.close()
+    rate = len(sample) / elapsed
+    return {"calls": len(sample), "seconds": elapsed, "per_second": rate,
+            "extrapolated_seconds": len(addrs) / rate, "n": len(addrs),
+            "times": summary(times), "sample_gpas": gpas}
+
+
+def _map(ctx, via):
+    with _attach(ctx, via) as vm:
+        times = []
+        for _ in range(ctx["map_reps"]):
+            t = time.perf_counter()
+            maps = list(vm.mappings())
+            times.append(time.perf_counter() - t)
+        sizes = Counter(m.size for m in maps)
+        cr3 = vm.cpu.cr3
+        path = vm.memory.name
+    return {"via": via, "memory_path": path, "leaves": len(maps), "cr3": cr3,
+            "by_page_size": {str(k): v for k, v in sorted(sizes.items())},
+            "times": summary(times)}
+
+
+def m_map_direct(ctx):
+    return _map(ctx, "direct")
+
+
+def m_map_gdb(ctx):
+    return _map(ctx, "gdb")
+
+
+def m_map_tlb(ctx):
+    mon = _monitor(ctx)
+    try:
+        m = _CR3_RE.search(_hmp(mon, "info registers"))
+        times = []
+        for _ in range(ctx["tlb_reps"]):
+            t = time.perf_counter()
+            text = _hmp(mon, "info tlb")
+            times.append(time.perf_counter() - t)
+    finally:
+        mon.close()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return {"lines": len(lines), "bytes": len(text), "cr3": int(m.group(1), 16) if m else None,
+            "times": summary(times)}
+
+
+def m_map_cli(ctx):
+    argv = _qintrospect_cli() + ["vmmap", "--leaf", "--json", "--qmp", ctx["qmp"], "--gdb",
+                                 ctx["gdb"]]
+    times, rss, rows = [], [], 0
+    for _ in range(ctx["map_cli_reps"]):
+        elapsed, status, out, maxrss = run_timed(argv, 120)
+        if status != 0:
+            raise RuntimeError(f"qintrospect vmmap exited {status}")
+        rows = sum(1 for line in out.splitlines() if line.strip())
+        times.append(elapsed)
+        rss.append(maxrss)
+    return {"rows": rows, "times": summary(times), "cmd_maxrss_kb": max(rss)}
+
+
+def m_scan(ctx):
+    with _attach(ctx, "direct") as vm:
+        ram = [r for r in vm.ram_map.ram if r.kind == "ram"]
+        ram_bytes = vm.ram_map.ram_bytes
+        times, found = [], []
+        for _ in range(ctx["scan_reps"]):
+            t = time.perf_counter()
+            found = vm.find_cr3()
+            times.append(time.perf_counter() - t)
+        present = 0
+        for r in ram:
+            if r.hva is None:
+                continue
+            first = r.hva // PAGE
+            last = (r.hva + (r.end - r.start)) // PAGE
+            pos = first
+            while pos <= last:
+                count = min(65536, last - pos + 1)
+                present += sum(e >> 63 & 1 for e in vm.process.pagemap_entries(pos * PAGE, count))
+                pos += count
+        path = vm.memory.name
+    best = min(times)
+    med = statistics.median(times)
+    return {"ram_bytes": ram_bytes, "present_bytes": present * PAGE, "memory_path": path,
+            "candidates": len(found), "times": summary(times),
+            "mb_per_s": ram_bytes / med / MB, "best_mb_per_s": ram_bytes / best / MB,
+            "present_mb_per_s": present * PAGE / med / MB}
+
+
+MEASURES = {
+    "baseline": m_baseline,
+    "single_hmp": m_single_hmp,
+    "single_gdb": m_single_gdb,
+    "single_direct": m_single_direct,
+    "cli_translate": m_cli_translate,
+    "addresses": m_addresses,
+    "batch": m_batch,
+    "batch_hmp": m_batch_hmp,
+    "map_tlb": m_map_tlb,
+    "map_direct": m_map_direct,
+    "map_gdb": m_map_gdb,
+    "map_cli": m_map_cli,
+    "scan": m_scan,
+}
+
+
+def child_main(name, ctx_file, profile_out=None) -> int:
+    with open(ctx_file) as f:
+        ctx = json.load(f)
+    func = MEASURES[name]
+    profiler = None
+    if profile_out:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+    result = func(ctx)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile_out)
+        import pstats
+        for key in ("tottime", "cumulative"):
+            print(f"===== profile of {name}, by {key} =====", file=sys.stderr)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats(key).print_stats(25)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["maxrss_kb"] = usage.ru_maxrss
+    result["children_maxrss_kb"] = kids.ru_maxrss
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+# =============================================================================================
+# Parent side: guests, children, table
+# =============================================================================================
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.params = QUICK if args.quick else FULL
+        self.workdir = tempfile.mkdtemp(prefix="qi-bench-")
+        self.results = {}
+        self.guests = {}
+        self.guest_info = []
+        self.fill = None
+        self.elapsed = 0.0
+        self.loadavg = {"start": os.getloadavg()}
+        self.code = code_version()
+        self._child = None
+
+    # ---- children ----------------------------------------------------------------------------
+    def run_child(self, name, ctx, key=None, timeout=180, profile=False):
+        key = key or name
+        ctx_file = os.path.join(self.workdir, f"ctx-{key}.json")
+        with open(ctx_file, "w") as f:
+            json.dump(ctx, f)
+        argv = [sys.executable, os.path.abspath(__file__), "--one", name, "--ctx", ctx_file]
+        if profile:
+            argv += ["--profile-out", os.path.join(self.workdir, f"{key}.prof")]
+        log(f"{key}: running" + (" under cProfile" if profile else ""))
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=REPO)
+        self._child = proc
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_child()
+            log(f"{key}: TIMEOUT after {timeout} s (killed)")
+            return {"error": f"timed out after {timeout} s"}
+        except BaseException:       # Ctrl-C, SIGTERM: the child (own session) goes too
+            self.kill_child()
+            raise
+        self._child = None
+        result = None
+        for line in out.decode(errors="replace").splitlines():
+            if line.startswith(RESULT_TAG):
+                result = json.loads(line[len(RESULT_TAG):])
+        if proc.returncode != 0 or result is None:
+            log(f"{key}: FAILED (exit {proc.returncode})")
+            return {"error": f"child exited {proc.returncode}"}
+        log(f"{key}: done in {time.monotonic() - t0:.1f} s, peak RSS "
+            f"{result['maxrss_kb'] * 1024 / MB:.1f} MB")
+        if not profile:
+            self.results[key] = result
+        return result
+
+    def kill_child(self):
+        proc, self._child = self._child, None
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # the child and its gdb / CLI children
+            except OSError:
+                pass
+            proc.wait()
+
+    # ---- guests ------------------------------------------------------------------------------
+    def boot(self, memory):
+        from vm.guest import Guest
+        log(f"booting the bundled guest (-cpu {self.args.cpu}, -m {memory})")
+        g = Guest(cpu=self.args.cpu, memory=memory)
+        self.guests[memory] = g
+        g.start(timeout=120)
+        log(f"guest up in {g.boot_seconds:.1f} s (QEMU pid {g.pid})")
+        info = {"memory": memory, "boot_s": g.boot_seconds, "cpu": g.cpu}
+        try:
+            q = g.qmp("query-version")["qemu"]
+            info["qemu"] = f"{q['major']}.{q['minor']}.{q['micro']}"
+        except Exception:
+            pass
+        self.guest_info.append(info)
+        return g
+
+    def start_probe_paused(self, g):
+        probe = g.start_probe("spin")
+        g.qmp("stop")
+        status = g.qmp("query-status")
+        if status.get("running"):
+            raise RuntimeError("the VM did not pause")
+        return probe
+
+    def ctx_for(self, g, probe, **extra):
+        heap = probe["regions"]["heap"]
+        ctx = dict(self.params, qmp=g.qmp_path, gdb=g.gdb_address, pid=g.pid,
+                   gva=heap["gva"], expect=heap["value"],
+                   addresses_file=os.path.join(self.workdir, "addresses.json"))
+        ctx.update(extra)
+        return ctx
+
+    def check_paused(self, g, what):
+        status = g.qmp("query-status")
+        if status.get("running"):
+            log(f"warning: the VM was running after {what}; pausing it again")
+            g.qmp("stop")
+
+    def stop_guest(self, memory):
+        g = self.guests.pop(memory, None)
+        if g is not None:
+            g.stop()
+
+    def close(self):
+        self.kill_child()
+        for memory in list(self.guests):
+            log(f"tearing down the {memory} guest")
+            self.stop_guest(memory)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self):
+        p = self.params
+        t0 = time.monotonic()
+        self.run_child("baseline", {}, timeout=60)
+        g = self.boot("256M")
+        probe = self.start_probe_paused(g)
+        ctx = self.ctx_for(g, probe)
+        log(f"probe pid {probe['pid']} spinning, VM paused by QMP stop; heap GVA {ctx['gva']:#x}")
+        plan = [("single_hmp", 60), ("single_gdb", 120), ("single_direct", 60),
+                ("cli_translate", 60 + 60 * p["cli_reps"]), ("addresses", 120),
+                ("batch", 900), ("batch_hmp", 300), ("map_tlb", 120), ("map_direct", 120),
+                ("map_gdb", 300), ("map_cli", 60 + 120 * p["map_cli_reps"]), ("scan", 300)]
+        for name, timeout in plan:
+            if name in ("batch", "batch_hmp") and "error" in self.results.get("addresses", {}):
+                continue
+            self.run_child(name, ctx, key=name if name != "scan" else "scan_256M",
+                           timeout=timeout)
+            self.check_paused(g, name)
+        for name in self.args.profile:
+            if name in MEASURES and name != "scan":
+                self.run_child(name, ctx, key=f"{name}-profile", timeout=1800, profile=True)
+        if "scan" in self.args.profile:
+            self.run_child("scan", ctx, key="scan-profile", timeout=900, profile=True)
+        self.stop_guest("256M")
+
+        if not self.args.quick:
+            g = self.boot("2G")
+            probe = self.start_probe_paused(g)
+            ctx = self.ctx_for(g, probe)
+            self.run_child("scan", ctx, key="scan_2G_booted", timeout=900)
+            g.qmp("cont")
+            self.fill_guest(g, probe)
+            probe = self.start_probe_paused(g)
+            ctx = self.ctx_for(g, probe)
+            self.run_child("scan", ctx, key="scan_2G_filled", timeout=900)
+            self.stop_guest("2G")
+        self.elapsed = time.monotonic() - t0
+        self.loadavg["end"] = os.getloadavg()
+
+    def fill_guest(self, g, probe):
+        """Make the guest's RAM present on the host: the guest writes a tmpfs file nearly as
+        large as its free memory (remounting /tmp large enough), then deletes it. The freed
+        pages stay present in the QEMU process."""
+        g.run(f"kill {probe['pid']}", timeout=30)
+        text = g.run("grep MemAvailable /proc/meminfo", timeout=30)
+        avail_mb = int(text.split()[1]) // 1024
+        fill_mb = max(0, avail_mb - 160)
+        log(f"filling the 2G guest: writing {fill_mb} MiB to tmpfs (MemAvailable {avail_mb} MiB)")
+        t = time.monotonic()
+        g.run(f"mount -o remount,size={fill_mb + 64}m /tmp; "
+              f"dd if=/dev/zero of=/tmp/fill bs=1M count={fill_mb} 2>/dev/null; "
+              "rm -f /tmp/fill", timeout=600)
+        self.fill = {"fill_mib": fill_mb, "mem_available_mib": avail_mb,
+                     "seconds": time.monotonic() - t}
+        log(f"filled in {self.fill['seconds']:.1f} s")
+
+    # ---- report -------------------------------------------------------------------------------
+    def rows(self):
+        r = self.results
+        rows = []
+
+        def add(section, label, result, rss_mb=None, target=None, met=None, key=None):
+            rows.append({"section": section, "measurement": label, "result": result,
+                         "peak_rss_mb": rss_mb, "target": target,
+                         "status": None if met is None else ("met" if met else "not met"),
+                         "key": key})
+
+        def err(res):
+            return res is None or "error" in res
+
+        def ms(t):
+            return f"median {t['median_ms']:.3f} ms, p90 {t['p90_ms']:.3f} ms (N={t['n']})"
+
+        def kb_mb(kb):
+            return kb * 1024 / MB
+
+        # 1. single translation
+        for key, label in (("single_gdb", "translate(gva), gdbstub path (via=gdb)"),
+                           ("single_direct", "translate(gva), direct path (via=direct)"),
+                           ("single_hmp", "HMP gva2gpa over QMP (legacy client)")):
+            res = r.get(key)
+            if err(res):
+                add(1, label, f"ERROR: {res and res.get('error')}", key=key)
+                continue
+            target = met = None
+            if key == "single_gdb":
+                target = f"median <= {TARGETS['single_gdb_ms']:g} ms"
+                met = res["times"]["median_ms"] <= TARGETS["single_gdb_ms"]
+            add(1, label, ms(res["times"]), kb_mb(res["maxrss_kb"]), target, met, key)
+        res = r.get("cli_translate")
+        if err(res):
+            add(1, "`qintrospect translate` command", f"ERROR: {res and res.get('error')}")
+        else:
+            add(1, "`qintrospect translate ADDR --json` (start to exit)",
+                f"median {res['times']['median_ms']:.0f} ms, p90 {res['times']['p90_ms']:.0f} ms "
+                f"(N={res['times']['n']}, via {res['memory_path']})",
+                kb_mb(res["cmd_maxrss_kb"]), key="cli_translate")
+
+        # 2. batch
+        b, h = r.get("batch"), r.get("batch_hmp")
+        if err(b):
+            add(2, "translate_many batch", f"ERROR: {b and b.get('error')}", key="batch")
+        else:
+            add(2, f"translate_many({b['n']:,} addresses), direct path",
+                f"{b['per_second']:,.0f}/s ({b['seconds']:.2f} s, {b['us_per_translation']:.1f} "
+                f"us each; {b['faulted']:,} faulted)", kb_mb(b["maxrss_kb"]), key="batch")
+        if err(h):
+            add(2, "HMP gva2gpa loop", f"ERROR: {h and h.get('error')}", key="batch_hmp")
+        else:
+            add(2, f"HMP gva2gpa loop ({h['calls']:,} calls timed, extrapolated)",
+                f"{h['per_second']:,.0f}/s (-> {h['n']:,} in ~{h['extrapolated_seconds']:.0f} s "
+                f"extrapolated)", kb_mb(h["maxrss_kb"]), key="batch_hmp")
+        if not err(b) and not err(h):
+            ratio = b["per_second"] / h["per_second"]
+            add(2, "batch / HMP loop, same run", f"{ratio:.1f}x",
+                target=f">= {TARGETS['batch_ratio']:g}x", met=ratio >= TARGETS["batch_ratio"],
+                key="batch_ratio")
+
+        # 3. whole map
+        tlb = r.get("map_tlb")
+        if err(tlb):
+            add(3, "HMP info tlb", f"ERROR: {tlb and tlb.get('error')}", key="map_tlb")
+        else:
+            add(3, "HMP info tlb over QMP", f"{ms(tlb['times'])}; {tlb['lines']:,} lines",
+                kb_mb(tlb["maxrss_kb"]), key="map_tlb")
+        for key, label, short in (
+                ("map_direct", "list(vm.mappings()), direct path", "list(vm.mappings()), direct"),
+                ("map_gdb", "list(vm.mappings()), gdbstub path", "list(vm.mappings()), gdb"),
+                ("map_cli", "`qintrospect vmmap --leaf --json` (start to exit)",
+                 "vmmap --leaf --json command")):
+            res = r.get(key)
+            if err(res):
+                add(3, label, f"ERROR: {res and res.get('error')}", key=key)
+                continue
+            if key == "map_cli":
+                text = (f"median {res['times']['median_ms']:.0f} ms (N={res['times']['n']}); "
+                        f"{res['rows']:,} rows")
+                rss_mb = kb_mb(res["cmd_maxrss_kb"])
+            else:
+                text = f"{ms(res['times'])}; {res['leaves']:,} leaves"
+                rss_mb = kb_mb(res["maxrss_kb"])
+            add(3, label, text, rss_mb, key=key)
+            if not err(tlb):
+                ratio = res["times"]["median_ms"] / tlb["times"]["median_ms"]
+                add(3, f"  {short} / info tlb",
+                    f"{ratio:.2f}x (time ratio, same run)",
+                    target=f"<= {TARGETS['map_ratio']:g}x", met=ratio <= TARGETS["map_ratio"],
+                    key=f"{key}_ratio")
+
+        # 4./5. scans
+        for key, label in (("scan_256M", "find_cr3(), 256 MiB guest"),
+                           ("scan_2G_booted", "find_cr3(), 2 GiB guest as booted"),
+                           ("scan_2G_filled", "find_cr3(), 2 GiB guest after filling RAM")):
+            res = r.get(key)
+            if res is None:
+                if self.args.quick and key != "scan_256M":
+                    add(4, label, "skipped (--quick)", key=key)
+                continue
+            if err(res):
+                add(4, label, f"ERROR: {res.get('error')}", key=key)
+                continue
+            t = res["times"]
+            add(4, label,
+                f"{res['mb_per_s']:,.0f} MB/s of guest RAM ({res['ram_bytes'] / (1 << 20):,.0f} "
+                f"MiB in {t['median_ms']:.0f} ms median of {t['n']}; "
+                f"{res['present_bytes'] / (1 << 20):,.0f} MiB present on host = "
+                f"{100 * res['present_bytes'] / res['ram_bytes']:.0f}%; "
+                f"{res['candidates']} roots)",
+                kb_mb(res["maxrss_kb"]), f">= {TARGETS['scan_mb_s'] / 1000:g} GB/s",
+                res["mb_per_s"] >= TARGETS["scan_mb_s"], key=key)
+            if key == "scan_2G_filled":
+                peak = kb_mb(res["maxrss_kb"])
+                add(5, "peak RSS of the 2 GiB scan (filled)", f"{peak:.1f} MB",
+                    target=f"< {TARGETS['scan_2g_rss_mb']:g} MB",
+                    met=peak < TARGETS["scan_2g_rss_mb"], key="scan_2g_rss")
+        base = r.get("baseline")
+        if not err(base):
+            add(5, "baseline: python + qintrospect imported, no VM", "-",
+                kb_mb(base["maxrss_kb"]), key="baseline")
+        return rows
+
+    def notes(self):
+        r = self.results
+        out = []
+        g, d, hm = r.get("single_gdb") or {}, r.get("single_direct") or {}, r.get("single_hmp") or {}
+        if "cr3" in g and "cr3" in hm:
+            same = (g["cr3"] & ~0xFFF) == (hm["cr3"] & ~0xFFF) if hm["cr3"] is not None else None
+            out.append(f"single: CR3 {g['cr3']:#x} (gdb) vs {hm['cr3']:#x} (HMP info registers): "
+                       f"{'same root' if same else 'DIFFERENT'}; GPA {g.get('gpa', 0):#x} "
+                       f"(qintrospect) vs {hm.get('gpa') or 0:#x} (gva2gpa): "
+                       f"{'agree' if g.get('gpa') == hm.get('gpa') else 'DISAGREE'}; value at GVA "
+                       f"{'as the probe said' if g.get('value_ok') else 'NOT the probe value'}; "
+                       f"{g.get('levels')} levels, {g.get('gdb_reads_per_translation')} gdb reads "
+                       f"per translation on the gdb path, "
+                       f"{d.get('gdb_reads_per_translation')} on the direct path")
+            out.append(f"attach: {g.get('attach_s', 0) * 1e3:.0f} ms (via gdb), "
+                       f"{d.get('attach_s', 0) * 1e3:.0f} ms (via direct); translate timings "
+                       "exclude it; each translate() includes the walk, pagemap HPA and the "
+                       "8-byte value read both through the GPA and at the HVA")
+        a, b, h = r.get("addresses") or {}, r.get("batch") or {}, r.get("batch_hmp") or {}
+        if "n" in a:
+            out.append(f"batch addresses: {a['n']:,} ({a['distinct_pages']:,} distinct pages) "
+                       f"from {a['user_pages']:,} probe pages and {a['direct_map_pages']:,} "
+                       f"direct-map pages (offset {a['direct_map_offset']}), "
+                       f"{a['fault_candidates']:,} from holes/non-canonical; {a['va_bits']}-bit "
+                       "VA; shuffled")
+        if "sample_gpas" in b and "sample_gpas" in h:
+            agree = sum(x == y for x, y in zip(b["sample_gpas"], h["sample_gpas"]))
+            out.append(f"batch check: qintrospect and gva2gpa agree on {agree:,} of "
+                       f"{len(h['sample_gpas']):,} sampled addresses (GPA or both unmapped); the "
+                       f"HMP loop was timed on {h['calls']:,} calls (median "
+                       f"{h['times']['median_ms']:.3f} ms each) and extrapolated to "
+                       f"{h['n']:,}")
+        md, tlb = r.get("map_direct") or {}, r.get("map_tlb") or {}
+        if "leaves" in md and "lines" in tlb:
+            out.append(f"map check: {md['leaves']:,} leaves from qintrospect vs {tlb['lines']:,} "
+                       f"lines of info tlb ({tlb['bytes'] / 1000:.0f} kB of text); page sizes "
+                       f"{md['by_page_size']}; CR3 {md['cr3']:#x} vs {tlb['cr3'] or 0:#x}")
+        for key in ("scan_256M", "scan_2G_booted", "scan_2G_filled"):
+            s = r.get(key) or {}
+            if "ram_bytes" in s:
+                out.append(f"{key}: guest RAM {s['ram_bytes'] / (1 << 20):,.0f} MiB, present on "
+                           f"host {s['present_bytes'] / (1 << 20):,.0f} MiB; "
+                           f"{s['mb_per_s']:,.0f} MB/s over guest RAM (best "
+                           f"{s['best_mb_per_s']:,.0f}), {s['present_mb_per_s']:,.0f} MB/s over "
+                           "the present part (non-present host pages are skipped via pagemap "
+                           "and read as zeros)")
+        if self.fill:
+            f = self.fill
+            out.append(f"2G fill: the guest wrote {f['fill_mib']} MiB of zeros to tmpfs and "
+                       f"deleted it ({f['seconds']:.1f} s) so its RAM is present on the host")
+        out.append("the VM is paused by QMP stop for every measurement; peak RSS = ru_maxrss of "
+                   "the measuring process (for the two commands: of the command's own process, "
+                   "from wait4; gdb's own RSS is not included). MB = 10^6 bytes, GB/s = 10^9 B/s")
+        return out
+
+    def report(self):
+        rows = self.rows()
+        if self.args.json:
+            obj = {"bench": {"cpu": self.args.cpu, "quick": self.args.quick,
+                             "params": self.params, "targets": TARGETS,
+                             "seconds": round(self.elapsed, 1), "loadavg": self.loadavg,
+                             "cpus": os.cpu_count(), "code": self.code,
+                             "guests": self.guest_info},
+                   "rows": rows, "notes": self.notes(), "measurements": self.results}
+            print(json.dumps(obj, indent=2))
+            return
+        widths = (54, 12, 16, 8)
+        head = (f"{'measurement':<{widths[0]}} {'peak RSS':>{widths[1]}}  "
+                f"{'target':<{widths[2]}} {'status':<{widths[3]}} result")
+        print(f"qintrospect bench: -cpu {self.args.cpu}, {'quick' if self.args.quick else 'full'}"
+              f" run, {self.elapsed:.0f} s; {self.guest_line()}; host load average "
+              f"{self.load_line()} on {os.cpu_count()} CPUs")
+        print(f"qintrospect code: {self.code}; QEMU "
+              f"{', '.join(sorted({g.get('qemu', '?') for g in self.guest_info})) or '?'}")
+        titles = {1: "1. single translation (VM paused)",
+                  2: "2. batch of addresses",
+                  3: "3. whole address space (same CR3, VM paused)",
+                  4: "4. find-cr3 scan rate (direct path)",
+                  5: "5. memory"}
+        print(head)
+        print("-" * (len(head) + 40))
+        section = None
+        for row in rows:
+            if row["section"] != section:
+                section = row["section"]
+                print(titles[section])
+            rss = f"{row['peak_rss_mb']:.1f} MB" if row["peak_rss_mb"] is not None else ""
+            print(f"  {row['measurement']:<{widths[0] - 2}} {rss:>{widths[1]}}  "
+                  f"{row['target'] or '':<{widths[2]}} {row['status'] or '':<{widths[3]}} "
+                  f"{row['result']}")
+        print()
+        for note in self.notes():
+            print(f"- {note}")
+
+    def load_line(self):
+        return " -> ".join(f"{v[0]:.1f}" for v in self.loadavg.values())
+
+    def guest_line(self):
+        return "; ".join(f"{g['memory']} guest booted in {g['boot_s']:.1f} s"
+                         for g in self.guest_info)
+
+
+def code_version():
+    """The qintrospect commit measured (others edit it meanwhile): HEAD, plus whether qintrospect/
+    has uncommitted changes."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    head = git("log", "-1", "--format=%h %cI %s")
+    dirty = git("status", "--porcelain", "--", "qintrospect")
+    if not head:
+        return "unknown (not a git checkout)"
+    return head[:90] + (" + uncommitted changes in qintrospect/" if dirty else "")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Boot the bundled guest and measure qintrospect beside QEMU's monitor: one "
+                    "translation (gdbstub / direct / HMP gva2gpa / whole command), a batch of "
+                    "100,000 addresses vs a gva2gpa loop, the whole map vs info tlb, the "
+                    "find-cr3 scan rate (256 MiB and 2 GiB guests) and each peak RSS. Targets "
+                    "are printed beside the figures, never asserted.")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the "
+                                                        "table")
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller N (batch of 20,000), no 2 GiB guest; well under a minute")
+    ap.add_argument("--cpu", choices=("max", "qemu64"), default="max",
+                    help="QEMU -cpu model of the guests (max: 5-level paging; qemu64: 4-level)")
+    ap.add_argument("--profile", default="",
+                    help="comma-separated measurements to run again under cProfile after the "
+                         "timed run (top functions to stderr), e.g. batch,map_direct,scan; "
+                         f"names: {', '.join(MEASURES)}")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--ctx", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.profile = [n for n in args.profile.split(",") if n]
+    unknown = [n for n in args.profile if n not in MEASURES]
+    if unknown:
+        ap.error(f"--profile: unknown measurement(s) {', '.join(unknown)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        return child_main(args.one, args.ctx, args.profile_out)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    bench = Bench(args)
+    status = 0
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        log("interrupted; tearing down")
+        return 130
+    except Exception as exc:
+        log(f"error: {type(exc).__name__}: {exc}; reporting what was measured")
+        status = 1
+    finally:
+        bench.close()
+    bench.report()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
