@@ -103,6 +103,10 @@ def cmd_translate(args) -> int:
             raise UsageError("--find-cr3 needs --expect VALUE and exactly one ADDR")
     elif args.expect:
         raise UsageError("--expect goes with --find-cr3")
+    if args.outer:
+        return _translate_nested(args, addresses, cr3)
+    if args.eptp:
+        raise UsageError("--eptp goes with --outer (the outer VM's EPT for the inner one)")
     status = EXIT_OK
     with _attach(args) as vm:
         if args.find_cr3:
@@ -126,6 +130,29 @@ def cmd_translate(args) -> int:
                     print()
                 print(render.translation_text(t, show_bits=not args.no_bits), flush=True)
             first = False
+    return status
+
+
+def _translate_nested(args, addresses, cr3) -> int:
+    from . import nested
+    if cr3 is not None or args.find_cr3:
+        raise UsageError("--outer takes the innermost VM's own CR3; --cr3/--find-cr3 do not "
+                         "apply")
+    if not args.qmp:
+        raise UsageError("need --qmp (and usually --gdb) for the innermost VM")
+    outers = [nested.parse_outer(text) for text in args.outer]
+    eptp = parse_number(args.eptp, "--eptp") if args.eptp else None
+    results = nested.translate_nested(
+        nested.HopSpec(args.qmp, args.gdb, args.pid, args.vcpu), outers, list(addresses), eptp,
+        via=args.via, allow_remote=args.allow_remote, timeout=args.timeout)
+    status = EXIT_OK
+    for r in results:
+        if not r.ok:
+            status = EXIT_FAULT
+        if args.json:
+            print(render.json_line(r.to_dict()), flush=True)
+        else:
+            print(render.nested_text(r, verbose=args.verbose), flush=True)
     return status
 
 
@@ -393,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--find-cr3", action="store_true",
                    help="find the root that maps the (single) ADDR holding --expect VALUE")
     t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
+    t.add_argument("--outer", action="append", metavar="qmp=ADDR,gdb=ADDR[,pid=N]",
+                   help="the VM that runs this VM's QEMU (repeat, innermost first): follow the "
+                        "address on down through it to this host")
+    t.add_argument("--eptp", help="with --outer: the outer hypervisor's EPTP for this VM; its "
+                                  "EPT walk is shown beside the process-table answer")
     t.add_argument("--json", action="store_true", help="one JSON object per address, per line")
     t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
     _session_options(t)

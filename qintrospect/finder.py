@@ -63,30 +63,45 @@ def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
     return root, kernel_half
 
 
-def scan(read: Callable[[int, int], bytes], ram_map, cpu: paging.CpuState,
-         progress=None) -> List[Candidate]:
-    """Every RAM page whose upper half equals the current table's, streamed in CHUNK pieces."""
-    current, kernel_half = fingerprint_root(read, cpu)
+def scan(memory, ram_map, cpu: paging.CpuState, progress=None) -> List[Candidate]:
+    """Every RAM page whose upper half equals the current table's, streamed in CHUNK pieces.
+
+    Only page-aligned slots can hold a table: one 8-byte word of the kernel half is checked at
+    every page of a chunk at once (numpy), and the full 2 KiB compare runs only where it
+    matches. Memory adapters that can skip pages the host never touched do so."""
+    import numpy as np
+    current, kernel_half = fingerprint_root(memory.read, cpu)
+    words = np.frombuffer(kernel_half, dtype="<u8")
+    k = int(np.flatnonzero(words)[0])
+    slot, word = HALF // 8 + k, words[k]
     found = []
     for region in ram_map.ram:
         if region.kind != "ram":
             continue  # ROM views alias RAM already scanned, or firmware
         start = (region.start + PAGE - 1) & ~(PAGE - 1)
-        while start + PAGE - 1 <= region.end:
-            length = min(CHUNK, (region.end + 1 - start) & ~(PAGE - 1))
-            try:
-                data = read(start, length)
-            except MemoryReadError:
-                data = b""
-            pos = data.find(kernel_half)
-            while pos >= 0:
-                if pos % PAGE == HALF:
-                    found.append(start + pos - HALF)
-                pos = data.find(kernel_half, pos + 1)
-            if progress is not None:
-                progress.advance(length)
-            start += length
-    return pair_kpti(read, found, current)
+        end = (region.end + 1) & ~(PAGE - 1)
+        for gpa, data in _chunks(memory, start, end):
+            qwords = np.frombuffer(data, dtype="<u8")
+            for page in np.flatnonzero(qwords[slot::PAGE // 8] == word):
+                off = int(page) * PAGE
+                if data[off + HALF:off + PAGE] == kernel_half:
+                    found.append(gpa + off)
+        if progress is not None:
+            progress.advance(end - start)
+    return pair_kpti(memory.read, found, current)
+
+
+def _chunks(memory, start: int, end: int):
+    """(gpa, bytes-like) pieces of [start, end): the adapter's own scan if it has one."""
+    scan_chunks = getattr(memory, "scan_chunks", None)
+    if scan_chunks is not None:
+        yield from scan_chunks(start, end, CHUNK)
+        return
+    for gpa in range(start, end, CHUNK):
+        try:
+            yield gpa, memory.read(gpa, min(CHUNK, end - gpa))
+        except MemoryReadError:
+            continue
 
 
 def pair_kpti(read, roots: List[int], current: int) -> List[Candidate]:

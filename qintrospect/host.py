@@ -241,6 +241,12 @@ class HostProcess:
             raise MemoryReadError(f"short read of QEMU's memory at HVA {hva:#x}", hva)
         return data
 
+    def readinto(self, hva: int, buf: bytearray) -> None:
+        """Fill buf with the process's memory at hva (same rules as read)."""
+        if _process_vm_readinto(self.pid, hva, buf):
+            return
+        buf[:] = self.read(hva, len(buf))
+
     def describe(self) -> str:
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
@@ -265,13 +271,23 @@ except (OSError, AttributeError):  # not Linux/glibc: /proc/PID/mem only
 
 def _process_vm_read(pid: int, hva: int, length: int) -> Optional[bytes]:
     """One process_vm_readv call; None when it is unavailable or did not read it all."""
-    if _libc is None or length <= 0:
+    if length <= 0:
         return None
-    buf = ctypes.create_string_buffer(length)
-    local = _Iovec(ctypes.cast(buf, ctypes.c_void_p), length)
-    remote = _Iovec(hva, length)
+    buf = bytearray(length)
+    return bytes(buf) if _process_vm_readinto(pid, hva, buf) else None
+
+
+def _process_vm_readinto(pid: int, hva: int, buf: bytearray) -> bool:
+    """Fill buf from the process at hva with one process_vm_readv call. The buffer is the
+    caller's (no ctypes allocation per call: those linger in reference cycles)."""
+    if _libc is None or not buf:
+        return False
+    view = (ctypes.c_char * len(buf)).from_buffer(buf)
+    local = _Iovec(ctypes.addressof(view), len(buf))
+    remote = _Iovec(hva, len(buf))
     n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    return buf.raw if n == length else None
+    del view  # release the export of buf
+    return n == len(buf)
 
 
 def process_exists(pid: int) -> bool:

@@ -100,6 +100,32 @@ class DirectMemory(PhysicalMemory):
         return bytes(out)
 
 
+    def scan_chunks(self, start: int, end: int, chunk: int):
+        """(gpa, memoryview) for every host-present run of RAM in [start, end), at most
+        `chunk` bytes at a time, read into one reused buffer (valid until the next item).
+        Pages the host never touched are skipped: they hold zeros, not page tables."""
+        buf = bytearray(chunk)
+        gpa = start
+        while gpa < end:
+            region = self.ram_map.check_readable(gpa, 1)
+            n = min(chunk, end - gpa, region.end + 1 - gpa)
+            hva = region.hva_of(gpa)
+            present = [e >> 63 & 1 for e in self.process.pagemap_entries(hva, n // PAGE)]
+            i = 0
+            while i < len(present):
+                if not present[i]:
+                    i += 1
+                    continue
+                j = i
+                while j < len(present) and present[j]:
+                    j += 1
+                piece = memoryview(buf)[:(j - i) * PAGE]
+                self.process.readinto(hva + i * PAGE, piece)
+                yield gpa + i * PAGE, piece
+                i = j
+            gpa += n
+
+
 class QmpMemory(PhysicalMemory):
     name = "qmp"
     _LINE = re.compile(r"^[0-9a-fA-F]+:((?:\s+0x[0-9a-fA-F]+)+)\s*$")

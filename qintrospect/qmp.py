@@ -138,9 +138,9 @@ class QmpMonitor:
                     self._loop.run_until_complete(asyncio.wait_for(
                         client.execute("qmp_capabilities"), timeout))
                 except ExecuteError as exc:
-                    if "already complete" not in str(exc.error.desc):
+                    if "already complete" not in str(exc):
                         raise AttachError(f"QMP at {where} refused qmp_capabilities: "
-                                          f"{exc.error.desc}") from None
+                                          f"{exc}") from None
             return client
         except asyncio.TimeoutError:
             self._abandon(client)
@@ -165,7 +165,7 @@ class QmpMonitor:
         try:
             return self._run(self._client.execute(name, arguments or None))
         except ExecuteError as exc:
-            raise QmpCommandError(f"QEMU refused QMP {name}: {exc.error.desc}") from None
+            raise QmpCommandError(f"QEMU refused QMP {name}: {exc}") from None
         except asyncio.TimeoutError:
             raise VMGoneError(f"QMP {name} got no answer within {self.timeout:g} s; "
                               "QEMU may be hung or gone") from None

@@ -226,3 +226,48 @@ def comparison_text(log, cmp, outside: dict, explain) -> str:
     if explain:
         out.append("  why: " + explain)
     return "\n".join(out)
+
+
+def nested_text(r, verbose: bool = False) -> str:
+    """Every address of a nested chain in one table, with the value read at each level."""
+    out = [f"GVA {r.gva:#018x} through {len(r.hops)} level(s)"]
+    out.append(f"  {'level':<6}{'address':<22}{'kind':<6}{'value':<20}how")
+    for i, hop in enumerate(r.hops):
+        t = hop.translation
+        if t is None:
+            out.append(f"  {hop.level:<6}{'-':<22}{'':<6}{'':<20}{hop.note}")
+            continue
+        kind = "GVA" if i == 0 else "VA"
+        what = (f"{t.walk.mode.name if t.walk.mode else 'no'} paging, root {t.walk.root:#x} "
+                f"({hop.root_how})")
+        if verbose:
+            what += f" [{hop.seconds * 1000:.0f} ms]"
+        out.append(f"  {hop.level:<6}{t.gva:<#22x}{kind:<6}{'':<20}{what}")
+        if not t.ok:
+            f = t.walk.fault
+            out.append(f"  {'':<6}{'-':<22}{'GPA':<6}{'':<20}FAULT at {f.level}: {f.reason}")
+            break
+        value = f"{int.from_bytes(t.value, 'little'):#018x}" if t.value else "-"
+        block = f"{size_name(t.walk.page_size)} page, RAM block {t.ram.block}" if t.ram \
+            else t.gpa_note
+        out.append(f"  {'':<6}{t.gpa:<#22x}{'GPA':<6}{value:<20}{block}")
+        if hop.ept is not None:
+            e = hop.ept
+            verdict = (f"EPT gives {e.pa:#x}" if e.ok else f"EPT: {e.fault.reason}")
+            out.append(f"  {'':<6}{'':<22}{'EPT':<6}{'':<20}{verdict}")
+        if i + 1 == len(r.hops):
+            if t.hva is not None:
+                hva_value = f"{int.from_bytes(t.value_at_hva, 'little'):#018x}" \
+                    if t.value_at_hva else "-"
+                out.append(f"  {'L0':<6}{t.hva:<#22x}{'HVA':<6}{hva_value:<20}"
+                           f"in {hop.level}'s QEMU, pid {t.qemu_pid}")
+            if t.host is not None and t.host.status == "present":
+                out.append(f"  {'':<6}{t.host.hpa:<#22x}{'HPA':<6}{'':<20}host page "
+                           f"{size_name(t.host.page_size)}")
+            elif t.host is not None:
+                out.append(f"  {'':<6}{'-':<22}{'HPA':<6}{'':<20}{t.host.detail}")
+            elif t.gpa_note:
+                out.append(f"  {'':<6}{'-':<22}{'HPA':<6}{'':<20}{t.gpa_note}")
+        if hop.note:
+            out.append(f"  {'':<6}note: {hop.note}")
+    return "\n".join(out)

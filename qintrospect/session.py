@@ -200,30 +200,55 @@ class Session:
         runstate.record(key, running, self.left_paused)
         self._marker = True
 
-    def close(self) -> None:
+    def close(self, hold: bool = False) -> None:
         """Leave the VM as found: the PhyMemMode put back, gdb disconnected, the VM resumed
-        through QMP if it was found running (and only then), sockets closed."""
+        through QMP if it was found running (and only then), sockets closed.
+
+        hold=True closes the connections but keeps the VM paused (a nested translation holds
+        an inner VM still while it walks the outer one); resume_held() then puts it back."""
         # While we clean up, a second Ctrl-C or SIGTERM must not cut the restore short.
         old_int = _block_signal(signal.SIGINT)
         old_term = _block_signal(signal.SIGTERM)
         try:
-            was_running = bool(self.found_status and self.found_status.get("running"))
             if self.gdb is not None:
                 self.gdb.close()
                 self.gdb = None
             if self.found_status is not None:
-                self._restore_run_state(was_running)
+                if hold:
+                    self._hold()
+                else:
+                    self._restore_run_state(bool(self.found_status.get("running")))
             if self.qmp is not None:
                 self.qmp.close()
                 self.qmp = None
-            if self._marker:
+            if self._marker and not hold:
                 runstate.release(describe_address(self.qmp_address), self.left_paused)
                 self._marker = False
             if self.process is not None:
                 self.process.close()
+            self.memory = None
         finally:
             _restore_signal(signal.SIGINT, old_int)
             _restore_signal(signal.SIGTERM, old_term)
+
+    def _hold(self) -> None:
+        try:
+            if self.qmp is not None and self.qmp.command("query-status").get("running"):
+                self.qmp.command("stop")
+        except Exception:
+            self.warnings.append("could not keep the VM paused through QMP")
+
+    def resume_held(self) -> None:
+        """After close(hold=True): put the run state back as it was found."""
+        if self.found_status is None:
+            return
+        self._restore_run_state(bool(self.found_status.get("running")))
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self._marker:
+            runstate.release(describe_address(self.qmp_address), self.left_paused)
+            self._marker = False
 
     def _restore_run_state(self, was_running: bool) -> None:
         """Confirm through QMP that the VM runs (or not) as found. If our QMP connection was
@@ -467,7 +492,7 @@ class Session:
                  progress=None) -> List[finder.Candidate]:
         """Candidate page-table roots in guest RAM (no symbols), best match first."""
         self._check_open()
-        candidates = finder.scan(self.memory.read, self.ram_map, self.cpu, progress)
+        candidates = finder.scan(self.memory, self.ram_map, self.cpu, progress)
         return finder.check(self._cached().read, self.cpu, candidates, gva, expect)
 
     def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
