@@ -172,3 +172,19 @@ def test_read_virtual_and_physical(sleeping):
     assert rc == 1 and pieces[0]["data"] is None and "hpet" in pieces[0]["note"]
     rc, out, err = run_cli("read", *attach_args(g), "--phys", "0x0", str(1 << 40))
     assert rc == 2 and "length" in err
+
+
+def test_progress_on_a_terminal_and_silence_in_a_pipe(sleeping):
+    import sys
+
+    import pexpect
+    from .conftest import REPO
+    g = sleeping
+    argv = ["-m", "qintrospect", "find-cr3", *attach_args(g)]
+    child = pexpect.spawn(sys.executable, argv, cwd=REPO, encoding="utf-8", timeout=60)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "scanning guest RAM" in child.before and "%" in child.before
+    rc, out, err = run_cli("find-cr3", *attach_args(g))
+    assert rc == 0 and err == ""

@@ -1,0 +1,64 @@
+"""The symbol-free root finder on synthetic guest RAM: KPTI pairs, filters, ranking."""
+
+from qintrospect import finder, paging
+from qintrospect.host import RamMap
+from qintrospect.memory import PhysicalMemory
+from qintrospect.qmp import Region
+
+P, RW, US = 1, 2, 4
+CR0, CR4, EFER = 0x80010001, 0x20, 0xD00
+
+
+class Ram(PhysicalMemory):
+    name = "test"
+
+    def __init__(self, size=1 << 24):
+        super().__init__(RamMap([Region(0, size - 1, "ram", "pc.ram", 0, 0)], {}))
+        self.ram = bytearray(size)
+
+    def _read(self, gpa, length):
+        return bytes(self.ram[gpa:gpa + length])
+
+    def put(self, addr, value):
+        self.ram[addr:addr + 8] = value.to_bytes(8, "little")
+
+
+def build():
+    """Two processes sharing a kernel half; the second with KPTI (user copy at +4 KiB). Each
+    maps VA 0x400000 to its own data page holding its own value."""
+    ram = Ram()
+    kernel_pdpt = 0x10000
+    for root in (0x20000, 0x40000):
+        ram.put(root + 511 * 8, kernel_pdpt | P | RW)        # shared kernel half
+    ram.put(kernel_pdpt, 0x90000 | P | RW | 0x80)            # something in it
+    for root, pdpt, pd, pt, data, value in ((0x20000, 0x21000, 0x22000, 0x23000, 0x24000, 111),
+                                            (0x40000, 0x31000, 0x32000, 0x33000, 0x34000, 222)):
+        ram.put(root, pdpt | P | RW | US)
+        ram.put(pdpt, pd | P | RW | US)
+        ram.put(pd + 2 * 8, pt | P | RW | US)
+        ram.put(pt, data | P | RW | US)
+        ram.put(data, value)
+    # KPTI user copy of 0x40000: same user half, (nearly) empty kernel half
+    ram.put(0x41000, 0x31000 | P | RW | US)
+    return ram
+
+
+def test_finds_every_root_pairs_kpti_and_filters():
+    ram = build()
+    cpu = paging.CpuState(CR0, 0x20000, CR4, EFER, 40)
+    cands = finder.scan(ram, ram.ram_map, cpu)
+    by_root = {c.root: c for c in cands}
+    assert set(by_root) == {0x20000, 0x40000, 0x41000}
+    assert by_root[0x20000].is_current
+    assert by_root[0x40000].kpti_user_copy == 0x41000
+    assert by_root[0x41000].kpti_kernel_copy == 0x40000
+    checked = finder.check(ram.read, cpu, cands, 0x400000, 222)
+    assert checked[0].root in (0x40000, 0x41000) and checked[0].value_matches
+    assert {c.root for c in checked if c.value_matches} == {0x40000, 0x41000}
+    assert [c for c in checked if c.root == 0x20000][0].value == 111
+
+
+def test_current_cr3_on_the_user_copy_uses_the_kernel_copy():
+    ram = build()
+    cpu = paging.CpuState(CR0, 0x41000, CR4, EFER, 40)   # stopped in user mode, KPTI
+    assert {c.root for c in finder.scan(ram, ram.ram_map, cpu)} == {0x20000, 0x40000, 0x41000}
