@@ -23,3 +23,8 @@ __all__ = [
     "ALL_MODES", "MODE_32BIT", "MODE_32BIT_PSE", "MODE_PAE", "MODE_4LEVEL", "MODE_5LEVEL",
     "MODE_EPT4", "MODE_EPT5", "MODE_NPT4", "MODE_NPT5",
 ]
+
+# numpy twins of walk() and iter_mappings() for address batches and whole address spaces
+from .vector import FAULT_REASONS, BatchWalk, LeafArrays, leaf_arrays, walk_array  # noqa: E402
+
+__all__ += ["leaf_arrays", "walk_array", "LeafArrays", "BatchWalk", "FAULT_REASONS"]

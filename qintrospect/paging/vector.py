@@ -1,0 +1,398 @@
+"""numpy twins of the scalar x86 walkers, for whole address spaces and large address batches.
+
+leaf_arrays() lists exactly what iter_mappings() lists, and walk_array() answers for every
+address of a batch what walk() answers, as numpy arrays instead of one Python object per leaf
+or address. Both ask the same entry formats (X86Format: reserved masks, address masks, page
+sizes, the PSE-36 frame and the PAE PDPTE rights) that the scalar walkers ask, so they share
+their semantics by construction; the property tests hold them to it.
+
+The work is done a level at a time: every table needed at a level is read once (one
+read_phys(table, size) call per distinct table and call, cached by address), the tables are
+stacked in a 2-D array, and present / leaf / reserved / rights / frame are computed for all
+entries (leaf_arrays) or all addresses (walk_array) of that level at once. Python loops only
+over distinct tables. Only the x86 guest modes are covered (not EPT/NPT).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from ..errors import MemoryReadError
+from .formats import PS, RW, US, XD, X86Format
+from .model import (
+    NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED, RESERVED_BIT, UNREADABLE, CpuState, Mapping,
+    PagingMode, ReadPhys, Walk,
+)
+from .modes import paging_mode
+from .x86 import FLAG_BITS, _raw_bounds, cr3_root, walk, x86_format
+
+__all__ = [
+    "LeafArrays", "BatchWalk", "leaf_arrays", "walk_array", "FAULT_REASONS",
+    "FAULT_NONE", "FAULT_NOT_PRESENT", "FAULT_RESERVED_BIT", "FAULT_NON_CANONICAL",
+    "FAULT_UNREADABLE", "FAULT_PAGING_DISABLED",
+]
+
+U64 = np.uint64   # every entry and address is uint64; constants too (no int64/float promotion)
+
+#: BatchWalk.fault_reason codes; FAULT_REASONS[code] is the scalar Fault.reason (None for 0).
+FAULT_NONE, FAULT_NOT_PRESENT, FAULT_RESERVED_BIT, FAULT_NON_CANONICAL = 0, 1, 2, 3
+FAULT_UNREADABLE, FAULT_PAGING_DISABLED = 4, 5
+FAULT_REASONS = (None, NOT_PRESENT, RESERVED_BIT, NON_CANONICAL, UNREADABLE, PAGING_DISABLED)
+
+OnUnreadable = Callable[[str, int, Exception], None]
+
+
+class _Level:
+    """One level's rules as numpy constants, all taken from the entry format."""
+
+    def __init__(self, mode: PagingMode, fmt: X86Format, i: int):
+        spec = mode.levels[i]
+        self.name = spec.name
+        self.shift = U64(spec.shift)
+        self.count = 1 << spec.index_bits
+        self.last = i == fmt.last
+        self.large = bool(spec.large_page) and not self.last
+        self.table_mask = U64(fmt.reserved_mask(i, False))
+        self.leaf_mask = U64(fmt.reserved_mask(i, True))
+        self.table_addr = U64(fmt.table_addr[i])
+        self.leaf_addr = U64(fmt.leaf_addr[i])
+        self.page_size = fmt.page_size(i, True) or 0    # 0: entries here are never leaves
+        self.pse36 = fmt.kind == "32-bit" and i == 0    # X86Format.frame's special case
+        self.no_rights = fmt.kind == "pae" and i == 0   # PDPTEs: no R/W, U/S or XD
+        self.xd = U64(XD if fmt.nxe else 0)
+
+    def is_leaf(self, e: np.ndarray) -> np.ndarray:
+        if self.last:
+            return np.ones(e.shape, bool)
+        if self.large:
+            return (e & U64(PS)) != 0
+        return np.zeros(e.shape, bool)
+
+    def valid(self, e: np.ndarray, leaf: np.ndarray) -> np.ndarray:
+        if self.table_mask == self.leaf_mask:
+            return (e & self.leaf_mask) == 0
+        return (e & np.where(leaf, self.leaf_mask, self.table_mask)) == 0
+
+    def frame(self, e: np.ndarray) -> np.ndarray:
+        """The page frame of leaf entries."""
+        if self.pse36:   # a 4 MiB PDE keeps physical bits 39:32 in bits 20:13
+            return (e & U64(0xFFC00000)) | ((e >> U64(13)) & U64(0xFF)) << U64(32)
+        return e & self.leaf_addr
+
+    def rights(self, e: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(R/W, U/S, XD) of each entry, as X86Format.rights."""
+        if self.no_rights:
+            return np.ones(e.shape, bool), np.ones(e.shape, bool), np.zeros(e.shape, bool)
+        return (e & U64(RW)) != 0, (e & U64(US)) != 0, (e & self.xd) != 0
+
+
+class _Tables:
+    """Tables read whole, once per call: (address, entry count) -> uint64 entries or None."""
+
+    def __init__(self, read_phys: ReadPhys, entry_size: int):
+        self.read_phys = read_phys
+        self.size = entry_size
+        self.dtype = np.dtype("<u4" if entry_size == 4 else "<u8")
+        self.cache: Dict[Tuple[int, int], Optional[np.ndarray]] = {}
+        self.errors: Dict[Tuple[int, int], Exception] = {}
+
+    def get(self, addr: int, count: int) -> Optional[np.ndarray]:
+        key = (addr, count)
+        if key not in self.cache:
+            n = count * self.size
+            try:
+                data = self.read_phys(addr, n)
+                if len(data) != n:
+                    raise MemoryReadError(f"read returned {len(data)} bytes, not {n}", addr)
+                self.cache[key] = np.frombuffer(data, self.dtype).astype(U64)
+            except MemoryReadError as exc:
+                self.cache[key] = None
+                self.errors[key] = exc
+        return self.cache[key]
+
+    def stack(self, addrs: np.ndarray, count: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The distinct tables among `addrs`: (their entries, one row per table; the row of each
+        address; whether each row could be read -- unreadable rows are zeros)."""
+        uniq, row = np.unique(addrs, return_inverse=True)
+        loaded = [self.get(a, count) for a in uniq.tolist()]
+        readable = np.array([t is not None for t in loaded], bool)
+        blank = np.zeros(count, U64)
+        rows = np.stack([blank if t is None else t for t in loaded])
+        return rows, row.reshape(-1), readable
+
+    def entries(self, tables: np.ndarray, index: np.ndarray, count: int
+                ) -> Tuple[np.ndarray, np.ndarray]:
+        """Entry `index` of table `tables` for each element, and whether it could be read."""
+        rows, row, readable = self.stack(tables, count)
+        e = rows[row, index.astype(np.intp)]
+        ok = readable[row]
+        bad = np.nonzero(~ok)[0]
+        if len(bad):
+            # walk() reads single entries: where a whole table would not read, read just the
+            # entries needed, so that a partly readable table answers as it does there
+            where = tables[bad] + index[bad] * U64(self.size)
+            uniq, back = np.unique(where, return_inverse=True)
+            got = [self.get(a, 1) for a in uniq.tolist()]
+            values = np.array([0 if g is None else g[0] for g in got], U64)
+            read = np.array([g is not None for g in got], bool)
+            e[bad] = values[back.reshape(-1)]
+            ok[bad] = read[back.reshape(-1)]
+        return e, ok
+
+
+# ---------------------------------------------------------------- whole address spaces
+
+@dataclass(eq=False)
+class LeafArrays:
+    """Every present, valid leaf of an address space (what iter_mappings yields, same order),
+    one array element per leaf. Rights are effective across the levels."""
+
+    va: np.ndarray          # uint64, canonical (sign-extended in 4/5-level paging)
+    pa: np.ndarray          # uint64 page frame
+    size: np.ndarray        # uint64 page size
+    entry: np.ndarray       # uint64 raw leaf entry
+    writable: np.ndarray    # bool
+    user: np.ndarray        # bool
+    executable: np.ndarray  # bool
+    level: np.ndarray       # int8, index of the leaf's level in mode.levels
+    path: np.ndarray        # uint64 (N, depth): raw entries root first, zeros past `level`
+    mode: Optional[PagingMode]
+    format: Optional[X86Format] = None
+
+    def __len__(self) -> int:
+        return len(self.va)
+
+    def mappings(self) -> Iterator[Mapping]:
+        """The leaves as paging.Mapping objects, equal to iter_mappings' ones."""
+        flags_of: Dict[Tuple[int, int], Tuple[str, ...]] = {}   # leaves repeat a few flag sets
+        columns = (self.va, self.pa, self.size, self.writable, self.user, self.executable,
+                   self.level, self.entry, self.path)
+        for va, pa, size, w, u, x, i, e, path in zip(*(c.tolist() for c in columns)):
+            key = (i, e & FLAG_BITS)
+            flags = flags_of.get(key)
+            if flags is None:
+                flags = flags_of[key] = self.format.flags(i, e, True)
+            yield Mapping(va, pa, size, w, u, x, tuple(path[:i + 1]), flags)
+
+
+def _no_leaves(mode: Optional[PagingMode], fmt: Optional[X86Format]) -> LeafArrays:
+    depth = len(mode.levels) if mode else 0
+    u64, flag = np.zeros(0, U64), np.zeros(0, bool)
+    return LeafArrays(u64, u64.copy(), u64.copy(), u64.copy(), flag, flag.copy(), flag.copy(),
+                      np.zeros(0, np.int8), np.zeros((0, depth), U64), mode, fmt)
+
+
+def leaf_arrays(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optional[int] = None,
+                on_unreadable: Optional[OnUnreadable] = None) -> LeafArrays:
+    """Every present, valid leaf overlapping [start, end) (canonical addresses, end exclusive,
+    None = to the top), in address order, as arrays; what iter_mappings yields. Each table is
+    read once with one read_phys(table, 4096) call (32 bytes for the PAE PDPT); unreadable
+    tables are skipped and passed to on_unreadable(level name, address, error), in the order
+    iter_mappings would. Nothing when CR0.PG=0."""
+    mode = paging_mode(cpu)
+    if mode is None:
+        return _no_leaves(None, None)
+    fmt = x86_format(cpu, mode)
+    root, _ = cr3_root(cpu, mode)
+    lo, hi = _raw_bounds(mode, start, end)
+    depth = len(mode.levels)
+    whole = lo == 0 and hi == 1 << mode.va_bits     # no range test needed
+    tables = _Tables(read_phys, mode.entry_size)
+
+    # The table visits of the current level (the same table may be visited through several
+    # entries): table address, raw VA of its entry 0, rights of the entries above, the entries.
+    addr = np.array([root] if lo < hi else [], U64)
+    base = np.zeros(len(addr), U64)
+    rw, us, xd = np.ones(len(addr), bool), np.ones(len(addr), bool), np.zeros(len(addr), bool)
+    path = np.zeros((len(addr), depth), U64)
+    leaves: List[tuple] = []
+    lost: List[tuple] = []          # unreadable visits: (base, level, address)
+
+    for i in range(depth):
+        if not len(addr):
+            break
+        lv = _Level(mode, fmt, i)
+        rows, row, readable = tables.stack(addr, lv.count)
+        gone = ~readable[row]
+        if gone.any():
+            lost.append((base[gone], np.full(int(gone.sum()), i), addr[gone]))
+            keep = ~gone
+            row, base, rw, us, xd, path = (a[keep] for a in (row, base, rw, us, xd, path))
+
+        e = rows[row]                                    # (visits, count)
+        leaf = lv.is_leaf(e)
+        use = ((e & U64(1)) != 0) & lv.valid(e, leaf)    # present and no reserved bit set
+        if not whole:                                    # entries overlapping [lo, hi) only
+            starts = base[:, None] + (np.arange(lv.count, dtype=U64) << lv.shift)
+            use &= (starts < U64(hi)) & (starts + (U64(1) << lv.shift) > U64(lo))
+        v, k = np.nonzero(use)                           # row-major: address order per visit
+        e, leaf = e[v, k], leaf[v, k]
+        va = base[v] + (k.astype(U64) << lv.shift)
+        r_rw, r_us, r_xd = lv.rights(e)
+        rw, us, xd = rw[v] & r_rw, us[v] & r_us, xd[v] | r_xd
+        path = path[v]
+        path[:, i] = e
+
+        found = int(leaf.sum())
+        if found:
+            leaves.append((va[leaf], lv.frame(e[leaf]), np.full(found, lv.page_size, U64),
+                           e[leaf], rw[leaf], us[leaf], ~xd[leaf], np.full(found, i, np.int8),
+                           path[leaf]))
+        down = ~leaf
+        addr, base = e[down] & lv.table_addr, va[down]
+        rw, us, xd, path = rw[down], us[down], xd[down], path[down]
+
+    if on_unreadable is not None and lost:
+        _report_unreadable(mode, tables, lost, on_unreadable)
+    if not leaves:
+        return _no_leaves(mode, fmt)
+
+    cols = [np.concatenate(c) for c in zip(*leaves)]
+    order = np.argsort(cols[0], kind="stable")   # raw VAs are distinct: leaves never overlap
+    raw, pa, size, entry, w, u, x, level, path = (c[order] for c in cols)
+    va = raw
+    if mode.va_bits > 32:                        # the upper half, sign-extended
+        n = mode.va_bits
+        upper = (raw >> U64(n - 1)) != 0
+        va = np.where(upper, raw + U64((1 << 64) - (1 << n)), raw)
+    return LeafArrays(va, pa, size, entry, w, u, x, level, path, mode, fmt)
+
+
+def _report_unreadable(mode: PagingMode, tables: _Tables, lost: List[tuple],
+                       on_unreadable: OnUnreadable) -> None:
+    """Report each unreadable table once, at its first visit in iter_mappings' depth-first
+    order: by raw VA of the visit, the shallower level first."""
+    base, level, addr = (np.concatenate(c) for c in zip(*lost))
+    seen = set()
+    for k in np.lexsort((level, base)).tolist():
+        i, a = int(level[k]), int(addr[k])
+        key = (a, 1 << mode.levels[i].index_bits)
+        if key not in seen:
+            seen.add(key)
+            on_unreadable(mode.levels[i].name, a, tables.errors[key])
+
+
+# ---------------------------------------------------------------- address batches
+
+@dataclass(eq=False)
+class BatchWalk:
+    """walk() for every address of a batch, as arrays of length N. Where ok is False, pa and
+    page_size are 0 and the rights False; fault_reason is a code (FAULT_REASONS[code] is the
+    scalar Fault.reason) and fault_level the index of the level in mode.levels where the walk
+    stopped (-1 when none, non-canonical or paging disabled)."""
+
+    va: np.ndarray            # uint64
+    ok: np.ndarray            # bool
+    pa: np.ndarray            # uint64
+    page_size: np.ndarray     # uint64
+    writable: np.ndarray      # bool, effective across the levels
+    user: np.ndarray          # bool
+    executable: np.ndarray    # bool
+    fault_reason: np.ndarray  # uint8 code
+    fault_level: np.ndarray   # int8
+    mode: Optional[PagingMode]
+    root: int
+
+    def __len__(self) -> int:
+        return len(self.va)
+
+    def reason(self, i: int) -> Optional[str]:
+        """Element i's fault reason as walk() spells it, None when it translated."""
+        return FAULT_REASONS[int(self.fault_reason[i])]
+
+    def level_name(self, i: int) -> Optional[str]:
+        """Name of the level where element i's walk stopped, as Fault.level."""
+        k = int(self.fault_level[i])
+        return None if k < 0 or self.mode is None else self.mode.levels[k].name
+
+    def walk(self, i: int, read_phys: ReadPhys, cpu: CpuState,
+             access: str = "supervisor-read") -> Walk:
+        """The full scalar walk of element i (levels, access table, messages)."""
+        return walk(read_phys, cpu, int(self.va[i]), access)
+
+
+def _addresses(vas: Union[np.ndarray, Sequence[int]]) -> np.ndarray:
+    """The batch as a uint64 array, refusing what is not an integer 0 .. 2**64-1."""
+    arr = vas if isinstance(vas, np.ndarray) else None
+    if arr is None or arr.dtype.kind == "O":
+        # not np.asarray: it turns a list mixing small and >= 2**63 ints into float64
+        values = [operator.index(v) for v in vas]
+        if values and (min(values) < 0 or max(values) >= 1 << 64):
+            raise ValueError("addresses must be integers 0 .. 2**64-1")
+        return np.array(values, U64)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "ui"):
+        raise ValueError(f"addresses must be a 1-D array of integers, not {arr.dtype} "
+                         f"of shape {arr.shape}")
+    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        raise ValueError("addresses must be integers 0 .. 2**64-1, not negative")
+    return arr.astype(U64)
+
+
+def _canonical(mode: PagingMode, va: np.ndarray) -> np.ndarray:
+    """What x86._canonical_fault accepts."""
+    if mode.name in ("32-bit", "pae"):
+        return (va >> U64(32)) == 0
+    top = va >> U64(mode.va_bits - 1)           # bits 63:n-1 all equal
+    return (top == 0) | (top == U64((1 << (65 - mode.va_bits)) - 1))
+
+
+def walk_array(read_phys: ReadPhys, cpu: CpuState,
+               vas: Union[np.ndarray, Sequence[int]]) -> BatchWalk:
+    """Translate every address of `vas` (integers 0 .. 2**64-1) as walk() would, level by level
+    for the whole batch. Each distinct table is read once per call, whole; where a whole table
+    does not read, the needed entries are read one by one, as walk() reads them. Never raises
+    for what it reads. What walk() adds per address (the levels, the per-access table with
+    SMEP/SMAP/protection keys and #PF error codes, messages, notes) is left to BatchWalk.walk."""
+    va = _addresses(vas)
+    n = len(va)
+    ok, pa, page_size = np.zeros(n, bool), np.zeros(n, U64), np.zeros(n, U64)
+    writable, user, executable = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    reason, level = np.zeros(n, np.uint8), np.full(n, -1, np.int8)
+    mode = paging_mode(cpu)
+    if mode is None:
+        reason[:] = FAULT_PAGING_DISABLED
+        return BatchWalk(va, ok, pa, page_size, writable, user, executable, reason, level,
+                         None, 0)
+    root, _ = cr3_root(cpu, mode)
+    fmt = x86_format(cpu, mode)
+    canonical = _canonical(mode, va)
+    reason[~canonical] = FAULT_NON_CANONICAL
+
+    todo = np.nonzero(canonical)[0]            # the elements still walking
+    table = np.full(len(todo), root, U64)      # and the table each reads at this level
+    rw, us, xd = np.ones(len(todo), bool), np.ones(len(todo), bool), np.zeros(len(todo), bool)
+    tables = _Tables(read_phys, mode.entry_size)
+    for i in range(len(mode.levels)):
+        if not len(todo):
+            break
+        lv = _Level(mode, fmt, i)
+        index = (va[todo] >> lv.shift) & U64(lv.count - 1)
+        e, readable = tables.entries(table, index, lv.count)
+        present = (e & U64(1)) != 0
+        leaf = lv.is_leaf(e)
+        valid = lv.valid(e, leaf)
+
+        code = np.where(~readable, FAULT_UNREADABLE,
+                        np.where(~present, FAULT_NOT_PRESENT,
+                                 np.where(~valid, FAULT_RESERVED_BIT, FAULT_NONE)))
+        stop = code != FAULT_NONE
+        reason[todo[stop]] = code[stop]
+        level[todo[stop]] = i
+
+        r_rw, r_us, r_xd = lv.rights(e)
+        rw, us, xd = rw & r_rw, us & r_us, xd | r_xd
+        done = ~stop & leaf
+        if done.any():
+            k = todo[done]
+            ok[k] = True
+            pa[k] = lv.frame(e[done]) | (va[k] & U64(lv.page_size - 1))
+            page_size[k] = lv.page_size
+            writable[k], user[k], executable[k] = rw[done], us[done], ~xd[done]
+        down = ~stop & ~leaf
+        todo, table = todo[down], e[down] & lv.table_addr
+        rw, us, xd = rw[down], us[down], xd[down]
+    return BatchWalk(va, ok, pa, page_size, writable, user, executable, reason, level, mode, root)
