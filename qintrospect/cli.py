@@ -104,6 +104,8 @@ def cmd_translate(args) -> int:
     elif args.expect:
         raise UsageError("--expect goes with --find-cr3")
     if args.outer:
+        if args.brief:
+            raise UsageError("--brief does not go with --outer")
         return _translate_nested(args, addresses, cr3)
     if args.eptp:
         raise UsageError("--eptp goes with --outer (the outer VM's EPT for the inner one)")
@@ -119,6 +121,8 @@ def cmd_translate(args) -> int:
             cr3 = found[0].root
             if args.verbose:
                 print(f"# root {cr3:#x} found by scanning ({found[0].how})", file=sys.stderr)
+        if args.brief:
+            return _translate_brief(vm, addresses, cr3)
         first = True
         for t in vm.translate_many(addresses, cr3):
             if not t.ok:
@@ -131,6 +135,25 @@ def cmd_translate(args) -> int:
                 print(render.translation_text(t, show_bits=not args.no_bits), flush=True)
             first = False
     return status
+
+
+BRIEF_CHUNK = 65536
+
+
+def _translate_brief(vm, addresses, cr3) -> int:
+    """The fast batch path: the chain's summary per address (no levels), JSON Lines."""
+    import itertools
+    status = EXIT_OK
+    it = iter(addresses)
+    while True:
+        chunk = list(itertools.islice(it, BRIEF_CHUNK))
+        if not chunk:
+            return status
+        result = vm.translate_batch(chunk, cr3)
+        if not result.ok.all():
+            status = EXIT_FAULT
+        sys.stdout.write("".join(render.json_line(d) + "\n" for d in result.to_dicts()))
+        sys.stdout.flush()
 
 
 def _translate_nested(args, addresses, cr3) -> int:
@@ -215,7 +238,6 @@ def cmd_find_cr3(args) -> int:
 
 def cmd_vmmap(args) -> int:
     from . import vmmap
-    from .progress import Progress
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
     start, end = 0, None
     if args.range:
@@ -228,26 +250,20 @@ def cmd_vmmap(args) -> int:
     show_hpa = args.hpa
     show_gpa = args.gpa or show_hpa or args.leaf
     with _attach(args) as vm:
-        progress = Progress("vmmap: leaves", unit="leaves", scale=1)
-        rows = vmmap.rows_from_mappings(vm.mappings(cr3, start, end))
-        rows = (r for r in rows if vmmap.keep(r, args.user, args.kernel, args.writable,
-                                              args.exec))
+        leaves = vm.leaf_arrays(cr3, start, end)
+        rows = vmmap.keep(vmmap.from_leaves(leaves), args.user, args.kernel, args.writable,
+                          args.exec)
         if show_hpa:
-            rows = vmmap.split_by_host(rows, vm.ram_map, vm.process)
+            rows = vmmap.host_columns(rows, vm.ram_map, vm.process, split=not args.leaf)
         if not args.leaf:
             rows = vmmap.merge(rows, physical=show_gpa)
-        count = 0
-        if not args.json:
-            print(vmmap.header(show_gpa, show_hpa, args.leaf))
-        for row in rows:
-            count += 1
-            progress.advance(row.leaves)
-            if args.json:
-                print(render.json_line(row.to_dict(leaf=args.leaf)))
-            else:
-                print(vmmap.row_text(row, show_gpa, show_hpa, args.leaf))
-        progress.close()
-        skipped = getattr(vm, "unreadable_tables", [])
+        skipped = vm.unreadable_tables
+    out = sys.stdout
+    if not args.json:
+        out.write(vmmap.header(show_gpa, show_hpa, args.leaf) + "\n")
+    for row in vmmap.iter_rows(rows, leaves.format if args.leaf else None):
+        out.write((render.json_line(row.to_dict(leaf=args.leaf)) if args.json else
+                   vmmap.row_text(row, show_gpa, show_hpa, args.leaf)) + "\n")
     if skipped:
         print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
               f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)
@@ -427,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "EPT walk is shown beside the process-table answer")
     t.add_argument("--json", action="store_true", help="one JSON object per address, per line")
     t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
+    t.add_argument("--brief", action="store_true",
+                   help="JSON Lines with the chain only (gva, gpa, page_size, ram_block, hva, "
+                        "hpa, host, writable, user, executable, value; or fault), computed for "
+                        "all addresses at once: the fast way for large batches")
     _session_options(t)
     t.set_defaults(func=cmd_translate)
 

@@ -247,6 +247,45 @@ class HostProcess:
             return
         buf[:] = self.read(hva, len(buf))
 
+    def readinto_runs(self, buf: bytearray, runs) -> None:
+        """Fill pieces of buf from the process: runs of (offset in buf, hva, length), in as
+        few process_vm_readv calls as the kernel's iovec limit allows."""
+        for k in range(0, len(runs), IOV_MAX):
+            part = runs[k:k + IOV_MAX]
+            if _process_vm_readv_runs(self.pid, buf, part):
+                continue
+            for offset, hva, length in part:   # one by one, with /proc/PID/mem as a fallback
+                buf[offset:offset + length] = self.read(hva, length)
+
+    def read_many(self, hvas, size: int) -> bytearray:
+        """`size` bytes at each of many HVAs (a numpy uint64 array), concatenated: IOV_MAX of
+        them per process_vm_readv call, the iovec arrays built by numpy."""
+        import numpy as np
+        n = len(hvas)
+        buf = bytearray(n * size)
+        if not n:
+            return buf
+        view = (ctypes.c_char * len(buf)).from_buffer(buf)
+        base = ctypes.addressof(view)
+        try:
+            for k in range(0, n, IOV_MAX):
+                m = min(IOV_MAX, n - k)
+                local = np.empty((m, 2), np.uint64)
+                local[:, 0] = base + (k + np.arange(m, dtype=np.uint64)) * size
+                local[:, 1] = size
+                remote = np.empty((m, 2), np.uint64)
+                remote[:, 0] = hvas[k:k + m]
+                remote[:, 1] = size
+                got = -1 if _libc is None else _libc.process_vm_readv(
+                    self.pid, local.ctypes.data_as(ctypes.POINTER(_Iovec)), m,
+                    remote.ctypes.data_as(ctypes.POINTER(_Iovec)), m, 0)
+                if got != m * size:   # one by one, with /proc/PID/mem as a fallback
+                    for i in range(k, k + m):
+                        buf[i * size:(i + 1) * size] = self.read(int(hvas[i]), size)
+        finally:
+            del view
+        return buf
+
     def describe(self) -> str:
         try:
             with open(f"/proc/{self.pid}/cmdline", "rb") as f:
@@ -275,6 +314,23 @@ def _process_vm_read(pid: int, hva: int, length: int) -> Optional[bytes]:
         return None
     buf = bytearray(length)
     return bytes(buf) if _process_vm_readinto(pid, hva, buf) else None
+
+
+IOV_MAX = 1024
+
+
+def _process_vm_readv_runs(pid: int, buf: bytearray, runs) -> bool:
+    """One process_vm_readv call for several (offset in buf, hva, length) runs."""
+    if _libc is None or not runs:
+        return not runs
+    view = (ctypes.c_char * len(buf)).from_buffer(buf)
+    base = ctypes.addressof(view)
+    local = (_Iovec * len(runs))(*[_Iovec(base + off, n) for off, _, n in runs])
+    remote = (_Iovec * len(runs))(*[_Iovec(hva, n) for _, hva, n in runs])
+    want = sum(n for _, _, n in runs)
+    got = _libc.process_vm_readv(pid, local, len(runs), remote, len(runs), 0)
+    del view, local, remote
+    return got == want
 
 
 def _process_vm_readinto(pid: int, hva: int, buf: bytearray) -> bool:

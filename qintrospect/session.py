@@ -143,6 +143,7 @@ class Session:
         self.vcpus: List[dict] = []          # query-cpus-fast
         self.vcpu_info: List[Vcpu] = []      # registers of each vCPU, read at attach
         self.timings = {}
+        self.unreadable_tables: List[tuple] = []
         self.warnings: List[str] = []
         self.left_paused: Optional[dict] = None
         self._marker = False
@@ -414,6 +415,16 @@ class Session:
         finally:
             self.memory = inner
 
+    def translate_batch(self, addresses, cr3: Optional[int] = None):
+        """The chain for many addresses at once, as arrays (batch.BatchTranslation): the fast
+        way for large batches; .walk(i, session) gives one element's levels."""
+        from . import batch
+        self._check_open()
+        try:
+            return batch.translate_batch(self, addresses, cr3)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UsageError(f"addresses must be integers from 0 to 2**64-1: {exc}") from None
+
     def _finish_on_host(self, t: Translation) -> None:
         gpa = t.walk.pa
         t.ram = self.ram_map.ram_at(gpa)
@@ -495,16 +506,20 @@ class Session:
         candidates = finder.scan(self.memory, self.ram_map, self.cpu, progress)
         return finder.check(self._cached().read, self.cpu, candidates, gva, expect)
 
-    def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
-        """Every present leaf of the address space (paging.Mapping), in VA order. Table pages
-        come through a page cache; the VM is stopped meanwhile."""
+    def leaf_arrays(self, cr3: Optional[int] = None, start: int = 0,
+                    end: Optional[int] = None) -> paging.LeafArrays:
+        """Every present leaf of the address space as numpy columns (paging.leaf_arrays):
+        each table page read once, decoded a page at a time. Tables that cannot be read (not
+        RAM) are skipped and listed in self.unreadable_tables."""
         self._check_open()
-        cache = self._cached()
-        unreadable = []
-        yield from paging.iter_mappings(cache.read, self.cpu_state(cr3), start, end,
-                                        lambda level, addr, exc: unreadable.append(
-                                            (level, addr, str(exc))))
-        self.unreadable_tables = unreadable
+        self.unreadable_tables = []
+        return paging.leaf_arrays(self.memory.read, self.cpu_state(cr3), start, end,
+                                  lambda level, addr, exc: self.unreadable_tables.append(
+                                      (level, addr, str(exc))))
+
+    def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
+        """Every present leaf of the address space as paging.Mapping objects, in VA order."""
+        return self.leaf_arrays(cr3, start, end).mappings()
 
     # ---- facts for the header --------------------------------------------------------------------
 

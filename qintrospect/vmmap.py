@@ -1,31 +1,146 @@
-"""Whole address spaces: leaves from the walker, merged into ranges, with optional GPA/HPA.
+"""Whole address spaces: leaves from the vectorized walker, merged into ranges, with optional
+GPA/HPA columns.
 
-Leaves come from paging.iter_mappings (each table page read once). Merging joins leaves that
-are virtually contiguous with equal page size and effective permissions, and, when physical
-columns are asked for, physically contiguous too: a range always means one linear piece.
+Everything is done on columns (numpy arrays, one element per row): filters are masks, merging
+finds the break points between neighbours and keeps the first row of each run. Merging joins
+leaves that are virtually contiguous with equal page size and effective permissions and, when
+physical columns are shown, physically contiguous too: a range always means one linear piece.
 """
 
-from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, fields, replace
+from typing import Iterator, Optional
+
+import numpy as np
 
 from .host import PAGE
+from .paging.x86 import FLAG_BITS
 
-MASK64 = (1 << 64) - 1
+U64 = np.uint64
+HOST_STATUS = ("", "present", "not-present", "swapped", "pfn-hidden", "no-ram", "unknown")
+_STATUS = {name: i for i, name in enumerate(HOST_STATUS)}
+
+
+@dataclass
+class Rows:
+    """Columns of a map; element i is row i."""
+    start: np.ndarray        # uint64
+    size: np.ndarray         # uint64 (bytes covered by the row)
+    page_size: np.ndarray    # uint64
+    writable: np.ndarray     # bool
+    user: np.ndarray         # bool
+    executable: np.ndarray   # bool
+    gpa: np.ndarray          # uint64, of `start`
+    hpa: np.ndarray          # uint64, of `start` (valid where host == present)
+    host: np.ndarray         # uint8 index into HOST_STATUS (0: not looked up)
+    leaves: np.ndarray       # int64: leaves that begin in this row
+    level: np.ndarray        # int8: the leaf's level (for flags)
+    entry: np.ndarray        # uint64: the leaf entry (for flags)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def take(self, index) -> "Rows":
+        return Rows(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def from_leaves(la) -> Rows:
+    n = len(la)
+    return Rows(la.va, la.size, la.size, la.writable, la.user, la.executable, la.pa,
+                np.zeros(n, U64), np.zeros(n, np.uint8), np.ones(n, np.int64), la.level,
+                la.entry)
+
+
+def keep(rows: Rows, user=False, kernel=False, writable=False, executable=False) -> Rows:
+    mask = np.ones(len(rows), bool)
+    if user:
+        mask &= rows.user
+    if kernel:
+        mask &= ~rows.user
+    if writable:
+        mask &= rows.writable
+    if executable:
+        mask &= rows.executable
+    return rows.take(mask)
+
+
+def host_columns(rows: Rows, ram_map, process, split: bool) -> Rows:
+    """Fill hpa/host from the QEMU process's pagemap (read once per RAM region touched). With
+    split, rows are first cut into 4 KiB pieces so that merging can stop wherever the host
+    pages stop being contiguous."""
+    if split and len(rows):
+        pieces = (rows.size // U64(PAGE)).astype(np.int64)
+        idx = np.repeat(np.arange(len(rows)), pieces)
+        first = np.concatenate(([0], np.cumsum(pieces)[:-1]))
+        offset = (np.arange(len(idx)) - first[idx]).astype(U64) * U64(PAGE)
+        rows = rows.take(idx)
+        rows.start = rows.start + offset
+        rows.gpa = rows.gpa + offset
+        rows.size = np.full(len(rows), PAGE, U64)
+        rows.leaves = (offset == 0).astype(np.int64)
+    rows.host = np.full(len(rows), _STATUS["no-ram"], np.uint8)
+    for region in ram_map.ram:
+        sel = (rows.gpa >= U64(region.start)) & (rows.gpa <= U64(region.end))
+        if not sel.any():
+            continue
+        if region.hva is None or process is None:
+            rows.host[sel] = _STATUS["unknown"]
+            continue
+        hva = U64(region.hva) + (rows.gpa[sel] - U64(region.start))
+        page = (hva // U64(PAGE)).astype(np.int64)
+        lo, hi = int(page.min()), int(page.max())
+        try:
+            entries = np.array(process.pagemap_entries(lo * PAGE, hi - lo + 1), dtype=U64)
+        except OSError:
+            rows.host[sel] = _STATUS["unknown"]
+            continue
+        e = entries[page - lo]
+        present = (e >> U64(63)) & U64(1) == 1
+        swapped = (e >> U64(62)) & U64(1) == 1
+        pfn = e & U64((1 << 55) - 1)
+        rows.host[sel] = np.where(swapped, _STATUS["swapped"],
+                                  np.where(~present, _STATUS["not-present"],
+                                           np.where(pfn == 0, _STATUS["pfn-hidden"],
+                                                    _STATUS["present"])))
+        rows.hpa[sel] = np.where(present & (pfn != 0), pfn * U64(PAGE) + hva % U64(PAGE), U64(0))
+    return rows
+
+
+def merge(rows: Rows, physical: bool = False) -> Rows:
+    """Join neighbours with equal page size and permissions (and linear GPA/HPA if physical).
+    Each merged row keeps its first element's columns, with the summed size and leaves."""
+    n = len(rows)
+    if n == 0:
+        return rows
+    prev_end = rows.start[:-1] + rows.size[:-1]   # wraps to 0 after the top page: no match
+    joins = ((rows.start[1:] == prev_end) & (rows.page_size[1:] == rows.page_size[:-1])
+             & (rows.writable[1:] == rows.writable[:-1]) & (rows.user[1:] == rows.user[:-1])
+             & (rows.executable[1:] == rows.executable[:-1]))
+    if physical:
+        joins &= rows.gpa[1:] == rows.gpa[:-1] + rows.size[:-1]
+        joins &= rows.host[1:] == rows.host[:-1]
+        present = rows.host[1:] == _STATUS["present"]
+        joins &= ~present | (rows.hpa[1:] == rows.hpa[:-1] + rows.size[:-1])
+    heads = np.concatenate(([0], np.flatnonzero(~joins) + 1))
+    merged = rows.take(heads)
+    merged.size = np.add.reduceat(rows.size, heads)
+    merged.leaves = np.add.reduceat(rows.leaves, heads)
+    return merged
 
 
 @dataclass
 class MapRow:
+    """One row for output."""
     start: int
-    end: int                    # exclusive
+    end: int          # exclusive (2**64 for a row reaching the top)
     page_size: int
     writable: bool
     user: bool
     executable: bool
-    gpa: Optional[int] = None   # of `start`
-    hpa: Optional[int] = None   # of `start`, when the host page is present
-    host_status: Optional[str] = None
-    leaves: int = 1
-    flags: Tuple[str, ...] = ()
+    gpa: int
+    hpa: Optional[int]
+    host_status: str
+    leaves: int
+    flags: tuple
 
     @property
     def size(self) -> int:
@@ -40,7 +155,7 @@ class MapRow:
         out = {"start": h(self.start), "end": h(self.end), "size": self.size,
                "page_size": self.page_size, "writable": self.writable, "user": self.user,
                "executable": self.executable, "gpa": h(self.gpa)}
-        if self.hpa is not None or self.host_status is not None:
+        if self.host_status:
             out["hpa"] = h(self.hpa)
             out["host_status"] = self.host_status
         if leaf:
@@ -50,100 +165,33 @@ class MapRow:
         return out
 
 
-def rows_from_mappings(mappings: Iterable) -> Iterator[MapRow]:
-    for m in mappings:
-        yield MapRow(m.va, (m.va + m.size) & MASK64 or (1 << 64), m.size, m.writable, m.user,
-                     m.executable, gpa=m.pa, flags=tuple(m.flags))
-
-
-def keep(row: MapRow, user: bool = False, kernel: bool = False, writable: bool = False,
-         executable: bool = False) -> bool:
-    if user and not row.user:
-        return False
-    if kernel and row.user:
-        return False
-    if writable and not row.writable:
-        return False
-    if executable and not row.executable:
-        return False
-    return True
-
-
-def split_by_host(rows: Iterable[MapRow], ram_map, process) -> Iterator[MapRow]:
-    """Cut each row where its host pages stop being contiguous (or present), with the HPA of
-    each piece; one pagemap read per row."""
-    for row in rows:
-        region = ram_map.ram_at(row.gpa) if row.gpa is not None else None
-        if region is None or region.hva is None or process is None \
-                or row.gpa + row.size - 1 > region.end:
-            row.host_status = "no-ram" if region is None else "unknown"
-            yield row
-            continue
-        hva = region.hva_of(row.gpa)
-        try:
-            entries = process.pagemap_entries(hva, row.size // PAGE)
-        except OSError:
-            row.host_status = "unreadable"
-            yield row
-            continue
-        piece = None
-        for i, e in enumerate(entries):
-            status, hpa = _host(e, hva + i * PAGE)
-            va = row.start + i * PAGE
-            if piece is not None and piece.host_status == status and (
-                    hpa is None or piece.hpa + (va - piece.start) == hpa):
-                piece.end = va + PAGE
-                continue
-            if piece is not None:
-                yield piece
-            piece = MapRow(va, va + PAGE, row.page_size, row.writable, row.user, row.executable,
-                           gpa=row.gpa + i * PAGE, hpa=hpa, host_status=status,
-                           flags=row.flags)
-        if piece is not None:
-            yield piece
-
-
-def _host(entry: int, hva: int):
-    if entry >> 62 & 1:
-        return "swapped", None
-    if not entry >> 63 & 1:
-        return "not-present", None
-    pfn = entry & ((1 << 55) - 1)
-    if pfn == 0:
-        return "pfn-hidden", None
-    return "present", pfn * PAGE + hva % PAGE
-
-
-def merge(rows: Iterable[MapRow], physical: bool = False) -> Iterator[MapRow]:
-    """Join neighbours with equal page size and permissions (and linear GPA/HPA if physical)."""
-    cur: Optional[MapRow] = None
-    for row in rows:
-        if cur is not None and row.start == cur.end and row.page_size == cur.page_size \
-                and (row.writable, row.user, row.executable) == \
-                (cur.writable, cur.user, cur.executable) and (
-                not physical or (
-                    row.gpa == cur.gpa + cur.size and row.host_status == cur.host_status and
-                    (row.hpa is None) == (cur.hpa is None) and
-                    (row.hpa is None or row.hpa == cur.hpa + cur.size))):
-            cur.end = row.end
-            cur.leaves += row.leaves
-            continue
-        if cur is not None:
-            yield cur
-        cur = MapRow(row.start, row.end, row.page_size, row.writable, row.user, row.executable,
-                     row.gpa, row.hpa, row.host_status, row.leaves, row.flags)
-    if cur is not None:
-        yield cur
+def iter_rows(rows: Rows, fmt=None) -> Iterator[MapRow]:
+    """The rows as MapRow objects; leaf flags named by the entry format when given."""
+    flags_of = {}
+    columns = (rows.start, rows.size, rows.page_size, rows.writable, rows.user,
+               rows.executable, rows.gpa, rows.hpa, rows.host, rows.leaves, rows.level,
+               rows.entry)
+    for start, size, psize, w, u, x, gpa, hpa, host, leaves, level, entry in \
+            zip(*(c.tolist() for c in columns)):
+        flags = ()
+        if fmt is not None:
+            key = (level, entry & FLAG_BITS)
+            flags = flags_of.get(key)
+            if flags is None:
+                flags = flags_of[key] = fmt.flags(level, entry, True)
+        status = HOST_STATUS[host]
+        yield MapRow(start, start + size, psize, w, u, x, gpa,
+                     hpa if status == "present" else None, status, leaves, flags)
 
 
 def row_text(row: MapRow, show_gpa: bool, show_hpa: bool, leaf: bool) -> str:
     from .render import size_name
     who = "user" if row.user else "kernel"
-    line = (f"{row.start:#018x} {row.end & MASK64 if row.end < (1 << 64) else MASK64 + 1:#018x} "
-            f"{_human(row.size):>10} "
+    end = min(row.end, 1 << 64)
+    line = (f"{row.start:#018x} {end:#018x} {_human(row.size):>10} "
             f"{size_name(row.page_size):>6}  {row.perms}  {who:<6}")
     if show_gpa:
-        line += f" {row.gpa:#014x}" if row.gpa is not None else f" {'-':>14}"
+        line += f" {row.gpa:#014x}"
     if show_hpa:
         line += f" {row.hpa:#014x}" if row.hpa is not None else f" {row.host_status or '-':>14}"
     if leaf:

@@ -302,6 +302,27 @@ def m_batch(ctx):
             "sample_gpas": [got[i] for i in sample]}
 
 
+def m_batch_arrays(ctx):
+    """translate_batch: the whole chain for every address at once, as arrays."""
+    with open(ctx["addresses_file"]) as f:
+        addrs = json.load(f)
+    sample = _sample_indexes(len(addrs), ctx["hmp_loop_n"])
+    with _attach(ctx, "direct") as vm:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            result = vm.translate_batch(addrs)
+            times.append(time.perf_counter() - t0)
+        path = vm.memory.name
+    elapsed = sorted(times)[1]
+    ok = int(result.ok.sum())
+    gpas = [int(result.gpa[i]) if result.ok[i] else None for i in sample]
+    return {"n": len(addrs), "seconds": elapsed, "per_second": len(addrs) / elapsed,
+            "us_per_translation": elapsed / len(addrs) * 1e6, "translated": ok,
+            "faulted": len(addrs) - ok, "memory_path": path, "sample_gpas": gpas,
+            "with_value": int(result.has_value.sum()), "with_hpa": int((result.host_status == 1).sum())}
+
+
 def m_batch_hmp(ctx):
     with open(ctx["addresses_file"]) as f:
         addrs = json.load(f)
@@ -334,6 +355,22 @@ def _map(ctx, via):
         cr3 = vm.cpu.cr3
         path = vm.memory.name
     return {"via": via, "memory_path": path, "leaves": len(maps), "cr3": cr3,
+            "by_page_size": {str(k): v for k, v in sorted(sizes.items())},
+            "times": summary(times)}
+
+
+def m_map_arrays(ctx):
+    """leaf_arrays: the whole address space as numpy columns, direct path."""
+    with _attach(ctx, "direct") as vm:
+        times = []
+        for _ in range(ctx["map_reps"]):
+            t = time.perf_counter()
+            leaves = vm.leaf_arrays()
+            times.append(time.perf_counter() - t)
+        sizes = Counter(int(x) for x in leaves.size)
+        cr3 = vm.cpu.cr3
+        path = vm.memory.name
+    return {"via": "direct", "memory_path": path, "leaves": len(leaves), "cr3": cr3,
             "by_page_size": {str(k): v for k, v in sorted(sizes.items())},
             "times": summary(times)}
 
@@ -414,6 +451,8 @@ MEASURES = {
     "addresses": m_addresses,
     "batch": m_batch,
     "batch_hmp": m_batch_hmp,
+    "batch_arrays": m_batch_arrays,
+    "map_arrays": m_map_arrays,
     "map_tlb": m_map_tlb,
     "map_direct": m_map_direct,
     "map_gdb": m_map_gdb,
@@ -573,10 +612,12 @@ class Bench:
         log(f"probe pid {probe['pid']} spinning, VM paused by QMP stop; heap GVA {ctx['gva']:#x}")
         plan = [("single_hmp", 60), ("single_gdb", 120), ("single_direct", 60),
                 ("cli_translate", 60 + 60 * p["cli_reps"]), ("addresses", 120),
-                ("batch", 900), ("batch_hmp", 300), ("map_tlb", 120), ("map_direct", 120),
+                ("batch", 900), ("batch_arrays", 300), ("batch_hmp", 300), ("map_tlb", 120),
+                ("map_arrays", 120), ("map_direct", 120),
                 ("map_gdb", 300), ("map_cli", 60 + 120 * p["map_cli_reps"]), ("scan", 300)]
         for name, timeout in plan:
-            if name in ("batch", "batch_hmp") and "error" in self.results.get("addresses", {}):
+            if name in ("batch", "batch_arrays", "batch_hmp") and \
+                    "error" in self.results.get("addresses", {}):
                 continue
             self.run_child(name, ctx, key=name if name != "scan" else "scan_256M",
                            timeout=timeout)
@@ -675,11 +716,23 @@ class Bench:
             add(2, f"HMP gva2gpa loop ({h['calls']:,} calls timed, extrapolated)",
                 f"{h['per_second']:,.0f}/s (-> {h['n']:,} in ~{h['extrapolated_seconds']:.0f} s "
                 f"extrapolated)", kb_mb(h["maxrss_kb"]), key="batch_hmp")
-        if not err(b) and not err(h):
-            ratio = b["per_second"] / h["per_second"]
-            add(2, "batch / HMP loop, same run", f"{ratio:.1f}x",
+        a = r.get("batch_arrays")
+        if err(a):
+            add(2, "translate_batch", f"ERROR: {a and a.get('error')}", key="batch_arrays")
+        else:
+            add(2, f"translate_batch({a['n']:,} addresses), direct path: GVA..HPA + value",
+                f"{a['per_second']:,.0f}/s ({a['seconds'] * 1000:.1f} ms, "
+                f"{a['us_per_translation']:.2f} us each; {a['faulted']:,} faulted)",
+                kb_mb(a["maxrss_kb"]), key="batch_arrays")
+        if not err(a) and not err(h):
+            ratio = a["per_second"] / h["per_second"]
+            add(2, "translate_batch / HMP loop, same run", f"{ratio:.1f}x",
                 target=f">= {TARGETS['batch_ratio']:g}x", met=ratio >= TARGETS["batch_ratio"],
                 key="batch_ratio")
+        if not err(b) and not err(h):
+            ratio = b["per_second"] / h["per_second"]
+            add(2, "translate_many (every level, flag and access rule) / HMP loop",
+                f"{ratio:.1f}x", key="batch_many_ratio")
 
         # 3. whole map
         tlb = r.get("map_tlb")
@@ -689,6 +742,7 @@ class Bench:
             add(3, "HMP info tlb over QMP", f"{ms(tlb['times'])}; {tlb['lines']:,} lines",
                 kb_mb(tlb["maxrss_kb"]), key="map_tlb")
         for key, label, short in (
+                ("map_arrays", "vm.leaf_arrays(), direct path", "leaf_arrays, direct"),
                 ("map_direct", "list(vm.mappings()), direct path", "list(vm.mappings()), direct"),
                 ("map_gdb", "list(vm.mappings()), gdbstub path", "list(vm.mappings()), gdb"),
                 ("map_cli", "`qintrospect vmmap --leaf --json` (start to exit)",
@@ -707,9 +761,11 @@ class Bench:
             add(3, label, text, rss_mb, key=key)
             if not err(tlb):
                 ratio = res["times"]["median_ms"] / tlb["times"]["median_ms"]
+                targeted = key == "map_arrays"   # the API the target is about
                 add(3, f"  {short} / info tlb",
                     f"{ratio:.2f}x (time ratio, same run)",
-                    target=f"<= {TARGETS['map_ratio']:g}x", met=ratio <= TARGETS["map_ratio"],
+                    target=f"<= {TARGETS['map_ratio']:g}x" if targeted else None,
+                    met=ratio <= TARGETS["map_ratio"] if targeted else None,
                     key=f"{key}_ratio")
 
         # 4./5. scans
@@ -776,6 +832,12 @@ class Bench:
                        f"HMP loop was timed on {h['calls']:,} calls (median "
                        f"{h['times']['median_ms']:.3f} ms each) and extrapolated to "
                        f"{h['n']:,}")
+        ba = r.get("batch_arrays") or {}
+        if "sample_gpas" in ba and "sample_gpas" in h:
+            agree = sum(x == y for x, y in zip(ba["sample_gpas"], h["sample_gpas"]))
+            out.append(f"translate_batch check: agrees with gva2gpa on {agree:,} of "
+                       f"{len(h['sample_gpas']):,} sampled addresses; {ba['with_value']:,} "
+                       f"values and {ba['with_hpa']:,} HPAs found")
         md, tlb = r.get("map_direct") or {}, r.get("map_tlb") or {}
         if "leaves" in md and "lines" in tlb:
             out.append(f"map check: {md['leaves']:,} leaves from qintrospect vs {tlb['lines']:,} "

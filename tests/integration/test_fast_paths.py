@@ -91,3 +91,33 @@ def test_live_session_keeps_running_and_freeze_restores(g):
     assert g.qmp("query-status")["running"]
     rc, out, err = run_cli("translate", *attach_args(g), "--freeze", "0x1000")
     assert rc == 2 and "--freeze" in err
+
+
+def test_translate_batch_equals_translate_one_by_one(g):
+    """The array path answers what the one-address path answers, key for key."""
+    import random
+    rnd = random.Random(7)
+    stop_on_probe(g)
+    try:
+        with qintrospect.attach(qmp=g.qmp_path, gdb=g.gdb_address) as vm:
+            leaves = vm.leaf_arrays()
+            picks = rnd.sample(range(len(leaves)), 600)
+            addrs = [int(leaves.va[i]) + rnd.randrange(0, int(leaves.size[i]), 4) for i in picks]
+            addrs += [g.probe["regions"][n]["gva"] for n in USER_REGIONS + ("untouched",)]
+            addrs += [0x0, 0x0000800000000000, 0xFFFFFFFFFFFFF000]
+            batch = list(vm.translate_batch(addrs).to_dicts())
+            keys = ("gpa", "page_size", "ram_block", "hva", "hpa", "writable", "user",
+                    "executable", "value")
+            for a, b in zip(addrs, batch):
+                t = vm.translate(a).to_dict()
+                if "fault" in t:
+                    assert (b["fault"]["reason"], b["fault"]["level"]) == \
+                        (t["fault"]["reason"], t["fault"]["level"]), hex(a)
+                else:
+                    assert {k: t[k] for k in keys} == {k: b[k] for k in keys}, hex(a)
+        rc, out, err = run_cli("translate", *attach_args(g), "--brief", "-",
+                               input="\n".join(map(hex, addrs)) + "\n")
+        assert rc == 1  # some of them fault
+        assert [json.loads(line) for line in out.splitlines()] == batch
+    finally:
+        g.qmp("cont")
