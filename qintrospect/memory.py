@@ -155,7 +155,7 @@ class PageCache:
     """Whole-page cache in front of an adapter. Valid only while the VM is stopped: the session
     drops it whenever the VM may have run or the root changes."""
 
-    def __init__(self, inner: PhysicalMemory, max_pages: int = 65536):
+    def __init__(self, inner: PhysicalMemory, max_pages: int = 8192):
         self.inner = inner
         self.name = inner.name
         self.ram_map = inner.ram_map
