@@ -15,15 +15,13 @@ import numpy as np
 
 from . import paging
 from .errors import MemoryReadError
-from .host import PAGE
+from .host import (HOST_NOT_PRESENT, HOST_PFN_HIDDEN, HOST_PRESENT, HOST_STATUS, HOST_UNKNOWN,
+                   PAGE, pagemap_arrays)
 from .memory import DirectMemory
 
 VALUE_SIZE = 8
 RUN_PAGES = 1024   # data pages read per call: bounded memory (4 MiB) whatever the batch
 GAP_PAGES = 64     # pages apart that are still read in one call
-# host status codes
-HOST_NONE, HOST_PRESENT, HOST_NOT_PRESENT, HOST_SWAPPED, HOST_PFN_HIDDEN = 0, 1, 2, 3, 4
-HOST_STATUS = (None, "present", "not-present", "swapped", "pfn-hidden")
 U64 = np.uint64
 
 
@@ -60,7 +58,7 @@ class BatchTranslation:
                 yield {"gva": h(w.va[i]), "fault": {"level": w.level_name(i),
                                                      "reason": w.reason(i)}}
                 continue
-            status = HOST_STATUS[self.host_status[i]]
+            status = HOST_STATUS[self.host_status[i]] or None
             yield {"gva": h(w.va[i]), "gpa": h(w.pa[i]), "page_size": int(w.page_size[i]),
                    "ram_block": self.ram_blocks[self.region[i]] if self.region[i] >= 0 else None,
                    "hva": h(self.hva[i]) if self.has_hva[i] else None,
@@ -107,35 +105,16 @@ def translate_batch(session, addresses, cr3: Optional[int] = None) -> BatchTrans
             hva[sel] = U64(r.hva) + (w.pa[sel] - U64(r.start))
             has_hva[sel] = True
             if session.process is not None:
-                _host_pages(session.process, r, sel, hva, hpa, status)
+                try:
+                    status[sel], hpa[sel] = pagemap_arrays(session.process, hva[sel])
+                except OSError:
+                    status[sel] = HOST_UNKNOWN
         if isinstance(session.memory, DirectMemory):
             _values_direct(session, w, region, hva, status, value, has_value, cr3)
         else:
             _values(session, session.memory, w, region, value, has_value, cr3)
     return BatchTranslation(w, region, hva, has_hva, hpa, status, value, has_value,
                             tuple(r.block for r in ram), cr3)
-
-
-def _host_pages(process, r, sel, hva, hpa, status) -> None:
-    """The pagemap of a RAM region's pages that the batch touches, read in one go."""
-    first = (r.hva // PAGE)
-    pages = (hva[sel] // U64(PAGE)).astype(np.int64) - first
-    lo, hi = int(pages.min()), int(pages.max())
-    try:
-        entries = np.array(process.pagemap_entries((first + lo) * PAGE, hi - lo + 1), dtype=U64)
-    except OSError:
-        return
-    e = entries[pages - lo]
-    present = (e >> U64(63)) & U64(1) == 1
-    swapped = (e >> U64(62)) & U64(1) == 1
-    pfn = e & U64((1 << 55) - 1)
-    code = np.where(swapped, HOST_SWAPPED, np.where(~present, HOST_NOT_PRESENT,
-                                                     np.where(pfn == 0, HOST_PFN_HIDDEN,
-                                                              HOST_PRESENT)))
-    status[sel] = code
-    ok = code == HOST_PRESENT
-    idx = np.flatnonzero(sel)[ok]
-    hpa[idx] = pfn[ok] * U64(PAGE) + hva[idx] % U64(PAGE)
 
 
 def _values_direct(session, w, region, hva, status, value, has_value, cr3) -> None:

@@ -12,12 +12,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .host import PAGE
+from .host import HOST_NO_RAM, HOST_PRESENT, HOST_STATUS, HOST_UNKNOWN, PAGE, pagemap_arrays
 from .paging.x86 import FLAG_BITS
 
 U64 = np.uint64
-HOST_STATUS = ("", "present", "not-present", "swapped", "pfn-hidden", "no-ram", "unknown")
-_STATUS = {name: i for i, name in enumerate(HOST_STATUS)}
 
 
 @dataclass
@@ -77,31 +75,19 @@ def host_columns(rows: Rows, ram_map, process, split: bool) -> Rows:
         rows.gpa = rows.gpa + offset
         rows.size = np.full(len(rows), PAGE, U64)
         rows.leaves = (offset == 0).astype(np.int64)
-    rows.host = np.full(len(rows), _STATUS["no-ram"], np.uint8)
+    rows.host = np.full(len(rows), HOST_NO_RAM, np.uint8)
     for region in ram_map.ram:
         sel = (rows.gpa >= U64(region.start)) & (rows.gpa <= U64(region.end))
         if not sel.any():
             continue
+        rows.host[sel] = HOST_UNKNOWN
         if region.hva is None or process is None:
-            rows.host[sel] = _STATUS["unknown"]
             continue
-        hva = U64(region.hva) + (rows.gpa[sel] - U64(region.start))
-        page = (hva // U64(PAGE)).astype(np.int64)
-        lo, hi = int(page.min()), int(page.max())
         try:
-            entries = np.array(process.pagemap_entries(lo * PAGE, hi - lo + 1), dtype=U64)
+            rows.host[sel], rows.hpa[sel] = pagemap_arrays(
+                process, U64(region.hva) + (rows.gpa[sel] - U64(region.start)))
         except OSError:
-            rows.host[sel] = _STATUS["unknown"]
-            continue
-        e = entries[page - lo]
-        present = (e >> U64(63)) & U64(1) == 1
-        swapped = (e >> U64(62)) & U64(1) == 1
-        pfn = e & U64((1 << 55) - 1)
-        rows.host[sel] = np.where(swapped, _STATUS["swapped"],
-                                  np.where(~present, _STATUS["not-present"],
-                                           np.where(pfn == 0, _STATUS["pfn-hidden"],
-                                                    _STATUS["present"])))
-        rows.hpa[sel] = np.where(present & (pfn != 0), pfn * U64(PAGE) + hva % U64(PAGE), U64(0))
+            pass
     return rows
 
 
@@ -118,7 +104,7 @@ def merge(rows: Rows, physical: bool = False) -> Rows:
     if physical:
         joins &= rows.gpa[1:] == rows.gpa[:-1] + rows.size[:-1]
         joins &= rows.host[1:] == rows.host[:-1]
-        present = rows.host[1:] == _STATUS["present"]
+        present = rows.host[1:] == HOST_PRESENT
         joins &= ~present | (rows.hpa[1:] == rows.hpa[:-1] + rows.size[:-1])
     heads = np.concatenate(([0], np.flatnonzero(~joins) + 1))
     merged = rows.take(heads)
