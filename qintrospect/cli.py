@@ -365,13 +365,17 @@ def cmd_compare(args) -> int:
             cmp = modlog.compare(log, t.walk, value)
             explain = modlog.explain_direct_map(log.address, t.gpa) if t.ok else None
             outside = dict(t.to_dict(), root_found_by=how)
+    compared = any(r.agree is True for r in cmp.rows)
     if args.json:
-        print(render.json_line({"agree": cmp.agree, "kind": log.kind, "rows":
-                                [r.to_dict() for r in cmp.rows], "explain": explain,
-                                "outside": outside, "log": log.to_dict()}))
+        print(render.json_line({"agree": cmp.agree and compared, "compared": compared,
+                                "kind": log.kind, "rows": [r.to_dict() for r in cmp.rows],
+                                "explain": explain, "outside": outside, "log": log.to_dict()}))
     else:
         print(render.comparison_text(log, cmp, outside, explain))
-    return EXIT_OK if cmp.agree else EXIT_FAULT
+        if not compared:
+            print("  => nothing could be compared: the outside view has none of the log's "
+                  "numbers (see the rows' reasons)")
+    return EXIT_OK if cmp.agree and compared else EXIT_FAULT
 
 
 def _root_for_log(vm, log, args):

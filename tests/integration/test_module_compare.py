@@ -119,3 +119,14 @@ def test_parse_log_offline_on_the_seed():
     assert rc == 0 and "284" in out
     rc, out, err = run_cli("parse-log", "README.md")
     assert rc == 2 and "Traceback" not in err
+
+
+def test_ept_log_against_this_host(g):
+    """The seed's ept_dump walked GPA 0x36653be8 of another machine's VM: here that GPA is not
+    RAM of the bundled guest (256 MiB), so nothing can be compared: said, exit 1."""
+    rc, out, err = run_json("compare", "--log", "tests/data/seed_ept_dump.log", *attach_args(g))
+    assert rc == 1, err
+    assert out[0]["kind"] == "ept_dump" and out[0]["compared"] is False
+    assert "unassigned" in out[0]["rows"][0]["reason"]
+    rc, text, err = run_cli("compare", "--log", "tests/data/seed_ept_dump.log", *attach_args(g))
+    assert rc == 1 and "nothing could be compared" in text

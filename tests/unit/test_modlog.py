@@ -555,3 +555,18 @@ def test_chain_of_two_different_experiments_disagrees():
     assert ch.gpa_agree is False and ch.value_agree is False
     assert any("not the same page" in n for n in ch.notes)
     assert any("page_offset_base" in n and "does not equal" in n for n in ch.notes)
+
+
+def test_compare_host_against_the_seed_ept_log():
+    """An ept_dump log set against the host's own GPA -> HPA answer (compare --log)."""
+    from qintrospect import modlog
+    log = modlog.parse_log_file(DATA / "seed_ept_dump.log")
+    # the HPA the log's own entries imply, and the value it printed: the printed HPA line
+    # keeps bits 63..7, of which bit 7 is 0 in the log
+    same = modlog.compare_host(log, 0x10853B68, 1772334)
+    assert same.agree and [r.field for r in same.rows] == ["final", "value"]
+    assert "6..0 not printed" in same.rows[0].reason
+    moved = modlog.compare_host(log, 0x20853B68, 1772334)
+    assert not moved.agree and "bits 29" in moved.rows[0].reason
+    nothing = modlog.compare_host(log, None, None, "0x36653be8 is unassigned guest-physical space")
+    assert nothing.rows[0].agree is None and "unassigned" in nothing.rows[0].reason
