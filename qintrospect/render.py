@@ -74,6 +74,15 @@ def access_lines(access) -> List[str]:
     return lines
 
 
+def explain_indexes(gva: int, gpa: int, page_size: int):
+    """Why the GVA and GPA share index bits, when that is more than the page offset: a kernel
+    direct-map alias (1 GiB-aligned difference) or a large page."""
+    if (gva - gpa) % (1 << 30) and page_size <= 4096:
+        return None
+    from .modlog import explain_direct_map
+    return explain_direct_map(gva, gpa)
+
+
 def translation_text(t, show_bits: bool = True) -> str:
     w = t.walk
     out = []
@@ -110,6 +119,9 @@ def translation_text(t, show_bits: bool = True) -> str:
                        ("executable" if w.executable else "no-execute")])
     out.append(f"  => GPA {w.pa:#x} in a {size_name(w.page_size)} page; {perms}")
     out.extend(access_lines(w.access))
+    why = explain_indexes(t.gva, w.pa, w.page_size)
+    if why:
+        out.append(f"  why: {why}")
     out.append("")
     out.append("  chain")
     out.append(f"    GVA  {t.gva:#018x}")

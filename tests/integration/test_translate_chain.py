@@ -128,6 +128,10 @@ def test_kernel_addresses_match_qemu(guest):
         rc, out, err = run_json("translate", *attach_args(g), *map(hex, addrs))
     finally:
         g.qmp("cont")
+    direct = [a for a, t in zip(addrs, out) if "gpa" in t and (a - int(t["gpa"], 16)) % (1 << 30) == 0]
+    assert direct, "the kernel's direct map is among QEMU's kernel ranges"
+    rc, text, err = run_cli("translate", *attach_args(g), "--no-bits", hex(direct[0]))
+    assert rc == 0 and "direct-map alias" in text and "by construction" in text
     for a, want, t in zip(addrs, expected, out):
         if want is None:
             assert "fault" in t
