@@ -75,7 +75,7 @@ def _attach(args):
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     vm = Session(args.qmp, args.gdb, pid=args.pid, vcpu=args.vcpu, via=args.via,
                  allow_remote=args.allow_remote, timeout=args.timeout,
-                 verbose=args.verbose, freeze=args.freeze).open()
+                 freeze=args.freeze).open()
     for warning in vm.warnings:
         print(f"qintrospect: warning: {warning}", file=sys.stderr)
     if args.verbose:

@@ -117,7 +117,7 @@ class Session:
 
     def __init__(self, qmp: str, gdb: Optional[str] = None, pid: Optional[int] = None,
                  vcpu: int = 0, via: str = "auto", allow_remote: bool = False,
-                 timeout: float = 5.0, verbose: bool = False, freeze: bool = False):
+                 timeout: float = 5.0, freeze: bool = False):
         if via not in ("auto", "gdb", "direct", "qmp"):
             raise UsageError(f"--via {via!r}: expected auto, gdb, direct or qmp")
         if via == "gdb" and not gdb:
@@ -131,7 +131,6 @@ class Session:
         self.vcpu = vcpu
         self.via = via
         self.timeout = timeout
-        self.verbose = verbose
         self.qmp: Optional[QmpMonitor] = None
         self.gdb: Optional[GdbStub] = None
         self.process: Optional[HostProcess] = None
