@@ -1,0 +1,64 @@
+"""The command line without a VM: numbers, usage errors and their exit statuses."""
+
+import subprocess
+import sys
+
+import pytest
+
+from qintrospect.cli import main, parse_number
+from qintrospect.errors import UsageError
+
+
+@pytest.mark.parametrize("text,value", [
+    ("0x7f12345673e8", 0x7F12345673E8), ("0XFFFF888000100000", 0xFFFF888000100000),
+    ("4096", 4096), ("0xffff_8880_0010_0000", 0xFFFF888000100000), ("0", 0),
+    ("0xffffffffffffffff", (1 << 64) - 1),
+])
+def test_numbers_follow_gdb_and_qemu(text, value):
+    assert parse_number(text) == value
+
+
+@pytest.mark.parametrize("text,words", [
+    ("ffff8880", "0x prefix"), ("-5", "negative"), ("0x1ffffffffffffffff", "64 bits"),
+    ("12ab", "0x prefix"), ("0xzz", "not a number"), ("", "not a number"), ("1.5", "not a number"),
+])
+def test_bad_numbers_say_why(text, words):
+    with pytest.raises(UsageError, match=words):
+        parse_number(text)
+
+
+def run(*args, env=None):
+    proc = subprocess.run([sys.executable, "-m", "qintrospect", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    ((), "usage"),
+    (("translate", "0x1000"), "--qmp"),
+    (("translate", "--qmp", "/x", "--gdb", "10.1.2.3:1234", "0x1000"), "--allow-remote"),
+    (("translate", "--qmp", "/x", "--gdb", "127.0.0.1:99999", "0x1000"), "port"),
+    (("translate", "--qmp", "/x", "--gdb", "127.0.0.1:1", "--freeze", "0x1000"), "--freeze"),
+    (("translate", "--qmp", "/x", "--expect", "1", "0x1000"), "--find-cr3"),
+    (("translate", "--qmp", "/x", "--find-cr3", "0x1000"), "--expect"),
+    (("translate", "--qmp", "/x", "0x1000", "-"), "only address"),
+    (("vmmap", "--qmp", "/x", "--range", "0x2000"), "START-END"),
+    (("read", "--qmp", "/x", "0x1000", "0"), "length"),
+    (("read", "--qmp", "/x", "--phys", "--cr3", "0x1000", "0x1000", "8"), "exclude"),
+    (("find-cr3", "--qmp", "/x", "--expect", "5"), "--gva"),
+    (("parse-log", "/nonexistent.log"), "cannot read"),
+    (("translate", "--qmp", "/x", "--outer", "gdb=1", "0x1000"), "--outer"),
+])
+def test_usage_errors_exit_2_with_a_reason(args, words):
+    rc, out, err = run(*args)
+    assert rc == 2, (rc, err)
+    assert words in err and "Traceback" not in err
+
+
+def test_missing_socket_is_exit_3():
+    rc, out, err = run("cpus", "--qmp", "/nonexistent/qmp.sock")
+    assert rc == 3 and "does not exist" in err
+
+
+def test_main_returns_statuses_in_process():
+    assert main(["parse-log", "/nonexistent.log"]) == 2
