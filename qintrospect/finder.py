@@ -7,6 +7,7 @@ aligned address and the user copy 4 KiB above it, whose user half is the same. C
 then filtered by "maps GVA" and "the 8 bytes at GVA equal VALUE" with the ordinary walker.
 """
 
+import struct
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional
 
@@ -45,7 +46,7 @@ class Candidate:
 
 
 def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
-    """The kernel copy of the current top-level table and its upper half."""
+    """The current top-level table (its kernel copy, under KPTI) and its upper half."""
     mode = paging.paging_mode(cpu)
     if mode is None or mode.name not in ("4-level", "5-level"):
         raise UsageError(f"find-cr3 needs 4- or 5-level paging; this vCPU is in "
@@ -70,7 +71,7 @@ def scan(memory, ram_map, cpu: paging.CpuState, progress=None) -> List[Candidate
     every page of a chunk at once (numpy), and the full 2 KiB compare runs only where it
     matches. Memory adapters that can skip pages the host never touched do so."""
     import numpy as np
-    current, kernel_half = fingerprint_root(memory.read, cpu)
+    _, kernel_half = fingerprint_root(memory.read, cpu)
     words = np.frombuffer(kernel_half, dtype="<u8")
     k = int(np.flatnonzero(words)[0])
     slot, word = HALF // 8 + k, words[k]
@@ -88,7 +89,7 @@ def scan(memory, ram_map, cpu: paging.CpuState, progress=None) -> List[Candidate
                     found.append(gpa + off)
         if progress is not None:
             progress.advance(end - start)
-    return pair_kpti(memory.read, found, current)
+    return pair_kpti(memory.read, found, cpu.cr3 & 0x000FFFFFFFFFF000)
 
 
 def _chunks(memory, start: int, end: int):
@@ -105,24 +106,34 @@ def _chunks(memory, start: int, end: int):
 
 
 def pair_kpti(read, roots: List[int], current: int) -> List[Candidate]:
-    """Mark KPTI pairs: an 8 KiB aligned kernel copy whose next page repeats its user half."""
+    """Mark KPTI pairs: an 8 KiB aligned kernel copy whose next page repeats its user half.
+    Linux sets NX in the kernel copy's user entries (the kernel must not run user code), so
+    the halves are compared with bit 63 masked off."""
     out = []
     for root in sorted(set(roots)):
         how = ("the current CR3's table" if root == current else
                "kernel half equals the current CR3's table")
         cand = Candidate(root, how, is_current=root == current)
-        if root % (2 * PAGE) == 0:
-            try:
-                user_half = read(root, HALF)
-                other = read(root + PAGE, HALF)
-            except MemoryReadError:
-                other = None
-            if other is not None and any(user_half) and other == user_half:
-                cand = replace(cand, kpti_user_copy=root + PAGE)
-                out.append(Candidate(root + PAGE, f"KPTI user copy of {root:#x}",
-                                     kpti_kernel_copy=root))
+        if root % (2 * PAGE) == 0 and _user_halves_match(read, root):
+            cand = replace(cand, kpti_user_copy=root + PAGE)
+            out.append(Candidate(root + PAGE, f"KPTI user copy of {root:#x}",
+                                 is_current=root + PAGE == current, kpti_kernel_copy=root))
         out.append(cand)
     return out
+
+
+def _user_halves_match(read, root: int) -> bool:
+    try:
+        kernel_copy = read(root, HALF)
+        user_copy = read(root + PAGE, HALF)
+    except MemoryReadError:
+        return False
+    if not any(user_copy):
+        return False
+    nx_off = (1 << 63) - 1
+    a = struct.unpack(f"<{HALF // 8}Q", kernel_copy)
+    b = struct.unpack(f"<{HALF // 8}Q", user_copy)
+    return all(x & nx_off == y & nx_off for x, y in zip(a, b))
 
 
 def check(read, cpu: paging.CpuState, candidates: List[Candidate], gva: Optional[int],

@@ -188,3 +188,40 @@ def test_progress_on_a_terminal_and_silence_in_a_pipe(sleeping):
     assert "scanning guest RAM" in child.before and "%" in child.before
     rc, out, err = run_cli("find-cr3", *attach_args(g))
     assert rc == 0 and err == ""
+
+
+def test_find_cr3_pairs_kpti_copies():
+    """With page-table isolation (pti=on) every process has a kernel and a user copy of its
+    top-level table: find-cr3 reports them as a pair, and both translate the process's
+    addresses to what the guest's own pagemap says."""
+    from vm.guest import Guest
+    Guest.check_built()
+    g = Guest(cpu="max", append_extra="pti=on").start()
+    try:
+        assert "isolation: enabled" in g.run("dmesg | grep -i 'page tables isolation'")
+        g.start_probe("sleep")
+        heap = g.probe["regions"]["heap"]
+        rc, found, err = run_json("find-cr3", *attach_args(g), "--gva", hex(heap["gva"]),
+                                  "--expect", hex(heap["value"]))
+        assert rc == 0, err
+        roots = {int(c["cr3"], 16): c for c in found}
+        kernel = [r for r, c in roots.items() if c["kpti_user_copy"]]
+        assert kernel, found
+        k = kernel[0]
+        user = int(roots[k]["kpti_user_copy"], 16)
+        assert user == k + 0x1000 and int(roots[user]["kpti_kernel_copy"], 16) == k
+        for root in (k, user):
+            rc, out, err = run_json("translate", *attach_args(g), "--cr3", hex(root),
+                                    hex(heap["gva"]))
+            assert rc == 0 and int(out[0]["gpa"], 16) == heap["gpa"]
+        # the user copy maps next to nothing of the kernel (entry code only); the kernel copy
+        # maps it all
+        kernel_bytes = {}
+        for root in (k, user):
+            rc, rows, err = run_json("vmmap", *attach_args(g), "--cr3", hex(root), "--kernel")
+            kernel_bytes[root] = sum(r["size"] for r in rows)
+        assert kernel_bytes[user] * 20 < kernel_bytes[k]
+        rc, allroots, err = run_json("find-cr3", *attach_args(g))
+        assert sum(1 for c in allroots if c["kpti_user_copy"]) >= 3
+    finally:
+        g.stop()

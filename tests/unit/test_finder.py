@@ -33,7 +33,8 @@ def build():
     ram.put(kernel_pdpt, 0x90000 | P | RW | 0x80)            # something in it
     for root, pdpt, pd, pt, data, value in ((0x20000, 0x21000, 0x22000, 0x23000, 0x24000, 111),
                                             (0x40000, 0x31000, 0x32000, 0x33000, 0x34000, 222)):
-        ram.put(root, pdpt | P | RW | US)
+        # Linux sets NX in the kernel copy's user entries under KPTI
+        ram.put(root, pdpt | P | RW | US | (1 << 63 if root == 0x40000 else 0))
         ram.put(pdpt, pd | P | RW | US)
         ram.put(pd + 2 * 8, pt | P | RW | US)
         ram.put(pt, data | P | RW | US)
@@ -61,4 +62,6 @@ def test_finds_every_root_pairs_kpti_and_filters():
 def test_current_cr3_on_the_user_copy_uses_the_kernel_copy():
     ram = build()
     cpu = paging.CpuState(CR0, 0x41000, CR4, EFER, 40)   # stopped in user mode, KPTI
-    assert {c.root for c in finder.scan(ram, ram.ram_map, cpu)} == {0x20000, 0x40000, 0x41000}
+    cands = {c.root: c for c in finder.scan(ram, ram.ram_map, cpu)}
+    assert set(cands) == {0x20000, 0x40000, 0x41000}
+    assert cands[0x41000].is_current and not cands[0x40000].is_current
