@@ -899,11 +899,11 @@ def _flag_findings(log: ModLog) -> List[Finding]:
             continue
         is_leaf = bool(leaf) and leaf[0].name == lvl.name
         if log.kind == "ept_dump":
-            need, need_mask, what = 0, 0x7, "R/W/X (bits 2..0), not all zero"
+            what = "R/W/X (bits 2..0), not all zero"
             known = lvl.entry_known_mask & 0x7
             agree = None if known != 0x7 else bool(lvl.entry & 0x7)
         else:
-            need_mask, what = 0x1, "P (bit 0) = 1"
+            what = "P (bit 0) = 1"
             known = lvl.entry_known_mask & 0x1
             agree = None if not known else bool(lvl.entry & 1)
         text = f"{lvl.name} entry {what}: " + (
@@ -1239,7 +1239,7 @@ def chain(guest_log: ModLog, host_log: ModLog) -> Chain:
     if hgpa is not None and both:
         differ = (gpa ^ hgpa) & both
         agree = not differ
-        notes.append(f"guest GPA and host GPA: " + (
+        notes.append("guest GPA and host GPA: " + (
             f"agree on bits {bit_ranges(both)}" if agree else
             f"DIFFER at bit(s) {bit_ranges(differ)}: not the same page, or not one experiment"))
     hpa_c, hpa_cmask = implied_final(host_log)

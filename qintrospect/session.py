@@ -7,10 +7,9 @@ state is put back: gdb disconnects (leaving the VM stopped), then QMP resumes a 
 found running and confirms that a VM found paused is still paused.
 """
 
-import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
 from . import finder, paging, runstate

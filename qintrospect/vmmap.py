@@ -7,7 +7,7 @@ leaves that are virtually contiguous with equal page size and effective permissi
 physical columns are shown, physically contiguous too: a range always means one linear piece.
 """
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Iterator, Optional
 
 import numpy as np

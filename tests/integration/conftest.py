@@ -1,5 +1,6 @@
 """Fixtures that boot the bundled guest in a real QEMU and run the real qintrospect command."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -25,24 +26,35 @@ def run_json(*args, **kw):
     return rc, [json.loads(line) for line in out.splitlines() if line.strip()], err
 
 
-def boot(cpu, smp=1, probe="spin", memory="256M"):
+def boot(cpu, smp=1, probe="spin", memory="256M", append_extra=""):
     Guest.check_built()  # fails (not skips) with "run vm/build.sh" when the guest is missing
-    guest = Guest(cpu=cpu, smp=smp, memory=memory)
-    guest.start()
-    if probe:
-        guest.start_probe(probe)
+    guest = Guest(cpu=cpu, smp=smp, memory=memory, append_extra=append_extra)
+    try:
+        guest.start()
+        if probe:
+            guest.start_probe(probe)
+    except BaseException:
+        guest.stop()
+        raise
     return guest
+
+
+@contextlib.contextmanager
+def booted(cpu="max", **options):
+    """The bundled guest for the length of a `with` (or a fixture): see boot()."""
+    guest = boot(cpu, **options)
+    try:
+        yield guest
+    finally:
+        guest.stop()
 
 
 @pytest.fixture(scope="module", params=["max", "qemu64"])
 def guest(request):
-    """The bundled guest with the probe spinning, under -cpu max (5-level, PCID, SMEP/SMAP)
+    """The bundled guest with the probe spinning, under -cpu max (5-level, SMEP/SMAP, PKE)
     and -cpu qemu64 (4-level)."""
-    g = boot(request.param)
-    try:
+    with booted(request.param) as g:
         yield g
-    finally:
-        g.stop()
 
 
 def attach_args(g):

@@ -9,7 +9,7 @@ import pytest
 
 from qintrospect.qmp import parse_info_tlb, parse_registers
 
-from .conftest import attach_args, boot, run_cli, run_json
+from .conftest import attach_args, boot, booted, run_cli, run_json
 from .test_translate_chain import stop_on_probe
 
 pytestmark = pytest.mark.vm
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.vm
 
 def test_vmmap_leaf_equals_info_tlb(guest):
     g = guest
-    cr3 = stop_on_probe(g)
+    stop_on_probe(g)
     try:
         tlb = parse_info_tlb(g.hmp("info tlb"))
         rc, rows, err = run_json("vmmap", "--leaf", *attach_args(g))
@@ -108,11 +108,8 @@ def test_cpus_two_vcpus_match_info_registers():
 @pytest.fixture(scope="module")
 def sleeping():
     """A guest whose probe sleeps: the vCPU's CR3 is whoever ran last, not the probe."""
-    g = boot("max", probe="sleep")
-    try:
+    with booted("max", probe="sleep") as g:
         yield g
-    finally:
-        g.stop()
 
 
 def test_find_cr3_finds_a_sleeping_process(sleeping):
@@ -194,12 +191,8 @@ def test_find_cr3_pairs_kpti_copies():
     """With page-table isolation (pti=on) every process has a kernel and a user copy of its
     top-level table: find-cr3 reports them as a pair, and both translate the process's
     addresses to what the guest's own pagemap says."""
-    from vm.guest import Guest
-    Guest.check_built()
-    g = Guest(cpu="max", append_extra="pti=on").start()
-    try:
+    with booted("max", probe="sleep", append_extra="pti=on") as g:
         assert "isolation: enabled" in g.run("dmesg | grep -i 'page tables isolation'")
-        g.start_probe("sleep")
         heap = g.probe["regions"]["heap"]
         rc, found, err = run_json("find-cr3", *attach_args(g), "--gva", hex(heap["gva"]),
                                   "--expect", hex(heap["value"]))
@@ -223,5 +216,3 @@ def test_find_cr3_pairs_kpti_copies():
         assert kernel_bytes[user] * 20 < kernel_bytes[k]
         rc, allroots, err = run_json("find-cr3", *attach_args(g))
         assert sum(1 for c in allroots if c["kpti_user_copy"]) >= 3
-    finally:
-        g.stop()

@@ -7,7 +7,7 @@ import pytest
 
 import qintrospect
 
-from .conftest import attach_args, boot, run_cli, run_json
+from .conftest import attach_args, booted, run_cli, run_json
 from .test_translate_chain import USER_REGIONS, stop_on_probe
 
 pytestmark = pytest.mark.vm
@@ -15,11 +15,8 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture(scope="module")
 def g():
-    guest = boot("max")
-    try:
+    with booted("max") as guest:
         yield guest
-    finally:
-        guest.stop()
 
 
 def test_all_paths_give_the_same_translation(g):

@@ -8,18 +8,15 @@ import re
 
 import pytest
 
-from .conftest import attach_args, boot, run_cli, run_json
+from .conftest import attach_args, booted, run_cli, run_json
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
 def g():
-    guest = boot("max", probe="sleep")
-    try:
+    with booted("max", probe="sleep") as guest:
         yield guest
-    finally:
-        guest.stop()
 
 
 def module_log(g, gva, pid=None):

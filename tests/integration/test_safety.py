@@ -19,7 +19,7 @@ import pytest
 
 from qintrospect.qmp import ALLOWED_HMP, ALLOWED_QMP, parse_gpa2hva, parse_mtree_flat
 
-from .conftest import REPO, attach_args, boot, run_cli, run_json
+from .conftest import REPO, attach_args, boot, booted, run_cli
 from .test_translate_chain import stop_on_probe
 
 pytestmark = pytest.mark.vm
@@ -27,11 +27,8 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture(scope="module")
 def g():
-    guest = boot("max")
-    try:
+    with booted("max") as guest:
         yield guest
-    finally:
-        guest.stop()
 
 
 def every_command(g, extra=()):

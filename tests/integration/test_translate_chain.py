@@ -5,7 +5,6 @@ Every answer is checked against a source that is not qintrospect: the guest kern
 and the host's /proc/PID/pagemap read here by the test itself.
 """
 
-import os
 import re
 import struct
 import time
@@ -15,7 +14,7 @@ import pytest
 import qintrospect
 from qintrospect.qmp import parse_gpa2hva, parse_gva2gpa, parse_info_tlb, parse_registers
 
-from .conftest import attach_args, boot, run_cli, run_json
+from .conftest import attach_args, run_cli, run_json
 
 pytestmark = pytest.mark.vm
 
