@@ -5,6 +5,7 @@ Exit status: 0 success; 1 an address faulted or a comparison disagreed; 2 bad us
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -64,7 +65,17 @@ def _session_options(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for any answer from QEMU or gdb (5)")
 
 
+@contextlib.contextmanager
 def _attach(args):
+    """The session for one command: warnings said, and, for a VM that kept running, a check
+    that it did not reboot under us before the results are trusted."""
+    vm = _open_session(args)
+    with vm:
+        yield vm
+        vm.check_live()
+
+
+def _open_session(args):
     from .session import Session
     if not args.qmp:
         raise UsageError("need --qmp (or QI_QMP in the environment), and usually --gdb")

@@ -31,6 +31,8 @@ ALLOWED_HMP = ("info mtree", "info registers", "info ramblock", "info tlb", "inf
 SocketAddress = Union[str, Tuple[str, int]]
 # QEMU greets at once on a fresh connection; a greeting that has not come by then never will.
 GREETING_TIMEOUT = 1.5
+# Events after which guest memory read before no longer goes with memory read after.
+LIFECYCLE_EVENTS = ("RESET", "SHUTDOWN", "POWERDOWN")
 
 
 def parse_address(text: str, what: str, allow_remote: bool = False) -> SocketAddress:
@@ -101,6 +103,8 @@ class QmpMonitor:
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._client = None
+        self._lifecycle = None
+        self.watch_lifecycle = False
         self.greeting: Optional[dict] = None
 
     def connect(self) -> "QmpMonitor":
@@ -123,7 +127,23 @@ class QmpMonitor:
                                   "else connected to it?") from None
         greeting = self._client.greeting
         self.greeting = greeting._raw if greeting else None
+        from qemu.qmp import EventListener
+        self._lifecycle = EventListener(LIFECYCLE_EVENTS)
+        self._client.register_listener(self._lifecycle)
         return self
+
+    def check_lifecycle(self) -> None:
+        """Raise VMGoneError if the guest reset or shut down since the last check. Only a VM
+        that runs while we read (no gdb, no --freeze) can: watch_lifecycle says to look."""
+        if not self.watch_lifecycle or self._lifecycle is None or self._lifecycle.empty():
+            return
+        event = self._lifecycle.history[-1]["event"] if self._lifecycle.history else "RESET"
+        self._lifecycle.clear()
+        what = {"RESET": "reset (rebooted)", "SHUTDOWN": "shut down",
+                "POWERDOWN": "was asked to power down"}.get(event, event)
+        raise VMGoneError(f"the guest {what} while qintrospect was reading it, so what was read "
+                          "mixes memory from before and after; run the command again, or attach "
+                          "with --gdb or --freeze for one consistent view")
 
     def _open(self, await_greeting: bool, timeout: float):
         from qemu.qmp import ExecuteError, QMPClient  # imported late: keeps `--help` fast
@@ -163,7 +183,7 @@ class QmpMonitor:
         if self._client is None:
             raise VMGoneError("QMP is not connected")
         try:
-            return self._run(self._client.execute(name, arguments or None))
+            result = self._run(self._client.execute(name, arguments or None))
         except ExecuteError as exc:
             raise QmpCommandError(f"QEMU refused QMP {name}: {exc}") from None
         except asyncio.TimeoutError:
@@ -171,6 +191,8 @@ class QmpMonitor:
                               "QEMU may be hung or gone") from None
         except Exception as exc:
             raise VMGoneError(f"QMP connection lost during {name}: {_root_cause(exc)}") from None
+        self.check_lifecycle()
+        return result
 
     def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
         """Run one allowlisted HMP command through QMP and return what it prints."""

@@ -181,6 +181,8 @@ class Session:
                 self.vcpu_info = self._read_vcpus_qmp()
                 self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
             self._choose_memory()
+            # a VM that runs while we read may reboot under us: say so rather than mix memory
+            self.qmp.watch_lifecycle = not self.stopped
         except BaseException:
             self.close()
             raise
@@ -209,6 +211,8 @@ class Session:
         old_int = _block_signal(signal.SIGINT)
         old_term = _block_signal(signal.SIGTERM)
         try:
+            if self.qmp is not None:
+                self.qmp.watch_lifecycle = False   # putting things back is not reading
             if self.gdb is not None:
                 self.gdb.close()
                 self.gdb = None
@@ -468,6 +472,12 @@ class Session:
     def _check_open(self) -> None:
         if self.memory is None:
             raise VMGoneError("the session is not attached")
+
+    def check_live(self) -> None:
+        """For a VM that ran while we read: raise VMGoneError if it reset or shut down in the
+        meantime (QMP delivers the event with the next exchange, so ask for one)."""
+        if self.qmp is not None and self.qmp.watch_lifecycle:
+            self.qmp.command("query-status")
 
     def read_pieces(self, address: int, length: int, physical: bool = False,
                     cr3: Optional[int] = None):

@@ -362,3 +362,23 @@ def test_qemu_killed_mid_scan():
         assert "Traceback" not in err and ("gone" in err or "lost" in err)
     finally:
         g.stop()
+
+
+def test_guest_reboot_mid_scan_without_gdb():
+    """Without gdb (and without --freeze) the VM runs while qintrospect reads it: a reboot in
+    the middle of a scan is seen (QMP's RESET event) and ends the command with exit 3, instead
+    of results that mix memory from before and after."""
+    with booted("qemu64", probe="sleep", extra_args=["-action", "reboot=reset"]) as g:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qintrospect", "-v", "find-cr3", "--qmp", g.qmp_path,
+             "--via", "qmp"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        assert proc.stderr.readline().startswith("# attached")
+        time.sleep(1.0)   # scanning, slowly, through QMP xp
+        g.console.sendline("reboot -f")
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=30)
+        err = proc.stderr.read()
+        assert time.monotonic() - t0 < 10
+        assert rc == 3 and "reset (rebooted)" in err and "Traceback" not in err
+        assert g.qmp("query-status")["running"]
