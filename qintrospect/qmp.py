@@ -283,7 +283,9 @@ def parse_mtree_flat(text: str) -> List[Region]:
                      "is this QEMU's `info mtree -f` output?")
 
 
-_GPA2HVA = re.compile(r"Host virtual address for (0x[0-9a-fA-F]+) \((.*)\) is (0x[0-9a-fA-F]+)")
+# QEMU prints these with C's "%#" formats, which print a zero as plain "0" (no 0x)
+_HEX = r"(0x[0-9a-fA-F]+|0)"
+_GPA2HVA = re.compile(rf"Host virtual address for {_HEX} \((.*)\) is {_HEX}")
 
 
 def parse_gpa2hva(text: str) -> Tuple[int, str, int]:
@@ -336,7 +338,7 @@ def parse_info_tlb(text: str) -> List[TlbLine]:
     return out
 
 
-_GVA2GPA = re.compile(r"^gpa: (0x[0-9a-fA-F]+)\s*$", re.M)
+_GVA2GPA = re.compile(rf"^gpa: {_HEX}\s*$", re.M)
 
 
 def parse_gva2gpa(text: str) -> Optional[int]:

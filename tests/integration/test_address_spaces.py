@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from qintrospect.qmp import parse_info_tlb, parse_registers
+from qintrospect.qmp import parse_gva2gpa, parse_info_tlb, parse_registers
 
 from .conftest import attach_args, boot, booted, run_cli, run_json
 from .test_translate_chain import stop_on_probe
@@ -90,6 +90,16 @@ def test_cpus_two_vcpus_match_info_registers():
             expected = [parse_registers(g.qmp("human-monitor-command", **{
                 "command-line": "info registers", "cpu-index": i})) for i in range(2)]
             threads = [c["thread-id"] for c in g.qmp("query-cpus-fast")]
+            # translate with the second vCPU's registers: its CR3, and QEMU's own answer
+            kernel = next(t.va for t in parse_info_tlb(g.qmp(
+                "human-monitor-command", **{"command-line": "info tlb", "cpu-index": 1}))
+                if t.va >> 63)
+            rc, out1, err = run_json("translate", *attach_args(g), "--vcpu", "1", hex(kernel))
+            assert rc == 0, err
+            assert out1[0]["vcpu"] == 1 and int(out1[0]["cr3"], 16) == expected[1]["CR3"]
+            assert int(out1[0]["gpa"], 16) == parse_gva2gpa(g.qmp(
+                "human-monitor-command", **{"command-line": f"gva2gpa {kernel:#x}",
+                                           "cpu-index": 1}))
         finally:
             g.qmp("cont")
         rc, out, err = run_cli("cpus", *attach_args(g))

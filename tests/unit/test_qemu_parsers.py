@@ -52,6 +52,8 @@ def test_ram_map_refuses_devices_and_holes():
 def test_gpa2hva():
     assert parse_gpa2hva("Host virtual address for 0x100000 (pc.ram) is 0x7f6537f00000\n") == \
         (0x100000, "pc.ram", 0x7F6537F00000)
+    assert parse_gpa2hva("Host virtual address for 0 (pc.ram) is 0x7f6537e00000\n") == \
+        (0, "pc.ram", 0x7F6537E00000)
     with pytest.raises(ParseError):
         parse_gpa2hva("Memory at address 0xfed00000 is not RAM\n")
 
@@ -66,6 +68,7 @@ def test_registers():
 
 def test_gva2gpa_and_tlb():
     assert parse_gva2gpa("gpa: 0xb7e46d0\n") == 0xB7E46D0
+    assert parse_gva2gpa("gpa: 0\n") == 0   # C's %#x prints zero without 0x
     assert parse_gva2gpa("Unmapped\n") is None
     lines = parse_info_tlb("0000000000400000: 000000000f6af000 X---A--U-\n"
                            "ff34110800000000: 0000000000000000 XG-DA---W\n")
