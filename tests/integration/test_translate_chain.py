@@ -131,6 +131,12 @@ def test_kernel_addresses_match_qemu(guest):
     assert direct, "the kernel's direct map is among QEMU's kernel ranges"
     rc, text, err = run_cli("translate", *attach_args(g), "--no-bits", hex(direct[0]))
     assert rc == 0 and "direct-map alias" in text and "by construction" in text
+    # RAM below 640 KiB too (QEMU prints the region at GPA 0 as "for 0", without 0x)
+    base = direct[0] - int(out[addrs.index(direct[0])]["gpa"], 16)
+    rc, low, err = run_json("translate", *attach_args(g), hex(base + 0x1008))
+    assert rc == 0 and low[0]["gpa"] == "0x1008" and low[0]["ram_block"] == "pc.ram"
+    assert int(low[0]["hpa"], 16) == host_pagemap_hpa(g.pid, int(low[0]["hva"], 16))
+    assert low[0]["value"] == low[0]["value_at_hva"]
     for a, want, t in zip(addrs, expected, out):
         if want is None:
             assert "fault" in t
