@@ -5,7 +5,7 @@ ALLOWED_QMP and ALLOWED_HMP; `QmpMonitor` refuses anything else, so a read-only 
 enforced by one small table (and a test proves it on the wire). `stop`/`cont` are only ever
 sent to put the run state back as it was found, and `cont` when the user asks `resume`.
 
-HMP `gpa2hpa` is deliberately absent: in QEMU it does an atomic add on the guest page.
+HMP `gpa2hpa` must never be sent: in QEMU it does an atomic add on the guest page.
 """
 
 import asyncio
