@@ -402,8 +402,8 @@ class Session:
         return t
 
     def translate_many(self, addresses: Iterable[int], cr3: Optional[int] = None):
-        """Translate a batch with a page cache in front of memory (the VM is stopped meanwhile,
-        so cached table pages stay valid for the whole batch)."""
+        """translate() for each address, lazily. When the VM cannot run meanwhile (gdb attached,
+        frozen, or found paused) a page cache sits in front of memory for the whole batch."""
         self._check_open()
         if not self.stopped:  # a running VM may change its tables under us: no cache
             for gva in addresses:
@@ -449,8 +449,7 @@ class Session:
         try:
             value = self.memory.read(gpa, in_page)
             if in_page < VALUE_SIZE:  # crosses into the next virtual page: walk that one too
-                nxt = paging.walk(self.memory.read, self.cpu_state(t.cr3 if t.cr3_source ==
-                                                                   "given" else None),
+                nxt = paging.walk(self.memory.read, self.cpu_state(t.cr3),
                                   (t.gva + in_page) & MASK64)
                 if not nxt.ok:
                     t.value_note = (f"the 8 bytes cross into the next page, which is not mapped "
