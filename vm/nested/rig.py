@@ -31,8 +31,8 @@ What the code consuming the rig must know (measured; see vm/nested/README.md):
   while L2 runs stops L2 and is thrown away (gdb's initial '+' is that byte; a raw client must
   send one too: ``SerialRSP.wake()``), followed by an unsolicited ``T02`` stop reply. ``detach``
   resumes L2 but leaves no process attached, and the next gdb's ``?`` then crashes L2's QEMU
-  7.2 (SIGSEGV): call ``rig.l2_gdb_reattach()`` after every detach, or end with ``disconnect``
-  (L2 stays paused; resume it with QMP ``cont``).
+  7.2 (SIGSEGV) now and then: end sessions with ``disconnect`` (L2 stays paused; resume it with
+  QMP ``cont``), as qintrospect does.
 - While L1 is paused (L1 QMP ``stop``), L2 and its monitors are frozen too.
 """
 
@@ -623,26 +623,6 @@ class NestedRig(Guest):
         if self.last_status != 0 or not out.strip():
             raise NestedError(f"reading L1's /proc/{pid}/pagemap at {va:#x} failed: {out!r}")
         return int(out.split()[0], 16)
-
-    def l2_gdb_reattach(self, timeout: float = 10.0) -> str:
-        """Make L2's gdbstub usable again after a gdb ``detach``, keeping L2's run state.
-
-        Over a serial line QEMU 7.2's stub never sees a new connection, so after ``D`` (detach)
-        no process stays attached and the next gdb's ``?`` makes L2's QEMU crash (NULL CPU;
-        SIGSEGV, status 139). This sends ``vAttach;1`` by raw RSP (harmless when attached
-        already) and resumes L2 through QMP if it was running. Returns the vAttach reply.
-        """
-        with SerialQMP(self.l2_qmp_path, timeout=timeout) as q:
-            was_running = q.cmd("query-status").get("running", False)
-        with SerialRSP(self.l2_gdb_path, timeout=timeout) as r:
-            r.wake()
-            reply = r.packet("vAttach;1")
-        if not reply or not reply.startswith("T"):
-            raise NestedError(f"vAttach;1 over {self.l2_gdb_path}: {reply!r}")
-        if was_running:
-            with SerialQMP(self.l2_qmp_path, timeout=timeout) as q:
-                q.cmd("cont")
-        return reply
 
     def l2_qmp(self, timeout: float = 20.0) -> SerialQMP:
         """A new SerialQMP connection to L2's QMP (close it, or use `with`)."""
