@@ -111,7 +111,25 @@ class SerialQMPError(NestedError):
     pass
 
 
-class SerialQMP:
+class _SerialClient:
+    """A Unix socket to one of L1's serial lines, closed on leaving a `with`."""
+
+    sock: socket.socket
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class SerialQMP(_SerialClient):
     """A raw-JSON QMP client for a monitor reached through a serial line (no greeting).
 
     Every read has a timeout. On connect it drains what is in flight, sends one 0xFF byte
@@ -145,18 +163,6 @@ class SerialQMP:
         except BaseException:
             self.close()
             raise
-
-    def __enter__(self) -> "SerialQMP":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
     def _read_obj(self, deadline: float) -> dict:
         while True:
@@ -222,7 +228,7 @@ def _rsp_frame(data: str) -> bytes:
     return b"$" + body + b"#" + b"%02x" % (sum(body) & 0xFF)
 
 
-class SerialRSP:
+class SerialRSP(_SerialClient):
     """A minimal raw GDB remote-protocol client for a gdbstub behind a serial line.
 
     What is special about QEMU 7.2's gdbstub on a serial chardev (``-gdb /dev/ttyS2``):
@@ -244,18 +250,6 @@ class SerialRSP:
         except BaseException:
             self.close()
             raise
-
-    def __enter__(self) -> "SerialRSP":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
     def _recv(self, deadline: float) -> None:
         left = deadline - time.monotonic()
