@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
 from .errors import MemoryReadError, ParseError, VMGoneError
 from .qmp import QmpCommandError, Region, parse_gpa2hva, parse_mtree_flat
 
@@ -125,7 +127,6 @@ HOST_STATUS = ("", "present", "not-present", "swapped", "pfn-hidden", "no-ram", 
 def pagemap_arrays(process, hvas):
     """(status codes, HPAs) for a numpy uint64 array of HVAs of one process, from one pagemap
     read spanning them all (the vectorized twin of host_page; HPA 0 where not present)."""
-    import numpy as np
     u64 = np.uint64
     pages = (hvas // u64(PAGE)).astype(np.int64)
     lo, hi = int(pages.min()), int(pages.max())
@@ -246,12 +247,61 @@ class HostProcess:
         return None
 
     def read(self, hva: int, length: int) -> bytes:
-        """Read the QEMU process's memory: process_vm_readv (fast for large ranges), else
-        /proc/PID/mem. Callers check pagemap first: reading a page that is not present would
-        fault it in on the host."""
-        data = _process_vm_read(self.pid, hva, length)
-        if data is not None:
-            return data
+        """Read the QEMU process's memory. Callers check pagemap first: reading a page that is
+        not present would fault it in on the host."""
+        buf = bytearray(length)
+        self.readinto(hva, buf)
+        return bytes(buf)
+
+    def readinto(self, hva: int, buf) -> None:
+        """Fill buf (a bytearray or a writable memoryview) from hva (same rules as read). One
+        piece: one plain iovec each side (the hot path of a walk: a few bytes per level)."""
+        view = (ctypes.c_char * len(buf)).from_buffer(buf)
+        try:
+            local, remote = _Iovec(ctypes.addressof(view), len(buf)), _Iovec(hva, len(buf))
+            got = -1 if _libc is None else _libc.process_vm_readv(
+                self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        finally:
+            del view   # release buf's export
+        if got != len(buf):
+            buf[:] = self._pread(hva, len(buf))
+
+    def read_many(self, hvas, size: int) -> bytearray:
+        """`size` bytes at each of many HVAs, one after the other in the result."""
+        buf = bytearray(len(hvas) * size)
+        if len(hvas):
+            self.readv(buf, np.arange(len(hvas), dtype=np.uint64) * np.uint64(size), hvas,
+                       np.full(len(hvas), size, np.uint64))
+        return buf
+
+    def readv(self, buf, offsets, hvas, lengths) -> None:
+        """The one way memory is read: piece i of buf (at offsets[i], lengths[i] bytes) from
+        hvas[i], IOV_MAX pieces per process_vm_readv call, the iovec arrays built by numpy
+        (no Python object per piece). Pieces a call could not read are read one by one
+        through /proc/PID/mem, which says why when it fails too."""
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        hvas = np.asarray(hvas, dtype=np.uint64)
+        lengths = np.asarray(lengths, dtype=np.uint64)
+        view = (ctypes.c_char * len(buf)).from_buffer(buf)
+        try:
+            base = np.uint64(ctypes.addressof(view))
+            for k in range(0, len(hvas), IOV_MAX):
+                part = slice(k, k + IOV_MAX)
+                n = len(hvas[part])
+                local = np.stack([base + offsets[part], lengths[part]], axis=1)
+                remote = np.stack([hvas[part], lengths[part]], axis=1)
+                got = -1 if _libc is None else _libc.process_vm_readv(
+                    self.pid, local.ctypes.data_as(ctypes.POINTER(_Iovec)), n,
+                    remote.ctypes.data_as(ctypes.POINTER(_Iovec)), n, 0)
+                if got == int(lengths[part].sum()):
+                    continue
+                for off, hva, length in zip(offsets[part].tolist(), hvas[part].tolist(),
+                                            lengths[part].tolist()):
+                    buf[off:off + length] = self._pread(hva, length)
+        finally:
+            del view   # release buf's export
+
+    def _pread(self, hva: int, length: int) -> bytes:
         try:
             if self._mem is None:
                 self._mem = self._open(f"/proc/{self.pid}/mem")
@@ -264,51 +314,6 @@ class HostProcess:
         if len(data) != length:
             raise MemoryReadError(f"short read of QEMU's memory at HVA {hva:#x}", hva)
         return data
-
-    def readinto(self, hva: int, buf: bytearray) -> None:
-        """Fill buf with the process's memory at hva (same rules as read)."""
-        if _process_vm_readinto(self.pid, hva, buf):
-            return
-        buf[:] = self.read(hva, len(buf))
-
-    def readinto_runs(self, buf: bytearray, runs) -> None:
-        """Fill pieces of buf from the process: runs of (offset in buf, hva, length), in as
-        few process_vm_readv calls as the kernel's iovec limit allows."""
-        for k in range(0, len(runs), IOV_MAX):
-            part = runs[k:k + IOV_MAX]
-            if _process_vm_readv_runs(self.pid, buf, part):
-                continue
-            for offset, hva, length in part:   # one by one, with /proc/PID/mem as a fallback
-                buf[offset:offset + length] = self.read(hva, length)
-
-    def read_many(self, hvas, size: int) -> bytearray:
-        """`size` bytes at each of many HVAs (a numpy uint64 array), concatenated: IOV_MAX of
-        them per process_vm_readv call, the iovec arrays built by numpy."""
-        import numpy as np
-        n = len(hvas)
-        buf = bytearray(n * size)
-        if not n:
-            return buf
-        view = (ctypes.c_char * len(buf)).from_buffer(buf)
-        base = ctypes.addressof(view)
-        try:
-            for k in range(0, n, IOV_MAX):
-                m = min(IOV_MAX, n - k)
-                local = np.empty((m, 2), np.uint64)
-                local[:, 0] = base + (k + np.arange(m, dtype=np.uint64)) * size
-                local[:, 1] = size
-                remote = np.empty((m, 2), np.uint64)
-                remote[:, 0] = hvas[k:k + m]
-                remote[:, 1] = size
-                got = -1 if _libc is None else _libc.process_vm_readv(
-                    self.pid, local.ctypes.data_as(ctypes.POINTER(_Iovec)), m,
-                    remote.ctypes.data_as(ctypes.POINTER(_Iovec)), m, 0)
-                if got != m * size:   # one by one, with /proc/PID/mem as a fallback
-                    for i in range(k, k + m):
-                        buf[i * size:(i + 1) * size] = self.read(int(hvas[i]), size)
-        finally:
-            del view
-        return buf
 
     def describe(self) -> str:
         try:
@@ -332,42 +337,7 @@ except (OSError, AttributeError):  # not Linux/glibc: /proc/PID/mem only
     _libc = None
 
 
-def _process_vm_read(pid: int, hva: int, length: int) -> Optional[bytes]:
-    """One process_vm_readv call; None when it is unavailable or did not read it all."""
-    if length <= 0:
-        return None
-    buf = bytearray(length)
-    return bytes(buf) if _process_vm_readinto(pid, hva, buf) else None
-
-
-IOV_MAX = 1024
-
-
-def _process_vm_readv_runs(pid: int, buf: bytearray, runs) -> bool:
-    """One process_vm_readv call for several (offset in buf, hva, length) runs."""
-    if _libc is None or not runs:
-        return not runs
-    view = (ctypes.c_char * len(buf)).from_buffer(buf)
-    base = ctypes.addressof(view)
-    local = (_Iovec * len(runs))(*[_Iovec(base + off, n) for off, _, n in runs])
-    remote = (_Iovec * len(runs))(*[_Iovec(hva, n) for _, hva, n in runs])
-    want = sum(n for _, _, n in runs)
-    got = _libc.process_vm_readv(pid, local, len(runs), remote, len(runs), 0)
-    del view, local, remote
-    return got == want
-
-
-def _process_vm_readinto(pid: int, hva: int, buf: bytearray) -> bool:
-    """Fill buf from the process at hva with one process_vm_readv call. The buffer is the
-    caller's (no ctypes allocation per call: those linger in reference cycles)."""
-    if _libc is None or not buf:
-        return False
-    view = (ctypes.c_char * len(buf)).from_buffer(buf)
-    local = _Iovec(ctypes.addressof(view), len(buf))
-    remote = _Iovec(hva, len(buf))
-    n = _libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    del view  # release the export of buf
-    return n == len(buf)
+IOV_MAX = 1024   # iovecs per process_vm_readv call (the kernel's UIO_MAXIOV)
 
 
 def process_exists(pid: int) -> bool:

@@ -89,15 +89,16 @@ class DirectMemory(PhysicalMemory):
                 raise VMGoneError(f"the QEMU process {self.process.pid} is gone") from None
             raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
                                   hva) from None
+        if count == 1:   # the common case (a table entry, a value): no arrays needed
+            return self.process.read(hva, length) if entries[0] >> 63 else bytes(length)
         present = (np.array(entries, dtype=np.uint64) >> np.uint64(63)).astype(bool)
+        # runs of present pages [i, j), clipped to the range asked for
         edges = np.flatnonzero(np.diff(np.concatenate(([False], present, [False]))))
-        runs = []   # (offset in the result, hva, length) of each run of present pages
-        for i, j in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-            lo = max(hva, (first + i) * PAGE)
-            hi = min(hva + length, (first + j) * PAGE)
-            runs.append((lo - hva, lo, hi - lo))
+        lo = np.maximum(hva, (first + edges[0::2]) * PAGE).astype(np.uint64)
+        hi = np.minimum(hva + length, (first + edges[1::2]) * PAGE).astype(np.uint64)
         out = bytearray(length)
-        self.process.readinto_runs(out, runs)
+        if len(lo):
+            self.process.readv(out, lo - np.uint64(hva), lo, hi - lo)
         return bytes(out)
 
     def scan_chunks(self, start: int, end: int, chunk: int):
