@@ -217,11 +217,6 @@ class GdbStub:
 
     # ---- what the walk needs --------------------------------------------------------------------
 
-    def vcpu_count(self) -> int:
-        threads = self.mi("-thread-list-ids").get("thread-ids", {})
-        ids = threads.get("thread-id", []) if isinstance(threads, dict) else []
-        return len(ids if isinstance(ids, list) else [ids])
-
     def select_vcpu(self, index: int) -> None:
         """gdb's threads are QEMU's vCPUs, numbered from 1."""
         try:

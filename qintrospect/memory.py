@@ -181,6 +181,3 @@ class PageCache:
         else:
             self.hits += 1
         return page
-
-    def clear(self) -> None:
-        self._pages.clear()

@@ -3,7 +3,7 @@ it, plus the whole chain in one table) and JSON lines. Views only read the value
 here recomputes a translation."""
 
 import json
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 SIZE_NAMES = {4096: "4 KiB", 2 << 20: "2 MiB", 4 << 20: "4 MiB", 1 << 30: "1 GiB"}
 
@@ -151,10 +151,6 @@ def translation_text(t, show_bits: bool = True) -> str:
     if t.value_note:
         out.append(f"    note: {t.value_note}")
     return "\n".join(out)
-
-
-def translations_text(translations: Iterable, show_bits: bool = True) -> str:
-    return "\n\n".join(translation_text(t, show_bits) for t in translations)
 
 
 def hexdump_piece(piece) -> str:

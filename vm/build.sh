@@ -19,10 +19,8 @@ die() { echo "vm/build.sh: error: $*" >&2; exit 1; }
 for tool in busybox cpio gcc gzip dpkg-deb apt-get apt-cache sha256sum; do
     command -v "$tool" >/dev/null || die "'$tool' not found (scripts/setup installs qemu-system-x86 gdb busybox-static cpio gcc)"
 done
-BUSYBOX=$(command -v busybox)
-if ldd "$BUSYBOX" >/dev/null 2>&1; then
-    die "$BUSYBOX is dynamically linked: install busybox-static"
-fi
+# shellcheck source=busybox.sh
+source "$HERE/busybox.sh"
 
 # ---------------------------------------------------------------------------------- kernel
 resolve_image_pkg() {
@@ -81,7 +79,7 @@ shopt -u nullglob
 STAMP_IN=$(
     {
         echo "krel $KREL"
-        sha256sum "$BUSYBOX" "$HERE/init" "$HERE/probe.c" "${BASH_SOURCE[0]}" | awk '{print $1}'
+        sha256sum "$BUSYBOX" "$HERE/init" "$HERE/probe.c" "${BASH_SOURCE[0]}" "$HERE/busybox.sh" | awk '{print $1}'
         gcc --version | head -1
         for m in "${MODULES[@]}"; do echo "${m##*/} $(sha256sum < "$m" | cut -d' ' -f1)"; done
     } | sha256sum | cut -d' ' -f1
@@ -92,13 +90,7 @@ else
     ROOT=$(mktemp -d "$CACHE/.root.XXXXXX")
     trap 'rm -rf "$ROOT"' EXIT
     mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc,modules}
-    cp "$BUSYBOX" "$ROOT/bin/busybox"
-    # Applet symlinks (busybox --list-full prints e.g. "usr/bin/awk").
-    "$BUSYBOX" --list-full | while read -r applet; do
-        [[ -z $applet || -e $ROOT/$applet || -L $ROOT/$applet ]] && continue
-        mkdir -p "$ROOT/$(dirname "$applet")"
-        ln -s /bin/busybox "$ROOT/$applet"
-    done
+    busybox_into "$ROOT"
     install -m 755 "$HERE/init" "$ROOT/init"
     gcc -O2 -static -Wall -o "$ROOT/probe" "$HERE/probe.c" || die "compiling vm/probe.c failed"
     ln -s /probe "$ROOT/bin/probe"

@@ -35,10 +35,8 @@ done
 [[ -x $QEMU ]] || die "$QEMU not found (apt-get install qemu-system-x86)"
 [[ -f $MODDIR/accel-tcg-x86_64.so ]] || die "$MODDIR/accel-tcg-x86_64.so not found (Debian's qemu-system-x86)"
 [[ -d /usr/share/seabios ]] || die "/usr/share/seabios not found (apt-get install seabios)"
-BUSYBOX=$(command -v busybox)
-if ldd "$BUSYBOX" >/dev/null 2>&1; then
-    die "$BUSYBOX is dynamically linked: install busybox-static"
-fi
+# shellcheck source=../busybox.sh
+source "$HERE/../busybox.sh"
 
 # ---------------------------------------------------------------------------------- inputs
 if [[ ! -s $CACHE/vmlinuz ]]; then
@@ -68,7 +66,7 @@ STAMP_IN=$(
         echo "$FILES"
         # shellcheck disable=SC2086
         sha256sum $(readlink -f $FILES | sort -u) "$BUSYBOX" "$HERE/init" "$ORACLE" \
-            "$CACHE/vmlinuz" "${BASH_SOURCE[0]}" | awk '{print $1}'
+            "$CACHE/vmlinuz" "${BASH_SOURCE[0]}" "$HERE/../busybox.sh" | awk '{print $1}'
     } | sha256sum | cut -d' ' -f1
 )
 IMG=$OUT/initramfs.cpio.gz
@@ -85,12 +83,7 @@ trap 'rm -rf "$ROOT"' EXIT
 mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,usr/lib,usr/lib64,dev,proc,sys,tmp,root,etc,run}
 ln -s usr/lib "$ROOT/lib"
 ln -s usr/lib64 "$ROOT/lib64"
-cp "$BUSYBOX" "$ROOT/bin/busybox"
-"$BUSYBOX" --list-full | while read -r applet; do
-    [[ -z $applet || -e $ROOT/$applet || -L $ROOT/$applet ]] && continue
-    mkdir -p "$ROOT/$(dirname "$applet")"
-    ln -s /bin/busybox "$ROOT/$applet"
-done
+busybox_into "$ROOT"
 while read -r f; do
     [[ -n $f ]] || continue
     dest=$f
