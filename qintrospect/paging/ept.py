@@ -11,25 +11,43 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
-from .formats import ADDR_51_12, MEMORY_TYPES, EptFormat, X86Format, bits
+from .formats import ADDR_51_12, EPT_PS, MEMORY_TYPES, PS, EptFormat, X86Format, bits
 from .model import (
     EPT_ACCESS_KINDS, EPT_MISCONFIGURATION, NON_CANONICAL, NOT_PRESENT, PF_ID, PF_P, PF_RSVD,
     PF_US, PF_WR, RESERVED_BIT, AccessResult, Fault, LevelStep, PagingMode, ReadPhys, Walk,
 )
-from .modes import MODE_EPT4, MODE_EPT5, MODE_NPT4, MODE_NPT5
+from .modes import GIB1, MODE_EPT4, MODE_EPT5, MODE_NPT4, MODE_NPT5
 from .walker import walk_tables
 
 __all__ = ["decode_eptp", "walk_ept", "walk_npt"]
 
+EPT_PAGE1GB_UNKNOWN_NOTE = ("IA32_VMX_EPT_VPID_CAP unknown (bit 17: 1-GByte EPT pages): the "
+                            "1 GiB EPT page was accepted")
+NPT_PAGE1GB_UNKNOWN_NOTE = "host CPUID Page1GB unknown: the 1 GiB NPT page was accepted"
+# Said when an NPT PDPTE with PS=1 faults only because the host CPU has no 1 GiB pages.
+NPT_PAGE1GB_TCG_NOTE = ("QEMU's TCG does not check CPUID Page1GB and would map this 1 GiB page "
+                        "anyway (its SVM emulation walks nested tables with the same "
+                        "mmu_translate, which tests only the reserved-bit mask at the PDPT "
+                        "level), while a real CPU without 1-GByte pages raises #NPF with RSVD: "
+                        "this answer is the hardware's, not QEMU's")
+
 
 @lru_cache(maxsize=16)
-def _ept_format(mode: PagingMode, maxphyaddr: int, mbec: bool) -> EptFormat:
-    return EptFormat(mode, maxphyaddr, mbec)
+def _ept_format(mode: PagingMode, maxphyaddr: int, mbec: bool,
+                page1gb: Optional[bool] = None) -> EptFormat:
+    return EptFormat(mode, maxphyaddr, mbec, page1gb)
 
 
 @lru_cache(maxsize=16)
-def _npt_format(mode: PagingMode, maxphyaddr: int, nxe: bool) -> X86Format:
-    return X86Format(mode, maxphyaddr, nxe)
+def _npt_format(mode: PagingMode, maxphyaddr: int, nxe: bool,
+                page1gb: Optional[bool] = None) -> X86Format:
+    return X86Format(mode, maxphyaddr, nxe, page1gb=page1gb)
+
+
+def _meets_1g(mode: PagingMode, steps: Tuple[LevelStep, ...], ps: int) -> Optional[int]:
+    """The index of the PDPT step of this walk when its entry has PS (bit 7) set, else None."""
+    k = next(i for i, spec in enumerate(mode.levels) if spec.large_page == GIB1)
+    return k if len(steps) > k and steps[k].entry & ps else None
 
 
 def decode_eptp(eptp: int, maxphyaddr: int = 52) -> dict:
@@ -70,9 +88,11 @@ def _first(steps: Tuple[LevelStep, ...], test) -> str:
 
 
 def walk_ept(read_phys: ReadPhys, eptp: int, gpa: int, maxphyaddr: int = 52,
-             mbec: bool = False) -> Walk:
+             mbec: bool = False, page1gb: Optional[bool] = None) -> Walk:
     """Translate guest-physical `gpa` through the EPT that `eptp` points to. Access keys are
-    "read", "write", "execute" (and "user-execute" with mode-based execute control, mbec)."""
+    "read", "write", "execute" (and "user-execute" with mode-based execute control, mbec).
+    page1gb is IA32_VMX_EPT_VPID_CAP bit 17 (1-GByte EPT pages): False makes bit 7 of a PDPTE
+    an EPT misconfiguration; None (unknown) accepts 1 GiB pages and says so when it meets one."""
     info = decode_eptp(eptp, maxphyaddr)
     mode = MODE_EPT5 if info["walk_length"] == 5 else MODE_EPT4
     kinds = EPT_ACCESS_KINDS + (("user-execute",) if mbec else ())
@@ -90,10 +110,12 @@ def walk_ept(read_phys: ReadPhys, eptp: int, gpa: int, maxphyaddr: int = 52,
     bad = _range_fault(mode, gpa, f"{info['walk_length']}-level EPT")
     if bad:
         return failed(bad)
-    fmt = _ept_format(mode, maxphyaddr, mbec)
+    fmt = _ept_format(mode, maxphyaddr, mbec, page1gb)
     steps, fault = walk_tables(read_phys, mode, fmt, root, gpa)
     if fault:
         return failed(fault, steps)
+    big = _meets_1g(mode, steps, EPT_PS)
+    notes = (EPT_PAGE1GB_UNKNOWN_NOTE,) if page1gb is None and big is not None else ()
 
     rights = [fmt.rights(s.entry) for s in steps]
     r, w, x, xu = (all(rr[k] for rr in rights) for k in range(4))
@@ -108,14 +130,16 @@ def walk_ept(read_phys: ReadPhys, eptp: int, gpa: int, maxphyaddr: int = 52,
     leaf = steps[-1]
     pa = leaf.next_addr | (gpa & (leaf.page_size - 1))
     return Walk(gpa, mode, root, None, steps, pa, leaf.page_size, w, None, x, None, access,
-                False, maxphyaddr)
+                False, maxphyaddr, notes)
 
 
 def walk_npt(read_phys: ReadPhys, ncr3: int, gpa: int, levels: int = 4, maxphyaddr: int = 52,
-             nxe: bool = True) -> Walk:
+             nxe: bool = True, page1gb: Optional[bool] = None) -> Walk:
     """Translate guest-physical `gpa` through AMD nested page tables rooted at nCR3. Access keys
     are "read", "write", "execute"; error codes are the #NPF EXITINFO1 low bits (the #PF bits
-    with U/S always 1, since nested accesses are user accesses)."""
+    with U/S always 1, since nested accesses are user accesses). page1gb is the host CPU's
+    CPUID Page1GB (NPT uses the long-mode format): False makes PS in a PDPTE a reserved bit
+    (#NPF with RSVD); None (unknown) accepts 1 GiB pages and says so when it meets one."""
     if levels not in (4, 5):
         raise ValueError(f"NPT has 4 or 5 levels, not {levels}")
     mode = MODE_NPT5 if levels == 5 else MODE_NPT4
@@ -123,7 +147,8 @@ def walk_npt(read_phys: ReadPhys, ncr3: int, gpa: int, levels: int = 4, maxphyad
     id_bit = PF_ID if nxe else 0
     kind_bits = {"read": PF_US, "write": PF_US | PF_WR, "execute": PF_US | id_bit}
 
-    def failed(fault: Fault, steps: Tuple[LevelStep, ...] = ()) -> Walk:
+    def failed(fault: Fault, steps: Tuple[LevelStep, ...] = (), notes: Tuple[str, ...] = ()
+               ) -> Walk:
         if fault.reason in (NOT_PRESENT, RESERVED_BIT):
             base = 0 if fault.reason == NOT_PRESENT else PF_P | PF_RSVD
             table = {k: AccessResult(False, base | b, f"#NPF: {fault.reason} {fault.level} entry")
@@ -133,15 +158,22 @@ def walk_npt(read_phys: ReadPhys, ncr3: int, gpa: int, levels: int = 4, maxphyad
                      for k in kind_bits}
         fault = replace(fault, error_code=table["read"].error_code)
         return Walk(gpa, mode, root, None, steps, None, None, None, None, None, fault, table,
-                    False, maxphyaddr)
+                    False, maxphyaddr, notes)
 
     bad = _range_fault(mode, gpa, f"{levels}-level NPT")
     if bad:
         return failed(bad)
-    fmt = _npt_format(mode, maxphyaddr, nxe)
+    fmt = _npt_format(mode, maxphyaddr, nxe, page1gb)
     steps, fault = walk_tables(read_phys, mode, fmt, root, gpa)
+    big = _meets_1g(mode, steps, PS)
     if fault:
-        return failed(fault, steps)
+        notes: Tuple[str, ...] = ()
+        if big is not None and page1gb is False and fault.reason == RESERVED_BIT \
+                and fault.level == steps[big].name \
+                and not _npt_format(mode, maxphyaddr, nxe, True).problems(
+                    big, steps[big].entry, True):
+            notes = (NPT_PAGE1GB_TCG_NOTE,)   # valid as a 1 GiB page: TCG would map it
+        return failed(fault, steps, notes)
 
     rights = [fmt.rights(i, s.entry) for i, s in enumerate(steps)]
     w = all(r[0] for r in rights)
@@ -164,5 +196,6 @@ def walk_npt(read_phys: ReadPhys, ncr3: int, gpa: int, levels: int = 4, maxphyad
                         else AccessResult(True, None, ""))
     leaf = steps[-1]
     pa = leaf.next_addr | (gpa & (leaf.page_size - 1))
+    notes = (NPT_PAGE1GB_UNKNOWN_NOTE,) if page1gb is None and big is not None else ()
     return Walk(gpa, mode, root, None, steps, pa, leaf.page_size, w, u, x, None, access,
-                False, maxphyaddr)
+                False, maxphyaddr, notes)

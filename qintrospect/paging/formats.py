@@ -1,9 +1,10 @@
 """Entry formats: how a mode's entries say present / leaf / reserved / frame address / flags.
 
 A format is built once per walk from the mode and the state that changes the layout (MAXPHYADDR,
-EFER.NXE, CR4.PKE, EPT mode-based execute control). It precomputes, per level, the reserved-bit
-rules for a table entry and for a leaf entry, each rule being (mask, why) so that a fault can say
-which bits and why; the walker and the whole-space iterator only ask it questions.
+EFER.NXE, CR4.PKE/PKS, whether the CPU has 1 GiB pages, EPT mode-based execute control). It
+precomputes, per level, the page size a leaf may have and the reserved-bit rules for a table
+entry and for a leaf entry, each rule being (mask, why) so that a fault can say which bits and
+why; the walkers (scalar and numpy) and the whole-space iterators only ask it questions.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from .model import EPT_MISCONFIGURATION, EPT_VIOLATION, NOT_PRESENT, RESERVED_BIT, PagingMode
+from .modes import GIB1
 
 Rule = Tuple[int, str]  # (mask of bits that must be 0, why they must be)
 
@@ -26,6 +28,12 @@ EPT_BAD_MEMORY_TYPES = (2, 3, 7)
 MEMORY_TYPES = {0: "UC", 1: "WC", 4: "WT", 5: "WP", 6: "WB"}
 
 ADDR_51_12 = ((1 << 52) - 1) & ~0xFFF
+
+# Why PS is a reserved bit in a PDPTE when the CPU lacks 1 GiB pages (SDM Vol 3, 4.5, table 4-16;
+# for EPT, 29.3.3.1: an EPT misconfiguration).
+NO_1G_PAGES = "PS in a PDPTE: this CPU has no 1-GByte pages (CPUID.80000001H:EDX.Page1GB=0)"
+NO_1G_EPT_PAGES = ("bit 7 (PS) in an EPT PDPTE: this CPU has no 1-GByte EPT pages "
+                   "(IA32_VMX_EPT_VPID_CAP bit 17 = 0)")
 
 
 def bits(hi: int, lo: int) -> int:
@@ -62,11 +70,17 @@ class EntryFormat:
     not_present_reason = NOT_PRESENT
     invalid_reason = RESERVED_BIT
 
-    def __init__(self, mode: PagingMode, maxphyaddr: int):
+    def __init__(self, mode: PagingMode, maxphyaddr: int, page1gb: Optional[bool] = None):
         self.mode = mode
         self.m = maxphyaddr
+        self.page1gb = page1gb
         self.last = len(mode.levels) - 1
         n = len(mode.levels)
+        # The page size each level may map, as this CPU allows: the mode's, less 1 GiB pages
+        # when the CPU says it has none (None = unknown: allowed, the walkers say so).
+        self.large: List[Optional[int]] = [
+            None if spec.large_page == GIB1 and page1gb is False else spec.large_page
+            for spec in mode.levels]
         self.table_rules: List[List[Rule]] = [[] for _ in range(n)]
         self.leaf_rules: List[List[Rule]] = [[] for _ in range(n)]
         self.table_addr = [ADDR_51_12] * n
@@ -81,14 +95,13 @@ class EntryFormat:
     def page_size(self, i: int, leaf: bool) -> Optional[int]:
         if not leaf:
             return None
-        spec = self.mode.levels[i]
-        return 1 << spec.shift if i == self.last else spec.large_page
+        return 1 << self.mode.levels[i].shift if i == self.last else self.large[i]
 
     def present(self, e: int) -> bool:
         return bool(e & P)
 
     def is_leaf(self, i: int, e: int) -> bool:
-        return i == self.last or bool(self.mode.levels[i].large_page and e & PS)
+        return i == self.last or bool(self.large[i] and e & PS)
 
     def problems(self, i: int, e: int, leaf: bool) -> List[Rule]:
         """The rules this present entry breaks, each with the offending bits only."""
@@ -121,11 +134,13 @@ class EntryFormat:
 class X86Format(EntryFormat):
     """32-bit, PAE, 4-level and 5-level entries (also NPT, which uses the 4/5-level format)."""
 
-    def __init__(self, mode: PagingMode, maxphyaddr: int, nxe: bool, pke: bool = False):
+    def __init__(self, mode: PagingMode, maxphyaddr: int, nxe: bool, pke: bool = False, *,
+                 pks: bool = False, page1gb: Optional[bool] = None):
         self.kind = {"32-bit": "32-bit", "pae": "pae"}.get(mode.name, "long")
         self.nxe = nxe and self.kind != "32-bit"   # 4-byte entries have no XD bit
-        self.pke = pke and self.kind == "long"     # protection keys exist only in IA-32e mode
-        super().__init__(mode, maxphyaddr)
+        self.pke = pke and self.kind == "long"     # protection keys exist only in IA-32e mode:
+        self.pks = pks and self.kind == "long"     # PKE for user pages, PKS for supervisor ones
+        super().__init__(mode, maxphyaddr, page1gb)
         if self.kind == "32-bit":
             self._rules_32bit()
         else:
@@ -157,13 +172,15 @@ class X86Format(EntryFormat):
                                         "reserved in a PAE PDPTE (bits 2:1, 8:5)")]
                 continue
             common = [r for r in (above, nx) if r[0]]
+            large = self.large[i]
             if i != self.last:
-                extra = [] if spec.large_page else [(PS, f"PS is reserved in a {spec.name} entry")]
+                extra = [] if large else [(PS, NO_1G_PAGES if spec.large_page
+                                           else f"PS is reserved in a {spec.name} entry")]
                 self.table_rules[i] = common + extra
-            if spec.large_page:
-                low = bits(spec.large_page.bit_length() - 2, 13)  # between PAT (12) and the frame
+            if large:
+                low = bits(large.bit_length() - 2, 13)  # between PAT (12) and the frame
                 self.leaf_rules[i] = common + [
-                    (low, f"must be 0 in a {size_name(spec.large_page)} page entry")]
+                    (low, f"must be 0 in a {size_name(large)} page entry")]
             elif i == self.last:
                 self.leaf_rules[i] = common
 
@@ -179,7 +196,9 @@ class X86Format(EntryFormat):
         return bool(e & RW), bool(e & US), bool(self.nxe and e & XD)
 
     def protection_key(self, e: int) -> Optional[int]:
-        return (e >> 59) & 0xF if self.pke else None
+        """Bits 62:59 of a leaf, when CR4.PKE or CR4.PKS gives them a meaning (user pages with
+        PKE, supervisor pages with PKS: the caller knows which applies to its page)."""
+        return (e >> 59) & 0xF if self.pke or self.pks else None
 
     def flags(self, i: int, e: int, leaf: bool) -> Tuple[str, ...]:
         names = [n for n, b in (("P", P), ("RW", RW), ("US", US), ("PWT", PWT), ("PCD", PCD),
@@ -195,7 +214,7 @@ class X86Format(EntryFormat):
             names.append("G")
         if large and e & PAT_LARGE:
             names.append("PAT")           # bit 12 of a large-page entry is PAT
-        if leaf and self.pke:
+        if leaf and (self.pke or self.pks):
             names.append(f"PK={self.protection_key(e)}")
         if self.mode.entry_size == 8 and e & XD:
             names.append("NX")
@@ -208,22 +227,26 @@ class EptFormat(EntryFormat):
     not_present_reason = EPT_VIOLATION
     invalid_reason = EPT_MISCONFIGURATION
 
-    def __init__(self, mode: PagingMode, maxphyaddr: int, mbec: bool = False):
+    def __init__(self, mode: PagingMode, maxphyaddr: int, mbec: bool = False,
+                 page1gb: Optional[bool] = None):
         self.mbec = mbec
-        super().__init__(mode, maxphyaddr)
+        super().__init__(mode, maxphyaddr, page1gb)
         above = (bits(51, maxphyaddr), f"above MAXPHYADDR {maxphyaddr}")
         common = [above] if above[0] else []
         for i, spec in enumerate(mode.levels):
+            large = self.large[i]
             if i != self.last:
                 if spec.large_page:
-                    extra = (bits(6, 3), "reserved in a non-leaf EPT entry (bits 6:3)")
+                    extra = [(bits(6, 3), "reserved in a non-leaf EPT entry (bits 6:3)")]
+                    if not large:
+                        extra.append((EPT_PS, NO_1G_EPT_PAGES))
                 else:
-                    extra = (bits(7, 3), f"reserved in an EPT {spec.name} entry (bits 7:3)")
-                self.table_rules[i] = common + [extra]
-            if spec.large_page:
-                low = bits(spec.large_page.bit_length() - 2, 12)
+                    extra = [(bits(7, 3), f"reserved in an EPT {spec.name} entry (bits 7:3)")]
+                self.table_rules[i] = common + extra
+            if large:
+                low = bits(large.bit_length() - 2, 12)
                 self.leaf_rules[i] = common + [
-                    (low, f"must be 0 in a {size_name(spec.large_page)} EPT page entry")]
+                    (low, f"must be 0 in a {size_name(large)} EPT page entry")]
             elif i == self.last:
                 self.leaf_rules[i] = common
 
@@ -232,7 +255,7 @@ class EptFormat(EntryFormat):
         return bool(e & 7 or (self.mbec and e & EPT_XU))
 
     def is_leaf(self, i: int, e: int) -> bool:
-        return i == self.last or bool(self.mode.levels[i].large_page and e & EPT_PS)
+        return i == self.last or bool(self.large[i] and e & EPT_PS)
 
     def problems(self, i: int, e: int, leaf: bool) -> List[Rule]:
         found = super().problems(i, e, leaf)

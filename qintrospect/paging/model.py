@@ -50,7 +50,14 @@ class CpuState:
     cr4: int
     efer: int
     maxphyaddr: Optional[int] = None  # vCPU phys-bits; None = unknown -> assume 52
-    pkru: Optional[int] = None
+    pkru: Optional[int] = None        # None = unknown: user-page keys left unchecked, said so
+    pkrs: Optional[int] = None        # IA32_PKRS (CR4.PKS keys of supervisor pages); None = unknown
+    # CPUID.80000001H:EDX.Page1GB[26]: False makes PS in a PDPTE a reserved bit; None = unknown
+    # (1 GiB pages accepted, with a note when a walk meets one)
+    page1gb: Optional[bool] = None
+    # The PAE PDPTE registers loaded at the last MOV CR3, when a source knows them; None = read
+    # the PDPT from memory as TCG does (a note says so)
+    pdptes: Optional[Tuple[int, int, int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -123,10 +130,13 @@ class AccessResult:
     allowed: bool
     error_code: Optional[int]  # #PF error code when denied (None for EPT)
     reason: str                # "" when allowed
+    # What could still deny an access that `allowed` (the paging bits) permits, and why it was
+    # not checked: a protection key whose register (PKRU / IA32_PKRS) is unknown. "" = nothing.
+    unknown: str = ""
 
     def to_dict(self) -> dict:
         return {"allowed": self.allowed, "error_code": _hex(self.error_code),
-                "reason": self.reason}
+                "reason": self.reason, "unknown": self.unknown or None}
 
 
 @dataclass(frozen=True)

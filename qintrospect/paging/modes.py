@@ -24,6 +24,7 @@ CR4_PCIDE = 1 << 17
 CR4_SMEP = 1 << 20
 CR4_SMAP = 1 << 21
 CR4_PKE = 1 << 22
+CR4_PKS = 1 << 24
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11

@@ -28,7 +28,7 @@ from .model import (
     PagingMode, ReadPhys, Walk,
 )
 from .modes import paging_mode
-from .x86 import FLAG_BITS, _raw_bounds, cr3_root, walk, x86_format
+from .x86 import FLAG_BITS, _raw_bounds, cr3_root, pdpte_registers, walk, x86_format
 
 __all__ = [
     "LeafArrays", "BatchWalk", "leaf_arrays", "walk_array", "FAULT_REASONS",
@@ -55,7 +55,7 @@ class _Level:
         self.shift = U64(spec.shift)
         self.count = 1 << spec.index_bits
         self.last = i == fmt.last
-        self.large = bool(spec.large_page) and not self.last
+        self.large = bool(fmt.large[i]) and not self.last   # no 1 GiB pages: never a leaf
         self.table_mask = U64(fmt.reserved_mask(i, False))
         self.leaf_mask = U64(fmt.reserved_mask(i, True))
         self.table_addr = U64(fmt.table_addr[i])
@@ -93,12 +93,17 @@ class _Level:
 class _Tables:
     """Tables read whole, once per call: (address, entry count) -> uint64 entries or None."""
 
-    def __init__(self, read_phys: ReadPhys, entry_size: int):
+    def __init__(self, read_phys: ReadPhys, entry_size: int, mode: PagingMode, root: int,
+                 root_entries: Optional[Tuple[int, ...]] = None):
         self.read_phys = read_phys
         self.size = entry_size
         self.dtype = np.dtype("<u4" if entry_size == 4 else "<u8")
         self.cache: Dict[Tuple[int, int], Optional[np.ndarray]] = {}
         self.errors: Dict[Tuple[int, int], Exception] = {}
+        if root_entries is not None:
+            # the PAE PDPTE registers stand for the PDPT, as in walk_tables/iter_leaves; keyed by
+            # (address, entry count), so lower tables and single-entry reads never hit it
+            self.cache[(root, 1 << mode.levels[0].index_bits)] = np.array(root_entries, U64)
 
     def get(self, addr: int, count: int) -> Optional[np.ndarray]:
         key = (addr, count)
@@ -192,7 +197,8 @@ def leaf_arrays(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optiona
     None = to the top), in address order, as arrays; what iter_mappings yields. Each table is
     read once with one read_phys(table, 4096) call (32 bytes for the PAE PDPT); unreadable
     tables are skipped and passed to on_unreadable(level name, address, error), in the order
-    iter_mappings would. Nothing when CR0.PG=0."""
+    iter_mappings would; the PAE PDPT is not read when cpu.pdptes holds the PDPTE registers.
+    Nothing when CR0.PG=0."""
     mode = paging_mode(cpu)
     if mode is None:
         return _no_leaves(None, None)
@@ -201,7 +207,7 @@ def leaf_arrays(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optiona
     lo, hi = _raw_bounds(mode, start, end)
     depth = len(mode.levels)
     whole = lo == 0 and hi == 1 << mode.va_bits     # no range test needed
-    tables = _Tables(read_phys, mode.entry_size)
+    tables = _Tables(read_phys, mode.entry_size, mode, root, pdpte_registers(cpu, mode))
 
     # The table visits of the current level (the same table may be visited through several
     # entries): table address, raw VA of its entry 0, rights of the entries above, the entries.
@@ -365,7 +371,7 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
     todo = np.nonzero(canonical)[0]            # the elements still walking
     table = np.full(len(todo), root, U64)      # and the table each reads at this level
     rw, us, xd = np.ones(len(todo), bool), np.ones(len(todo), bool), np.zeros(len(todo), bool)
-    tables = _Tables(read_phys, mode.entry_size)
+    tables = _Tables(read_phys, mode.entry_size, mode, root, pdpte_registers(cpu, mode))
     for i in range(len(mode.levels)):
         if not len(todo):
             break

@@ -8,7 +8,7 @@ the walk with a Fault (without an error code; the caller knows which access it s
 from __future__ import annotations
 
 import struct
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import MemoryReadError
 from .formats import EntryFormat, bit_list
@@ -32,24 +32,30 @@ def describe_problems(name: str, entry: int, index: int, entry_addr: int, proble
 
 
 def walk_tables(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: int,
-                addr: int) -> Tuple[Tuple[LevelStep, ...], Optional[Fault]]:
+                addr: int, root_entries: Optional[Sequence[int]] = None
+                ) -> Tuple[Tuple[LevelStep, ...], Optional[Fault]]:
     """Walk `addr` from the table at `root`; the steps taken, and the fault if it did not reach
-    a leaf (the last step is then the entry that stopped it, unless a read failed)."""
+    a leaf (the last step is then the entry that stopped it, unless a read failed).
+    root_entries, when given, is the first table itself (the PAE PDPTE registers), not read."""
     steps: List[LevelStep] = []
     table = root
     size = mode.entry_size
     for i, spec in enumerate(mode.levels):
         index = (addr >> spec.shift) & ((1 << spec.index_bits) - 1)
         entry_addr = table + index * size
-        try:
-            raw = read_phys(entry_addr, size)
-            if len(raw) != size:
-                raise MemoryReadError(f"read returned {len(raw)} bytes, not {size}", entry_addr)
-        except MemoryReadError as exc:
-            return tuple(steps), Fault(spec.name, UNREADABLE,
-                                       f"cannot read the {spec.name} entry (index {index}) at "
-                                       f"{entry_addr:#x}: {exc}")
-        entry = int.from_bytes(raw, "little")
+        if i == 0 and root_entries is not None:
+            entry = root_entries[index]
+        else:
+            try:
+                raw = read_phys(entry_addr, size)
+                if len(raw) != size:
+                    raise MemoryReadError(f"read returned {len(raw)} bytes, not {size}",
+                                          entry_addr)
+            except MemoryReadError as exc:
+                return tuple(steps), Fault(spec.name, UNREADABLE,
+                                           f"cannot read the {spec.name} entry (index {index}) "
+                                           f"at {entry_addr:#x}: {exc}")
+            entry = int.from_bytes(raw, "little")
 
         if not fmt.present(entry):
             steps.append(LevelStep(spec.name, spec.linux_name, index, table, entry_addr, entry,
@@ -74,7 +80,8 @@ def walk_tables(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: i
 
 
 def iter_leaves(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: int, lo: int,
-                hi: int, on_unreadable: Optional[Callable[[str, int, Exception], None]] = None
+                hi: int, on_unreadable: Optional[Callable[[str, int, Exception], None]] = None,
+                root_entries: Optional[Sequence[int]] = None
                 ) -> Iterator[Tuple[int, int, Tuple[int, ...]]]:
     """Every valid present leaf overlapping [lo, hi) of the mode's address space (no sign
     extension), in address order, as (address, level index, raw entries root first).
@@ -83,10 +90,14 @@ def iter_leaves(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: i
     reached again (self-references, shared tables) come from a cache. Not-present and invalid
     entries are skipped; an unreadable table is skipped and reported to on_unreadable.
     Recursion is bounded by the mode's depth, so tables that point at themselves are fine.
+    root_entries, when given, is the first table itself (the PAE PDPTE registers), not read.
     """
     levels = mode.levels
     code = "I" if mode.entry_size == 4 else "Q"
     cache: Dict[Tuple[int, int], Optional[Tuple[int, ...]]] = {}
+    if root_entries is not None:
+        # keyed by (address, entry count): lower tables (512 or 1024 entries) never hit it
+        cache[(root, 1 << levels[0].index_bits)] = tuple(root_entries)
     present, is_leaf, valid, frame = fmt.present, fmt.is_leaf, fmt.valid, fmt.frame
 
     def table(i: int, addr: int) -> Optional[Tuple[int, ...]]:

@@ -10,23 +10,39 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
-from .formats import ADDR_51_12, X86Format
+from ..errors import MemoryReadError
+from .formats import ADDR_51_12, PS, X86Format
 from .model import (
     NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED, PF_ID, PF_P, PF_PK, PF_RSVD, PF_US, PF_WR,
     RESERVED_BIT, X86_ACCESS_KINDS, AccessResult, CpuState, Fault, LevelStep, Mapping,
     PagingMode, ReadPhys, Walk,
 )
 from .modes import (
-    CR0_WP, CR4_PAE, CR4_PCIDE, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_NXE, paging_mode,
+    CR0_WP, CR4_PAE, CR4_PCIDE, CR4_PKE, CR4_PKS, CR4_SMAP, CR4_SMEP, EFER_NXE, GIB1,
+    paging_mode,
 )
 from .walker import iter_leaves, walk_tables
 
-__all__ = ["paging_mode", "walk", "iter_mappings", "cr3_root", "x86_format"]
+__all__ = ["paging_mode", "walk", "iter_mappings", "cr3_root", "x86_format", "pdpte_registers"]
 
 DEFAULT_MAXPHYADDR = 52
 FLAG_BITS = 0xF8000000000011FF      # the bits X86Format.flags reads: 8:0, 12, 63:59
 PDPTE_ACCESSED_NOTE = ("PAE PDPTE has bit 5 (A) set, which the SDM reserves (MOV CR3 would #GP); "
                        "QEMU's TCG sets it when it walks, so it is not treated as a fault")
+PAGE1GB_UNKNOWN_NOTE = "CPUID Page1GB unknown: the 1 GiB page was accepted"
+# Said when a PDPTE with PS=1 faults only because the CPU has no 1 GiB pages.
+PAGE1GB_TCG_NOTE = ("QEMU's TCG does not check CPUID Page1GB and would map this 1 GiB page "
+                    "anyway (its mmu_translate tests only the reserved-bit mask at the PDPT "
+                    "level; its debug paths, gva2gpa and `info tlb`, do the same), while a real "
+                    "CPU without 1-GByte pages raises #PF with RSVD: this answer is the "
+                    "hardware's, not QEMU's")
+PAE_MEMORY_NOTE = ("PAE: the PDPTEs are read from memory at CR3[31:5] ({root:#x}); a CPU uses "
+                   "the copies it loaded into its PDPTE registers at the last CR3 write, which "
+                   "differ if the guest changed the PDPT since. QEMU's TCG reads memory at every "
+                   "walk, like this walk; under KVM/VMX the processor's PDPTE registers apply, "
+                   "and QEMU does not expose them")
+# Why PKRU / IA32_PKRS may be unknown: QEMU shows neither.
+KEY_REGISTER_HIDDEN = "QEMU exposes it neither in its gdbstub nor in `info registers`"
 
 
 def _maxphyaddr(cpu: CpuState) -> Tuple[int, bool]:
@@ -47,12 +63,27 @@ def cr3_root(cpu: CpuState, mode: PagingMode) -> Tuple[int, Optional[int]]:
 
 
 def x86_format(cpu: CpuState, mode: PagingMode) -> X86Format:
-    return _format(mode, _maxphyaddr(cpu)[0], bool(cpu.efer & EFER_NXE), bool(cpu.cr4 & CR4_PKE))
+    long = mode.name not in ("32-bit", "pae")     # keys and 1 GiB pages exist only in IA-32e
+    return _format(mode, _maxphyaddr(cpu)[0], bool(cpu.efer & EFER_NXE),
+                   long and bool(cpu.cr4 & CR4_PKE), long and bool(cpu.cr4 & CR4_PKS),
+                   cpu.page1gb if long else None)
 
 
 @lru_cache(maxsize=64)
-def _format(mode: PagingMode, m: int, nxe: bool, pke: bool) -> X86Format:
-    return X86Format(mode, m, nxe, pke)     # immutable once built: shared between walks
+def _format(mode: PagingMode, m: int, nxe: bool, pke: bool, pks: bool = False,
+            page1gb: Optional[bool] = None) -> X86Format:
+    # immutable once built: shared between walks
+    return X86Format(mode, m, nxe, pke, pks=pks, page1gb=page1gb)
+
+
+def pdpte_registers(cpu: CpuState, mode: PagingMode) -> Optional[Tuple[int, ...]]:
+    """The PAE PDPTE registers to walk with instead of memory, when the state carries them."""
+    if mode.name != "pae" or cpu.pdptes is None:
+        return None
+    regs = tuple(cpu.pdptes)
+    if len(regs) != 4 or not all(isinstance(r, int) and 0 <= r < 1 << 64 for r in regs):
+        raise ValueError(f"pdptes must be four 64-bit integers, not {cpu.pdptes!r}")
+    return regs
 
 
 def _canonical_fault(mode: PagingMode, va: int) -> Optional[Fault]:
@@ -108,13 +139,25 @@ def _access_table(cpu: CpuState, fmt: X86Format, steps: Tuple[LevelStep, ...], w
     wp = bool(cpu.cr0 & CR0_WP)
     smep, smap = bool(cpu.cr4 & CR4_SMEP), bool(cpu.cr4 & CR4_SMAP)
     id_bit = _id_bit(cpu)
-    key = fmt.protection_key(steps[-1].entry) if u else None   # keys govern user pages only
+    # SDM 4.6.2: PKRU governs user-mode addresses (CR4.PKE), IA32_PKRS supervisor-mode ones
+    # (CR4.PKS); "user-mode" is the effective U/S across the levels.
+    if u and fmt.pke:
+        register, value, page = "PKRU", cpu.pkru, "user"
+    elif not u and fmt.pks:
+        register, value, page = "IA32_PKRS", cpu.pkrs, "supervisor"
+    else:
+        register = value = page = None
+    key = fmt.protection_key(steps[-1].entry) if register else None
     ad = wd = False
+    unknown = ""
     if key is not None:
-        if cpu.pkru is None:
-            notes.append(f"PKRU unknown: protection key {key} of this user page not checked")
+        if value is None:
+            notes.append(f"{register} unknown: protection key {key} of this {page} page "
+                         f"not checked")
+            unknown = f"protection key {key} of this {page} page: {register} unknown " \
+                      f"({KEY_REGISTER_HIDDEN})"
         else:
-            ad, wd = bool(cpu.pkru >> (2 * key) & 1), bool(cpu.pkru >> (2 * key + 1) & 1)
+            ad, wd = bool(value >> (2 * key) & 1), bool(value >> (2 * key + 1) & 1)
     if smap and u:
         notes.append("SMAP: supervisor data accesses judged with EFLAGS.AC=0")
     ro = f"R/W=0 in the {_first_without(steps, fmt, 0)} entry" if not w else ""
@@ -126,9 +169,11 @@ def _access_table(cpu: CpuState, fmt: X86Format, steps: Tuple[LevelStep, ...], w
         who, op = kind.split("-")
         user = who == "user"
         data = op != "execute"
-        # Protection keys (SDM 4.6.2): AD stops data access, WD stops user writes, and
-        # supervisor writes when CR0.WP=1. They count in the error code whenever they apply.
-        pk_denies = data and (ad or (wd and op == "write" and (user or wp)))
+        # Protection keys (SDM 4.6.2): AD stops data access; WD stops writes when CR0.WP=1,
+        # and user writes (to user pages: PKRU) even when WP=0. They count in the error code
+        # whenever they apply (SDM 4.7, PK flag).
+        pk_denies = data and (ad or (wd and op == "write"
+                                     and (wp or (user and register == "PKRU"))))
         reason = ""
         if user:
             if not u:
@@ -149,13 +194,54 @@ def _access_table(cpu: CpuState, fmt: X86Format, steps: Tuple[LevelStep, ...], w
                 reason = f"write to read-only page ({ro}, CR0.WP=1)"
         if not reason and pk_denies:
             bit = "AD" if ad else "WD"
-            reason = f"protection key {key}: PKRU.{bit}{key}=1"
+            reason = f"protection key {key}: {register}.{bit}{key}=1"
         if reason:
             code = PF_P | _kind_bits(kind, id_bit) | (PF_PK if pk_denies else 0)
             result[kind] = AccessResult(False, code, reason)
         else:
-            result[kind] = AccessResult(True, None, "")
+            # allowed by the paging bits; an unknown key register could still deny data access
+            result[kind] = AccessResult(True, None, "", unknown if data else "")
     return result
+
+
+def _pae_note(read_phys: ReadPhys, root: int, va: int, regs: Optional[Tuple[int, ...]]) -> str:
+    """Where the PDPTE of this PAE walk came from (SDM 4.4.1: a CPU walks with the PDPTE
+    registers it loaded at MOV CR3, not with memory)."""
+    if regs is None:
+        return PAE_MEMORY_NOTE.format(root=root)
+    index = (va >> 30) & 3
+    addr = root + 8 * index
+    reg = regs[index]
+    head = (f"PAE: PDPTE {index} is the CPU's PDPTE register ({reg:#x}), loaded at the last "
+            f"CR3 write, not memory at {addr:#x}")
+    try:
+        raw = read_phys(addr, 8)
+        if len(raw) != 8:
+            raise MemoryReadError(f"read returned {len(raw)} bytes, not 8", addr)
+    except MemoryReadError as exc:
+        return f"{head}; memory there could not be read to compare ({exc})"
+    memory = int.from_bytes(raw, "little")
+    if memory == reg:
+        return f"{head}; memory there holds the same value"
+    return (f"{head}; memory there now holds {memory:#x}, not the register's {reg:#x}: the guest "
+            f"changed the PDPT without reloading CR3, and the CPU still uses the register")
+
+
+def _page1gb_note(mode: PagingMode, fmt: X86Format, steps: Tuple[LevelStep, ...],
+                  fault: Optional[Fault]) -> Optional[str]:
+    """The note a walk meeting a PDPTE with PS=1 needs, from what CPUID Page1GB is known to be."""
+    k = next((i for i, spec in enumerate(mode.levels) if spec.large_page == GIB1), None)
+    if k is None or len(steps) <= k or not steps[k].entry & PS:
+        return None
+    if fmt.page1gb is None and fault is None:
+        return PAGE1GB_UNKNOWN_NOTE               # the walk translated through a 1 GiB page
+    if fmt.page1gb is False and fault is not None and fault.reason == RESERVED_BIT \
+            and fault.level == steps[k].name:
+        # TCG maps it when the entry is valid as a 1 GiB page (with Page1GB) -- say so
+        with1g = _format(mode, fmt.m, fmt.nxe, fmt.pke, fmt.pks, True)
+        if not with1g.problems(k, steps[k].entry, True):
+            return PAGE1GB_TCG_NOTE
+    return None
 
 
 def walk(read_phys: ReadPhys, cpu: CpuState, va: int, access: str = "supervisor-read") -> Walk:
@@ -183,9 +269,15 @@ def walk(read_phys: ReadPhys, cpu: CpuState, va: int, access: str = "supervisor-
         return failed(bad, root, pcid)
 
     fmt = x86_format(cpu, mode)
-    steps, fault = walk_tables(read_phys, mode, fmt, root, va)
-    if mode.name == "pae" and steps and steps[0].entry & 0x21 == 0x21:
-        notes.append(PDPTE_ACCESSED_NOTE)
+    regs = pdpte_registers(cpu, mode)
+    steps, fault = walk_tables(read_phys, mode, fmt, root, va, regs)
+    if mode.name == "pae":
+        notes.append(_pae_note(read_phys, root, va, regs))
+        if steps and steps[0].entry & 0x21 == 0x21:
+            notes.append(PDPTE_ACCESSED_NOTE)
+    big = _page1gb_note(mode, fmt, steps, fault)
+    if big:
+        notes.append(big)
     if fault:
         return failed(fault, root, pcid, steps)
 
@@ -223,13 +315,15 @@ def iter_mappings(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optio
                   ) -> Iterator[Mapping]:
     """Every present, valid leaf overlapping [start, end) (canonical addresses, end exclusive,
     None = to the top), in address order; lazily. Each table page is read once with one
-    read_phys(table, 4096) call (32 bytes for the PAE PDPT). Unreadable tables are skipped and
-    passed to on_unreadable(level name, address, error) when given. Nothing when CR0.PG=0."""
+    read_phys(table, 4096) call (32 bytes for the PAE PDPT, none when cpu.pdptes holds the
+    PDPTE registers). Unreadable tables are skipped and passed to on_unreadable(level name,
+    address, error) when given. Nothing when CR0.PG=0."""
     mode = paging_mode(cpu)
     if mode is None:
         return
     fmt = x86_format(cpu, mode)
     root, _ = cr3_root(cpu, mode)
+    regs = pdpte_registers(cpu, mode)
     lo, hi = _raw_bounds(mode, start, end)
     n = mode.va_bits
     sign = (1 << 64) - (1 << n) if mode.va_bits > 32 else 0
@@ -237,7 +331,7 @@ def iter_mappings(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optio
     skip = 1 if mode.name == "pae" else 0          # PAE PDPTEs carry no R/W, U/S or XD
     xd = 1 << 63 if fmt.nxe else 0
     flags_of: Dict[Tuple[int, int], Tuple[str, ...]] = {}   # leaves repeat a few flag sets
-    for raw, i, path in iter_leaves(read_phys, mode, fmt, root, lo, hi, on_unreadable):
+    for raw, i, path in iter_leaves(read_phys, mode, fmt, root, lo, hi, on_unreadable, regs):
         leaf = path[-1]
         every, some = -1, 0                        # AND and OR of the entries' bits
         for e in path[skip:]:

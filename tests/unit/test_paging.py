@@ -166,7 +166,8 @@ def test_to_dict_is_json_with_hex_strings():
                               "next_addr": "0x3000", "leaf": False, "page_size": None}
     assert set(d["access"]) == {"supervisor-read", "supervisor-write", "supervisor-execute",
                                 "user-read", "user-write", "user-execute"}
-    assert d["access"]["user-read"] == {"allowed": True, "error_code": None, "reason": ""}
+    assert d["access"]["user-read"] == {"allowed": True, "error_code": None, "reason": "",
+                                        "unknown": None}
     assert d["maxphyaddr"] == 52 and d["assumed_maxphyaddr"] is False
     mem2 = Mem()
     fd = walk(mem2, cpu64(), VA).to_dict()["fault"]

@@ -127,9 +127,9 @@ def done(entries, pa, size, nxe):
             not (nxe and any(e >> 63 for e in entries)))
 
 
-def ref_long(mem, root, va, m, nxe, five, gpa=False):
+def ref_long(mem, root, va, m, nxe, five, gpa=False, page1gb=None):
     """4-level or 5-level (and NPT, where a guest-physical address is not sign-extended):
-    entry offsets sliced straight out of the address."""
+    entry offsets sliced straight out of the address. page1gb=False: PS in a PDPTE is reserved."""
     rd = reader(mem)
     top = 56 if five else 47
     if gpa and va >> (top + 1):
@@ -147,11 +147,11 @@ def ref_long(mem, root, va, m, nxe, five, gpa=False):
     pml4e = rd("PML4", table | ((va >> 36) & 0xFF8))
     need(pml4e, "PML4", r | 0x80)
     pdpte = rd("PDPT", (pml4e & ADDR) | ((va >> 27) & 0xFF8))
-    if pdpte & 0x81 == 0x81:
+    if pdpte & 0x81 == 0x81 and page1gb is not False:
         need(pdpte, "PDPT", r | 0x3FFFE000)
         return done(path + [pml4e, pdpte],
                     (pdpte & 0x000FFFFFC0000000) | (va & 0x3FFFFFFF), 1 << 30, nxe)
-    need(pdpte, "PDPT", r)
+    need(pdpte, "PDPT", r | (0x80 if page1gb is False else 0))
     pde = rd("PD", (pdpte & ADDR) | ((va >> 18) & 0xFF8))
     if pde & 0x81 == 0x81:
         need(pde, "PD", r | 0x1FE000)
@@ -163,12 +163,13 @@ def ref_long(mem, root, va, m, nxe, five, gpa=False):
     return done(path + [pml4e, pdpte, pde, pte], (pte & ADDR) | (va & 0xFFF), 1 << 12, nxe)
 
 
-def ref_pae(mem, cr3, va, m, nxe):
+def ref_pae(mem, cr3, va, m, nxe, regs=None):
+    """PAE; with regs, the PDPTE registers stand for the PDPT in memory."""
     rd = reader(mem)
     if va >> 32:
         raise Stop(None, "non-canonical")
     r = ((1 << 63) - (1 << m)) | (0 if nxe else 1 << 63)
-    pdpte = rd("PDPT", (cr3 & 0xFFFFFFE0) | ((va >> 27) & 0x18))
+    pdpte = regs[va >> 30] if regs else rd("PDPT", (cr3 & 0xFFFFFFE0) | ((va >> 27) & 0x18))
     need(pdpte, "PDPT", ((1 << 64) - (1 << m)) | 0x1C6)      # A (bit 5): QEMU sets it
     pde = rd("PD", (pdpte & ADDR) | ((va >> 18) & 0xFF8))
     if pde & 0x81 == 0x81:
@@ -196,8 +197,9 @@ def ref_32(mem, cr3, va, m, pse):
     return done([pde, pte], (pte & 0xFFFFF000) | (va & 0xFFF), 1 << 12, False)
 
 
-def ref_ept(mem, eptp, gpa, m, five):
-    """EPT: present = any of R/W/X; misconfigured = reserved bits, W without R, bad leaf type."""
+def ref_ept(mem, eptp, gpa, m, five, page1gb=None):
+    """EPT: present = any of R/W/X; misconfigured = reserved bits, W without R, bad leaf type,
+    bit 7 of a PDPTE without 1-GByte EPT pages (page1gb=False)."""
     rd = reader(mem)
     if gpa >> (57 if five else 48):
         raise Stop(None, "non-canonical")
@@ -223,11 +225,11 @@ def ref_ept(mem, eptp, gpa, m, five):
     pml4e = rd("PML4", table | ((gpa >> 36) & 0xFF8))
     ok(pml4e, "PML4", hi | 0xF8, False)
     pdpte = rd("PDPT", (pml4e & ADDR) | ((gpa >> 27) & 0xFF8))
-    if pdpte & 7 and pdpte & 0x80:
+    if pdpte & 7 and pdpte & 0x80 and page1gb is not False:
         ok(pdpte, "PDPT", hi | 0x3FFFF000, True)
         return result(path + [pml4e, pdpte],
                       (pdpte & 0x000FFFFFC0000000) | (gpa & 0x3FFFFFFF), 1 << 30)
-    ok(pdpte, "PDPT", hi | 0x78, False)
+    ok(pdpte, "PDPT", hi | 0x78 | (0x80 if page1gb is False else 0), False)
     pde = rd("PD", (pdpte & ADDR) | ((gpa >> 18) & 0xFF8))
     if pde & 7 and pde & 0x80:
         ok(pde, "PD", hi | 0x1FF000, True)
@@ -281,48 +283,79 @@ def canonical(va_bits, levels):
 
 
 MAXPHYADDRS = st.sampled_from([None, 36, 40, 46, 52])
+PAGE1GB = st.sampled_from([None, False, True])      # CPUID Page1GB: unknown, no, yes
+
+
+def check_1g_notes(w, page1gb):
+    """The 'unknown' note exactly where a 1 GiB page was accepted on an unknown Page1GB."""
+    unknown = any("Page1GB unknown" in n for n in w.notes)
+    assert unknown == (page1gb is None and w.page_size == 1 << 30), w.notes
+    if page1gb is not False:
+        assert not any("TCG does not check" in n for n in w.notes)
 
 
 # ---------------------------------------------------------------- walk() against references
 
 @BUDGET
 @given(data=st.data(), va=canonical(48, 4), m=MAXPHYADDRS, nxe=st.booleans(),
-       root=st.integers(0, PAGES), pcid=st.integers(0, 0xFFF))
-def test_4level_walk_matches_reference(data, va, m, nxe, root, pcid):
+       root=st.integers(0, PAGES), pcid=st.integers(0, 0xFFF), page1gb=PAGE1GB)
+def test_4level_walk_matches_reference(data, va, m, nxe, root, pcid, page1gb):
     mem = LazyMem(data, entries8, 8)
     cpu = CpuState(cr0=CR0, cr3=root << 12 | pcid, cr4=PAE | (1 << 17),
-                   efer=LME | LMA | (NXE if nxe else 0), maxphyaddr=m)
+                   efer=LME | LMA | (NXE if nxe else 0), maxphyaddr=m, page1gb=page1gb)
     w = walk(mem, cpu, va)
-    rights = agree(w, lambda: ref_long(mem, cpu.cr3, va, m or 52, nxe, False), 4, mem)
+    rights = agree(w, lambda: ref_long(mem, cpu.cr3, va, m or 52, nxe, False,
+                                       page1gb=page1gb), 4, mem)
     if rights:
         assert [w.writable, w.user, w.executable] == rights
     assert w.pcid == pcid and w.root == root << 12
+    check_1g_notes(w, page1gb)
 
 
 @BUDGET
 @given(data=st.data(), va=canonical(57, 5), m=MAXPHYADDRS, nxe=st.booleans(),
-       root=st.integers(0, PAGES))
-def test_5level_walk_matches_reference(data, va, m, nxe, root):
+       root=st.integers(0, PAGES), page1gb=PAGE1GB)
+def test_5level_walk_matches_reference(data, va, m, nxe, root, page1gb):
     mem = LazyMem(data, entries8, 8)
     cpu = CpuState(cr0=CR0, cr3=root << 12, cr4=PAE | LA57,
-                   efer=LME | LMA | (NXE if nxe else 0), maxphyaddr=m)
+                   efer=LME | LMA | (NXE if nxe else 0), maxphyaddr=m, page1gb=page1gb)
     w = walk(mem, cpu, va)
-    rights = agree(w, lambda: ref_long(mem, cpu.cr3, va, m or 52, nxe, True), 5, mem)
+    rights = agree(w, lambda: ref_long(mem, cpu.cr3, va, m or 52, nxe, True,
+                                       page1gb=page1gb), 5, mem)
     if rights:
         assert [w.writable, w.user, w.executable] == rights
+    check_1g_notes(w, page1gb)
 
 
 @BUDGET
 @given(data=st.data(), va=st.one_of(indexed_address(3).map(lambda a: a & 0xFFFFFFFF),
                                     st.integers(0, (1 << 33) - 1)),
-       m=MAXPHYADDRS, nxe=st.booleans(), cr3=st.integers(0, PAGES * 128 + 8).map(lambda n: n << 5))
-def test_pae_walk_matches_reference(data, va, m, nxe, cr3):
+       m=MAXPHYADDRS, nxe=st.booleans(), cr3=st.integers(0, PAGES * 128 + 8).map(lambda n: n << 5),
+       regs=st.one_of(st.none(), st.tuples(*[pdpt_entries] * 4)), page1gb=PAGE1GB)
+def test_pae_walk_matches_reference(data, va, m, nxe, cr3, regs, page1gb):
+    # regs: the PDPTE registers, when the source knows them (they stand for memory at CR3)
     mem = LazyMem(data, entries8, 8, {cr3 + 8 * k: pdpt_entries for k in range(4)})
-    cpu = CpuState(cr0=CR0, cr3=cr3, cr4=PAE, efer=NXE if nxe else 0, maxphyaddr=m)
+    cpu = CpuState(cr0=CR0, cr3=cr3, cr4=PAE, efer=NXE if nxe else 0, maxphyaddr=m,
+                   page1gb=page1gb, pdptes=regs)
     w = walk(mem, cpu, va)
-    rights = agree(w, lambda: ref_pae(mem, cr3, va, m or 52, nxe), 3, mem)
+    # with registers, walk() reads memory at the PDPTE only to compare, after the walk
+    rights = agree(w, lambda: ref_pae(mem, cr3, va, m or 52, nxe, regs), 3, mem)
     if rights:
         assert [w.writable, w.user, w.executable] == rights
+    pae = [n for n in w.notes if n.startswith("PAE: ")]
+    assert len(pae) == (0 if va >> 32 else 1)
+    if pae and regs is None:
+        assert "read from memory" in pae[0]
+    elif pae:
+        at = cr3 + 8 * (va >> 30)
+        held = mem.words.get(at)
+        event("PDPTE register " + ("unreadable in memory" if held is None else
+                                   "equal to memory" if held == regs[va >> 30] else
+                                   "differs from memory"))
+        assert f"PDPTE {va >> 30} is the CPU's PDPTE register ({regs[va >> 30]:#x})" in pae[0]
+        assert ("could not be read" if held is None else "same value" if held == regs[va >> 30]
+                else f"now holds {held:#x}") in pae[0]
+    assert not any("Page1GB" in n for n in w.notes)
 
 
 @BUDGET
@@ -342,12 +375,14 @@ def test_32bit_walk_matches_reference(data, va, m, pse, root, low):
 @given(data=st.data(), gpa=st.one_of(indexed_address(4), indexed_address(5),
                                      st.integers(0, (1 << 49) - 1)),
        m=st.sampled_from([36, 40, 46, 52]), five=st.booleans(), root=st.integers(0, PAGES),
-       ad=st.booleans())
-def test_ept_walk_matches_reference(data, gpa, m, five, root, ad):
+       ad=st.booleans(), page1gb=PAGE1GB)
+def test_ept_walk_matches_reference(data, gpa, m, five, root, ad, page1gb):
     mem = LazyMem(data, ept_entries, 8)
     eptp = root << 12 | 6 | ((4 if five else 3) << 3) | (ad << 6)
-    w = walk_ept(mem, eptp, gpa, maxphyaddr=m)
-    rights = agree(w, lambda: ref_ept(mem, eptp, gpa, m, five), 5 if five else 4, mem)
+    w = walk_ept(mem, eptp, gpa, maxphyaddr=m, page1gb=page1gb)
+    rights = agree(w, lambda: ref_ept(mem, eptp, gpa, m, five, page1gb), 5 if five else 4, mem)
+    noted = any("1 GiB EPT page was accepted" in n for n in w.notes)
+    assert noted == (page1gb is None and w.page_size == 1 << 30)
     if rights:
         w_ok, r_ok, x_ok = rights
         assert (w.writable, w.executable) == (w_ok, x_ok)
@@ -357,11 +392,14 @@ def test_ept_walk_matches_reference(data, gpa, m, five, root, ad):
 
 @BUDGET
 @given(data=st.data(), gpa=st.one_of(indexed_address(4), st.integers(0, (1 << 50) - 1)),
-       m=st.sampled_from([36, 40, 46, 52]), nxe=st.booleans(), root=st.integers(0, PAGES))
-def test_npt_walk_matches_reference(data, gpa, m, nxe, root):
+       m=st.sampled_from([36, 40, 46, 52]), nxe=st.booleans(), root=st.integers(0, PAGES),
+       page1gb=PAGE1GB)
+def test_npt_walk_matches_reference(data, gpa, m, nxe, root, page1gb):
     mem = LazyMem(data, entries8, 8)
-    w = walk_npt(mem, root << 12, gpa, maxphyaddr=m, nxe=nxe)
-    rights = agree(w, lambda: ref_long(mem, root << 12, gpa, m, nxe, False, gpa=True), 4, mem)
+    w = walk_npt(mem, root << 12, gpa, maxphyaddr=m, nxe=nxe, page1gb=page1gb)
+    rights = agree(w, lambda: ref_long(mem, root << 12, gpa, m, nxe, False, gpa=True,
+                                       page1gb=page1gb), 4, mem)
+    check_1g_notes(w, page1gb)
     if rights:
         writable, user, executable = rights
         assert (w.writable, w.user, w.executable) == (writable, user, executable)
@@ -438,12 +476,12 @@ def check_iter_against_walk(rng, buf, cpu, va_bits, slots, bits):
 
 @BUDGET
 @given(seed=st.integers(0, 2 ** 32), five=st.booleans(), nxe=st.booleans(),
-       m=st.sampled_from([40, 46, 52]), root=st.integers(0, PAGES - 1))
-def test_iter_mappings_agrees_with_walk_long(seed, five, nxe, m, root):
+       m=st.sampled_from([40, 46, 52]), root=st.integers(0, PAGES - 1), page1gb=PAGE1GB)
+def test_iter_mappings_agrees_with_walk_long(seed, five, nxe, m, root, page1gb):
     rng = random.Random(seed)
     buf = random_tables(rng, 8, SLOTS8)
     cpu = CpuState(cr0=CR0, cr3=root << 12, cr4=PAE | (LA57 if five else 0),
-                   efer=LME | LMA | (NXE if nxe else 0), maxphyaddr=m)
+                   efer=LME | LMA | (NXE if nxe else 0), maxphyaddr=m, page1gb=page1gb)
     check_iter_against_walk(rng, buf, cpu, 57 if five else 48, SLOTS8, 9)
 
 
@@ -457,9 +495,89 @@ def test_iter_mappings_agrees_with_walk_32bit_and_pae(seed, pae, pse, nxe, root)
         cr3 = root << 12 | rng.randrange(0, 128) << 5
         for k in range(4):                 # the PDPT: four PDPTEs at CR3[31:5]
             buf[cr3 + 8 * k:cr3 + 8 * k + 8] = make_pdpte(rng.randrange).to_bytes(8, "little")
-        cpu = CpuState(cr0=CR0, cr3=cr3, cr4=PAE, efer=NXE if nxe else 0, maxphyaddr=52)
+        # sometimes PDPTE registers that differ from memory (the guest changed the PDPT since)
+        regs = tuple(make_pdpte(rng.randrange) for _ in range(4)) if rng.randrange(3) else None
+        cpu = CpuState(cr0=CR0, cr3=cr3, cr4=PAE, efer=NXE if nxe else 0, maxphyaddr=52,
+                       pdptes=regs)
         check_iter_against_walk(rng, buf, cpu, 32, SLOTS8, 9)
     else:
         buf = random_tables(rng, 4, SLOTS4)
         cpu = CpuState(cr0=CR0, cr3=root << 12, cr4=PSE if pse else 0, efer=0, maxphyaddr=40)
         check_iter_against_walk(rng, buf, cpu, 32, SLOTS4, 10)
+
+
+# ---------------------------------------------------------------- the access table
+
+SMEP, SMAP, PKE, PKS = 1 << 20, 1 << 21, 1 << 22, 1 << 24
+KINDS = [(who, op) for who in ("supervisor", "user") for op in ("read", "write", "execute")]
+
+
+def ref_access(who, op, rights, cr0, cr4, efer, key, pkru, pkrs):
+    """SDM 4.6 for one access kind at a translated address, written out by hand:
+    (allowed, #PF error code or None, whether an unknown key register leaves it open)."""
+    w, u, x = rights
+    wp, smep, smap = cr0 >> 16 & 1, cr4 & SMEP, cr4 & SMAP
+    user, write, fetch = who == "user", op == "write", op == "execute"
+    if user:
+        paging_denies = not u or (write and not w) or (fetch and not x)
+    elif fetch:
+        paging_denies = not x or (u and smep)
+    else:
+        paging_denies = (u and smap) or (write and not w and wp)
+    # PKRU keys user-mode addresses (CR4.PKE), IA32_PKRS supervisor-mode ones (CR4.PKS)
+    applies = (cr4 & PKE) if u else (cr4 & PKS)
+    register = pkru if u else pkrs
+    pk = open_ = False
+    if applies and not fetch:
+        if register is None:
+            open_ = not paging_denies
+        else:
+            ad, wd = register >> (2 * key) & 1, register >> (2 * key + 1) & 1
+            pk = bool(ad or (wd and write and (wp or (user and u))))
+    if not (paging_denies or pk):
+        return True, None, open_
+    code = 1 | (2 if write else 0) | (4 if user else 0) | (32 if pk else 0)
+    if fetch and (smep or efer & NXE):
+        code |= 16
+    return False, code, open_
+
+
+@BUDGET
+@given(flags=st.lists(st.tuples(st.booleans(), st.booleans(), st.booleans()), min_size=4,
+                      max_size=4),
+       key=st.integers(0, 15), wp=st.booleans(), nxe=st.booleans(),
+       cr4=st.sets(st.sampled_from([SMEP, SMAP, PKE, PKS])).map(sum),
+       pkru=st.one_of(st.none(), st.integers(0, (1 << 32) - 1)),
+       pkrs=st.one_of(st.none(), st.integers(0, (1 << 32) - 1)))
+def test_access_table_matches_reference(flags, key, wp, nxe, cr4, pkru, pkrs):
+    """R/W, U/S and XD drawn per level of a 4 KiB 4-level path, the leaf's key, every control
+    bit and both key registers (None = unknown): each access kind as the SDM says."""
+    buf = bytearray(5 * 4096)
+    for k, (rw, us, xd) in enumerate(flags):
+        e = ((k + 2) << 12) | 1 | (rw << 1) | (us << 2) | ((xd and nxe) << 63)  # XD needs NXE
+        e |= key << 59 if k == 3 else 0                      # the leaf's protection key
+        buf[(k + 1) * 4096:(k + 1) * 4096 + 8] = e.to_bytes(8, "little")
+    cr0 = CR0 if wp else CR0 & ~(1 << 16)
+    efer = LME | LMA | (NXE if nxe else 0)
+    cpu = CpuState(cr0=cr0, cr3=0x1000, cr4=PAE | cr4, efer=efer, maxphyaddr=52, pkru=pkru,
+                   pkrs=pkrs)
+    w = walk(lambda a, n: bytes(buf[a:a + n]), cpu, 0x123)
+    assert w.ok and w.pa == 0x5123
+    rights = (all(f[0] for f in flags), all(f[1] for f in flags),
+              not (nxe and any(f[2] for f in flags)))
+    assert (w.writable, w.user, w.executable) == rights
+    for who, op in KINDS:
+        got = w.access[f"{who}-{op}"]
+        allowed, code, open_ = ref_access(who, op, rights, cr0, cr4, efer, key, pkru, pkrs)
+        assert (got.allowed, got.error_code) == (allowed, code), (who, op, got.reason)
+        assert bool(got.reason) == (not allowed)
+        assert bool(got.unknown) == open_, (who, op, got.unknown)
+        if open_:
+            event(f"unknown {'PKRU' if rights[1] else 'IA32_PKRS'} leaves an access open")
+            assert f"protection key {key} of this" in got.unknown
+        if code and code & 32:
+            event("PK in an error code")
+    keyed = (cr4 & PKE) if rights[1] else (cr4 & PKS)
+    assert any(f == f"PK={key}" for f in w.levels[-1].flags) == bool(cr4 & (PKE | PKS))
+    assert any("unknown: protection key" in n for n in w.notes) == bool(
+        keyed and (pkru if rights[1] else pkrs) is None)

@@ -3,11 +3,12 @@ every address, and leaf_arrays() must list what iter_mappings() lists, element b
 
 Property tests draw page-table memory per mode as test_paging_property does (a small physical
 space, entries pointing into it and at themselves, large-page frames, reserved bits, PS, NX
-with and without NXE, PSE-36, PAE PDPTEs with their extra bits) and batches of addresses that
+with and without NXE, PSE-36, PAE PDPTEs with their extra bits, PDPTE registers that differ
+from memory, CPUs with and without 1 GiB pages or not saying) and batches of addresses that
 mostly follow the entries put there, so that many walks go deep and many translate.
 """
 
-import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,12 +99,15 @@ def spaces(draw):
         for k in range(4):               # the four PDPTEs at CR3[31:5], if inside memory
             if cr3 + 8 * k < len(buf):
                 buf[cr3 + 8 * k:cr3 + 8 * k + 8] = draw(pdpt_entries).to_bytes(8, "little")
-        cpu = CpuState(cr0=CR0, cr3=cr3, cr4=PAE, efer=NXE if nxe else 0, maxphyaddr=m)
+        # sometimes the PDPTE registers, which walks use instead of memory at CR3
+        regs = draw(st.one_of(st.none(), st.tuples(*[pdpt_entries] * 4)), label="pdptes")
+        cpu = CpuState(cr0=CR0, cr3=cr3, cr4=PAE, efer=NXE if nxe else 0, maxphyaddr=m,
+                       pdptes=regs)
         return buf, cpu, [2, 9, 9]
     five = kind == "5-level"
     cpu = CpuState(cr0=CR0, cr3=draw(st.integers(0, PAGES)) << 12 | draw(st.integers(0, 0xFFF)),
                    cr4=PAE | (LA57 if five else 0), efer=LME | LMA | (NXE if nxe else 0),
-                   maxphyaddr=m)
+                   maxphyaddr=m, page1gb=draw(st.sampled_from([None, False, True])))
     return buf, cpu, [9] * (5 if five else 4)
 
 
@@ -121,13 +125,17 @@ def addresses(draw, buf, cpu, bits):
     frame = 0xFFFFF000 if size == 4 else 0x000FFFFFFFFFF000
     table = cpu.cr3 & (0xFFFFFFE0 if bits[0] == 2 else frame)
     va = 0
-    for b in bits:
+    for k, b in enumerate(bits):
         anywhere = st.integers(0, (1 << b) - 1)
         slots = buf.slots.get(table >> 12, []) if table % 4096 == 0 else []
         index = draw(st.one_of(st.sampled_from(slots), anywhere) if slots else anywhere)
         va = va << b | index
         at = table + index * size
-        table = int.from_bytes(buf[at:at + size], "little") & frame if at < len(buf) else 1 << 40
+        if k == 0 and cpu.pdptes is not None:         # the PDPTE registers, not memory
+            table = cpu.pdptes[index] & frame
+        else:
+            table = int.from_bytes(buf[at:at + size], "little") & frame if at < len(buf) \
+                else 1 << 40
     va = va << 12 | draw(st.integers(0, 0xFFF))
     va_bits = 12 + sum(bits)
     if va_bits > 32 and va >> (va_bits - 1) and draw(st.integers(0, 15)):
@@ -157,6 +165,10 @@ def check_batch(read, cpu, vas):
     for k, va in enumerate(vas):
         w = walk(read, cpu, va)
         assert batch_answer(out, k) == scalar_answer(w), (hex(va), w.fault)
+        if w.fault and "Page1GB=0" in w.fault.message:
+            event("some element: PS in a PDPTE of a CPU without 1 GiB pages")
+        if cpu.pdptes is not None and w.levels:
+            event("some element walked with the PDPTE registers")
         assert out.level_name(k) == (w.fault.level if w.fault else None)
         assert (out.mode, out.root) == (w.mode, w.root)
     return out
@@ -225,6 +237,42 @@ def test_leaf_arrays_matches_iter_mappings(data, space):
     sub = check_leaves(buf, cpu, start, end)
     top = end if end is not None else 1 << 64
     assert sub == [m for m in maps if m.va < top and m.va + m.size > start and start < top]
+
+
+PDPTES_1G = st.one_of(
+    st.sampled_from([0, 0x3000 | P | RW | US]),                 # not present; a PD of 2 MiB
+    st.builds(lambda frame, flags, extra: frame << 30 | P | PS | flags | extra,
+              st.integers(0, 7), st.sampled_from([RW, US, RW | US, RW | US | NX]),
+              # nothing, reserved 29:13, PAT (allowed), above MAXPHYADDR 46
+              st.sampled_from([0, 0, 0, 1 << 13, 1 << 29, 1 << 12, 1 << 51])))
+
+
+@SPACE
+@given(pdptes=st.lists(PDPTES_1G, min_size=1, max_size=6), page1gb=st.sampled_from(
+    [None, False, True]), five=st.booleans(), picks=st.lists(st.integers(0, 5), max_size=12))
+def test_1g_pages_as_walk_says_whatever_page1gb(pdptes, page1gb, five, picks):
+    """PDPTs full of 1 GiB leaves (valid, with bits 29:13 set, above MAXPHYADDR) and pointers
+    to 2 MiB pages, under a CPU with, without, or not saying it has 1 GiB pages: the numpy
+    twins answer and list exactly what walk() and iter_mappings() do."""
+    mem = Mem(0x5000)
+    top = 0x1000
+    if five:
+        mem.put(0x4000, 0x1000 | T)                                 # PML5 -> PML4
+        top = 0x4000
+    mem.put(0x1000, 0x2000 | T)                                     # PML4 -> PDPT
+    for k, e in enumerate(pdptes):
+        mem.put(0x2000 + 8 * k, e)
+    mem.put(0x3000 + 8 * 5, 0x40000000 | P | RW | PS)                # the PD's 2 MiB page
+    cpu = replace(cpu64(top, la57=five, maxphyaddr=46), page1gb=page1gb)
+    check_leaves(mem.buf, cpu)
+    vas = [k << 30 | 5 << 21 | 0x777 for k in picks] + [k << 30 for k in range(len(pdptes))]
+    out = check_batch(mem, cpu, vas)
+    for k in range(len(out)):
+        w = walk(mem, cpu, vas[k])
+        if w.fault and "Page1GB=0" in w.fault.message:
+            event("PS in a PDPTE of a CPU without 1 GiB pages")
+        elif w.ok and w.page_size == GIB1:
+            event(f"1 GiB page, Page1GB {page1gb}")
 
 
 # ---------------------------------------------------------------- plain cases
@@ -375,7 +423,7 @@ def test_input_forms():
     assert a.walk(0, mem, cpu, "user-write") == walk(mem, cpu, 0x1000, "user-write")
 
 
-def test_large_batch_is_quick():
+def test_large_batch_reads_each_table_once():
     # four page tables of 4 KiB pages, a PD with 2 MiB pages around them
     mem = Mem(0x400000)
     mem.put(0x1000, 0x2000 | T)
@@ -388,10 +436,7 @@ def test_large_batch_is_quick():
         mem.put(0x3000 + 8 * k, (k * MIB2) | P | US | PS)
     rng = np.random.default_rng(1)
     vas = rng.integers(0, 70 * MIB2, 200_000, dtype=np.uint64)
-    t = time.perf_counter()
-    out = walk_array(mem, cpu64(), vas)
-    took = time.perf_counter() - t
-    assert took < 2.0, took
+    out = walk_array(mem, cpu64(), vas)     # how fast: scripts/bench.py, never asserted here
     assert len(mem.reads) == 2 + 1 + 4                 # every table once
     assert out.ok.sum() == (vas < 64 * MIB2).sum()
     for k in rng.integers(0, len(vas), 300).tolist():
