@@ -2,7 +2,7 @@
 
     from vm.oracle.boot import OracleVM
     with OracleVM("pae", workdir) as vm:       # builds (if needed), boots, waits for READY
-        out = vm.output                        # parsed ORACLE lines
+        out = vm.output                        # parsed ORACLE lines (out.accesses: ACCESS)
         vm.hmp("info tlb"); vm.gva2gpa(va); vm.read_phys(pa, n); vm.cpu_state()
 
 QEMU runs under TCG with `-display none`, the serial port in a file, the gdbstub on
@@ -31,7 +31,8 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("32bit", "pse", "pae", "4level", "5level")
 QEMU = os.environ.get("QI_QEMU", "qemu-system-x86_64")
-#: -cpu per mode: 1 GiB pages need pdpe1gb, 5-level needs la57 (qemu64 has neither).
+#: -cpu per mode: 5-level needs la57 (qemu64 has neither la57 nor pdpe1gb). Without pdpe1gb
+#: the guest still builds its 1 GiB page and lists it as fault=reserved-bit (as the SDM says).
 CPU = {
     "32bit": "qemu64,+pdpe1gb",
     "pse": "qemu64,+pdpe1gb",
@@ -91,9 +92,40 @@ class Probe:
     err: Optional[int]       # the #PF error code, when not ok
 
 
+#: ACCESS kinds, in the guest's order (= qintrospect.paging.model.X86_ACCESS_KINDS).
+ACCESS_KINDS = ("supervisor-read", "supervisor-write", "supervisor-execute",
+                "user-read", "user-write", "user-execute")
+#: Where in the page each kind of access touches (the ACCESS-RUN line says the same).
+ACCESS_OFFSET = {"read": 0x0, "write": 0x808, "execute": 0x800}
+
+
+@dataclass(frozen=True)
+class Access:
+    """One ACCESS line: what the CPU did for one kind of access to one page under one setting
+    of CR0.WP, CR4.SMEP/SMAP/PKE (PKRU) and EFER.NXE (EFLAGS.AC=0 throughout)."""
+    va: int                  # the page (as in its MAP line); the access is at va + ACCESS_OFFSET
+    kind: str                # one of ACCESS_KINDS
+    wp: bool
+    smep: bool
+    smap: bool
+    nxe: bool
+    pke: bool
+    pkru: Optional[int]      # when pke
+    ok: bool
+    err: Optional[int]       # the #PF error code, when not ok
+    name: str
+
+    @property
+    def addr(self) -> int:
+        return (self.va + ACCESS_OFFSET[self.kind.split("-")[1]]) & ((1 << 64) - 1)
+
+
 @dataclass
 class OracleOutput:
     info: Dict[str, str] = field(default_factory=dict)
+    cpuid: Dict[str, str] = field(default_factory=dict)     # CPUID line: nx, page1gb, ... "0"/"1"
+    access_run: Dict[str, str] = field(default_factory=dict)  # ACCESS-RUN (settings run); {} if off
+    accesses: List[Access] = field(default_factory=list)
     fills: Dict[int, int] = field(default_factory=dict)    # pa -> 8-byte value written there
     maps: List[MapLine] = field(default_factory=list)
     probes: Dict[int, Probe] = field(default_factory=dict)  # va -> probe
@@ -115,6 +147,17 @@ def parse_output(text: str) -> OracleOutput:
         kv = _kv(rest)
         if kind == "INFO":
             out.info = kv
+        elif kind == "CPUID":
+            out.cpuid = kv
+        elif kind == "ACCESS-RUN":
+            out.access_run = kv
+        elif kind == "ACCESS":
+            ok = kv["result"] == "ok"
+            out.accesses.append(Access(
+                va=int(kv["va"], 16), kind=kv["kind"], wp=kv["wp"] == "1",
+                smep=kv["smep"] == "1", smap=kv["smap"] == "1", nxe=kv["nxe"] == "1",
+                pke=kv["pke"] == "1", pkru=int(kv["pkru"], 16) if "pkru" in kv else None,
+                ok=ok, err=None if ok else int(kv["err"], 16), name=kv.get("name", "")))
         elif kind == "FILL":
             out.fills[int(kv["pa"], 16)] = int(kv["value"], 16)
         elif kind == "MAP":
@@ -223,8 +266,8 @@ class OracleVM:
     """One QEMU running the oracle guest in one paging mode."""
 
     def __init__(self, mode: str, workdir: str, cpu: Optional[str] = None,
-                 memory: str = MEMORY, timeout: float = 30.0, elf: Optional[str] = None,
-                 extra_args: Optional[List[str]] = None):
+                 memory: str = MEMORY, timeout: float = 60.0, elf: Optional[str] = None,
+                 extra_args: Optional[List[str]] = None, access: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.mode = mode
@@ -234,6 +277,7 @@ class OracleVM:
         self.timeout = timeout
         self.elf = elf
         self.extra_args = extra_args or []
+        self.access = access          # access=on: the guest runs its access checks (ACCESS lines)
         self.proc: Optional[subprocess.Popen] = None
         self.qmp: Optional[QMP] = None
         self.qmp_path = os.path.join(workdir, f"qmp-{mode}.sock")
@@ -268,7 +312,8 @@ class OracleVM:
                     os.unlink(p)
             args = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                     "-accel", "tcg", "-m", self.memory, "-cpu", self.cpu,
-                    "-kernel", elf, "-append", f"mode={self.mode}",
+                    "-kernel", elf, "-append",
+                    f"mode={self.mode} access={'on' if self.access else 'off'}",
                     "-serial", f"file:{self.serial_path}",
                     "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
                     "-chardev", f"socket,id=oracleqmp,path={self.own_qmp_path},server=on,wait=off",
@@ -322,7 +367,7 @@ class OracleVM:
                 raise OracleError(f"no ORACLE READY within {self.timeout}s; serial:\n{text}")
             time.sleep(0.01)
 
-    def wait_halted(self, timeout: float = 5.0):
+    def wait_halted(self, timeout: float = 30.0):
         """Until the vCPU sits in its final hlt (`info registers` says HLT=1): from then on
         nothing in the guest changes, accessed/dirty bits included."""
         deadline = time.monotonic() + timeout
@@ -377,6 +422,11 @@ class OracleVM:
             if need not in regs:
                 raise OracleError(f"`info registers` has no {need}=:\n{text}")
         return regs
+
+    def cpu_property(self, name: str):
+        """qom-get of a property of vCPU 0 (e.g. "pdpe1gb", "phys-bits")."""
+        cpus = self.qmp.cmd("query-cpus-fast")
+        return self.qmp.cmd("qom-get", path=cpus[0]["qom-path"], property=name)
 
     def cpu_state(self):
         """qintrospect.paging.model.CpuState from `info registers` and qom-get phys-bits."""

@@ -3,13 +3,19 @@
  * turns paging on, reads every listed address through the real (emulated) MMU, prints the list
  * on COM1 and halts. The list printed and the tables built come from the same table, SPECS.
  *
- * Mode from the multiboot command line: mode=32bit|pse|pae|4level|5level.
+ * Mode from the multiboot command line: mode=32bit|pse|pae|4level|5level; access=on adds
+ * the access checks (ACCESS lines; off by default, so a plain boot prints what it always did).
  *
  * Output (one line each, COM1 0x3f8):
  *   ORACLE INFO mode=.. maxphyaddr=N ram_end=0x.. image=0x..-0x..
+ *   ORACLE CPUID nx=0|1 page1gb=0|1 la57=0|1 smep=0|1 smap=0|1 pku=0|1
  *   ORACLE FILL pa=0x.. value=0x..                      (8 bytes written at pa before paging)
  *   ORACLE MAP va=0x.. pa=0x..|none size=0x.. w=0|1 u=0|1 x=0|1 fault=none|not-present|reserved-bit name=..
  *   ORACLE PROBE va=0x.. result=ok value=0x.. | result=fault err=0x..
+ *   ORACLE ACCESS-RUN off | wp=0,1 smep=.. smap=.. nxe=.. pke=.. pkru=0x.. eflags.ac=0
+ *                         read=+0x0 write=+0x808 execute=+0x800 pages=N count=N
+ *   ORACLE ACCESS va=0x.. kind=<who>-<op> wp=0|1 smep=0|1 smap=0|1 nxe=0|1 pke=0|1 [pkru=0x..]
+ *                 result=ok | result=fault err=0x.. name=..
  *   ORACLE READY mode=<mode> cr3=0x.. cr4=0x.. efer=0x.. cr0=0x..
  *   ORACLE ERROR <text>                                 (then halts without READY)
  *
@@ -36,6 +42,15 @@ void halt_forever32(void) __attribute__((noreturn));
 void halt_forever64(void) __attribute__((noreturn));
 extern u8 idt32[], idt64[];
 extern char __image_start[], __image_end[];
+/* the access checks */
+u32 access32(u32 addr, u32 kind);
+struct acc64 { u64 addr; u32 kind; u32 pad; };
+u32 access64(struct acc64 *a);
+void pfacc32(void), back32(void), pfacc64(void), back64(void);
+extern void (*const exc32_table[32])(void), (*const exc64_table[32])(void);
+extern u64 acc_cr2;
+extern u32 user_stub_va;
+extern u8 gdt_tss32[], gdt_tss64[], tss[], stack0_top[];
 
 /* ---- modes ---- */
 enum { M_32 = 1, M_PSE = 2, M_PAE = 4, M_4L = 8, M_5L = 16 };
@@ -61,6 +76,10 @@ static const struct { const char *name; u32 bit; } MODES[] = {
 #define CR4_PAE  (1u << 5)
 #define CR4_PGE  (1u << 7)
 #define CR4_LA57 (1u << 12)
+#define CR4_SMEP (1u << 20)
+#define CR4_SMAP (1u << 21)
+#define CR4_PKE  (1u << 22)
+#define CR0_WP   (1u << 16)
 #define EFER_LME (1u << 8)
 #define EFER_NXE (1u << 11)
 
@@ -82,6 +101,8 @@ static const struct { const char *name; u32 bit; } MODES[] = {
 #define F_RSVD2     0x30c000u   /* mapped below a PML4E with PS=1 */
 #define F_RSVD3     0x30d000u   /* mapped below a PML5E with PS=1 */
 #define F_LA57      0x30e000u
+#define F_USER_RO   0x30f000u
+#define F_UCODE     0x310000u   /* the ring-3 stubs of the access checks */
 #define L_LARGE     0x400000u   /* 4 MiB (pse) or 2 MiB (pae, long) page */
 #define L_RSVD2M    0x600000u
 #define L_RSVD4M    0x800000u
@@ -108,6 +129,9 @@ struct spec {
     u8 pat;          /* set bit 7 (PAT) in a 4 KiB PTE */
     u8 identity;     /* va=pa=every page of the image */
     u8 m_below_40;   /* only when MAXPHYADDR < 40 (e.g. -cpu ...,phys-bits=36) */
+    u8 acc;          /* in the access checks (ACCESS lines) */
+    u8 pk;           /* protection key in leaf bits 62:59 (4-/5-level only) */
+    u8 needs_1g;     /* a 1 GiB page: reserved-bit (PS=1 in a PDPTE) without CPUID.Page1GB */
 };
 
 #define K4 0x1000ull
@@ -118,17 +142,20 @@ struct spec {
 static const struct spec SPECS[] = {
     /* name            modes   va                      pa        size w u x g */
     {"identity",      M_ALL,  0, 0, K4, 1, 0, 1, 0, .identity = 1},
-    {"4k",            M_ALL,  0x10000000, F_4K,        K4, 1, 0, 1, 0},
-    {"read-only",     M_ALL,  0x10001000, F_RO,        K4, 0, 0, 1, 0},
-    {"user",          M_ALL,  0x10002000, F_USER,      K4, 1, 1, 1, 0},
-    {"nx",            M_NX,   0x10003000, F_NX,        K4, 1, 0, 0, 0},
+    {"4k",            M_ALL,  0x10000000, F_4K,        K4, 1, 0, 1, 0, .acc = 1, .pk = 1},
+    {"read-only",     M_ALL,  0x10001000, F_RO,        K4, 0, 0, 1, 0, .acc = 1},
+    {"user",          M_ALL,  0x10002000, F_USER,      K4, 1, 1, 1, 0, .acc = 1, .pk = 1},
+    {"nx",            M_NX,   0x10003000, F_NX,        K4, 1, 0, 0, 0, .acc = 1},
     {"alias-a",       M_ALL,  0x10004000, F_ALIAS,     K4, 1, 0, 1, 0},
     {"pat-4k",        M_ALL,  0x10005000, F_PAT,       K4, 1, 0, 1, 0, .pat = 1},
     {"np-pte",        M_ALL,  0x10006000, F_NP,        K4, 1, 0, 1, 0,
         .fault = F_NOTPRESENT, .fault_level = 1},
     {"rsvd-pte",      M_NX,   0x10007000, F_RSVD,      K4, 1, 0, 1, 0,
         .fault = F_RESERVED, .fault_level = 1, .rsvd_bit = 0xff},
-    {"restrict-parent", M_ALL, 0x10400000, F_RESTRICT, K4, 1, 1, 1, 0, .restrict_parent = 1},
+    {"user-ro",       M_ALL,  0x10008000, F_USER_RO,   K4, 0, 1, 1, 0, .acc = 1, .pk = 3},
+    {"user-code",     M_ALL,  0x10009000, F_UCODE,     K4, 0, 1, 1, 0},
+    {"restrict-parent", M_ALL, 0x10400000, F_RESTRICT, K4, 1, 1, 1, 0, .restrict_parent = 1,
+        .acc = 1},
     {"np-pde",        M_ALL,  0x10800000, 0,           K4, 1, 0, 1, 0,
         .fault = F_NOTPRESENT, .fault_level = 2, .absent = 1},
     /* top-level entry with P=0 that still points at a real table holding a mapping */
@@ -141,17 +168,18 @@ static const struct spec SPECS[] = {
     {"np-top",        M_5L,   0x0001000000000000ull, F_NPTOP, K4, 1, 0, 1, 0,
         .fault = F_NOTPRESENT, .fault_level = 5},
     /* large pages */
-    {"large-4m",      M_PSE,  0x40000000, L_LARGE,     M4, 1, 0, 1, 0},
+    {"large-4m",      M_PSE,  0x40000000, L_LARGE,     M4, 1, 0, 1, 0, .acc = 1},
     {"pse36-4m",      M_PSE,  0x40400000, PA_PSE36,    M4, 1, 0, 1, 0},
     {"rsvd-4m-bit21", M_PSE,  0x40800000, L_RSVD4M,    M4, 1, 0, 1, 0,
         .fault = F_RESERVED, .fault_level = 2, .rsvd_bit = 21},
     /* PSE-36 bit for physical bit MAXPHYADDR (PDE bit 13 + MAXPHYADDR - 32): reserved */
     {"rsvd-4m-above-maxphyaddr", M_PSE, 0x40c00000, L_LARGE, M4, 1, 0, 1, 0,
         .fault = F_RESERVED, .fault_level = 2, .rsvd_bit = 0xfe, .m_below_40 = 1},
-    {"large-2m",      M_NX,   0x40000000, L_LARGE,     M2, 1, 0, 1, 1},
+    {"large-2m",      M_NX,   0x40000000, L_LARGE,     M2, 1, 0, 1, 1, .acc = 1},
     {"rsvd-2m-bit13", M_NX,   0x40200000, L_RSVD2M,    M2, 1, 0, 1, 0,
         .fault = F_RESERVED, .fault_level = 2, .rsvd_bit = 13},
-    {"huge-1g",       M_LONG, 0x8000000000ull, L_1G,   G1, 1, 1, 0, 0},
+    {"huge-1g",       M_LONG, 0x8000000000ull, L_1G,   G1, 1, 1, 0, 0, .acc = 1, .pk = 2,
+        .needs_1g = 1},
     {"rsvd-1g-bit13", M_LONG, 0x8040000000ull, L_RSVD1G, G1, 1, 0, 1, 0,
         .fault = F_RESERVED, .fault_level = 3, .rsvd_bit = 13},
     {"rsvd-pml4-ps",  M_LONG, 0x10000000000ull, F_RSVD2, K4, 1, 0, 1, 0,
@@ -161,12 +189,12 @@ static const struct spec SPECS[] = {
     {"la57-only",     M_5L,   0x0000800000000000ull, F_LA57, K4, 1, 0, 1, 0},
     /* upper half */
     {"upper",         M_LO32, 0xc0000000, F_UPPER,     K4, 1, 0, 1, 1},
-    {"alias-b",       M_LO32, 0xc0001000, F_ALIAS,     K4, 0, 1, 0, 0},
+    {"alias-b",       M_LO32, 0xc0001000, F_ALIAS,     K4, 0, 1, 0, 0, .acc = 1},
     {"last-page",     M_LO32, 0xfffff000, F_LAST,      K4, 1, 0, 0, 1},
     {"upper",         M_4L,   0xffff800000000000ull, F_UPPER, K4, 1, 0, 1, 1},
-    {"alias-b",       M_4L,   0xffff800000001000ull, F_ALIAS, K4, 0, 1, 0, 0},
+    {"alias-b",       M_4L,   0xffff800000001000ull, F_ALIAS, K4, 0, 1, 0, 0, .acc = 1},
     {"upper",         M_5L,   0xff00000000000000ull, F_UPPER, K4, 1, 0, 1, 1},
-    {"alias-b",       M_5L,   0xff00000000001000ull, F_ALIAS, K4, 0, 1, 0, 0},
+    {"alias-b",       M_5L,   0xff00000000001000ull, F_ALIAS, K4, 0, 1, 0, 0, .acc = 1},
     {"last-page",     M_LONG, 0xfffffffffffff000ull, F_LAST, K4, 1, 0, 0, 1},
 };
 #define NSPECS (sizeof(SPECS) / sizeof(SPECS[0]))
@@ -214,6 +242,14 @@ static u64 rdmsr(u32 msr)
 static u32 read_cr0(void) { u32 v; __asm__ volatile("mov %%cr0, %0" : "=r"(v)); return v; }
 static u32 read_cr3(void) { u32 v; __asm__ volatile("mov %%cr3, %0" : "=r"(v)); return v; }
 static u32 read_cr4(void) { u32 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); return v; }
+static void write_cr0(u32 v) { __asm__ volatile("mov %0, %%cr0" : : "r"(v) : "memory"); }
+static void write_cr4(u32 v) { __asm__ volatile("mov %0, %%cr4" : : "r"(v) : "memory"); }
+static void wrmsr(u32 msr, u64 v)
+{
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+/* wrpkru (needs CR4.PKE=1): PKRU = eax, with ecx = edx = 0 */
+static void wrpkru(u32 v) { __asm__ volatile(".byte 0x0f, 0x01, 0xef" : : "a"(v), "c"(0), "d"(0)); }
 
 static void memzero(void *p, u32 n) { u8 *b = p; while (n--) *b++ = 0; }
 
@@ -230,6 +266,8 @@ static u32 mode;            /* one M_* bit */
 static const char *mode_name;
 static u32 maxphyaddr;
 static u64 ram_end;
+static int access_on;       /* access=on on the command line */
+static int has_nx, has_1g, has_la57, has_smep, has_smap, has_pku;
 static u32 root;            /* CR3 base */
 static u32 pool_next = PT_POOL;
 static int top_level, esize;
@@ -314,6 +352,7 @@ static u64 leaf_entry(const struct spec *s, u64 pa)
     if (s->g) e |= G;
     if (level > 1 || s->pat) e |= PS;
     if (!s->x && (mode & M_NX)) e |= NX;
+    if (mode & M_LONG) e |= (u64)s->pk << 59;   /* ignored while CR4.PKE=0 */
     if (esize == 4 && level == 2)
         /* 4 MiB PDE: PA bits 31:22 in place, PA bits 39:32 in PDE bits 20:13 (PSE-36) */
         e |= (pa & 0xffc00000ull) | (((pa >> 32) & 0xff) << 13);
@@ -445,6 +484,245 @@ static u32 parse_mode(const char *cmdline)
     return 0;
 }
 
+static int parse_access(const char *cmdline)
+{
+    const char *c = cmdline;
+    while (c && *c) {
+        if ((c == cmdline || c[-1] == ' ') && starts_with(c, "access=")) {
+            if (word_is(c + 7, "on"))
+                return 1;
+            if (word_is(c + 7, "off"))
+                return 0;
+            fail("access= wants on or off");
+        }
+        c++;
+    }
+    return 0;
+}
+
+/* ---- access checks ----
+ * For each page of SPECS with .acc (and its frame in RAM), every kind of access, under every
+ * setting of CR0.WP, CR4.SMEP/SMAP (where CPUID has them), EFER.NXE (both in the 32-bit
+ * modes, where it only changes the #PF error code; 1 elsewhere) and CR4.PKE with PKRU = ACC_PKRU
+ * (pae and long modes, where CPUID has PKU). Offsets in the page: read 4 bytes at +0 (the fill
+ * value), write one byte 0xa5 at +0x808 (nothing else reads it), execute at +0x800, where
+ * the frame holds `int $0x80` (cd 80) that returns to the checker. */
+#define ACC_READ  0
+#define ACC_WRITE 1
+#define ACC_EXEC  2
+#define ACC_USER  4
+#define OFF_WRITE 0x808u
+#define OFF_EXEC  0x800u
+/* PKRU: WD0, AD1, WD2, AD3|WD3 (keys: 4k and user 1, huge-1g 2, user-ro 3, others 0) */
+#define ACC_PKRU  0xe6u
+
+static const u8 ACC_KINDS[6] = {ACC_READ, ACC_WRITE, ACC_EXEC,
+                                ACC_USER | ACC_READ, ACC_USER | ACC_WRITE, ACC_USER | ACC_EXEC};
+static const char *const ACC_NAMES[6] = {
+    "supervisor-read", "supervisor-write", "supervisor-execute",
+    "user-read", "user-write", "user-execute"};
+/* The ring-3 stubs (16 bytes apart; the same bytes mean the same in 32- and 64-bit code):
+ * read: mov (%eax/%rax),%edx; write: movb $0xa5,(%eax/%rax); execute: jmp *%eax/%rax;
+ * then int $0x80 (the execute stub's target holds it). */
+static const u8 STUB_READ[] = {0x8b, 0x10, 0xcd, 0x80};
+static const u8 STUB_WRITE[] = {0xc6, 0x00, 0xa5, 0xcd, 0x80};
+static const u8 STUB_EXEC[] = {0xff, 0xe0};
+#define STUB_OFF 0x100u     /* in the user-code page, after its fill value */
+
+static void copy(u32 dst, const u8 *src, u32 n) { while (n--) *(volatile u8 *)dst++ = *src++; }
+
+static int acc_page_ok(const struct spec *s)
+{
+    return s->acc && applies(s) && spec_pa(s) + 0x1000 <= ram_end
+           && spec_pa(s) + 0x1000 <= 0x100000000ull;
+}
+
+/* before paging: the stubs in the user-code frame, int $0x80 at +0x800 of every target */
+static void prepare_access(void)
+{
+    static const u8 back[2] = {0xcd, 0x80};
+    u32 i;
+    copy(F_UCODE + STUB_OFF + 0x00, STUB_READ, sizeof(STUB_READ));
+    copy(F_UCODE + STUB_OFF + 0x10, STUB_WRITE, sizeof(STUB_WRITE));
+    copy(F_UCODE + STUB_OFF + 0x20, STUB_EXEC, sizeof(STUB_EXEC));
+    user_stub_va = 0x10009000u + STUB_OFF;
+    for (i = 0; i < NSPECS; i++)
+        if (acc_page_ok(&SPECS[i])) {
+            copy((u32)spec_pa(&SPECS[i]) + OFF_EXEC, back, 2);
+            *(volatile u8 *)((u32)spec_pa(&SPECS[i]) + OFF_WRITE) = 0;
+        }
+}
+
+static void set_tss_desc(u8 *d)
+{
+    u32 base = (u32)tss, limit = 103;
+    d[0] = limit & 0xff; d[1] = (limit >> 8) & 0xff;
+    d[2] = base & 0xff; d[3] = (base >> 8) & 0xff; d[4] = (base >> 16) & 0xff;
+    d[5] = 0x89;                   /* present, DPL 0, available TSS (32-bit / 64-bit) */
+    d[6] = 0; d[7] = base >> 24;
+}
+
+static void put_access(const struct spec *s, int k, u32 wp, u32 smep, u32 smap, u32 nxe,
+                       u32 pke, u32 err)
+{
+    puts_("ORACLE ACCESS va=");
+    puthex(s->va);
+    puts_(" kind=");
+    puts_(ACC_NAMES[k]);
+    puts_(wp ? " wp=1" : " wp=0");
+    puts_(smep ? " smep=1" : " smep=0");
+    puts_(smap ? " smap=1" : " smap=0");
+    puts_(nxe ? " nxe=1" : " nxe=0");
+    if (pke) {
+        puts_(" pke=1 pkru=");
+        puthex(ACC_PKRU);
+    } else {
+        puts_(" pke=0");
+    }
+    if (err == 0xffffffffu) {
+        puts_(" result=ok");
+    } else {
+        puts_(" result=fault err=");
+        puthex(err);
+    }
+    puts_(" name=");
+    puts_(s->name);
+    puts_("\n");
+}
+
+static void put_list(const char *key, u32 many)
+{
+    puts_(key);
+    puts_(many ? "0,1" : "0");
+}
+
+/* After paging is on (a 64-bit TSS must be loaded in IA-32e mode), before the probes: the
+ * IDT for the checks (int $0x80, gate DPL 3, comes back to the checker, and so does every
+ * exception other than #PF, as 0xee000000 | vector) and a TSS that gives ring 0 its stack. */
+static void setup_access_tables(void)
+{
+    u32 i;
+    memzero(tss, 104);
+    if (mode & M_LONG) {
+        *(u32 *)(tss + 4) = (u32)stack0_top;            /* RSP0 (high half 0) */
+        set_tss_desc(gdt_tss64);
+        __asm__ volatile("ltr %w0" : : "r"(0x40));
+        for (i = 0; i < 32; i++)
+            if (i != 14)
+                set_gate64(i, exc64_table[i]);
+        set_gate64(0x80, back64);
+        idt64[0x80 * 16 + 5] = 0xee;                    /* DPL 3 */
+    } else {
+        *(u32 *)(tss + 4) = (u32)stack0_top;            /* ESP0 */
+        *(u32 *)(tss + 8) = 0x10;                       /* SS0 */
+        set_tss_desc(gdt_tss32);
+        __asm__ volatile("ltr %w0" : : "r"(0x38));
+        for (i = 0; i < 32; i++)
+            if (i != 14)
+                set_gate32(i, exc32_table[i]);
+        set_gate32(0x80, back32);
+        idt32[0x80 * 8 + 5] = 0xee;                     /* DPL 3 */
+    }
+}
+
+static void run_access_checks(u32 cr0_base, u32 cr4_base)
+{
+    u32 i, k, n, npages = 0, wp, smep, smap, nxe, pke;
+    u32 nxe_lo = (mode & M_NX) ? 1 : 0, nxe_hi = (mode & M_NX) ? 1 : (u32)has_nx;
+    u32 pke_hi = (mode & M_LEG) ? 0 : (u32)has_pku;
+    u64 efer0 = rdmsr(0xC0000080);
+    struct acc64 a;
+
+    if (!access_on) {
+        puts_("ORACLE ACCESS-RUN off\n");
+        return;
+    }
+    for (i = 0; i < NSPECS; i++)
+        if (acc_page_ok(&SPECS[i]))
+            npages++;
+    n = npages * 6 * 2 * (has_smep ? 2 : 1) * (has_smap ? 2 : 1) * (nxe_hi - nxe_lo + 1)
+        * (pke_hi + 1);
+    puts_("ORACLE ACCESS-RUN");
+    put_list(" wp=", 1);
+    put_list(" smep=", has_smep);
+    put_list(" smap=", has_smap);
+    puts_(nxe_lo ? " nxe=1" : nxe_hi ? " nxe=0,1" : " nxe=0");
+    put_list(" pke=", pke_hi);
+    puts_(" pkru=");
+    puthex(ACC_PKRU);
+    puts_(" eflags.ac=0 read=+0x0 write=+0x808 execute=+0x800 pages=");
+    putdec(npages);
+    puts_(" count=");
+    putdec(n);
+    puts_("\n");
+
+    /* #PF comes back to the checker from now on (the probes had their own handler) */
+    if (mode & M_LONG)
+        set_gate64(14, pfacc64);
+    else
+        set_gate32(14, pfacc32);
+
+    for (nxe = nxe_lo; nxe <= nxe_hi; nxe++)
+    for (pke = 0; pke <= pke_hi; pke++)
+    for (smap = 0; smap <= (u32)has_smap; smap++)
+    for (smep = 0; smep <= (u32)has_smep; smep++)
+    for (wp = 0; wp <= 1; wp++) {
+        u32 cr4 = (cr4_base & ~(CR4_SMEP | CR4_SMAP | CR4_PKE)) | (smep ? CR4_SMEP : 0)
+                  | (smap ? CR4_SMAP : 0) | (pke ? CR4_PKE : 0);
+        wrmsr(0xC0000080, nxe ? efer0 | EFER_NXE : efer0 & ~(u64)EFER_NXE);
+        write_cr0(wp ? cr0_base | CR0_WP : cr0_base & ~CR0_WP);
+        write_cr4(cr4 & ~CR4_PGE);                      /* flushes every TLB entry */
+        write_cr4(cr4);
+        if (pke)
+            wrpkru(ACC_PKRU);
+        for (i = 0; i < NSPECS; i++) {
+            const struct spec *s = &SPECS[i];
+            if (!acc_page_ok(s))
+                continue;
+            for (k = 0; k < 6; k++) {
+                u32 op = ACC_KINDS[k] & 3, err;
+                u64 addr = s->va + (op == ACC_WRITE ? OFF_WRITE : op == ACC_EXEC ? OFF_EXEC : 0);
+                acc_cr2 = 0;
+                if (mode & M_LONG) {
+                    a.addr = addr;
+                    a.kind = ACC_KINDS[k];
+                    err = access64(&a);
+                } else {
+                    err = access32((u32)addr, ACC_KINDS[k]);
+                }
+                if ((err >> 24) == 0xee) {
+                    puts_("ORACLE ERROR unexpected exception ");
+                    putdec(err & 0xff);
+                    puts_(" in the access check ");
+                    puts_(ACC_NAMES[k]);
+                    puts_(" at ");
+                    puthex(addr);
+                    puts_("\n");
+                    halt_forever32();
+                }
+                if (err != 0xffffffffu && acc_cr2 != addr) {
+                    puts_("ORACLE ERROR #PF with CR2=");
+                    puthex(acc_cr2);
+                    puts_(" in the access check at ");
+                    puthex(addr);
+                    puts_("\n");
+                    halt_forever32();
+                }
+                put_access(s, (int)k, wp, smep, smap, nxe, pke, err);
+            }
+        }
+    }
+    /* back to the mode's own state (READY prints it) */
+    if (pke_hi) {
+        write_cr4(cr4_base | CR4_PKE);
+        wrpkru(0);
+    }
+    wrmsr(0xC0000080, efer0);
+    write_cr0(cr0_base);
+    write_cr4(cr4_base & ~CR4_PGE);
+    write_cr4(cr4_base);
+}
+
 /* ---- main ---- */
 struct mbinfo { u32 flags, mem_lower, mem_upper, boot_device, cmdline; };
 
@@ -459,6 +737,7 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
     if (!(mbi->flags & 4))
         fail("no command line");
     mode = parse_mode((const char *)mbi->cmdline);
+    access_on = parse_access((const char *)mbi->cmdline);
     ram_end = (mbi->flags & 1) ? 0x100000ull + (u64)mbi->mem_upper * 1024 : 0x100000ull;
     if ((u32)__image_end > PT_POOL)
         fail("image overlaps the page-table pool");
@@ -470,14 +749,21 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
         maxphyaddr = a & 0xff;
     }
     cpuid(0x80000001, 0, &a, &b, &c, &d);
-    if ((mode & M_NX) && !(d & (1u << 20)))
+    has_nx = !!(d & (1u << 20));
+    has_1g = !!(d & (1u << 26));
+    if ((mode & M_NX) && !has_nx)
         fail("this mode needs NX (cpuid 0x80000001 edx.20)");
     if ((mode & M_LONG) && !(d & (1u << 29)))
         fail("this mode needs long mode (cpuid 0x80000001 edx.29)");
-    if ((mode & M_LONG) && !(d & (1u << 26)))
-        fail("this mode needs 1 GiB pages: use -cpu max or -cpu qemu64,+pdpe1gb");
-    cpuid(7, 0, &a, &b, &c, &d);
-    if (mode == M_5L && !(c & (1u << 16)))
+    cpuid(0, 0, &a, &b, &c, &d);
+    if (a >= 7) {
+        cpuid(7, 0, &a, &b, &c, &d);
+        has_la57 = !!(c & (1u << 16));
+        has_smep = !!(b & (1u << 7));
+        has_smap = !!(b & (1u << 20));
+        has_pku = !!(c & (1u << 3));
+    }
+    if (mode == M_5L && !has_la57)
         fail("mode 5level needs LA57: use -cpu max or -cpu qemu64,+la57");
     if ((mode & M_NX) && maxphyaddr >= 52)
         fail("MAXPHYADDR is 52: no reserved physical-address bits to test");
@@ -493,6 +779,12 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
     puts_("-");
     puthex((u32)__image_end);
     puts_("\n");
+    puts_(has_nx ? "ORACLE CPUID nx=1" : "ORACLE CPUID nx=0");
+    puts_(has_1g ? " page1gb=1" : " page1gb=0");
+    puts_(has_la57 ? " la57=1" : " la57=0");
+    puts_(has_smep ? " smep=1" : " smep=0");
+    puts_(has_smap ? " smap=1" : " smap=0");
+    puts_(has_pku ? " pku=1\n" : " pku=0\n");
 
     /* tables */
     esize = (mode & M_LEG) ? 4 : 8;
@@ -516,6 +808,9 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
         if (s->size > K4)
             fill(spec_pa(s) + s->size - 8);
     }
+
+    if (access_on)
+        prepare_access();
 
     /* probes: every listed page at its first 8 bytes, large pages also at their last 8 */
     for (i = 0; i < NSPECS; i++) {
@@ -542,6 +837,8 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
         load_idt32();
     }
     enable_paging(root, cr4, efer_set);
+    if (access_on)
+        setup_access_tables();
 
     if (mode & M_LONG) {
         run_probes64(probes, nprobes);
@@ -556,7 +853,10 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
         if (!applies(s))
             continue;
         for (k = 0; k < pages_of(s); k++) {
-            int ok = s->fault == F_NONE;
+            /* without CPUID.Page1GB, PS=1 in a PDPTE is a reserved bit (SDM 4.5, table 4-16);
+             * the entry is built all the same and probed: QEMU's TCG maps it anyway */
+            int rsvd_1g = s->needs_1g && !has_1g;
+            int ok = s->fault == F_NONE && !rsvd_1g;
             int x = s->x && !(s->restrict_parent && (mode & M_NX));
             if (!(mode & M_NX)) x = 1;
             puts_("ORACLE MAP va=");
@@ -564,11 +864,11 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
             puts_(" pa=");
             if (ok) puthex(s->identity ? va_of(s, k) : spec_pa(s)); else puts_("none");
             puts_(" size=");
-            puthex(ok ? s->size : span_of(s->fault_level));
+            puthex(ok || rsvd_1g ? s->size : span_of(s->fault_level));
             puts_(ok && s->w && !s->restrict_parent ? " w=1" : " w=0");
             puts_(ok && s->u && !s->restrict_parent ? " u=1" : " u=0");
             puts_(ok && x ? " x=1" : " x=0");
-            puts_(s->fault == F_NONE ? " fault=none" :
+            puts_(ok ? " fault=none" :
                   s->fault == F_NOTPRESENT ? " fault=not-present" : " fault=reserved-bit");
             puts_(" name=");
             puts_(s->name);
@@ -587,6 +887,8 @@ void oracle_main(u32 magic, struct mbinfo *mbi)
         }
         puts_("\n");
     }
+
+    run_access_checks(read_cr0(), read_cr4());
 
     efer = rdmsr(0xC0000080);
     puts_("ORACLE READY mode=");
