@@ -119,19 +119,22 @@ def translate_batch(session, addresses, cr3: Optional[int] = None) -> BatchTrans
 
 def _values_direct(session, w, region, hva, status, value, has_value, cr3) -> None:
     """The direct path: exactly the 8 bytes of each address, IOV_MAX of them per
-    process_vm_readv call. Host pages never touched hold zeros (not read: reading would fault
-    them in on the host)."""
+    process_vm_readv call, for pages present in QEMU's page table. An absent page is zeros
+    only where that is proven (HostProcess.zero_if_absent); every other address (swapped or
+    file-backed pages, values that run into the next virtual page, an unreadable pagemap)
+    takes the exact one-address path, which reads the bytes wherever they are."""
     offset_all = (hva % U64(PAGE)).astype(np.int64)
     within = (region >= 0) & (offset_all <= PAGE - VALUE_SIZE)
-    absent = within & (status == HOST_NOT_PRESENT)
-    value[absent] = 0
-    has_value[absent] = True
+    absent = np.flatnonzero(within & (status == HOST_NOT_PRESENT))
+    if len(absent):
+        zero = session.process.zero_if_absent((hva[absent] // U64(PAGE)).astype(np.int64))
+        value[absent[zero]] = 0
+        has_value[absent[zero]] = True
     sel = np.flatnonzero(within & ((status == HOST_PRESENT) | (status == HOST_PFN_HIDDEN)))
     if len(sel):
         value[sel] = np.frombuffer(session.process.read_many(hva[sel], VALUE_SIZE), "<u8")
         has_value[sel] = True
-    rest = (region >= 0) & ~within   # the 8 bytes run into the next virtual page
-    for i in np.flatnonzero(rest | (within & ~has_value)).tolist():
+    for i in np.flatnonzero((region >= 0) & ~has_value).tolist():
         t = session.translate(int(w.va[i]), cr3)
         if t.value is not None and len(t.value) == VALUE_SIZE:
             value[i] = int.from_bytes(t.value, "little")

@@ -7,7 +7,9 @@ process's pagemap, page sizes from /proc/kpageflags and smaps. Never HMP `gpa2hp
 
 import bisect
 import ctypes
+import errno
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -124,13 +126,17 @@ HOST_STATUS = ("", "present", "not-present", "swapped", "pfn-hidden", "no-ram", 
  HOST_UNKNOWN) = range(len(HOST_STATUS))
 
 
+PAGEMAP_GAP = 512         # pages between two HVAs still read in one pagemap read
+PAGEMAP_CHUNK = 1 << 17   # pagemap entries per read (1 MiB): bounded whatever the span
+
+
 def pagemap_arrays(process, hvas):
-    """(status codes, HPAs) for a numpy uint64 array of HVAs of one process, from one pagemap
-    read spanning them all (the vectorized twin of host_page; HPA 0 where not present)."""
+    """(status codes, HPAs) for a numpy uint64 array of HVAs of one process (the vectorized
+    twin of host_page; HPA 0 where not present). The pagemap is read in runs of nearby pages,
+    never across the gap between two far-apart addresses."""
     u64 = np.uint64
     pages = (hvas // u64(PAGE)).astype(np.int64)
-    lo, hi = int(pages.min()), int(pages.max())
-    entries = np.array(process.pagemap_entries(lo * PAGE, hi - lo + 1), dtype=u64)[pages - lo]
+    entries = process.pagemap_of_pages(pages)
     present = (entries >> u64(63)) & u64(1) == 1
     swapped = (entries >> u64(62)) & u64(1) == 1
     pfn = entries & u64((1 << 55) - 1)
@@ -141,6 +147,62 @@ def pagemap_arrays(process, hvas):
     return status, hpa
 
 
+@dataclass(frozen=True)
+class Vma:
+    """One mapping of the QEMU process (a line of /proc/PID/smaps)."""
+    start: int
+    end: int                        # exclusive
+    perms: str                      # "rw-p", "rw-s", ...
+    offset: int                     # file offset of `start`
+    inode: int
+    path: str                       # "" for anonymous memory
+    flags: frozenset = frozenset()  # VmFlags ("um": userfaultfd handles missing pages)
+    kernel_page_size: int = PAGE
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3:4] == "s"
+
+    @property
+    def absent_reads_zero(self) -> bool:
+        """A page here that pagemap shows neither present nor swapped holds zeros: private
+        anonymous memory that was never touched (or was discarded), unless userfaultfd fills
+        missing pages (postcopy migration)."""
+        return not self.shared and self.inode == 0 and "um" not in self.flags
+
+    def describe(self) -> str:
+        what = "shared" if self.shared else "private"
+        if self.inode == 0:
+            return f"{what} anonymous memory" + (f" {self.path}" if self.path else "")
+        return f"{what} file mapping of {self.path or f'inode {self.inode}'}"
+
+
+def _parse_smaps(text: str) -> List[Vma]:
+    vmas: List[Vma] = []
+    head = None
+    page_size, flags = PAGE, frozenset()
+
+    def flush():
+        if head is not None:
+            vmas.append(Vma(*head, flags=flags, kernel_page_size=page_size))
+
+    for line in text.splitlines():
+        first = line.split(None, 1)[0] if line.strip() else ""
+        if "-" in first and not first.endswith(":"):
+            flush()
+            parts = line.split(None, 5)
+            a, b = parts[0].split("-")
+            head = (int(a, 16), int(b, 16), parts[1], int(parts[2], 16), int(parts[4]),
+                    parts[5].strip() if len(parts) > 5 else "")
+            page_size, flags = PAGE, frozenset()
+        elif first == "KernelPageSize:":
+            page_size = int(line.split()[1]) * 1024
+        elif first == "VmFlags:":
+            flags = frozenset(line.split()[1:])
+    flush()
+    return vmas
+
+
 class HostProcess:
     """The QEMU process as seen from the host: pagemap, kpageflags, smaps, and its memory."""
 
@@ -149,13 +211,16 @@ class HostProcess:
         self._pagemap = None
         self._mem = None
         self._kpageflags = None
-        self._hugetlb_vmas = None
+        self._vmas: Optional[List[Vma]] = None
+        self._vma_starts: List[int] = []
+        self._files: Dict[Tuple[int, int], Optional[int]] = {}   # VMA -> its backing file
 
     def close(self) -> None:
-        for f in (self._pagemap, self._mem, self._kpageflags):
+        for f in (self._pagemap, self._mem, self._kpageflags, *self._files.values()):
             if f is not None:
                 os.close(f)
         self._pagemap = self._mem = self._kpageflags = None
+        self._files = {}
 
     def _open(self, path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -176,6 +241,180 @@ class HostProcess:
         if len(data) != 8 * count:
             raise OSError(f"short read from /proc/{self.pid}/pagemap")
         return struct.unpack(f"<{count}Q", data)
+
+    def pagemap_of_pages(self, pages: np.ndarray) -> np.ndarray:
+        """The pagemap entries (uint64) of an array of page numbers, read in runs of nearby
+        pages (PAGEMAP_GAP) and at most PAGEMAP_CHUNK entries at a time."""
+        out = np.zeros(len(pages), np.uint64)
+        if not len(pages):
+            return out
+        uniq, back = np.unique(pages, return_inverse=True)
+        found = np.zeros(len(uniq), np.uint64)
+        breaks = np.flatnonzero(np.diff(uniq) > PAGEMAP_GAP) + 1
+        for group in np.split(np.arange(len(uniq)), breaks):
+            lo, hi = int(uniq[group[0]]), int(uniq[group[-1]])
+            for first in range(lo, hi + 1, PAGEMAP_CHUNK):
+                n = min(PAGEMAP_CHUNK, hi + 1 - first)
+                entries = np.array(self.pagemap_entries(first * PAGE, n), np.uint64)
+                k = group[(uniq[group] >= first) & (uniq[group] < first + n)]
+                found[k] = entries[uniq[k] - first]
+        out[:] = found[back.reshape(-1)]
+        return out
+
+    # ---- mappings and their backing -------------------------------------------------------
+
+    def vmas(self) -> List[Vma]:
+        """The process's mappings from /proc/PID/smaps (read once)."""
+        if self._vmas is None:
+            try:
+                with open(f"/proc/{self.pid}/smaps") as f:
+                    self._vmas = _parse_smaps(f.read())
+            except (OSError, ValueError, IndexError):
+                self._vmas = []
+            self._vma_starts = [v.start for v in self._vmas]
+        return self._vmas
+
+    def vma_at(self, hva: int) -> Optional[Vma]:
+        vmas = self.vmas()
+        i = bisect.bisect_right(self._vma_starts, hva) - 1
+        if i >= 0 and vmas[i].start <= hva < vmas[i].end:
+            return vmas[i]
+        return None
+
+    def backing_file(self, vma: Vma) -> Optional[int]:
+        """A read-only fd of the file behind a file mapping (memory-backend-file, memfd,
+        hugetlbfs, shared anonymous memory), or None: /proc/PID/map_files (root), else the
+        descriptor QEMU keeps open on it, else its path, each checked to be the same inode."""
+        key = (vma.start, vma.end)
+        if key in self._files:
+            return self._files[key]
+        fd = None
+        if vma.inode:
+            candidates = [f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}"]
+            try:
+                candidates += [f"/proc/{self.pid}/fd/{n}"
+                               for n in os.listdir(f"/proc/{self.pid}/fd")]
+            except OSError:
+                pass
+            if vma.path.startswith("/") and not vma.path.endswith("(deleted)"):
+                candidates.append(vma.path)
+            for path in candidates:
+                try:
+                    f = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                st = os.fstat(f)
+                if st.st_ino == vma.inode and stat.S_ISREG(st.st_mode):
+                    fd = f
+                    break
+                os.close(f)
+        self._files[key] = fd
+        return fd
+
+    def _segments(self, hva: int, end: int):
+        """(vma, lo, hi) pieces of [hva, end) by mapping; MemoryReadError for a hole."""
+        while hva < end:
+            vma = self.vma_at(hva)
+            if vma is None:
+                raise MemoryReadError(f"HVA {hva:#x} is not mapped in QEMU's process "
+                                      f"{self.pid}", hva)
+            hi = min(end, vma.end)
+            yield vma, hva, hi
+            hva = hi
+
+    def absent_zero(self, hva: int, entries: np.ndarray) -> np.ndarray:
+        """For the pages from the page holding hva (one pagemap entry each): True where the
+        page holds zeros that can be known without reading it: absent from QEMU's page table
+        (neither present nor swapped) and either private anonymous memory (never touched, or
+        discarded) or a hole of the file behind a file mapping. Only such pages may be skipped
+        or given as zeros; every other absent page holds data that must really be read."""
+        absent = (entries >> np.uint64(62)) == 0
+        zero = np.zeros(len(entries), bool)
+        if absent.any():
+            pages = hva // PAGE + np.flatnonzero(absent)
+            zero[absent] = self.zero_if_absent(pages)
+        return zero
+
+    def zero_if_absent(self, pages: np.ndarray) -> np.ndarray:
+        """For page numbers (HVA // 4096) that pagemap shows absent: True where such a page
+        reads as zeros (see absent_zero); False where it holds data elsewhere, or is not
+        mapped at all."""
+        pages = np.asarray(pages, np.int64)
+        zero = np.zeros(len(pages), bool)
+        if not len(pages):
+            return zero
+        for vma in self.vmas():
+            inside = (pages >= vma.start // PAGE) & (pages < vma.end // PAGE)
+            if not inside.any():
+                continue
+            if vma.absent_reads_zero:
+                zero[inside] = True
+            elif vma.inode and self.backing_file(vma) is not None:
+                fd = self.backing_file(vma)
+                for k in np.flatnonzero(inside).tolist():
+                    hva = int(pages[k]) * PAGE
+                    zero[k] = bool(_holes(fd, vma.offset + (hva - vma.start), 1, 0)[0])
+        return zero
+
+    def read_range(self, hva: int, length: int) -> bytes:
+        """[hva, hva+length) of QEMU's memory, as the guest sees it; bytes are never invented.
+        Pages present (or swapped out) in QEMU's page table are read from the process. A page
+        that is absent there is read from the file behind its mapping (memory-backend-file,
+        memfd, hugetlbfs: pread, which reads holes as zeros without allocating), or, when that
+        file cannot be opened, through the process (which faults it in read-only); absent pages
+        of private anonymous memory are zeros, proven without a read (see absent_zero)."""
+        first = hva // PAGE
+        count = (hva + length - 1) // PAGE - first + 1
+        try:
+            entries = np.array(self.pagemap_entries(hva, count), np.uint64)
+        except OSError as exc:
+            if not process_exists(self.pid):
+                raise VMGoneError(f"the QEMU process {self.pid} is gone") from None
+            raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
+                                  hva) from None
+        if count == 1 and entries[0] >> np.uint64(62):   # the hot path: one present page
+            return self.read(hva, length)
+        out = bytearray(length)
+        mapped = (entries >> np.uint64(62)) != 0
+        for vma, lo, hi in self._segments(hva, hva + length):
+            i, j = lo // PAGE - first, (hi - 1) // PAGE - first + 1
+            take = mapped[i:j].copy()              # read from the process
+            absent = ~take
+            if absent.any():
+                if vma.absent_reads_zero:
+                    pass                           # zeros: out is zero already
+                elif vma.inode and self.backing_file(vma) is not None:
+                    self._read_file_pages(vma, lo, hi, first + i, absent, out, hva)
+                else:
+                    take[:] = True                 # no other way: fault it in, read-only
+            self._read_pages(lo, hi, first + i, take, out, hva)
+        return bytes(out)
+
+    def _page_runs(self, lo: int, hi: int, first_page: int, sel: np.ndarray):
+        """[a, b) byte ranges of [lo, hi) covering the runs of selected pages."""
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], sel, [False]))))
+        for s0, s1 in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            yield max(lo, (first_page + s0) * PAGE), min(hi, (first_page + s1) * PAGE)
+
+    def _read_pages(self, lo, hi, first_page, sel, out, base) -> None:
+        runs = list(self._page_runs(lo, hi, first_page, sel))
+        if runs:
+            a = np.array([r[0] for r in runs], np.uint64)
+            b = np.array([r[1] for r in runs], np.uint64)
+            self.readv(out, a - np.uint64(base), a, b - a)
+
+    def _read_file_pages(self, vma, lo, hi, first_page, sel, out, base) -> None:
+        fd = self.backing_file(vma)
+        for a, b in self._page_runs(lo, hi, first_page, sel):
+            try:
+                data = os.pread(fd, b - a, vma.offset + (a - vma.start))
+            except OSError as exc:
+                raise MemoryReadError(f"cannot read the file behind HVA {a:#x} "
+                                      f"({vma.describe()}): {exc.strerror or exc}", a) from None
+            if len(data) != b - a:
+                raise MemoryReadError(f"short read of the file behind HVA {a:#x} "
+                                      f"({vma.describe()})", a)
+            out[a - base:b - base] = data
 
     def kpageflags(self, pfn: int) -> Optional[int]:
         try:
@@ -201,9 +440,16 @@ class HostProcess:
                             detail=f"the host page is swapped out (swap type {entry & 0x1f}, "
                                    f"offset {entry >> 5 & ((1 << 50) - 1):#x}); it has no HPA now")
         if not entry >> 63 & 1:
+            vma = self.vma_at(hva)
+            if vma is None or vma.absent_reads_zero:
+                why = ("QEMU has not touched it (the guest never wrote it, or it was "
+                       "discarded): it reads as zeros")
+            else:
+                why = (f"it is not mapped in QEMU's page table; its data is in the file "
+                       f"behind the mapping ({vma.describe()}), in the page cache or on disk")
             return HostPage(hva, "not-present", flags=flags,
-                            detail="the host page is not present: QEMU has not touched it yet "
-                                   "(the guest never wrote it), so it has no HPA now")
+                            detail=f"the host page is not present: {why}, so it has no HPA "
+                                   "in this process now")
         pfn = entry & ((1 << 55) - 1)
         if pfn == 0:
             return HostPage(hva, "pfn-hidden", flags=flags,
@@ -224,31 +470,13 @@ class HostProcess:
         return PAGE, "4k"
 
     def _hugetlb_size(self, hva: int) -> Optional[int]:
-        """KernelPageSize of the smaps VMA holding hva, when it is larger than 4 KiB."""
-        if self._hugetlb_vmas is None:
-            self._hugetlb_vmas = []
-            try:
-                with open(f"/proc/{self.pid}/smaps") as f:
-                    start = end = 0
-                    for line in f:
-                        head = line.split(None, 1)[0]
-                        if "-" in head and not head.endswith(":"):
-                            a, b = head.split("-")
-                            start, end = int(a, 16), int(b, 16)
-                        elif head == "KernelPageSize:":
-                            kb = int(line.split()[1])
-                            if kb > 4:
-                                self._hugetlb_vmas.append((start, end, kb * 1024))
-            except (OSError, ValueError):
-                pass
-        for start, end, size in self._hugetlb_vmas:
-            if start <= hva < end:
-                return size
-        return None
+        """KernelPageSize of the mapping holding hva, when it is larger than 4 KiB."""
+        vma = self.vma_at(hva)
+        return vma.kernel_page_size if vma and vma.kernel_page_size > PAGE else None
 
     def read(self, hva: int, length: int) -> bytes:
-        """Read the QEMU process's memory. Callers check pagemap first: reading a page that is
-        not present would fault it in on the host."""
+        """Read the QEMU process's memory as it is mapped (a page absent from QEMU's page table
+        is faulted in by the read; read_range decides when that is the right way)."""
         buf = bytearray(length)
         self.readinto(hva, buf)
         return bytes(buf)
@@ -338,6 +566,30 @@ except (OSError, AttributeError):  # not Linux/glibc: /proc/PID/mem only
 
 
 IOV_MAX = 1024   # iovecs per process_vm_readv call (the kernel's UIO_MAXIOV)
+
+
+def _holes(fd: int, offset: int, pages: int, skew: int) -> np.ndarray:
+    """For `pages` pages of a file from `offset` (`skew` bytes into the first page): True
+    where the page lies wholly in a hole (SEEK_HOLE/SEEK_DATA), which reads as zeros. A file
+    system without them reports no holes."""
+    out = np.zeros(pages, bool)
+    start, end = offset - skew, offset - skew + pages * PAGE
+    pos = start
+    try:
+        while pos < end:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data > pos:   # [pos, data) is a hole
+                a, b = -(-(pos - start) // PAGE), min(pages, (data - start) // PAGE)
+                out[a:b] = True
+            if data >= end:
+                break
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:        # no data after pos: the rest is a hole
+            a = -(-(pos - start) // PAGE)
+            out[a:] = True
+        # EINVAL and the like: no hole information; nothing proven
+    return out
 
 
 def process_exists(pid: int) -> bool:

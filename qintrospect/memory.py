@@ -54,9 +54,8 @@ class GdbMemory(PhysicalMemory):
 
 
 class DirectMemory(PhysicalMemory):
-    """Reads the QEMU process at the HVA. A host page that is not present reads as zeros, as the
-    guest would see it, without touching it (reading it through /proc/PID/mem would fault it
-    in on the host)."""
+    """Reads the QEMU process at the HVA (HostProcess.read_range: present pages from the
+    process, absent pages from the file behind them or proven zero, never guessed)."""
 
     name = "direct"
 
@@ -67,63 +66,40 @@ class DirectMemory(PhysicalMemory):
     def _read(self, gpa, length):
         parts = []
         while length > 0:
-            region = self.ram_map.check_readable(gpa, 1)
-            if region.hva is None:
-                raise MemoryReadError(f"no host address known for RAM region {region.block!r}",
-                                      gpa)
+            region = self._region(gpa)
             n = min(length, region.end - gpa + 1)
-            parts.append(self._read_host_range(region.hva_of(gpa), n))
+            parts.append(self.process.read_range(region.hva_of(gpa), n))
             gpa += n
             length -= n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _read_host_range(self, hva: int, length: int) -> bytes:
-        """Read [hva, hva+length) of the QEMU process: one pagemap read for the whole range,
-        then the present pages in one vectored read; absent pages are zeros."""
-        first = hva // PAGE
-        count = (hva + length - 1) // PAGE - first + 1
-        try:
-            entries = self.process.pagemap_entries(hva, count)
-        except OSError as exc:
-            if not process_exists(self.process.pid):
-                raise VMGoneError(f"the QEMU process {self.process.pid} is gone") from None
-            raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
-                                  hva) from None
-        if count == 1:   # the common case (a table entry, a value): no arrays needed
-            return self.process.read(hva, length) if entries[0] >> 63 else bytes(length)
-        present = (np.array(entries, dtype=np.uint64) >> np.uint64(63)).astype(bool)
-        # runs of present pages [i, j), clipped to the range asked for
-        edges = np.flatnonzero(np.diff(np.concatenate(([False], present, [False]))))
-        lo = np.maximum(hva, (first + edges[0::2]) * PAGE).astype(np.uint64)
-        hi = np.minimum(hva + length, (first + edges[1::2]) * PAGE).astype(np.uint64)
-        out = bytearray(length)
-        if len(lo):
-            self.process.readv(out, lo - np.uint64(hva), lo, hi - lo)
-        return bytes(out)
+    def _region(self, gpa):
+        region = self.ram_map.check_readable(gpa, 1)
+        if region.hva is None:
+            raise MemoryReadError(f"no host address known for RAM region {region.block!r}", gpa)
+        return region
 
     def scan_chunks(self, start: int, end: int, chunk: int):
-        """(gpa, memoryview) for every host-present run of RAM in [start, end), at most
-        `chunk` bytes at a time, read into one reused buffer (valid until the next item).
-        Pages the host never touched are skipped: they hold zeros, not page tables."""
-        buf = bytearray(chunk)
+        """(gpa, bytes) for every run of RAM pages in [start, end) that may hold something,
+        at most `chunk` bytes at a time. Only pages proven to hold zeros are skipped (absent
+        from QEMU's page table in private anonymous memory, or in a hole of the backing file:
+        HostProcess.absent_zero); every other page is read, wherever its bytes are."""
         gpa = start
         while gpa < end:
-            region = self.ram_map.check_readable(gpa, 1)
+            region = self._region(gpa)
             n = min(chunk, end - gpa, region.end + 1 - gpa)
             hva = region.hva_of(gpa)
-            present = [e >> 63 & 1 for e in self.process.pagemap_entries(hva, n // PAGE)]
-            i = 0
-            while i < len(present):
-                if not present[i]:
-                    i += 1
-                    continue
-                j = i
-                while j < len(present) and present[j]:
-                    j += 1
-                piece = memoryview(buf)[:(j - i) * PAGE]
-                self.process.readinto(hva + i * PAGE, piece)
-                yield gpa + i * PAGE, piece
-                i = j
+            try:
+                entries = np.array(self.process.pagemap_entries(hva, n // PAGE), np.uint64)
+            except OSError as exc:
+                if not process_exists(self.process.pid):
+                    raise VMGoneError(f"the QEMU process {self.process.pid} is gone") from None
+                raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
+                                      hva) from None
+            keep = ~self.process.absent_zero(hva, entries)
+            edges = np.flatnonzero(np.diff(np.concatenate(([False], keep, [False]))))
+            for i, j in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+                yield gpa + i * PAGE, self.process.read_range(hva + i * PAGE, (j - i) * PAGE)
             gpa += n
 
 

@@ -61,20 +61,11 @@ def keep(rows: Rows, user=False, kernel=False, writable=False, executable=False)
     return rows.take(mask)
 
 
-def host_columns(rows: Rows, ram_map, process, split: bool) -> Rows:
-    """Fill hpa/host from the QEMU process's pagemap (read once per RAM region touched). With
-    split, rows are first cut into 4 KiB pieces so that merging can stop wherever the host
-    pages stop being contiguous."""
-    if split and len(rows):
-        pieces = (rows.size // U64(PAGE)).astype(np.int64)
-        idx = np.repeat(np.arange(len(rows)), pieces)
-        first = np.concatenate(([0], np.cumsum(pieces)[:-1]))
-        offset = (np.arange(len(idx)) - first[idx]).astype(U64) * U64(PAGE)
-        rows = rows.take(idx)
-        rows.start = rows.start + offset
-        rows.gpa = rows.gpa + offset
-        rows.size = np.full(len(rows), PAGE, U64)
-        rows.leaves = (offset == 0).astype(np.int64)
+SPLIT_BUDGET = 1 << 18   # 4 KiB pieces held at once when cutting rows for the HPA column
+
+
+def host_columns(rows: Rows, ram_map, process) -> Rows:
+    """Fill hpa/host of each row (at its start) from the QEMU process's pagemap."""
     rows.host = np.full(len(rows), HOST_NO_RAM, np.uint8)
     for region in ram_map.ram:
         sel = (rows.gpa >= U64(region.start)) & (rows.gpa <= U64(region.end))
@@ -89,6 +80,47 @@ def host_columns(rows: Rows, ram_map, process, split: bool) -> Rows:
         except OSError:
             pass
     return rows
+
+
+def _pieces(rows: Rows, cum: np.ndarray, a: int, b: int) -> Rows:
+    """Global 4 KiB pieces [a, b) of rows (cum: running total of each row's pieces) as rows
+    of their own."""
+    g = np.arange(a, b, dtype=np.int64)
+    r = np.searchsorted(cum, g, side="right")
+    first = cum[r] - (rows.size[r] // U64(PAGE)).astype(np.int64)
+    offset = (g - first).astype(U64) * U64(PAGE)
+    out = rows.take(r)
+    out.start = out.start + offset
+    out.gpa = out.gpa + offset
+    out.size = np.full(len(out), PAGE, U64)
+    out.leaves = np.where(offset == 0, out.leaves, 0)
+    return out
+
+
+def with_host(rows: Rows, ram_map, process, leaf: bool, budget: int = SPLIT_BUDGET):
+    """Rows with the HPA column, in chunks (an iterator of Rows), in bounded memory. --leaf
+    rows get it at their start. Ranges are cut into 4 KiB pieces so that merging can stop
+    wherever host pages stop being contiguous, `budget` pieces at a time; the last merged row
+    of a chunk waits for the next chunk, which may continue it."""
+    if leaf:
+        yield host_columns(rows, ram_map, process)
+        return
+    cum = np.cumsum((rows.size // U64(PAGE)).astype(np.int64))
+    total = int(cum[-1]) if len(cum) else 0
+    pending = None
+    for a in range(0, total, budget):
+        part = host_columns(_pieces(rows, cum, a, min(total, a + budget)), ram_map, process)
+        if pending is not None:
+            part = concat(pending, part)
+        merged = merge(part, physical=True)
+        pending = merged.take(slice(len(merged) - 1, None))
+        yield merged.take(slice(0, len(merged) - 1))
+    if pending is not None:
+        yield pending
+
+
+def concat(a: Rows, b: Rows) -> Rows:
+    return Rows(*(np.concatenate((getattr(a, f.name), getattr(b, f.name))) for f in fields(a)))
 
 
 def merge(rows: Rows, physical: bool = False) -> Rows:
