@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 import traceback
 
 from . import render
@@ -75,6 +76,24 @@ def _attach(args):
         vm.check_live()
 
 
+def _checked(vm, items, batch: int = 256, seconds: float = 0.25):
+    """The items, each given out only after QMP confirmed the VM did not reset or shut down
+    since it was read (for a VM that runs while we read; nothing to check otherwise). Checked
+    in small batches: one query-status per batch, not per item."""
+    if not vm.live:
+        yield from items
+        return
+    buf, deadline = [], time.monotonic() + seconds
+    for item in items:
+        buf.append(item)
+        if len(buf) >= batch or time.monotonic() > deadline:
+            vm.check_live()
+            yield from buf
+            buf, deadline = [], time.monotonic() + seconds
+    vm.check_live()
+    yield from buf
+
+
 def _open_session(args):
     from .session import Session
     if not args.qmp:
@@ -93,8 +112,9 @@ def _open_session(args):
         info = vm.describe()
         print(f"# attached: QMP {info['qmp']}, gdb {info['gdb'] or '(none: registers via QMP)'}, VM was "
               f"{info['status_found']}; {info['process_note']}; memory via "
-              f"{info['memory_path']}; {vm.timings['attach'] * 1000:.0f} ms", file=sys.stderr,
-              flush=True)
+              f"{info['memory_path']}; 1 GiB pages: {info['page1gb']} (from "
+              f"{info['page1gb_source']}); {vm.timings['attach'] * 1000:.0f} ms",
+              file=sys.stderr, flush=True)
     return vm
 
 
@@ -135,7 +155,7 @@ def cmd_translate(args) -> int:
         if args.brief:
             return _translate_brief(vm, addresses, cr3)
         first = True
-        for t in vm.translate_many(addresses, cr3):
+        for t in _checked(vm, vm.translate_many(addresses, cr3)):
             if not t.ok:
                 status = EXIT_FAULT
             if args.json:
@@ -161,6 +181,7 @@ def _translate_brief(vm, addresses, cr3) -> int:
         if not chunk:
             return status
         result = vm.translate_batch(chunk, cr3)
+        vm.check_live()
         if not result.ok.all():
             status = EXIT_FAULT
         sys.stdout.write("".join(render.json_line(d) + "\n" for d in result.to_dicts()))
@@ -193,16 +214,17 @@ def _translate_nested(args, addresses, cr3) -> int:
 def cmd_cpus(args) -> int:
     from .cpu import CR0_BITS, CR4_BITS, EFER_BITS, bit_names
     with _attach(args) as vm:
-        for v in vm.vcpu_info:
-            if args.json:
-                print(render.json_line(v.to_dict()))
-                continue
-            pcid = f" PCID {v.pcid:#x}" if v.pcid is not None else ""
-            print(f"vCPU {v.index}  host thread {v.thread_id}  CPL {v.cpl}  {v.mode} paging  "
-                  f"CR3 {v.cr3:#x} (root {v.root:#x}{pcid})")
-            print(f"  CR0  {v.cr0:#018x}  {' '.join(bit_names(v.cr0, CR0_BITS))}")
-            print(f"  CR4  {v.cr4:#018x}  {' '.join(bit_names(v.cr4, CR4_BITS))}")
-            print(f"  EFER {v.efer:#018x}  {' '.join(bit_names(v.efer, EFER_BITS))}")
+        vcpus = vm.vcpu_info
+    for v in vcpus:
+        if args.json:
+            print(render.json_line(v.to_dict()))
+            continue
+        pcid = f" PCID {v.pcid:#x}" if v.pcid is not None else ""
+        print(f"vCPU {v.index}  host thread {v.thread_id}  CPL {v.cpl}  {v.mode} paging  "
+              f"CR3 {v.cr3:#x} (root {v.root:#x}{pcid})")
+        print(f"  CR0  {v.cr0:#018x}  {' '.join(bit_names(v.cr0, CR0_BITS))}")
+        print(f"  CR4  {v.cr4:#018x}  {' '.join(bit_names(v.cr4, CR4_BITS))}")
+        print(f"  EFER {v.efer:#018x}  {' '.join(bit_names(v.efer, EFER_BITS))}")
     return EXIT_OK
 
 
@@ -260,21 +282,25 @@ def cmd_vmmap(args) -> int:
             raise UsageError(f"--range {args.range!r}: END must be above START")
     show_hpa = args.hpa
     show_gpa = args.gpa or show_hpa or args.leaf
+    out = sys.stdout
     with _attach(args) as vm:
         leaves = vm.leaf_arrays(cr3, start, end)
         rows = vmmap.keep(vmmap.from_leaves(leaves), args.user, args.kernel, args.writable,
                           args.exec)
         if show_hpa:
-            rows = vmmap.host_columns(rows, vm.ram_map, vm.process, split=not args.leaf)
-        if not args.leaf:
-            rows = vmmap.merge(rows, physical=show_gpa)
+            chunks = vmmap.with_host(rows, vm.ram_map, vm.process, leaf=args.leaf)
+        else:
+            chunks = [rows if args.leaf else vmmap.merge(rows, physical=show_gpa)]
+        if not args.json:
+            out.write(vmmap.header(show_gpa, show_hpa, args.leaf) + "\n")
+        fmt = leaves.format if args.leaf else None
+        for chunk in chunks:
+            lines = [render.json_line(row.to_dict(leaf=args.leaf)) if args.json else
+                     vmmap.row_text(row, show_gpa, show_hpa, args.leaf)
+                     for row in vmmap.iter_rows(chunk, fmt)]
+            vm.check_live()   # a VM that runs may have reset meanwhile: say so, not the rows
+            out.write("".join(line + "\n" for line in lines))
         skipped = vm.unreadable_tables
-    out = sys.stdout
-    if not args.json:
-        out.write(vmmap.header(show_gpa, show_hpa, args.leaf) + "\n")
-    for row in vmmap.iter_rows(rows, leaves.format if args.leaf else None):
-        out.write((render.json_line(row.to_dict(leaf=args.leaf)) if args.json else
-                   vmmap.row_text(row, show_gpa, show_hpa, args.leaf)) + "\n")
     if skipped:
         print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
               f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)
@@ -296,7 +322,7 @@ def cmd_read(args) -> int:
         raise UsageError("--phys and --cr3 exclude each other")
     status = EXIT_OK
     with _attach(args) as vm:
-        for piece in vm.read_pieces(address, length, physical=args.phys, cr3=cr3):
+        for piece in _checked(vm, vm.read_pieces(address, length, physical=args.phys, cr3=cr3)):
             if piece.data is None:
                 status = EXIT_FAULT
             if args.json:
@@ -317,7 +343,11 @@ def cmd_resume(args) -> int:
     qmp = QmpMonitor(address, args.timeout).connect()
     try:
         status = qmp.command("query-status")
-        record = runstate.left_paused(key, bool(status.get("running")))
+        try:
+            marker = runstate.load(key)
+        except runstate.RunStateError:
+            marker = None
+        record = runstate.left_paused(marker, bool(status.get("running")))
         if status.get("running"):
             print("the VM is already running")
         elif status.get("status") not in ("paused", "debug"):
@@ -328,7 +358,10 @@ def cmd_resume(args) -> int:
             why = (f" (paused since {record.get('since')} by qintrospect pid {record.get('pid')})"
                    if record else "")
             print(f"resumed the VM{why}")
-        runstate.forget(key)
+        try:   # the paused VM is dealt with; a memory mode left to put back stays noted
+            runstate.release(key, None, runstate.phys_mode_left(marker))
+        except runstate.RunStateError:
+            pass
     finally:
         qmp.close()
     return EXIT_OK

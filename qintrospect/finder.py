@@ -143,7 +143,8 @@ def check(read, cpu: paging.CpuState, candidates: List[Candidate], gva: Optional
         return sorted(candidates, key=lambda c: c.rank)
     out = []
     for c in candidates:
-        state = paging.CpuState(cpu.cr0, c.root, cpu.cr4 & ~(1 << 17), cpu.efer, cpu.maxphyaddr)
+        # the candidate's own root, no PCID bits, and no PAE PDPTE registers of the vCPU's
+        state = replace(cpu, cr3=c.root, cr4=cpu.cr4 & ~(1 << 17), pdptes=None)
         walk = paging.walk(read, state, gva)
         if not walk.ok:
             out.append(replace(c, maps_gva=False))

@@ -32,6 +32,15 @@ _LOST = re.compile(r"Remote connection closed|Remote communication error|not bei
                    r"Connection reset|Broken pipe|No such process", re.I)
 
 
+def one_line(text: str) -> str:
+    """`text`, refused (ValueError) if it holds a control character: gdb reads its input line
+    by line, so a newline inside anything we pass (a socket path, say) would start a command
+    of its own. Every command goes through here before it is written."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise ValueError(f"control character in {text!r}: not passed to gdb")
+    return text
+
+
 class GdbError(AttachError):
     """gdb answered ^error."""
 
@@ -97,6 +106,7 @@ class GdbStub:
         self._token = 100
         self._register_numbers: Dict[str, int] = {}
         self._phys_mode_found: Optional[str] = None
+        self._connected = False
         self.reads = 0  # physical reads done, for -v and benchmarks
 
     # ---- connection ---------------------------------------------------------------------------
@@ -107,6 +117,14 @@ class GdbStub:
             raise AttachError(f"{self.gdb_path} not found; install gdb (apt-get install gdb)")
         self._controller = _controller([self.gdb_path, "--nx", "--quiet", "--interpreter=mi3"])
         self._proc = self._controller.gdb_process
+        try:
+            self._attach()
+        except BaseException:
+            self.close()   # no gdb left behind when attaching fails
+            raise
+        return self
+
+    def _attach(self) -> None:
         for setting in ("confirm off", "pagination off", "width 0", "stack-cache off",
                         "code-cache off", "remotetimeout %d" % max(1, int(self.timeout)),
                         "tcp connect-timeout %d" % max(1, int(self.timeout))):
@@ -124,13 +142,13 @@ class GdbStub:
         except VMGoneError:
             raise AttachError(f"the gdbstub at {where} did not answer within "
                               f"{self.timeout:g} s; is it a QEMU gdbstub?") from None
+        self._connected = True
         names = self.mi("-data-list-register-names").get("register-names", [])
         self._register_numbers = {n: i for i, n in enumerate(names) if n}
         missing = [r for r in CONTROL_REGISTERS if r not in self._register_numbers]
         if missing:
             raise AttachError(f"the gdbstub at {where} does not expose {', '.join(missing)}; "
                               "qintrospect needs qemu-system-x86_64's gdbstub")
-        return self
 
     def close(self) -> None:
         """Put the stub's memory mode back and disconnect, leaving the VM stopped: the session
@@ -140,13 +158,15 @@ class GdbStub:
         if self._proc is None:
             return
         try:
-            if self._phys_mode_found is not None:
-                self.monitor_packet(f"Qqemu.PhyMemMode:{self._phys_mode_found}")
-            self.mi("-interpreter-exec console disconnect", timeout=5)
+            if self._connected:
+                if self._phys_mode_found is not None:
+                    self.monitor_packet(f"Qqemu.PhyMemMode:{self._phys_mode_found}")
+                self.mi("-interpreter-exec console disconnect", timeout=5)
         except Exception:
             pass
         finally:
             self._phys_mode_found = None
+            self._connected = False
             try:
                 self._controller.exit()
             except Exception:
@@ -162,8 +182,9 @@ class GdbStub:
             raise VMGoneError("gdb is not running (the gdbstub connection was lost)")
         self._token += 1
         token = self._token
+        line = f"{token}{one_line(command)}\n"   # gdb takes the rest of a line as arguments
         try:
-            self._proc.stdin.write(f"{token}{command}\n".encode())
+            self._proc.stdin.write(line.encode())
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError):
             raise VMGoneError("gdb exited; the gdbstub connection was lost") from None
@@ -237,15 +258,19 @@ class GdbStub:
                 raise AttachError(f"gdb printed {name} as {text!r}, not a number") from None
         return out
 
-    def physical_mode(self) -> None:
-        """Switch memory packets to guest-physical addresses, remembering the mode we found
-        (it persists in QEMU across connections, so we put it back on close)."""
+    def query_phys_mode(self) -> str:
+        """The stub's memory mode now: "0" (virtual) or "1" (guest-physical)."""
+        found = self.monitor_packet("qqemu.PhyMemMode")
+        if found not in ("0", "1"):
+            raise AttachError("this gdbstub has no physical-memory mode (qqemu.PhyMemMode "
+                              f"answered {found!r}); qintrospect needs QEMU's gdbstub")
+        return found
+
+    def physical_mode(self, restore_to: Optional[str] = None) -> None:
+        """Switch memory packets to guest-physical addresses; close() puts back `restore_to`
+        (default: the mode found now; the mode persists in QEMU across connections)."""
         if self._phys_mode_found is None:
-            found = self.monitor_packet("qqemu.PhyMemMode")
-            if found not in ("0", "1"):
-                raise AttachError("this gdbstub has no physical-memory mode (qqemu.PhyMemMode "
-                                  f"answered {found!r}); qintrospect needs QEMU's gdbstub")
-            self._phys_mode_found = found
+            self._phys_mode_found = restore_to or self.query_phys_mode()
         if self.monitor_packet("Qqemu.PhyMemMode:1") != "OK":
             raise AttachError("the gdbstub refused Qqemu.PhyMemMode:1")
 

@@ -193,8 +193,11 @@ def _walk_outer(session: Session, pending: List[NestedTranslation], name: str,
             hop.note = (f"the inner QEMU's local pagemap gives {inner.hpa:#x}, the walk "
                         f"{t.gpa:#x}: they disagree")
         if eptp is not None:
+            # 1 GiB EPT pages as the outer hypervisor was told (IA32_VMX_EPT_VPID_CAP bit 17)
+            ept_1g = session.vcpu_property("vmx-ept-1gb")
             hop.ept = paging.walk_ept(session.read_phys, eptp, inner.gpa,
-                                      session.cpu.maxphyaddr or 52)
+                                      session.cpu.maxphyaddr or 52,
+                                      page1gb=ept_1g if isinstance(ept_1g, bool) else None)
             if hop.ept.ok and t.ok and hop.ept.pa != t.gpa:
                 hop.note = (f"EPT gives {hop.ept.pa:#x} for GPA {inner.gpa:#x}, the process "
                             f"tables {t.gpa:#x}: they disagree")

@@ -20,13 +20,32 @@ from .errors import AttachError, ParseError, UsageError, VMGoneError
 
 # QMP commands qintrospect may send. Nothing here changes guest memory or registers.
 ALLOWED_QMP = frozenset({
-    "qmp_capabilities", "query-status", "query-version", "query-name", "query-cpus-fast",
-    "query-kvm", "query-stats", "qom-get", "x-query-ramblock", "human-monitor-command",
-    "stop", "cont",  # only to restore the run state that was found
+    "qmp_capabilities", "query-status", "query-cpus-fast", "query-kvm", "qom-get",
+    "human-monitor-command",
+    "stop", "cont",  # only to restore the run state that was found, and for `resume`
 })
-# HMP commands (first word(s) of the command line) allowed through human-monitor-command.
-ALLOWED_HMP = ("info mtree", "info registers", "info ramblock", "info tlb", "info mem",
-               "gpa2hva", "gva2gpa", "xp ")
+# HMP command lines allowed through human-monitor-command, whole (no prefix matching: a line
+# is one command, and anything after a known command word could be another argument).
+_H = r"0x[0-9a-fA-F]{1,16}"
+ALLOWED_HMP = (
+    re.compile(r"info mtree -f"),
+    re.compile(r"info registers"),
+    re.compile(rf"gpa2hva {_H}"),
+    re.compile(rf"xp /[1-9][0-9]{{0,3}}gx {_H}"),
+)
+
+
+def check_allowed(name: str, arguments: Optional[dict] = None) -> None:
+    """Refuse (ValueError) any QMP message not on the read-only allowlist; for HMP, any command
+    line that is not one of the allowed commands in full. Every message qintrospect writes to
+    a monitor passes through here first."""
+    if name not in ALLOWED_QMP:
+        raise ValueError(f"QMP command {name!r} is not on qintrospect's read-only allowlist")
+    if name == "human-monitor-command":
+        line = (arguments or {}).get("command-line")
+        if not isinstance(line, str) or not any(p.fullmatch(line) for p in ALLOWED_HMP):
+            raise ValueError(f"HMP command {line!r} is not on qintrospect's read-only "
+                             "allowlist")
 
 SocketAddress = Union[str, Tuple[str, int]]
 # QEMU greets at once on a fresh connection; a greeting that has not come by then never will.
@@ -41,6 +60,12 @@ def parse_address(text: str, what: str, allow_remote: bool = False) -> SocketAdd
     A TCP address off loopback is refused unless allow_remote: these sockets have no
     authentication, and whoever reaches them owns the VM.
     """
+    bad = [c for c in text if ord(c) < 0x20 or ord(c) == 0x7F]
+    if bad:
+        # these addresses reach gdb's command line: a newline there would start a new command
+        raise UsageError(f"{what}: {text!r} contains control character(s) "
+                         f"{', '.join(repr(c) for c in sorted(set(bad)))}; give a Unix socket "
+                         "path or HOST:PORT")
     text = text.strip()
     if not text:
         raise UsageError(f"{what}: empty address; give a Unix socket path or HOST:PORT")
@@ -154,6 +179,7 @@ class QmpMonitor:
             self._loop.run_until_complete(asyncio.wait_for(client.connect(self.address),
                                                            timeout))
             if not await_greeting:
+                check_allowed("qmp_capabilities")
                 try:
                     self._loop.run_until_complete(asyncio.wait_for(
                         client.execute("qmp_capabilities"), timeout))
@@ -177,8 +203,7 @@ class QmpMonitor:
 
     def command(self, name: str, **arguments) -> object:
         """Run one allowlisted QMP command and return its 'return' value."""
-        if name not in ALLOWED_QMP:
-            raise ValueError(f"QMP command {name!r} is not on qintrospect's read-only allowlist")
+        check_allowed(name, arguments)
         from qemu.qmp import ExecuteError
         if self._client is None:
             raise VMGoneError("QMP is not connected")
@@ -196,9 +221,6 @@ class QmpMonitor:
 
     def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
         """Run one allowlisted HMP command through QMP and return what it prints."""
-        if not command_line.startswith(ALLOWED_HMP):
-            raise ValueError(f"HMP command {command_line!r} is not on qintrospect's read-only "
-                             "allowlist")
         args = {"command-line": command_line}
         if cpu_index is not None:
             args["cpu-index"] = cpu_index
@@ -238,15 +260,19 @@ class Region:
     """One line of `info mtree -f` for the system address space."""
     start: int
     end: int            # inclusive, as QEMU prints it
-    kind: str           # "ram", "rom", "romd", "i/o", ...
+    kind: str           # "ram", "rom", "romd", "ramd", "i/o", "container", ...
     name: str
     offset: int         # offset inside the RAM block (the "@..." part), 0 when absent
     priority: int
 
     @property
     def is_ram(self) -> bool:
-        """Backed by a RAM block: safe to read, and has a host address."""
-        return self.kind in ("ram", "rom") or self.kind.startswith("ram") or self.kind == "romd"
+        """Plain RAM (or a read-only view of it): safe to read, and has a host address. Not
+        "ramd" (RAM devices: VFIO BARs mapped into QEMU, reading them is a device access),
+        not "romd" (ROM devices such as flash, whose reads go to the device outside ROMD
+        mode), not "i/o" or "container". "nv-" marks non-volatile RAM (NVDIMM)."""
+        kind = self.kind[3:] if self.kind.startswith("nv-") else self.kind
+        return kind in ("ram", "rom")
 
     @property
     def size(self) -> int:

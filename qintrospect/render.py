@@ -55,7 +55,11 @@ def access_lines(access) -> List[str]:
 
     def cell(result):
         if result.allowed:
-            return "ok"
+            if not result.unknown:
+                return "ok"
+            if result.unknown not in reasons:   # allowed by the paging bits; a key may deny
+                reasons.append(result.unknown)
+            return f"ok? [{reasons.index(result.unknown) + 1}]"
         if result.reason not in reasons:
             reasons.append(result.reason)
         mark = f"[{reasons.index(result.reason) + 1}]"

@@ -1,26 +1,57 @@
-"""What run state a VM was found in, remembered on disk while qintrospect is attached.
+"""What state a VM was found in, remembered on disk while qintrospect is attached.
 
-Attaching gdb pauses the VM; a clean exit puts the found state back. A qintrospect killed with
-SIGKILL cannot, and QEMU reports the VM as plainly "paused" either way, so the marker written
-here is how the next command knows the pause was ours and can say so (`qintrospect resume`).
+Attaching gdb pauses the VM and switches its gdbstub to physical-memory mode; a clean exit puts
+both back. A qintrospect killed with SIGKILL cannot, and QEMU reports the VM as plainly
+"paused" (and the mode as plainly 1) either way, so the marker written here is how the next
+command knows the pause was ours (`qintrospect resume`) and which memory mode to put back.
+
+qintrospect often runs as root, so the marker lives in a folder that must be this user's own
+(mode 0700, checked, never followed through a symlink), and is written to a fresh file
+(O_EXCL|O_NOFOLLOW) that is then renamed over the old one.
 """
 
 import hashlib
 import json
 import os
+import secrets
+import stat
 import tempfile
 import time
 from typing import Optional
 
+from .errors import QIError
+
+MAX_MARKER = 64 << 10
+
+
+class RunStateError(QIError):
+    """The marker folder cannot be trusted (not ours, not private, a symlink)."""
+
+
+def _folder() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    folder = os.path.join(base, f"qintrospect-{os.geteuid()}")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise RunStateError(f"cannot create {folder}: {exc.strerror or exc}") from None
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunStateError(f"{folder} is not a folder (a symlink or a file); remove it")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RunStateError(f"{folder} belongs to uid {st.st_uid} with mode "
+                            f"{stat.S_IMODE(st.st_mode):o}, not to this user with mode 700; "
+                            "remove it (or set XDG_RUNTIME_DIR to a private folder)")
+    return folder
+
 
 def _path(qmp_key: str) -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    folder = os.path.join(base, f"qintrospect-{os.getuid()}")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    return os.path.join(folder, hashlib.sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
+    return os.path.join(_folder(), hashlib.sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True
@@ -31,40 +62,71 @@ def _alive(pid: int) -> bool:
 
 
 def load(qmp_key: str) -> Optional[dict]:
+    """The marker for this VM, or None (none, unreadable, or not this user's own file)."""
     try:
-        with open(_path(qmp_key)) as f:
-            return json.load(f)
+        fd = os.open(_path(qmp_key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        data = json.loads(os.read(fd, MAX_MARKER))
+        return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
-def left_paused(qmp_key: str, running_now: bool) -> Optional[dict]:
-    """The record of a qintrospect that found this VM running and died while attached, if the
-    VM is still paused; None otherwise."""
-    m = load(qmp_key)
-    if not m or running_now:
+def left_paused(marker: Optional[dict], running_now: bool) -> Optional[dict]:
+    """From a loaded marker: the record of a qintrospect that found this VM running and died
+    while attached, if the VM is still paused; None otherwise."""
+    if not marker or running_now:
         return None
-    if m.get("left_paused"):
-        return m["left_paused"]
-    owner = m.get("owner")
-    if owner and not _alive(owner) and m.get("found_running"):
-        return {"pid": owner, "since": m.get("since")}
+    if marker.get("left_paused"):
+        return marker["left_paused"]
+    owner = marker.get("owner")
+    if owner and not alive(owner) and marker.get("found_running"):
+        return {"pid": owner, "since": marker.get("since")}
     return None
 
 
-def record(qmp_key: str, found_running: bool, carried: Optional[dict] = None) -> None:
+def phys_mode_left(marker: Optional[dict]) -> Optional[str]:
+    """From a loaded marker: the gdbstub memory mode a killed qintrospect found before it
+    switched it (so the next one puts that back, not the mode the killed one left)."""
+    if not marker:
+        return None
+    mode = marker.get("phys_mode_found")
+    owner = marker.get("owner")
+    if mode in ("0", "1") and (owner is None or not alive(owner)):
+        return mode
+    return None
+
+
+def record(qmp_key: str, found_running: bool, carried: Optional[dict] = None,
+           phys_mode_found: Optional[str] = None) -> None:
     data = {"qmp": qmp_key, "owner": os.getpid(), "found_running": found_running,
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     if carried:
         data["left_paused"] = carried
+    if phys_mode_found is not None:
+        data["phys_mode_found"] = phys_mode_found
     _write(qmp_key, data)
 
 
-def release(qmp_key: str, carried: Optional[dict] = None) -> None:
-    """A clean exit: forget us, but keep an earlier killed session's record while the VM it
-    left paused is still paused (the user has not decided to resume it yet)."""
+def release(qmp_key: str, carried: Optional[dict] = None,
+            phys_mode_pending: Optional[str] = None) -> None:
+    """A clean exit: forget us, but keep what an earlier killed session left undone: its
+    record while the VM it left paused is still paused (the user has not decided to resume it
+    yet), and the memory mode to put back if this session did not touch the gdbstub."""
+    data = {"qmp": qmp_key}
     if carried:
-        _write(qmp_key, {"qmp": qmp_key, "left_paused": carried})
+        data["left_paused"] = carried
+    if phys_mode_pending is not None:
+        data["phys_mode_found"] = phys_mode_pending
+    if len(data) > 1:
+        _write(qmp_key, data)
     else:
         forget(qmp_key)
 
@@ -72,13 +134,22 @@ def release(qmp_key: str, carried: Optional[dict] = None) -> None:
 def forget(qmp_key: str) -> None:
     try:
         os.unlink(_path(qmp_key))
-    except OSError:
+    except (OSError, RunStateError):
         pass
 
 
 def _write(qmp_key: str, data: dict) -> None:
     path = _path(qmp_key)
-    tmp = path + f".{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.rename(tmp, path)   # replaces the name itself, never what a symlink points to
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -9,8 +9,10 @@ found running and confirms that a VM found paused is still paused.
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional
+
+import numpy as np
 
 from . import finder, paging, runstate
 from .cpu import Vcpu
@@ -18,6 +20,7 @@ from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneErr
 from .gdbstub import CONTROL_REGISTERS, GdbStub
 from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
+from .paging.formats import ADDR_51_12
 from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
 
 MASK64 = (1 << 64) - 1
@@ -139,11 +142,13 @@ class Session:
         self.cpu: Optional[paging.CpuState] = None
         self.found_status: Optional[dict] = None
         self.vcpus: List[dict] = []          # query-cpus-fast
+        self.page1gb_source = ""             # where CpuState.page1gb came from
         self.vcpu_info: List[Vcpu] = []      # registers of each vCPU, read at attach
         self.timings = {}
         self.unreadable_tables: List[tuple] = []
         self.warnings: List[str] = []
         self.left_paused: Optional[dict] = None
+        self._phys_mode_inherited: Optional[str] = None
         self._marker = False
 
     # ---- attach / detach ------------------------------------------------------------------------
@@ -176,11 +181,13 @@ class Session:
                 # at its PC, which must happen before memory packets become physical.
                 self.vcpu_info = self._read_vcpus()
                 self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
-                self.gdb.physical_mode()
+                self._physical_mode()
             else:
                 self.vcpu_info = self._read_vcpus_qmp()
                 self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
             self._choose_memory()
+            page1gb, self.page1gb_source = self._page1gb(self.vcpu_info[self.vcpu])
+            self.cpu = replace(self.cpu, page1gb=page1gb)
             # a VM that runs while we read may reboot under us: say so rather than mix memory
             self.qmp.watch_lifecycle = not self.stopped
         except BaseException:
@@ -190,16 +197,35 @@ class Session:
         return self
 
     def _note_run_state(self) -> None:
+        """Read the marker a killed qintrospect may have left, then write ours."""
         key = describe_address(self.qmp_address)
         running = bool(self.found_status.get("running"))
-        self.left_paused = runstate.left_paused(key, running)
+        try:
+            marker = runstate.load(key)
+            self.left_paused = runstate.left_paused(marker, running)
+            self._phys_mode_inherited = runstate.phys_mode_left(marker)
+            runstate.record(key, running, self.left_paused, self._phys_mode_inherited)
+        except (runstate.RunStateError, OSError) as exc:
+            self.warnings.append(f"run-state marker not used ({exc}); if qintrospect is killed "
+                                 "while attached, the next run cannot say why the VM is paused")
+            return
+        self._marker = True
         if self.left_paused:
             self.warnings.append(
                 f"this VM has been paused since {self.left_paused.get('since')} by a "
                 f"qintrospect (pid {self.left_paused.get('pid')}) that was killed while "
                 "attached; it found the VM running. `qintrospect resume` resumes it.")
-        runstate.record(key, running, self.left_paused)
-        self._marker = True
+
+    def _physical_mode(self) -> None:
+        """Switch the gdbstub to physical addresses, after writing down (in the marker) the
+        mode to put back: the one found, or the one a killed predecessor found before it."""
+        found = self.gdb.query_phys_mode()
+        original = self._phys_mode_inherited or found
+        if self._marker:
+            runstate.record(describe_address(self.qmp_address),
+                            bool(self.found_status.get("running")), self.left_paused, original)
+        self.gdb.physical_mode(restore_to=original)
+        self._phys_mode_inherited = None   # gdb.close() puts `original` back
 
     def close(self, hold: bool = False) -> None:
         """Leave the VM as found: the PhyMemMode put back, gdb disconnected, the VM resumed
@@ -225,8 +251,7 @@ class Session:
                 self.qmp.close()
                 self.qmp = None
             if self._marker and not hold:
-                runstate.release(describe_address(self.qmp_address), self.left_paused)
-                self._marker = False
+                self._release_marker()
             if self.process is not None:
                 self.process.close()
             self.memory = None
@@ -250,8 +275,15 @@ class Session:
             self.qmp.close()
             self.qmp = None
         if self._marker:
-            runstate.release(describe_address(self.qmp_address), self.left_paused)
-            self._marker = False
+            self._release_marker()
+
+    def _release_marker(self) -> None:
+        try:
+            runstate.release(describe_address(self.qmp_address), self.left_paused,
+                             self._phys_mode_inherited)
+        except (runstate.RunStateError, OSError) as exc:
+            self.warnings.append(f"run-state marker not released: {exc}")
+        self._marker = False
 
     def _restore_run_state(self, was_running: bool) -> None:
         """Confirm through QMP that the VM runs (or not) as found. If our QMP connection was
@@ -322,15 +354,42 @@ class Session:
     def _cpu_state_of(self, vcpu: Vcpu) -> paging.CpuState:
         """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
         need; None (the walker then assumes 52 and says so) when QEMU will not tell."""
-        maxphyaddr = None
-        if vcpu.qom_path:
-            try:
-                maxphyaddr = int(self.qmp.command("qom-get", path=vcpu.qom_path,
-                                                  property="phys-bits"))
-            except (QIError, TypeError, ValueError):
-                maxphyaddr = None
+        phys_bits = self._qom(vcpu, "phys-bits")
         return paging.CpuState(cr0=vcpu.cr0, cr3=vcpu.cr3, cr4=vcpu.cr4, efer=vcpu.efer,
-                               maxphyaddr=maxphyaddr)
+                               maxphyaddr=int(phys_bits) if isinstance(phys_bits, int) else None)
+
+    def vcpu_property(self, prop: str):
+        """A QOM property of the session's vCPU (e.g. a CPUID feature name), or None."""
+        return self._qom(self.vcpu_info[self.vcpu], prop)
+
+    def _qom(self, vcpu: Vcpu, prop: str):
+        """A property of the vCPU's QOM object (a CPUID feature, phys-bits...), or None."""
+        if not vcpu.qom_path:
+            return None
+        try:
+            return self.qmp.command("qom-get", path=vcpu.qom_path, property=prop)
+        except QIError:
+            return None
+
+    def _page1gb(self, vcpu: Vcpu):
+        """(Page1GB, where it comes from): whether PS in a PDPTE maps a 1 GiB page for this
+        vCPU. Under TCG and under KVM without two-dimensional paging, the guest's CPUID says
+        (QOM "pdpe1gb"); under KVM with EPT/NPT the processor walks the guest's tables itself,
+        so the host CPU's Page1GB decides, known only when QEMU runs on this host."""
+        try:
+            kvm = self.qmp.command("query-kvm").get("enabled")
+        except QIError:
+            kvm = None
+        cpuid = self._qom(vcpu, "pdpe1gb")
+        cpuid = cpuid if isinstance(cpuid, bool) else None
+        if not kvm:
+            return cpuid, "the vCPU's CPUID (QOM pdpe1gb)" if cpuid is not None else "unknown"
+        tdp = host_tdp()
+        if tdp is False:
+            return cpuid, "the vCPU's CPUID (KVM shadow paging emulates it)"
+        if self.process is None:
+            return None, "unknown: KVM walks with the host CPU's Page1GB, and QEMU is not local"
+        return host_page1gb(), "the host CPU (KVM with EPT/NPT: the processor walks)"
 
     def _choose_memory(self) -> None:
         """The gdbstub, the QEMU process (direct), or QMP `xp`: direct when it is local and
@@ -354,22 +413,56 @@ class Session:
             self.memory = DirectMemory(self.ram_map, self.process)
 
     def _process_holds_ram(self, reference: PhysicalMemory) -> bool:
-        probe = self.cpu.cr3 & ~0xFFF & MASK64
-        region = self.ram_map.ram_at(probe)
-        if region is None or region.hva is None:
-            region = next((r for r in self.ram_map.ram if r.hva is not None), None)
-            if region is None:
+        """Whether the QEMU process holds this VM's RAM: several whole pages that only this
+        VM can hold (many different byte values and 8-byte words: page tables, code, data,
+        never zeros or a fill pattern) read the same through the process and through the
+        reference (gdbstub or QMP). One stable page that differs is proof of the contrary."""
+        matched = 0
+        for gpa in self._identity_candidates():
+            region = self.ram_map.ram_at(gpa)
+            hva = region.hva_of(gpa)
+            try:
+                if not self.process.pagemap_entry(hva) >> 63 & 1:
+                    continue          # absent pages hold zeros or file data: no proof
+                mine = self.process.read(hva, PAGE)
+                if not _distinctive(mine):
+                    continue
+                theirs = reference.read(gpa, PAGE)
+                if self.process.read(hva, PAGE) != mine:
+                    continue          # changed while we looked (the VM runs): no proof
+            except (OSError, MemoryReadError):
                 return False
-            probe = region.start
-        try:
-            hva = region.hva_of(probe)
-            if not self.process.pagemap_entry(hva) >> 63 & 1:
-                # The guest's own page table is never untouched in the QEMU that runs it:
-                # an absent page means this process is not that QEMU.
+            if theirs != mine:
                 return False
-            return reference.read(probe, 256) == self.process.read(hva, 256)
-        except (OSError, MemoryReadError):
-            return False
+            matched += 1
+            if matched == IDENTITY_PAGES:
+                return True
+        self.process_note += (f"; only {matched} page(s) distinctive enough to prove it holds "
+                              "this VM's RAM were found")
+        return False
+
+    def _identity_candidates(self):
+        """GPAs to compare: the page-table root first, then pages QEMU holds (present in its
+        pagemap), spread evenly over guest RAM, a chunk of the pagemap at a time."""
+        root = self.cpu.cr3 & ADDR_51_12
+        region = self.ram_map.ram_at(root)
+        if region is not None and region.hva is not None:
+            yield root
+        ram = [r for r in self.ram_map.ram if r.kind == "ram" and r.hva is not None]
+        total = sum((r.end + 1 - r.start) // PAGE for r in ram) or 1
+        for r in ram:
+            pages = (r.end + 1 - r.start) // PAGE
+            for first in range(0, pages, IDENTITY_CHUNK):
+                n = min(IDENTITY_CHUNK, pages - first)
+                try:
+                    entries = np.array(self.process.pagemap_entries(
+                        r.hva + first * PAGE, n), np.uint64)
+                except OSError:
+                    return
+                present = np.flatnonzero(entries >> np.uint64(63))
+                want = max(8, IDENTITY_SAMPLES * n // total)
+                for i in present[::max(1, len(present) // want)].tolist():
+                    yield r.start + (first + i) * PAGE
 
     # ---- translation ------------------------------------------------------------------------------
 
@@ -377,8 +470,8 @@ class Session:
         self._check_open()
         if cr3 is None:
             return self.cpu
-        return paging.CpuState(self.cpu.cr0, cr3, self.cpu.cr4, self.cpu.efer,
-                               self.cpu.maxphyaddr, self.cpu.pkru)
+        # the PAE PDPTE registers belong to the vCPU's own CR3 only
+        return replace(self.cpu, cr3=cr3, pdptes=None)
 
     def read_phys(self, gpa: int, length: int) -> bytes:
         self._check_open()
@@ -472,6 +565,11 @@ class Session:
         if self.memory is None:
             raise VMGoneError("the session is not attached")
 
+    @property
+    def live(self) -> bool:
+        """The VM runs while we read (no gdb, no --freeze): it may reset under us."""
+        return self.qmp is not None and self.qmp.watch_lifecycle
+
     def check_live(self) -> None:
         """For a VM that ran while we read: raise VMGoneError if it reset or shut down in the
         meantime (QMP delivers the event with the next exchange, so ask for one)."""
@@ -537,7 +635,9 @@ class Session:
                 "vcpu": self.vcpu, "vcpus": len(self.vcpus),
                 "qemu_pid": self.process.pid if self.process else None,
                 "process_note": self.process_note, "memory_path": self.memory.name
-                if self.memory else None}
+                if self.memory else None,
+                "page1gb": self.cpu.page1gb if self.cpu else None,
+                "page1gb_source": self.page1gb_source or None}
 
 
 def attach(qmp: str, gdb: Optional[str] = None, **options) -> Session:
@@ -553,6 +653,41 @@ def attach(qmp: str, gdb: Optional[str] = None, **options) -> Session:
     way it is left as found on exit.
     """
     return Session(qmp, gdb, **options).open()
+
+
+def host_tdp() -> Optional[bool]:
+    """Whether this host's KVM uses two-dimensional paging (EPT/NPT): None if KVM is not
+    loaded here."""
+    for param in ("/sys/module/kvm_intel/parameters/ept", "/sys/module/kvm_amd/parameters/npt"):
+        try:
+            with open(param) as f:
+                return f.read().strip() in ("Y", "1")
+        except OSError:
+            continue
+    return None
+
+
+def host_page1gb() -> Optional[bool]:
+    """Whether this host's CPU has 1 GiB pages (the pdpe1gb flag in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "pdpe1gb" in line.split()
+    except OSError:
+        pass
+    return None
+
+
+IDENTITY_PAGES = 4       # distinctive pages that must read the same both ways
+IDENTITY_SAMPLES = 512   # pages looked at, spread over RAM
+IDENTITY_CHUNK = 1 << 17  # pagemap entries read at a time (512 MiB of RAM)
+
+
+def _distinctive(page: bytes) -> bool:
+    """A page whose content two VMs would not share by chance: many byte values and many
+    different 8-byte words (not zeros, not a pattern, not a mostly empty table)."""
+    return len(set(page)) >= 64 and len(set(memoryview(page).cast("Q"))) >= 128
 
 
 def _block_signal(signum):

@@ -38,6 +38,9 @@ class OuterSession:
     def read_phys(self, addr, n):
         return self.ram.read(addr, n)
 
+    def vcpu_property(self, name):
+        return {"vmx-ept-1gb": True}.get(name)   # a CPU that offers 1 GiB EPT pages
+
     def find_cr3(self, gva, expect):
         w = paging.walk(self.ram.read, self.cpu, gva)
         value = int.from_bytes(self.ram.read(w.pa, 8), "little") if w.ok else None

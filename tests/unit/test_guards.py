@@ -1,0 +1,183 @@
+"""Each safety guard, attacked with a crafted input (issue 11, items 5-8 and the run-state file).
+
+The monitor allowlist is enforced where a message is written, whatever door the message came
+through; socket addresses cannot smuggle a second gdb command; only real RAM counts as
+readable; the run-state marker is never written through a symlink or into a folder that is not
+this user's own; a killed session's gdbstub memory mode is put back to the one found first.
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from qintrospect import runstate
+from qintrospect.errors import UsageError
+from qintrospect.gdbstub import GdbStub, one_line
+from qintrospect.host import RamMap
+from qintrospect.qmp import QmpMonitor, Region, check_allowed, parse_address
+
+
+# ---- the monitor allowlist ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name,args", [
+    ("query-status", None), ("query-cpus-fast", None), ("stop", None), ("cont", None),
+    ("qom-get", {"path": "/machine/unattached/device[0]", "property": "phys-bits"}),
+    ("human-monitor-command", {"command-line": "info mtree -f"}),
+    ("human-monitor-command", {"command-line": "info registers", "cpu-index": 1}),
+    ("human-monitor-command", {"command-line": "gpa2hva 0x100000"}),
+    ("human-monitor-command", {"command-line": "xp /512gx 0x0"}),
+])
+def test_what_qintrospect_sends_is_allowed(name, args):
+    check_allowed(name, args)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("system_reset", None), ("quit", None), ("human-monitor-command", None),
+    ("human-monitor-command", {"command-line": "system_reset"}),
+    ("human-monitor-command", {"command-line": "gpa2hpa 0x1000"}),       # writes the page
+    ("human-monitor-command", {"command-line": "gpa2hva 0x1000 ; quit"}),
+    ("human-monitor-command", {"command-line": "gpa2hva 0x1000\nsystem_reset"}),
+    ("human-monitor-command", {"command-line": "xp /1gx 0x1000 extra"}),
+    ("human-monitor-command", {"command-line": "info registers\n"}),
+    ("human-monitor-command", {"command-line": "info mtree"}),
+    ("human-monitor-command", {"command-line": "x /1gx 0x1000"}),
+    ("human-monitor-command", {"command-line": ["info", "registers"]}),
+    ("x-query-ramblock", None), ("query-version", None),   # never sent: not allowed either
+])
+def test_everything_else_is_refused(name, args):
+    with pytest.raises(ValueError, match="allowlist"):
+        check_allowed(name, args)
+
+
+def test_the_allowlist_holds_for_direct_command_calls():
+    """command("human-monitor-command", ...) once bypassed the HMP check in hmp(): the check
+    now sits before the socket, so nothing reaches the (absent) connection."""
+    mon = QmpMonitor("/nonexistent")
+    try:
+        with pytest.raises(ValueError, match="allowlist"):
+            mon.command("human-monitor-command", **{"command-line": "system_reset"})
+        with pytest.raises(ValueError, match="allowlist"):
+            mon.hmp("system_reset")
+        with pytest.raises(ValueError, match="allowlist"):
+            mon.command("system_reset")
+    finally:
+        mon.close()
+
+
+# ---- socket addresses and gdb's input ----------------------------------------------------
+
+@pytest.mark.parametrize("text", [
+    "127.0.0.1:1234\n-interpreter-exec console \"shell touch /tmp/owned\"",
+    "/tmp/gdb.sock\r\nshell id", "127.0.0.1:12\x0034", "a\x1bb:1", "/tmp/x\x7f",
+])
+def test_control_characters_in_addresses_are_refused(text):
+    with pytest.raises(UsageError, match="control character"):
+        parse_address(text, "--gdb")
+
+
+def test_gdb_never_gets_a_second_line():
+    assert one_line("-target-select remote /tmp/a b.sock") == "-target-select remote /tmp/a b.sock"
+    with pytest.raises(ValueError):
+        one_line('-target-select remote x\n-interpreter-exec console "shell id"')
+
+
+def test_the_cli_refuses_an_injected_gdb_address(tmp_path):
+    marker = tmp_path / "owned"
+    env = dict(os.environ, QI_GDB=f'127.0.0.1:1\n-interpreter-exec console "shell touch {marker}"',
+               QI_QMP=str(tmp_path / "qmp.sock"))
+    out = subprocess.run([sys.executable, "-m", "qintrospect", "cpus"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 2 and "control character" in out.stderr
+    assert not marker.exists()
+
+
+def test_a_failed_attach_leaves_no_gdb(tmp_path):
+    gdb = GdbStub(str(tmp_path / "missing.sock"), timeout=2)
+    with pytest.raises(Exception):
+        gdb.connect()
+    assert gdb._proc is None
+
+
+# ---- only RAM is readable ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,readable", [
+    ("ram", True), ("rom", True), ("nv-ram", True), ("ramd", False), ("romd", False),
+    ("i/o", False), ("container", False),
+])
+def test_only_ram_is_ram(kind, readable):
+    r = Region(0x100000, 0x1fffff, kind, "x", 0, 0)
+    assert r.is_ram is readable
+    assert bool(RamMap([r], {0x100000: 0x7f0000000000}).ram) is readable
+
+
+# ---- the run-state marker ----------------------------------------------------------------
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    return tmp_path
+
+
+def folder_of(base):
+    return base / f"qintrospect-{os.geteuid()}"
+
+
+def test_marker_folder_is_private(runtime_dir):
+    runstate.record("vm", True)
+    st = os.stat(folder_of(runtime_dir))
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+    assert runstate.load("vm")["owner"] == os.getpid()
+
+
+def test_a_folder_open_to_others_is_refused(runtime_dir):
+    folder_of(runtime_dir).mkdir(mode=0o777)
+    os.chmod(folder_of(runtime_dir), 0o777)
+    with pytest.raises(runstate.RunStateError, match="mode 777"):
+        runstate.record("vm", True)
+
+
+def test_a_symlinked_folder_is_refused(runtime_dir, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    os.chmod(elsewhere, 0o700)
+    folder_of(runtime_dir).symlink_to(elsewhere)
+    with pytest.raises(runstate.RunStateError, match="symlink"):
+        runstate.record("vm", True)
+    assert not list(elsewhere.iterdir())
+
+
+def test_a_planted_symlink_is_replaced_not_followed(runtime_dir, tmp_path_factory):
+    runstate.record("vm", True)
+    victim = tmp_path_factory.mktemp("victim") / "passwd"
+    victim.write_text("root:x:0:0\n")
+    marker = next(folder_of(runtime_dir).glob("*.json"))
+    marker.unlink()
+    marker.symlink_to(victim)
+    assert runstate.load("vm") is None              # not followed for reading either
+    runstate.record("vm", False)
+    assert victim.read_text() == "root:x:0:0\n"     # the symlink was replaced, not written through
+    assert not marker.is_symlink() and json.loads(marker.read_text())["found_running"] is False
+
+
+def test_killed_sessions_memory_mode_is_inherited(runtime_dir):
+    """A session killed while the stub was in physical mode (1) noted the mode it found (0):
+    the next session must put 0 back, not the 1 it finds."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    runstate._write("vm", {"qmp": "vm", "owner": dead.pid, "found_running": True,
+                           "since": "then", "phys_mode_found": "0"})
+    marker = runstate.load("vm")
+    assert runstate.phys_mode_left(marker) == "0"
+    assert runstate.left_paused(marker, running_now=False) == {"pid": dead.pid, "since": "then"}
+    assert runstate.left_paused(marker, running_now=True) is None
+    # a live owner's note is its own business
+    runstate._write("vm", {"qmp": "vm", "owner": os.getpid(), "phys_mode_found": "0"})
+    assert runstate.phys_mode_left(runstate.load("vm")) is None
+    # released by a session that never touched the stub: the mode to put back stays noted
+    runstate.release("vm", None, "0")
+    assert runstate.phys_mode_left(runstate.load("vm")) == "0"
+    runstate.release("vm")
+    assert runstate.load("vm") is None
