@@ -424,7 +424,8 @@ def cmd_compare(args) -> int:
 
 def _root_for_log(vm, log, args):
     """The page-table root to walk with: the one the log printed, else the finder's."""
-    if log.root is not None and log.root_known_mask & 0x000FFFFFFFFFF000 == 0x000FFFFFFFFFF000:
+    from .paging.formats import ADDR_51_12
+    if log.root is not None and log.root_known_mask & ADDR_51_12 == ADDR_51_12:
         return log.root, "printed in the log"
     if log.value is None:
         raise UsageError(f"{args.log}: the log prints neither its page-table root nor the value "

@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from .paging import CpuState, paging_mode
+from .paging import CpuState, cr3_root, paging_mode
+from .paging.formats import ADDR_51_12
 
 CR0_BITS = {0: "PE", 1: "MP", 2: "EM", 3: "TS", 4: "ET", 5: "NE", 16: "WP", 18: "AM",
             29: "NW", 30: "CD", 31: "PG"}
@@ -51,9 +52,9 @@ class Vcpu:
 
     @property
     def root(self) -> int:
-        if self.cr4 & CR4_PCIDE:
-            return self.cr3 & ~0xFFF & ((1 << 64) - 1) & ~(1 << 63)
-        return self.cr3 & ~0xFFF & ((1 << 63) - 1)
+        """The first table's physical base, exactly as the walker takes it from CR3."""
+        mode = paging_mode(self.state)
+        return cr3_root(self.state, mode)[0] if mode else self.cr3 & ADDR_51_12
 
     def to_dict(self) -> dict:
         return {"index": self.index, "thread_id": self.thread_id, "qom_path": self.qom_path,

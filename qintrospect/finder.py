@@ -51,7 +51,7 @@ def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
     if mode is None or mode.name not in ("4-level", "5-level"):
         raise UsageError(f"find-cr3 needs 4- or 5-level paging; this vCPU is in "
                          f"{mode.name if mode else 'no paging'} mode")
-    root = cpu.cr3 & 0x000FFFFFFFFFF000
+    root, _ = paging.cr3_root(cpu, mode)
     table = read(root, PAGE)
     if not any(table[HALF:]) and root % (2 * PAGE) == PAGE:
         # CR3 holds a KPTI user copy (stopped in user mode): the kernel copy is just below it
@@ -89,7 +89,7 @@ def scan(memory, ram_map, cpu: paging.CpuState, progress=None) -> List[Candidate
                     found.append(gpa + off)
         if progress is not None:
             progress.advance(end - start)
-    return pair_kpti(memory.read, found, cpu.cr3 & 0x000FFFFFFFFFF000)
+    return pair_kpti(memory.read, found, paging.cr3_root(cpu, paging.paging_mode(cpu))[0])
 
 
 def _chunks(memory, start: int, end: int):

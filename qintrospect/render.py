@@ -3,15 +3,9 @@ it, plus the whole chain in one table) and JSON lines. Views only read the value
 here recomputes a translation."""
 
 import json
-from typing import List, Optional
+from typing import List
 
-SIZE_NAMES = {4096: "4 KiB", 2 << 20: "2 MiB", 4 << 20: "4 MiB", 1 << 30: "1 GiB"}
-
-
-def size_name(size: Optional[int]) -> str:
-    if size is None:
-        return "?"
-    return SIZE_NAMES.get(size, f"{size:#x} bytes")
+from .paging.formats import size_name
 
 
 def json_line(obj: dict) -> str:

@@ -20,7 +20,6 @@ from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneErr
 from .gdbstub import CONTROL_REGISTERS, GdbStub
 from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
-from .paging.formats import ADDR_51_12
 from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
 
 MASK64 = (1 << 64) - 1
@@ -444,7 +443,7 @@ class Session:
     def _identity_candidates(self):
         """GPAs to compare: the page-table root first, then pages QEMU holds (present in its
         pagemap), spread evenly over guest RAM, a chunk of the pagemap at a time."""
-        root = self.cpu.cr3 & ADDR_51_12
+        root = self.vcpu_info[self.vcpu].root
         region = self.ram_map.ram_at(root)
         if region is not None and region.hva is not None:
             yield root

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .host import HOST_NO_RAM, HOST_PRESENT, HOST_STATUS, HOST_UNKNOWN, PAGE, pagemap_arrays
+from .paging.formats import size_name
 from .paging.x86 import FLAG_BITS
 
 U64 = np.uint64
@@ -203,10 +204,9 @@ def iter_rows(rows: Rows, fmt=None) -> Iterator[MapRow]:
 
 
 def row_text(row: MapRow, show_gpa: bool, show_hpa: bool, leaf: bool) -> str:
-    from .render import size_name
     who = "user" if row.user else "kernel"
     end = min(row.end, 1 << 64)
-    line = (f"{row.start:#018x} {end:#018x} {_human(row.size):>10} "
+    line = (f"{row.start:#018x} {end:#018x} {size_name(row.size):>10} "
             f"{size_name(row.page_size):>6}  {row.perms}  {who:<6}")
     if show_gpa:
         line += f" {row.gpa:#014x}"
@@ -226,10 +226,3 @@ def header(show_gpa: bool, show_hpa: bool, leaf: bool) -> str:
     if leaf:
         line += "  flags"
     return line
-
-
-def _human(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n / (1 << 20):.1f} MiB"

@@ -57,7 +57,10 @@ def bit_list(mask: int) -> str:
     return ", ".join(runs)
 
 
-def size_name(size: int) -> str:
+def size_name(size: Optional[int]) -> str:
+    """'4 KiB', '2 MiB', '1536 KiB', '1 GiB': the one way sizes are written ('?' for None)."""
+    if size is None:
+        return "?"
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if size >= 1 << shift and size % (1 << shift) == 0:
             return f"{size >> shift} {unit}"
