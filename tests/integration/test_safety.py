@@ -19,7 +19,7 @@ import pytest
 
 from qintrospect.qmp import check_allowed, parse_gpa2hva, parse_mtree_flat
 
-from .conftest import REPO, attach_args, boot, booted, run_cli
+from .conftest import REPO, attach_args, boot, booted, run_cli, run_json
 from .test_translate_chain import stop_on_probe
 
 pytestmark = pytest.mark.vm
@@ -350,6 +350,23 @@ def test_gdbstub_already_taken(g):
         other.close()
     time.sleep(0.5)
     g.qmp("cont")  # the other client's connection stopped the VM; that was not us
+
+
+def test_pid_is_trusted_only_when_its_memory_proves_it(g):
+    """--pid names the QEMU process whose pagemap gives HPAs: another VM's QEMU (same kernel,
+    same initramfs) or a process that is no QEMU at all must be refused, this one accepted."""
+    heap = g.probe["regions"]["heap"]
+    with booted("max", probe=None) as other:
+        for pid in (other.pid, os.getpid()):
+            rc, out, err = run_json("translate", *attach_args(g), "--pid", str(pid),
+                                    hex(heap["gva"]))
+            assert rc == 0, err
+            t = out[0]
+            assert t["hpa"] is None and t["qemu_pid"] is None and t["memory_path"] == "gdb"
+            assert "does not hold this VM's RAM" in t["gpa_note"]
+            assert int(t["value"], 16) == heap["value"]
+    rc, out, err = run_json("translate", *attach_args(g), "--pid", str(g.pid), hex(heap["gva"]))
+    assert rc == 0 and out[0]["qemu_pid"] == g.pid and out[0]["hpa"] is not None
 
 
 def test_permission_denied_and_hidden_pfns(g, tmp_path):

@@ -62,3 +62,31 @@ def test_missing_socket_is_exit_3():
 
 def test_main_returns_statuses_in_process():
     assert main(["parse-log", "/nonexistent.log"]) == 2
+
+
+class _LiveVM:
+    """A session of a VM that runs while we read, which resets after `ok_checks` checks."""
+
+    def __init__(self, ok_checks, live=True):
+        self.live, self.ok_checks, self.checks = live, ok_checks, 0
+
+    def check_live(self):
+        from qintrospect.errors import VMGoneError
+        self.checks += 1
+        if self.checks > self.ok_checks:
+            raise VMGoneError("the guest reset (rebooted) while qintrospect was reading it")
+
+
+def test_results_are_given_out_only_after_the_vm_was_seen_alive():
+    from qintrospect.cli import _checked
+    from qintrospect.errors import VMGoneError
+    given = []
+    with pytest.raises(VMGoneError):
+        for item in _checked(_LiveVM(ok_checks=1), range(600), batch=256):
+            given.append(item)
+    assert given == list(range(256))          # the batch read after the reset never came out
+    vm = _LiveVM(ok_checks=0)
+    with pytest.raises(VMGoneError):
+        next(iter(_checked(vm, [1])))         # one result: checked before it is given
+    stopped = _LiveVM(ok_checks=0, live=False)
+    assert list(_checked(stopped, range(3))) == [0, 1, 2] and stopped.checks == 0
