@@ -134,12 +134,13 @@ def cmd_translate(args) -> int:
             raise UsageError("--find-cr3 needs --expect VALUE and exactly one ADDR")
     elif args.expect:
         raise UsageError("--expect goes with --find-cr3")
+    slat_spec = _slat_spec(args)
+    if slat_spec is not None and args.brief:
+        raise UsageError("--slat does not go with --brief (the brief rows have no levels)")
     if args.outer:
         if args.brief:
             raise UsageError("--brief does not go with --outer")
-        return _translate_nested(args, addresses, cr3)
-    if args.eptp:
-        raise UsageError("--eptp goes with --outer (the outer VM's EPT for the inner one)")
+        return _translate_nested(args, addresses, cr3, slat_spec)
     status = EXIT_OK
     with _attach(args) as vm:
         if args.find_cr3:
@@ -154,9 +155,14 @@ def cmd_translate(args) -> int:
                 print(f"# root {cr3:#x} found by scanning ({found[0].how})", file=sys.stderr)
         if args.brief:
             return _translate_brief(vm, addresses, cr3)
+        results = vm.translate_many(addresses, cr3)
+        if slat_spec is not None:
+            results = _with_second_level(vm, results, slat_spec)
+        kvm_facts = vm.kvm_facts() if args.json and vm.process and vm.kvm_enabled else None
         first = True
-        for t in _checked(vm, vm.translate_many(addresses, cr3)):
-            if not t.ok:
+        for t in _checked(vm, results):
+            t.kvm = kvm_facts
+            if not t.ok or (t.slat is not None and t.slat.agrees is False):
                 status = EXIT_FAULT
             if args.json:
                 print(render.json_line(t.to_dict()), flush=True)
@@ -169,6 +175,39 @@ def cmd_translate(args) -> int:
 
 
 BRIEF_CHUNK = 65536
+SLAT_CHUNK = 4096
+
+
+def _slat_spec(args):
+    from . import slat
+    if args.eptp:   # the older spelling of --slat ept:EPTP
+        if args.slat:
+            raise UsageError("--eptp and --slat exclude each other (--eptp X is --slat ept:X)")
+        return slat.parse_slat(f"ept:{parse_number(args.eptp, '--eptp'):#x}")
+    return slat.parse_slat(args.slat) if args.slat else None
+
+
+def _with_second_level(vm, translations, spec):
+    """Each translation with its walk through the second-level table KVM keeps for this VM on
+    this host: the root found once (from the first chunk of addresses), then one walk each."""
+    import itertools
+    from .progress import Progress
+    it = iter(translations)
+    second = None
+    while True:
+        chunk = list(itertools.islice(it, SLAT_CHUNK))
+        if not chunk:
+            return
+        if second is None:
+            progress = Progress("--slat: scanning host memory for the second-level root", 0)
+            try:
+                second = vm.second_level(spec, chunk, progress)
+            finally:
+                progress.close()
+        for t in chunk:
+            if t.ok:
+                t.slat = second.result(t.gpa, t.hpa)
+            yield t
 
 
 def _translate_brief(vm, addresses, cr3) -> int:
@@ -188,7 +227,7 @@ def _translate_brief(vm, addresses, cr3) -> int:
         sys.stdout.flush()
 
 
-def _translate_nested(args, addresses, cr3) -> int:
+def _translate_nested(args, addresses, cr3, slat_spec) -> int:
     from . import nested
     if cr3 is not None or args.find_cr3:
         raise UsageError("--outer takes the innermost VM's own CR3; --cr3/--find-cr3 do not "
@@ -196,10 +235,15 @@ def _translate_nested(args, addresses, cr3) -> int:
     if not args.qmp:
         raise UsageError("need --qmp (and usually --gdb) for the innermost VM")
     outers = [nested.parse_outer(text) for text in args.outer]
-    eptp = parse_number(args.eptp, "--eptp") if args.eptp else None
-    results = nested.translate_nested(
-        nested.HopSpec(args.qmp, args.gdb, args.pid, args.vcpu), outers, list(addresses), eptp,
-        via=args.via, allow_remote=args.allow_remote, timeout=args.timeout)
+    from .progress import Progress
+    progress = Progress("--slat: scanning the outer VM's RAM for the second-level root", 0)
+    try:
+        results = nested.translate_nested(
+            nested.HopSpec(args.qmp, args.gdb, args.pid, args.vcpu), outers, list(addresses),
+            slat_spec, progress if slat_spec is not None else None, via=args.via,
+            allow_remote=args.allow_remote, timeout=args.timeout)
+    finally:
+        progress.close()
     status = EXIT_OK
     for r in results:
         if not r.ok:
@@ -330,6 +374,15 @@ def cmd_read(args) -> int:
             else:
                 print(render.hexdump_piece(piece))
     return status
+
+
+def cmd_kvm(args) -> int:
+    """KVM's own facts about the VM: accelerator, debugfs statistics, vCPUs, query-stats."""
+    from . import kvm
+    with _attach(args) as vm:
+        facts = vm.kvm_facts()
+    print(render.json_line(facts) if args.json else kvm.text(facts))
+    return EXIT_OK
 
 
 def cmd_resume(args) -> int:
@@ -488,7 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--outer", action="append", metavar="qmp=ADDR,gdb=ADDR[,pid=N]",
                    help="the VM that runs this VM's QEMU (repeat, innermost first): follow the "
                         "address on down through it to this host")
-    t.add_argument("--eptp", help="with --outer: the outer hypervisor's EPTP for this VM; its "
+    t.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
+                   help="walk each GPA through the hypervisor's second-level table too (AMD "
+                        "NPT, Intel EPT): found in host memory (/proc/kcore, root) when the "
+                        "VM runs under KVM on this host, or in the outer VM's RAM with --outer "
+                        "(auto); or the nCR3 / EPTP given")
+    t.add_argument("--eptp", help="with --outer: the outer hypervisor's EPTP for this VM (the same "
+                                  "as --slat ept:EPTP); its "
                                   "EPT walk is shown beside the process-table answer")
     t.add_argument("--json", action="store_true", help="one JSON object per address, per line")
     t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
@@ -556,6 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="one JSON object")
     _session_options(cp)
     cp.set_defaults(func=cmd_compare)
+
+    k = sub.add_parser("kvm", help="KVM's own facts about a local VM (debugfs stats, vCPUs)",
+                       description="The accelerator (QMP query-kvm), the VM's folder in KVM's "
+                                   "debugfs (found from QEMU's pid: PID-FD) with its statistics "
+                                   "(pages_4k/2m/1g, nx_lpage_splits, pf_fixed, tlb_flush, ...) "
+                                   "and each vCPU's files (guest_mode, ...), the host's EPT/NPT "
+                                   "setting, and QMP query-stats where QEMU has it.")
+    k.add_argument("--json", action="store_true", help="one JSON object")
+    _session_options(k)
+    k.set_defaults(func=cmd_kvm)
 
     z = sub.add_parser("resume", help="resume a VM left paused (e.g. by a killed qintrospect)",
                        description="Sends QMP `cont`. Needs only --qmp.")

@@ -76,20 +76,25 @@ def scan(memory, ram_map, cpu: paging.CpuState, progress=None) -> List[Candidate
     k = int(np.flatnonzero(words)[0])
     slot, word = HALF // 8 + k, words[k]
     found = []
+    for gpa, data in ram_chunks(memory, ram_map, progress):
+        qwords = np.frombuffer(data, dtype="<u8")
+        for page in np.flatnonzero(qwords[slot::PAGE // 8] == word):
+            off = int(page) * PAGE
+            if data[off + HALF:off + PAGE] == kernel_half:
+                found.append(gpa + off)
+    return pair_kpti(memory.read, found, paging.cr3_root(cpu, paging.paging_mode(cpu))[0])
+
+
+def ram_chunks(memory, ram_map, progress=None):
+    """(gpa, bytes-like) pieces of all of the VM's RAM (not ROM views, which alias it)."""
     for region in ram_map.ram:
         if region.kind != "ram":
-            continue  # ROM views alias RAM already scanned, or firmware
+            continue
         start = (region.start + PAGE - 1) & ~(PAGE - 1)
         end = (region.end + 1) & ~(PAGE - 1)
-        for gpa, data in _chunks(memory, start, end):
-            qwords = np.frombuffer(data, dtype="<u8")
-            for page in np.flatnonzero(qwords[slot::PAGE // 8] == word):
-                off = int(page) * PAGE
-                if data[off + HALF:off + PAGE] == kernel_half:
-                    found.append(gpa + off)
+        yield from _chunks(memory, start, end)
         if progress is not None:
             progress.advance(end - start)
-    return pair_kpti(memory.read, found, paging.cr3_root(cpu, paging.paging_mode(cpu))[0])
 
 
 def _chunks(memory, start: int, end: int):

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from . import paging
+from . import finder
 from .errors import AttachError, QIError, UsageError
 from .session import Session, Translation
+from .slat import SecondLevel, SlatSpec
 
 
 @dataclass
@@ -53,7 +54,6 @@ class Hop:
     translation: Optional[Translation]  # this level's walk of the address (None: not reached)
     root_how: str = ""                  # how the page-table root was chosen
     note: str = ""                      # why the chain stops here, or a disagreement
-    ept: Optional[paging.Walk] = None   # the outer hypervisor's EPT walk of the inner GPA
     seconds: float = 0.0
 
     def to_dict(self, next_gpa: Optional[int]) -> dict:
@@ -63,8 +63,6 @@ class Hop:
             out = dict(self.translation.to_dict(), **out)
             if next_gpa is not None and out.get("hpa") is None:
                 out["hpa"] = f"{next_gpa:#x}"   # a hop's hpa is the next hop's gpa
-        if self.ept is not None:
-            out["ept"] = self.ept.to_dict()
         return out
 
 
@@ -99,9 +97,12 @@ def level_names(outer_count: int) -> List[str]:
 
 
 def translate_nested(inner: HopSpec, outers: List[HopSpec], addresses: List[int],
-                     eptp: Optional[int] = None, **session_options) -> List[NestedTranslation]:
+                     slat_spec: Optional[SlatSpec] = None, progress=None,
+                     **session_options) -> List[NestedTranslation]:
     """Follow each address from the innermost VM out to this host. The root found at a hop is
-    reused for every address (one finder scan per hop, not per address)."""
+    reused for every address (one finder scan per hop, not per address). With slat_spec, each
+    hop's GPA is also walked through the second-level table the next VM out keeps for it (found
+    in that VM's RAM when auto; a given root belongs to the first hypervisor out)."""
     names = level_names(len(outers))
     results = [NestedTranslation(a) for a in addresses]
     held: List[Session] = []
@@ -126,7 +127,9 @@ def translate_nested(inner: HopSpec, outers: List[HopSpec], addresses: List[int]
                 break
             session = _open(spec, names[k], session_options)
             held.append(session)
-            _walk_outer(session, pending, names[k], eptp if k == 1 else None)
+            spec_k = slat_spec if slat_spec is not None and (slat_spec.auto or k == 1) else None
+            _walk_outer(session, pending, names[k], spec_k, _root_probe(held[-2], pending),
+                        progress)
             session.close(hold=True)
             _stamp(pending, k, time.perf_counter() - t0)
     finally:
@@ -169,8 +172,17 @@ def _stop(r: NestedTranslation, level: str) -> None:
         hop.note = f"the 8 bytes at {level}'s GPA could not be read: {t.value_note}"
 
 
+def _root_probe(inner: Session, pending: List[NestedTranslation]):
+    """(GPA, HVA) of the page-table root the inner hop walked with: a page its vCPU surely
+    touched, so the best key for finding the outer hypervisor's second-level table."""
+    root = pending[0].hops[-1].translation.walk.root
+    region = inner.ram_map.ram_at(root) if inner.ram_map else None
+    hva = region.hva_of(root) if region is not None else None
+    return (root, hva) if hva is not None else None
+
+
 def _walk_outer(session: Session, pending: List[NestedTranslation], name: str,
-                eptp: Optional[int]) -> None:
+                slat_spec: Optional[SlatSpec] = None, root_probe=None, progress=None) -> None:
     first_hva, first_value = _next_address(pending[0])
     roots = [c for c in session.find_cr3(first_hva, first_value) if c.value_matches]
     if not roots:
@@ -181,7 +193,7 @@ def _walk_outer(session: Session, pending: List[NestedTranslation], name: str,
         return
     root = roots[0].root
     how = f"find-cr3: the root whose {first_hva:#x} holds {first_value:#x} ({roots[0].how})"
-    ts = session.translate_many([_next_address(r)[0] for r in pending], cr3=root)
+    ts = list(session.translate_many([_next_address(r)[0] for r in pending], cr3=root))
     for r, t in zip(pending, ts):
         hva, value = _next_address(r)
         hop = Hop(name, t, root_how=how)
@@ -192,16 +204,33 @@ def _walk_outer(session: Session, pending: List[NestedTranslation], name: str,
         if inner.hpa is not None and t.ok and inner.hpa != t.gpa:
             hop.note = (f"the inner QEMU's local pagemap gives {inner.hpa:#x}, the walk "
                         f"{t.gpa:#x}: they disagree")
-        if eptp is not None:
-            # 1 GiB EPT pages as the outer hypervisor was told (IA32_VMX_EPT_VPID_CAP bit 17)
-            ept_1g = session.vcpu_property("vmx-ept-1gb")
-            hop.ept = paging.walk_ept(session.read_phys, eptp, inner.gpa,
-                                      session.cpu.maxphyaddr or 52,
-                                      page1gb=ept_1g if isinstance(ept_1g, bool) else None)
-            if hop.ept.ok and t.ok and hop.ept.pa != t.gpa:
-                hop.note = (f"EPT gives {hop.ept.pa:#x} for GPA {inner.gpa:#x}, the process "
-                            f"tables {t.gpa:#x}: they disagree")
         r.hops.append(hop)
+    if slat_spec is not None:
+        _second_level(session, pending, ts, name, slat_spec, root, root_probe, progress)
+
+
+def _second_level(session: Session, pending, ts, name: str, spec: SlatSpec, root: int,
+                  root_probe, progress) -> None:
+    """The outer hypervisor's table for each inner GPA, over the outer VM's RAM, beside what
+    the process tables say (the outer GPA of the inner QEMU's HVA)."""
+    probes = []
+    if root_probe is not None:
+        t = session.translate(root_probe[1], cr3=root)
+        if t.ok:
+            probes.append((root_probe[0], t.gpa))
+    probes += [(r.hops[-2].translation.gpa, t.gpa) for r, t in zip(pending, ts) if t.ok]
+    if progress is not None:
+        progress.total = session.ram_map.ram_bytes
+    vendor = session.vcpu_property("vendor")
+    formats = ("ept", "npt") if vendor == "GenuineIntel" else ("npt", "ept")
+    second = SecondLevel.resolve(session.memory, finder.ram_chunks(session.memory,
+                                                                   session.ram_map),
+                                 spec, probes, formats, progress)
+    for r, t in zip(pending, ts):
+        inner = r.hops[-2].translation
+        inner.slat = second.result(inner.gpa, t.gpa if t.ok else None)
+        if inner.slat.agrees is False and not r.hops[-1].note:
+            r.hops[-1].note = inner.slat.note
 
 
 def _stamp(results, k, seconds) -> None:

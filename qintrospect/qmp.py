@@ -20,8 +20,8 @@ from .errors import AttachError, ParseError, UsageError, VMGoneError
 
 # QMP commands qintrospect may send. Nothing here changes guest memory or registers.
 ALLOWED_QMP = frozenset({
-    "qmp_capabilities", "query-status", "query-cpus-fast", "query-kvm", "qom-get",
-    "human-monitor-command",
+    "qmp_capabilities", "query-status", "query-cpus-fast", "query-kvm", "query-stats",
+    "qom-get", "human-monitor-command",
     "stop", "cont",  # only to restore the run state that was found, and for `resume`
 })
 # HMP command lines allowed through human-monitor-command, whole (no prefix matching: a line

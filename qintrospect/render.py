@@ -148,7 +148,62 @@ def translation_text(t, show_bits: bool = True) -> str:
         out.append(line)
     if t.value_note:
         out.append(f"    note: {t.value_note}")
+    if t.slat is not None:
+        out.append("")
+        out.extend(slat_lines(t.slat, show_bits))
+    out.append("")
+    out.append("  " + page_sizes_line(t))
+    for note in w.notes:
+        out.append(f"  note: {note}")
     return "\n".join(out)
+
+
+def page_sizes_line(t) -> str:
+    """The page size on every layer, one line: guest tables, second-level table, host."""
+    parts = [f"guest {size_name(t.walk.page_size)}"]
+    if t.slat is not None:
+        kind = (t.slat.spec.format or "second-level").upper()
+        w = t.slat.walk
+        parts.append(f"{kind} {size_name(w.page_size) if w is not None and w.ok else '-'}")
+    if t.host is not None and t.host.status == "present":
+        kind = {"thp": " (THP)", "hugetlb": " (hugetlbfs)"}.get(t.host.page_kind, "")
+        parts.append(f"host {size_name(t.host.page_size)}{kind}")
+    else:
+        parts.append("host -")
+    return "page sizes: " + " / ".join(parts)
+
+
+def slat_lines(r, show_bits: bool = True) -> List[str]:
+    """A second-level walk laid out as the seed's ept_dump prints one: the GPA split into its
+    indexes, each level's entry (12/40/12 bits) and the next table, the leaf, the host address;
+    then whether it agrees with the pagemap path."""
+    how = r.how or {}
+    if r.spec.root is None:
+        return [f"  second-level table: not found ({r.note or how.get('note', '')})"]
+    kind = r.spec.format.upper()
+    took = (f", found in {how['seconds']:.2f} s" if how.get("method") == "found"
+            and "seconds" in how else " (given)")
+    out = [f"  {kind} (the hypervisor's second-level table), root {r.spec.root:#x}, "
+           f"{r.spec.depth} levels{took}"]
+    w = r.walk
+    out.extend("  " + line for line in index_lines(w))
+    for s in w.levels:
+        nxt = "-" if s.next_addr is None else f"{s.next_addr:#x}"
+        if s.leaf:
+            nxt += f" ({size_name(s.page_size)} leaf)"
+        out.append(f"    {s.index:>3}: {s.name:<5} entry {s.entry:#018x} at {s.entry_addr:#x}"
+                   f"  -> {nxt}  {' '.join(s.flags)}")
+        if show_bits:
+            out.append(f"         {binary_split(s.entry, 8)}")
+    if w.ok:
+        verdict = {True: "agrees with the pagemap path", None: "(no pagemap answer to compare)",
+                   False: "DISAGREES with the pagemap path"}[r.agrees]
+        out.append(f"    => host {w.pa:#x} in a {size_name(w.page_size)} {kind} page: {verdict}")
+    else:
+        out.append(f"    => {w.fault.reason} at {w.fault.level}")
+    if r.note:
+        out.append(f"    note: {r.note}")
+    return out
 
 
 def hexdump_piece(piece) -> str:
@@ -257,10 +312,16 @@ def nested_text(r, verbose: bool = False) -> str:
         block = f"{size_name(t.walk.page_size)} page, RAM block {t.ram.block}" if t.ram \
             else t.gpa_note
         out.append(f"  {'':<6}{t.gpa:<#22x}{'GPA':<6}{value:<20}{block}")
-        if hop.ept is not None:
-            e = hop.ept
-            verdict = (f"EPT gives {e.pa:#x}" if e.ok else f"EPT: {e.fault.reason}")
-            out.append(f"  {'':<6}{'':<22}{'EPT':<6}{'':<20}{verdict}")
+        if t.slat is not None:
+            sl = t.slat
+            kind = (sl.spec.format or "SLAT").upper()
+            if sl.out is not None:
+                verdict = (f"gives {sl.out:#x} ({size_name(sl.walk.page_size)} leaf, root "
+                           f"{sl.spec.root:#x})" + {True: ", agrees", False: ", DISAGREES",
+                                                     None: ""}[sl.agrees])
+            else:
+                verdict = sl.note
+            out.append(f"  {'':<6}{'':<22}{kind:<6}{'':<20}{verdict}")
         if i + 1 == len(r.hops):
             if t.hva is not None:
                 hva_value = f"{int.from_bytes(t.value_at_hva, 'little'):#018x}" \

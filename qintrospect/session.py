@@ -48,6 +48,8 @@ class Translation:
     memory_path: str = "gdb"
     qemu_pid: Optional[int] = None
     cr3_source: str = "vcpu"
+    slat: Optional[object] = None        # slat.SlatResult: the hypervisor's second-level walk
+    kvm: Optional[dict] = None           # KVM's own facts about the VM (local KVM only)
 
     @property
     def ok(self) -> bool:
@@ -70,6 +72,7 @@ class Translation:
         if not w.ok:
             out["fault"] = w.fault.to_dict() if w.fault else {"level": None, "reason": "unknown",
                                                                "message": "no translation"}
+            out["notes"] = list(w.notes)
             out["memory_path"] = self.memory_path
             return out
         value = None if self.value is None else int.from_bytes(self.value, "little")
@@ -93,8 +96,18 @@ class Translation:
             if self.value is not None and self.value_at_hva is not None else None,
             "value_note": self.value_note or None,
             "maxphyaddr": w.maxphyaddr, "assumed_maxphyaddr": w.assumed_maxphyaddr,
+            "notes": list(w.notes),
             "memory_path": self.memory_path,
+            # the page size on each layer: guest tables, second-level table, host
+            "guest_page_size": w.page_size,
+            "slat_page_size": self.slat.walk.page_size
+            if self.slat is not None and self.slat.walk is not None and self.slat.walk.ok
+            else None,
         })
+        if self.slat is not None:
+            out["slat"] = self.slat.to_dict()
+        if self.kvm is not None:
+            out["kvm"] = self.kvm
         return out
 
 
@@ -142,6 +155,7 @@ class Session:
         self.found_status: Optional[dict] = None
         self.vcpus: List[dict] = []          # query-cpus-fast
         self.page1gb_source = ""             # where CpuState.page1gb came from
+        self._kvm: Optional[dict] = None     # QMP query-kvm, asked once
         self.vcpu_info: List[Vcpu] = []      # registers of each vCPU, read at attach
         self.timings = {}
         self.unreadable_tables: List[tuple] = []
@@ -375,10 +389,7 @@ class Session:
         vCPU. Under TCG and under KVM without two-dimensional paging, the guest's CPUID says
         (QOM "pdpe1gb"); under KVM with EPT/NPT the processor walks the guest's tables itself,
         so the host CPU's Page1GB decides, known only when QEMU runs on this host."""
-        try:
-            kvm = self.qmp.command("query-kvm").get("enabled")
-        except QIError:
-            kvm = None
+        kvm = self.kvm_enabled
         cpuid = self._qom(vcpu, "pdpe1gb")
         cpuid = cpuid if isinstance(cpuid, bool) else None
         if not kvm:
@@ -600,6 +611,53 @@ class Session:
                     note = str(exc)
             yield MemoryPiece(address, n, None if physical else gpa, data, note)
             address += n
+
+    # ---- KVM on this host -------------------------------------------------------------------
+
+    @property
+    def kvm_enabled(self) -> Optional[bool]:
+        """Whether the VM runs under KVM (QMP query-kvm); None if QEMU will not say."""
+        if self._kvm is None:
+            try:
+                self._kvm = self.qmp.command("query-kvm")
+            except QIError:
+                self._kvm = {}
+        return self._kvm.get("enabled")
+
+    def kvm_facts(self) -> dict:
+        """KVM's own facts about this VM (qintrospect.kvm.facts)."""
+        from . import kvm
+        self._check_open()
+        return kvm.facts(self.qmp, self.process.pid if self.process else None)
+
+    def second_level(self, spec, translations=(), progress=None):
+        """This VM's second-level table, kept by KVM on this host: found (spec auto) in this
+        host's physical memory through /proc/kcore, keyed by the pagemap path's answers for
+        the vCPU's page-table root and the translations given; or the root given."""
+        from . import kvm, slat
+        from .kcore import KcoreMemory
+        self._check_open()
+        if self.process is None:
+            raise UsageError("--slat on this host needs the VM's QEMU to be local: "
+                             + self.process_note)
+        if not self.kvm_enabled:
+            raise UsageError("--slat: this VM does not run under KVM (QMP query-kvm), so no "
+                             "hypervisor keeps a second-level table for it on this host; for a "
+                             "VM inside another VM, use --outer")
+        memory = KcoreMemory()
+        if progress is not None:
+            progress.total = memory.ram_bytes
+        probes = [self._host_probe(self.vcpu_info[self.vcpu].root)]
+        probes += [(t.gpa, t.hpa) for t in translations if t.ok and t.hpa is not None]
+        return slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
+                                        kvm.slat_formats(), progress)
+
+    def _host_probe(self, gpa: int):
+        """(gpa, its host physical address by pagemap), or (gpa, None)."""
+        region = self.ram_map.ram_at(gpa)
+        if region is None or region.hva is None:
+            return gpa, None
+        return gpa, self.process.host_page(region.hva_of(gpa)).hpa
 
     # ---- whole address spaces and roots ------------------------------------------------------
 

@@ -1,15 +1,17 @@
 """The composition of nested hops (qintrospect.nested), on page tables built in memory.
 
-The live proof is tests/integration/test_nested_translate.py on the nested rig. What the rig
-cannot show is an EPT (QEMU's TCG does not emulate VT-x), so the --eptp comparison is proven
-here: an outer "session" over a bytearray holding both the inner QEMU process's page tables
-and an EPT for the inner VM."""
+The live proof is tests/integration/test_nested_translate.py on the nested rig (and the real
+NPT on the KVM rig). What no rig here can show is an EPT (QEMU's TCG does not emulate VT-x), so
+the second-level comparison in EPT format is proven here: an outer "session" over a bytearray
+holding both the inner QEMU process's page tables and an EPT for the inner VM, given and
+found."""
 
 import pytest
 
-from qintrospect import nested, paging
+from qintrospect import nested, paging, slat
 from qintrospect.errors import UsageError
 from qintrospect.finder import Candidate
+from qintrospect.host import RamRegion
 from qintrospect.session import Translation
 
 P, RW, US = 1, 2, 4
@@ -28,18 +30,29 @@ class Ram:
         return bytes(self.b[addr:addr + n])
 
 
+class RamMap:
+    def __init__(self, size):
+        self.ram = [RamRegion(0, size - 1, "ram", "pc.ram", 0, None)]
+        self.ram_bytes = size
+
+
 class OuterSession:
     """What _walk_outer uses of a Session, over Ram: the walker and finder are the real ones."""
 
     def __init__(self, ram, root):
         self.ram, self.root = ram, root
         self.cpu = paging.CpuState(CR0, root, CR4, EFER, 40)
+        self.memory = ram
+        self.ram_map = RamMap(len(ram.b))
+
+    def translate(self, gva, cr3=None):
+        return next(self.translate_many([gva], cr3))
 
     def read_phys(self, addr, n):
         return self.ram.read(addr, n)
 
     def vcpu_property(self, name):
-        return {"vmx-ept-1gb": True}.get(name)   # a CPU that offers 1 GiB EPT pages
+        return {"vendor": "GenuineIntel"}.get(name)   # an Intel host: EPT looked for first
 
     def find_cr3(self, gva, expect):
         w = paging.walk(self.ram.read, self.cpu, gva)
@@ -77,22 +90,40 @@ def outer_world(ept_target):
 
 
 @pytest.mark.parametrize("target,agree", [(0x200000, True), (0x300000, False)])
-def test_ept_beside_the_process_tables(target, agree):
+def test_given_ept_beside_the_process_tables(target, agree):
     ram = outer_world(target)
     r = nested.NestedTranslation(0x1000, [inner_hop(0x7F0000000000, 0x1122334455667788)])
-    nested._walk_outer(OuterSession(ram, 0x10000), [r], "L1", eptp=0x20000 | 0x18 | 6)
-    hop = r.hops[1]
-    assert hop.translation.gpa == 0x200000 and hop.ept.pa == target
-    assert (not hop.note) == agree
+    spec = slat.parse_slat(f"ept:{0x20000 | 0x18 | 6:#x}")
+    nested._walk_outer(OuterSession(ram, 0x10000), [r], "L1", spec)
+    hop, inner = r.hops[1], r.hops[0].translation
+    assert hop.translation.gpa == 0x200000 and inner.slat.out == target
+    assert inner.slat.agrees is agree and (not hop.note) == agree
     d = r.to_dict()
     assert d["hops"][0]["hpa"] == "0x200000" and d["hpa"] is None   # no host step in this test
-    assert d["hops"][1]["ept"]["pa"] == hex(target)
+    assert d["hops"][0]["slat"]["out"] == hex(target) and d["slat"]["format"] == "ept"
+    assert d["hops"][0]["slat"]["how"] == {"method": "given"}
+
+
+def test_ept_root_found_in_the_outer_vms_ram():
+    """--slat auto: the EPT root is found in the outer VM's RAM, keyed by the inner GPA and
+    the outer GPA the process tables give for it (and the inner root's page)."""
+    ram = outer_world(0x200000)
+    ram.put(0x13000 + 8, 0x201000 | P | RW | US)              # inner root page's HVA ...
+    ram.put(0x23000 + 3 * 8, 0x201000 | EPT_RWX | EPT_WB)    # ... and its GPA 0x3000 in the EPT
+    r = nested.NestedTranslation(0x1000, [inner_hop(0x7F0000000000, 0x1122334455667788)])
+    nested._walk_outer(OuterSession(ram, 0x10000), [r], "L1", slat.SlatSpec(),
+                       root_probe=(0x3000, 0x7F0000001000))
+    s = r.hops[0].translation.slat
+    assert (s.spec.format, s.spec.root, s.spec.depth) == ("ept", 0x20000, 4)
+    assert s.how["method"] == "found" and s.how["probes"] == [["0x3000", "0x201000"],
+                                                             ["0x5000", "0x200000"]]
+    assert s.agrees is True and s.out == 0x200000
 
 
 def test_root_not_found_stops_the_chain():
     ram = outer_world(0x200000)
     r = nested.NestedTranslation(0x1000, [inner_hop(0x7F0000000000, 0xDEAD)])
-    nested._walk_outer(OuterSession(ram, 0x10000), [r], "L1", eptp=None)
+    nested._walk_outer(OuterSession(ram, 0x10000), [r], "L1")
     assert r.hops[1].translation is None and "not found" in r.hops[1].note
     assert not r.ok and r.to_dict()["stopped"]["level"] == "L1"
 
