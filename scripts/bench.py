@@ -18,11 +18,16 @@ Measured (each in a fresh child process, so that each peak RSS is its own):
 
 The VM is paused with QMP `stop` for all measurements, so both sides see a still VM (attaching gdb
 would stop it anyway; qintrospect leaves a VM it found paused paused). Targets are printed beside
-the figures and marked met / not met; nothing is asserted.
+the figures and marked met / not met; nothing is asserted. QEMU's answers are read with
+qintrospect's own parsers (qintrospect.qmp), and set against qintrospect's in the same run.
 
     scripts/bench [--json] [--quick] [--cpu max|qemu64] [--profile NAME,...]
 
-Progress goes to stderr, the table (or, with --json, one JSON object) to stdout.
+Progress goes to stderr, the table (or, with --json, one JSON object) to stdout. The JSON holds
+`bench` (parameters, targets, guests), `rows` (the table: each row's `result` text, `peak_rss_mb`,
+`target`, and `met`: true / false / null where there is no target), `checks` (qintrospect against
+QEMU in the same run: name -> true / false), `notes` and `measurements` (every figure measured).
+--quick boots only the 256 MiB guest (no 2 GiB scans) with smaller N: about 15-60 s.
 Internal: `bench.py --one NAME --ctx FILE [--profile-out FILE]` runs one measurement and prints
 one `BENCH-RESULT {json}` line.
 """
@@ -32,7 +37,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -107,13 +111,16 @@ def _hmp(mon, line):
     return mon.cmd("human-monitor-command", **{"command-line": line})
 
 
-_GPA_RE = re.compile(r"gpa:\s*(0x[0-9a-fA-F]+)")
-_CR3_RE = re.compile(r"CR3=([0-9a-fA-F]+)")
+def _gva2gpa(mon, gva):
+    """HMP gva2gpa, read by qintrospect's own parser (None: "Unmapped"; "gpa: 0" is 0)."""
+    from qintrospect.qmp import parse_gva2gpa
+    return parse_gva2gpa(_hmp(mon, f"gva2gpa {gva:#x}"))
 
 
-def _parse_gva2gpa(text):
-    m = _GPA_RE.search(text)
-    return int(m.group(1), 16) if m else None
+def _cr3(mon):
+    """CR3 from HMP info registers, read by qintrospect's own parser."""
+    from qintrospect.qmp import parse_registers
+    return parse_registers(_hmp(mon, "info registers"))["CR3"]
 
 
 def _qintrospect_cli():
@@ -197,9 +204,8 @@ def m_single_hmp(ctx):
     gva, n = ctx["gva"], ctx["n_single_hmp"]
     mon = _monitor(ctx)
     try:
-        m = _CR3_RE.search(_hmp(mon, "info registers"))
-        cr3 = int(m.group(1), 16) if m else None
-        gpa = _parse_gva2gpa(_hmp(mon, f"gva2gpa {gva:#x}"))
+        cr3 = _cr3(mon)
+        gpa = _gva2gpa(mon, gva)
         for _ in range(5):
             _hmp(mon, f"gva2gpa {gva:#x}")
         times = []
@@ -320,7 +326,8 @@ def m_batch_arrays(ctx):
     return {"n": len(addrs), "seconds": elapsed, "per_second": len(addrs) / elapsed,
             "us_per_translation": elapsed / len(addrs) * 1e6, "translated": ok,
             "faulted": len(addrs) - ok, "memory_path": path, "sample_gpas": gpas,
-            "with_value": int(result.has_value.sum()), "with_hpa": int((result.host_status == 1).sum())}
+            "with_value": int(result.has_value.sum()),
+            "with_hpa": int((result.host_status == 1).sum())}
 
 
 def m_batch_hmp(ctx):
@@ -333,7 +340,7 @@ def m_batch_hmp(ctx):
         t0 = time.perf_counter()
         for i in sample:
             t = time.perf_counter()
-            gpas.append(_parse_gva2gpa(_hmp(mon, f"gva2gpa {addrs[i]:#x}")))
+            gpas.append(_gva2gpa(mon, addrs[i]))
             times.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - t0
     finally:
@@ -384,9 +391,10 @@ def m_map_gdb(ctx):
 
 
 def m_map_tlb(ctx):
+    from qintrospect.qmp import parse_info_tlb
     mon = _monitor(ctx)
     try:
-        m = _CR3_RE.search(_hmp(mon, "info registers"))
+        cr3 = _cr3(mon)
         times = []
         for _ in range(ctx["tlb_reps"]):
             t = time.perf_counter()
@@ -394,8 +402,7 @@ def m_map_tlb(ctx):
             times.append(time.perf_counter() - t)
     finally:
         mon.close()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return {"lines": len(lines), "bytes": len(text), "cr3": int(m.group(1), 16) if m else None,
+    return {"lines": len(parse_info_tlb(text)), "bytes": len(text), "cr3": cr3,
             "times": summary(times)}
 
 
@@ -669,7 +676,7 @@ class Bench:
             rows.append({"section": section, "measurement": label, "result": result,
                          "peak_rss_mb": rss_mb, "target": target,
                          "status": None if met is None else ("met" if met else "not met"),
-                         "key": key})
+                         "met": None if met is None else bool(met), "key": key})
 
         def err(res):
             return res is None or "error" in res
@@ -695,7 +702,8 @@ class Bench:
             add(1, label, ms(res["times"]), kb_mb(res["maxrss_kb"]), target, met, key)
         res = r.get("cli_translate")
         if err(res):
-            add(1, "`qintrospect translate` command", f"ERROR: {res and res.get('error')}")
+            add(1, "`qintrospect translate` command", f"ERROR: {res and res.get('error')}",
+                key="cli_translate")
         else:
             add(1, "`qintrospect translate ADDR --json` (start to exit)",
                 f"median {res['times']['median_ms']:.0f} ms, p90 {res['times']['p90_ms']:.0f} ms "
@@ -800,16 +808,47 @@ class Bench:
                 kb_mb(base["maxrss_kb"]), key="baseline")
         return rows
 
+    def checks(self):
+        """qintrospect set against QEMU's own answers in the same run, each True or False (absent
+        when a measurement it needs failed): the same CR3 and GPA for the single address, the
+        probe's value read there, the sampled batch GPAs equal to gva2gpa's, as many leaves as
+        `info tlb` lines, the same CR3 for the whole map."""
+        r = self.results
+        out = {}
+        g, hm = r.get("single_gdb") or {}, r.get("single_hmp") or {}
+        if "cr3" in g and "cr3" in hm:
+            out["single_cr3_same"] = (g["cr3"] & ~0xFFF) == (hm["cr3"] & ~0xFFF)
+            out["single_gpa_agree"] = g.get("gpa") == hm.get("gpa")
+        for key in ("single_gdb", "single_direct"):
+            if "value_ok" in (r.get(key) or {}):
+                out[f"{key}_value_ok"] = r[key]["value_ok"]
+        h = r.get("batch_hmp") or {}
+        for key in ("batch", "batch_arrays"):
+            b = r.get(key) or {}
+            if "sample_gpas" in b and "sample_gpas" in h:
+                out[f"{key}_agrees_with_gva2gpa"] = b["sample_gpas"] == h["sample_gpas"]
+        md, tlb = r.get("map_direct") or {}, r.get("map_tlb") or {}
+        if "leaves" in md and "lines" in tlb:
+            out["map_leaves_equal_tlb_lines"] = md["leaves"] == tlb["lines"]
+            out["map_cr3_same"] = (md["cr3"] & ~0xFFF) == ((tlb["cr3"] or 0) & ~0xFFF)
+        for key in ("map_arrays", "map_gdb"):
+            m = r.get(key) or {}
+            if "leaves" in m and "leaves" in md:
+                out[f"{key}_leaves_equal_map_direct"] = m["leaves"] == md["leaves"]
+        return out
+
     def notes(self):
         r = self.results
         out = []
-        g, d, hm = r.get("single_gdb") or {}, r.get("single_direct") or {}, r.get("single_hmp") or {}
-        if "cr3" in g and "cr3" in hm:
-            same = (g["cr3"] & ~0xFFF) == (hm["cr3"] & ~0xFFF) if hm["cr3"] is not None else None
+        checks = self.checks()
+        g, d = r.get("single_gdb") or {}, r.get("single_direct") or {}
+        hm = r.get("single_hmp") or {}
+        if "single_cr3_same" in checks:
+            same = checks["single_cr3_same"]
             out.append(f"single: CR3 {g['cr3']:#x} (gdb) vs {hm['cr3']:#x} (HMP info registers): "
                        f"{'same root' if same else 'DIFFERENT'}; GPA {g.get('gpa', 0):#x} "
                        f"(qintrospect) vs {hm.get('gpa') or 0:#x} (gva2gpa): "
-                       f"{'agree' if g.get('gpa') == hm.get('gpa') else 'DISAGREE'}; value at GVA "
+                       f"{'agree' if checks['single_gpa_agree'] else 'DISAGREE'}; value at GVA "
                        f"{'as the probe said' if g.get('value_ok') else 'NOT the probe value'}; "
                        f"{g.get('levels')} levels, {g.get('gdb_reads_per_translation')} gdb reads "
                        f"per translation on the gdb path, "
@@ -840,9 +879,12 @@ class Bench:
                        f"values and {ba['with_hpa']:,} HPAs found")
         md, tlb = r.get("map_direct") or {}, r.get("map_tlb") or {}
         if "leaves" in md and "lines" in tlb:
+            from qintrospect.paging.formats import size_name
+            sizes = ", ".join(f"{size_name(int(k))}: {v:,}"
+                              for k, v in md["by_page_size"].items())
             out.append(f"map check: {md['leaves']:,} leaves from qintrospect vs {tlb['lines']:,} "
                        f"lines of info tlb ({tlb['bytes'] / 1000:.0f} kB of text); page sizes "
-                       f"{md['by_page_size']}; CR3 {md['cr3']:#x} vs {tlb['cr3'] or 0:#x}")
+                       f"{sizes}; CR3 {md['cr3']:#x} vs {tlb['cr3'] or 0:#x}")
         for key in ("scan_256M", "scan_2G_booted", "scan_2G_filled"):
             s = r.get(key) or {}
             if "ram_bytes" in s:
@@ -869,7 +911,8 @@ class Bench:
                              "seconds": round(self.elapsed, 1), "loadavg": self.loadavg,
                              "cpus": os.cpu_count(), "code": self.code,
                              "guests": self.guest_info},
-                   "rows": rows, "notes": self.notes(), "measurements": self.results}
+                   "rows": rows, "checks": self.checks(), "notes": self.notes(),
+                   "measurements": self.results}
             print(json.dumps(obj, indent=2))
             return
         widths = (54, 12, 16, 8)

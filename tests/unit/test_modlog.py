@@ -1,4 +1,4 @@
-"""The module-log parser, checker and comparisons (qintrospect/modlog.py).
+"""The module-log parser, checker and comparisons (qintrospect/modlog/).
 
 Data: tests/data/seed_*.log are the two appendix logs of the seed lab report, copied verbatim;
 tests/data/guest_gpt_dump*.log are real dmesg captures of vm/module/gpt_dump.ko in the test
@@ -97,11 +97,12 @@ def test_seed_ept_dump_parses():
     assert [(lvl.name, lvl.index) for lvl in log.levels] == [("PGD", 0), ("PUD", 0), ("PMD", 435)]
     pmd = log.levels[2]
     assert pmd.page_size == 2 << 20
-    # "435: PMD ... 1" shows bits 63..11; the split "PMD ... 11)" adds bit 10.
+    # "435: PMD ... 1" shows bits 63..11; the split "PMD ... 11)" adds bit 10 (the breakdown
+    # lines print bits 11..10 and then ")": reading stops there).
     assert pmd.entry_known_mask == U64 & ~0x3FF and pmd.entry == 0x10800C00
     assert log.levels[0].next_addr == 0xF781000 and log.levels[1].next_addr == 0xAE56000
     assert log.value == 1772334
-    # The HPA line is cut after 5 of its 12 low bits.
+    # The HPA line is cut after 5 of its 12 low bits: bits 11..7 printed, 6..0 not.
     assert log.final_known_mask == U64 & ~0x7F
     assert log.final_address >> 12 == 0b10000100001010011
     assert any("line 29" in w and "6..0" in w for w in log.warnings)
@@ -120,8 +121,11 @@ def test_seed_ept_dump_recomputes_its_hpa():
     assert len(final) == 1
     f = final[0]
     assert f.computed == 0x10853BE8 and f.printed >> 12 == 0x10853
-    # Bits 63..8 agree. The seed's text prints the low bits as "10110": bit 7 is 0 where
-    # 0xbe8 has 1 (a slip in the report's copy, or in the module); bits 6..0 are cut.
+    # Bits 63..8 agree. The HPA line is a plain 12/40/12 split cut at column 80 after 5 of its
+    # low bits: "10110" is bits 11..7 (its 6-column label "HPA   " leaves two more characters
+    # than the breakdown lines' 8-column labels, which show bits 11..10 and then ")"; see
+    # tests/unit/test_seed_numbers.py). Bit 7 is 0 where 0xbe8 has 1 (a slip in the report's
+    # copy, or in the module); bits 6..0 are cut.
     assert f.compared_mask == U64 & ~0x7F
     assert (f.printed ^ f.computed) & f.compared_mask == 1 << 7
     assert f.agree is False
@@ -252,6 +256,24 @@ def test_a_cut_number_is_not_trusted():
     assert log.value is None
     assert log.level("PGD") is None or log.level("PGD").index is None
     assert any("value may be cut" in w for w in log.warnings)
+
+
+def test_a_cut_begin_line_keeps_only_the_digits_it_shows():
+    # Found by the fuzz (test_modlog_fuzz.py): our module's first line cut inside gva= gave the
+    # short number as the whole 64-bit address. The digits shown are the high ones of %016lx.
+    real = (DATA / "guest_gpt_dump.log").read_text().split("\n")
+    width = real[2].index("gva=0x") + 6 + 12
+    begin = real[2][:width]
+    assert begin.endswith("gva=0x0000000005d7")
+    log = parse_log("\n".join([begin] + real[3:]), width=width)
+    assert [(it.value, it.mask) for it in log.printed if it.source == "begin line"] == \
+        [(0x5D70000, U64 & ~0xFFFF)]
+    assert log.address == PROBE_MAX["heap"][0] and log.pid == 95
+    assert nonfalse(check_log(log)) == []
+    # A pid= cut at the line's end is not taken either.
+    width = real[2].index("pid=9") + 5
+    log = parse_log("\n".join([real[2][:width]] + real[3:]), width=width)
+    assert log.pid is None
 
 
 def test_wrapped_lines_are_joined():

@@ -1,4 +1,8 @@
-"""The parsers of what QEMU 7.2 prints, on text captured from a real QEMU (tests/data/qemu)."""
+"""The parsers of what QEMU 7.2 prints, on text captured from a real QEMU (tests/data/qemu).
+
+Generated text in QEMU 7.2's and 10.x's formats, and that text damaged, is in
+tests/unit/test_parsers_fuzz.py.
+"""
 
 import os
 
@@ -52,6 +56,10 @@ def test_ram_map_refuses_devices_and_holes():
 def test_gpa2hva():
     assert parse_gpa2hva("Host virtual address for 0x100000 (pc.ram) is 0x7f6537f00000\n") == \
         (0x100000, "pc.ram", 0x7F6537F00000)
+    # hmp_gpa2hva prints the GPA with "0x%" PRIx64, so zero as "0x0" (QEMU 7.2 and 10.0, seen);
+    # a plain "0" (as %#x would print it) is read too
+    assert parse_gpa2hva("Host virtual address for 0x0 (pc.ram) is 0x7f97d3e00000\r\n") == \
+        (0, "pc.ram", 0x7F97D3E00000)
     assert parse_gpa2hva("Host virtual address for 0 (pc.ram) is 0x7f6537e00000\n") == \
         (0, "pc.ram", 0x7F6537E00000)
     with pytest.raises(ParseError):

@@ -3,7 +3,7 @@
 The report's in-guest modules printed two walks, entries in binary:
   gpt_dump (in L2): a 4-level guest page walk of one GVA, PGD/PUD/PMD entries and next-level GPAs;
   ept_dump (in L1): an EPT walk of one GPA ending in a 2 MiB page, and the HPA.
-The numbers are transcribed here (the log parser lives in qintrospect/modlog.py, not here); the
+The numbers are transcribed here (the log parser lives in qintrospect/modlog/, not here); the
 bit strings are copied verbatim so each can be compared with the log by eye. Entries are written
 into a bytearray at the table addresses the logs print, and the walkers must land on the same
 indexes, table addresses and final address.
@@ -15,17 +15,33 @@ What the logs do NOT show, and what we therefore supply (and cannot check):
     (bits 11:10 for the 2 MiB entry in the breakdown block). The R/W/X bits, the memory type,
     PS and the EPTP's low bits are not shown; we use what KVM writes (RWX, WB, PS on the
     2 MiB entry -- "Huge Page (2M) at level 2 detected!" -- and EPTP = root | WB | 4-level | A/D).
-  * The HPA line shows bits 63:12 and then "10110": the first two characters are bits 11:10
-    (the breakdown lines above it print bits 11:10 and then ")", and those two characters
-    match their values, checked below), but the next three ("110") do not match bits 9:7 of the
-    page offset 0xbe8 the same log prints in its GPA lines (they are "111"): that group is not a
-    plain bit field, so HPA bits 9:0 cannot be checked from the log.
+
+Which characters of the ept_dump's 2 MiB block are bits, by counting columns (checked on the
+verbatim copy tests/data/seed_ept_dump.log below): every stamped line of the block is exactly 80
+characters, the capture cut them there ("[  384.573300] " takes 15).
+  * The breakdown lines (" PMD    ", " Mask1  ", " HFN    ", " GPA    ", " Mask2  ", " Offset ":
+    an 8-column label) have room for 3 characters after the 40-bit group: two bits and ")". The
+    two are bits 11:10 of each value (checked below); the ")" is the module's own text, so their
+    low group is not a plain 12-bit field and only bits 11:10 are read from it.
+  * The HPA line's label "HPA   " is 6 columns (no leading blank), so the same cut leaves it 5
+    characters after its 40-bit group: "10110". All five are bit characters -- no ")" in third
+    place as in the breakdown lines -- so the HPA line is a plain 12/40/12 split like the
+    "435: PMD ..." entry line, and "10110" is HPA bits 11:7 (bits 6:0 are cut). Bits 63:8
+    match what the log's own numbers give (HFN 0x10800000 | the GPA's offset in the 2 MiB
+    page 0x53be8 = 0x10853be8, bits 11:7 "10111"); bit 7 is printed 0 where they give 1. The
+    printed HPA disagrees with the log's own entries at bit 7 (a slip in the module or in the
+    report's copy; the text cannot say which). qintrospect.modlog reads the line the same way
+    (tests/unit/test_modlog.py: test_seed_ept_dump_recomputes_its_hpa).
 """
+
+from pathlib import Path
 
 import pytest
 
 from qintrospect.errors import MemoryReadError
 from qintrospect.paging import CpuState, decode_eptp, walk, walk_ept
+
+DATA = Path(__file__).resolve().parent.parent / "data"
 
 # Width of the fields as the modules print them: [63:52] [51:12] [11:0].
 
@@ -141,7 +157,8 @@ EPT_ENTRIES = [
     (0, "000000000000", "0000000000000000000000001010111001010110", "1"),
     (435, "000000000000", "0000000000000000000000010000100000000000", "11"),  # bits 11:10
 ]
-#  HPA   000000000000 0000000000000000000000010000100001010011 10110   (cut at column 80)
+#  HPA   000000000000 0000000000000000000000010000100001010011 10110   (cut at column 80:
+#  "10110" is bits 11:7, see the docstring)
 HPA_PRINTED = ("000000000000", "0000000000000000000000010000100001010011", "10110")
 #  The breakdown block: (name, [63:52], [51:12], first two low characters before ")")
 BREAKDOWN = [
@@ -198,16 +215,43 @@ def test_ept_dump_breakdown_lines_print_bits_11_10_first():
         assert v >> 10 & 3 == b(low2), name
 
 
-def test_ept_dump_hpa_bits_63_to_10_match_bits_9_to_0_not_printed_legibly():
+def test_ept_dump_hpa_line_is_bits_63_to_7_and_bit_7_disagrees():
     w = walk_ept(ept_memory(), b(EPTP_FRAME) << 12 | KVM_EPTP_LOW, gpa())
-    assert w.ok
+    assert w.ok and w.pa == 0x10853BE8
     high, frame, low = HPA_PRINTED
+    assert len(low) == 5                                      # bits 11:7; 6:0 cut at column 80
+    printed = b(high) << 52 | b(frame) << 12 | b(low) << 7
+    known = ((1 << 64) - 1) & ~0x7F
     assert w.pa >> 52 == b(high)
     assert w.pa >> 12 & ((1 << 40) - 1) == b(frame)          # ...10000100001010011
-    assert w.pa >> 10 & 3 == b(low[:2])                       # "10"
-    # Bits 9:0 cannot be checked: the line is cut at column 80 and the characters after bit 10
-    # ("110") are not bits 9:7 of the HPA (the log's own GPA offset 0xbe8 gives "111").
-    assert w.pa == 0x10853BE8
+    assert w.pa >> 7 & 0x1F == 0b10111                        # what the log's numbers give
+    # Bits 63:8 agree; bit 7 is printed 0 where the walk (offset 0xbe8) has 1.
+    assert (printed ^ w.pa) & known == 1 << 7
+    assert w.pa >> 7 & 1 == 1 and printed >> 7 & 1 == 0
+
+
+def test_ept_dump_columns_hpa_line_is_a_plain_field_breakdown_lines_are_not():
+    """The column count behind reading the HPA line's "10110" as bits 11:7 (see the docstring),
+    on the verbatim copy of the seed's ept_dump (tests/data/seed_ept_dump.log)."""
+    lines = (DATA / "seed_ept_dump.log").read_text().splitlines()
+    block = lines[lines.index(next(x for x in lines if "Huge Page (2M)" in x)) + 1:]
+    block = [x for x in block if not x.endswith("Value at HPA: 1772334")]
+    assert len(block) == 10 and all(len(x) == 80 for x in block)     # all cut at column 80
+    stamp = len("[  384.573300] ")
+    breakdown = 0
+    for line in block:
+        body = line[stamp:]
+        label = body[:8] if not body.startswith(("HPA", "[e.g]", "-")) else None
+        if body.startswith("HPA"):
+            assert body[:6] == "HPA   " and body[6:18].isdigit() and body[18] == " "
+            assert body[19:59].strip("01") == "" and body[59] == " "
+            assert body[60:] == HPA_PRINTED[2] and set(body[60:]) <= {"0", "1"}
+        elif label and label.strip() in ("PMD", "Mask1", "HFN", "GPA", "Mask2", "Offset"):
+            assert body[8:20].strip("01") == "" and body[20] == " "
+            assert body[21:61].strip("01") == "" and body[61] == " "
+            assert set(body[62:64]) <= {"0", "1"} and body[64] == ")"   # bits 11:10, then ")"
+            breakdown += 1
+    assert breakdown == 6
 
 
 @pytest.mark.parametrize("line", ["L2 gpt_dump", "L1 ept_dump"])
