@@ -309,7 +309,8 @@ def parse_mtree_flat(text: str) -> List[Region]:
                      "is this QEMU's `info mtree -f` output?")
 
 
-# QEMU prints these with C's "%#" formats, which print a zero as plain "0" (no 0x)
+# gva2gpa prints with C's "%#" format, which prints a zero as plain "0" (no 0x); gpa2hva
+# prints "0x0". Both spellings are taken everywhere.
 _HEX = r"(0x[0-9a-fA-F]+|0)"
 _GPA2HVA = re.compile(rf"Host virtual address for {_HEX} \((.*)\) is {_HEX}")
 
@@ -332,15 +333,22 @@ def parse_registers(text: str) -> Dict[str, int]:
     printed in decimal but is a single digit, so hex reads it the same.
     """
     regs: Dict[str, int] = {}
+    width: Dict[str, int] = {}
     for line in (text or "").splitlines():
         if line.startswith(("ES =", "CS =", "SS =", "DS =", "FS =", "GS =", "LDT=", "TR ",
                             "GDT=", "IDT=", "FPR", "XMM", "YMM", "ZMM", "Opmask")):
             continue
         for name, value in _REG.findall(line):
-            regs.setdefault(name, int(value, 16))
+            if name not in regs:
+                regs[name], width[name] = int(value, 16), len(value)
     for needed in ("CR0", "CR3", "CR4", "EFER"):
         if needed not in regs:
             raise ParseError(f"info registers: no {needed}= in the output")
+        # QEMU prints these with all their digits (%08x, %016x): fewer means a cut line
+        digits = width[needed]
+        if digits not in (8, 16):
+            raise ParseError(f"info registers: {needed}= has {digits} hex digits, not 8 or 16 "
+                             "as QEMU prints it: the output is cut or not QEMU's")
     return regs
 
 

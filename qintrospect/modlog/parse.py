@@ -181,12 +181,20 @@ def parse_log(text: str, width: Optional[int] = 80) -> ModLog:
     return last
 
 
+MAX_LOG_BYTES = 16 << 20   # a module log is a few KiB; a whole dmesg is well under this
+
+
 def parse_log_file(path, width: Optional[int] = 80) -> ModLog:
-    """parse_log on a file's text (bytes that are not UTF-8 are replaced, not fatal)."""
+    """parse_log on a file's text (bytes that are not UTF-8 are replaced, not fatal). Reads at
+    most MAX_LOG_BYTES: a device (/dev/zero) or a huge file is refused, not read to the end."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_LOG_BYTES + 1)
     except OSError as e:
         raise ParseError(f"cannot read module log {path}: {e.strerror or e}") from None
+    if len(data) > MAX_LOG_BYTES:
+        raise ParseError(f"{path} is larger than {MAX_LOG_BYTES >> 20} MiB: not a module log "
+                         "(give the gpt_dump/ept_dump lines, e.g. from dmesg)")
     return parse_log(data.decode("utf-8", errors="replace"), width)
 
 

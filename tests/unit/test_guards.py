@@ -181,3 +181,21 @@ def test_killed_sessions_memory_mode_is_inherited(runtime_dir):
     assert runstate.phys_mode_left(runstate.load("vm")) == "0"
     runstate.release("vm")
     assert runstate.load("vm") is None
+
+
+# ---- unbounded inputs ----------------------------------------------------------------------
+
+def test_parse_log_of_a_device_is_refused_not_read_forever():
+    out = subprocess.run([sys.executable, "-m", "qintrospect", "parse-log", "/dev/zero"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "larger than" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_cut_register_value_is_refused():
+    from qintrospect.errors import ParseError
+    from qintrospect.qmp import parse_registers
+    good = ("CR0=80050033 CR2=00007f0000000000 CR3=0000000002946000 CR4=00350ef0\n"
+            "EFER=0000000000000d01\n")
+    assert parse_registers(good)["CR3"] == 0x2946000
+    with pytest.raises(ParseError, match="CR3= has 10 hex digits"):
+        parse_registers(good.replace("CR3=0000000002946000", "CR3=0000000002"))

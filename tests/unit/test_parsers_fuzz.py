@@ -380,6 +380,10 @@ def test_registers_damaged(case, ops):
     try:
         regs = parse_registers(text)
     except ParseError as e:
+        cut = re.search(r"(\w+)= has \d+ hex digits", str(e))
+        if cut:     # a value with too few digits: the first line printing it was damaged
+            assert cut.group(1) in REQUIRED and mentions(damaged, cut.group(1))[0][1]
+            return
         missing = re.search(r"no (\w+)=", str(e)).group(1)
         assert missing in REQUIRED and all(changed for _, changed in mentions(damaged, missing))
         return

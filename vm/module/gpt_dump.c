@@ -6,7 +6,7 @@
  *
  * pid=0 walks the tables of the insmod process itself (fine for kernel addresses, whose
  * upper-half entries every process shares). The output keeps the lab report's gpt_dump
- * layout line for line (so qintrospect/modlog.py reads old and new logs alike) and adds
+ * layout line for line (so qintrospect/modlog/ reads old and new logs alike) and adds
  * hex lines, so that a line cut at the console width loses nothing the hex does not repeat:
  *
  *   gpt_dump: begin pid=N comm=X gva=0x... levels=4|5
