@@ -376,6 +376,29 @@ def cmd_read(args) -> int:
     return status
 
 
+def cmd_who_maps(args) -> int:
+    """Every mapping that reaches a frame: GVAs in every address space, page-table use, and
+    (from a host address) the QEMU processes that hold it."""
+    from . import whomaps
+    from .progress import Progress
+    given = [(k, getattr(args, k)) for k in ("gpa", "hva", "hpa") if getattr(args, k)]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --gpa, --hva, --hpa")
+    kind, text = given[0]
+    address = parse_number(text, f"--{kind}")
+    with _attach(args) as vm:
+        progress = Progress("who-maps: scanning guest RAM for page-table roots",
+                            vm.ram_map.ram_bytes)
+        try:
+            results = vm.who_maps(**{kind: address}, progress=progress)
+        finally:
+            progress.close()
+    for w in results:
+        print(render.json_line(w.to_dict()) if args.json else whomaps.text(w))
+    found = any(w.reaches or w.tables or w.holders for w in results)
+    return EXIT_OK if found else EXIT_FAULT
+
+
 def cmd_kvm(args) -> int:
     """KVM's own facts about the VM: accelerator, debugfs statistics, vCPUs, query-stats."""
     from . import kvm
@@ -615,6 +638,21 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="one JSON object")
     _session_options(cp)
     cp.set_defaults(func=cmd_compare)
+
+    w = sub.add_parser("who-maps", help="every mapping that reaches a frame (GPA, HVA or HPA)",
+                       description="The reverse map: for every page-table root in the guest "
+                                   "(each vCPU's, and every process's found by the finder, KPTI "
+                                   "copies included), the virtual addresses whose leaf holds the "
+                                   "frame (page size, rights, level), and whether the frame is a "
+                                   "page-table page itself. --hpa first finds which local QEMU "
+                                   "process and RAM block hold the host frame. Exit 1 when "
+                                   "nothing maps it.")
+    w.add_argument("--gpa", help="a guest-physical address")
+    w.add_argument("--hva", help="a host virtual address in this VM's QEMU process")
+    w.add_argument("--hpa", help="a host physical address (root: frame numbers)")
+    w.add_argument("--json", action="store_true", help="one JSON object per frame")
+    _session_options(w)
+    w.set_defaults(func=cmd_who_maps)
 
     k = sub.add_parser("kvm", help="KVM's own facts about a local VM (debugfs stats, vCPUs)",
                        description="The accelerator (QMP query-kvm), the VM's folder in KVM's "

@@ -679,6 +679,15 @@ class Session:
                                   lambda level, addr, exc: self.unreadable_tables.append(
                                       (level, addr, str(exc))))
 
+    def who_maps(self, gpa: Optional[int] = None, hva: Optional[int] = None,
+                 hpa: Optional[int] = None, progress=None):
+        """The reverse map (whomaps.who_maps): every GVA in every address space of the guest
+        that reaches the frame, whether it is a page-table page, and for a host address the
+        QEMU processes holding it. One WhoMaps per GPA."""
+        from . import whomaps
+        self._check_open()
+        return whomaps.who_maps(self, gpa, hva, hpa, progress)
+
     def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
         """Every present leaf of the address space as paging.Mapping objects, in VA order."""
         return self.leaf_arrays(cr3, start, end).mappings()

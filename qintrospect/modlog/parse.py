@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import ParseError
