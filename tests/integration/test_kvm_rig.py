@@ -1,0 +1,256 @@
+"""Issue 12, item 1: the KVM rig. qintrospect inside L1 against an L2 that L1's own KVM runs.
+
+L1 = the bundled cloud kernel under TCG ``-cpu max`` (TCG emulates AMD SVM with nested paging),
+with its own kvm + kvm-amd modules, Python, numpy, gdb and QEMU (vm/kvm/build.sh). L2 = the
+bundled Linux guest (probe + gpt_dump.ko) under ``-accel kvm -cpu host`` inside L1: its memory
+goes through a real NPT built by L1's KVM. qintrospect runs in L1 exactly as a user runs it on
+a KVM host, and from L0 through L1's serial ports with ``--outer``.
+
+One L1 boot for the whole module. These tests FAIL (not skip) when the rig is not built: run
+vm/kvm/build.sh first. Every qintrospect in L1 gets ``--timeout 60``: under TCG, gdb alone
+takes ~2.5 s to start in L1, and qintrospect's default 5 s per exchange is too short there.
+"""
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vm.kvm.rig import KvmRig, KvmRigNotBuilt
+from vm.nested.rig import SerialQMP
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.vm
+
+PRESENT, PFN_MASK = 1 << 63, (1 << 55) - 1
+QI_TIMEOUT = ["--timeout", "60"]
+
+
+@pytest.fixture(scope="module")
+def rig():
+    try:
+        KvmRig.check_built()
+    except KvmRigNotBuilt as e:
+        pytest.fail(str(e), pytrace=False)
+    r = KvmRig(l2="linux", l2_cpu="host", smp=2)
+    t0 = time.monotonic()
+    try:
+        r.start()
+        r.l2_start_probe("spin")
+    except BaseException:
+        r.stop()
+        raise
+    print(f"\nKVM rig up in {time.monotonic() - t0:.1f} s: "
+          + ", ".join(f"{k}={v:.2f}" for k, v in r.timings.items()))
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def heap_inside(rig):
+    """qintrospect in L1 (QMP + gdbstub) on the probe's heap: the QiResult (one translation)."""
+    heap = rig.probe["regions"]["heap"]
+    return rig.run_qi("translate", *inside_args(rig), "--json", "-v", hex(heap["gva"]))
+
+
+def inside_args(rig, gdb=True):
+    """What a user on the KVM host (L1) passes: L2's QMP socket, and its gdbstub socket."""
+    args = ["--qmp", rig.l2_qmp_in_l1]
+    if gdb:
+        args += ["--gdb", rig.l2_gdb_in_l1]
+    return args + QI_TIMEOUT
+
+
+def run_l0(*args, timeout=600):
+    """qintrospect at L0 (this machine): (exit status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "qintrospect", *map(str, args)], cwd=REPO,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def l1_xp(rig, addr):
+    """8 bytes at an L1-physical address, read by L1's own QEMU at L0 (HMP xp)."""
+    out = rig.hmp(f"xp /1gx {addr:#x}")
+    m = re.search(r":\s*(0x[0-9a-f]+)", out)
+    assert m, out
+    return int(m.group(1), 16)
+
+
+def l1_pagemap_hpa(rig, va):
+    """L1-physical address of VA in L2's QEMU, from L1's own /proc/PID/pagemap (L1's shell)."""
+    entry = rig.l1_pagemap_entry(rig.l2_qemu_pid_in_l1, va)
+    assert entry & PRESENT, f"{entry:#x}"
+    return (entry & PFN_MASK) << 12 | (va & 0xFFF)
+
+
+# ---------------------------------------------------------------------------------- KVM itself
+
+def test_l1_kvm_really_runs_l2(rig):
+    assert rig.l1_ready["kvm"] == "yes" and rig.l1_ready["svm"] == "yes"
+    assert rig.l1_ready["npt"] == "Y" and rig.l1_ready["nested"] == "1"
+    assert "SVM: kvm: Nested Paging enabled" in rig.kvm_dmesg, rig.kvm_dmesg
+    assert "Nested Virtualization enabled" in rig.kvm_dmesg, rig.kvm_dmesg
+    rig.run_l1("test -c /dev/kvm")
+    assert rig.last_status == 0
+    # What later work reads in L1: KVM's debugfs, tracefs with kprobe events, /proc/kcore.
+    rig.run_l1("test -e /sys/kernel/tracing/kprobe_events && test -r /proc/kcore"
+               " && grep -q '^kvm:kvm_nested_vmenter' /sys/kernel/tracing/available_events")
+    assert rig.last_status == 0
+    # L2's QEMU is a process in L1 ...
+    assert rig.run_l1(f"cat /proc/{rig.l2_qemu_pid_in_l1}/comm").strip() == "qemu-system-x86"
+    # ... whose QMP says KVM, at L0 through L1's ttyS1 ...
+    with SerialQMP(rig.l2_qmp_path) as q:
+        assert q.cmd("query-kvm") == {"enabled": True, "present": True}
+    assert rig.l2_qmp_greeting["QMP"]["version"]["qemu"]["major"] >= 7
+    # ... and on its Unix socket inside L1 (qemu.qmp of L1's own Python).
+    out = rig.run_l1(
+        "python3 -c \"import json; from qemu.qmp.legacy import QEMUMonitorProtocol as M; "
+        f"m = M('{rig.l2_qmp_in_l1}'); m.connect(); print(json.dumps(m.cmd('query-kvm'))); m.close()\"",
+        timeout=120)
+    assert rig.last_status == 0, out
+    assert json.loads(out.strip().splitlines()[-1]) == {"enabled": True, "present": True}
+    # L1's KVM made a VM for that process: /sys/kernel/debug/kvm/PID-FD with its MMU stats.
+    dirs = rig.kvm_debugfs_dirs()
+    assert len(dirs) == 1, dirs
+    stats = rig.run_l1(f"cd /sys/kernel/debug/kvm/{dirs[0]} && grep . pages_4k pages_2m pages_1g "
+                       f"vcpu0/guest_mode")
+    values = dict(line.split(":", 1) for line in stats.split())
+    assert int(values["pages_4k"]) + int(values["pages_2m"]) + int(values["pages_1g"]) > 0, stats
+    # L2 knows it is a KVM guest.
+    assert "Hypervisor detected: KVM" in rig.l2_run("dmesg | grep -i 'hypervisor detected'")
+    print(f"\nL1: {rig.l1_ready}; debugfs {dirs[0]}: {' '.join(stats.split())}")
+
+
+# ---------------------------------------------------------------------------------- from L0
+
+def test_outer_chain_from_l0_agrees_with_inside(rig, heap_inside):
+    """From L0 through L1's serial ports: the L1 GPA of the value (L2 hop's hpa = L1 hop's gpa)
+    is the HPA that qintrospect inside L1 printed; the L0 HPA is this machine's pagemap's.
+    (The gdbstub moves to L1's ttyS2 and back: the tests after this one use it inside L1.)"""
+    heap = rig.probe["regions"]["heap"]
+    inside = heap_inside
+    assert inside.rc == 0, inside.stderr
+    inside_hpa = int(inside.json[0]["hpa"], 16)
+
+    rig.l2_gdb_to("serial")           # QEMU has one gdbstub: move it to L1's ttyS2
+    try:
+        t0 = time.monotonic()
+        rc, out, err = run_l0("translate", "--qmp", rig.l2_qmp_path, "--gdb", rig.l2_gdb_path,
+                              "--outer", f"qmp={rig.l1_qmp_path},gdb={rig.l1_gdb_address}",
+                              *QI_TIMEOUT, "--json", hex(heap["gva"]))
+        seconds = time.monotonic() - t0
+    finally:
+        rig.l2_gdb_to("unix")
+    assert rc == 0, err
+    o = json.loads(out.splitlines()[0])
+    l2, l1 = o["hops"]
+    print(f"\n--outer from L0 in {seconds:.2f} s: L2 GVA {l2['gva']} -> L2 GPA {l2['gpa']} -> "
+          f"HVA {l2['hva']} = L1 GVA {l1['gva']} -> L1 GPA {l1['gpa']} (inside: {inside_hpa:#x}) "
+          f"-> L0 HVA {l1['hva']} -> HPA {l1['hpa']}; value {l1['value']}")
+    assert int(l2["gpa"], 16) == heap["gpa"]
+    assert int(l2["hpa"], 16) == int(l1["gpa"], 16) == inside_hpa
+    assert int(l1["gva"], 16) == int(inside.json[0]["hva"], 16)
+    assert int(l2["value"], 16) == int(l1["value"], 16) == heap["value"]
+    # The last hop ends on this machine's own pagemap of L1's QEMU.
+    hva0 = int(l1["hva"], 16)
+    with open(f"/proc/{rig.l1_pid}/pagemap", "rb") as f:
+        f.seek(hva0 // 4096 * 8)
+        entry = struct.unpack("<Q", f.read(8))[0]
+    assert entry & PRESENT
+    if entry & PFN_MASK:
+        assert int(o["hpa"], 16) == (entry & PFN_MASK) * 4096 + hva0 % 4096
+    # The gdbstub is back on its socket inside L1, and L2 runs.
+    with SerialQMP(rig.l2_qmp_path) as q:
+        assert q.cmd("query-status")["status"] == "running"
+    rig.run_l1(f"test -S {rig.l2_gdb_in_l1}")
+    assert rig.last_status == 0
+
+
+# ---------------------------------------------------------------------------------- inside L1
+
+@pytest.mark.parametrize("with_gdb", [False, True], ids=["qmp-only", "qmp+gdb"])
+def test_translate_inside_l1(rig, heap_inside, with_gdb):
+    """The probe's heap: GPA = the probe's own pagemap answer, the value, and an HPA (from L1's
+    pagemap) that is L1-physical memory holding those bytes (L1's QMP xp at L0 says so)."""
+    heap = rig.probe["regions"]["heap"]
+    if with_gdb:
+        r = heap_inside
+    else:
+        r = rig.run_qi("translate", *inside_args(rig, False), "--json", "-v", hex(heap["gva"]))
+    print(f"\ntranslate in L1 ({'qmp+gdb' if with_gdb else 'qmp only'}): {r.seconds:.2f} s; "
+          f"{r.stderr.strip()}")
+    assert r.rc == 0, r.stderr
+    (j,) = r.json
+    assert int(j["gpa"], 16) == heap["gpa"]
+    assert int(j["value"], 16) == heap["value"] and j["value_matches"] is True
+    assert j["qemu_pid"] == rig.l2_qemu_pid_in_l1
+    assert j["host"]["status"] == "present"
+    hpa = int(j["hpa"], 16)
+    # L1's own kernel agrees (pagemap read by L1's shell) ...
+    assert l1_pagemap_hpa(rig, int(j["hva"], 16)) == hpa
+    # ... and L1's QEMU at L0 finds the value at that L1-physical address.
+    assert l1_xp(rig, hpa) == heap["value"]
+    # -cpu host passes TCG's LA57 on to L2, whose kernel then uses 5-level paging.
+    la57 = "la57" in rig.l2_run("grep -m1 -o -w la57 /proc/cpuinfo")
+    assert j["mode"] == ("5-level" if la57 else "4-level")
+
+
+def test_vmmap_inside_l1(rig):
+    heap = rig.probe["regions"]["heap"]
+    gva = heap["gva"]
+    r = rig.run_qi("vmmap", *inside_args(rig), "--user", "--hpa", "--json")
+    print(f"\nvmmap --user --hpa in L1: {len(r.json or [])} ranges, {r.seconds:.2f} s")
+    assert r.rc == 0, r.stderr
+    rows = [x for x in r.json if int(x["start"], 16) <= gva < int(x["end"], 16)]
+    assert len(rows) == 1, r.stdout
+    row = rows[0]
+    assert row["user"] is True and row["writable"] is True and row["executable"] is False
+    off = gva - int(row["start"], 16)       # --hpa merges only physically linear pieces
+    assert int(row["gpa"], 16) + off == heap["gpa"]
+    assert l1_xp(rig, int(row["hpa"], 16) + off) == heap["value"]
+    # The probe's other places are mapped user pages too.
+    for name in ("stack", "thp", "text"):
+        va = rig.probe["regions"][name]["gva"]
+        assert any(int(x["start"], 16) <= va < int(x["end"], 16) for x in r.json), name
+
+
+def test_find_cr3_inside_l1(rig):
+    heap = rig.probe["regions"]["heap"]
+    r = rig.run_qi("find-cr3", *inside_args(rig), "--gva", hex(heap["gva"]),
+                   "--expect", hex(heap["value"]), "--json")
+    print(f"\nfind-cr3 in L1: {len(r.json or [])} candidate(s), {r.seconds:.2f} s")
+    assert r.rc == 0, r.stderr
+    best = r.json[0]
+    assert best["maps_gva"] is True and best["value_matches"] is True
+    assert int(best["gpa"], 16) == heap["gpa"]
+
+
+def test_compare_module_log_inside_l1(rig):
+    """Our gpt_dump module in L2 logs the walk; qintrospect in L1 agrees at every level."""
+    heap = rig.probe["regions"]["heap"]
+    rig.l2_run("dmesg -c > /dev/null")
+    out = rig.l2_run(f"insmod /modules/gpt_dump.ko pid={rig.probe['pid']} gva={heap['gva']:#x}")
+    assert rig.l2_last_status == 0, out
+    log = rig.l2_run("dmesg")
+    rig.l2_run("rmmod gpt_dump")
+    assert "gpt_dump: end" in log, log
+    rig.l1_write_file("/tmp/gpt_dump.log", log.encode())
+    r = rig.run_qi("compare", *inside_args(rig), "--log", "/tmp/gpt_dump.log", "--json")
+    print(f"\ncompare in L1: {r.seconds:.2f} s")
+    assert r.rc == 0, (r.stderr, r.stdout)
+    (result,) = r.json
+    assert result["agree"] is True
+    assert not [x for x in result["rows"] if x["agree"] is False]
+    compared = {(x["field"], x["level"]) for x in result["rows"] if x["agree"] is True}
+    assert ("root", None) in compared and ("final", None) in compared and ("value", None) in compared
+    levels = re.search(r"levels=(\d)", log).group(1)
+    for level in (("PGD", "P4D", "PUD", "PMD", "PTE") if levels == "5" else ("PGD", "PUD", "PMD", "PTE")):
+        assert ("entry", level) in compared, level
+    assert int(result["outside"]["gpa"], 16) == heap["gpa"]
