@@ -12,8 +12,10 @@ port, and runs the ground-truth probe (vm/probe.c) on demand::
 The launcher never keeps a QMP or gdbstub connection open itself: both are free for the code
 under test (QEMU serves one client at a time on each). A gdb attaching stops the VM, as usual.
 
-CLI: ``python -m vm.guest [--cpu max] [--memory 256M] [--smp N]`` boots, starts the probe and
-waits for Ctrl-C.
+The QEMU binary is ``qemu=`` or else $QI_QEMU or else the system's ``qemu-system-x86_64``.
+
+CLI: ``python -m vm.guest [--cpu max] [--memory 256M] [--smp N] [--qemu BIN]`` boots, starts
+the probe and waits for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Dict, Iterable, List, Optional
 
 import pexpect
 
-__all__ = ["Guest", "GuestError", "GuestNotBuilt", "default_cache_dir", "PROMPT"]
+__all__ = ["Guest", "GuestError", "GuestNotBuilt", "default_cache_dir", "default_qemu", "PROMPT"]
 
 PROMPT = "qi# "
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +64,12 @@ def default_cache_dir() -> str:
     if env:
         return os.path.abspath(os.path.expanduser(env))
     return os.path.join(os.path.expanduser("~"), ".cache", "qintrospect", "vm")
+
+
+def default_qemu() -> str:
+    """The QEMU binary to boot: $QI_QEMU (e.g. the private QEMU 10.x wrapper that
+    vm/qemu-backports.sh installs) or the system's qemu-system-x86_64."""
+    return os.environ.get("QI_QEMU") or "qemu-system-x86_64"
 
 
 def _free_port() -> int:
@@ -144,7 +152,7 @@ class Guest:
 
     def __init__(self, cpu="max", memory="256M", smp=1, accel="tcg", extra_args=(),
                  cache_dir=None, start_paused=False, append_extra="",
-                 qemu="qemu-system-x86_64", console_log=None):
+                 qemu=None, console_log=None):
         self.cpu = cpu
         self.memory = str(memory)
         self.smp = int(smp)
@@ -153,7 +161,7 @@ class Guest:
         self.cache_dir = os.path.abspath(cache_dir) if cache_dir else default_cache_dir()
         self.start_paused = start_paused
         self.append_extra = append_extra
-        self.qemu = qemu
+        self.qemu = qemu or default_qemu()
         self.console_log = console_log or os.environ.get("QI_VM_CONSOLE_LOG") or None
 
         self.qmp_path: Optional[str] = None
@@ -245,7 +253,10 @@ class Guest:
             raise GuestError("guest already started")
         self.check_built(self.cache_dir)
         if shutil.which(self.qemu) is None and not os.path.isfile(self.qemu):
-            raise GuestError(f"{self.qemu} not found (apt-get install qemu-system-x86)")
+            hint = "apt-get install qemu-system-x86"
+            if self.qemu == os.environ.get("QI_QEMU"):
+                hint = "it is $QI_QEMU; vm/qemu-backports.sh installs QEMU 10.x's wrapper"
+            raise GuestError(f"{self.qemu} not found ({hint})")
         if self.accel.split(",")[0] == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise GuestError("accel='kvm' asked for but /dev/kvm is not usable; use accel='tcg'")
         atexit.register(self.stop)
@@ -471,11 +482,13 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
                     help="after starting the probe, attach this terminal to the guest's "
                          "console (Ctrl-] leaves and tears down)")
     ap.add_argument("--console-log", default=None, help="append the serial console to FILE")
+    ap.add_argument("--qemu", default=None,
+                    help="the QEMU binary (default: $QI_QEMU, else qemu-system-x86_64)")
     args = ap.parse_args(argv)
 
     guest = Guest(cpu=args.cpu, memory=args.memory, smp=args.smp, accel=args.accel,
                   cache_dir=args.cache_dir, append_extra=args.append,
-                  console_log=args.console_log)
+                  console_log=args.console_log, qemu=args.qemu)
     # Ctrl-C ends the wait (even if started from a shell that ignores SIGINT for background
     # jobs); SIGTERM/SIGHUP tear down too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -484,7 +497,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     try:
         with guest:
             probe = guest.start_probe(args.mode)
-            print(f"QEMU pid:    {guest.pid}")
+            print(f"QEMU pid:    {guest.pid} ({guest.qemu})")
             print(f"QMP socket:  {guest.qmp_path}")
             print(f"gdbstub:     {guest.gdb_address}")
             print(f"kernel:      {guest.kernel_release}  (-cpu {guest.cpu}, -m {guest.memory}, "

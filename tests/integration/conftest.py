@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vm.guest import Guest
+from vm.guest import Guest, default_qemu
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,3 +60,14 @@ def guest(request):
 
 def attach_args(g):
     return ["--qmp", g.qmp_path, "--gdb", g.gdb_address]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which QEMU the integration tests booted ($QI_QEMU or the system's), even under -q."""
+    qemu = default_qemu()
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=30)
+        version = out.stdout.splitlines()[0] if out.stdout else f"--version failed: {out.stderr}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        version = f"not runnable: {e}"
+    terminalreporter.write_line(f"integration tests' QEMU: {qemu}: {version}")

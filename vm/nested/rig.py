@@ -371,8 +371,11 @@ class NestedRig(Guest):
                  cache_dir: Optional[str] = None, timeout: float = 180.0, start_l2: bool = True,
                  console_log: Optional[str] = None, extra_args=(), read_greeting: bool = True):
         append = f"quiet qi_l2={1 if start_l2 else 0} qi_l2_mode={l2_mode} qi_l2_cpu={l2_cpu} qi_l2_mem={l2_memory}"
+        # the rigs stay on the system's QEMU whatever QI_QEMU says: their inner QEMU is the
+        # system's too (copied into L1's image), and scripts/test runs them once
         super().__init__(cpu=cpu, memory=memory, smp=smp, accel="tcg", extra_args=extra_args,
-                         cache_dir=cache_dir, append_extra=append, console_log=console_log)
+                         cache_dir=cache_dir, append_extra=append, console_log=console_log,
+                         qemu="qemu-system-x86_64")
         self.l2_mode = l2_mode
         self.l2_cpu = l2_cpu
         self.l2_memory = l2_memory
