@@ -23,6 +23,8 @@ from typing import Dict, List, Optional
 from .errors import AttachError, MemoryReadError, VMGoneError
 from .qmp import SocketAddress, check_socket_path, describe_address
 
+# Seconds gdb itself may take to start and answer its first command.
+GDB_START = 30
 # The control registers the walk needs, by the names QEMU's target.xml gives them.
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 
@@ -125,10 +127,14 @@ class GdbStub:
         return self
 
     def _attach(self) -> None:
-        for setting in ("confirm off", "pagination off", "width 0", "stack-cache off",
-                        "code-cache off", "remotetimeout %d" % max(1, int(self.timeout)),
-                        "tcp connect-timeout %d" % max(1, int(self.timeout))):
-            self.mi(f"-gdb-set {setting}")
+        # gdb's own start is not the VM answering: on a slow host (a TCG guest running KVM)
+        # it takes seconds, so the first exchange gets GDB_START seconds whatever --timeout says
+        for k, setting in enumerate(("confirm off", "pagination off", "width 0",
+                                     "stack-cache off", "code-cache off",
+                                     "remotetimeout %d" % max(1, int(self.timeout)),
+                                     "tcp connect-timeout %d" % max(1, int(self.timeout)))):
+            self.mi(f"-gdb-set {setting}", timeout=max(self.timeout, GDB_START) if k == 0
+                    else None)
         where = describe_address(self.address)
         target = where if isinstance(self.address, str) else f"{self.address[0]}:{self.address[1]}"
         if isinstance(self.address, str):
