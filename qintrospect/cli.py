@@ -142,6 +142,8 @@ def cmd_translate(args) -> int:
             raise UsageError("--brief does not go with --outer")
         return _translate_nested(args, addresses, cr3, slat_spec)
     status = EXIT_OK
+    from .picture import TranslatePictures
+    pictures = TranslatePictures(args)      # --html/--svg/--mermaid: written after the text
     with _attach(args) as vm:
         if args.find_cr3:
             expect = parse_number(args.expect, "--expect")
@@ -162,8 +164,10 @@ def cmd_translate(args) -> int:
         first = True
         for t in _checked(vm, results):
             t.kvm = kvm_facts
-            if not t.ok or (t.slat is not None and t.slat.agrees is False):
+            if not t.ok or _slat_failed(t):
                 status = EXIT_FAULT
+            if pictures.add(t):             # --mermaid: the flowchart alone, at the end
+                continue
             if args.json:
                 print(render.json_line(t.to_dict()), flush=True)
             else:
@@ -171,6 +175,7 @@ def cmd_translate(args) -> int:
                     print()
                 print(render.translation_text(t, show_bits=not args.no_bits), flush=True)
             first = False
+    pictures.finish()
     return status
 
 
@@ -185,6 +190,11 @@ def _slat_spec(args):
             raise UsageError("--eptp and --slat exclude each other (--eptp X is --slat ept:X)")
         return slat.parse_slat(f"ept:{parse_number(args.eptp, '--eptp'):#x}")
     return slat.parse_slat(args.slat) if args.slat else None
+
+
+def _slat_failed(t) -> bool:
+    """The second-level walk disagrees with the pagemap path, or no table was found."""
+    return t.slat is not None and (t.slat.agrees is False or t.slat.spec.root is None)
 
 
 def _with_second_level(vm, translations, spec):
@@ -235,6 +245,8 @@ def _translate_nested(args, addresses, cr3, slat_spec) -> int:
     if not args.qmp:
         raise UsageError("need --qmp (and usually --gdb) for the innermost VM")
     outers = [nested.parse_outer(text) for text in args.outer]
+    from .picture import TranslatePictures
+    pictures = TranslatePictures(args)      # --html/--svg/--mermaid: written after the text
     from .progress import Progress
     progress = Progress("--slat: scanning the outer VM's RAM for the second-level root", 0)
     try:
@@ -246,12 +258,16 @@ def _translate_nested(args, addresses, cr3, slat_spec) -> int:
         progress.close()
     status = EXIT_OK
     for r in results:
-        if not r.ok:
+        if not r.ok or any(h.translation is not None and _slat_failed(h.translation)
+                           for h in r.hops):
             status = EXIT_FAULT
+        if pictures.add(r):                 # --mermaid: the flowchart alone, at the end
+            continue
         if args.json:
             print(render.json_line(r.to_dict()), flush=True)
         else:
             print(render.nested_text(r, verbose=args.verbose), flush=True)
+    pictures.finish()
     return status
 
 
@@ -327,8 +343,11 @@ def cmd_vmmap(args) -> int:
     show_hpa = args.hpa
     show_gpa = args.gpa or show_hpa or args.leaf
     out = sys.stdout
+    from .picture import VmmapPictures
+    pictures = VmmapPictures(args)          # --html/--svg: the map, written after the rows
     with _attach(args) as vm:
         leaves = vm.leaf_arrays(cr3, start, end)
+        pictures.begin(vm, leaves)
         rows = vmmap.keep(vmmap.from_leaves(leaves), args.user, args.kernel, args.writable,
                           args.exec)
         if show_hpa:
@@ -339,6 +358,7 @@ def cmd_vmmap(args) -> int:
             out.write(vmmap.header(show_gpa, show_hpa, args.leaf) + "\n")
         fmt = leaves.format if args.leaf else None
         for chunk in chunks:
+            pictures.add(chunk)
             lines = [render.json_line(row.to_dict(leaf=args.leaf)) if args.json else
                      vmmap.row_text(row, show_gpa, show_hpa, args.leaf)
                      for row in vmmap.iter_rows(chunk, fmt)]
@@ -348,6 +368,7 @@ def cmd_vmmap(args) -> int:
     if skipped:
         print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
               f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)
+    pictures.finish()
     return EXIT_OK
 
 
@@ -498,6 +519,12 @@ def cmd_compare(args) -> int:
     return EXIT_OK if cmp.agree and compared else EXIT_FAULT
 
 
+def cmd_report(args) -> int:
+    """A self-contained page to hand in: vCPUs, addresses drawn, module logs compared."""
+    from .picture import report
+    return report.run(args)
+
+
 def _root_for_log(vm, log, args):
     """The page-table root to walk with: the one the log printed, else the finder's."""
     from .paging.formats import ADDR_51_12
@@ -578,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON Lines with the chain only (gva, gpa, page_size, ram_block, hva, "
                         "hpa, host, writable, user, executable, value; or fault), computed for "
                         "all addresses at once: the fast way for large batches")
+    from .picture import report as picture_report, translate_options, vmmap_options
+    translate_options(t)                    # --html FILE, --svg FILE, --mermaid
     _session_options(t)
     t.set_defaults(func=cmd_translate)
 
@@ -608,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gpa", action="store_true", help="add a GPA column (merge only if linear)")
     m.add_argument("--hpa", action="store_true", help="add GPA and HPA columns")
     m.add_argument("--json", action="store_true", help="one JSON object per row")
+    vmmap_options(m)                        # --html FILE, --svg FILE
     _session_options(m)
     m.set_defaults(func=cmd_vmmap)
 
@@ -663,6 +693,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="one JSON object")
     _session_options(k)
     k.set_defaults(func=cmd_kvm)
+
+    rp = sub.add_parser("report", help="a self-contained page to hand in: the vCPUs, addresses "
+                                       "drawn, module logs parsed and compared",
+                        description="Write one page (--out FILE.html) or a folder (--out DIR: "
+                                    "report.html, report.md, one SVG per address) with the VM's "
+                                    "vCPUs, each ADDR drawn as translate --html draws it, each "
+                                    "--log parsed, checked and compared with the outside view "
+                                    "(as compare --log), and the chain as mermaid. Exit 1 when "
+                                    "an address faulted or a log disagrees (the report is "
+                                    "written all the same).")
+    picture_report.options(rp)              # ADDR..., --out, --log, --cr3, --slat, --title
+    _session_options(rp)
+    rp.set_defaults(func=cmd_report)
 
     z = sub.add_parser("resume", help="resume a VM left paused (e.g. by a killed qintrospect)",
                        description="Sends QMP `cont`. Needs only --qmp.")

@@ -12,6 +12,7 @@ takes ~2.5 s to start in L1, and qintrospect's default 5 s per exchange is too s
 """
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.vm
 
 PRESENT, PFN_MASK = 1 << 63, (1 << 55) - 1
 QI_TIMEOUT = ["--timeout", "60"]
+NPT_KPROBE = "p:qi_npt svm_load_mmu_pgd root=%si:x64 level=%dx:s32"
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +40,17 @@ def rig():
         KvmRig.check_built()
     except KvmRigNotBuilt as e:
         pytest.fail(str(e), pytrace=False)
-    r = KvmRig(l2="linux", l2_cpu="host", smp=2)
+    r = KvmRig(l2=None, l2_cpu="host", smp=2)
     t0 = time.monotonic()
     try:
         r.start()
+        # An independent witness of the NPT root, armed before L2 exists: a kprobe on the
+        # function KVM's SVM code loads the root into the VMCB with (root in %rsi, level in
+        # %edx: svm_load_mmu_pgd(vcpu, root_hpa, root_level)).
+        r.run_l1(f"echo '{NPT_KPROBE}' >> /sys/kernel/tracing/kprobe_events && "
+                 "echo 1 > /sys/kernel/tracing/events/kprobes/qi_npt/enable")
+        assert r.last_status == 0, "the kprobe on svm_load_mmu_pgd could not be armed"
+        r.launch_l2(l2="linux")
         r.l2_start_probe("spin")
     except BaseException:
         r.stop()
@@ -254,3 +264,135 @@ def test_compare_module_log_inside_l1(rig):
     for level in (("PGD", "P4D", "PUD", "PMD", "PTE") if levels == "5" else ("PGD", "PUD", "PMD", "PTE")):
         assert ("entry", level) in compared, level
     assert int(result["outside"]["gpa"], 16) == heap["gpa"]
+
+
+# ------------------------------------------------------------------ the second-level table (NPT)
+
+def kvm_roots(rig):
+    """(root, levels) KVM loaded for its guests, from the kprobe's trace in L1."""
+    trace = rig.run_l1("grep qi_npt: /sys/kernel/tracing/trace")
+    roots = {(int(r, 16), int(n)) for r, n in re.findall(r"root=(0x[0-9a-f]+) level=(\d+)",
+                                                         trace)}
+    assert roots, f"the kprobe saw no root load:\n{trace}"
+    return roots
+
+
+@pytest.fixture(scope="module")
+def direct_map(rig):
+    """L2's kernel direct map, a 2 MiB step over all of its RAM, translated inside L1 with
+    --slat auto: pages QEMU has touched and pages it has not."""
+    heap = rig.probe["regions"]["heap"]
+    w = rig.run_qi("who-maps", *inside_args(rig), "--gpa", hex(heap["gpa"]), "--json")
+    assert w.rc == 0, w.stderr
+    base = next(int(m["gva"], 16) - heap["gpa"] for m in w.json[0]["mappings"]
+                if m["half"] == "kernel" and (int(m["gva"], 16) - heap["gpa"]) % (1 << 30) == 0)
+    addresses = [hex(base + gpa) for gpa in range(0, 256 * MiB, 2 * MiB)]
+    return rig.run_qi("translate", *inside_args(rig), "--slat", "auto", "--json", *addresses)
+
+
+@pytest.fixture(scope="module")
+def probe_slat(rig):
+    """Every region of the probe that has a page, with --slat auto, inside L1."""
+    names = [n for n, r in rig.probe["regions"].items() if r["gpa"] is not None]
+    res = rig.run_qi("translate", *inside_args(rig), "--slat", "auto", "--json",
+                     *[hex(rig.probe["regions"][n]["gva"]) for n in names])
+    return names, res
+
+
+def test_npt_root_found_inside_l1_is_the_one_kvm_uses(rig, probe_slat):
+    names, res = probe_slat
+    assert res.rc == 0, res.stderr
+    roots = kvm_roots(rig)
+    for name, t in zip(names, res.json):
+        s = t["slat"]
+        assert s["format"] == "npt" and s["how"]["method"] == "found", (name, s["how"])
+        assert (int(s["root"], 16), s["depth"]) in roots, (name, s["root"], roots)
+        # the second-level walk lands where the pagemap path does, on the same bytes
+        assert s["agrees"] is True and s["out"] == t["hpa"] and s["expected"] == t["hpa"], name
+        assert int(t["value"], 16) == rig.probe["regions"][name]["value"], name
+        assert l1_xp(rig, int(s["out"], 16)) == rig.probe["regions"][name]["value"], name
+        # page sizes on three layers
+        assert t["guest_page_size"] == t["page_size"] == rig.probe["regions"][name]["size"]
+        assert t["slat_page_size"] == s["page_size"] and s["page_size"] in (4096, 2 * MiB)
+        assert t["host_page_size"] in (4096, 2 * MiB)
+    print("\n" + "; ".join(f"{n}: guest {t['guest_page_size']} / NPT {t['slat_page_size']} / "
+                           f"host {t['host_page_size']}" for n, t in zip(names, res.json))
+          + f"; root found in {res.json[0]['slat']['how']['seconds']} s")
+
+
+def test_every_present_page_agrees_and_untouched_ones_are_not_in_the_npt(rig, direct_map):
+    assert direct_map.rc == 0, direct_map.stderr
+    agree = absent = 0
+    for t in direct_map.json:
+        s = t["slat"]
+        if t["host"]["status"] == "present":
+            assert s["agrees"] is True and s["out"] == t["hpa"], (t["gpa"], s)
+            agree += 1
+        else:   # QEMU never touched the page: KVM has nothing to map it to either
+            assert s["out"] is None and s["fault"]["reason"] == "not-present", (t["gpa"], s)
+            assert "not in the NPT" in s["note"] and s["agrees"] is None
+            absent += 1
+    assert agree >= 16 and absent >= 1, (agree, absent)
+    print(f"\n{agree} present 2 MiB steps agree, {absent} are in neither table")
+
+
+def test_three_page_sizes_and_the_walk_in_text(rig, probe_slat):
+    """The text view prints the walk as the seed's ept_dump does, and one line of page sizes.
+    The root is given this time (no scan): --slat npt5:ROOT."""
+    names, res = probe_slat
+    s = res.json[names.index("thp")]["slat"]
+    kind = "npt5" if s["depth"] == 5 else "npt"
+    out = rig.run_qi("translate", *inside_args(rig), "--slat", f"{kind}:{s['root']}",
+                     hex(rig.probe["regions"]["thp"]["gva"]))
+    assert out.rc == 0, out.stderr
+    assert f"NPT (the hypervisor's second-level table), root {s['root']}" in out.stdout
+    assert "(given)" in out.stdout and "agrees with the pagemap path" in out.stdout
+    line = next(ln for ln in out.stdout.splitlines() if "page sizes:" in ln)
+    assert line.strip().startswith("page sizes: guest 2 MiB / NPT ") and "/ host " in line
+
+
+def test_kvm_facts(rig, heap_inside):
+    k = rig.run_qi("kvm", "--qmp", rig.l2_qmp_in_l1, "--json", *QI_TIMEOUT)
+    assert k.rc == 0, k.stderr
+    f = k.json[0]
+    assert f["accelerator"] == "kvm" and f["kvm"] == {"enabled": True, "present": True}
+    assert f["tdp"]["kind"] == "npt" and f["tdp"]["enabled"] is True
+    assert os.path.basename(f["debugfs"]) == rig.kvm_debugfs_dirs()[0]
+    assert f["debugfs"].split("/")[-1].startswith(f"{rig.l2_qemu_pid_in_l1}-")
+    for key in ("pages_4k", "pages_2m", "pages_1g", "pf_fixed", "tlb_flush"):
+        assert isinstance(f["stats"][key], int), key
+    assert f["vcpus"] and f["vcpus"][0]["guest_mode"] in (0, 1)
+    stats = {s["name"]: s["value"] for p in f["query_stats"] for s in p["stats"]}
+    assert "pages_4k" in stats                    # QEMU's own view of the same counters
+    text = rig.run_qi("kvm", "--qmp", rig.l2_qmp_in_l1, *QI_TIMEOUT).stdout
+    assert "accelerator: kvm" in text and "pages_2m" in text and "NPT on" in text
+
+
+def test_npt_root_found_from_l0_in_l1s_ram(rig, probe_slat):
+    """From outside (--outer): the same root, found by scanning L1's RAM through L1's QEMU."""
+    heap = rig.probe["regions"]["heap"]
+    rig.l2_gdb_to("serial")
+    try:
+        rc, out, err = run_l0("translate", "--qmp", rig.l2_qmp_path, "--gdb", rig.l2_gdb_path,
+                              "--outer", f"qmp={rig.l1_qmp_path},gdb={rig.l1_gdb_address}",
+                              *QI_TIMEOUT, "--slat", "auto", "--json", hex(heap["gva"]))
+    finally:
+        rig.l2_gdb_to("unix")
+    assert rc == 0, err
+    o = json.loads(out.splitlines()[0])
+    s = o["hops"][0]["slat"]
+    assert s == o["slat"]                     # the innermost hop's keys are at the top
+    assert (int(s["root"], 16), s["depth"]) in kvm_roots(rig)
+    assert s["agrees"] is True and s["out"] == o["hops"][1]["gpa"] == o["hops"][0]["hpa"]
+    print(f"\nNPT root {s['root']} found from L0 in {s['how']['seconds']} s")
+
+
+def test_a_wrong_npt_root_is_said_so(rig, probe_slat):
+    names, res = probe_slat
+    s = res.json[0]["slat"]
+    wrong = int(s["levels"][1]["entry_addr"], 16) & ~0xFFF     # the root's child, not a root
+    out = rig.run_qi("translate", *inside_args(rig), "--slat", f"npt5:{wrong:#x}", "--json",
+                     hex(rig.probe["regions"][names[0]]["gva"]))
+    assert out.rc in (0, 1) and out.json, out.stderr   # 1 when it disagrees, 0 when it faults
+    t = out.json[0]["slat"]
+    assert t["agrees"] is not True and t["note"] and t["how"] == {"method": "given"}

@@ -127,3 +127,19 @@ def test_unreachable_level_and_root_not_found(rig, tmp_path):
         assert out[0]["hpa"] is None
     finally:
         other.stop()
+
+
+def test_no_second_level_table_where_no_hypervisor_keeps_one(rig):
+    """On this rig L1's QEMU runs L2 under TCG: no NPT or EPT exists in L1's RAM. --slat auto
+    says the root was not found, keeps the chain, and exits 1."""
+    m = next(m for m in rig.l2_maps if m.fault == "none")
+    rc, out, err = run_json("translate", *nested_args(rig), "--slat", "auto", hex(m.va),
+                            timeout=300)
+    assert rc == 1, err
+    s = out[0]["hops"][0]["slat"]
+    assert s["root"] is None and s["out"] is None and s["how"]["method"] == "found"
+    assert "no npt or ept root" in s["note"].lower()
+    assert out[0]["hops"][1]["gpa"] is not None and out[0]["hpa"] is not None   # the chain holds
+    rc, out, err = run_cli("translate", *nested_args(rig), "--slat", "auto", hex(m.va),
+                           timeout=300)
+    assert rc == 1 and "NPT" in out or "EPT" in out
