@@ -31,6 +31,8 @@ class Vcpu:
     cr4: int
     efer: int
     cs: int
+    pkru: Optional[int] = None   # where QEMU exposes it (it does not, up to 10.0)
+    pkrs: Optional[int] = None
 
     @property
     def state(self) -> CpuState:
@@ -63,4 +65,6 @@ class Vcpu:
                 "pcid": None if self.pcid is None else f"{self.pcid:#x}",
                 "cr0": f"{self.cr0:#x}", "cr0_bits": bit_names(self.cr0, CR0_BITS),
                 "cr4": f"{self.cr4:#x}", "cr4_bits": bit_names(self.cr4, CR4_BITS),
-                "efer": f"{self.efer:#x}", "efer_bits": bit_names(self.efer, EFER_BITS)}
+                "efer": f"{self.efer:#x}", "efer_bits": bit_names(self.efer, EFER_BITS),
+                "pkru": None if self.pkru is None else f"{self.pkru:#x}",
+                "pkrs": None if self.pkrs is None else f"{self.pkrs:#x}"}

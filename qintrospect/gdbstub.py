@@ -27,6 +27,9 @@ from .qmp import SocketAddress, check_socket_path, describe_address
 GDB_START = 30
 # The control registers the walk needs, by the names QEMU's target.xml gives them.
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
+# Protection-key rights registers, read when a stub describes them (gdb's org.gnu.gdb.i386.pkeys
+# feature names PKRU "pkru"); QEMU's x86 stub does not, up to 10.0 at least.
+KEY_REGISTERS = ("pkru", "pkrs")
 
 
 # gdb's words for a remote end that went away (as opposed to one refusing a single read)
@@ -250,6 +253,9 @@ class GdbStub:
             self.mi(f"-thread-select {index + 1}")
         except GdbError:
             raise AttachError(f"vCPU {index} is not known to the gdbstub") from None
+
+    def has_register(self, name: str) -> bool:
+        return name in self._register_numbers
 
     def registers(self, names=CONTROL_REGISTERS) -> Dict[str, int]:
         numbers = " ".join(str(self._register_numbers[n]) for n in names)

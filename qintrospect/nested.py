@@ -226,6 +226,9 @@ def _second_level(session: Session, pending, ts, name: str, spec: SlatSpec, root
     second = SecondLevel.resolve(session.memory, finder.ram_chunks(session.memory,
                                                                    session.ram_map),
                                  spec, probes, formats, progress)
+    if second.spec is not None:   # 1 GiB leaves as the outer (virtual) CPU offers them
+        cap = session.vcpu_property("pdpe1gb" if second.spec.format == "npt" else "vmx-ept-1gb")
+        second.page1gb = cap if isinstance(cap, bool) else None
     for r, t in zip(pending, ts):
         inner = r.hops[-2].translation
         inner.slat = second.result(inner.gpa, t.gpa if t.ok else None)

@@ -17,7 +17,7 @@ import numpy as np
 from . import finder, paging, runstate
 from .cpu import Vcpu
 from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneError
-from .gdbstub import CONTROL_REGISTERS, GdbStub
+from .gdbstub import CONTROL_REGISTERS, KEY_REGISTERS, GdbStub
 from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
 from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
@@ -338,9 +338,13 @@ class Session:
         out = []
         for i, info in enumerate(self.vcpus):
             self.gdb.select_vcpu(i)
-            regs = self.gdb.registers(CONTROL_REGISTERS + ("cs",))
+            # the protection-key registers too, where the stub describes them (QEMU 7.2 to
+            # 10.0 do not: the walk then says "unknown" for keyed pages)
+            keys = tuple(k for k in KEY_REGISTERS if self.gdb.has_register(k))
+            regs = self.gdb.registers(CONTROL_REGISTERS + ("cs",) + keys)
             out.append(Vcpu(i, info.get("thread-id"), info.get("qom-path"), regs["cr0"],
-                            regs["cr3"], regs["cr4"], regs["efer"], regs["cs"]))
+                            regs["cr3"], regs["cr4"], regs["efer"], regs["cs"],
+                            regs.get("pkru"), regs.get("pkrs")))
         self.gdb.select_vcpu(self.vcpu)
         return out
 
@@ -350,7 +354,8 @@ class Session:
         for i, info in enumerate(self.vcpus):
             regs = parse_registers(self.qmp.hmp("info registers", cpu_index=info["cpu-index"]))
             out.append(Vcpu(i, info.get("thread-id"), info.get("qom-path"), regs["CR0"],
-                            regs["CR3"], regs["CR4"], regs["EFER"], regs.get("CPL", 0)))
+                            regs["CR3"], regs["CR4"], regs["EFER"], regs.get("CPL", 0),
+                            regs.get("PKRU"), regs.get("PKRS")))
         return out
 
     @property
@@ -369,7 +374,8 @@ class Session:
         need; None (the walker then assumes 52 and says so) when QEMU will not tell."""
         phys_bits = self._qom(vcpu, "phys-bits")
         return paging.CpuState(cr0=vcpu.cr0, cr3=vcpu.cr3, cr4=vcpu.cr4, efer=vcpu.efer,
-                               maxphyaddr=int(phys_bits) if isinstance(phys_bits, int) else None)
+                               maxphyaddr=int(phys_bits) if isinstance(phys_bits, int) else None,
+                               pkru=vcpu.pkru, pkrs=vcpu.pkrs)
 
     def vcpu_property(self, prop: str):
         """A QOM property of the session's vCPU (e.g. a CPUID feature name), or None."""
@@ -649,8 +655,11 @@ class Session:
             progress.total = memory.ram_bytes
         probes = [self._host_probe(self.vcpu_info[self.vcpu].root)]
         probes += [(t.gpa, t.hpa) for t in translations if t.ok and t.hpa is not None]
-        return slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
-                                        kvm.slat_formats(), progress)
+        second = slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
+                                          kvm.slat_formats(), progress)
+        if second.spec is not None and second.spec.format == "npt":
+            second.page1gb = host_page1gb()    # NPT walks with this host CPU's paging
+        return second
 
     def _host_probe(self, gpa: int):
         """(gpa, its host physical address by pagemap), or (gpa, None)."""

@@ -244,10 +244,10 @@ class SlatResult:
         return out
 
 
-def translate(read_phys, spec: SlatSpec, how: dict, gpa: int,
-              expected: Optional[int]) -> SlatResult:
+def translate(read_phys, spec: SlatSpec, how: dict, gpa: int, expected: Optional[int],
+              page1gb: Optional[bool] = None) -> SlatResult:
     """Walk gpa through the table and say what that means next to the pagemap path."""
-    w = walk(read_phys, spec, gpa)
+    w = walk(read_phys, spec, gpa, page1gb=page1gb)
     r = SlatResult(spec, how, w, expected)
     name = spec.format.upper()
     if not w.ok:
@@ -273,8 +273,11 @@ class SecondLevel:
     (this host's, through /proc/kcore; or an outer VM's RAM, through its session): the root
     given or found once, then a walk per address."""
 
-    def __init__(self, memory, spec: SlatSpec, how: dict):
+    def __init__(self, memory, spec: Optional[SlatSpec], how: dict):
         self.memory, self.spec, self.how = memory, spec, how
+        # 1 GiB leaves: the host CPU's Page1GB for NPT, the EPT capability for EPT (None:
+        # unknown, accepted with a note)
+        self.page1gb: Optional[bool] = None
 
     @classmethod
     def resolve(cls, memory, chunks, spec: SlatSpec, probes: Sequence[Probe],
@@ -308,4 +311,4 @@ class SecondLevel:
         if self.spec is None:
             return SlatResult(SlatSpec(), self.how, None, expected,
                               note=self.how.get("note", "no second-level root"))
-        return translate(self.memory.read, self.spec, self.how, gpa, expected)
+        return translate(self.memory.read, self.spec, self.how, gpa, expected, self.page1gb)

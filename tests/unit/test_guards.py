@@ -199,3 +199,24 @@ def test_a_cut_register_value_is_refused():
     assert parse_registers(good)["CR3"] == 0x2946000
     with pytest.raises(ParseError, match="CR3= has 10 hex digits"):
         parse_registers(good.replace("CR3=0000000002946000", "CR3=0000000002"))
+
+
+def test_protection_key_registers_are_used_where_qemu_prints_them():
+    """QEMU up to 10.0 prints no PKRU; if `info registers` does, the walk uses it."""
+    from qintrospect.session import Session
+
+    class Qmp:
+        def hmp(self, line, cpu_index=None):
+            return ("CR0=80050033 CR2=0000000000000000 CR3=0000000002946000 CR4=00750ef0\n"
+                    "EFER=0000000000000d01\nPKRU=55555554\n")
+
+        def command(self, name, **args):
+            from qintrospect.errors import QIError
+            raise QIError("not here")
+
+    s = Session("/nonexistent.sock")
+    s.qmp, s.vcpus = Qmp(), [{"cpu-index": 0, "thread-id": 1, "qom-path": "/machine/cpu"}]
+    v = s._read_vcpus_qmp()[0]
+    assert v.pkru == 0x55555554 and v.pkrs is None and v.to_dict()["pkru"] == "0x55555554"
+    cpu = s._cpu_state_of(v)
+    assert cpu.pkru == 0x55555554 and cpu.pkrs is None
