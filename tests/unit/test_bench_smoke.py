@@ -95,17 +95,23 @@ MEASUREMENTS = {
     "scan_256M": {"ram_bytes": count, "present_bytes": count, "memory_path": text,
                   "candidates": count, "times": times, "mb_per_s": positive,
                   "best_mb_per_s": positive, "present_mb_per_s": positive, **RSS},
+    "slat_256M": {"ram_bytes": count, "times": times, "probes": count, "found_root": count,
+                  "cr3_root": count, "depth": count, "found_is_cr3": flag, "candidates": count,
+                  "s_per_gib": positive, "slat_walk_us": positive, "table_walk_us": positive,
+                  "walk_ratio": positive, **RSS},
 }
 # Table rows by key; those with a target carry met: true/false.
 ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "batch_hmp",
         "batch_arrays", "batch_ratio", "batch_many_ratio", "map_tlb", "map_arrays",
         "map_arrays_ratio", "map_direct", "map_direct_ratio", "map_gdb", "map_gdb_ratio",
-        "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline"}
-TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M"}
+        "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline",
+        "slat_256M", "slat_walk_ratio", "slat_2G_filled"}
+TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
+            "slat_walk_ratio"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
           "batch_agrees_with_gva2gpa", "batch_arrays_agrees_with_gva2gpa",
           "map_leaves_equal_tlb_lines", "map_cr3_same", "map_arrays_leaves_equal_map_direct",
-          "map_gdb_leaves_equal_map_direct"}
+          "map_gdb_leaves_equal_map_direct", "slat_256M_found_the_cr3_table"}
 
 
 def check_bench_json(obj: dict, quick: bool = True) -> None:
@@ -140,7 +146,7 @@ def check_bench_json(obj: dict, quick: bool = True) -> None:
     if set(rows) != ROWS:
         problems.append(f"rows: {sorted(set(rows) ^ ROWS, key=str)}")
     for key, r in rows.items():
-        if not (r["section"] in range(1, 6) and text(r["measurement"]) and text(r["result"])):
+        if not (r["section"] in range(1, 7) and text(r["measurement"]) and text(r["result"])):
             problems.append(f"row {key}: {r}")
         if r["result"].startswith("ERROR"):
             problems.append(f"row {key}: {r['result']}")
@@ -222,6 +228,11 @@ def measured():
                       "memory_path": "direct", "candidates": 8, "times": summary(274),
                       "mb_per_s": 979.0, "best_mb_per_s": 1038.0, "present_mb_per_s": 474.0,
                       "maxrss_kb": 58000},
+        "slat_256M": {"ram_bytes": 256 << 20, "times": summary(126), "probes": 5,
+                      "found_root": 0x2992000, "cr3_root": 0x2992000, "depth": 5,
+                      "found_is_cr3": True, "candidates": 1, "s_per_gib": 0.5,
+                      "slat_walk_us": 68.0, "table_walk_us": 78.0, "walk_ratio": 0.87,
+                      "maxrss_kb": 63000},
     }
 
 
