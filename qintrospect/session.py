@@ -643,6 +643,8 @@ class Session:
         from . import kvm, slat
         from .kcore import KcoreMemory
         self._check_open()
+        if isinstance(spec, str):      # "auto", "npt:0x...", "ept:0x..." as on the command line
+            spec = slat.parse_slat(spec)
         if self.process is None:
             raise UsageError("--slat on this host needs the VM's QEMU to be local: "
                              + self.process_note)
