@@ -254,6 +254,10 @@ class GdbStub:
         except GdbError:
             raise AttachError(f"vCPU {index} is not known to the gdbstub") from None
 
+    def flush_registers(self) -> None:
+        """Forget gdb's cached registers (the VM ran since gdb last read them)."""
+        self.mi('-interpreter-exec console "maint flush register-cache"')
+
     def has_register(self, name: str) -> bool:
         return name in self._register_numbers
 

@@ -131,14 +131,19 @@ class Session:
 
     def __init__(self, qmp: str, gdb: Optional[str] = None, pid: Optional[int] = None,
                  vcpu: int = 0, via: str = "auto", allow_remote: bool = False,
-                 timeout: float = 5.0, freeze: bool = False):
+                 timeout: float = 5.0, freeze: bool = False, monitor=None):
+        """qmp: the QMP socket address; or, with monitor (a callable returning a connected
+        object with QmpMonitor's command/hmp/close, e.g. a monitor through libvirt), only a
+        label for messages and the run-state marker."""
         if via not in ("auto", "gdb", "direct", "qmp"):
             raise UsageError(f"--via {via!r}: expected auto, gdb, direct or qmp")
         if via == "gdb" and not gdb:
             raise UsageError("--via gdb needs --gdb")
         if vcpu < 0:
             raise UsageError(f"--vcpu {vcpu}: vCPU numbers start at 0")
-        self.qmp_address = parse_address(qmp, "--qmp", allow_remote)
+        self._monitor = monitor
+        self.qmp_address = parse_address(qmp, "--qmp", allow_remote) if monitor is None \
+            else qmp
         self.gdb_address = parse_address(gdb, "--gdb", allow_remote) if gdb else None
         self.freeze = freeze
         self.requested_pid = pid
@@ -177,7 +182,7 @@ class Session:
     def open(self) -> "Session":
         t0 = time.perf_counter()
         try:
-            self.qmp = QmpMonitor(self.qmp_address, self.timeout).connect()
+            self.qmp = self._connect_monitor()
             self.found_status = self.qmp.command("query-status")
             self._note_run_state()
             self.vcpus = self.qmp.command("query-cpus-fast")
@@ -208,6 +213,36 @@ class Session:
             raise
         self.timings["attach"] = time.perf_counter() - t0
         return self
+
+    def _connect_monitor(self):
+        if self._monitor is not None:
+            return self._monitor()
+        return QmpMonitor(self.qmp_address, self.timeout).connect()
+
+    def refresh(self) -> None:
+        """For a session that lives across commands (a shell): read every vCPU's registers
+        again, since the VM may have run in between. Table pages are never cached across
+        commands (PageCache lives for one call), so nothing else is stale."""
+        self._check_open()
+        if self.gdb is not None:
+            self.gdb.flush_registers()
+            self.vcpu_info = self._read_vcpus()
+        else:
+            self.vcpu_info = self._read_vcpus_qmp()
+        page1gb = self.cpu.page1gb if self.cpu else None
+        self.cpu = replace(self._cpu_state_of(self.vcpu_info[self.vcpu]), page1gb=page1gb)
+
+    def select_vcpu(self, index: int) -> None:
+        """Use vCPU `index`'s registers from now on."""
+        self._check_open()
+        if not 0 <= index < len(self.vcpu_info):
+            raise UsageError(f"vCPU {index}: this VM has {len(self.vcpu_info)} vCPU(s), "
+                             f"numbered 0-{len(self.vcpu_info) - 1}")
+        self.vcpu = index
+        if self.gdb is not None:
+            self.gdb.select_vcpu(index)
+        page1gb, self.page1gb_source = self._page1gb(self.vcpu_info[index])
+        self.cpu = replace(self._cpu_state_of(self.vcpu_info[index]), page1gb=page1gb)
 
     def _note_run_state(self) -> None:
         """Read the marker a killed qintrospect may have left, then write ours."""
@@ -304,7 +339,7 @@ class Session:
         for attempt in range(2):
             try:
                 if self.qmp is None:
-                    self.qmp = QmpMonitor(self.qmp_address, self.timeout).connect()
+                    self.qmp = self._connect_monitor()
                 now = self.qmp.command("query-status")
                 if was_running and not now.get("running"):
                     self.qmp.command("cont")
