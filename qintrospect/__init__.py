@@ -7,7 +7,15 @@
 """
 
 from .errors import AttachError, MemoryReadError, ParseError, QIError, UsageError, VMGoneError
-from .session import Session, Translation, attach
 
 __all__ = ["attach", "Session", "Translation", "QIError", "UsageError", "ParseError",
            "AttachError", "VMGoneError", "MemoryReadError"]
+
+
+def __getattr__(name):
+    """attach, Session and Translation load the session (numpy, QMP) on first use, so that the
+    command line starts without them (`qintrospect --help` imports almost nothing)."""
+    if name in ("attach", "Session", "Translation"):
+        from . import session
+        return getattr(session, name)
+    raise AttributeError(f"module 'qintrospect' has no attribute {name!r}")

@@ -5,6 +5,8 @@ region: QEMU 7.2 prints no host addresses in `info ramblock` (FACTS.md). HPAs co
 process's pagemap, page sizes from /proc/kpageflags and smaps. Never HMP `gpa2hpa`: it writes.
 """
 
+from __future__ import annotations
+
 import bisect
 import ctypes
 import errno
@@ -12,11 +14,12 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .errors import MemoryReadError, ParseError, VMGoneError
+
+if TYPE_CHECKING:   # numpy is imported where arrays are built: a one-address walk needs none
+    import numpy as np
 from .qmp import QmpCommandError, Region, parse_gpa2hva, parse_mtree_flat
 
 PAGE = 4096
@@ -134,6 +137,7 @@ def pagemap_arrays(process, hvas):
     """(status codes, HPAs) for a numpy uint64 array of HVAs of one process (the vectorized
     twin of host_page; HPA 0 where not present). The pagemap is read in runs of nearby pages,
     never across the gap between two far-apart addresses."""
+    import numpy as np
     u64 = np.uint64
     pages = (hvas // u64(PAGE)).astype(np.int64)
     entries = process.pagemap_of_pages(pages)
@@ -245,6 +249,7 @@ class HostProcess:
     def pagemap_of_pages(self, pages: np.ndarray) -> np.ndarray:
         """The pagemap entries (uint64) of an array of page numbers, read in runs of nearby
         pages (PAGEMAP_GAP) and at most PAGEMAP_CHUNK entries at a time."""
+        import numpy as np
         out = np.zeros(len(pages), np.uint64)
         if not len(pages):
             return out
@@ -328,6 +333,7 @@ class HostProcess:
         (neither present nor swapped) and either private anonymous memory (never touched, or
         discarded) or a hole of the file behind a file mapping. Only such pages may be skipped
         or given as zeros; every other absent page holds data that must really be read."""
+        import numpy as np
         absent = (entries >> np.uint64(62)) == 0
         zero = np.zeros(len(entries), bool)
         if absent.any():
@@ -339,6 +345,7 @@ class HostProcess:
         """For page numbers (HVA // 4096) that pagemap shows absent: True where such a page
         reads as zeros (see absent_zero); False where it holds data elsewhere, or is not
         mapped at all."""
+        import numpy as np
         pages = np.asarray(pages, np.int64)
         zero = np.zeros(len(pages), bool)
         if not len(pages):
@@ -366,14 +373,16 @@ class HostProcess:
         first = hva // PAGE
         count = (hva + length - 1) // PAGE - first + 1
         try:
-            entries = np.array(self.pagemap_entries(hva, count), np.uint64)
+            entries = self.pagemap_entries(hva, count)
         except OSError as exc:
             if not process_exists(self.pid):
                 raise VMGoneError(f"the QEMU process {self.pid} is gone") from None
             raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
                                   hva) from None
-        if count == 1 and entries[0] >> np.uint64(62):   # the hot path: one present page
+        if count == 1 and entries[0] >> 62:   # the hot path (a table entry): one page in RAM
             return self.read(hva, length)
+        import numpy as np
+        entries = np.array(entries, np.uint64)
         out = bytearray(length)
         mapped = (entries >> np.uint64(62)) != 0
         for vma, lo, hi in self._segments(hva, hva + length):
@@ -392,11 +401,13 @@ class HostProcess:
 
     def _page_runs(self, lo: int, hi: int, first_page: int, sel: np.ndarray):
         """[a, b) byte ranges of [lo, hi) covering the runs of selected pages."""
+        import numpy as np
         edges = np.flatnonzero(np.diff(np.concatenate(([False], sel, [False]))))
         for s0, s1 in zip(edges[0::2].tolist(), edges[1::2].tolist()):
             yield max(lo, (first_page + s0) * PAGE), min(hi, (first_page + s1) * PAGE)
 
     def _read_pages(self, lo, hi, first_page, sel, out, base) -> None:
+        import numpy as np
         runs = list(self._page_runs(lo, hi, first_page, sel))
         if runs:
             a = np.array([r[0] for r in runs], np.uint64)
@@ -496,6 +507,7 @@ class HostProcess:
 
     def read_many(self, hvas, size: int) -> bytearray:
         """`size` bytes at each of many HVAs, one after the other in the result."""
+        import numpy as np
         buf = bytearray(len(hvas) * size)
         if len(hvas):
             self.readv(buf, np.arange(len(hvas), dtype=np.uint64) * np.uint64(size), hvas,
@@ -507,6 +519,7 @@ class HostProcess:
         hvas[i], IOV_MAX pieces per process_vm_readv call, the iovec arrays built by numpy
         (no Python object per piece). Pieces a call could not read are read one by one
         through /proc/PID/mem, which says why when it fails too."""
+        import numpy as np
         offsets = np.asarray(offsets, dtype=np.uint64)
         hvas = np.asarray(hvas, dtype=np.uint64)
         lengths = np.asarray(lengths, dtype=np.uint64)
@@ -572,6 +585,7 @@ def _holes(fd: int, offset: int, pages: int, skew: int) -> np.ndarray:
     """For `pages` pages of a file from `offset` (`skew` bytes into the first page): True
     where the page lies wholly in a hole (SEEK_HOLE/SEEK_DATA), which reads as zeros. A file
     system without them reports no holes."""
+    import numpy as np
     out = np.zeros(pages, bool)
     start, end = offset - skew, offset - skew + pages * PAGE
     pos = start

@@ -13,7 +13,6 @@ All adapters must agree byte for byte (tests/integration say so).
 import re
 import struct
 
-import numpy as np
 from typing import Dict
 
 from .errors import MemoryReadError, VMGoneError
@@ -84,6 +83,7 @@ class DirectMemory(PhysicalMemory):
         at most `chunk` bytes at a time. Only pages proven to hold zeros are skipped (absent
         from QEMU's page table in private anonymous memory, or in a hole of the backing file:
         HostProcess.absent_zero); every other page is read, wherever its bytes are."""
+        import numpy as np
         gpa = start
         while gpa < end:
             region = self._region(gpa)

@@ -1,18 +1,20 @@
-"""QMP access (through the `qemu.qmp` package) and parsers for the text QEMU's monitor prints.
+"""QMP access (a small synchronous client) and parsers for the text QEMU's monitor prints.
 
 Everything here is read-only. The monitor commands qintrospect may send are listed once, in
 ALLOWED_QMP and ALLOWED_HMP; `QmpMonitor` refuses anything else, so a read-only promise is
 enforced by one small table (and a test proves it on the wire). `stop`/`cont` are only ever
-sent to put the run state back as it was found, and `cont` when the user asks `resume`.
+sent to hold a running VM still for one command and put it back as it was found, and `cont`
+when the user asks `resume`.
 
 HMP `gpa2hpa` must never be sent: in QEMU it does an atomic add on the guest page.
 """
 
-import asyncio
 import ipaddress
+import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -50,6 +52,7 @@ def check_allowed(name: str, arguments: Optional[dict] = None) -> None:
 SocketAddress = Union[str, Tuple[str, int]]
 # QEMU greets at once on a fresh connection; a greeting that has not come by then never will.
 GREETING_TIMEOUT = 1.5
+MAX_MESSAGE = 64 << 20     # the largest QMP line accepted (`info tlb` of a big guest is MBs)
 # Events after which guest memory read before no longer goes with memory read after.
 LIFECYCLE_EVENTS = ("RESET", "SHUTDOWN", "POWERDOWN")
 
@@ -117,52 +120,127 @@ class QmpCommandError(AttachError):
 
 
 class QmpMonitor:
-    """A synchronous QMP connection with a timeout on every exchange.
+    """A synchronous QMP client over a Unix or TCP socket, with a timeout on every exchange.
 
-    Uses qemu.qmp's asyncio client on a private event loop (its `legacy` wrapper has no connect
-    timeout: a socket that accepts but never greets would hang us).
+    QMP is one JSON object a line: a greeting, then replies that carry the id of their command,
+    and asynchronous events. No event loop, nothing to import but sockets and json (a command
+    line that attaches once pays for nothing more). Every message passes check_allowed first.
     """
 
     def __init__(self, address: SocketAddress, timeout: float = 10.0):
         self.address = address
         self.timeout = timeout
-        self._loop = asyncio.new_event_loop()
-        self._client = None
-        self._lifecycle = None
+        self._sock: Optional[socket.socket] = None
+        self._buffer = b""
+        self._id = 0
+        self._lifecycle: List[str] = []      # lifecycle events seen since the last check
         self.watch_lifecycle = False
         self.greeting: Optional[dict] = None
 
     def connect(self) -> "QmpMonitor":
         """Connect and negotiate. A QMP endpoint behind a guest's serial line (nested rigs)
-        sent its greeting long before anyone listened: when no greeting comes, connect again
-        without waiting for one and negotiate anyway ("already complete" is fine too)."""
+        sent its greeting long before anyone listened: when no greeting comes, negotiate
+        anyway ("already complete" is fine too)."""
         where = describe_address(self.address)
         if isinstance(self.address, str):
             check_socket_path(self.address, "QMP socket",
                               f"is QEMU running with -qmp unix:{where},server=on,wait=off ?")
+        family = socket.AF_UNIX if isinstance(self.address, str) else socket.AF_INET
+        if not isinstance(self.address, str) and ":" in self.address[0]:
+            family = socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
         try:
-            self._client = self._open(await_greeting=True,
-                                      timeout=min(self.timeout, GREETING_TIMEOUT))
-        except asyncio.TimeoutError:
-            try:
-                self._client = self._open(await_greeting=False, timeout=self.timeout)
-            except asyncio.TimeoutError:
-                raise AttachError(f"QMP at {where} did not answer within {self.timeout:g} s; is "
-                                  "it a QMP socket (not HMP or a serial console), and is nobody "
-                                  "else connected to it?") from None
-        greeting = self._client.greeting
-        self.greeting = greeting._raw if greeting else None
-        from qemu.qmp import EventListener
-        self._lifecycle = EventListener(LIFECYCLE_EVENTS)
-        self._client.register_listener(self._lifecycle)
+            sock.connect(self.address)
+        except PermissionError:
+            sock.close()
+            raise AttachError(f"permission denied opening the QMP socket {where}; run as the "
+                              "user that owns it (or root)") from None
+        except OSError as exc:
+            sock.close()
+            raise AttachError(f"could not connect to QMP at {where}: "
+                              f"{exc.strerror or exc}") from None
+        self._sock = sock
+        try:
+            self._negotiate(where)
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    def _negotiate(self, where: str) -> None:
+        try:
+            first = self._message(min(self.timeout, GREETING_TIMEOUT))
+        except socket.timeout:
+            first = None                       # no greeting: a serial line, greeted long ago
+        if first is not None and "QMP" not in first:
+            raise AttachError(f"{where} is not a QMP socket: it greeted with "
+                              f"{json.dumps(first)[:80]}")
+        self.greeting = first
+        check_allowed("qmp_capabilities")
+        try:
+            reply = self._exchange("qmp_capabilities", None)
+        except socket.timeout:
+            raise AttachError(f"QMP at {where} did not answer within {self.timeout:g} s; is it "
+                              "a QMP socket (not HMP or a serial console), and is nobody else "
+                              "connected to it?") from None
+        error = reply.get("error")
+        if error and "already complete" not in error.get("desc", ""):
+            raise AttachError(f"QMP at {where} refused qmp_capabilities: "
+                              f"{error.get('desc', error)}")
+
+    def _message(self, timeout: float) -> dict:
+        """The next message (raises socket.timeout after `timeout` seconds of nothing, or
+        AttachError for text that is not QMP's JSON)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self._sock.settimeout(left)
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("QEMU closed the QMP connection")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_MESSAGE:
+                raise AttachError(f"QMP at {describe_address(self.address)} sent more than "
+                                  f"{MAX_MESSAGE >> 20} MiB without a line end: not QMP")
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise AttachError(f"{describe_address(self.address)} is not QMP: it sent "
+                              f"{line[:80]!r}") from None
+        if not isinstance(msg, dict):
+            raise AttachError(f"{describe_address(self.address)} is not QMP: it sent {line[:80]!r}")
+        return msg
+
+    def _exchange(self, name: str, arguments: Optional[dict]) -> dict:
+        """Send one command and return its reply (the message with its id); events met on the
+        way are kept for check_lifecycle, stale replies of other ids skipped."""
+        self._id += 1
+        ident = f"qi-{self._id}"
+        msg = {"execute": name, "id": ident}
+        if arguments:
+            msg["arguments"] = arguments
+        self._sock.settimeout(self.timeout)
+        self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            reply = self._message(max(0.0, deadline - time.monotonic()))
+            if "event" in reply:
+                if reply["event"] in LIFECYCLE_EVENTS:
+                    self._lifecycle.append(reply["event"])
+                continue
+            if reply.get("id") == ident:
+                return reply
 
     def check_lifecycle(self) -> None:
         """Raise VMGoneError if the guest reset or shut down since the last check. Only a VM
         that runs while we read (no gdb, no --freeze) can: watch_lifecycle says to look."""
-        if not self.watch_lifecycle or self._lifecycle is None or self._lifecycle.empty():
+        if not self.watch_lifecycle or not self._lifecycle:
             return
-        event = self._lifecycle.history[-1]["event"] if self._lifecycle.history else "RESET"
+        event = self._lifecycle[-1]
         self._lifecycle.clear()
         what = {"RESET": "reset (rebooted)", "SHUTDOWN": "shut down",
                 "POWERDOWN": "was asked to power down"}.get(event, event)
@@ -170,54 +248,25 @@ class QmpMonitor:
                           "mixes memory from before and after; run the command again, or attach "
                           "with --gdb or --freeze for one consistent view")
 
-    def _open(self, await_greeting: bool, timeout: float):
-        from qemu.qmp import ExecuteError, QMPClient  # imported late: keeps `--help` fast
-        where = describe_address(self.address)
-        client = QMPClient("qintrospect")
-        client.await_greeting = client.negotiate = await_greeting
-        try:
-            self._loop.run_until_complete(asyncio.wait_for(client.connect(self.address),
-                                                           timeout))
-            if not await_greeting:
-                check_allowed("qmp_capabilities")
-                try:
-                    self._loop.run_until_complete(asyncio.wait_for(
-                        client.execute("qmp_capabilities"), timeout))
-                except ExecuteError as exc:
-                    if "already complete" not in str(exc):
-                        raise AttachError(f"QMP at {where} refused qmp_capabilities: "
-                                          f"{exc}") from None
-            return client
-        except asyncio.TimeoutError:
-            self._abandon(client)
-            raise
-        except PermissionError:
-            raise AttachError(f"permission denied opening the QMP socket {where}; run as the "
-                              "user that owns it (or root)") from None
-        except AttachError:
-            self._abandon(client)
-            raise
-        except Exception as exc:  # qemu.qmp wraps OSError and protocol errors in its own types
-            self._abandon(client)
-            raise AttachError(f"could not connect to QMP at {where}: {_root_cause(exc)}") from None
-
     def command(self, name: str, **arguments) -> object:
         """Run one allowlisted QMP command and return its 'return' value."""
         check_allowed(name, arguments)
-        from qemu.qmp import ExecuteError
-        if self._client is None:
+        if self._sock is None:
             raise VMGoneError("QMP is not connected")
         try:
-            result = self._run(self._client.execute(name, arguments or None))
-        except ExecuteError as exc:
-            raise QmpCommandError(f"QEMU refused QMP {name}: {exc}") from None
-        except asyncio.TimeoutError:
+            reply = self._exchange(name, arguments or None)
+        except socket.timeout:
             raise VMGoneError(f"QMP {name} got no answer within {self.timeout:g} s; "
                               "QEMU may be hung or gone") from None
-        except Exception as exc:
-            raise VMGoneError(f"QMP connection lost during {name}: {_root_cause(exc)}") from None
+        except OSError as exc:
+            raise VMGoneError(f"QMP connection lost during {name}: "
+                              f"{exc.strerror or exc}") from None
+        if "error" in reply:
+            error = reply["error"]
+            raise QmpCommandError(f"QEMU refused QMP {name}: "
+                                  f"{error.get('desc', error) if isinstance(error, dict) else error}")
         self.check_lifecycle()
-        return result
+        return reply.get("return")
 
     def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
         """Run one allowlisted HMP command through QMP and return what it prints."""
@@ -227,30 +276,12 @@ class QmpMonitor:
         return self.command("human-monitor-command", **args)
 
     def close(self) -> None:
-        if self._client is not None:
+        if self._sock is not None:
             try:
-                self._run(self._client.disconnect())
-            except Exception:
+                self._sock.close()
+            except OSError:
                 pass
-            self._client = None
-        if not self._loop.is_closed():
-            self._loop.close()
-
-    def _run(self, coroutine):
-        return self._loop.run_until_complete(asyncio.wait_for(coroutine, self.timeout))
-
-    def _abandon(self, client) -> None:
-        try:
-            self._loop.run_until_complete(asyncio.wait_for(client.disconnect(), 1.0))
-        except Exception:
-            pass
-
-
-def _root_cause(exc: BaseException) -> str:
-    while getattr(exc, "exc", None) is not None or exc.__cause__ is not None:
-        exc = getattr(exc, "exc", None) or exc.__cause__
-    text = str(exc) or type(exc).__name__
-    return text
+            self._sock = None
 
 
 # ---- parsers for what QEMU prints ------------------------------------------------------------

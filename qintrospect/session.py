@@ -7,12 +7,12 @@ state is put back: gdb disconnects (leaving the VM stopped), then QMP resumes a 
 found running and confirms that a VM found paused is still paused.
 """
 
+from __future__ import annotations
+
 import signal
 import time
 from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional
-
-import numpy as np
 
 from . import finder, paging, runstate
 from .cpu import Vcpu
@@ -168,6 +168,8 @@ class Session:
         self.left_paused: Optional[dict] = None
         self._phys_mode_inherited: Optional[str] = None
         self._marker = False
+        self._paused = False                 # we stopped the VM through QMP for this session
+        self.gdb_note = ""
 
     # ---- attach / detach ------------------------------------------------------------------------
 
@@ -191,9 +193,14 @@ class Session:
                                  f"numbered 0-{len(self.vcpus) - 1}")
             if self.gdb_address is None and self.freeze and self.found_status.get("running"):
                 self.qmp.command("stop")  # one consistent view; close() resumes
+                self._paused = True
             self.ram_map = RamMap.from_qmp(self.qmp)
             self._find_process()
-            if self.gdb_address is not None:
+            if self.gdb_address is not None and self._gdb_not_needed():
+                # registers from QMP, memory from the QEMU process: no gdb, unless a killed
+                # session left the stub in physical-memory mode to put back
+                self._repair_phys_mode()
+            elif self.gdb_address is not None:
                 self.gdb = GdbStub(self.gdb_address, self.timeout).connect()
                 # Registers of every vCPU first: selecting a gdb thread makes gdb read memory
                 # at its PC, which must happen before memory packets become physical.
@@ -203,7 +210,8 @@ class Session:
             else:
                 self.vcpu_info = self._read_vcpus_qmp()
                 self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
-            self._choose_memory()
+            if self.memory is None:
+                self._choose_memory()
             page1gb, self.page1gb_source = self._page1gb(self.vcpu_info[self.vcpu])
             self.cpu = replace(self.cpu, page1gb=page1gb)
             # a VM that runs while we read may reboot under us: say so rather than mix memory
@@ -263,6 +271,20 @@ class Session:
                 f"this VM has been paused since {self.left_paused.get('since')} by a "
                 f"qintrospect (pid {self.left_paused.get('pid')}) that was killed while "
                 "attached; it found the VM running. `qintrospect resume` resumes it.")
+
+    def _repair_phys_mode(self) -> None:
+        """Put back the memory mode a killed session found (it left the stub in mode 1)."""
+        if self._phys_mode_inherited is None:
+            return
+        try:
+            gdb = GdbStub(self.gdb_address, self.timeout).connect()
+        except QIError as exc:
+            self.warnings.append(f"could not put the gdbstub's memory mode back to "
+                                 f"{self._phys_mode_inherited} ({exc}); it stays noted")
+            return
+        gdb.physical_mode(restore_to=self._phys_mode_inherited)   # close() puts it back
+        gdb.close()
+        self._phys_mode_inherited = None
 
     def _physical_mode(self) -> None:
         """Switch the gdbstub to physical addresses, after writing down (in the marker) the
@@ -397,7 +419,7 @@ class Session:
     def stopped(self) -> bool:
         """The VM cannot run while we look (gdb attached, or frozen, or found paused): cached
         table pages stay valid."""
-        return self.gdb is not None or self.freeze or \
+        return self.gdb is not None or self.freeze or self._paused or \
             not (self.found_status or {}).get("running")
 
     def _cached(self):
@@ -441,6 +463,26 @@ class Session:
         if self.process is None:
             return None, "unknown: KVM walks with the host CPU's Page1GB, and QEMU is not local"
         return host_page1gb(), "the host CPU (KVM with EPT/NPT: the processor walks)"
+
+    def _gdb_not_needed(self) -> bool:
+        """With a gdbstub given (and --via auto): when QEMU is local and its memory readable,
+        the walk needs neither gdb nor the stub. The VM is paused through QMP for the command
+        (as --freeze does: one consistent view), the registers come from `info registers`, and
+        memory from the QEMU process, once it has proved it holds this VM's RAM. Otherwise
+        gdb is the way (remote QEMU, another user's, a monitor behind a serial line)."""
+        if self.via != "auto" or self.process is None:
+            return False
+        if self.found_status.get("running") and not self._paused:
+            self.qmp.command("stop")            # close() resumes it
+            self._paused = True
+        self.vcpu_info = self._read_vcpus_qmp()
+        self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
+        if not self._process_holds_ram(QmpMemory(self.ram_map, self.qmp)):
+            return False                        # gdb below; _choose_memory says why
+        self.memory = DirectMemory(self.ram_map, self.process)
+        self.gdb_note = ("the gdbstub was not used: QEMU is local and its memory readable "
+                         "(--via gdb uses it)")
+        return True
 
     def _choose_memory(self) -> None:
         """The gdbstub, the QEMU process (direct), or QMP `xp`: direct when it is local and
@@ -506,13 +548,12 @@ class Session:
             for first in range(0, pages, IDENTITY_CHUNK):
                 n = min(IDENTITY_CHUNK, pages - first)
                 try:
-                    entries = np.array(self.process.pagemap_entries(
-                        r.hva + first * PAGE, n), np.uint64)
+                    entries = self.process.pagemap_entries(r.hva + first * PAGE, n)
                 except OSError:
                     return
-                present = np.flatnonzero(entries >> np.uint64(63))
+                present = [i for i, e in enumerate(entries) if e >> 63]
                 want = max(8, IDENTITY_SAMPLES * n // total)
-                for i in present[::max(1, len(present) // want)].tolist():
+                for i in present[::max(1, len(present) // want)]:
                     yield r.start + (first + i) * PAGE
 
     # ---- translation ------------------------------------------------------------------------------
@@ -742,7 +783,9 @@ class Session:
 
     def describe(self) -> dict:
         return {"qmp": describe_address(self.qmp_address),
-                "gdb": describe_address(self.gdb_address) if self.gdb_address else None,
+                "gdb": (describe_address(self.gdb_address) if self.gdb_address else None)
+                if self.gdb is not None or not self.gdb_note else None,
+                "gdb_note": self.gdb_note or None,
                 "status_found": self.found_status.get("status") if self.found_status else None,
                 "vcpu": self.vcpu, "vcpus": len(self.vcpus),
                 "qemu_pid": self.process.pid if self.process else None,

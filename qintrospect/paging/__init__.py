@@ -24,7 +24,14 @@ __all__ = [
     "MODE_EPT4", "MODE_EPT5", "MODE_NPT4", "MODE_NPT5",
 ]
 
-# numpy twins of walk() and iter_mappings() for address batches and whole address spaces
-from .vector import FAULT_REASONS, BatchWalk, LeafArrays, leaf_arrays, walk_array  # noqa: E402
+# numpy twins of walk() and iter_mappings() for address batches and whole address spaces,
+# loaded on first use (numpy costs a tenth of a second to import)
+_VECTOR = ("leaf_arrays", "walk_array", "LeafArrays", "BatchWalk", "FAULT_REASONS")
+__all__ += list(_VECTOR)
 
-__all__ += ["leaf_arrays", "walk_array", "LeafArrays", "BatchWalk", "FAULT_REASONS"]
+
+def __getattr__(name):
+    if name in _VECTOR:
+        from . import vector
+        return getattr(vector, name)
+    raise AttributeError(f"module 'qintrospect.paging' has no attribute {name!r}")

@@ -183,18 +183,21 @@ def test_wire_shows_only_reads_and_allowlisted_monitor_commands(g):
     bad = sorted({p for p in packets if not p.startswith(READ_ONLY_PACKET)})
     assert not bad, f"packets that are not reads: {bad}"
     assert not [p for p in packets if p[:1] in "MXPGcsCSZzkD"]
-    commands = []
+    commands, per_connection = [], []
     for conn in qmp_proxy.sent:
         decoder = json.JSONDecoder()
         text = bytes(conn).decode()
         i = 0
+        mine = []
         while i < len(text):
             while i < len(text) and text[i].isspace():
                 i += 1
             if i >= len(text):
                 break
             obj, i = decoder.raw_decode(text, i)
+            mine.append(obj["execute"])
             commands.append(obj)
+        per_connection.append(mine)
     executed = {c["execute"] for c in commands}
     assert "human-monitor-command" in executed
     for c in commands:   # every message written is one the allowlist lets through
@@ -202,8 +205,12 @@ def test_wire_shows_only_reads_and_allowlisted_monitor_commands(g):
     hmp = [c["arguments"]["command-line"] for c in commands
            if c["execute"] == "human-monitor-command"]
     assert not [line for line in hmp if line.startswith("gpa2hpa")]
-    # the VM was found running every time: stop/cont appear only to put that back
-    assert "stop" not in executed
+    # the VM was found running every time: a session that paused it through QMP (one
+    # consistent view on the direct path, with no gdb) resumed it afterwards; a session with gdb
+    # (whose connection paused it) resumed it with cont
+    for names in per_connection:
+        if "stop" in names:
+            assert names.count("stop") == 1 and "cont" in names[names.index("stop"):], names
     assert g.qmp("query-status")["running"]
 
 
@@ -329,11 +336,12 @@ def test_missing_refused_and_wrong_sockets(g, tmp_path):
                             "2", "0x1000")
         srv.close()
         assert rc == 3 and "QMP" in err
-    # the QMP socket given as the gdbstub: not a gdbstub
+    # a silent socket given as the gdbstub, where gdb is the way (--via gdb): not a gdbstub
     silent = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=lambda: (silent.accept(), time.sleep(15)), daemon=True).start()
     rc, err = timed_cli("translate", *attach_args(g)[:2], "--gdb",
-                        f"127.0.0.1:{silent.getsockname()[1]}", "--timeout", "2", "0x1000")
+                        f"127.0.0.1:{silent.getsockname()[1]}", "--via", "gdb", "--timeout", "2",
+                        "0x1000")
     silent.close()
     assert rc == 3 and "gdbstub" in err
     assert g.qmp("query-status")["running"]
@@ -344,8 +352,15 @@ def test_gdbstub_already_taken(g):
     other = socket.create_connection((host, int(port)))  # another debugger holds the stub
     try:
         time.sleep(0.3)
-        rc, err = timed_cli("translate", *attach_args(g), "--timeout", "2", "0x1000")
+        # where gdb is the way (--via gdb here; a remote QEMU in life), that is exit 3
+        rc, err = timed_cli("translate", *attach_args(g), "--via", "gdb", "--timeout", "2",
+                            "0x1000")
         assert rc == 3 and "gdbstub" in err
+        # a local QEMU needs no gdbstub: the walk goes on while another debugger holds it
+        heap = g.probe["regions"]["heap"]
+        rc, out, err = run_json("translate", *attach_args(g), hex(heap["gva"]))
+        assert rc == 0 and int(out[0]["value"], 16) == heap["value"], err
+        assert out[0]["memory_path"] == "direct"
     finally:
         other.close()
     time.sleep(0.5)
