@@ -7,7 +7,11 @@ same lines plus hex ones so nothing is lost):
   (``Value at GVA: N``, `` GPT PGD index: N``, `` GVA <9> <9> <9> <9> <12>``,
   `` NEXT_LVL_GPA(CR3)  =  <40 binary digits>  +  64 * idx``, `` 284: PGD <12> <40> <12>`` ...);
 * ept_dump: an EPT walk, GPA -> HPA, printed on the host (the same layout with EPT/HPA, and for a
-  2 MiB leaf a block of 12/40/12 lines: PMD, Mask1, HFN, GPA, Mask2, Offset, HPA).
+  2 MiB leaf a block of 12/40/12 lines: PMD, Mask1, HFN, GPA, Mask2, Offset, HPA). Our
+  vm/module/slat_dump.c prints this layout for AMD's NPT ("This is NPT", nCR3) and Intel's EPT,
+  4 or 5 levels, plus a "begin" line, hex lines and the line that ends a walk early (not
+  present, reserved bit, misconfiguration); its logs are kind "ept_dump" with ModLog.format
+  "npt" or "ept".
 
 Real logs are damaged text: dmesg timestamps, other messages in between, CRLF, and lines cut at
 the console width (80 columns), sometimes wrapped onto the next line. The parser therefore keeps,
@@ -24,13 +28,13 @@ The package, by concern:
 * parse: text -> ModLog (parse_log, parse_logs, parse_log_file);
 * check: what a log implies about itself (check_log, implied_final, leaf_of, Finding);
 * compare: a log against an outside walk or the host's HPA (compare, compare_host, Row,
-  Comparison);
+  Comparison), a second-level log against the live NPT/EPT walk (compare_second_level);
 * explain: a guest log and a host log joined (chain, Chain), and why indexes are equal
   (explain_shared_bits, explain_direct_map).
 """
 
-from .check import Finding, check_log, implied_final, leaf_of
-from .compare import Comparison, Row, compare, compare_host
+from .check import Finding, check_log, implied_final, leaf_of, replay
+from .compare import Comparison, Row, compare, compare_host, compare_second_level
 from .explain import (
     DIRECT_MAP_END, DIRECT_MAP_START_L4, DIRECT_MAP_START_L5, GIB, Chain, chain,
     explain_direct_map, explain_shared_bits,
@@ -45,8 +49,8 @@ __all__ = [
     "ADDR_BITS", "KINDS", "LEVELS_4", "LEVELS_5", "PAGE_SIZES", "U64", "LogLevel", "ModLog",
     "Printed", "bit_name", "bit_ranges",
     "parse_log", "parse_log_file", "parse_logs",
-    "Finding", "check_log", "implied_final", "leaf_of",
-    "Comparison", "Row", "compare", "compare_host",
+    "Finding", "check_log", "implied_final", "leaf_of", "replay",
+    "Comparison", "Row", "compare", "compare_host", "compare_second_level",
     "Chain", "chain", "explain_direct_map", "explain_shared_bits", "GIB", "DIRECT_MAP_START_L4",
     "DIRECT_MAP_START_L5", "DIRECT_MAP_END",
 ]

@@ -2,7 +2,10 @@
 
 Indexes from the address bits, each NEXT_LVL address from its entry, the final address from the
 leaf entry and the address (for a huge page also Mask1/HFN/Mask2/Offset), and several printings
-of one number against each other; only the bits both sides know are compared.
+of one number against each other; only the bits both sides know are compared. A second-level
+log (ept_dump, slat_dump) whose entries are printed whole is also replayed: its own entries
+walked again by qintrospect's NPT/EPT walker, which must stop, or reach a leaf, where the log
+says the module did.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+from ..errors import MemoryReadError
 from ..paging.formats import size_name
-from .model import ADDR_BITS, LEVELS_4, LEVELS_5, PAGE_SIZES, U64, LogLevel, ModLog, bit_ranges
+from .model import (
+    ADDR_BITS, LEVELS_4, LEVELS_5, PAGE_SIZES, SAME_STOP, U64, LogLevel, ModLog, bit_ranges,
+)
 from .model import hex_or_none as _h
 
 # ----------------------------------------------------------------------------- what a log implies
@@ -62,8 +68,11 @@ def _set_against(label: str, printed: int, pmask: int, computed: int, cmask: int
 
 
 def leaf_of(log: ModLog) -> Optional[Tuple[LogLevel, int]]:
-    """The level whose entry maps the page, with the page size, as far as the log tells."""
+    """The level whose entry maps the page, with the page size, as far as the log tells (None
+    when the log says the walk stopped before a leaf)."""
     for lvl in log.levels:
+        if lvl.fault:
+            return None
         if lvl.page_size:
             return lvl, lvl.page_size
         if lvl.name == "PTE":
@@ -144,7 +153,101 @@ def check_log(log: ModLog) -> List[Finding]:
 
     out.extend(_flag_findings(log))
     out.extend(_final_findings(log, addr_name, final_name))
+    out.extend(_replay_findings(log))
+    for it in log.printed:
+        if it.what == "expect":
+            # the module's own check (insmod ... expect=V): set V against the value it printed
+            if log.value is None:
+                agree, text = None, "the value at the address is not printed"
+            else:
+                agree = it.value == log.value
+                text = f"value at the {final_name} {log.value:#x}: " + (
+                    "equal" if agree else "DIFFERENT")
+            out.append(Finding("value_check", None, it.value, log.value,
+                               U64 if agree is not None else 0, agree,
+                               f"value check (line {it.line}): expected {it.value:#x}, {text}",
+                               it.line))
     return out
+
+
+# ------------------------------------------------------------------ replaying a second-level log
+
+
+
+def replay(log: ModLog):
+    """The log's own entries walked again by qintrospect's walker for the log's table format
+    (paging.walk_npt / walk_ept, MAXPHYADDR as the log prints it, else 52), as a paging.Walk;
+    None when the log is not a second-level log or does not print its root, its address or
+    every bit of the entries it shows. An entry the walker would read but the log does not
+    print ends the replay as "unreadable"."""
+    from .. import paging
+    if log.kind != "ept_dump" or log.root is None or \
+            log.root_known_mask & ADDR_BITS != ADDR_BITS or log.address is None:
+        return None
+    n = log.paging_levels
+    walked = (1 << (12 + 9 * n)) - 1
+    if log.address_bits_known & walked != walked and not log.stopped:
+        return None
+    memory = {}
+    table = log.root
+    for lvl in log.levels:
+        if lvl.entry is None or lvl.entry_known_mask != U64:
+            return None
+        memory[table + 8 * (log.address >> _shift(log, lvl.name) & 0x1FF)] = lvl.entry
+        table = lvl.entry & ADDR_BITS
+
+    def read(pa: int, length: int) -> bytes:
+        if length == 8 and pa in memory:
+            return memory[pa].to_bytes(8, "little")
+        raise MemoryReadError("the log does not print this entry", pa)
+    maxphyaddr = log.maxphyaddr or 52
+    if log.format == "npt":
+        return paging.walk_npt(read, log.root, log.address, n, maxphyaddr)
+    return paging.walk_ept(read, log.root | 6 | (n - 1) << 3, log.address, maxphyaddr)
+
+
+def _replay_findings(log: ModLog) -> List[Finding]:
+    w = replay(log)
+    if w is None:
+        return []
+    table = "NPT" if log.format == "npt" else "EPT"
+    head = (f"the log's entries walked again by qintrospect's {log.paging_levels}-level {table} "
+            f"walker (MAXPHYADDR {log.maxphyaddr or 52}"
+            f"{', from the log' if log.maxphyaddr else ', assumed'})")
+    where = {spec.name: spec.linux_name.upper() for spec in w.mode.levels} if w.mode else {}
+    stop = log.stop
+    leaf = leaf_of(log)
+    if w.fault is not None:
+        level = where.get(w.fault.level, w.fault.level)
+        said = f"stops at the {level} entry: {w.fault.reason} ({w.fault.message})" if level \
+            else f"stops: {w.fault.reason} ({w.fault.message})"
+        if log.stopped:
+            agree = w.fault.level is None
+            expected = "the module did not walk"
+        elif stop is not None:
+            agree = level == stop.name and w.fault.reason in SAME_STOP.get(stop.fault, ())
+            expected = f"the log stops at the {stop.name} entry ({stop.fault})"
+        else:
+            agree = False
+            expected = (f"the log goes on to a {size_name(leaf[1])} leaf at {leaf[0].name}"
+                        if leaf else "the log does not say the walk stopped")
+    else:
+        step = w.levels[-1]
+        said = (f"reaches a {size_name(w.page_size)} leaf at {step.linux_name.upper()} "
+                f"({w.pa:#x})")
+        if stop is not None or log.stopped:
+            agree = False
+            expected = (f"the log stops at the {stop.name} entry ({stop.fault})" if stop
+                        else "the module did not walk")
+        else:
+            agree = bool(leaf) and leaf[0].name == step.linux_name.upper() \
+                and leaf[1] == w.page_size
+            expected = (f"the log's leaf is {leaf[0].name} ({size_name(leaf[1])})" if leaf
+                        else "the log shows no leaf")
+    text = f"{head} {said}: " + ("as the log says" if agree else f"DIFFERS: {expected}")
+    return [Finding("walk", stop.name if stop else leaf[0].name if leaf else None,
+                    None, w.pa, 0, agree, text)]
+
 
 
 def _flag_findings(log: ModLog) -> List[Finding]:
@@ -155,7 +258,7 @@ def _flag_findings(log: ModLog) -> List[Finding]:
         if lvl.entry is None or lvl.present is False:
             continue
         is_leaf = bool(leaf) and leaf[0].name == lvl.name
-        if log.kind == "ept_dump":
+        if log.bits_kind == "ept_dump":
             what = "R/W/X (bits 2..0), not all zero"
             known = lvl.entry_known_mask & 0x7
             agree = None if known != 0x7 else bool(lvl.entry & 0x7)
@@ -166,7 +269,7 @@ def _flag_findings(log: ModLog) -> List[Finding]:
         text = f"{lvl.name} entry {what}: " + (
             "not printed" if agree is None else "yes" if agree else "NO, yet the walk went on")
         out.append(Finding("flags", lvl.name, lvl.entry, None, known, agree, text))
-        if lvl.name in PAGE_SIZES and lvl.name != "PTE":
+        if lvl.name in PAGE_SIZES and lvl.name != "PTE" and not lvl.fault:
             ps = lvl.entry >> 7 & 1
             ps_known = lvl.entry_known_mask >> 7 & 1
             agree = None if not ps_known else ps == int(is_leaf)
@@ -180,15 +283,28 @@ def _flag_findings(log: ModLog) -> List[Finding]:
 
 def _final_findings(log: ModLog, addr_name: str, final_name: str) -> List[Finding]:
     out = []
-    absent = next((lvl for lvl in log.levels if lvl.present is False), None)
-    if absent is not None:
+    if log.stopped:
+        return [Finding("final", None, None, None, 0, None,
+                        f"the module did not walk, so there is no {final_name}: "
+                        f"{log.stopped}")]
+    stop = log.stop
+    if stop is not None and stop.present is False:
         # The walk ended at a not-present entry: there is no final address to recompute.
-        known = absent.entry_known_mask & 1
-        agree = None if not known else not absent.entry & 1
-        text = (f"the log says the {absent.name} entry is not present, so the {addr_name} is "
-                f"not mapped; P (bit 0) of the entry: "
-                + ("not printed" if agree is None else "0, agrees" if agree else "1, DIFFERS"))
-        out.append(Finding("flags", absent.name, absent.entry, None, known, agree, text))
+        bits, what = ((0x7, "R/W/X (bits 2..0)") if log.bits_kind == "ept_dump"
+                      else (0x1, "P (bit 0)"))
+        known = stop.entry_known_mask & bits
+        agree = None if known != bits else not stop.entry & bits
+        text = (f"the log says the {stop.name} entry is not present, so the {addr_name} is "
+                f"not mapped; {what} of the entry: "
+                + ("not printed" if agree is None else "0, agrees" if agree
+                   else f"{stop.entry & bits:#x}, DIFFERS"))
+        out.append(Finding("flags", stop.name, stop.entry, None, known, agree, text))
+        return out
+    if stop is not None:
+        # A reserved bit / a misconfiguration: the replay (below) recomputes that verdict.
+        out.append(Finding("final", stop.name, None, None, 0, None,
+                           f"the log says the {stop.name} entry stops the walk ({stop.fault}), "
+                           f"so there is no {final_name}"))
         return out
     leaf = leaf_of(log)
     computed, cmask = implied_final(log)

@@ -1,11 +1,16 @@
-"""A module log set against an outside walk of the same address (or the host's own HPA)."""
+"""A module log set against an outside walk of the same address (or the host's own HPA).
+
+compare: a log against a paging.Walk of the same address (a guest's page tables, or, for a
+second-level log, the NPT/EPT: compare_second_level adds where each side stopped);
+compare_host: an ept_dump log's HPA against the host's pagemap answer for its GPA.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
-from .model import ADDR_BITS, U64, ModLog, bit_name, bit_ranges
+from .model import ADDR_BITS, SAME_STOP, U64, ModLog, bit_name, bit_ranges
 from .model import hex_or_none as _h
 
 # --------------------------------------------------------------- the log against an outside walk
@@ -119,7 +124,7 @@ def compare(log: ModLog, walk, value: Optional[int] = None) -> Comparison:
         is_leaf = step.leaf
 
         def entry_reason(d, lvl=lvl, step=step, is_leaf=is_leaf):
-            text = _entry_bits_text(d, lvl.entry, step.entry, lvl.name, log.kind)
+            text = _entry_bits_text(d, lvl.entry, step.entry, lvl.name, log.bits_kind)
             if d & ADDR_BITS:
                 if is_leaf and indexes_agree and not other_space:
                     text = "the page moved: " + text
@@ -162,6 +167,56 @@ def compare(log: ModLog, walk, value: Optional[int] = None) -> Comparison:
                 reason = "the low 4 bytes agree: the log may print a 4-byte value"
         rows.append(Row("value", None, log.value, value, U64, ok, reason))
     return Comparison(tuple(rows))
+
+
+
+
+def compare_second_level(log: ModLog, walk, value: Optional[int] = None) -> Comparison:
+    """A second-level log (ept_dump, slat_dump: GPA -> HPA through an NPT or EPT) against the
+    live walk of the same table for the same GPA (slat.walk with the root the log prints, over
+    the host's memory), row by row: compare()'s rows (the GPA, the root, each level's index,
+    table, entry and next address, the leaf's page size, the HPA, the 8 bytes there), and a
+    "stop" row when either side stopped before a leaf (not present, reserved bit, EPT
+    misconfiguration, a GPA beyond the table's reach)."""
+    rows = list(compare(log, walk, value).rows)
+    stop = _stop_row(log, walk)
+    if stop is not None:
+        rows.append(stop)
+    return Comparison(tuple(rows))
+
+
+def _stop_row(log: ModLog, walk) -> Optional[Row]:
+    stop, fault = log.stop, walk.fault
+    if stop is None and fault is None and not log.stopped:
+        return None
+    names = {spec.name: spec.linux_name.upper() for spec in walk.mode.levels} if walk.mode \
+        else {}
+    where = names.get(fault.level, fault.level) if fault is not None else None
+    outside = (f"the outside walk stops at the {where} entry: {fault.reason} ({fault.message})"
+               if fault is not None and where else
+               f"the outside walk stops: {fault.reason} ({fault.message})" if fault is not None
+               else f"the outside walk reaches a leaf ({walk.pa:#x})")
+    if log.stopped:
+        ok = fault is not None and fault.level is None
+        return Row("stop", None, None, None, 0, ok,
+                   f"the module did not walk ({log.stopped}); {outside}")
+    if stop is None:
+        leaf = next((lvl for lvl in log.levels if lvl.page_size), None) or \
+            (log.levels[-1] if log.levels else None)
+        why = ("the table is not in this memory (the log is from another host or boot?)"
+               if fault.reason == "unreadable" else "the table changed since the log was taken")
+        return Row("stop", where, None, None, 0, False,
+                   f"the log goes on to a leaf{' at ' + leaf.name if leaf else ''}; {outside}: "
+                   + why)
+    if fault is None:
+        return Row("stop", stop.name, stop.entry, None, stop.entry_known_mask, False,
+                   f"the log stops at the {stop.name} entry ({stop.fault}); {outside}: the "
+                   "hypervisor mapped the page since the log was taken")
+    ok = where == stop.name and fault.reason in SAME_STOP.get(stop.fault, ())
+    text = (f"both stop at the {stop.name} entry: the log says {stop.fault}, the outside walk "
+            f"{fault.reason}" if ok else
+            f"the log stops at the {stop.name} entry ({stop.fault}); {outside}")
+    return Row("stop", stop.name, stop.entry, None, stop.entry_known_mask, ok, text)
 
 
 def compare_host(log: ModLog, hpa: Optional[int], value: Optional[int] = None,

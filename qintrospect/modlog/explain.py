@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from ..errors import UsageError
+from ..paging.formats import size_name
 from .check import implied_final
 from .model import U64, ModLog, bit_ranges, merge
 from .model import hex_or_none as _h
@@ -133,8 +134,13 @@ def _the(names: List[str], verb_one: str, verb_many: str) -> str:
     return f"{text} {verb_one if len(items) == 1 else verb_many}"
 
 
-def explain_shared_bits(a: int, b: int, a_name: str = "GPA", b_name: str = "HPA") -> Optional[str]:
-    """Why two addresses share their PMD/PTE indexes or offset: shared low bits, or chance."""
+def explain_shared_bits(a: int, b: int, a_name: str = "GPA", b_name: str = "HPA",
+                        page_size: Optional[int] = None) -> Optional[str]:
+    """Why two addresses share their PMD/PTE indexes or offset: shared low bits, or chance.
+
+    page_size, when known (the leaf that maps a to b), decides which shared bits the mapping
+    explains (those below the page size); without it, the longest run of shared low bits is
+    read as the page that keeps them."""
     same = _index_names(a, b)
     if not same:
         return None
@@ -142,9 +148,15 @@ def explain_shared_bits(a: int, b: int, a_name: str = "GPA", b_name: str = "HPA"
     low = 64 if not x else (x & -x).bit_length() - 1     # bits low-1..0 are equal
     text = (f"{a_name} {hex(a)} and {b_name} {hex(b)} share bits {low - 1}..0" if low
             else f"{a_name} {hex(a)} and {b_name} {hex(b)} differ in bit 0")
-    by_bits = [n for n in same if {"offset": 12, "PTE index": 21, "PMD index": 30}[n] <= low]
+    kept = low if page_size is None else min(low, page_size.bit_length() - 1)
+    by_bits = [n for n in same if {"offset": 12, "PTE index": 21, "PMD index": 30}[n] <= kept]
     chance = [n for n in same if n not in by_bits]
-    if low >= 30:
+    if page_size is not None:
+        text += (f" (a {size_name(page_size)} page maps them: its frame keeps the low "
+                 f"{page_size.bit_length() - 1} bits"
+                 + (f"; bits {low - 1}..{kept} are equal only by chance" if low > kept else "")
+                 + ")")
+    elif low >= 30:
         text += " (a 1 GiB mapping, or the same 1 GiB region)"
     elif low >= 21:
         text += " (as a 2 MiB page maps them: its frame keeps the low 21 bits)"

@@ -18,6 +18,11 @@ LEVELS_4 = ("PGD", "PUD", "PMD", "PTE")
 LEVELS_5 = ("PGD", "P4D", "PUD", "PMD", "PTE")
 KINDS = ("gpt_dump", "ept_dump")
 
+# Where a second-level log says the walk stopped (LogLevel.fault), and the paging walker's
+# fault reasons (paging.model) that mean the same thing.
+SAME_STOP = {"not-present": ("not-present", "ept-violation"), "reserved-bit": ("reserved-bit",),
+             "ept-misconfiguration": ("ept-misconfiguration",)}
+
 # The walked address and the final address are called differently in the two logs.
 ADDR_NAME = {"gpt_dump": "GVA", "ept_dump": "GPA"}
 FINAL_NAME = {"gpt_dump": "GPA", "ept_dump": "HPA"}
@@ -30,8 +35,13 @@ _EPT_BITS = {0: "R", 1: "W", 2: "X", 3: "MT", 4: "MT", 5: "MT", 6: "IPAT", 7: "P
 
 
 def bit_name(bit: int, kind: str = "gpt_dump") -> str:
-    """The field an entry bit belongs to: P, RW, US, A, D, PS, PFN, PK, XD (EPT: R, W, X, MT...)."""
-    names = _EPT_BITS if kind == "ept_dump" else _X86_BITS
+    """The field an entry bit belongs to: P, RW, US, A, D, PS, PFN, PK, XD (EPT: R, W, X, MT...).
+
+    kind is a log kind ("gpt_dump": x86 names, "ept_dump": EPT names) or a table format ("ept",
+    "npt": an NPT entry is a long-mode entry, x86 names); ModLog.bits_kind gives the right one."""
+    ept = kind in ("ept_dump", "ept")
+    kind = "ept_dump" if ept else "gpt_dump"
+    names = _EPT_BITS if ept else _X86_BITS
     if bit in names:
         return names[bit]
     if 12 <= bit <= 51:
@@ -91,6 +101,9 @@ class LogLevel:
     table_known_mask: int
     page_size: Optional[int]
     present: Optional[bool] = None  # False when the log says the entry is not present
+    # Where the log says the walk stopped at this entry: "not-present", "reserved-bit" (NPT,
+    # #NPF with RSVD) or "ept-misconfiguration"; None when it went on (or reached a leaf).
+    fault: Optional[str] = None
 
     @property
     def linux_name(self) -> str:
@@ -102,7 +115,7 @@ class LogLevel:
             "entry": _h(self.entry), "entry_known_mask": hex(self.entry_known_mask),
             "next_addr": _h(self.next_addr), "next_known_mask": hex(self.next_known_mask),
             "table_addr": _h(self.table_addr), "table_known_mask": hex(self.table_known_mask),
-            "page_size": self.page_size, "present": self.present,
+            "page_size": self.page_size, "present": self.present, "fault": self.fault,
         }
 
 
@@ -140,10 +153,35 @@ class ModLog:
     pid: Optional[int] = None
     paging_levels: int = 4    # 4 or 5 (a P4D level)
     page_offset_base: Optional[int] = None   # the guest's direct-map base, when printed
+    # ept_dump logs: the second-level table's format, "ept" (Intel; the seed's) or "npt" (AMD:
+    # long-mode entries); None for a gpt_dump log
+    format: Optional[str] = None
+    maxphyaddr: Optional[int] = None         # the host's, when the module prints it
+    module: Optional[str] = None             # "slat_dump" etc. when a "name: " prefix says so
+    stopped: Optional[str] = None            # the module's sentence when it did not walk at all
 
     @property
     def address_name(self) -> str:
         return ADDR_NAME[self.kind]
+
+    @property
+    def bits_kind(self) -> str:
+        """How to name entry bits (bit_name): "ept_dump" for EPT entries, "gpt_dump" for x86
+        long-mode ones (a guest's page tables, and AMD's NPT)."""
+        return "ept_dump" if self.kind == "ept_dump" and self.format != "npt" else "gpt_dump"
+
+    @property
+    def root_name(self) -> str:
+        """What the root is called: CR3, EPTP or nCR3."""
+        if self.kind == "gpt_dump":
+            return "CR3"
+        return "nCR3" if self.format == "npt" else "EPTP"
+
+    @property
+    def stop(self) -> Optional[LogLevel]:
+        """The level whose entry the log says ended the walk (not present, reserved bit,
+        misconfigured), or None."""
+        return next((lvl for lvl in self.levels if lvl.present is False or lvl.fault), None)
 
     @property
     def final_name(self) -> str:
@@ -168,5 +206,7 @@ class ModLog:
             "pid": self.pid,
             "paging_levels": self.paging_levels,
             "page_offset_base": _h(self.page_offset_base),
+            "format": self.format, "maxphyaddr": self.maxphyaddr, "module": self.module,
+            "stopped": self.stopped,
             "warnings": list(self.warnings),
         }

@@ -84,26 +84,39 @@ _LVL = r"(PGD|P4D|PUD|PMD|PTE)"
 _END = r"(?![0-9a-zA-Z])"     # a number ends here: no more digits glued to it
 _P_VALUE = re.compile(r"^Value at (GVA|GPA|HPA)\s*(\(hex[^)]{0,20}\))?\s*:\s*"
                       r"(-?(?:0x[0-9a-fA-F]{1,16}|\d{1,20}))" + _END + r"(.*)$", re.A)
-_P_INDEX = re.compile(r"^(GPT|EPT)\s+" + _LVL + r"\s+index\s*:\s*(\d{1,6})" + _END + r"(.*)$",
+_P_INDEX = re.compile(r"^(GPT|EPT|NPT)\s+" + _LVL + r"\s+index\s*:\s*(\d{1,6})" + _END + r"(.*)$",
                       re.A)
 _P_COLUMNS = re.compile(r"^\d{1,3}(?:\s+\d{1,3}){2,5}$", re.A)
 _P_HEADER = re.compile(r"^(GVA|GPA)\s+((?:\[\s*\w{3} IDX\s*\]\s*){1,6})", re.A)
-_P_NEXT = re.compile(r"^NEXT_LVL_(GPA|HPA)\(\s*(CR3|EPTP|PGD|P4D|PUD|PMD|PTE)\s*\)\s*=\s*"
-                     r"([01]*)(.*)$", re.A)
+_P_NEXT = re.compile(r"^NEXT_LVL_(GPA|HPA)\(\s*(CR3|EPTP|nCR3|NCR3|PGD|P4D|PUD|PMD|PTE)\s*\)"
+                     r"\s*=\s*([01]*)(.*)$", re.A)
 _P_ENTRY = re.compile(r"^(\d{1,3})\s*:\s*" + _LVL + r"(?:\s+(.*))?$", re.A)
 _P_SPLIT = re.compile(r"^(GVA|GPA|HPA|PGD|P4D|PUD|PMD|PTE|Mask1|Mask2|HFN|Offset)\s+"
                       r"([01]+" + _END + r".*)$", re.A)
-_P_HEX = re.compile(r"^(GVA|GPA|HPA|CR3|EPTP)\b[^:=]{0,40}[:=]\s*0x([0-9a-fA-F]{1,16})" + _END
-                    + r"(.*)$", re.A)
+_P_HEX = re.compile(r"^(GVA|GPA|HPA|CR3|EPTP|nCR3|NCR3)\b[^:=]{0,40}[:=]\s*"
+                    r"0x([0-9a-fA-F]{1,16})" + _END + r"(.*)$", re.A)
 _P_ENTRY_HEX = re.compile(r"^" + _LVL + r" entry\b[^:]{0,40}:\s*0x([0-9a-fA-F]{1,16})" + _END
                           + r"(.*)$", re.A)
 _P_HUGE = re.compile(r"^Huge Page \((\d{1,4})\s*([KMG])i?B?\) at level (\w{1,5})", re.A)
 _P_NOT_PRESENT = re.compile(r"^" + _LVL + r"\b.{0,40}\bnot present", re.A)
-_P_EPT_MARK = re.compile(r"^This is EPT\b", re.A)
+# slat_dump: an entry the hardware refuses (NPT: a reserved bit, #NPF with RSVD; EPT: a
+# misconfiguration) ends the walk
+_P_FAULT = re.compile(r"^" + _LVL + r"\b.{0,20}\b(reserved bits? set|misconfigured)\b", re.A)
+_P_EPT_MARK = re.compile(r"^This is (EPT|NPT)\b", re.A)
+_P_EXPECT = re.compile(r"^Value check\s*:\s*expect\s*=\s*(0x[0-9a-fA-F]{1,16}|\d{1,20})" + _END
+                       + r"(.*)$", re.A)
+_P_BEYOND = re.compile(r"^GPA\s+0x[0-9a-fA-F]{1,16}\s+is beyond\b.{0,80}$", re.A)
 _P_BEGIN = re.compile(r"^begin\b(.*)$", re.A)
 _P_BASE = re.compile(r"^page_offset_base\s*:\s*0x([0-9a-fA-F]{16})\s*$", re.A)
 _ALL_PATTERNS = (_P_VALUE, _P_INDEX, _P_HEADER, _P_NEXT, _P_ENTRY, _P_SPLIT, _P_HEX,
-                 _P_ENTRY_HEX, _P_HUGE, _P_NOT_PRESENT, _P_EPT_MARK)
+                 _P_ENTRY_HEX, _P_HUGE, _P_NOT_PRESENT, _P_FAULT, _P_EPT_MARK, _P_EXPECT,
+                 _P_BEYOND)
+# The modules whose "name: " prefix and "begin" line we know, and the kind of log each prints:
+# slat_dump (vm/module/slat_dump.c) prints the seed's ept_dump layout, for NPT or EPT.
+_MODULE_KIND = {"gpt_dump": "gpt_dump", "ept_dump": "ept_dump", "slat_dump": "ept_dump"}
+# A root register's name in the NEXT_LVL and hex lines: which log and which table it means.
+_ROOT_NAMES = {"CR3": ("gpt_dump", None), "EPTP": ("ept_dump", "ept"),
+               "nCR3": ("ept_dump", "npt"), "NCR3": ("ept_dump", "npt")}
 
 # Field widths (and the lowest bit each covers) of the 12/40/12 and 9/.../12 binary lines.
 _ENTRY_FIELDS = ((12, 52), (40, 12), (12, 0))
@@ -153,6 +166,11 @@ class _Run:
     next_index: List[Tuple[str, int, int]] = field(default_factory=list)  # (after level, idx, line)
     huge: List[Tuple[str, int, int]] = field(default_factory=list)        # (level, size, line)
     not_present: List[Tuple[str, int]] = field(default_factory=list)
+    faults: List[Tuple[str, str, int]] = field(default_factory=list)      # (level, reason, line)
+    format_votes: Dict[str, int] = field(default_factory=dict)            # "npt" / "ept"
+    module: Optional[str] = None
+    maxphyaddr: Optional[int] = None
+    stopped: Optional[str] = None
     levels_hint: Optional[int] = None
     pid: Optional[int] = None
     page_offset_base: Optional[int] = None
@@ -161,7 +179,7 @@ class _Run:
 
     def empty(self) -> bool:
         return not (self.items or self.addr_split or self.next_index or self.huge
-                    or self.not_present)
+                    or self.not_present or self.faults or self.stopped)
 
 
 def parse_log(text: str, width: Optional[int] = 80) -> ModLog:
@@ -240,8 +258,10 @@ class _Reader:
             self.runs.append(_Run())
         self.run.seen.add(key)
 
-    def vote(self, kind: str) -> None:
+    def vote(self, kind: str, fmt: Optional[str] = None) -> None:
         self.run.kind_votes[kind] = self.run.kind_votes.get(kind, 0) + 1
+        if fmt:
+            self.run.format_votes[fmt] = self.run.format_votes.get(fmt, 0) + 1
 
     def add(self, what, level, value, mask, source) -> None:
         self.once((what, level, source))
@@ -257,12 +277,13 @@ class _Reader:
     def read(self, line: _Line) -> None:
         self.line = line
         t = line.text
-        if line.module in KINDS:
+        if line.module in _MODULE_KIND:
             m = _P_BEGIN.match(t)
             if m:
                 if not self.run.empty():
                     self.runs.append(_Run())
-                self.vote(line.module)
+                self.vote(_MODULE_KIND[line.module])
+                self.run.module = line.module
                 self.begin(m.group(1))
                 return
         for pattern, method in self.dispatch:
@@ -282,6 +303,15 @@ class _Reader:
                 self.run.pid = int(fields["pid"], 0)
             if fields.get("levels") in ("4", "5") and cut != "levels":
                 self.run.levels_hint = int(fields["levels"])
+            if fields.get("format") in ("npt", "ept") and cut != "format":
+                self.vote("ept_dump", fields["format"])
+            if "maxphyaddr" in fields and cut != "maxphyaddr":
+                self.run.maxphyaddr = int(fields["maxphyaddr"], 10)
+            if "root" in fields and cut != "root":
+                # slat_dump's root= as given: the table address (an EPTP's low bits are its
+                # memory type and walk length, not address bits)
+                value = int(fields["root"], 0) & U64
+                self.add("root", None, value & ADDR_BITS, ADDR_BITS, "begin line")
             for key in ("gva", "gpa"):
                 if key not in fields:
                     continue
@@ -317,7 +347,9 @@ class _Reader:
         self.add("value", None, value, U64, source)
 
     def index(self, m) -> None:
-        self.vote("ept_dump" if m.group(1) == "EPT" else "gpt_dump")
+        table = m.group(1)
+        self.vote("gpt_dump" if table == "GPT" else "ept_dump",
+                  {"EPT": "ept", "NPT": "npt"}.get(table))
         level, number, rest = m.group(2), m.group(3), m.group(4)
         if self.cut_number(rest):
             self.once(("index", level, "index line"))
@@ -340,7 +372,8 @@ class _Reader:
     def next_lvl(self, m) -> None:
         """NEXT_LVL_GPA(PGD)  =  <40 bits>  +  64 * idx (ept_dump: NEXT_LVL_HPA, no '+')."""
         space, level, digits, rest = m.groups()
-        self.vote("ept_dump" if space == "HPA" else "gpt_dump")
+        self.vote("ept_dump" if space == "HPA" else "gpt_dump",
+                  _ROOT_NAMES.get(level, (None, None))[1])
         label = f"NEXT_LVL_{space}({level})"
         # Text glued to the digits (no blank between) means the digits are not all there.
         glued = rest[:1] if rest[:1] and not rest[:1].isspace() else ""
@@ -348,7 +381,7 @@ class _Reader:
         if problems:
             self.warn(f"{label}: {'; '.join(problems)}")
             return
-        if level in ("CR3", "EPTP"):
+        if level in _ROOT_NAMES:
             self.add("root", None, value, mask, "NEXT_LVL line")
         else:
             self.add("next", level, value, mask, "NEXT_LVL line")
@@ -400,8 +433,8 @@ class _Reader:
     def hex_line(self, m) -> None:
         name = m.group(1)
         value, mask = self.hex_number(m.group(2), m.group(3))
-        if name in ("CR3", "EPTP"):
-            self.vote("gpt_dump" if name == "CR3" else "ept_dump")
+        if name in _ROOT_NAMES:
+            self.vote(*_ROOT_NAMES[name])
             self.add("root", None, value & ADDR_BITS, mask & ADDR_BITS, "root hex line")
         else:
             self.add("hex:" + name, None, value, mask, "hex line")
@@ -425,8 +458,29 @@ class _Reader:
         self.once(("not present",))
         self.run.not_present.append((m.group(1), self.line.no))
 
+    def fault(self, m) -> None:
+        self.once(("fault",))
+        reason = "reserved-bit" if m.group(2).startswith("reserved") else "ept-misconfiguration"
+        self.run.faults.append((m.group(1), reason, self.line.no))
+
     def ept_mark(self, m) -> None:
-        self.vote("ept_dump")
+        self.vote("ept_dump", m.group(1).lower())
+
+    def expect(self, m) -> None:
+        number, rest = m.groups()
+        if self.cut_number(rest) and not (number.startswith("0x") and len(number) == 18):
+            self.warn(f"the expected value may be cut at the console width ({number!r}); "
+                      "not used")
+            return
+        value = int(number, 0)
+        if value > U64:
+            self.warn(f"the expected value {number} does not fit in 64 bits; not used")
+            return
+        self.add("expect", None, value, U64, "value check line")
+
+    def beyond(self, m) -> None:
+        self.once(("stopped",))
+        self.run.stopped = m.group(0)
 
     def base(self, m) -> None:
         self.once(("page_offset_base",))
@@ -439,8 +493,9 @@ _Reader.dispatch = (
     (_P_VALUE, _Reader.value), (_P_INDEX, _Reader.index), (_P_HEADER, _Reader.header),
     (_P_COLUMNS, _Reader.columns), (_P_NEXT, _Reader.next_lvl), (_P_ENTRY, _Reader.entry),
     (_P_SPLIT, _Reader.split), (_P_ENTRY_HEX, _Reader.entry_hex), (_P_HEX, _Reader.hex_line),
-    (_P_HUGE, _Reader.huge), (_P_NOT_PRESENT, _Reader.not_present),
-    (_P_EPT_MARK, _Reader.ept_mark), (_P_BASE, _Reader.base),
+    (_P_HUGE, _Reader.huge), (_P_NOT_PRESENT, _Reader.not_present), (_P_FAULT, _Reader.fault),
+    (_P_EPT_MARK, _Reader.ept_mark), (_P_BASE, _Reader.base), (_P_EXPECT, _Reader.expect),
+    (_P_BEYOND, _Reader.beyond),
 )
 
 
@@ -493,7 +548,7 @@ def _build(run: _Run) -> ModLog:
         for name, number in zip(names, numbers):
             items.append(Printed("index", name, number, 0x1FF, no, "column line"))
     for after, index, no in run.next_index:
-        following = names[0] if after in ("CR3", "EPTP") else (
+        following = names[0] if after in _ROOT_NAMES else (
             names[names.index(after) + 1] if after in names[:-1] else None)
         if following:
             items.append(Printed("index", following, index, 0x1FF, no, "NEXT_LVL line"))
@@ -518,6 +573,7 @@ def _build(run: _Run) -> ModLog:
         else:
             sizes[level] = size
     absent = {lvl for lvl, _ in run.not_present}
+    faults = {lvl: reason for lvl, reason, _ in run.faults if lvl not in absent}
 
     levels = []
     table, table_mask = root, root_mask
@@ -526,7 +582,8 @@ def _build(run: _Run) -> ModLog:
         entry, entry_mask = _combine(items, "entry", name)
         nxt, nxt_mask = _combine(items, "next", name)
         size = sizes.get(name)
-        if index is None and entry is None and nxt is None and name not in absent and not size:
+        if index is None and entry is None and nxt is None and name not in absent and not size \
+                and name not in faults:
             if levels:
                 later = [lvl for lvl in names[names.index(name) + 1:]
                          if any(it.level == lvl for it in items)]
@@ -536,18 +593,30 @@ def _build(run: _Run) -> ModLog:
                 break     # the log stops here
             table, table_mask = None, 0
             continue
+        fault = "not-present" if name in absent else faults.get(name)
         levels.append(LogLevel(name, index, entry, entry_mask, nxt, nxt_mask, table, table_mask,
-                               size, False if name in absent else None))
+                               size, False if name in absent else None, fault))
         table, table_mask = nxt, nxt_mask
-        if size or name in absent:
+        if size or fault:
             break
-    if levels and levels[-1].entry is None and levels[-1].present is None:
+    if run.stopped:
+        warnings.append(f"the module did not walk: {run.stopped}")
+        levels = [lvl for lvl in levels if lvl.entry is not None]
+    elif levels and levels[-1].entry is None and levels[-1].present is None:
         warnings.append(f"the log stops before the {levels[-1].name} entry: it is not printed")
-    if final is None and not absent:
+    if final is None and not absent and not faults and not run.stopped:
         warnings.append(f"the final {FINAL_NAME[kind]} is not printed")
+    fmt = None
+    if kind == "ept_dump":
+        votes = run.format_votes
+        if votes.get("npt") and votes.get("ept"):
+            warnings.append(f"the log says both NPT ({votes['npt']} line(s)) and EPT "
+                            f"({votes['ept']}); read as "
+                            + ("NPT" if votes["npt"] > votes["ept"] else "EPT"))
+        fmt = "npt" if votes.get("npt", 0) > votes.get("ept", 0) else "ept"
     return ModLog(kind, address, address_mask, root, root_mask, tuple(levels), final, final_mask,
                   value if value_mask else None, tuple(warnings), tuple(items), run.pid, n,
-                  run.page_offset_base)
+                  run.page_offset_base, fmt, run.maxphyaddr, run.module or None, run.stopped)
 
 
 def _kind_of(run: _Run) -> str:

@@ -4,8 +4,10 @@ Most of this file generates logs the way the modules print them: a random but co
 (GVA or GPA, root, one entry per level whose address bits are the next table, a 4 KiB, 2 MiB or
 1 GiB leaf or a not-present entry, the final address and the value), printed in one of three
 layouts -- the seed report's gpt_dump (tests/data/seed_gpt_dump.log), the seed's ept_dump
-(tests/data/seed_ept_dump.log, with its 2 MiB block whose lines print bits 11..10 and ")"), and
-our own module's (vm/module/gpt_dump.c, tests/data/guest_gpt_dump*.log) -- with or without
+(tests/data/seed_ept_dump.log, with its 2 MiB block whose lines print bits 11..10 and ")"),
+our own module's (vm/module/gpt_dump.c, tests/data/guest_gpt_dump*.log), and our second-level
+module's (vm/module/slat_dump.c, tests/data/slat_dump_*.log: an NPT or EPT walk, 4 or 5 levels,
+not-present entries, the value check) -- with or without
 dmesg timestamps, other kernel messages in between, CRLF, and lines cut or wrapped at a console
 width of 60 columns or more. Then:
 
@@ -38,9 +40,9 @@ from typing import List, Optional, Tuple
 from hypothesis import given, settings, strategies as st
 
 from qintrospect.errors import ParseError
-from qintrospect.modlog import (ADDR_BITS, U64, ModLog, chain, check_log, compare, parse_log,
-                                parse_logs)
-from qintrospect.paging import CpuState, walk, walk_ept
+from qintrospect.modlog import (ADDR_BITS, U64, ModLog, chain, check_log, compare,
+                                compare_second_level, parse_log, parse_logs)
+from qintrospect.paging import CpuState, walk, walk_ept, walk_npt
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 LOGS = [p.read_text() for p in sorted(DATA.glob("*.log"))]
@@ -84,6 +86,7 @@ class TrueWalk:
     pid: int = 0
     comm: str = ""
     page_offset_base: int = 0
+    fmt: str = "ept"           # ept_dump: the table's format, "ept" or "npt" (x86 entries)
 
     def shift(self, name: str) -> int:
         return 12 + 9 * (len(self.names) - 1 - self.names.index(name))
@@ -117,7 +120,8 @@ def _ept_entry(rnd, frame, leaf, size, name):
 
 def make_walk(rnd: random.Random, kind: str, n: int, leaf_name: str,
               absent: Optional[str] = None, kernel: bool = False,
-              readable: bool = True, address: Optional[int] = None) -> TrueWalk:
+              readable: bool = True, address: Optional[int] = None,
+              fmt: str = "ept") -> TrueWalk:
     names = LEVELS_5 if n == 5 else LEVELS_4
     top = 12 + 9 * n                      # 48 or 57 address bits
     if address is not None:
@@ -129,7 +133,7 @@ def make_walk(rnd: random.Random, kind: str, n: int, leaf_name: str,
     else:
         address = rnd.getrandbits(rnd.choice((32, 40, 47)))
     root = _frame(rnd)
-    entry_of = _x86_entry if kind == "gpt_dump" else _ept_entry
+    entry_of = _ept_entry if kind == "ept_dump" and fmt == "ept" else _x86_entry
     levels, table, size, final = [], root, None, None
     for name in names:
         index = address >> (12 + 9 * (n - 1 - names.index(name))) & 0x1FF
@@ -150,7 +154,7 @@ def make_walk(rnd: random.Random, kind: str, n: int, leaf_name: str,
     value = rnd.getrandbits(64) if final is not None and readable else None
     pob = (0xFFFF888000000000 if n == 4 else 0xFF11000000000000) + (rnd.getrandbits(8) << 30)
     return TrueWalk(kind, names, address, root, levels, size, final, value,
-                    rnd.randrange(1, 1 << 22), rnd.choice(("probe", "insmod", "bash")), pob)
+                    rnd.randrange(1, 1 << 22), rnd.choice(("probe", "insmod", "bash")), pob, fmt)
 
 
 # ================================================================================ printing it
@@ -341,6 +345,75 @@ def ours_lines(w: TrueWalk, rnd: random.Random, tamper=None) -> List[Line]:
     return [(key, "gpt_dump: " + text) for key, text in p.lines]
 
 
+def slat_lines(w: TrueWalk, rnd: random.Random, tamper=None) -> List[Line]:
+    """vm/module/slat_dump.c, line for line (every line prefixed 'slat_dump: ')."""
+    p = Printer(tamper)
+    table, root_name = w.fmt.upper(), "EPTP" if w.fmt == "ept" else "nCR3"
+    n = len(w.names)
+    if rnd.random() < 0.3:
+        p.add(("noise",), "loading out-of-tree module taints kernel.")
+    p.add(("begin",), f"begin format={w.fmt} levels={n} root=0x{w.root:016x} "
+                      f"gpa=0x{w.address:016x} maxphyaddr=52")
+    for nm in w.names:
+        p.add(("index", nm), f" {table} {nm} index: {lvl_index(w, nm)}")
+    p.add(("columns",), columns(w))
+    p.add(("header",), header(w, "GPA"))
+    a = p.v(("address",), w.address)
+    p.add(("address",), " GPA " + " ".join(bits(a, w.shift(nm) + 8, w.shift(nm))
+                                           for nm in w.names) + " " + bits(a, 11, 0))
+    p.add(("mark",), f"This is {table}")
+    p.add(("blank",), "")
+    p.add(("address-hex",), f" GPA: 0x{w.address:016x}")
+    p.add(("root-hex",), f" {root_name}: 0x{w.root:016x}")
+    pad = " " * (5 - len(root_name))
+    p.add(("root",), f" NEXT_LVL_HPA({root_name}){pad}=  {bits(p.v(('root',), w.root), 51, 12)}"
+                     f"  +  64 * {lvl_index(w, w.names[0])}")
+    p.add(("blank",), "")
+    for i, lvl in enumerate(w.levels):
+        p.add(("entry", lvl.name), f" {lvl.index:<3}: {lvl.name} "
+                                   f"{split3(p.v(('entry', lvl.name), lvl.entry))}")
+        p.add(("entry-hex", lvl.name), f" {lvl.name} entry: 0x{lvl.entry:016x}")
+        p.add(("flags", lvl.name), f" {lvl.name} flags: {'R W X' if w.fmt == 'ept' else 'P RW'}")
+        if not lvl.present:
+            p.add(("mark",), f" {lvl.name} not present (entry 0x{lvl.entry:016x}): GPA "
+                             f"0x{w.address:016x} is not mapped in this {table}")
+            break
+        if lvl.leaf and w.size > 1 << 12:
+            mask1, mask2, level = huge_masks(w)
+            p.add(("mark",), f"Huge Page ({'2M' if level == 2 else '1G'}) at level {level} "
+                             f"detected!")
+            p.add(("noise",), HEADER_2M)
+            for key, label, value in ((("entry-split",), lvl.name, lvl.entry),
+                                      (("mask1",), "Mask1", mask1),
+                                      (("hfn",), "HFN", lvl.entry & mask1),
+                                      (("noise",), None, None),
+                                      (("address-split",), "GPA", w.address),
+                                      (("mask2",), "Mask2", mask2),
+                                      (("offset",), "Offset", w.address & mask2),
+                                      (("noise",), None, None)):
+                p.add(key, " " + DASHES if label is None else
+                      f" {label:<6} {split3(p.v(key, value))}")
+        elif i + 1 < len(w.levels):
+            nxt = w.levels[i + 1]
+            p.add(("next", lvl.name), f" NEXT_LVL_HPA({lvl.name})  =  "
+                                      f"{bits(p.v(('next', lvl.name), nxt.table), 51, 12)}  +  "
+                                      f"64 * {nxt.index}")
+            p.add(("blank",), "")
+    if w.final is not None:
+        p.add(("final",), f" {'HPA':<5} {split3(p.v(('final',), w.final))}")
+        p.add(("final-hex",), f" HPA: 0x{w.final:016x}")
+        if w.value is None:
+            p.add(("mark",), "Value at HPA: unreadable (its frame is not in the kernel's "
+                             "memory map (pfn not valid))")
+        else:
+            p.add(("value",), f"Value at HPA: {w.value}")
+            p.add(("value",), f"Value at HPA (hex): 0x{w.value:016x}")
+            if rnd.random() < 0.5:
+                p.add(("expect",), f"Value check: expect=0x{w.value:016x}: equal")
+    p.add(("mark",), "end")
+    return [(key, "slat_dump: " + text) for key, text in p.lines]
+
+
 # Other drivers' messages, as dmesg shows them between the module's lines (none starts with a
 # blank, a binary digit or a module's own words).
 NOISE = [
@@ -352,7 +425,8 @@ NOISE = [
     "systemd-journald[123]: Received client request to flush runtime journal.",
     "clocksource: tsc: mask: 0xffffffffffffffff max_cycles: 0x2b3e459bf4c",
 ]
-LAYOUTS = {"seed-gpt": seed_gpt_lines, "seed-ept": seed_ept_lines, "ours": ours_lines}
+LAYOUTS = {"seed-gpt": seed_gpt_lines, "seed-ept": seed_ept_lines, "ours": ours_lines,
+           "slat": slat_lines}
 
 
 @dataclass
@@ -360,7 +434,7 @@ class Case:
     """A generated walk and how its log is printed and damaged; rendering is deterministic."""
 
     walk: TrueWalk
-    layout: str                # seed-gpt, seed-ept, ours
+    layout: str                # seed-gpt, seed-ept, ours, slat
     seed: int
     stamped: bool = False
     noise: int = 0             # other drivers' messages mixed in
@@ -376,7 +450,7 @@ class Case:
         t = rnd.uniform(1, 5000)
         out = []
         for key, text in lines:
-            if self.stamped and (text or self.layout == "ours"):   # the seed's blanks had none
+            if self.stamped and (text or self.layout in ("ours", "slat")):  # seed: blanks bare
                 t += rnd.uniform(0, 0.01)
                 text = f"[{t:12.6f}] {text}"
             if self.damage == "cut":
@@ -405,6 +479,8 @@ def assert_true_bits(log: ModLog, w: TrueWalk, exact: bool, layout: str) -> None
     """Every bit the log says it knows is the generated one; when exact, it knows them all."""
     assert log.kind == w.kind
     assert log.paging_levels == len(w.names)
+    if layout == "slat":
+        assert log.format == w.fmt and log.module == "slat_dump"
     known_right("address", log.address, log.address_bits_known, w.address)
     known_right("root", log.root, log.root_known_mask, w.root)
     truth = {lvl.name: lvl for lvl in w.levels}
@@ -432,6 +508,8 @@ def assert_true_bits(log: ModLog, w: TrueWalk, exact: bool, layout: str) -> None
         if layout == "ours":
             assert log.address_bits_known == U64 and log.pid == w.pid
             assert log.page_offset_base == w.page_offset_base
+        if layout == "slat":
+            assert log.address_bits_known == U64 and log.maxphyaddr == 52
         if layout != "seed-gpt":
             assert len(log.levels) == len(w.levels)
             assert log.final_address == w.final
@@ -467,8 +545,11 @@ class SparseMem:
 def outside_walk(w: TrueWalk):
     """The generated tables walked by qintrospect's own walker (what `compare` runs against)."""
     mem = SparseMem({lvl.table + 8 * lvl.index: lvl.entry for lvl in w.levels})
+    if w.kind == "ept_dump" and w.fmt == "npt":
+        return walk_npt(mem, w.root, w.address, len(w.names))
     if w.kind == "ept_dump":
-        return walk_ept(mem, w.root | EPTP_LOW, w.address)
+        eptp = w.root | (EPTP_LOW if len(w.names) == 4 else EPTP_LOW + (1 << 3))
+        return walk_ept(mem, eptp, w.address)
     cpu = CpuState(cr0=(1 << 31) | 1, cr3=w.root, cr4=(1 << 5) | ((len(w.names) == 5) << 12),
                    efer=(1 << 8) | (1 << 10) | (1 << 11), maxphyaddr=52)
     return walk(mem, cpu, w.address)
@@ -478,15 +559,16 @@ def outside_walk(w: TrueWalk):
 
 @st.composite
 def cases(draw, damage=None):
-    layout = draw(st.sampled_from(["seed-gpt", "seed-ept", "ours"]))
-    kind = "ept_dump" if layout == "seed-ept" else "gpt_dump"
-    n = draw(st.sampled_from([4, 5])) if layout == "ours" else 4
+    layout = draw(st.sampled_from(["seed-gpt", "seed-ept", "ours", "slat"]))
+    kind = "ept_dump" if layout in ("seed-ept", "slat") else "gpt_dump"
+    fmt = draw(st.sampled_from(["npt", "ept"])) if layout == "slat" else "ept"
+    n = draw(st.sampled_from([4, 5])) if layout in ("ours", "slat") else 4
     leaf = draw(st.sampled_from(["PTE"] if layout == "seed-gpt" else ["PTE", "PMD", "PUD"]))
     absent = draw(st.sampled_from([None, None, None] + list(LEVELS_5 if n == 5 else LEVELS_4))) \
-        if layout == "ours" else None
+        if layout in ("ours", "slat") else None
     seed = draw(st.integers(0, 2 ** 32))
     w = make_walk(random.Random(seed), kind, n, leaf, absent, kernel=draw(st.booleans()),
-                  readable=draw(st.sampled_from([True, True, False])))
+                  readable=draw(st.sampled_from([True, True, False])), fmt=fmt)
     if damage is None:
         damage = draw(st.sampled_from(["cut", "wrap"]))
     return Case(w, layout, seed, draw(st.booleans()), draw(st.integers(0, 4)), damage,
@@ -510,6 +592,13 @@ def test_generated_logs_give_back_their_numbers(case):
         assert ("final", True) in checks
     cmp = compare(log, outside_walk(w), value=w.value)
     assert cmp.agree, [(x.field, x.level, x.reason) for x in cmp.differences()]
+    if case.layout == "slat":
+        # its whole entries are replayed through the NPT/EPT walker; the live comparison adds
+        # where both stopped
+        assert ("walk", True) in checks
+        cmp = compare_second_level(log, outside_walk(w), value=w.value)
+        assert cmp.agree, [(x.field, x.level, x.reason) for x in cmp.differences()]
+        assert any(r.field == "stop" for r in cmp.rows) == (w.final is None)
     # The same text read as an 80-column console capture changes no known bit.
     assert_true_bits(parse_log(case.text()), w, exact=False, layout=case.layout)
 
@@ -576,7 +665,7 @@ def test_wrapped_lines_are_joined(case, width):
 def checked_bits(key, case: Case) -> int:
     """The bits of the number a line prints that the log prints or implies elsewhere too, so
     that flipping one of them must make check_log find a disagreement."""
-    w, ours = case.walk, case.layout == "ours"
+    w, ours = case.walk, case.layout in ("ours", "slat")
     seen = U64 if ours else (U64 & ~0x3FF)    # the seed's block lines show bits 11..10 only
     if key[0] == "entry":
         if ours:

@@ -18,8 +18,9 @@
 #                                 switch_root
 #   python-magic                  the image's importlib MAGIC_NUMBER (hex): the rig precompiles
 #                                 the checkout's qintrospect/ for L1 when its own Python matches
-# qintrospect itself is NOT in the image: rig.py puts the checkout's qintrospect/ and the L2
-# images (vmlinuz, initramfs.cpio.gz, oracle.elf) on a second small ext4 disk at every start.
+# qintrospect itself is NOT in the image: rig.py puts the checkout's qintrospect/, the L2
+# images (vmlinuz, initramfs.cpio.gz, oracle.elf) and vm/module/'s .ko files (built here with
+# vm/module/build.sh into $CACHE/modules) on a second small ext4 disk at every start.
 #
 # Idempotent: each part is rebuilt only when the hash of its inputs changes (*.stamp); the root
 # image's inputs include the exact package versions apt would pick, so a Debian point release
@@ -61,6 +62,9 @@ if [[ ! -s $CACHE/vmlinuz || ! -s $CACHE/initramfs.cpio.gz || ! -s $CACHE/kernel
     bash "$VM/build.sh" >&2 || die "vm/build.sh failed"
 fi
 KREL=$(cat "$CACHE/kernel-release")
+# Our kernel modules for that release (idempotent): rig.py puts them on L1's per-start disk at
+# /qi/modules (slat_dump.ko walks L2's NPT inside L1).
+bash "$VM/module/build.sh" "$KREL" "$CACHE/modules" >&2 || die "vm/module/build.sh failed"
 ORACLE=$(bash "$VM/oracle/build.sh" "$CACHE/oracle" | tail -1) || die "vm/oracle/build.sh failed"
 [[ -s $ORACLE ]] || die "vm/oracle/build.sh did not produce oracle.elf"
 

@@ -189,7 +189,8 @@ class KvmRig(NestedRig):
 
     def make_qi_disk(self, path: str) -> str:
         """The per-start disk (LABEL=qi-src, mounted at /qi in L1): src/qintrospect (the
-        checkout's), l2/{vmlinuz,initramfs.cpio.gz,kernel-release,oracle.elf}."""
+        checkout's), l2/{vmlinuz,initramfs.cpio.gz,kernel-release,oracle.elf}, modules/*.ko
+        (vm/module/'s, for L1's kernel: gpt_dump.ko, slat_dump.ko)."""
         t0 = time.monotonic()
         stage = path + ".d"
         shutil.rmtree(stage, ignore_errors=True)
@@ -217,6 +218,14 @@ class KvmRig(NestedRig):
                 os.link(srcpath, dst)
             except OSError:
                 shutil.copy2(srcpath, dst)
+        # The kernel modules vm/module/build.sh built for this kernel release (L1 runs the same
+        # kernel as L2): /qi/modules/slat_dump.ko walks L2's NPT in L1.
+        moddir = os.path.join(self.cache_dir, "modules")
+        kos = sorted(n for n in os.listdir(moddir) if n.endswith(".ko")) \
+            if os.path.isdir(moddir) else []
+        for name in kos:
+            os.makedirs(os.path.join(stage, "modules"), exist_ok=True)
+            shutil.copy2(os.path.join(moddir, name), os.path.join(stage, "modules", name))
         kib = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(stage) for f in fs) // 1024
         size_mib = kib * 12 // 10 // 1024 + 16
         res = subprocess.run(["mke2fs", "-q", "-t", "ext4", "-O", "^has_journal", "-m", "0",

@@ -1,6 +1,9 @@
 #!/bin/bash
-# Build the in-guest kernel module(s) of vm/module/ for kernel release KREL; copy the .ko
-# files to OUTDIR (vm/build.sh puts OUTDIR/*.ko into the guest's initramfs at /modules/).
+# Build the kernel modules of vm/module/ for kernel release KREL; copy the .ko files to OUTDIR:
+#   gpt_dump.ko   the guest's page walk of one GVA (in the guest)
+#   slat_dump.ko  the hypervisor's NPT/EPT walk of one GPA (on the KVM host: the rig's L1)
+# vm/build.sh puts OUTDIR/*.ko into the bundled guest's initramfs at /modules/; vm/kvm/rig.py
+# puts them on L1's per-start disk at /qi/modules/ (L1 runs the same kernel release).
 #
 #   vm/module/build.sh 6.1.0-56-cloud-amd64 OUTDIR
 #
@@ -17,7 +20,7 @@ KREL=$1
 OUTDIR=$2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 KDIR=/lib/modules/$KREL/build
-MODULES=(gpt_dump)
+MODULES=(gpt_dump slat_dump)
 
 mkdir -p "$OUTDIR"
 STAMP="$OUTDIR/.gpt_dump.stamp"
