@@ -230,7 +230,11 @@ def _masked(value, mask, full=(1 << 64) - 1) -> str:
 
 def modlog_text(path: str, log, findings) -> str:
     """A parsed module log: the walk it printed, then what it implies about itself."""
-    out = [f"{path}: {log.kind} log, {log.address_name} {_masked(log.address, log.address_bits_known)}"
+    kind = log.kind
+    fmt, module = getattr(log, "format", None), getattr(log, "module", None)
+    if fmt or module:   # our slat_dump names its table's format (NPT or EPT)
+        kind += " (" + ", ".join(x for x in (fmt.upper() if fmt else None, module) if x) + ")"
+    out = [f"{path}: {kind} log, {log.address_name} {_masked(log.address, log.address_bits_known)}"
            + (f", root {log.root:#x}" if log.root is not None else "")
            + f", {log.paging_levels}-level" + (f", pid {log.pid}" if log.pid else "")]
     out.append(f"  {'level':<6}{'index':>6}  {'entry':<22}{'next':<22}")
