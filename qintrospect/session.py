@@ -376,9 +376,11 @@ class Session:
 
     def _find_process(self) -> None:
         pid = self.requested_pid
-        how = "--pid"
+        how = "--pid" if self._monitor is None else "the monitor's owner"
         if pid is None:
-            pid = peer_pid(self.qmp_address) or peer_pid(self.gdb_address)
+            # a monitor reached another way (libvirt) has no socket of ours to ask
+            pid = (peer_pid(self.qmp_address) if self._monitor is None else None) \
+                or (peer_pid(self.gdb_address) if self.gdb_address else None)
             how = "socket peer"
         if pid is None:
             self.process_note = ("the QEMU process was not found (remote sockets?); pass --pid "

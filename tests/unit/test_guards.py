@@ -220,3 +220,12 @@ def test_protection_key_registers_are_used_where_qemu_prints_them():
     assert v.pkru == 0x55555554 and v.pkrs is None and v.to_dict()["pkru"] == "0x55555554"
     cpu = s._cpu_state_of(v)
     assert cpu.pkru == 0x55555554 and cpu.pkrs is None
+
+
+def test_a_remote_qmp_without_gdb_finds_no_process_and_says_so():
+    """peer_pid of no gdbstub once raised TypeError (exit 4) for a remote --qmp alone."""
+    from qintrospect.session import Session
+    s = Session("127.0.0.1:1", None, allow_remote=True)
+    s.qmp_address = ("192.0.2.1", 4444)            # a remote monitor: no local peer
+    s._find_process()
+    assert s.process is None and "not found" in s.process_note

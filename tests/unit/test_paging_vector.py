@@ -127,7 +127,8 @@ def addresses(draw, buf, cpu, bits):
     va = 0
     for k, b in enumerate(bits):
         anywhere = st.integers(0, (1 << b) - 1)
-        slots = buf.slots.get(table >> 12, []) if table % 4096 == 0 else []
+        slots = [s for s in (buf.slots.get(table >> 12, []) if table % 4096 == 0 else [])
+                 if s < 1 << b]     # a PAE PDPT has 4 slots, not the page's 512
         index = draw(st.one_of(st.sampled_from(slots), anywhere) if slots else anywhere)
         va = va << b | index
         at = table + index * size
