@@ -604,6 +604,14 @@ class Session:
         finally:
             self.memory = inner
 
+    def translate_json(self, addresses, cr3: Optional[int] = None, kvm: Optional[dict] = None):
+        """(translated?, JSON line) per address, the lines translate().to_dict() gives (with
+        `kvm` set to the facts given), many addresses at once (batch.json_lines): the fast way
+        to the full detail."""
+        from . import batch
+        self._check_open()
+        return batch.json_lines(self, addresses, cr3, kvm)
+
     def translate_batch(self, addresses, cr3: Optional[int] = None):
         """The chain for many addresses at once, as arrays (batch.BatchTranslation): the fast
         way for large batches; .walk(i, session) gives one element's levels."""

@@ -302,6 +302,11 @@ class BatchWalk:
     fault_level: np.ndarray   # int8
     mode: Optional[PagingMode]
     root: int
+    # what each level read: the entry and the table it came from, (N, depth), zeros past the
+    # level where the walk ended; and that level's index for the elements that translated
+    entries: Optional[np.ndarray] = None
+    tables: Optional[np.ndarray] = None
+    leaf_level: Optional[np.ndarray] = None   # int8, -1 where not ok
 
     def __len__(self) -> int:
         return len(self.va)
@@ -368,6 +373,9 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
     canonical = _canonical(mode, va)
     reason[~canonical] = FAULT_NON_CANONICAL
 
+    depth = len(mode.levels)
+    entries, tables_read = np.zeros((n, depth), U64), np.zeros((n, depth), U64)
+    leaf_level = np.full(n, -1, np.int8)
     todo = np.nonzero(canonical)[0]            # the elements still walking
     table = np.full(len(todo), root, U64)      # and the table each reads at this level
     rw, us, xd = np.ones(len(todo), bool), np.ones(len(todo), bool), np.zeros(len(todo), bool)
@@ -378,6 +386,7 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
         lv = _Level(mode, fmt, i)
         index = (va[todo] >> lv.shift) & U64(lv.count - 1)
         e, readable = tables.entries(table, index, lv.count)
+        entries[todo, i], tables_read[todo, i] = e, table
         present = (e & U64(1)) != 0
         leaf = lv.is_leaf(e)
         valid = lv.valid(e, leaf)
@@ -397,8 +406,10 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
             ok[k] = True
             pa[k] = lv.frame(e[done]) | (va[k] & U64(lv.page_size - 1))
             page_size[k] = lv.page_size
+            leaf_level[k] = i
             writable[k], user[k], executable[k] = rw[done], us[done], ~xd[done]
         down = ~stop & ~leaf
         todo, table = todo[down], e[down] & lv.table_addr
         rw, us, xd = rw[down], us[down], xd[down]
-    return BatchWalk(va, ok, pa, page_size, writable, user, executable, reason, level, mode, root)
+    return BatchWalk(va, ok, pa, page_size, writable, user, executable, reason, level, mode, root,
+                     entries, tables_read, leaf_level)

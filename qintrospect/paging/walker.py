@@ -31,6 +31,17 @@ def describe_problems(name: str, entry: int, index: int, entry_addr: int, proble
     return f"{head} has reserved bit(s) {bit_list(allbits)} set ({why})"
 
 
+def present_step(mode: PagingMode, fmt: EntryFormat, i: int, table: int, index: int,
+                 entry: int) -> LevelStep:
+    """The step a walk records for a present entry at level i (the batch paths build the
+    same steps from the entries the vectorized walk read)."""
+    spec = mode.levels[i]
+    leaf = fmt.is_leaf(i, entry)
+    return LevelStep(spec.name, spec.linux_name, index, table, table + index * mode.entry_size,
+                     entry, fmt.flags(i, entry, leaf), fmt.frame(i, entry, leaf), leaf,
+                     fmt.page_size(i, leaf))
+
+
 def walk_tables(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: int,
                 addr: int, root_entries: Optional[Sequence[int]] = None
                 ) -> Tuple[Tuple[LevelStep, ...], Optional[Fault]]:
@@ -63,11 +74,9 @@ def walk_tables(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: i
             return tuple(steps), Fault(spec.name, fmt.not_present_reason,
                                        f"{spec.name} entry {entry:#x} (index {index} at "
                                        f"{entry_addr:#x}) is not present")
-        leaf = fmt.is_leaf(i, entry)
-        page_size = fmt.page_size(i, leaf)
-        next_addr = fmt.frame(i, entry, leaf)
-        steps.append(LevelStep(spec.name, spec.linux_name, index, table, entry_addr, entry,
-                               fmt.flags(i, entry, leaf), next_addr, leaf, page_size))
+        step = present_step(mode, fmt, i, table, index, entry)
+        steps.append(step)
+        leaf, next_addr = step.leaf, step.next_addr
         problems = fmt.problems(i, entry, leaf)
         if problems:
             message = describe_problems(spec.name, entry, index, entry_addr, problems,

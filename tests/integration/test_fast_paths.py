@@ -118,3 +118,33 @@ def test_translate_batch_equals_translate_one_by_one(g):
         assert [json.loads(line) for line in out.splitlines()] == batch
     finally:
         g.qmp("cont")
+
+
+def test_the_many_address_json_is_the_one_address_json(g):
+    """translate --json of many addresses (vectorized walk, shared levels and access tables) gives
+    exactly the lines the one-address path gives: probe pages, a spread of the kernel's direct
+    map (2 MiB and 4 KiB leaves), the kernel image, faults, non-canonical addresses, values at
+    a page's end."""
+    from qintrospect.render import json_line
+    regions = g.probe["regions"]
+    stop_on_probe(g)
+    try:
+        with qintrospect.attach(qmp=g.qmp_path, gdb=g.gdb_address) as vm:
+            heap = regions["heap"]
+            direct = next(r.gva for r in vm.who_maps(gpa=heap["gpa"])[0].reaches
+                          if r.half == "kernel" and (r.gva - heap["gpa"]) % (1 << 30) == 0)
+            base = direct - heap["gpa"]
+            addrs = [regions[n]["gva"] + off for n in regions for off in (0, 8, 0xFF8, 0xFFC)]
+            addrs += [base + gpa for gpa in range(0, 256 << 20, (1 << 20) + 0x2468)]
+            addrs += [0, 0x1000, 1 << 60, (1 << 64) - 8, 0xFFFFFFFF81000000]
+            fast = list(vm.translate_json(addrs))
+            slow = [json_line(vm.translate(a).to_dict()) for a in addrs]
+            assert vm.memory.name == "direct"
+        for a, (ok, line), want in zip(addrs, fast, slow):
+            assert json.loads(line) == json.loads(want), hex(a)
+            assert line == want and ok == ("fault" not in json.loads(want)), hex(a)
+        rc, out, err = run_cli("translate", *attach_args(g), "-",
+                               input="".join(f"{a:#x}\n" for a in addrs))
+        assert rc == 1 and out.splitlines() == slow, err
+    finally:
+        g.qmp("cont")
