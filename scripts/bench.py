@@ -65,6 +65,10 @@ TARGETS = {
     "scan_2g_rss_mb": 200.0,     # peak RSS < 200 MB for the 2 GiB scan
     "slat_s_per_gib": 2.0,       # second-level root found over 1 GiB of RAM in <= 2 s
     "slat_walk_ratio": 2.0,      # second-level walk <= 2x the process-table walk, per address
+    "help_s": 0.1,               # `qintrospect --help` <= 0.1 s
+    "translate_vs_gdb": 1.0,     # one translate command <= 1.0x a bare gdb attach + disconnect
+    "json_batch_ratio": 100.0,   # translate --json - (full detail) >= 100x the gva2gpa loop
+    "vmmap_vs_ptdump": 1.0,      # vmmap --json <= 1.0x gdb-pt-dump's pt, start to exit
 }
 
 FULL = dict(n_single_gdb=300, n_single_direct=1000, n_single_hmp=500, cli_reps=5,
@@ -130,12 +134,15 @@ def _qintrospect_cli():
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "qintrospect"]
 
 
-def run_timed(argv, timeout):
+def run_timed(argv, timeout, stdin_path=None):
     """Run a command, process start to exit: (seconds, exit status, stdout bytes, maxrss KiB).
     The process's own rusage comes from wait4; a timer kills it (and its group) on timeout."""
+    stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=stdin, start_new_session=True)
+    if stdin_path:
+        stdin.close()
     killed = []
 
     def kill():
@@ -233,6 +240,69 @@ def m_cli_translate(ctx):
         rss.append(maxrss)
     return {"times": summary(times), "memory_path": path, "cmd_maxrss_kb": max(rss),
             "argv": " ".join(argv[1:2] + ["..."])}
+
+
+def _times(argv, reps, timeout=60, ok=(0,)):
+    times, rss, out = [], [], b""
+    for _ in range(reps):
+        elapsed, status, out, maxrss = run_timed(argv, timeout)
+        if status not in ok:
+            raise RuntimeError(f"{' '.join(argv[:3])} exited {status}")
+        times.append(elapsed)
+        rss.append(maxrss)
+    return times, max(rss), out
+
+
+def m_cli_help(ctx):
+    """`qintrospect --help`, start to exit: what every command pays before it attaches."""
+    times, rss, _ = _times(_qintrospect_cli() + ["--help"], ctx["cli_reps"] * 3)
+    return {"times": summary(times), "cmd_maxrss_kb": rss}
+
+
+def m_gdb_bare(ctx):
+    """A bare gdb attaching to the stub and leaving (no walk at all): the floor of any gdb-based
+    tool. It disconnects, never detaches, so the paused VM stays paused."""
+    gdb = shutil.which("gdb")
+    times, rss, _ = _times([gdb, "-nx", "-batch", "-ex", f"target remote {ctx['gdb']}",
+                            "-ex", "disconnect"], ctx["cli_reps"] * 2)
+    return {"times": summary(times), "cmd_maxrss_kb": rss}
+
+
+def m_cli_json_batch(ctx):
+    """`qintrospect translate --json -` of the batch's addresses, every level and flag, start to
+    exit (the batch's addresses from stdin, JSON Lines out)."""
+    with open(ctx["addresses_file"]) as f:
+        addrs = json.load(f)
+    path = ctx["addresses_file"] + ".txt"
+    with open(path, "w") as f:
+        f.write("".join(f"{a:#x}\n" for a in addrs))
+    argv = _qintrospect_cli() + ["translate", "--qmp", ctx["qmp"], "--gdb", ctx["gdb"], "-"]
+    elapsed, status, out, maxrss = run_timed(argv, 900, stdin_path=path)
+    if status not in (0, 1):
+        raise RuntimeError(f"qintrospect translate - exited {status}")
+    lines = out.splitlines()
+    return {"n": len(addrs), "lines": len(lines), "seconds": elapsed,
+            "per_second": len(addrs) / elapsed, "bytes": len(out), "cmd_maxrss_kb": maxrss,
+            "levels_in_first": len(json.loads(lines[0]).get("levels", []))}
+
+
+def m_ptdump(ctx):
+    """gdb-pt-dump's `pt` (gdb start, attach, walk, print), beside `qintrospect vmmap --json`,
+    both start to exit, when QI_GDB_PT_DUMP names its pt.py (third-party: not shipped)."""
+    pt = os.environ.get("QI_GDB_PT_DUMP")
+    if not pt or not os.path.isfile(pt):
+        return {"skipped": "set QI_GDB_PT_DUMP to gdb-pt-dump's pt.py to compare with it"}
+    gdb = shutil.which("gdb")
+    pt_times, pt_rss, pt_out = _times([gdb, "-nx", "-batch", "-ex", f"target remote {ctx['gdb']}",
+                                      "-ex", f"source {pt}", "-ex", "pt", "-ex", "disconnect"],
+                                     ctx["map_cli_reps"] + 1, 120)
+    qi_times, qi_rss, qi_out = _times(_qintrospect_cli() + ["vmmap", "--json", "--qmp",
+                                                            ctx["qmp"], "--gdb", ctx["gdb"]],
+                                      ctx["map_cli_reps"] + 1, 120)
+    return {"pt_times": summary(pt_times), "pt_lines": len(pt_out.splitlines()),
+            "qi_times": summary(qi_times), "qi_rows": len(qi_out.splitlines()),
+            "ratio": statistics.median(qi_times) / statistics.median(pt_times),
+            "maxrss_kb": max(pt_rss, qi_rss)}
 
 
 def m_addresses(ctx):
@@ -510,6 +580,10 @@ MEASURES = {
     "map_cli": m_map_cli,
     "scan": m_scan,
     "slat": m_slat,
+    "cli_help": m_cli_help,
+    "gdb_bare": m_gdb_bare,
+    "cli_json_batch": m_cli_json_batch,
+    "ptdump": m_ptdump,
 }
 
 
@@ -664,12 +738,14 @@ class Bench:
         log(f"probe pid {probe['pid']} spinning, VM paused by QMP stop; heap GVA {ctx['gva']:#x}")
         plan = [("single_hmp", 60), ("single_gdb", 120), ("single_direct", 60),
                 ("cli_translate", 60 + 60 * p["cli_reps"]), ("addresses", 120),
-                ("batch", 900), ("batch_arrays", 300), ("batch_hmp", 300), ("map_tlb", 120),
+                ("cli_help", 60), ("gdb_bare", 60),
+                ("batch", 900), ("batch_arrays", 300), ("batch_hmp", 300),
+                ("cli_json_batch", 900), ("ptdump", 600), ("map_tlb", 120),
                 ("map_arrays", 120), ("map_direct", 120),
                 ("map_gdb", 300), ("map_cli", 60 + 120 * p["map_cli_reps"]), ("scan", 300),
                 ("slat", 300)]
         for name, timeout in plan:
-            if name in ("batch", "batch_arrays", "batch_hmp") and \
+            if name in ("batch", "batch_arrays", "batch_hmp", "cli_json_batch") and \
                     "error" in self.results.get("addresses", {}):
                 continue
             self.run_child(name, ctx, key={"scan": "scan_256M", "slat": "slat_256M"}.get(
@@ -756,6 +832,25 @@ class Bench:
                 f"median {res['times']['median_ms']:.0f} ms, p90 {res['times']['p90_ms']:.0f} ms "
                 f"(N={res['times']['n']}, via {res['memory_path']})",
                 kb_mb(res["cmd_maxrss_kb"]), key="cli_translate")
+        hp, gb = r.get("cli_help"), r.get("gdb_bare")
+        if err(hp):
+            add(1, "`qintrospect --help`", f"ERROR: {hp and hp.get('error')}", key="cli_help")
+        else:
+            med = hp["times"]["median_ms"] / 1000
+            add(1, "`qintrospect --help` (start to exit)", ms(hp["times"]),
+                kb_mb(hp["cmd_maxrss_kb"]), f"<= {TARGETS['help_s']:g} s",
+                med <= TARGETS["help_s"], key="cli_help")
+        if err(gb):
+            add(1, "bare gdb attach + disconnect", f"ERROR: {gb and gb.get('error')}",
+                key="gdb_bare")
+        else:
+            add(1, "bare `gdb -batch -ex 'target remote ...' -ex disconnect`", ms(gb["times"]),
+                kb_mb(gb["cmd_maxrss_kb"]), key="gdb_bare")
+        if not err(res) and not err(gb):
+            ratio = res["times"]["median_ms"] / gb["times"]["median_ms"]
+            add(1, "  translate command / bare gdb", f"{ratio:.2f}x",
+                target=f"<= {TARGETS['translate_vs_gdb']:g}x",
+                met=ratio <= TARGETS["translate_vs_gdb"], key="translate_vs_gdb")
 
         # 2. batch
         b, h = r.get("batch"), r.get("batch_hmp")
@@ -788,6 +883,20 @@ class Bench:
             ratio = b["per_second"] / h["per_second"]
             add(2, "translate_many (every level, flag and access rule) / HMP loop",
                 f"{ratio:.1f}x", key="batch_many_ratio")
+        j = r.get("cli_json_batch")
+        if err(j):
+            add(2, "`qintrospect translate --json -`", f"ERROR: {j and j.get('error')}",
+                key="cli_json_batch")
+        else:
+            add(2, f"`qintrospect translate --json -` of {j['n']:,} addresses (every level and "
+                "flag; start to exit)",
+                f"{j['per_second']:,.0f}/s ({j['seconds']:.2f} s, {j['bytes'] / MB:.0f} MB of "
+                f"JSON Lines)", kb_mb(j["cmd_maxrss_kb"]), key="cli_json_batch")
+            if not err(h):
+                ratio = j["per_second"] / h["per_second"]
+                add(2, "  translate --json - / HMP loop", f"{ratio:.1f}x",
+                    target=f">= {TARGETS['json_batch_ratio']:g}x",
+                    met=ratio >= TARGETS["json_batch_ratio"], key="json_batch_ratio")
 
         # 3. whole map
         tlb = r.get("map_tlb")
@@ -822,6 +931,19 @@ class Bench:
                     target=f"<= {TARGETS['map_ratio']:g}x" if targeted else None,
                     met=ratio <= TARGETS["map_ratio"] if targeted else None,
                     key=f"{key}_ratio")
+        pt = r.get("ptdump")
+        if err(pt):
+            add(3, "gdb-pt-dump's pt", f"ERROR: {pt and pt.get('error')}", key="ptdump")
+        elif "skipped" in pt:
+            add(3, "gdb-pt-dump's pt beside `qintrospect vmmap --json`",
+                f"not measured: {pt['skipped']}", key="ptdump")
+        else:
+            add(3, "gdb-pt-dump's `pt` (gdb start, attach, walk; start to exit)",
+                f"{ms(pt['pt_times'])}; {pt['pt_lines']:,} lines", key="ptdump")
+            add(3, "  `qintrospect vmmap --json` / pt, start to exit",
+                f"{pt['ratio']:.2f}x ({ms(pt['qi_times'])}; {pt['qi_rows']:,} rows)",
+                kb_mb(pt["maxrss_kb"]), f"<= {TARGETS['vmmap_vs_ptdump']:g}x",
+                pt["ratio"] <= TARGETS["vmmap_vs_ptdump"], key="vmmap_vs_ptdump")
 
         # 4./5. scans
         for key, label in (("scan_256M", "find_cr3(), 256 MiB guest"),

@@ -95,6 +95,11 @@ MEASUREMENTS = {
     "scan_256M": {"ram_bytes": count, "present_bytes": count, "memory_path": text,
                   "candidates": count, "times": times, "mb_per_s": positive,
                   "best_mb_per_s": positive, "present_mb_per_s": positive, **RSS},
+    "cli_help": {"times": times, "cmd_maxrss_kb": count},
+    "gdb_bare": {"times": times, "cmd_maxrss_kb": count},
+    "cli_json_batch": {"n": count, "lines": count, "seconds": positive, "per_second": positive,
+                       "bytes": count, "cmd_maxrss_kb": count, "levels_in_first": count},
+    "ptdump": {"skipped": text},
     "slat_256M": {"ram_bytes": count, "times": times, "probes": count, "found_root": count,
                   "cr3_root": count, "depth": count, "found_is_cr3": flag, "candidates": count,
                   "s_per_gib": positive, "slat_walk_us": positive, "table_walk_us": positive,
@@ -105,9 +110,10 @@ ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "
         "batch_arrays", "batch_ratio", "batch_many_ratio", "map_tlb", "map_arrays",
         "map_arrays_ratio", "map_direct", "map_direct_ratio", "map_gdb", "map_gdb_ratio",
         "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline",
-        "slat_256M", "slat_walk_ratio", "slat_2G_filled"}
+        "slat_256M", "slat_walk_ratio", "slat_2G_filled", "cli_help", "gdb_bare",
+        "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "ptdump"}
 TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
-            "slat_walk_ratio"}
+            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
           "batch_agrees_with_gva2gpa", "batch_arrays_agrees_with_gva2gpa",
           "map_leaves_equal_tlb_lines", "map_cr3_same", "map_arrays_leaves_equal_map_direct",
@@ -228,6 +234,11 @@ def measured():
                       "memory_path": "direct", "candidates": 8, "times": summary(274),
                       "mb_per_s": 979.0, "best_mb_per_s": 1038.0, "present_mb_per_s": 474.0,
                       "maxrss_kb": 58000},
+        "cli_help": {"times": summary(80), "cmd_maxrss_kb": 30000},
+        "gdb_bare": {"times": summary(60), "cmd_maxrss_kb": 40000},
+        "cli_json_batch": {"n": 20000, "lines": 20000, "seconds": 0.6, "per_second": 33000.0,
+                           "bytes": 30000000, "cmd_maxrss_kb": 90000, "levels_in_first": 5},
+        "ptdump": {"skipped": "set QI_GDB_PT_DUMP to gdb-pt-dump's pt.py to compare with it"},
         "slat_256M": {"ram_bytes": 256 << 20, "times": summary(126), "probes": 5,
                       "found_root": 0x2992000, "cr3_root": 0x2992000, "depth": 5,
                       "found_is_cr3": True, "candidates": 1, "s_per_gib": 0.5,
