@@ -304,6 +304,14 @@ class HostProcess:
             if vma.path.startswith("/") and not vma.path.endswith("(deleted)"):
                 candidates.append(vma.path)
             for path in candidates:
+                # look before opening: opening a device QEMU holds (a tty, vhost, sound...)
+                # can do something; only the regular file with the mapping's inode is opened
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if st.st_ino != vma.inode or not stat.S_ISREG(st.st_mode):
+                    continue
                 try:
                     f = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
                 except OSError:
