@@ -190,6 +190,7 @@ def _values_in_region(memory, gpa, rows, value, has_value) -> None:
 # ---- translate --json for many addresses -------------------------------------------------
 
 JSON_CHUNK = 65536
+JSON_MIN = 32
 
 
 def json_lines(session, addresses, cr3: Optional[int] = None,
@@ -207,6 +208,12 @@ def json_lines(session, addresses, cr3: Optional[int] = None,
         chunk = list(itertools.islice(it, JSON_CHUNK))
         if not chunk:
             return
+        if len(chunk) < JSON_MIN:    # a few addresses: arrays would cost more than they save
+            for va in chunk:
+                t = session.translate(va, cr3)
+                t.kvm = kvm
+                yield t.ok, json_line(t.to_dict())
+            continue
         yield from _json_chunk(session, chunk, cr3, kvm, json_line)
 
 

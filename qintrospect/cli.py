@@ -54,7 +54,13 @@ def _session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze", action="store_true",
                    help="without --gdb: pause the VM for the command (one consistent view), "
                         "then put the run state back")
-    g.add_argument("--pid", type=int, help="the QEMU process (default: the QMP socket's peer)")
+    g.add_argument("--pid", type=int, help="the QEMU process (default: the QMP socket's peer); "
+                   "alone, its QMP socket and gdbstub are taken from its command line")
+    g.add_argument("--name", help="the QEMU process whose -name is NAME (as --pid alone)")
+    g.add_argument("--domain", help="a libvirt domain: QMP through libvirt "
+                   "(qemu-monitor-command), the QEMU process found from libvirt")
+    g.add_argument("--connect", metavar="URI", help="with --domain: libvirt's URI "
+                   "(default qemu:///system)")
     g.add_argument("--vcpu", type=int, default=0, help="vCPU index whose registers to use (0)")
     g.add_argument("--via", choices=("auto", "gdb", "direct", "qmp"), default="auto",
                    help="where guest-physical memory is read: the QEMU process's memory "
@@ -69,7 +75,11 @@ def _session_options(p: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def _attach(args):
     """The session for one command: warnings said, and, for a VM that kept running, a check
-    that it did not reboot under us before the results are trusted."""
+    that it did not reboot under us before the results are trusted. In a shell, the shell's
+    own open session (args.session), left open."""
+    if getattr(args, "session", None) is not None:
+        yield args.session
+        return
     vm = _open_session(args)
     with vm:
         yield vm
@@ -96,21 +106,30 @@ def _checked(vm, items, batch: int = 256, seconds: float = 0.25):
 
 def _open_session(args):
     from .session import Session
-    if not args.qmp:
-        raise UsageError("need --qmp (or QI_QMP in the environment), and usually --gdb")
     if args.freeze and args.gdb:
         raise UsageError("--freeze is for sessions without --gdb (attaching gdb already "
                          "stops the VM)")
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
-    vm = Session(args.qmp, args.gdb, pid=args.pid, vcpu=args.vcpu, via=args.via,
+    qmp, gdb, pid, monitor = args.qmp, args.gdb, args.pid, None
+    if getattr(args, "domain", None) or getattr(args, "name", None) or \
+            (not qmp and pid is not None):
+        from . import discover   # the endpoints from the VM's command line, or libvirt's
+        qmp, gdb, pid, monitor, notes = discover.resolve(args)
+        for note in notes:
+            print(f"qintrospect: note: {note}", file=sys.stderr)
+    if not qmp:
+        raise UsageError("need --qmp (or QI_QMP in the environment), --pid, --name or "
+                         "--domain, and usually --gdb")
+    vm = Session(qmp, gdb, pid=pid, vcpu=args.vcpu, via=args.via,
                  allow_remote=args.allow_remote, timeout=args.timeout,
-                 freeze=args.freeze).open()
+                 freeze=args.freeze, monitor=monitor).open()
     for warning in vm.warnings:
         print(f"qintrospect: warning: {warning}", file=sys.stderr)
     if args.verbose:
         info = vm.describe()
-        print(f"# attached: QMP {info['qmp']}, gdb {info['gdb'] or '(none: registers via QMP)'}, VM was "
+        gdb = info['gdb'] or f"(none: {info['gdb_note'] or 'registers via QMP'})"
+        print(f"# attached: QMP {info['qmp']}, gdb {gdb}, VM was "
               f"{info['status_found']}; {info['process_note']}; memory via "
               f"{info['memory_path']}; 1 GiB pages: {info['page1gb']} (from "
               f"{info['page1gb_source']}); {vm.timings['attach'] * 1000:.0f} ms",
@@ -157,10 +176,18 @@ def cmd_translate(args) -> int:
                 print(f"# root {cr3:#x} found by scanning ({found[0].how})", file=sys.stderr)
         if args.brief:
             return _translate_brief(vm, addresses, cr3)
+        kvm_facts = vm.kvm_facts() if args.json and vm.process and vm.kvm_enabled else None
+        if args.json and slat_spec is None and not pictures.wanted:
+            # every level and flag of many addresses at once, the same lines, streamed
+            for ok, line in _checked(vm, vm.translate_json(addresses, cr3, kvm=kvm_facts)):
+                if not ok:
+                    status = EXIT_FAULT
+                sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            return status
         results = vm.translate_many(addresses, cr3)
         if slat_spec is not None:
             results = _with_second_level(vm, results, slat_spec)
-        kvm_facts = vm.kvm_facts() if args.json and vm.process and vm.kvm_enabled else None
         first = True
         for t in _checked(vm, results):
             t.kvm = kvm_facts
@@ -184,6 +211,8 @@ SLAT_CHUNK = 4096
 
 
 def _slat_spec(args):
+    if not (args.eptp or args.slat):
+        return None
     from . import slat
     if args.eptp:   # the older spelling of --slat ept:EPTP
         if args.slat:
@@ -429,6 +458,34 @@ def cmd_kvm(args) -> int:
     return EXIT_OK
 
 
+def cmd_shell(args) -> int:
+    """One attached session, many commands (qintrospect.shell)."""
+    from . import shell
+    return shell.run(args)
+
+
+def cmd_list(args) -> int:
+    """The QEMU VMs on this host and how to attach to each."""
+    from . import discover
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be positive")
+    if args.connect and args.no_libvirt:
+        raise UsageError("--connect and --no-libvirt contradict each other")
+    vms, notes = discover.list_vms(args.connect, False if args.no_libvirt else None,
+                                   args.timeout)
+    if args.verbose:
+        for note in notes:
+            print(f"qintrospect: note: {note}", file=sys.stderr)
+    if args.json:
+        for vm in vms:
+            print(render.json_line(vm.to_dict()))
+    elif vms:
+        print(discover.table(vms))
+    else:
+        print("no QEMU process found (none runs, or none this user may see)", file=sys.stderr)
+    return EXIT_OK if vms else EXIT_FAULT
+
+
 def cmd_resume(args) -> int:
     """Resume a VM (QMP only): the way out after a killed qintrospect left it paused."""
     from . import runstate
@@ -565,7 +622,52 @@ def _compare_host(vm, log):
     explain = None
     if hpa is not None:
         explain = modlog.explain_shared_bits(gpa, hpa)
-    return modlog.compare_host(log, hpa, value, why), explain, outside
+    cmp = modlog.compare_host(log, hpa, value, why)
+    if log.root is None:
+        return cmp, explain, outside
+    # The log names its table (nCR3 / EPTP): walk that table here too, row by row. The pagemap
+    # rows stay, renamed host_hpa / host_value beside the walk's own final / value.
+    from dataclasses import replace
+    slat_cmp, outside["slat"] = _compare_second_level(vm, log, hpa)
+    outside.update(root=f"{log.root:#x}", root_found_by=f"{log.root_name} printed in the log")
+    if hpa is not None and outside["slat"].get("page_size"):
+        explain = modlog.explain_shared_bits(gpa, hpa, page_size=outside["slat"]["page_size"])
+    host_rows = [replace(r, field={"final": "host_hpa", "value": "host_value"}.get(r.field,
+                                                                                  r.field))
+                 for r in cmp.rows]
+    return modlog.Comparison(tuple(host_rows) + slat_cmp.rows), explain, outside
+
+
+def _compare_second_level(vm, log, hpa):
+    """The log's GPA walked through the second-level table the log prints (its root, format
+    and depth), in this host's memory (/proc/kcore): (Comparison, what the walk found)."""
+    from . import modlog, slat
+    from .paging.formats import ADDR_51_12
+    fmt, depth = log.format or "ept", log.paging_levels
+    root = log.root
+    if log.root_known_mask & ADDR_51_12 != ADDR_51_12:
+        missing = modlog.bit_ranges(ADDR_51_12 & ~log.root_known_mask)
+        return modlog.Comparison((modlog.Row(
+            "slat", None, root, None, log.root_known_mask, None,
+            f"the {fmt.upper()} was not walked: the log's {log.root_name} is cut (bits "
+            f"{missing} not printed)"),)), {"format": fmt, "note": "root cut"}
+    spec = slat.SlatSpec(fmt, root, depth, root | 6 | (depth - 1) << 3 if fmt == "ept" else None)
+    try:
+        second = vm.second_level(spec)
+        result = second.result(log.address, hpa)
+    except QIError as exc:
+        return modlog.Comparison((modlog.Row(
+            "slat", None, root, None, log.root_known_mask, None,
+            f"the {fmt.upper()} at {root:#x} was not walked: {exc}"),)), \
+            {"format": fmt, "depth": depth, "root": f"{root:#x}", "note": str(exc)}
+    walk, value = result.walk, None
+    if walk.ok:
+        try:
+            value = int.from_bytes(second.memory.read(walk.pa, 8), "little")
+        except QIError:
+            value = None
+    found = dict(result.to_dict(), value=None if value is None else f"{value:#x}")
+    return modlog.compare_second_level(log, walk, value), found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -694,6 +796,18 @@ def build_parser() -> argparse.ArgumentParser:
     _session_options(k)
     k.set_defaults(func=cmd_kvm)
 
+    sh = sub.add_parser("shell", help="one attached session, many commands (history, Tab)",
+                        description="Attach once, then run translate, vmmap, read, cpus, "
+                                    "find-cr3, compare, who-maps and kvm lines with their own "
+                                    "options, plus `cr3 HEX|vcpu`, `vcpu N`, `help`, `quit`. "
+                                    "The VM is paused only while a command runs (with --freeze "
+                                    "or a gdb attached: for the whole shell) and left as found "
+                                    "on exit. "
+                                    "No prompt when stdin is not a terminal; exit status: 0, or "
+                                    "the last failing command's.")
+    _session_options(sh)
+    sh.set_defaults(func=cmd_shell)
+
     rp = sub.add_parser("report", help="a self-contained page to hand in: the vCPUs, addresses "
                                        "drawn, module logs parsed and compared",
                         description="Write one page (--out FILE.html) or a folder (--out DIR: "
@@ -714,6 +828,26 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--allow-remote", action="store_true")
     z.add_argument("--timeout", type=float, default=5.0)
     z.set_defaults(func=cmd_resume)
+
+    ls = sub.add_parser("list", help="the QEMU VMs on this host: pid, name, accelerator, RAM, "
+                                     "QMP and gdbstub (and whether they answer), run state",
+                        description="Every QEMU process this user can see, its command line "
+                                    "read as QEMU reads it; a QMP socket is asked for its "
+                                    "greeting and run state when free (a busy one is 'in "
+                                    "use'), a gdbstub is never connected to (that would stop "
+                                    "the VM): 'listening' comes from the socket tables. "
+                                    "libvirt's running domains too, when libvirt-python is "
+                                    "installed and libvirt answers (qemu:///system, or "
+                                    "--connect). Exit 1 when no VM is found.")
+    ls.add_argument("--json", action="store_true", help="one JSON object per VM")
+    ls.add_argument("--connect", metavar="URI",
+                    help="libvirt's URI (default qemu:///system, skipped quietly if absent)")
+    ls.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt")
+    ls.add_argument("--timeout", type=float, default=1.5,
+                    help="seconds to wait for each QMP greeting (1.5)")
+    ls.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                    help="say why libvirt was not asked")
+    ls.set_defaults(func=cmd_list)
     return p
 
 

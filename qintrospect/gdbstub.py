@@ -248,11 +248,19 @@ class GdbStub:
     # ---- what the walk needs --------------------------------------------------------------------
 
     def select_vcpu(self, index: int) -> None:
-        """gdb's threads are QEMU's vCPUs, numbered from 1."""
+        """gdb's threads are QEMU's vCPUs, numbered from 1. Selecting one makes gdb read
+        memory at its PC: in physical mode that address would be taken as guest-physical (a
+        device, maybe), so the stub is put in virtual mode around it."""
+        physical = self._phys_mode_found is not None
+        if physical:
+            self.monitor_packet("Qqemu.PhyMemMode:0")
         try:
             self.mi(f"-thread-select {index + 1}")
         except GdbError:
             raise AttachError(f"vCPU {index} is not known to the gdbstub") from None
+        finally:
+            if physical:
+                self.monitor_packet("Qqemu.PhyMemMode:1")
 
     def flush_registers(self) -> None:
         """Forget gdb's cached registers (the VM ran since gdb last read them)."""

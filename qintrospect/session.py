@@ -161,6 +161,7 @@ class Session:
         self.vcpus: List[dict] = []          # query-cpus-fast
         self.page1gb_source = ""             # where CpuState.page1gb came from
         self._kvm: Optional[dict] = None     # QMP query-kvm, asked once
+        self._phys_bits: dict = {}           # QOM phys-bits per vCPU, asked once
         self.vcpu_info: List[Vcpu] = []      # registers of each vCPU, read at attach
         self.timings = {}
         self.unreadable_tables: List[tuple] = []
@@ -431,7 +432,9 @@ class Session:
     def _cpu_state_of(self, vcpu: Vcpu) -> paging.CpuState:
         """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
         need; None (the walker then assumes 52 and says so) when QEMU will not tell."""
-        phys_bits = self._qom(vcpu, "phys-bits")
+        phys_bits = self._phys_bits.get(vcpu.index)
+        if phys_bits is None:         # fixed for the VM's life: asked once per vCPU
+            phys_bits = self._phys_bits[vcpu.index] = self._qom(vcpu, "phys-bits")
         return paging.CpuState(cr0=vcpu.cr0, cr3=vcpu.cr3, cr4=vcpu.cr4, efer=vcpu.efer,
                                maxphyaddr=int(phys_bits) if isinstance(phys_bits, int) else None,
                                pkru=vcpu.pkru, pkrs=vcpu.pkrs)

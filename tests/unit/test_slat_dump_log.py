@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qintrospect import paging, slat
+from qintrospect import slat
 from qintrospect.errors import MemoryReadError, UsageError
 from qintrospect.modlog import (
     ADDR_BITS, U64, bit_name, check_log, compare_second_level, parse_log, parse_log_file,

@@ -1,0 +1,552 @@
+"""`qintrospect shell`: one attached session, many commands.
+
+Each line is parsed by the command line's own argparse subparsers (no second copy of any
+option) and run by the command line's own functions, on the session the shell opened once
+(cli._attach hands it over instead of opening one). The attach options are the shell's, given
+once when it starts; a command line that repeats one is refused.
+
+The VM's run state, as on the command line:
+- without --gdb or --freeze, the VM is paused only while a command runs: QMP `stop` before it
+  (only if it was found running then), the vCPUs' registers read again (it ran since the last
+  command), `cont` after. Between commands it runs.
+- with --freeze, it stays paused for the whole shell; with --gdb too, since QEMU's gdbstub
+  stops the VM when gdb connects, and QMP `cont` under a gdb that believes the target stopped
+  would leave gdb and the stub disagreeing. Either way the banner says so.
+- on exit (quit, EOF, SIGTERM) it is put back as found. Ctrl-C interrupts the running command
+  (its pause is undone) and the shell goes on; at the prompt it only clears the line.
+
+Exit status: 0 if every command succeeded, else the status of the last one that failed (130
+for an interrupted one; 143 after SIGTERM). With stdin not a terminal there is no prompt, no
+banner and no history: `qintrospect shell < commands.txt` prints only what the commands print.
+"""
+
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+from .errors import QIError, UsageError, VMGoneError
+
+# The command-line commands a shell runs (kvm where the command line has it).
+COMMANDS = ("translate", "vmmap", "read", "cpus", "find-cr3", "compare", "who-maps", "kvm")
+BUILTINS = ("cr3", "vcpu", "help", "quit", "exit")
+# Options set once for the shell (cli._session_options: the "attaching" group), not per
+# command. --vcpu is the one a command may still give: that command then runs with that vCPU's
+# registers.
+ATTACH_GROUP = "attaching"
+PER_COMMAND = ("vcpu",)
+# Commands whose --cr3 the shell's `cr3 HEX` stands in for when they give none.
+ROOTED = ("translate", "vmmap", "read")
+HISTORY = "~/.qintrospect_history"
+HISTORY_LENGTH = 2000
+PROMPT = "qi> "
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class Terminate(BaseException):
+    """SIGTERM: leave the VM as found and exit (not caught as an ordinary error)."""
+
+
+def command_parsers(parser=None) -> dict:
+    """{name: subparser} for the shell's commands, from the command line's own parser, with
+    the attach options' defaults set to None so that a line that gives one can be told."""
+    import argparse
+    from . import cli
+    parser = parser or cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {a.dest: a.help for a in subs._choices_actions}
+    out = {}
+    for name in COMMANDS:
+        sub = subs.choices.get(name)
+        if sub is None:
+            continue
+        attaching = [a.dest for g in sub._action_groups if g.title == ATTACH_GROUP
+                     for a in g._group_actions]
+        sub.qi_session_dests = tuple(d for d in attaching if d not in PER_COMMAND)
+        sub.set_defaults(**{dest: None for dest in attaching})
+        sub.qi_summary = summaries.get(name) or ""
+        out[name] = sub
+    return out
+
+
+def session_dests(sub) -> tuple:
+    return getattr(sub, "qi_session_dests", ())
+
+
+OWN_OPTION = ("is the shell's own option, given once when it starts; a command in the shell "
+              "cannot change it")
+
+
+def parse_command(parsers: dict, words, own_option: str = OWN_OPTION):
+    """argparse.Namespace for one shell line (words[0] is the command). argparse's own
+    errors exit (SystemExit 2) after saying why, as on the command line. An attach option on
+    the line is refused (UsageError: the option, then `own_option`)."""
+    name, rest = words[0], words[1:]
+    sub = parsers.get(name)
+    if sub is None:
+        known = ", ".join(list(parsers) + list(BUILTINS))
+        raise UsageError(f"unknown command {name!r}; the shell knows {known} (`help`)")
+    args = sub.parse_args(rest)
+    given = [d for d in session_dests(sub) if getattr(args, d, None) is not None]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{option} {own_option}")
+    if not hasattr(args, "verbose"):
+        args.verbose = False
+    if name == "translate":
+        if getattr(args, "outer", None):
+            raise UsageError("--outer opens sessions of its own (one per VM); run it from the "
+                             "command line, not inside a shell attached to this VM")
+        if "-" in args.addresses:
+            raise UsageError("'-' (addresses from stdin) is for the command line; in the shell "
+                             "give the addresses on the line")
+    return args
+
+
+def option_strings(sub) -> list:
+    """The options a command takes in the shell (without the shell's own attach options)."""
+    out = []
+    for action in sub._actions:
+        if action.dest in session_dests(sub):
+            continue
+        out.extend(o for o in action.option_strings if o.startswith("--"))
+    return sorted(set(out))
+
+
+FILE_OPTIONS = ("--log", "--html", "--svg", "--out")
+
+
+def completions(parsers: dict, line: str, begidx: int, text: str) -> list:
+    """Candidates for the word being completed: command names first, then that command's
+    options (file names after an option that takes a file)."""
+    try:
+        before = shlex.split(line[:begidx])
+    except ValueError:
+        before = line[:begidx].split()
+    if not before:
+        names = list(parsers) + list(BUILTINS)
+    elif before[0] in parsers:
+        if before[-1] in FILE_OPTIONS:
+            return file_names(text)
+        names = option_strings(parsers[before[0]]) if text.startswith("-") or not text else []
+    elif before[0] == "cr3" and len(before) == 1:
+        names = ["vcpu"]
+    elif before[0] == "help" and len(before) == 1:
+        names = list(parsers) + list(BUILTINS)
+    else:
+        names = []
+    return sorted(n for n in names if n.startswith(text))
+
+
+def file_names(text: str) -> list:
+    import glob
+    out = []
+    for path in glob.glob(os.path.expanduser(text) + "*"):
+        out.append(path + "/" if os.path.isdir(path) else path)
+    return out
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGINT and SIGTERM held back (not lost) for the length of a run-state change: a pause
+    and its resume are never cut in two; the signal is delivered right after."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class Shell:
+    """The loop. `vm` is an open Session; `hold` says the VM stays paused for the whole shell
+    (--freeze, or gdb attached), else it is paused only while a command runs."""
+
+    def __init__(self, vm, hold: bool, stdin=None, stdout=None, stderr=None,
+                 interactive=None, parsers=None, verbose: bool = False):
+        self.vm = vm
+        self.hold = hold
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.interactive = _isatty(self.stdin) if interactive is None else interactive
+        self.parsers = parsers or command_parsers()
+        self.verbose = verbose
+        self.root = None            # `cr3 HEX`: the root translate/vmmap/read use by default
+        self.status = 0             # the last failing command's status
+        self.timings = []           # (command, seconds) of each command run
+        self._readline = None
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        if self.interactive:
+            self._setup_readline()
+            self._print(self.banner())
+        try:
+            while True:
+                try:
+                    line = self._read_line()
+                except KeyboardInterrupt:
+                    # Ctrl-C at the prompt clears the line (a second one: the same)
+                    if self.interactive:
+                        self._print("")
+                    continue
+                if line is None:                     # EOF
+                    if self.interactive:
+                        self._print("")
+                    break
+                if not self.execute(line):
+                    break
+        except Terminate:
+            self.status = EXIT_TERMINATED
+            print("qintrospect: terminated; the VM is left as found", file=self.stderr)
+        finally:
+            self._save_history()
+        return self.status
+
+    def execute(self, line: str) -> bool:
+        """Run one line; False when the shell should end (quit/exit, or the VM is gone)."""
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            self._failed(2, f"qintrospect: cannot split the line: {exc}")
+            return True
+        if not words:
+            return True
+        if words[0] in ("quit", "exit"):
+            if len(words) > 1:
+                self._failed(2, f"qintrospect: {words[0]} takes no arguments")
+                return True
+            return False
+        t0 = time.perf_counter()
+        try:
+            status = self._run(words)
+        except SystemExit as exc:              # argparse: --help (0) or a usage error (2)
+            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        except QIError as exc:
+            status = exc.exit_status
+            print(f"qintrospect: {exc}", file=self.stderr)
+            if isinstance(exc, VMGoneError) and not self._vm_reachable():
+                self._failed(status, "qintrospect: the VM cannot be reached any more; "
+                                     "leaving the shell")
+                return False
+        except KeyboardInterrupt:
+            status = EXIT_INTERRUPTED
+            print("qintrospect: interrupted; the VM was left as found", file=self.stderr)
+        except BrokenPipeError:
+            try:
+                sys.stdout = open(os.devnull, "w")
+            except OSError:
+                pass
+            return False
+        except Exception as exc:   # a bug: say so; the shell goes on
+            if self.verbose:
+                traceback.print_exc(file=self.stderr)
+            print(f"qintrospect: internal error: {type(exc).__name__}: {exc} (this is a bug; "
+                  "start the shell with -v for the traceback)", file=self.stderr)
+            status = 4
+        seconds = time.perf_counter() - t0
+        self.timings.append((words[0], seconds))
+        if self.verbose:
+            print(f"# {words[0]}: {seconds * 1000:.2f} ms, status {status}", file=self.stderr)
+        try:
+            self.stdout.flush()
+        except BrokenPipeError:
+            return False
+        if status:
+            self.status = status
+        return True
+
+    def _run(self, words) -> int:
+        name = words[0]
+        if name in BUILTINS:
+            return self._builtin(name, words[1:])
+        args = parse_command(self.parsers, words)
+        if self.verbose:
+            args.verbose = True
+        args.session = self.vm
+        if self.root is not None and name in ROOTED and not getattr(args, "cr3", None) \
+                and not getattr(args, "phys", False) and not getattr(args, "find_cr3", False):
+            args.cr3 = f"{self.root:#x}"
+        with self.paused():
+            vcpu = args.vcpu
+            if vcpu is None or vcpu == self.vm.vcpu:
+                return args.func(args)
+            mine = self.vm.vcpu
+            self._select_vcpu(vcpu)
+            try:
+                return args.func(args)
+            finally:
+                self._select_vcpu(mine)
+
+    # ---- the run state ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The VM paused for one command (when the shell does not hold it paused anyway):
+        `stop` only if it runs now, the registers read again, `cont` after, only if we
+        stopped it. What close() puts back if the shell is cut short is what this command
+        found."""
+        if self.hold:
+            yield
+            return
+        vm = self.vm
+        running = False
+        try:
+            # a signal held back here is raised on leaving the block: inside the try, so
+            # that a VM just stopped is resumed all the same
+            with deferred_signals():
+                status = vm.qmp.command("query-status")
+                running = bool(status.get("running"))
+                if running:
+                    vm.qmp.command("stop")
+                vm.found_status = status
+            vm.refresh()         # it may have run since the last command
+            yield
+        finally:
+            if running:
+                with deferred_signals():
+                    vm.qmp.command("cont")
+
+    def _select_vcpu(self, index: int) -> None:
+        """Session.select_vcpu; with gdb attached the stub goes back to virtual addresses for
+        the thread switch (gdb reads memory at the new thread's PC, which must not be read as
+        a guest-physical address: it could be a device's), then to physical again."""
+        gdb = getattr(self.vm, "gdb", None)
+        if gdb is None:
+            self.vm.select_vcpu(index)
+            return
+        try:
+            with deferred_signals():
+                gdb.monitor_packet("Qqemu.PhyMemMode:0")
+            self.vm.select_vcpu(index)
+        finally:
+            with deferred_signals():
+                reply = gdb.monitor_packet("Qqemu.PhyMemMode:1")
+            if reply != "OK":
+                raise VMGoneError("the gdbstub refused to go back to physical addresses")
+
+    def _vm_reachable(self) -> bool:
+        try:
+            self.vm.qmp.command("query-status")
+            return True
+        except Exception:
+            return False
+
+    # ---- built-in commands --------------------------------------------------------------------
+
+    def _builtin(self, name: str, rest) -> int:
+        from .cli import parse_number
+        if name == "help":
+            return self._help(rest)
+        if name == "cr3":
+            if not rest:
+                self._print(f"root: {self.root:#x} (set by `cr3`)" if self.root is not None
+                            else f"root: vCPU {self.vm.vcpu}'s CR3")
+                return 0
+            if len(rest) != 1:
+                raise UsageError("cr3 HEX sets the root for translate/vmmap/read; `cr3 vcpu` "
+                                 "goes back to the vCPU's CR3")
+            if rest[0] == "vcpu":
+                self.root = None
+                self._print(f"root: vCPU {self.vm.vcpu}'s CR3")
+            else:
+                self.root = parse_number(rest[0], "cr3")
+                self._print(f"root: {self.root:#x} for translate, vmmap and read without --cr3")
+            return 0
+        if name == "vcpu":
+            if not rest:
+                self._print(f"vCPU {self.vm.vcpu} of {len(self.vm.vcpu_info)}")
+                return 0
+            if len(rest) != 1:
+                raise UsageError("vcpu N: whose registers the commands use")
+            index = parse_number(rest[0], "vCPU")
+            with self.paused():
+                self._select_vcpu(index)
+            self._print(f"vCPU {self.vm.vcpu}")
+            return 0
+        raise UsageError(f"unknown command {name!r}")
+
+    def _help(self, rest) -> int:
+        if rest:
+            if rest[0] in self.parsers:
+                self._print(self.parsers[rest[0]].format_help().rstrip()
+                            + "\n\n(in the shell the attaching options are the shell's own)")
+                return 0
+            if rest[0] not in BUILTINS:
+                raise UsageError(f"no command {rest[0]!r}")
+        width = max(map(len, self.parsers))
+        lines = ["commands (the command line's options; `help COMMAND` for them):"]
+        for name, sub in self.parsers.items():
+            lines.append(f"  {name:<{width}}  {getattr(sub, 'qi_summary', '')}")
+        lines += ["",
+                  "  cr3 HEX          translate/vmmap/read use this root when given no --cr3",
+                  "  cr3 vcpu         back to the vCPU's CR3 (`cr3` alone says which)",
+                  "  vcpu N           use vCPU N's registers (`vcpu` alone says which)",
+                  "  help [COMMAND]   this, or a command's options",
+                  "  quit, exit, EOF  leave: the VM is put back as found"]
+        self._print("\n".join(lines))
+        return 0
+
+    def banner(self) -> str:
+        vm = self.vm
+        info = vm.describe()
+        found = info.get("status_found") or "?"
+        if vm.gdb is not None:
+            how = ("the gdbstub is attached for the whole shell, so the VM stays paused until "
+                   "you leave (gdb's connection stops it; QEMU's stub and QMP `cont` do not mix "
+                   "while gdb holds it)")
+        elif self.hold:
+            how = "the VM stays paused for the whole shell (--freeze)"
+        else:
+            how = "the VM is paused only while a command runs"
+        put_back = "resumed" if found == "running" else "left as it was"
+        gdb = info.get("gdb") or (f"none ({info['gdb_note']})" if info.get("gdb_note")
+                                  else "none")
+        return (f"qintrospect shell: QMP {info.get('qmp')}, gdb {gdb}, "
+                f"vCPU {info.get('vcpu')} of {info.get('vcpus')}, memory via "
+                f"{info.get('memory_path')}. The VM was {found}; {how}; on exit it is "
+                f"{put_back}.\n`help` lists the commands; Tab completes; Ctrl-D or `quit` "
+                "leaves.")
+
+    # ---- input, history, completion -----------------------------------------------------------
+
+    def prompt(self) -> str:
+        if self.root is not None:
+            return f"qi cr3={self.root:#x}> "
+        return PROMPT
+
+    def _read_line(self):
+        if self.interactive:
+            try:
+                return input(self.prompt())
+            except EOFError:
+                return None
+        line = self.stdin.readline()
+        return line if line else None
+
+    def _setup_readline(self) -> None:
+        try:
+            import readline
+        except ImportError:
+            return
+        self._readline = readline
+        readline.set_history_length(HISTORY_LENGTH)
+        path = os.path.expanduser(HISTORY)
+        try:
+            if _own_regular_file(path):
+                readline.read_history_file(path)
+        except OSError:
+            pass
+        readline.set_completer_delims(" \t\n")
+        readline.set_completer(self._complete)
+        if "libedit" in (readline.__doc__ or ""):
+            readline.parse_and_bind("bind ^I rl_complete")
+        else:
+            readline.parse_and_bind("tab: complete")
+
+    def _complete(self, text, state):
+        try:
+            rl = self._readline
+            found = completions(self.parsers, rl.get_line_buffer(), rl.get_begidx(), text)
+            if state >= len(found):
+                return None
+            # Python's readline appends nothing to a completion: a whole word gets its space
+            return found[state] if found[state].endswith("/") else found[state] + " "
+        except Exception:
+            return None
+
+    def _save_history(self) -> None:
+        if self._readline is None:
+            return
+        try:
+            save_history(self._readline, os.path.expanduser(HISTORY))
+        except OSError as exc:
+            print(f"qintrospect: history not saved: {exc}", file=self.stderr)
+
+    # ---- output -------------------------------------------------------------------------------
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stdout, flush=True)
+
+    def _failed(self, status: int, message: str) -> None:
+        print(message, file=self.stderr)
+        self.status = status
+
+
+def save_history(readline, path: str) -> None:
+    """The history, written to a fresh file of mode 0600 in the same folder and renamed over
+    the old one: never readable by others, never written through a symlink."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".qintrospect_history.", dir=folder)
+    try:
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+        readline.write_history_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _own_regular_file(path: str) -> bool:
+    import stat
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def run(args) -> int:
+    """`qintrospect shell`: attach once (cli._open_session, the command line's own), then
+    run lines until quit/EOF/SIGTERM; the VM is put back as found."""
+    from . import cli
+    freeze_given = args.freeze
+    if not args.gdb:
+        args.freeze = True     # paused while attaching: one consistent first read
+    try:
+        vm = cli._open_session(args)
+    finally:
+        args.freeze = freeze_given
+    said = len(vm.warnings)      # _open_session said these
+    # held paused for the whole shell: --freeze, or gdb attached (given --gdb, the session
+    # may do without it: a local QEMU's memory is read directly)
+    hold = getattr(vm, "gdb", None) is not None or bool(freeze_given)
+    old_term = None
+    try:
+        with deferred_signals():
+            if not hold and (vm.found_status or {}).get("running"):
+                vm.qmp.command("cont")   # between commands it runs, as found
+            old_term = signal.signal(signal.SIGTERM, _terminate)
+        shell = Shell(vm, hold, verbose=bool(getattr(args, "verbose", False)))
+        return shell.run()
+    except Terminate:                    # before the loop took over
+        print("qintrospect: terminated; the VM is left as found", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        vm.close()
+        for warning in vm.warnings[said:]:
+            print(f"qintrospect: warning: {warning}", file=sys.stderr)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _terminate(signum, frame):
+    raise Terminate()

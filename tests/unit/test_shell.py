@@ -1,0 +1,308 @@
+"""`qintrospect shell` without a VM: the lines parsed by the command line's own subparsers, the
+attach options refused per command, the run state around each command (a fake monitor records
+what is sent), exit statuses, the prompt only on a terminal, completion and the history file."""
+
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from qintrospect import shell
+from qintrospect.cpu import Vcpu
+from qintrospect.errors import UsageError
+from qintrospect.session import MemoryPiece
+
+
+class FakeMonitor:
+    def __init__(self, running=True):
+        self.running = running
+        self.sent = []
+        self.watch_lifecycle = False
+
+    def command(self, name, **arguments):
+        self.sent.append(name)
+        if name == "query-status":
+            return {"status": "running" if self.running else "paused", "running": self.running}
+        if name == "stop":
+            self.running = False
+        elif name == "cont":
+            self.running = True
+        return {}
+
+
+class FakeSession:
+    """What the command functions and the shell use of a Session."""
+
+    def __init__(self, running=True, vcpus=2, gdb=None):
+        self.qmp = FakeMonitor(running)
+        self.gdb = gdb
+        self.vcpu = 0
+        self.found_status = {"status": "running" if running else "paused", "running": running}
+        self._vcpus = [Vcpu(i, 100 + i, None, 0x80050033, 0x1000 * (i + 1), 0x20, 0xd01, 0x10)
+                       for i in range(vcpus)]
+        self.refreshed = 0
+        self.read_calls = []
+        self.explode = None          # an exception the next registers read raises
+        self.live = False
+        self.process = None
+        self.warnings = []
+
+    @property
+    def vcpu_info(self):
+        if self.explode is not None:
+            exc, self.explode = self.explode, None
+            raise exc
+        self.qmp.sent.append(f"registers of vCPU {self.vcpu}")
+        return self._vcpus
+
+    def refresh(self):
+        self.refreshed += 1
+        self.qmp.sent.append("refresh")
+
+    def select_vcpu(self, index):
+        if not 0 <= index < len(self._vcpus):
+            raise UsageError(f"vCPU {index}: this VM has {len(self._vcpus)} vCPU(s)")
+        self.qmp.sent.append(f"select {index}")
+        self.vcpu = index
+
+    def check_live(self):
+        pass
+
+    def read_pieces(self, address, length, physical=False, cr3=None):
+        self.read_calls.append((address, length, physical, cr3))
+        yield MemoryPiece(address, length, None if physical else address, b"\x01" * length)
+
+    def describe(self):
+        return {"qmp": "/x/qmp.sock", "gdb": None, "gdb_note": None, "status_found":
+                self.found_status["status"], "vcpu": self.vcpu, "vcpus": len(self._vcpus),
+                "memory_path": "direct"}
+
+
+def make(vm=None, hold=False, **kw):
+    vm = vm or FakeSession()
+    out, err = io.StringIO(), io.StringIO()
+    sh = shell.Shell(vm, hold, stdin=io.StringIO(kw.pop("text", "")), stdout=out, stderr=err,
+                     interactive=kw.pop("interactive", False), **kw)
+    return sh, vm, out, err
+
+
+def run_lines(sh, monkeypatch, out):
+    monkeypatch.setattr(sys, "stdout", out)      # the command functions print to sys.stdout
+    return sh.run()
+
+
+# ---- parsing --------------------------------------------------------------------------------
+
+def test_every_shell_command_comes_from_the_command_line_parser():
+    parsers = shell.command_parsers()
+    assert list(parsers) == list(shell.COMMANDS)
+    args = shell.parse_command(parsers, ["translate", "--json", "--cr3", "0x1000", "0x5"])
+    assert args.json and args.cr3 == "0x1000" and args.addresses == ["0x5"]
+    assert args.vcpu is None and args.verbose is False
+    assert args.func.__name__ == "cmd_translate"
+    args = shell.parse_command(parsers, ["vmmap", "--user", "--vcpu", "1"])
+    assert args.user and args.vcpu == 1
+
+
+@pytest.mark.parametrize("words", [
+    ["translate", "--qmp", "/x", "0x1"], ["vmmap", "--gdb", "127.0.0.1:1"],
+    ["read", "--freeze", "0x1", "8"], ["cpus", "--pid", "5"], ["cpus", "--via", "gdb"],
+    ["kvm", "--timeout", "3"], ["cpus", "--allow-remote"], ["cpus", "--fre"],   # abbreviated
+    ["cpus", "--name", "vm1"], ["cpus", "--domain", "d"],
+])
+def test_attach_options_are_the_shells_own(words):
+    with pytest.raises(UsageError, match="the shell's own option"):
+        shell.parse_command(shell.command_parsers(), words)
+
+
+@pytest.mark.parametrize("words,why", [
+    (["translate", "-"], "stdin"), (["translate", "--outer", "qmp=/x", "0x1"], "--outer"),
+    (["resume"], "unknown command"), (["report", "0x1"], "unknown command"),
+])
+def test_lines_the_shell_cannot_run(words, why):
+    with pytest.raises(UsageError, match=why):
+        shell.parse_command(shell.command_parsers(), words)
+
+
+def test_argparse_errors_exit_2_as_on_the_command_line():
+    with pytest.raises(SystemExit) as e:
+        shell.parse_command(shell.command_parsers(), ["read", "0x1"])
+    assert e.value.code == 2
+
+
+# ---- completion -----------------------------------------------------------------------------
+
+def test_completion_of_commands_options_and_files(tmp_path):
+    parsers = shell.command_parsers()
+    assert shell.completions(parsers, "", 0, "") == sorted(shell.COMMANDS + shell.BUILTINS)
+    assert shell.completions(parsers, "tr", 0, "tr") == ["translate"]
+    assert shell.completions(parsers, "translate --j", 10, "--j") == ["--json"]
+    opts = shell.completions(parsers, "translate --", 10, "--")
+    assert "--find-cr3" in opts and "--qmp" not in opts and "--gdb" not in opts
+    assert "--vcpu" in opts                      # a command may still pick its vCPU
+    assert shell.completions(parsers, "cr3 ", 4, "") == ["vcpu"]
+    assert shell.completions(parsers, "help f", 5, "f") == ["find-cr3"]
+    (tmp_path / "gpt.log").write_text("x")
+    line = f"compare --log {tmp_path}/gp"
+    assert shell.completions(parsers, line, line.index(str(tmp_path)), f"{tmp_path}/gp") == \
+        [f"{tmp_path}/gpt.log"]
+
+
+# ---- the run state around each command ------------------------------------------------------
+
+def test_a_running_vm_is_paused_only_while_a_command_runs(monkeypatch):
+    sh, vm, out, err = make(text="cpus\ncpus\n")
+    assert run_lines(sh, monkeypatch, out) == 0
+    one = ["query-status", "stop", "refresh", "registers of vCPU 0", "cont"]
+    assert vm.qmp.sent == one + one
+    assert vm.qmp.running
+    assert out.getvalue().count("vCPU 0  host thread 100") == 2
+
+
+def test_a_paused_vm_is_not_resumed(monkeypatch):
+    vm = FakeSession(running=False)
+    sh, vm, out, err = make(vm, text="cpus\n")
+    assert run_lines(sh, monkeypatch, out) == 0
+    assert vm.qmp.sent == ["query-status", "refresh", "registers of vCPU 0"]
+    assert "stop" not in vm.qmp.sent and "cont" not in vm.qmp.sent
+    assert vm.found_status["running"] is False     # what close() puts back
+
+
+def test_held_vm_sees_no_run_state_traffic(monkeypatch):
+    sh, vm, out, err = make(hold=True, text="cpus\ncpus --json\n")
+    assert run_lines(sh, monkeypatch, out) == 0
+    assert vm.qmp.sent == ["registers of vCPU 0"] * 2
+
+
+def test_ctrl_c_in_a_command_undoes_its_pause_and_the_shell_goes_on(monkeypatch):
+    sh, vm, out, err = make(text="cpus\ncpus\n")
+    vm.explode = KeyboardInterrupt()
+    assert run_lines(sh, monkeypatch, out) == 130
+    assert vm.qmp.sent[:4] == ["query-status", "stop", "refresh", "cont"]
+    assert "interrupted" in err.getvalue()
+    assert out.getvalue().count("host thread 100") == 1      # the next command ran
+    assert vm.qmp.running
+
+
+def test_sigterm_in_a_command_undoes_its_pause_and_ends_the_shell(monkeypatch):
+    sh, vm, out, err = make(text="cpus\ncpus\n")
+    vm.explode = shell.Terminate()
+    assert run_lines(sh, monkeypatch, out) == shell.EXIT_TERMINATED
+    assert vm.qmp.sent == ["query-status", "stop", "refresh", "cont"]
+    assert "terminated" in err.getvalue() and vm.qmp.running
+
+
+def test_signals_are_held_back_not_lost_during_a_pause_change():
+    import threading
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *a: got.append("int"))
+    try:
+        with shell.deferred_signals():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            assert got == []                 # blocked inside: a pause and its resume stay whole
+        assert got == ["int"]                # delivered right after
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# ---- builtins, statuses, output -------------------------------------------------------------
+
+def test_exit_status_is_the_last_failing_commands(monkeypatch):
+    text = "cpus\nbogus\nvcpu 7\ncpus\nread 0x1\ncpus\n"
+    sh, vm, out, err = make(text=text)
+    assert run_lines(sh, monkeypatch, out) == 2
+    assert "unknown command 'bogus'" in err.getvalue()
+    assert out.getvalue().count("host thread 100") == 3      # the shell went on each time
+    sh, vm, out, err = make(text="cpus\n\n# a comment\ncpus\n")
+    assert run_lines(sh, monkeypatch, out) == 0
+
+
+def test_quit_ends_and_no_prompt_or_banner_when_not_a_terminal(monkeypatch):
+    sh, vm, out, err = make(text="cpus\nquit\ncpus\n")
+    assert run_lines(sh, monkeypatch, out) == 0
+    text = out.getvalue()
+    assert text.count("host thread 100") == 1
+    assert "qi>" not in text and "qintrospect shell" not in text and err.getvalue() == ""
+
+
+def test_cr3_and_vcpu_builtins(monkeypatch):
+    text = ("cr3 0x5000\nread 0x1000 8\nread --cr3 0x7000 0x1000 8\nread --phys 0x1000 8\n"
+            "cr3\ncr3 vcpu\nread 0x1000 8\nvcpu 1\nvcpu\ncpus --vcpu 0\nvcpu\n")
+    sh, vm, out, err = make(text=text)
+    assert run_lines(sh, monkeypatch, out) == 0, err.getvalue()
+    assert vm.read_calls == [(0x1000, 8, False, 0x5000), (0x1000, 8, False, 0x7000),
+                             (0x1000, 8, True, None), (0x1000, 8, False, None)]
+    assert "root: 0x5000" in out.getvalue() and "root: vCPU 0's CR3" in out.getvalue()
+    assert vm.vcpu == 1 and "vCPU 1 of 2" in out.getvalue()
+    # `cpus --vcpu 0` ran with vCPU 0 and went back to vCPU 1
+    sent = vm.qmp.sent
+    i = sent.index("select 0")
+    assert sent[i + 2] == "select 1"
+
+
+def test_prompt_shows_the_root():
+    sh, vm, out, err = make()
+    assert sh.prompt() == "qi> "
+    sh.execute("cr3 0x2000")
+    assert sh.prompt() == "qi cr3=0x2000> "
+
+
+def test_help_lists_commands_and_shows_a_commands_options():
+    sh, vm, out, err = make()
+    sh.execute("help")
+    text = out.getvalue()
+    for name in shell.COMMANDS + ("cr3 HEX", "vcpu N", "quit"):
+        assert name in text
+    sh.execute("help vmmap")
+    assert "--writable" in out.getvalue()
+
+
+def test_banner_says_how_the_vm_is_held():
+    sh, vm, out, err = make()
+    assert "paused only while a command runs" in sh.banner()
+    sh, vm, out, err = make(hold=True)
+    assert "whole shell (--freeze)" in sh.banner()
+    sh, vm, out, err = make(FakeSession(gdb=object()), hold=True)
+    assert "gdbstub is attached for the whole shell" in sh.banner()
+
+
+# ---- history --------------------------------------------------------------------------------
+
+class FakeReadline:
+    def write_history_file(self, path):
+        with open(path, "w") as f:
+            f.write("translate 0x1000\n")
+
+
+def test_history_written_0600_and_never_through_a_symlink(tmp_path):
+    path = tmp_path / ".qintrospect_history"
+    target = tmp_path / "elsewhere"
+    target.write_text("keep")
+    os.symlink(target, path)
+    old = os.umask(0o022)
+    try:
+        shell.save_history(FakeReadline(), str(path))
+    finally:
+        os.umask(old)
+    assert target.read_text() == "keep"
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert path.read_text() == "translate 0x1000\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".qintrospect_history.")] \
+        == []
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_shell_subcommand_usage():
+    proc = subprocess.run([sys.executable, "-m", "qintrospect", "shell", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--freeze" in proc.stdout and "--gdb" in proc.stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("QI_QMP", "QI_GDB")}
+    proc = subprocess.run([sys.executable, "-m", "qintrospect", "shell"], input="cpus\n",
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "--qmp" in proc.stderr
