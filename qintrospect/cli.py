@@ -211,10 +211,11 @@ SLAT_CHUNK = 4096
 
 
 def _slat_spec(args):
-    if not (args.eptp or args.slat):
+    eptp = getattr(args, "eptp", None)
+    if not (eptp or args.slat):
         return None
     from . import slat
-    if args.eptp:   # the older spelling of --slat ept:EPTP
+    if eptp:   # the older spelling of --slat ept:EPTP
         if args.slat:
             raise UsageError("--eptp and --slat exclude each other (--eptp X is --slat ept:X)")
         return slat.parse_slat(f"ept:{parse_number(args.eptp, '--eptp'):#x}")
@@ -440,13 +441,13 @@ def cmd_who_maps(args) -> int:
         progress = Progress("who-maps: scanning guest RAM for page-table roots",
                             vm.ram_map.ram_bytes)
         try:
-            results = vm.who_maps(**{kind: address}, progress=progress)
+            results = vm.who_maps(**{kind: address}, progress=progress,
+                                  slat=_slat_spec(args))
         finally:
             progress.close()
     for w in results:
         print(render.json_line(w.to_dict()) if args.json else whomaps.text(w))
-    found = any(w.reaches or w.tables or w.holders for w in results)
-    return EXIT_OK if found else EXIT_FAULT
+    return EXIT_OK if any(w.found for w in results) else EXIT_FAULT
 
 
 def cmd_kvm(args) -> int:
@@ -782,6 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--gpa", help="a guest-physical address")
     w.add_argument("--hva", help="a host virtual address in this VM's QEMU process")
     w.add_argument("--hpa", help="a host physical address (root: frame numbers)")
+    w.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
+                   help="on a KVM host: the hypervisor's second-level table too (the GPAs "
+                        "whose leaf holds the host frame, and whether the frame is a page of "
+                        "the table)")
     w.add_argument("--json", action="store_true", help="one JSON object per frame")
     _session_options(w)
     w.set_defaults(func=cmd_who_maps)

@@ -780,13 +780,15 @@ class Session:
                                       (level, addr, str(exc))))
 
     def who_maps(self, gpa: Optional[int] = None, hva: Optional[int] = None,
-                 hpa: Optional[int] = None, progress=None):
+                 hpa: Optional[int] = None, progress=None, slat=None):
         """The reverse map (whomaps.who_maps): every GVA in every address space of the guest
         that reaches the frame, whether it is a page-table page, and for a host address the
-        QEMU processes holding it. One WhoMaps per GPA."""
-        from . import whomaps
+        QEMU processes holding it; with slat ("auto", "npt:0x..." or a SlatSpec) on a KVM
+        host, the second-level table's GPAs for that host frame too. One WhoMaps per GPA."""
+        from . import slat as slat_mod, whomaps
         self._check_open()
-        return whomaps.who_maps(self, gpa, hva, hpa, progress)
+        spec = slat_mod.parse_slat(slat) if isinstance(slat, str) else slat
+        return whomaps.who_maps(self, gpa, hva, hpa, progress, spec)
 
     def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
         """Every present leaf of the address space as paging.Mapping objects, in VA order."""

@@ -312,3 +312,48 @@ class SecondLevel:
             return SlatResult(SlatSpec(), self.how, None, expected,
                               note=self.how.get("note", "no second-level root"))
         return translate(self.memory.read, self.spec, self.how, gpa, expected, self.page1gb)
+
+
+# ---- the reverse: which guest-physical pages reach a host frame ----------------------------
+
+@dataclass
+class Reverse:
+    """Where a host address sits in a second-level table: the GPAs whose leaf holds it, and
+    the table pages it is itself (level names as the walk names them)."""
+    maps: List[Tuple[int, int, str]]      # (gpa of the byte, leaf page size, leaf level)
+    tables: List[str]                     # levels at which the frame is a table page
+
+    def to_dict(self, spec: "SlatSpec") -> dict:
+        return {"format": spec.format, "depth": spec.depth, "root": f"{spec.root:#x}",
+                "maps": [{"gpa": f"{g:#x}", "page_size": size, "level": level}
+                         for g, size, level in self.maps],
+                "page_table_of": self.tables}
+
+
+def reverse(read_phys, spec: SlatSpec, hpa: int, maxphyaddr: int = 52) -> Reverse:
+    """Every leaf of the table that maps host address hpa, and every table page of it that is
+    hpa's page: one walk of the whole table, each table page read once."""
+    from .paging.ept import _ept_format, _npt_format
+    from .paging.modes import MODE_EPT4, MODE_EPT5, MODE_NPT4, MODE_NPT5
+    from .paging.walker import iter_leaves
+    if spec.format == "ept":
+        mode = MODE_EPT5 if spec.depth == 5 else MODE_EPT4
+        fmt = _ept_format(mode, maxphyaddr, False, None)
+    else:
+        mode = MODE_NPT5 if spec.depth == 5 else MODE_NPT4
+        fmt = _npt_format(mode, maxphyaddr, True, None)
+    page = hpa & ~(PAGE - 1)
+    tables = [mode.levels[0].name] if spec.root == page else []
+    maps = []
+    seen_tables = set()
+    for gpa, i, path in iter_leaves(read_phys, mode, fmt, spec.root, 0, 1 << mode.va_bits):
+        for k in range(i):                    # the tables below the root on this path
+            t = fmt.frame(k, path[k], False)
+            if t == page and (k + 1) not in seen_tables:
+                seen_tables.add(k + 1)
+                tables.append(mode.levels[k + 1].name)
+        size = fmt.page_size(i, True)
+        frame = fmt.frame(i, path[-1], True)
+        if frame <= hpa < frame + size:
+            maps.append((gpa + (hpa - frame), size, mode.levels[i].name))
+    return Reverse(maps, tables)

@@ -92,15 +92,24 @@ class WhoMaps:
     roots: List[int] = field(default_factory=list)
     seconds: float = 0.0
     notes: List[str] = field(default_factory=list)
+    slat: Optional[dict] = None     # the hypervisor's second-level table: GPAs reaching the HPA
+
+    @property
+    def found(self) -> bool:
+        return bool(self.reaches or self.tables or self.holders or (
+            self.slat and (self.slat.get("maps") or self.slat.get("page_table_of"))))
 
     def to_dict(self) -> dict:
-        return {"query": self.query, "gpa": _h(self.gpa), "ram_block": self.ram_block,
-                "hva": _h(self.hva), "hpa": _h(self.hpa),
-                "mappings": [r.to_dict() for r in self.reaches],
-                "page_table_of": [t.to_dict() for t in self.tables],
-                "host_holders": [h.to_dict() for h in self.holders],
-                "roots": [_h(r) for r in self.roots], "seconds": round(self.seconds, 4),
-                "notes": self.notes}
+        out = {"query": self.query, "gpa": _h(self.gpa), "ram_block": self.ram_block,
+               "hva": _h(self.hva), "hpa": _h(self.hpa),
+               "mappings": [r.to_dict() for r in self.reaches],
+               "page_table_of": [t.to_dict() for t in self.tables],
+               "host_holders": [h.to_dict() for h in self.holders],
+               "roots": [_h(r) for r in self.roots], "seconds": round(self.seconds, 4),
+               "notes": self.notes}
+        if self.slat is not None:
+            out["slat"] = self.slat
+        return out
 
 
 # ---- the roots ---------------------------------------------------------------------------
@@ -283,9 +292,11 @@ def gpa_of_hva(session, hva: int) -> int:
 
 
 def who_maps(session, gpa: Optional[int] = None, hva: Optional[int] = None,
-             hpa: Optional[int] = None, progress=None) -> List[WhoMaps]:
+             hpa: Optional[int] = None, progress=None, slat_spec=None) -> List[WhoMaps]:
     """One WhoMaps per guest-physical address the query names (a host frame may be held at
-    several GPAs, or by no RAM of this VM)."""
+    several GPAs, or by no RAM of this VM). With slat_spec (a KVM host), the second-level
+    table too: the GPAs whose leaf holds the host frame, and whether the frame is one of the
+    table's own pages."""
     given = [(k, v) for k, v in (("gpa", gpa), ("hva", hva), ("hpa", hpa)) if v is not None]
     if len(given) != 1:
         raise UsageError("give exactly one of --gpa, --hva, --hpa")
@@ -310,7 +321,28 @@ def who_maps(session, gpa: Optional[int] = None, hva: Optional[int] = None,
         w.query = {kind: f"{address:#x}"}
         if kind == "hpa":
             w.hpa, w.holders, w.notes = address, holders, notes + w.notes
+    if slat_spec is not None:
+        _second_level(session, results, slat_spec, progress)
     return results
+
+
+def _second_level(session, results: List[WhoMaps], spec, progress) -> None:
+    from . import slat
+    second = session.second_level(spec, (), progress)
+    for w in results:
+        if second.spec is None:
+            w.slat = {"root": None, "how": second.how, "note": second.how.get("note")}
+            continue
+        info = {"how": second.how}
+        if w.hpa is None:
+            info.update(format=second.spec.format, root=_h(second.spec.root), maps=[],
+                        page_table_of=[],
+                        note="no host physical address to look for (the page is not present "
+                             "on the host, or frame numbers are hidden: run as root)")
+        else:
+            info.update(slat.reverse(second.memory.read, second.spec, w.hpa)
+                        .to_dict(second.spec))
+        w.slat = info
 
 
 def text(w: WhoMaps) -> str:
@@ -334,5 +366,19 @@ def text(w: WhoMaps) -> str:
     for t in w.tables:
         many = f" (shared by {len(t.roots)} roots)" if len(t.roots) > 1 else ""
         lines.append(f"  it is a page-table page: {t.level} table of root {t.root:#x}{many}")
+    if w.slat is not None:
+        s = w.slat
+        kind = (s.get("format") or "second-level").upper()
+        if s.get("root") is None:
+            lines.append(f"  {kind}: no table found ({s.get('note')})")
+        else:
+            for m in s.get("maps", []):
+                lines.append(f"    GPA {int(m['gpa'], 16):#018x}  {kind} root {s['root']}  "
+                             f"{m['level']:<4} {paging.formats.size_name(m['page_size']):>6}")
+            for level in s.get("page_table_of", []):
+                lines.append(f"  it is a page of the {kind} itself: {level} table of root "
+                             f"{s['root']}")
+            if s.get("note"):
+                lines.append(f"  {kind}: {s['note']}")
     lines += [f"  note: {n}" for n in w.notes]
     return "\n".join(lines)

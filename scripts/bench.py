@@ -69,6 +69,7 @@ TARGETS = {
     "translate_vs_gdb": 1.0,     # one translate command <= 1.0x a bare gdb attach + disconnect
     "json_batch_ratio": 100.0,   # translate --json - (full detail) >= 100x the gva2gpa loop
     "vmmap_vs_ptdump": 1.0,      # vmmap --json <= 1.0x gdb-pt-dump's pt, start to exit
+    "who_maps_s": 1.0,           # who-maps over all roots of the 256 MiB guest <= 1 s
 }
 
 FULL = dict(n_single_gdb=300, n_single_direct=1000, n_single_hmp=500, cli_reps=5,
@@ -251,6 +252,21 @@ def _times(argv, reps, timeout=60, ok=(0,)):
         times.append(elapsed)
         rss.append(maxrss)
     return times, max(rss), out
+
+
+def m_who_maps(ctx):
+    """who-maps of the probe's heap page over every page-table root of the guest (the finder's
+    scan included), direct path."""
+    with _attach(ctx, "direct") as vm:
+        gpa = ctx["regions"]["heap"]["gpa"]
+        times, found = [], None
+        for _ in range(ctx["scan_reps"]):
+            t = time.perf_counter()
+            found = vm.who_maps(gpa=gpa)[0]
+            times.append(time.perf_counter() - t)
+    return {"times": summary(times), "roots": len(found.roots),
+            "mappings": len(found.reaches), "heap_found": any(
+                r.gva == ctx["regions"]["heap"]["gva"] for r in found.reaches)}
 
 
 def m_cli_help(ctx):
@@ -580,6 +596,7 @@ MEASURES = {
     "map_cli": m_map_cli,
     "scan": m_scan,
     "slat": m_slat,
+    "who_maps": m_who_maps,
     "cli_help": m_cli_help,
     "gdb_bare": m_gdb_bare,
     "cli_json_batch": m_cli_json_batch,
@@ -742,7 +759,8 @@ class Bench:
                 ("batch", 900), ("batch_arrays", 300), ("batch_hmp", 300),
                 ("cli_json_batch", 900), ("ptdump", 600), ("map_tlb", 120),
                 ("map_arrays", 120), ("map_direct", 120),
-                ("map_gdb", 300), ("map_cli", 60 + 120 * p["map_cli_reps"]), ("scan", 300),
+                ("map_gdb", 300), ("map_cli", 60 + 120 * p["map_cli_reps"]),
+                ("who_maps", 300), ("scan", 300),
                 ("slat", 300)]
         for name, timeout in plan:
             if name in ("batch", "batch_arrays", "batch_hmp", "cli_json_batch") and \
@@ -931,6 +949,15 @@ class Bench:
                     target=f"<= {TARGETS['map_ratio']:g}x" if targeted else None,
                     met=ratio <= TARGETS["map_ratio"] if targeted else None,
                     key=f"{key}_ratio")
+        wm = r.get("who_maps")
+        if err(wm):
+            add(3, "who-maps", f"ERROR: {wm and wm.get('error')}", key="who_maps")
+        else:
+            med = wm["times"]["median_ms"] / 1000
+            add(3, "vm.who_maps(heap GPA): every root (finder scan included), direct path",
+                f"{ms(wm['times'])}; {wm['roots']} roots, {wm['mappings']} mappings",
+                kb_mb(wm["maxrss_kb"]), f"<= {TARGETS['who_maps_s']:g} s",
+                med <= TARGETS["who_maps_s"], key="who_maps")
         pt = r.get("ptdump")
         if err(pt):
             add(3, "gdb-pt-dump's pt", f"ERROR: {pt and pt.get('error')}", key="ptdump")
@@ -1028,6 +1055,8 @@ class Bench:
             m = r.get(key) or {}
             if "leaves" in m and "leaves" in md:
                 out[f"{key}_leaves_equal_map_direct"] = m["leaves"] == md["leaves"]
+        if "heap_found" in (r.get("who_maps") or {}):
+            out["who_maps_found_the_heap"] = r["who_maps"]["heap_found"]
         for key in ("slat_256M", "slat_2G_filled"):
             if "found_is_cr3" in (r.get(key) or {}):
                 out[f"{key}_found_the_cr3_table"] = r[key]["found_is_cr3"]

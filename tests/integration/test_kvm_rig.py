@@ -396,3 +396,22 @@ def test_a_wrong_npt_root_is_said_so(rig, probe_slat):
     assert out.rc in (0, 1) and out.json, out.stderr   # 1 when it disagrees, 0 when it faults
     t = out.json[0]["slat"]
     assert t["agrees"] is not True and t["note"] and t["how"] == {"method": "given"}
+
+
+def test_who_maps_through_the_npt(rig, probe_slat):
+    """who-maps on the KVM host with the NPT: the heap's GPA is the one whose NPT leaf holds its
+    host frame, and the NPT's root page is a page of the NPT itself."""
+    names, res = probe_slat
+    s = res.json[0]["slat"]
+    given = f"{'npt5' if s['depth'] == 5 else 'npt'}:{s['root']}"
+    heap = rig.probe["regions"]["heap"]
+    w = rig.run_qi("who-maps", *inside_args(rig), "--gpa", hex(heap["gpa"]), "--slat", given,
+                   "--json")
+    assert w.rc == 0, w.stderr
+    o = w.json[0]
+    assert heap["gpa"] in [int(m["gpa"], 16) for m in o["slat"]["maps"]]
+    assert heap["gva"] in [int(m["gva"], 16) for m in o["mappings"]]
+    t = rig.run_qi("who-maps", *inside_args(rig), "--hpa", s["root"], "--slat", given, "--json")
+    assert t.rc == 0, t.stderr
+    top = "PML5" if s["depth"] == 5 else "PML4"
+    assert t.json[0]["slat"]["page_table_of"] == [top] and not t.json[0]["host_holders"]

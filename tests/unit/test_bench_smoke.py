@@ -95,6 +95,7 @@ MEASUREMENTS = {
     "scan_256M": {"ram_bytes": count, "present_bytes": count, "memory_path": text,
                   "candidates": count, "times": times, "mb_per_s": positive,
                   "best_mb_per_s": positive, "present_mb_per_s": positive, **RSS},
+    "who_maps": {"times": times, "roots": count, "mappings": count, "heap_found": flag, **RSS},
     "cli_help": {"times": times, "cmd_maxrss_kb": count},
     "gdb_bare": {"times": times, "cmd_maxrss_kb": count},
     "cli_json_batch": {"n": count, "lines": count, "seconds": positive, "per_second": positive,
@@ -111,13 +112,14 @@ ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "
         "map_arrays_ratio", "map_direct", "map_direct_ratio", "map_gdb", "map_gdb_ratio",
         "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline",
         "slat_256M", "slat_walk_ratio", "slat_2G_filled", "cli_help", "gdb_bare",
-        "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "ptdump"}
+        "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "ptdump", "who_maps"}
 TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
-            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio"}
+            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio", "who_maps"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
           "batch_agrees_with_gva2gpa", "batch_arrays_agrees_with_gva2gpa",
           "map_leaves_equal_tlb_lines", "map_cr3_same", "map_arrays_leaves_equal_map_direct",
-          "map_gdb_leaves_equal_map_direct", "slat_256M_found_the_cr3_table"}
+          "map_gdb_leaves_equal_map_direct", "slat_256M_found_the_cr3_table",
+          "who_maps_found_the_heap"}
 
 
 def check_bench_json(obj: dict, quick: bool = True) -> None:
@@ -234,6 +236,8 @@ def measured():
                       "memory_path": "direct", "candidates": 8, "times": summary(274),
                       "mb_per_s": 979.0, "best_mb_per_s": 1038.0, "present_mb_per_s": 474.0,
                       "maxrss_kb": 58000},
+        "who_maps": {"times": summary(40), "roots": 7, "mappings": 4, "heap_found": True,
+                     "maxrss_kb": 60000},
         "cli_help": {"times": summary(80), "cmd_maxrss_kb": 30000},
         "gdb_bare": {"times": summary(60), "cmd_maxrss_kb": 40000},
         "cli_json_batch": {"n": 20000, "lines": 20000, "seconds": 0.6, "per_second": 33000.0,

@@ -158,3 +158,25 @@ def test_kcore_ram_segments_are_the_direct_map():
     ])
     assert ram_segments(header, phdrs) == [(0x1000, 0xA0000, 0x9000),
                                            (0x100000, 0x80000000, 0xA000)]
+
+
+@pytest.mark.parametrize("fmt", ["npt", "ept"])
+@pytest.mark.parametrize("depth", [4, 5])
+def test_reverse_finds_every_gpa_and_the_tables_own_pages(fmt, depth):
+    host = Host()
+    # two GPAs on one host frame (an alias), a 2 MiB leaf over another, one elsewhere
+    root = build(host, fmt, depth, [(0x5000, 0x600000, PAGE), (0x9000, 0x600000, PAGE),
+                                    (0x40200000, 0xA00000, 2 << 20), (0x7000, 0x700000, PAGE)])
+    spec = (slat.SlatSpec("ept", root, depth, root | 6 | (depth - 1) << 3) if fmt == "ept"
+            else slat.SlatSpec("npt", root, depth))
+    r = slat.reverse(host.read, spec, 0x600010)
+    assert sorted(r.maps) == [(0x5010, PAGE, "PT"), (0x9010, PAGE, "PT")]
+    r = slat.reverse(host.read, spec, 0xA12345)
+    assert r.maps == [(0x40212345, 2 << 20, "PD")]
+    assert slat.reverse(host.read, spec, root + 8).tables == ["PML5" if depth == 5 else "PML4"]
+    pt = host.read(root, 8)   # the top table's first entry points to the next level's table
+    child = int.from_bytes(pt, "little") & ~0xFFF & ((1 << 52) - 1)
+    assert slat.reverse(host.read, spec, child).tables == [("PML4" if depth == 5 else "PDPT")]
+    assert slat.reverse(host.read, spec, 0x800000).maps == []
+    d = slat.reverse(host.read, spec, 0x600010).to_dict(spec)
+    assert d["format"] == fmt and {m["gpa"] for m in d["maps"]} == {"0x5010", "0x9010"}
