@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from .errors import AttachError, UsageError, VMGoneError
-from .qmp import LIFECYCLE_EVENTS, QmpCommandError, check_allowed
+from .qmp import LIFECYCLE_EVENTS, Monitor, QmpCommandError, check_allowed
 
 DEFAULT_URI = "qemu:///system"
 STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
@@ -104,7 +104,7 @@ def lookup(conn, name: str, uri: str):
     return dom
 
 
-class LibvirtMonitor:
+class LibvirtMonitor(Monitor):
     """QmpMonitor's interface over libvirt's qemu-monitor-command for one domain."""
 
     def __init__(self, domain: str, uri: Optional[str] = None, timeout: float = 5.0):
@@ -191,13 +191,6 @@ class LibvirtMonitor:
                               f"{exc}") from None
         self.check_lifecycle()
         return result
-
-    def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
-        """Run one allowlisted HMP command (human-monitor-command) and return what it prints."""
-        args = {"command-line": command_line}
-        if cpu_index is not None:
-            args["cpu-index"] = cpu_index
-        return self.command("human-monitor-command", **args)
 
     def close(self) -> None:
         if self._conn is not None:

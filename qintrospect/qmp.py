@@ -119,7 +119,22 @@ class QmpCommandError(AttachError):
     exit_status = 1
 
 
-class QmpMonitor:
+class Monitor:
+    """What a session asks of a monitor, however it is reached: command(name, **arguments),
+    which passes check_allowed first; hmp() is human-monitor-command on top of it."""
+
+    def command(self, name: str, **arguments) -> object:
+        raise NotImplementedError
+
+    def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
+        """Run one allowlisted HMP command through QMP and return what it prints."""
+        args = {"command-line": command_line}
+        if cpu_index is not None:
+            args["cpu-index"] = cpu_index
+        return self.command("human-monitor-command", **args)
+
+
+class QmpMonitor(Monitor):
     """A synchronous QMP client over a Unix or TCP socket, with a timeout on every exchange.
 
     QMP is one JSON object a line: a greeting, then replies that carry the id of their command,
@@ -267,13 +282,6 @@ class QmpMonitor:
                                   f"{error.get('desc', error) if isinstance(error, dict) else error}")
         self.check_lifecycle()
         return reply.get("return")
-
-    def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
-        """Run one allowlisted HMP command through QMP and return what it prints."""
-        args = {"command-line": command_line}
-        if cpu_index is not None:
-            args["cpu-index"] = cpu_index
-        return self.command("human-monitor-command", **args)
 
     def close(self) -> None:
         if self._sock is not None:
