@@ -1,7 +1,7 @@
 """Second-level tables found and walked, on host memory a test builds (NPT and EPT, 4 and 5
 levels, 4 KiB / 2 MiB / 1 GiB leaves), with decoys: a stale root that maps the probe elsewhere,
 a table that is not reachable from any root, random data. The real-KVM proof is in
-tests/integration/test_kvm_rig*.py."""
+tests/integration/kvm/."""
 
 import struct
 

@@ -10,7 +10,7 @@ the same table over /proc/kcore, row by row. Also: a GPA the NPT does not map (t
 line), a tampered log (exit 1, the rows that differ), and an EPT made by hand in L1's memory
 (vm/module/slat_tables.py: the module's EPT format and qintrospect's EPT walker agree).
 
-One L1 boot for the module. These tests FAIL (not skip) when the rig is not built: run
+The folder's one L1 boot (conftest.py). These tests FAIL (not skip) when the rig is not built: run
 vm/kvm/build.sh first (it also builds the modules). Every qintrospect in L1 gets --timeout 60.
 """
 
@@ -23,41 +23,14 @@ import time
 
 import pytest
 
-from vm.kvm.rig import KvmRig, KvmRigNotBuilt
 
-from .conftest import REPO
+from ..conftest import REPO
 
 pytestmark = pytest.mark.vm
 
 QI_TIMEOUT = ["--timeout", "60"]
-MODULE = "/qi/modules/slat_dump.ko"
+from .conftest import MODULE  # noqa: E402
 MIB2 = 1 << 21
-
-
-@pytest.fixture(scope="module")
-def rig():
-    try:
-        KvmRig.check_built()
-    except KvmRigNotBuilt as e:
-        pytest.fail(str(e), pytrace=False)
-    r = KvmRig(l2="linux", l2_cpu="host", smp=2)
-    t0 = time.monotonic()
-    try:
-        r.start()
-        r.l2_start_probe("spin")
-        r.run_l1(f"test -s {MODULE}")
-        if r.last_status != 0:
-            pytest.fail(f"{MODULE} is missing in L1: run vm/kvm/build.sh (it builds "
-                        "vm/module/ into the cache the rig's per-start disk copies)",
-                        pytrace=False)
-    except BaseException:
-        r.stop()
-        raise
-    print(f"\nKVM rig up in {time.monotonic() - t0:.1f} s")
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def inside(rig):

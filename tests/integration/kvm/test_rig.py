@@ -6,7 +6,7 @@ bundled Linux guest (probe + gpt_dump.ko) under ``-accel kvm -cpu host`` inside 
 goes through a real NPT built by L1's KVM. qintrospect runs in L1 exactly as a user runs it on
 a KVM host, and from L0 through L1's serial ports with ``--outer``.
 
-One L1 boot for the whole module. These tests FAIL (not skip) when the rig is not built: run
+One L1 boot for this whole folder (conftest.py), with a kprobe on KVM's root load armed. These tests FAIL (not skip) when the rig is not built: run
 vm/kvm/build.sh first. Every qintrospect in L1 gets ``--timeout 60``: under TCG, gdb alone
 takes ~2.5 s to start in L1, and qintrospect's default 5 s per exchange is too short there.
 """
@@ -21,46 +21,15 @@ import time
 
 import pytest
 
-from vm.kvm.rig import KvmRig, KvmRigNotBuilt
 from vm.nested.rig import SerialQMP
 
-from .conftest import REPO
+from ..conftest import REPO
 
 pytestmark = pytest.mark.vm
 
 PRESENT, PFN_MASK = 1 << 63, (1 << 55) - 1
 QI_TIMEOUT = ["--timeout", "60"]
-NPT_KPROBE = "p:qi_npt svm_load_mmu_pgd root=%si:x64 level=%dx:s32"
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def rig():
-    try:
-        KvmRig.check_built()
-    except KvmRigNotBuilt as e:
-        pytest.fail(str(e), pytrace=False)
-    r = KvmRig(l2=None, l2_cpu="host", smp=2)
-    t0 = time.monotonic()
-    try:
-        r.start()
-        # An independent witness of the NPT root, armed before L2 exists: a kprobe on the
-        # function KVM's SVM code loads the root into the VMCB with (root in %rsi, level in
-        # %edx: svm_load_mmu_pgd(vcpu, root_hpa, root_level)).
-        r.run_l1(f"echo '{NPT_KPROBE}' >> /sys/kernel/tracing/kprobe_events && "
-                 "echo 1 > /sys/kernel/tracing/events/kprobes/qi_npt/enable")
-        assert r.last_status == 0, "the kprobe on svm_load_mmu_pgd could not be armed"
-        r.launch_l2(l2="linux")
-        r.l2_start_probe("spin")
-    except BaseException:
-        r.stop()
-        raise
-    print(f"\nKVM rig up in {time.monotonic() - t0:.1f} s: "
-          + ", ".join(f"{k}={v:.2f}" for k, v in r.timings.items()))
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture(scope="module")
@@ -278,16 +247,19 @@ def kvm_roots(rig):
 
 
 @pytest.fixture(scope="module")
-def direct_map(rig):
-    """L2's kernel direct map, a 2 MiB step over all of its RAM, translated inside L1 with
-    --slat auto: pages QEMU has touched and pages it has not."""
+def direct_map(rig, probe_slat):
+    """L2's kernel direct map, a 2 MiB step over all of its RAM, translated inside L1 through
+    the NPT root found for the probe (given: no second scan): pages QEMU has touched and pages
+    it has not."""
     heap = rig.probe["regions"]["heap"]
     w = rig.run_qi("who-maps", *inside_args(rig), "--gpa", hex(heap["gpa"]), "--json")
     assert w.rc == 0, w.stderr
     base = next(int(m["gva"], 16) - heap["gpa"] for m in w.json[0]["mappings"]
                 if m["half"] == "kernel" and (int(m["gva"], 16) - heap["gpa"]) % (1 << 30) == 0)
     addresses = [hex(base + gpa) for gpa in range(0, 256 * MiB, 2 * MiB)]
-    return rig.run_qi("translate", *inside_args(rig), "--slat", "auto", "--json", *addresses)
+    s = probe_slat[1].json[0]["slat"]
+    given = f"{'npt5' if s['depth'] == 5 else 'npt'}:{s['root']}"
+    return rig.run_qi("translate", *inside_args(rig), "--slat", given, "--json", *addresses)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The KVM rig with the oracle as L2: a freestanding guest that sets up one x86 paging mode with
 known mappings, run by L1's KVM (nested SVM under TCG), checked by qintrospect inside L1.
 
-One L1 boot; L2 starts as the oracle in mode 4level under ``-cpu qemu64,+pdpe1gb`` (the CPU
+The folder's L1 (conftest.py); L2 is relaunched as the oracle in mode 4level under ``-cpu qemu64,+pdpe1gb`` (the CPU
 model of the nested rig), then is relaunched in the same L1 in mode 32bit (legacy paging under
 L1's NPT). FAILS (not skips) when the rig is not built: run vm/kvm/build.sh first.
 """
@@ -10,32 +10,20 @@ import time
 
 import pytest
 
-from vm.kvm.rig import KvmRig, KvmRigNotBuilt
 from vm.nested.rig import SerialQMP
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-def rig():
-    try:
-        KvmRig.check_built()
-    except KvmRigNotBuilt as e:
-        pytest.fail(str(e), pytrace=False)
-    # 1152M: RAM behind the oracle's 1 GiB page (frame 0x40000000); KVM allocates it lazily.
-    r = KvmRig(l2="oracle", oracle_mode="4level", l2_cpu="qemu64,+pdpe1gb", l2_memory="1152M", smp=2)
+def oracle(rig):
+    """The folder's rig with L2 relaunched as the oracle (this file runs last in the folder).
+    1152M: RAM behind the oracle's 1 GiB page (frame 0x40000000); KVM allocates it lazily."""
     t0 = time.monotonic()
-    try:
-        r.start()
-    except BaseException:
-        r.stop()
-        raise
-    print(f"\nKVM rig (oracle L2) up in {time.monotonic() - t0:.1f} s: "
-          + ", ".join(f"{k}={v:.2f}" for k, v in r.timings.items()))
-    try:
-        yield r
-    finally:
-        r.stop()
+    rig.launch_l2(l2="oracle", oracle_mode="4level", l2_cpu="qemu64,+pdpe1gb",
+                  l2_memory="1152M")
+    print(f"\noracle L2 up in {time.monotonic() - t0:.1f} s")
+    return rig
 
 
 def check_every_mapping(rig):
@@ -59,7 +47,8 @@ def check_every_mapping(rig):
     return r, sum(m.fault == "none" for m in maps), len(maps)
 
 
-def test_oracle_4level_under_kvm(rig):
+def test_oracle_4level_under_kvm(oracle):
+    rig = oracle
     assert rig.l2_ready["mode"] == "4level"
     with SerialQMP(rig.l2_qmp_path) as q:
         assert q.cmd("query-kvm") == {"enabled": True, "present": True}
@@ -69,7 +58,8 @@ def test_oracle_4level_under_kvm(rig):
           f"qintrospect in L1 {r.seconds:.2f} s")
 
 
-def test_oracle_32bit_relaunched_in_the_same_l1(rig):
+def test_oracle_32bit_relaunched_in_the_same_l1(oracle):
+    rig = oracle
     old_pid = rig.l2_qemu_pid_in_l1
     t0 = time.monotonic()
     rig.launch_l2(oracle_mode="32bit")
