@@ -140,6 +140,19 @@ def parse_probe_output(text: str) -> dict:
     return {"pid": pid, "regions": regions, "lines": lines}
 
 
+def qmp_once(path: str, command: str, **arguments):
+    """One QMP command on a short-lived connection to the socket at PATH; its "return"."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    mon = QEMUMonitorProtocol(path)
+    mon.connect()
+    try:
+        mon.settimeout(30)
+        return mon.cmd(command, **arguments)
+    finally:
+        mon.close()
+
+
 class Guest:
     """A QEMU VM running the bundled guest. A context manager that always tears down.
 
@@ -446,17 +459,9 @@ class Guest:
     # ------------------------------------------------------------------ QMP helpers
     def qmp(self, command: str, **arguments):
         """Run one QMP command on a short-lived connection; return its "return" value."""
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
         if not self.qmp_path:
             raise GuestError("guest not started")
-        mon = QEMUMonitorProtocol(self.qmp_path)
-        mon.connect()
-        try:
-            mon.settimeout(30)
-            return mon.cmd(command, **arguments)
-        finally:
-            mon.close()
+        return qmp_once(self.qmp_path, command, **arguments)
 
     def hmp(self, command_line: str) -> str:
         """Run one HMP command through QMP's human-monitor-command."""
@@ -464,6 +469,23 @@ class Guest:
 
 
 # ---------------------------------------------------------------------- CLI
+def hold(guest: Guest, interact: bool, console_name: str) -> None:
+    """The end of each rig's `main`: with --interact this terminal becomes the console
+    (Ctrl-] leaves), else wait for Ctrl-C; the caller's `with` then tears everything down."""
+    sys.stdout.flush()
+    if interact:
+        guest.run("stty echo")
+        print(f"-- {console_name}; Ctrl-] leaves and tears down --")
+        sys.stdout.flush()
+        guest.console.logfile_read = None
+        guest.console.send("\n")
+        guest.console.interact()
+    else:
+        print("Ctrl-C to stop.")
+        while True:
+            signal.pause()
+
+
 def main(argv: Optional[Iterable[str]] = None) -> int:
     import argparse
 
@@ -505,18 +527,7 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             print(f"probe pid:   {probe['pid']} ({args.mode})")
             for line in probe["lines"]:
                 print(line)
-            sys.stdout.flush()
-            if args.interact:
-                guest.run("stty echo")
-                print("-- guest console (prompt 'qi# '); Ctrl-] leaves and tears down --")
-                sys.stdout.flush()
-                guest.console.logfile_read = None
-                guest.console.send("\n")
-                guest.console.interact()
-            else:
-                print("Ctrl-C to stop.")
-                while True:
-                    signal.pause()
+            hold(guest, args.interact, "guest console (prompt 'qi# ')")
     except KeyboardInterrupt:
         print("\nstopping")
     except GuestError as e:

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from qintrospect.qmp import parse_gva2gpa
+from vm.guest import qmp_once
 
 from .conftest import REPO, booted, run_cli
 from .test_safety import rsp_query
@@ -36,14 +37,7 @@ def g(tmp_path_factory):
 
 def observe(g, command="query-status", **arguments):
     """One QMP command on the tests' own monitor (free while the shell holds the other)."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
-    mon = QEMUMonitorProtocol(g.observer)
-    mon.connect()
-    try:
-        mon.settimeout(30)
-        return mon.cmd(command, **arguments)
-    finally:
-        mon.close()
+    return qmp_once(g.observer, command, **arguments)
 
 
 def status(g) -> str:

@@ -54,7 +54,8 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from vm.guest import PROMPT, GuestError, GuestNotBuilt, default_cache_dir, parse_probe_output
+from vm.guest import (PROMPT, GuestError, GuestNotBuilt, default_cache_dir, hold,
+                      parse_probe_output)
 from vm.nested.rig import NestedRig, SerialQMP, _connect_unix
 
 __all__ = ["KvmRig", "KvmRigError", "KvmRigNotBuilt", "QiResult", "kvm_cache_dir", "BUILD_SCRIPT"]
@@ -582,18 +583,7 @@ def main(argv=None) -> int:
                 elif rig.l2 == "oracle":
                     print(rig.l2_ready_line)
             print("timings: " + ", ".join(f"{k}={v:.2f}s" for k, v in rig.timings.items()))
-            sys.stdout.flush()
-            if args.interact:
-                rig.run("stty echo")
-                print("-- L1 console (prompt 'qi# '; qintrospect is on PATH); Ctrl-] leaves and tears down --")
-                sys.stdout.flush()
-                rig.console.logfile_read = None
-                rig.console.send("\n")
-                rig.console.interact()
-            else:
-                print("Ctrl-C to stop.")
-                while True:
-                    signal.pause()
+            hold(rig, args.interact, "L1 console (prompt 'qi# '; qintrospect is on PATH)")
     except KeyboardInterrupt:
         print("\nstopping")
     except GuestError as e:

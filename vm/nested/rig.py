@@ -47,7 +47,7 @@ import threading
 import time
 from typing import List, Optional
 
-from vm.guest import Guest, GuestError, GuestNotBuilt, default_cache_dir
+from vm.guest import Guest, GuestError, GuestNotBuilt, default_cache_dir, hold
 from vm.oracle.boot import MapLine, OracleOutput, parse_output
 
 __all__ = ["NestedRig", "NestedError", "NestedNotBuilt", "SerialQMP", "SerialQMPError",
@@ -647,16 +647,7 @@ def main(argv=None) -> int:
             print(f"L2 greeting: {rig.l2_qmp_greeting}")
             print(f"{rig.l2_ready_line}")
             print("timings: " + ", ".join(f"{k}={v:.2f}s" for k, v in rig.timings.items()))
-            sys.stdout.flush()
-            if args.interact:
-                rig.run("stty echo")
-                rig.console.logfile_read = None
-                rig.console.send("\n")
-                rig.console.interact()
-            else:
-                print("Ctrl-C to stop.")
-                while True:
-                    signal.pause()
+            hold(rig, args.interact, "L1 console (prompt 'qi# ')")
     except KeyboardInterrupt:
         print("\nstopping")
     except GuestError as e:
