@@ -8,10 +8,8 @@ address gathered from the pages they lie in, read once each in runs. BatchTransl
 gives the full scalar walk of any one element when its levels are wanted.
 """
 
-import itertools
-import json
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -20,8 +18,6 @@ from .errors import MemoryReadError
 from .host import (HOST_NOT_PRESENT, HOST_PFN_HIDDEN, HOST_PRESENT, HOST_STATUS, HOST_UNKNOWN,
                    PAGE, pagemap_arrays)
 from .memory import DirectMemory
-from .paging.walker import present_step
-from .paging.x86 import cr3_root, x86_format
 
 VALUE_SIZE = 8
 RUN_PAGES = 1024   # data pages read per call: bounded memory (4 MiB) whatever the batch
@@ -185,167 +181,3 @@ def _values_in_region(memory, gpa, rows, value, has_value) -> None:
                     value[rows[lo:hi]] = np.ascontiguousarray(got).view("<u8").ravel()
                     has_value[rows[lo:hi]] = True
             first += count
-
-
-# ---- translate --json for many addresses -------------------------------------------------
-
-JSON_CHUNK = 65536
-JSON_MIN = 32
-
-
-def json_lines(session, addresses, cr3: Optional[int] = None,
-               kvm: Optional[dict] = None) -> Iterator[Tuple[bool, str]]:
-    """(translated?, line) for each address: exactly the line the one-address path prints,
-    json_line(session.translate(a, cr3).to_dict()) (every level, flag and access rule), made
-    from the vectorized walk and the batch's host columns. What repeats across addresses is made
-    once: a level's entry, and an access table with its notes per "shape" (the rights and key
-    bits on the path), taken from a scalar walk of the first address with that shape. Addresses
-    the arrays do not cover exactly (faults, GPAs outside RAM, values across pages, memory
-    read through gdb or QMP) take the one-address path."""
-    from .render import json_line
-    it = iter(addresses)
-    while True:
-        chunk = list(itertools.islice(it, JSON_CHUNK))
-        if not chunk:
-            return
-        if len(chunk) < JSON_MIN:    # a few addresses: arrays would cost more than they save
-            for va in chunk:
-                t = session.translate(va, cr3)
-                t.kvm = kvm
-                yield t.ok, json_line(t.to_dict())
-            continue
-        yield from _json_chunk(session, chunk, cr3, kvm, json_line)
-
-
-def _json_chunk(session, chunk, cr3, kvm, json_line):
-    def scalar(va):
-        t = session.translate(va, cr3)
-        t.kvm = kvm
-        return t.ok, json_line(t.to_dict())
-
-    cpu = session.cpu_state(cr3)
-    mode = paging.paging_mode(cpu)
-    if mode is None or not isinstance(session.memory, DirectMemory) or session.process is None:
-        for va in chunk:
-            yield scalar(va)
-        return
-    b = translate_batch(session, chunk, cr3)
-    w = b.walk_result
-    fmt = x86_format(cpu, mode)
-    root, pcid = cr3_root(cpu, mode)
-    # The line is assembled from pieces serialized once each (json_line's compact form, keys in
-    # Translation.to_dict's order): the test holds it to json_line(translate(a).to_dict()).
-    head = _frag({"vcpu": session.vcpu, "cr3": _hex(cpu.cr3),
-                  "cr3_source": "vcpu" if cr3 is None else "given", "root": _hex(root),
-                  "pcid": _hex(pcid), "mode": mode.name})
-    tail = ',"memory_path":' + json.dumps(session.memory.name)
-    kvm_part = ',"kvm":' + json_line(kvm) if kvm is not None else ""
-    pid = json.dumps(session.process.pid)
-    shape_mask = RW_US_PS_XD_PK | (1 << 5 if mode.name == "pae" else 0)
-    steps: Dict[tuple, str] = {}
-    shapes: Dict[tuple, Optional[tuple]] = {}
-    pages: Dict[int, tuple] = {}
-    blocks: Dict[int, str] = {}
-    ram = session.ram_map.ram
-    columns = (w.va, w.ok, w.pa, w.page_size, w.writable, w.user, w.executable, w.leaf_level,
-               b.region, b.hva, b.host_status, b.value, b.has_value)
-    entries, tables = w.entries.tolist(), w.tables.tolist()
-    for i, (va, ok, pa, psize, wr, us, ex, leaf, reg, hva, status, value, has_value) in \
-            enumerate(zip(*(c.tolist() for c in columns))):
-        if not ok or reg < 0 or not has_value or hva % PAGE > PAGE - VALUE_SIZE \
-                or ram[reg].hva is None:
-            yield scalar(va)
-            continue
-        path = entries[i][:leaf + 1]
-        key = (leaf, tuple(e & shape_mask for e in path),
-               (va >> 30) & 3 if mode.name == "pae" else None)
-        shape = shapes.get(key, ())
-        if shape == ():
-            shape = shapes[key] = _shape(session, cpu, va, pa)
-        if shape is None:                     # the scalar walk disagrees: take it whole
-            yield scalar(va)
-            continue
-        levels = []
-        for k in range(leaf + 1):
-            table, entry = tables[i][k], path[k]
-            index = (va >> mode.levels[k].shift) & ((1 << mode.levels[k].index_bits) - 1)
-            sk = (k, table, index, entry)
-            step = steps.get(sk)
-            if step is None:
-                step = steps[sk] = json_line(
-                    present_step(mode, fmt, k, table, index, entry).to_dict())
-            levels.append(step)
-        block = blocks.get(reg)
-        if block is None:
-            block = blocks[reg] = json.dumps(ram[reg].block)
-        region = ram[reg]
-        hpa, host = _host(session.process, pages, hva)
-        present = HOST_STATUS[status] in ("present", "pfn-hidden")
-        v = f'"{value:#x}"'
-        psz = str(psize)
-        yield True, "".join((
-            '{"gva":"', f"{va:#x}", '",', head, ',"levels":[', ",".join(levels),
-            '],"page_size":', psz, ',"gpa":"', f"{pa:#x}", '","ram_block":', block,
-            ',"ram_block_offset":"', f"{region.block_offset + (pa - region.start):#x}",
-            '","gpa_note":null,"hva":"', f"{hva:#x}", '","qemu_pid":', pid,
-            ',"hpa":', hpa, host, ',"writable":', _BOOL[wr], ',"user":', _BOOL[us],
-            ',"executable":', _BOOL[ex], ',"access":', shape[0],
-            ',"value":', v, ',"value_bytes":"', value.to_bytes(VALUE_SIZE, "little").hex(),
-            '","value_at_hva":', v if present else "null",
-            ',"value_matches":', "true" if present else "null", ',"value_note":null',
-            shape[1], tail, ',"guest_page_size":', psz, ',"slat_page_size":null',
-            kvm_part, "}"))
-
-
-_BOOL = {True: "true", False: "false"}
-
-
-def _frag(d: dict) -> str:
-    """A dict's members as json_line writes them, without the braces."""
-    from .render import json_line
-    return json_line(d)[1:-1]
-
-
-RW_US_PS_XD_PK = 0x2 | 0x4 | 0x80 | (1 << 63) | (0xF << 59)
-
-
-def _shape(session, cpu, va, pa):
-    """The serialized access table and (MAXPHYADDR, assumed?, notes) members of the scalar walk
-    of va, shared by every address whose path has the same rights and key bits; None if that
-    walk does not agree."""
-    from .render import json_line
-    walk = paging.walk(session.memory.read, cpu, va)
-    if not walk.ok or walk.pa != pa:
-        return None
-    access = json_line({k: r.to_dict() for k, r in walk.access.items()})
-    rest = "," + _frag({"maxphyaddr": walk.maxphyaddr,
-                        "assumed_maxphyaddr": walk.assumed_maxphyaddr,
-                        "notes": list(walk.notes)})
-    return access, rest
-
-
-def _host(process, pages, hva):
-    """(the "hpa" value, the rest: host_page_size and host) of hva's HostPage, serialized; the
-    pagemap and page size are read once per host page, and pages alike but for their frame
-    share one serialized form."""
-    base = hva - hva % PAGE
-    page = pages.get(base)
-    if page is None:
-        hp = process.host_page(base)
-        form = (hp.status, hp.page_size, hp.page_kind, hp.detail, hp.flags)
-        parts = pages.get(form)
-        if parts is None:
-            d = hp.to_dict()
-            parts = pages[form] = (
-                ',"host_page_size":' + json.dumps(d["page_size"]) + ',"host":{"status":'
-                + json.dumps(d["status"]) + ',"hpa":',
-                "," + _frag({k: d[k] for k in ("page_size", "page_kind", "detail", "flags")})
-                + "}")
-        page = pages[base] = (hp.hpa, parts[0], parts[1])
-    hpa, before, after = page
-    text = "null" if hpa is None else f'"{hpa + hva % PAGE:#x}"'
-    return text, before + text + after
-
-
-def _hex(v):
-    return None if v is None else f"{v:#x}"

@@ -133,6 +133,31 @@ PAGEMAP_GAP = 512         # pages between two HVAs still read in one pagemap rea
 PAGEMAP_CHUNK = 1 << 17   # pagemap entries per read (1 MiB): bounded whatever the span
 
 
+def _u64_table(fd: int, indexes, what: str):
+    """Entries (uint64) at an array of indexes of a table of 8-byte entries (pagemap,
+    kpageflags), read in runs of nearby indexes (PAGEMAP_GAP), PAGEMAP_CHUNK at most at a time."""
+    import numpy as np
+    indexes = np.asarray(indexes, np.int64)
+    out = np.zeros(len(indexes), np.uint64)
+    if not len(indexes):
+        return out
+    uniq, back = np.unique(indexes, return_inverse=True)
+    found = np.zeros(len(uniq), np.uint64)
+    breaks = np.flatnonzero(np.diff(uniq) > PAGEMAP_GAP) + 1
+    for group in np.split(np.arange(len(uniq)), breaks):
+        lo, hi = int(uniq[group[0]]), int(uniq[group[-1]])
+        for first in range(lo, hi + 1, PAGEMAP_CHUNK):
+            n = min(PAGEMAP_CHUNK, hi + 1 - first)
+            data = os.pread(fd, 8 * n, first * 8)
+            if len(data) != 8 * n:
+                raise OSError(f"short read from {what}")
+            entries = np.frombuffer(data, "<u8")
+            k = group[(uniq[group] >= first) & (uniq[group] < first + n)]
+            found[k] = entries[uniq[k] - first]
+    out[:] = found[back.reshape(-1)]
+    return out
+
+
 def pagemap_arrays(process, hvas):
     """(status codes, HPAs) for a numpy uint64 array of HVAs of one process (the vectorized
     twin of host_page; HPA 0 where not present). The pagemap is read in runs of nearby pages,
@@ -249,22 +274,57 @@ class HostProcess:
     def pagemap_of_pages(self, pages: np.ndarray) -> np.ndarray:
         """The pagemap entries (uint64) of an array of page numbers, read in runs of nearby
         pages (PAGEMAP_GAP) and at most PAGEMAP_CHUNK entries at a time."""
+        if self._pagemap is None:
+            self._pagemap = self._open(f"/proc/{self.pid}/pagemap")
+        return _u64_table(self._pagemap, pages, f"/proc/{self.pid}/pagemap")
+
+    def kpageflags_of(self, pfns: np.ndarray):
+        """(flags, known) for an array of frame numbers: kpageflags() of each, read in runs;
+        known is False where /proc/kpageflags cannot be read (kpageflags() gives None)."""
         import numpy as np
-        out = np.zeros(len(pages), np.uint64)
+        try:
+            if self._kpageflags is None:
+                self._kpageflags = self._open("/proc/kpageflags")
+            return _u64_table(self._kpageflags, pfns, "/proc/kpageflags"), \
+                np.ones(len(pfns), bool)
+        except OSError:     # frame by frame, exactly as kpageflags() answers each
+            each = [self.kpageflags(int(p)) for p in pfns]
+            return np.array([f or 0 for f in each], np.uint64), \
+                np.array([f is not None for f in each], bool)
+
+    def page_forms(self, pages: np.ndarray):
+        """Host pages that host_page() describes alike but for their frame, for an array of
+        page numbers (HVA // 4096): (form id of each page, frame number of each page, one
+        index into `pages` per form). The id holds all host_page() reads: the pagemap entry's
+        flag and status bits, whether the frame is hidden, the THP and huge bits of kpageflags
+        (and whether it was readable), the mapping (VMA) holding the page; a swapped page is
+        a form of its own (its sentence names its swap slot)."""
+        import numpy as np
+        u64 = np.uint64
+        pages = np.asarray(pages, np.int64)
         if not len(pages):
-            return out
-        uniq, back = np.unique(pages, return_inverse=True)
-        found = np.zeros(len(uniq), np.uint64)
-        breaks = np.flatnonzero(np.diff(uniq) > PAGEMAP_GAP) + 1
-        for group in np.split(np.arange(len(uniq)), breaks):
-            lo, hi = int(uniq[group[0]]), int(uniq[group[-1]])
-            for first in range(lo, hi + 1, PAGEMAP_CHUNK):
-                n = min(PAGEMAP_CHUNK, hi + 1 - first)
-                entries = np.array(self.pagemap_entries(first * PAGE, n), np.uint64)
-                k = group[(uniq[group] >= first) & (uniq[group] < first + n)]
-                found[k] = entries[uniq[k] - first]
-        out[:] = found[back.reshape(-1)]
-        return out
+            return np.zeros(0, np.int64), np.zeros(0, u64), np.zeros(0, np.int64)
+        entries = self.pagemap_of_pages(pages)
+        pfn = entries & u64((1 << 55) - 1)
+        swapped = (entries >> u64(62)) & u64(1) == 1
+        framed = ((entries >> u64(63)) & u64(1) == 1) & ~swapped & (pfn != 0)
+        kflags, known = np.zeros(len(pages), u64), np.zeros(len(pages), bool)
+        if framed.any():
+            kflags[framed], known[framed] = self.kpageflags_of(pfn[framed])
+        self.vmas()
+        starts = np.array(self._vma_starts or [0], u64)    # [vsyscall] is above 2**63
+        ends = np.array([v.end for v in self._vmas] or [0], u64)
+        hvas = pages.astype(u64) * u64(PAGE)
+        vma = np.searchsorted(starts, hvas, side="right").astype(np.int64) - 1
+        vma = np.where((vma >= 0) & (hvas < ends[np.maximum(vma, 0)]), vma, -1)
+        from .arrays import group_rows
+        first, form = group_rows([entries >> u64(55), pfn == 0, (kflags >> u64(KPF_THP)) & u64(1),
+                                  (kflags >> u64(KPF_HUGE)) & u64(1), known, vma,
+                                  np.where(swapped, entries, u64(0))])
+        hosts = [self._host_page_of(int(pages[k]) * PAGE, int(entries[k]),
+                                    int(kflags[k]) if known[k] else None)
+                 for k in first.tolist()]
+        return form, np.where(framed, pfn, u64(0)), hosts
 
     # ---- mappings and their backing -------------------------------------------------------
 
@@ -452,6 +512,12 @@ class HostProcess:
             return HostPage(hva, "unreadable", detail=f"cannot read /proc/{self.pid}/pagemap: "
                             f"{exc.strerror or exc}; reading it needs the same user as QEMU "
                             "(and root or CAP_SYS_ADMIN for the frame numbers)")
+        pfn = entry & ((1 << 55) - 1)
+        framed = entry >> 63 & 1 and not entry >> 62 & 1 and pfn
+        return self._host_page_of(hva, entry, self.kpageflags(pfn) if framed else None)
+
+    def _host_page_of(self, hva: int, entry: int, kflags: Optional[int]) -> HostPage:
+        """host_page() from the pagemap entry and the frame's kpageflags (None: unknown)."""
         flags = tuple(name for bit, name in ((55, "soft-dirty"), (56, "exclusive"),
                                              (61, "file/shared")) if entry >> bit & 1)
         if entry >> 62 & 1:
@@ -474,11 +540,10 @@ class HostProcess:
             return HostPage(hva, "pfn-hidden", flags=flags,
                             detail="the page is present but the kernel hides frame numbers from "
                                    "this user; run as root (or with CAP_SYS_ADMIN) to see the HPA")
-        size, kind = self._page_size(hva, pfn)
+        size, kind = self._page_size(hva, kflags)
         return HostPage(hva, "present", pfn * PAGE + (hva % PAGE), size, kind, flags=flags)
 
-    def _page_size(self, hva: int, pfn: int):
-        kflags = self.kpageflags(pfn)
+    def _page_size(self, hva: int, kflags: Optional[int]):
         if kflags is not None and kflags >> KPF_THP & 1:
             return 2 << 20, "thp"
         if kflags is not None and kflags >> KPF_HUGE & 1:

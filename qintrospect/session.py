@@ -609,11 +609,19 @@ class Session:
 
     def translate_json(self, addresses, cr3: Optional[int] = None, kvm: Optional[dict] = None):
         """(translated?, JSON line) per address, the lines translate().to_dict() gives (with
-        `kvm` set to the facts given), many addresses at once (batch.json_lines): the fast way
-        to the full detail."""
-        from . import batch
+        `kvm` set to the facts given), many addresses at once (jsonlines.json_lines): the fast
+        way to the full detail."""
+        from .jsonlines import json_lines
         self._check_open()
-        return batch.json_lines(self, addresses, cr3, kvm)
+        return json_lines(self, addresses, cr3, kvm)
+
+    def translate_json_blocks(self, addresses, cr3: Optional[int] = None,
+                              kvm: Optional[dict] = None, size: int = 256):
+        """translate_json() a block at a time: (translated? of each, lines) per block of up to
+        `size` addresses (fewer steps per line for a writer of many lines)."""
+        from .jsonlines import json_blocks
+        self._check_open()
+        return json_blocks(self, addresses, cr3, kvm, size)
 
     def translate_batch(self, addresses, cr3: Optional[int] = None):
         """The chain for many addresses at once, as arrays (batch.BatchTranslation): the fast

@@ -137,6 +137,18 @@ def test_the_many_address_json_is_the_one_address_json(g):
             addrs = [regions[n]["gva"] + off for n in regions for off in (0, 8, 0xFF8, 0xFFC)]
             addrs += [base + gpa for gpa in range(0, 256 << 20, (1 << 20) + 0x2468)]
             addrs += [0, 0x1000, 1 << 60, (1 << 64) - 8, 0xFFFFFFFF81000000]
+            # many addresses of one page (pieces shared per page), faults alike but for the
+            # index where they stop (a hole's pages and tables), non-canonical addresses
+            addrs += [heap["gva"] + 8 * i for i in range(64)]
+            addrs += [0x100000000000 + (i << 12) + (i << 21) + (i << 30) for i in range(40)]
+            addrs += [(1 << 62) + (i << 12) for i in range(10)] + [0xDEAD << 48]
+            # and a random spread over every leaf of the address space
+            import random
+            rnd = random.Random(5)
+            leaves = vm.leaf_arrays()
+            addrs += [int(leaves.va[i]) + rnd.randrange(0, int(leaves.size[i]) - 8)
+                      for i in rnd.sample(range(len(leaves)), 1500)]
+            rnd.shuffle(addrs)
             fast = list(vm.translate_json(addrs))
             slow = [json_line(vm.translate(a).to_dict()) for a in addrs]
             assert vm.memory.name == "direct"

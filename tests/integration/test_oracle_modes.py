@@ -450,6 +450,25 @@ def test_cli_translate(vm):
     report(problems)
 
 
+def test_many_address_json_is_the_one_address_json(vm):
+    """The many-address JSON (vectorized walk, pieces shared per page and per fault) is the
+    one-address line, in every paging mode: large pages, PSE-36, PAE's PDPTE registers,
+    reserved bits, not-present entries at every level, non-canonical addresses."""
+    import qintrospect
+    from qintrospect.render import json_line
+    addrs = [va for m in vm.output.maps for va, _ in probe_points(m)]
+    addrs += [va + 8 * i for m in vm.output.maps for va, _ in probe_points(m)[:1]
+              for i in range(1, 5)]
+    addrs += NON_CANONICAL[vm.mode] * 2
+    with qintrospect.attach(qmp=vm.qmp_path, gdb=vm.gdb_address) as s:
+        fast = list(s.translate_json(addrs))
+        slow = [json_line(s.translate(a).to_dict()) for a in addrs]
+    problems = [f"{vm.variant} {a:#x}:\n  many: {line}\n  one:  {want}"
+                for a, (ok, line), want in zip(addrs, fast, slow) if line != want]
+    report(problems)
+    assert len(fast) == len(addrs)
+
+
 def test_attach_session_state(vm):
     """qintrospect.attach sees the same registers and memory as QEMU's monitor."""
     import qintrospect

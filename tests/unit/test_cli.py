@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from qintrospect.cli import main, parse_number
+from qintrospect.cli import _read_addresses, main, parse_number
 from qintrospect.errors import UsageError
 
 
@@ -25,6 +26,23 @@ def test_numbers_follow_gdb_and_qemu(text, value):
 def test_bad_numbers_say_why(text, words):
     with pytest.raises(UsageError, match=words):
         parse_number(text)
+
+
+@given(st.one_of(
+    st.integers(0, (1 << 66)).map(hex),
+    st.text(alphabet="0123456789abcdefxX_` +-\t", max_size=24),
+    st.text(max_size=12).map(lambda t: "0x" + t)))
+@settings(max_examples=600, deadline=None)
+def test_the_stream_reader_reads_as_parse_number(text):
+    """translate -'s reader takes plain 0x-hex by int() alone: the same value or the same
+    refusal as parse_number, whatever the line."""
+    try:
+        want = parse_number(text) if text.strip() else None
+    except UsageError:
+        with pytest.raises(UsageError):
+            list(_read_addresses([text + "\n"]))
+        return
+    assert list(_read_addresses([text + "\n"])) == ([] if want is None else [want])
 
 
 def run(*args, env=None):

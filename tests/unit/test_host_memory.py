@@ -166,21 +166,64 @@ def test_holes_on_a_file_without_hole_information_prove_nothing(tmp_path):
         os.close(fd)
 
 
-def test_pagemap_is_read_in_runs_not_across_a_gap():
-    """Two HVAs 64 GiB apart: two small pagemap reads, not 16 M entries."""
-    class Recording:
-        def __init__(self):
-            self.reads = []
+def test_pagemap_is_read_in_runs_not_across_a_gap(tmp_path, monkeypatch):
+    """Two HVAs 64 GiB apart: two small reads of the table, not 16 M entries."""
+    import os
+    import struct
 
-        def pagemap_entries(self, hva, count):
-            self.reads.append(count)
-            return tuple((1 << 63) | (hva // PAGE + k) for k in range(count))
+    from qintrospect import host
+    first, second = 0x7f0000000000 // PAGE, (0x7f0000000000 + (64 << 30) + 0x10) // PAGE
+    table = tmp_path / "pagemap"          # sparse: only the two entries written
+    with open(table, "wb") as f:
+        for page in (first, second):
+            f.seek(page * 8)
+            f.write(struct.pack("<Q", (1 << 63) | page))
+    reads = []
+    real_pread = os.pread
 
+    def pread(fd, n, offset):
+        reads.append(n)
+        return real_pread(fd, n, offset)
+
+    class Process:
+        _pagemap = os.open(table, os.O_RDONLY)
+        pid = "test"
         pagemap_of_pages = HostProcess.pagemap_of_pages
 
-    r = Recording()
+    monkeypatch.setattr(host.os, "pread", pread)
     hvas = np.array([0x7f0000000000, 0x7f0000000000 + (64 << 30) + 0x10], np.uint64)
-    status, hpa = pagemap_arrays(r, hvas)
-    assert sum(r.reads) == 2 and status.tolist() == [HOST_PRESENT] * 2
+    try:
+        status, hpa = pagemap_arrays(Process(), hvas)
+    finally:
+        os.close(Process._pagemap)
+    assert reads == [8, 8] and status.tolist() == [HOST_PRESENT] * 2
     assert hpa.tolist() == [0x7f0000000000, 0x7f0000000000 + (64 << 30) + 0x10]
     assert HOST_NOT_PRESENT != HOST_PRESENT
+
+
+def test_page_forms_describe_each_page_as_host_page_does(proc, shared_file):
+    """page_forms (the many-address JSON's host pages) against host_page, page by page, on
+    this process's own memory: private pages touched and untouched, a shared file's pages
+    never touched, a page touched in it, and pages of the Python heap and of a library."""
+    anon = mmap.mmap(-1, PAGES * PAGE)
+    try:
+        for k in range(0, PAGES, 3):
+            anon[k * PAGE] = 1                    # some touched, some never
+        m, _, _ = shared_file
+        _ = m[5 * PAGE]                           # one read fault in the shared file
+        heap = ctypes.addressof(ctypes.create_string_buffer(64 * 1024))
+        library = ctypes.cast(ctypes.CDLL(None).getpid, ctypes.c_void_p).value
+        hvas = [address_of(anon) + k * PAGE for k in range(PAGES)]
+        hvas += [address_of(m) + k * PAGE for k in range(PAGES)]
+        hvas += [heap // PAGE * PAGE + k * PAGE for k in range(8)]
+        hvas += [library // PAGE * PAGE]
+        pages = np.array([h // PAGE for h in hvas], np.int64)
+        form, frame, hosts = proc.page_forms(pages)
+        for i, hva in enumerate(hvas):
+            one = proc.host_page(hva).to_dict()
+            many = hosts[form[i]].to_dict()
+            hpa = None if not frame[i] else f"{int(frame[i]) * PAGE:#x}"
+            assert dict(many, hpa=hpa) == one, hex(hva)
+        assert len(hosts) >= 2                    # present and absent pages differ
+    finally:
+        anon.close()

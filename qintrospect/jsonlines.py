@@ -1,0 +1,296 @@
+"""translate --json for many addresses: exactly the one-address line (every level, flag and
+access rule, json_line(session.translate(a).to_dict())), made from the vectorized walk.
+
+The one-address path costs about 100 us per address; the arrays of a batch walk
+(batch.translate_batch) hold the same facts. What repeats is serialized once: per 4 KiB virtual
+page, everything in the line but the offsets inside the page (levels, RAM block, host page,
+rights, access table); per fault (the path down to the entry that stopped the walk), the whole
+line but the address. Whatever the arrays do not cover exactly takes the one-address path:
+non-canonical addresses, GPAs outside RAM, values that cross a page, host pages swapped out,
+memory read through gdb or QMP. numpy is imported only for chunks big enough to pay for it.
+"""
+
+import itertools
+import json
+from typing import Iterator, Optional, Tuple
+
+from . import paging
+from .memory import DirectMemory
+from .paging.model import NON_CANONICAL as NON_CANONICAL_REASON
+from .paging.walker import present_step
+from .paging.x86 import x86_format
+from .render import json_line
+
+CHUNK = 65536       # addresses walked together: bounded memory whatever the stream
+MIN_ARRAYS = 32     # fewer addresses: the arrays would cost more than they save
+PAGE = 4096
+VALUE_SIZE = 8
+# the bits of an entry that decide the access table and its notes (RW, US, PS, XD, PK)
+RIGHTS_BITS = 0x2 | 0x4 | 0x80 | (1 << 63) | (0xF << 59)
+_BOOL = {True: "true", False: "false"}
+
+
+def json_lines(session, addresses, cr3: Optional[int] = None,
+               kvm: Optional[dict] = None) -> Iterator[Tuple[bool, str]]:
+    """(translated?, line) for each address, in order: the line the one-address path prints,
+    with `kvm` set to the facts given."""
+    for oks, lines in json_blocks(session, addresses, cr3, kvm):
+        yield from zip(oks, lines)
+
+
+def json_blocks(session, addresses, cr3: Optional[int] = None, kvm: Optional[dict] = None,
+                size: int = 256) -> Iterator[Tuple[list, list]]:
+    """json_lines() a block of up to `size` addresses at a time: (translated? of each, lines)."""
+    it = iter(addresses)
+    while True:
+        chunk = list(itertools.islice(it, CHUNK))
+        if not chunk:
+            return
+        cpu = session.cpu_state(cr3)
+        if len(chunk) < MIN_ARRAYS or paging.paging_mode(cpu) is None or \
+                not isinstance(session.memory, DirectMemory) or session.process is None:
+            for start in range(0, len(chunk), size):
+                oks, lines = [], []
+                for va in chunk[start:start + size]:
+                    ok, line = _scalar(session, va, cr3, kvm)
+                    oks.append(ok)
+                    lines.append(line)
+                yield oks, lines
+            continue
+        yield from _Chunk(session, cpu, cr3, kvm).blocks(chunk, size)
+
+
+def _scalar(session, va, cr3, kvm):
+    t = session.translate(va, cr3)
+    t.kvm = kvm
+    return t.ok, json_line(t.to_dict())
+
+
+def _members(d: dict) -> str:
+    """A dict's members as json_line writes them, without the braces."""
+    return json_line(d)[1:-1]
+
+
+class _Chunk:
+    """One chunk's lines. The chunk is walked once (each table read once), so rows alike in
+    what they read share their serialized pieces: grouped with numpy, made once per group."""
+
+    def __init__(self, session, cpu, cr3, kvm):
+        self.session, self.cpu, self.cr3, self.kvm = session, cpu, cr3, kvm
+        self.mode = paging.paging_mode(cpu)
+        self.fmt = x86_format(cpu, self.mode)
+        root, pcid = paging.cr3_root(cpu, self.mode)
+        # json_line's compact form, keys in Translation.to_dict's order: the tests hold every
+        # line to json_line(translate(a).to_dict())
+        self.head = '",' + _members({
+            "vcpu": session.vcpu, "cr3": f"{cpu.cr3:#x}",
+            "cr3_source": "vcpu" if cr3 is None else "given", "root": f"{root:#x}",
+            "pcid": None if pcid is None else f"{pcid:#x}", "mode": self.mode.name})
+        self.tail = ',"memory_path":' + json.dumps(session.memory.name)
+        self.kvm_part = ',"kvm":' + json_line(kvm) if kvm is not None else ""
+        self.rights_mask = RIGHTS_BITS | (1 << 5 if self.mode.name == "pae" else 0)
+
+    def blocks(self, chunk, size):
+        import numpy as np
+        from .arrays import group_rows
+        from .batch import translate_batch
+        from .host import HOST_NOT_PRESENT, HOST_PFN_HIDDEN, HOST_PRESENT
+        from .paging.vector import FAULT_NON_CANONICAL
+        s, mode, u64 = self.session, self.mode, np.uint64
+        b = translate_batch(s, chunk, self.cr3)
+        w = b.walk_result
+        n, depth = len(w), len(mode.levels)
+        ram = s.ram_map.ram
+        kind = np.full(n, SCALAR, np.int8)
+
+        # translated rows the arrays finish: in a RAM block with a host address, the 8 bytes
+        # read, within one page, the host page present, absent or hidden (not swapped)
+        off = b.hva & u64(PAGE - 1)
+        has_hva = np.array([r.hva is not None for r in ram] + [False])[b.region]
+        fast = w.ok & (b.region >= 0) & has_hva & b.has_value & (off <= PAGE - VALUE_SIZE) \
+            & np.isin(b.host_status, (HOST_PRESENT, HOST_PFN_HIDDEN, HOST_NOT_PRESENT))
+        rows = np.flatnonzero(fast)
+        leaf = w.leaf_level[rows].astype(np.int64)
+        entries, tables, va = w.entries[rows], w.tables[rows], w.va[rows]
+        leaf_entry = entries[np.arange(len(rows)), leaf]
+        leaf_table = tables[np.arange(len(rows)), leaf]
+        shifts = np.array([lv.shift for lv in mode.levels], u64)
+        counts = np.array([1 << lv.index_bits for lv in mode.levels], u64)
+        index = (va >> shifts[leaf]) & (counts[leaf] - u64(1))
+        psize = w.page_size[rows]
+        # the host page's form (how host_page describes it, read in runs) and frame
+        form, frame, self.forms = s.process.page_forms((b.hva[rows] // u64(PAGE)).astype(np.int64))
+
+        # the levels above the leaf: the same for rows alike in the address's bits from the
+        # level above the leaf up and in the entries read there
+        above = np.arange(depth)[None, :] < leaf[:, None]
+        prefix_shift = shifts[np.maximum(leaf - 1, 0)]
+        upper_rows = [leaf, np.where(leaf > 0, va >> prefix_shift, u64(0))] + \
+            list(np.where(above, entries, u64(0)).T)
+        upper_first, upper_id = group_rows(upper_rows)
+        uppers = [self._upper(int(va[r]), int(leaf[r]), tables[r].tolist(), entries[r].tolist())
+                  for r in upper_first.tolist()]
+        # the leaf step's fixed pieces: its level and the entry's bits outside the frame
+        leaf_mask = np.array([self.fmt.leaf_addr[k] for k in range(depth)], u64)
+        step_first, step_id = group_rows([leaf, leaf_entry & ~leaf_mask[leaf]])
+        steps = [self._leaf_step(int(leaf[r]), int(leaf_entry[r]), int(psize[r]))
+                 for r in step_first.tolist()]
+        # what follows the addresses: fixed by the RAM block, the host page's form, the
+        # entries' rights bits (the upper group holds the rest of the path) and, in PAE, the
+        # PDPTE's slot
+        slot = (va >> u64(30)) & u64(3) if mode.name == "pae" else np.zeros(len(rows), u64)
+        rest_first, rest_id = group_rows([
+            b.region[rows], form, upper_id, leaf_entry & u64(self.rights_mask), slot])
+        rests = []
+        for r in rest_first.tolist():
+            i = int(rows[r])
+            rests.append(self._rest(int(form[r]), int(va[r]), int(w.pa[i]), int(leaf[r]),
+                                    entries[r].tolist(), (bool(w.writable[i]), bool(w.user[i]),
+                                                          bool(w.executable[i])),
+                                    int(psize[r]), ram[int(b.region[i])].block))
+        bad = np.array([r is None for r in rests] + [False])[rest_id]
+        kind[rows[~bad]] = FAST
+
+        # faults: everything after the address is fixed by the path down to the entry that
+        # stopped the walk; non-canonical and paging-off faults (level -1) go one by one
+        frows = np.flatnonzero(~w.ok & (w.fault_level >= 0))
+        flevel = w.fault_level[frows].astype(np.int64)
+        fentries = np.where(np.arange(depth)[None, :] <= flevel[:, None], w.entries[frows],
+                            u64(0))
+        fault_first, fault_id = group_rows([
+            flevel, w.fault_reason[frows], w.va[frows] >> shifts[flevel]] + list(fentries.T))
+        fault_rests = [self._fault_rest(int(w.va[frows[r]]), int(flevel[r]),
+                                        int(w.fault_reason[frows[r]]))
+                       for r in fault_first.tolist()]
+        fbad = np.array([r is None for r in fault_rests] + [False])[fault_id]
+        kind[frows[~fbad]] = FAULT
+        # non-canonical addresses: the line names the address twice (gva, message), and is
+        # otherwise the same for all
+        odd = np.flatnonzero(w.fault_reason == FAULT_NON_CANONICAL)
+        noncanonical = self._noncanonical(int(w.va[odd[0]])) if len(odd) else None
+        if noncanonical is not None:
+            kind[odd] = NON_CANONICAL
+
+        # per row: its pieces, and the numbers only it has (a fast row's as one tuple)
+        block_delta = np.array([(r.block_offset - r.start) % (1 << 64) for r in ram] + [0], u64)
+        value = b.value[rows]
+        fast_rows = zip(*(c.tolist() for c in (
+            va, w.pa[rows], w.pa[rows] + block_delta[b.region[rows]], b.hva[rows],
+            (frame << u64(12)) + off[rows], value, value.byteswap(), index, leaf_table,
+            leaf_table + index * u64(mode.entry_size), leaf_entry,
+            w.pa[rows] & ~(psize - u64(1)))),
+            [uppers[g] for g in upper_id.tolist()], [steps[g] for g in step_id.tolist()],
+            [rests[g] for g in rest_id.tolist()])
+        data = w.va.tolist()
+        for r, row in zip(rows.tolist(), fast_rows):
+            data[r] = row
+        fault_id = fault_id.tolist()
+        for r, g in zip(frows.tolist(), fault_id):
+            if kind[r] == FAULT:
+                data[r] = (data[r], fault_rests[g])
+        oks, lines = [], []
+        for k, row in zip(kind.tolist(), data):
+            if k == FAST:
+                (va_, pa_, boff, hva_, hpa_, value, swapped, index_, table, entry_addr, entry,
+                 frame_, upper, step, rest) = row
+                h = f'"{hpa_:#x}"' if rest[5] else "null"
+                v = f'"{value:#x}"'
+                oks.append(True)
+                lines.append("".join((
+                    '{"gva":"', f"{va_:#x}", upper, step[0], str(index_), ',"table_addr":"',
+                    f"{table:#x}", '","entry_addr":"', f"{entry_addr:#x}", '","entry":"',
+                    f"{entry:#x}", step[1], f"{frame_:#x}", step[2], f"{pa_:#x}", rest[0],
+                    f"{boff:#x}", '","gpa_note":null,"hva":"', f"{hva_:#x}", rest[1], h,
+                    rest[2], h, rest[3], v, ',"value_bytes":"', f"{swapped:016x}",
+                    '","value_at_hva":', v if rest[4] else "null", rest[6])))
+            elif k == FAULT:
+                oks.append(False)
+                lines.append('{"gva":"' + f"{row[0]:#x}" + '"' + row[1])
+            elif k == NON_CANONICAL:
+                oks.append(False)
+                lines.append(f"{row:#x}".join(noncanonical))
+            else:
+                ok, line = _scalar(s, row, self.cr3, self.kvm)
+                oks.append(ok)
+                lines.append(line)
+            if len(lines) == size:
+                yield oks, lines
+                oks, lines = [], []
+        if lines:
+            yield oks, lines
+
+    def _upper(self, va, leaf, tables, entries):
+        """The line up to the leaf step: the head and the levels above the leaf."""
+        return self.head + ',"levels":[' + "".join(
+            json_line(present_step(self.mode, self.fmt, k, tables[k],
+                                   (va >> self.mode.levels[k].shift)
+                                   & ((1 << self.mode.levels[k].index_bits) - 1),
+                                   entries[k]).to_dict()) + "," for k in range(leaf))
+
+    def _leaf_step(self, leaf, entry, psize):
+        """The leaf step's pieces around its index, table, entry address, entry and frame
+        (present_step's flags, leaf and page size are fixed by the entry's bits outside the
+        frame), up to the GPA."""
+        spec = self.mode.levels[leaf]
+        step = present_step(self.mode, self.fmt, leaf, 0, 0, entry)
+        return ('{"name":' + json.dumps(spec.name) + ',"linux_name":'
+                + json.dumps(spec.linux_name) + ',"index":',
+                '","flags":' + json_line(list(step.flags)) + ',"next_addr":"',
+                '","leaf":' + _BOOL[step.leaf] + ',"page_size":' + json.dumps(step.page_size)
+                + '}],"page_size":' + str(psize) + ',"gpa":"')
+
+    def _rest(self, fm, va, pa, leaf, path, rights, psize, block):
+        """The pieces after the GPA, around the block offset, HVA, HPA and value: (p1, p3, p4,
+        p5, value read at the HVA?, HPA known?, p6); None when the scalar walk of va (whose
+        access table and notes all rows of the group share) disagrees with the arrays."""
+        walk = paging.walk(self.session.memory.read, self.cpu, va)
+        if not walk.ok or walk.pa != pa or walk.page_size != psize:
+            return None
+        access = json_line({k: r.to_dict() for k, r in walk.access.items()})
+        notes = "," + _members({"maxphyaddr": walk.maxphyaddr,
+                                "assumed_maxphyaddr": walk.assumed_maxphyaddr,
+                                "notes": list(walk.notes)})
+        host = self.forms[fm].to_dict()
+        present = host["status"] in ("present", "pfn-hidden")
+        wr, us, ex = rights
+        p1 = '","ram_block":' + json.dumps(block) + ',"ram_block_offset":"'
+        p3 = '","qemu_pid":' + json.dumps(self.session.process.pid) + ',"hpa":'
+        p4 = (',"host_page_size":' + json.dumps(host["page_size"]) + ',"host":{"status":'
+              + json.dumps(host["status"]) + ',"hpa":')
+        p5 = ("," + _members({k: host[k] for k in ("page_size", "page_kind", "detail", "flags")})
+              + '},"writable":' + _BOOL[wr] + ',"user":' + _BOOL[us] + ',"executable":'
+              + _BOOL[ex] + ',"access":' + access + ',"value":')
+        p6 = (',"value_matches":' + ("true" if present else "null") + ',"value_note":null'
+              + notes + self.tail + ',"guest_page_size":' + str(psize)
+              + ',"slat_page_size":null' + self.kvm_part + "}")
+        return p1, p3, p4, p5, present, host["status"] == "present", p6
+
+    def _fault_rest(self, va, level, reason):
+        """A fault's line after the address, from the one-address path; None when that walk
+        does not fault where the arrays say."""
+        t = self.session.translate(va, self.cr3)
+        t.kvm = self.kvm
+        line = json_line(t.to_dict())
+        prefix = '{"gva":"' + f"{va:#x}" + '"'
+        fault = t.walk.fault
+        if t.ok or fault is None or fault.level != self.mode.levels[level].name or \
+                fault.reason != paging.FAULT_REASONS[reason] or not line.startswith(prefix):
+            return None
+        return line[len(prefix):]
+
+
+    def _noncanonical(self, va):
+        """A non-canonical address's line cut where the address is written (the gva, and the
+        message that names it); None unless it is written exactly there."""
+        t = self.session.translate(va, self.cr3)
+        t.kvm = self.kvm
+        if t.ok or t.walk.fault is None or t.walk.fault.reason != NON_CANONICAL_REASON:
+            return None
+        parts = json_line(t.to_dict()).split(f"{va:#x}")
+        message = t.walk.fault.message
+        if len(parts) != 3 or parts[0] != '{"gva":"' or message.count(f"{va:#x}") != 1:
+            return None
+        return parts
+
+
+SCALAR, FAST, FAULT, NON_CANONICAL = 0, 1, 2, 3
