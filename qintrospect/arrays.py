@@ -2,19 +2,35 @@
 
 import numpy as np
 
+_LIMIT = 1 << 62      # codes stay below this: int64 arithmetic, no overflow
+
 
 def group_rows(columns):
-    """Rows grouped by their values in several 1-D integer columns of one length: (the first
-    row of each group, each row's group id). Column by column, as dense codes: np.unique over
-    rows (axis=0) sorts bytes and is many times slower."""
-    n = len(columns[0]) if columns else 0
+    """Rows grouped by their values in several 1-D integer (or bool) columns of one length:
+    (the first row of each group, each row's group id). The columns are folded into one int64
+    code, mixed-radix over each column's span; a column too wide for that is replaced by its
+    rank among its values first, and the code by its rank when it would overflow. One sort
+    in the common case (np.unique over rows, axis=0, sorts bytes and is many times slower)."""
+    n = len(columns[0]) if len(columns) else 0
     if not n:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    code = np.zeros(n, np.int64)
+    code, span = np.zeros(n, np.int64), 1
     for column in columns:
-        values, inverse = np.unique(column, return_inverse=True)
-        if len(values) > 1:        # both codes stay below n, so the product fits in int64
-            _, code = np.unique(code * len(values) + inverse.reshape(-1), return_inverse=True)
-            code = code.reshape(-1)
-    _, first = np.unique(code, return_index=True)
-    return first, code
+        c = np.asarray(column)
+        if c.dtype.kind != "u":
+            c = c.astype(np.int64)
+        lo, hi = c.min(), c.max()
+        width = int(hi) - int(lo) + 1
+        if span * width < _LIMIT:
+            part = (c - lo).astype(np.int64)
+        else:
+            values, part = np.unique(c, return_inverse=True)
+            part, width = part.reshape(-1), len(values)
+            if span * width >= _LIMIT:
+                _, code = np.unique(code, return_inverse=True)
+                code = code.reshape(-1)
+                span = int(code.max()) + 1
+        code = code * width + part
+        span *= width
+    _, first, group = np.unique(code, return_index=True, return_inverse=True)
+    return first, group.reshape(-1)

@@ -91,17 +91,22 @@ class _Chunk:
         self.rights_mask = RIGHTS_BITS | (1 << 5 if self.mode.name == "pae" else 0)
 
     def blocks(self, chunk, size):
+        from .batch import translate_batch
+        s = self.session
+        b = translate_batch(s, chunk, self.cr3)
+        with s.page_cache():       # the walks made one by one below read tables once
+            yield from self._blocks(b, size)
+
+    def _blocks(self, b, size):
         import numpy as np
         from .arrays import group_rows
-        from .batch import translate_batch
         from .host import HOST_NOT_PRESENT, HOST_PFN_HIDDEN, HOST_PRESENT
         from .paging.vector import FAULT_NON_CANONICAL
         s, mode, u64 = self.session, self.mode, np.uint64
-        b = translate_batch(s, chunk, self.cr3)
         w = b.walk_result
         n, depth = len(w), len(mode.levels)
         ram = s.ram_map.ram
-        kind = np.full(n, SCALAR, np.int8)
+        kind = np.full(n, SCALAR, np.int8)     # FAST rows are translated; the rest say why not
 
         # translated rows the arrays finish: in a RAM block with a host address, the 8 bytes
         # read, within one page, the host page present, absent or hidden (not swapped)
@@ -122,12 +127,14 @@ class _Chunk:
         form, frame, self.forms = s.process.page_forms((b.hva[rows] // u64(PAGE)).astype(np.int64))
 
         # the levels above the leaf: the same for rows alike in the address's bits from the
-        # level above the leaf up and in the entries read there
-        above = np.arange(depth)[None, :] < leaf[:, None]
+        # level above the leaf up, since one walk reads each table once; a table that could
+        # only be read entry by entry might differ between rows, so each row's entries are
+        # checked against its group's (a row that differs takes the one-address path)
+        above = np.where(np.arange(depth)[None, :] < leaf[:, None], entries, u64(0))
         prefix_shift = shifts[np.maximum(leaf - 1, 0)]
-        upper_rows = [leaf, np.where(leaf > 0, va >> prefix_shift, u64(0))] + \
-            list(np.where(above, entries, u64(0)).T)
-        upper_first, upper_id = group_rows(upper_rows)
+        upper_first, upper_id = group_rows([leaf, np.where(leaf > 0, va >> prefix_shift,
+                                                           u64(0))])
+        same_above = (above == above[upper_first[upper_id]]).all(axis=1)
         uppers = [self._upper(int(va[r]), int(leaf[r]), tables[r].tolist(), entries[r].tolist())
                   for r in upper_first.tolist()]
         # the leaf step's fixed pieces: its level and the entry's bits outside the frame
@@ -148,8 +155,8 @@ class _Chunk:
                                     entries[r].tolist(), (bool(w.writable[i]), bool(w.user[i]),
                                                           bool(w.executable[i])),
                                     int(psize[r]), ram[int(b.region[i])].block))
-        bad = np.array([r is None for r in rests] + [False])[rest_id]
-        kind[rows[~bad]] = FAST
+        finished = ~np.array([r is None for r in rests] + [False])[rest_id] & same_above
+        kind[rows[finished]] = FAST
 
         # faults: everything after the address is fixed by the path down to the entry that
         # stopped the walk; non-canonical and paging-off faults (level -1) go one by one
@@ -171,53 +178,70 @@ class _Chunk:
         if noncanonical is not None:
             kind[odd] = NON_CANONICAL
 
-        # per row: its pieces, and the numbers only it has (a fast row's as one tuple)
+        # Each row's line is one %-format: a template per group (the pieces above, with %#x,
+        # %d and %016x where the row's own numbers go, and "null%.0s" where a number is not
+        # shown) and the row's numbers. Rows the arrays do not finish take the one-address path.
+        templates = self._templates(group_rows([upper_id, step_id, rest_id]), upper_id,
+                                    step_id, rest_id, uppers, steps, rests)
         block_delta = np.array([(r.block_offset - r.start) % (1 << 64) for r in ram] + [0], u64)
-        value = b.value[rows]
-        fast_rows = zip(*(c.tolist() for c in (
-            va, w.pa[rows], w.pa[rows] + block_delta[b.region[rows]], b.hva[rows],
-            (frame << u64(12)) + off[rows], value, value.byteswap(), index, leaf_table,
-            leaf_table + index * u64(mode.entry_size), leaf_entry,
-            w.pa[rows] & ~(psize - u64(1)))),
-            [uppers[g] for g in upper_id.tolist()], [steps[g] for g in step_id.tolist()],
-            [rests[g] for g in rest_id.tolist()])
-        data = w.va.tolist()
-        for r, row in zip(rows.tolist(), fast_rows):
-            data[r] = row
-        fault_id = fault_id.tolist()
-        for r, g in zip(frows.tolist(), fault_id):
-            if kind[r] == FAULT:
-                data[r] = (data[r], fault_rests[g])
-        oks, lines = [], []
-        for k, row in zip(kind.tolist(), data):
-            if k == FAST:
-                (va_, pa_, boff, hva_, hpa_, value, swapped, index_, table, entry_addr, entry,
-                 frame_, upper, step, rest) = row
-                h = f'"{hpa_:#x}"' if rest[5] else "null"
-                v = f'"{value:#x}"'
-                oks.append(True)
-                lines.append("".join((
-                    '{"gva":"', f"{va_:#x}", upper, step[0], str(index_), ',"table_addr":"',
-                    f"{table:#x}", '","entry_addr":"', f"{entry_addr:#x}", '","entry":"',
-                    f"{entry:#x}", step[1], f"{frame_:#x}", step[2], f"{pa_:#x}", rest[0],
-                    f"{boff:#x}", '","gpa_note":null,"hva":"', f"{hva_:#x}", rest[1], h,
-                    rest[2], h, rest[3], v, ',"value_bytes":"', f"{swapped:016x}",
-                    '","value_at_hva":', v if rest[4] else "null", rest[6])))
-            elif k == FAULT:
-                oks.append(False)
-                lines.append('{"gva":"' + f"{row[0]:#x}" + '"' + row[1])
-            elif k == NON_CANONICAL:
-                oks.append(False)
-                lines.append(f"{row:#x}".join(noncanonical))
-            else:
-                ok, line = _scalar(s, row, self.cr3, self.kvm)
-                oks.append(ok)
-                lines.append(line)
-            if len(lines) == size:
-                yield oks, lines
-                oks, lines = [], []
-        if lines:
-            yield oks, lines
+        value, pa = b.value[rows], w.pa[rows]
+        entry_addr = leaf_table + index * u64(mode.entry_size)
+        hpa = (frame << u64(12)) + off[rows]
+        hpa, value = hpa.tolist(), value.tolist()
+        numbers = zip(*(c.tolist() for c in (
+            va, index, leaf_table, entry_addr, leaf_entry, pa & ~(psize - u64(1)), pa,
+            pa + block_delta[b.region[rows]], b.hva[rows])), hpa, hpa, value,
+            b.value[rows].byteswap().tolist(), value)
+        if len(rows) == n and finished.all():      # every row finished here (the usual case)
+            formats, args = templates, list(numbers)
+        else:
+            formats, args = [None] * n, list(range(n))   # None: the one-address path, by row
+            for r, t, x, done in zip(rows.tolist(), templates, numbers, finished.tolist()):
+                if done:
+                    formats[r], args[r] = t, x
+        addresses = w.va.tolist()
+        for r, g in zip(frows.tolist(), fault_id.tolist()):
+            if fault_rests[g] is not None:
+                formats[r] = '{"gva":"%#x"' + _esc(fault_rests[g])
+                args[r] = (addresses[r],)
+        if noncanonical is not None:
+            template = "%#x".join(_esc(part) for part in noncanonical)
+            for r in odd.tolist():
+                formats[r], args[r] = template, (addresses[r], addresses[r])
+        ok = (kind == FAST).tolist()
+
+        def one_address(r):
+            ok[r], line = _scalar(s, addresses[r], self.cr3, self.kvm)
+            return line
+
+        for start in range(0, n, size):
+            end = min(n, start + size)
+            lines = [f % x if f is not None else one_address(x)
+                     for f, x in zip(formats[start:end], args[start:end])]
+            yield ok[start:end], lines
+
+    def _templates(self, combos, upper_id, step_id, rest_id, uppers, steps, rests):
+        """The %-format of each fast row, one per (upper levels, leaf step, rest) group; the
+        numbers go in this order: gva, index, table, entry address, entry, frame, GPA, block
+        offset, HVA, HPA, HPA, value, value's bytes, value."""
+        first, combo = combos
+        made = []
+        for r in first.tolist():
+            upper, step, rest = uppers[upper_id[r]], steps[step_id[r]], rests[rest_id[r]]
+            if rest is None:              # the scalar walk disagreed: the one-address path
+                made.append(None)
+                continue
+            p1, p3, p4, p5, present, framed, p6 = (_esc(x) if isinstance(x, str) else x
+                                                   for x in rest)
+            hpa = '"%#x"' if framed else "null%.0s"
+            made.append("".join((
+                '{"gva":"%#x', _esc(upper), _esc(step[0]),
+                '%d,"table_addr":"%#x","entry_addr":"%#x","entry":"%#x',
+                _esc(step[1]), "%#x", _esc(step[2]), "%#x", p1,
+                '%#x","gpa_note":null,"hva":"%#x', p3, hpa, p4, hpa, p5,
+                '"%#x","value_bytes":"%016x","value_at_hva":',
+                '"%#x"' if present else "null%.0s", p6)))
+        return [made[c] for c in combo.tolist()]
 
     def _upper(self, va, leaf, tables, entries):
         """The line up to the leaf step: the head and the levels above the leaf."""
@@ -294,3 +318,8 @@ class _Chunk:
 
 
 SCALAR, FAST, FAULT, NON_CANONICAL = 0, 1, 2, 3
+
+
+def _esc(text: str) -> str:
+    """Text as a %-format that prints it."""
+    return text.replace("%", "%%")
