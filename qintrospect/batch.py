@@ -8,7 +8,7 @@ address gathered from the pages they lie in, read once each in runs. BatchTransl
 gives the full scalar walk of any one element when its levels are wanted.
 """
 
-from dataclasses import dataclass
+from .record import record
 from typing import Iterator, Optional
 
 import numpy as np
@@ -25,7 +25,7 @@ GAP_PAGES = 64     # pages apart that are still read in one call
 U64 = np.uint64
 
 
-@dataclass
+@record
 class BatchTranslation:
     walk_result: paging.BatchWalk
     region: np.ndarray        # int32: index into ram_map.ram, -1 where not RAM / no GPA

@@ -1,6 +1,6 @@
 """vCPU facts: control registers decoded into named bits, CPL, paging mode."""
 
-from dataclasses import dataclass
+from .record import record
 from typing import Dict, List, Optional
 
 from .paging import CpuState, cr3_root, paging_mode
@@ -21,7 +21,7 @@ def bit_names(value: int, names: Dict[int, str]) -> List[str]:
     return [name for bit, name in sorted(names.items()) if value >> bit & 1]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Vcpu:
     index: int
     thread_id: Optional[int]   # the host thread running this vCPU

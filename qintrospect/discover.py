@@ -23,7 +23,7 @@ import pwd
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from .record import field, record
 from typing import Dict, List, Optional, Tuple
 
 from .errors import AttachError, UsageError
@@ -172,7 +172,7 @@ def parse_memory_option(opts: Dict[str, str]) -> Optional[int]:
 
 # ---- what one QEMU command line says ------------------------------------------------------------
 
-@dataclass
+@record
 class Endpoint:
     """A monitor or gdbstub as the command line gives it, and (after probing) its state."""
     role: str                       # "qmp", "hmp" or "gdb"
@@ -233,7 +233,7 @@ class Endpoint:
                 "detail": self.detail, "run_state": self.run_state, "kvm": self.kvm}
 
 
-@dataclass
+@record
 class QemuConfig:
     """What a QEMU command line says about the VM."""
     name: Optional[str] = None
@@ -528,7 +528,7 @@ def _is_local_bind(host: Optional[str]) -> bool:
 
 # ---- the QEMU processes on this host ------------------------------------------------------------
 
-@dataclass
+@record
 class QemuProcess:
     pid: int
     argv: List[str]
@@ -679,7 +679,7 @@ def processes() -> List[QemuProcess]:
 
 # ---- sockets: who listens, who is connected -----------------------------------------------------
 
-@dataclass
+@record
 class SocketTables:
     """One QEMU process's view of sockets: its own socket inodes (None when its fds cannot be
     read), and its network namespace's TCP and Unix tables."""

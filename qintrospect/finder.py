@@ -8,7 +8,7 @@ then filtered by "maps GVA" and "the 8 bytes at GVA equal VALUE" with the ordina
 """
 
 import struct
-from dataclasses import dataclass, replace
+from .record import record, replace
 from typing import Callable, List, Optional
 
 from . import paging
@@ -19,7 +19,7 @@ HALF = PAGE // 2
 CHUNK = 4 << 20   # scan granularity: bounded memory whatever the guest's size
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Candidate:
     root: int
     how: str

@@ -260,7 +260,7 @@ class _QiMonitor:
 
 
 def _qi_session_class():
-    from dataclasses import replace
+    from .record import replace
 
     from qintrospect.cpu import Vcpu
     from qintrospect.errors import AttachError, QIError, UsageError

@@ -18,7 +18,7 @@ its log; that is libvirt's bookkeeping, nothing changes in the guest.
 
 import json
 import threading
-from dataclasses import dataclass, field
+from .record import field, record
 from typing import Callable, List, Optional
 
 from .errors import AttachError, UsageError, VMGoneError
@@ -211,7 +211,7 @@ class LibvirtMonitor(Monitor):
 
 # ---- from a domain name to what a Session needs --------------------------------------------------
 
-@dataclass
+@record
 class Target:
     label: str                           # "libvirt:NAME": messages and the run-state marker
     monitor: Callable[[], LibvirtMonitor]

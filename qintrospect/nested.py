@@ -12,7 +12,7 @@ so each hop is done before the next one out is attached, and each inner VM is he
 """
 
 import time
-from dataclasses import dataclass, field
+from .record import field, record
 from typing import Dict, List, Optional
 
 from . import finder
@@ -21,7 +21,7 @@ from .session import Session, Translation
 from .slat import SecondLevel, SlatSpec
 
 
-@dataclass
+@record
 class HopSpec:
     qmp: str
     gdb: Optional[str] = None
@@ -47,7 +47,7 @@ def parse_outer(text: str) -> HopSpec:
         raise UsageError(f"--outer {text!r}: pid and vcpu must be numbers") from None
 
 
-@dataclass
+@record
 class Hop:
     """One level's part of the chain for one address."""
     level: str                          # "L2", "L1", ...
@@ -66,7 +66,7 @@ class Hop:
         return out
 
 
-@dataclass
+@record
 class NestedTranslation:
     gva: int
     hops: List[Hop] = field(default_factory=list)

@@ -14,7 +14,7 @@ all the probes. The walks themselves are paging.walk_npt / walk_ept.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from .record import record
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,7 +33,7 @@ EPT_LEVEL_NAMES = {"PML5": "PML5E", "PML4": "PML4E", "PDPT": "PDPTE", "PD": "PDE
 Probe = Tuple[int, int]                    # (guest-physical address, host address holding it)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SlatSpec:
     """What --slat says: find the table ("auto"), or walk this one (format, root, depth)."""
     format: Optional[str] = None           # "npt" | "ept" | None (auto)
@@ -90,7 +90,7 @@ def _large(e: np.ndarray) -> np.ndarray:
     return (e & U64(1 << 7)) != 0
 
 
-@dataclass
+@record
 class _Gathered:
     """From every scanned page: its address and its entries at the probe's index per level
     (columns in SHIFTS order); only pages with a non-zero entry at one of them are kept."""
@@ -140,7 +140,7 @@ def candidate_roots(g: _Gathered, fmt: str, depth: int, pa: int) -> np.ndarray:
     return tables
 
 
-@dataclass
+@record
 class Found:
     """A root the scan proposes, with how well it agrees with the probes."""
     spec: SlatSpec
@@ -205,7 +205,7 @@ def _reaches(read_phys, spec: SlatSpec, gpa: int, pa: int) -> bool:
 
 # ---- one address through the table ----------------------------------------------------------
 
-@dataclass
+@record
 class SlatResult:
     """The second-level step of one address: the walk, where it ends, and whether that agrees
     with the pagemap path's host address."""
@@ -316,7 +316,7 @@ class SecondLevel:
 
 # ---- the reverse: which guest-physical pages reach a host frame ----------------------------
 
-@dataclass
+@record
 class Reverse:
     """Where a host address sits in a second-level table: the GPAs whose leaf holds it, and
     the table pages it is itself (level names as the walk names them)."""

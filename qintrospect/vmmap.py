@@ -7,7 +7,7 @@ leaves that are virtually contiguous with equal page size and effective permissi
 physical columns are shown, physically contiguous too: a range always means one linear piece.
 """
 
-from dataclasses import dataclass, fields
+from .record import field_names, record
 from typing import Iterator, Optional
 
 import numpy as np
@@ -19,7 +19,7 @@ from .paging.x86 import FLAG_BITS
 U64 = np.uint64
 
 
-@dataclass
+@record
 class Rows:
     """Columns of a map; element i is row i."""
     start: np.ndarray        # uint64
@@ -39,7 +39,7 @@ class Rows:
         return len(self.start)
 
     def take(self, index) -> "Rows":
-        return Rows(*(getattr(self, f.name)[index] for f in fields(self)))
+        return Rows(*(getattr(self, name)[index] for name in field_names(self)))
 
 
 def from_leaves(la) -> Rows:
@@ -121,7 +121,7 @@ def with_host(rows: Rows, ram_map, process, leaf: bool, budget: int = SPLIT_BUDG
 
 
 def concat(a: Rows, b: Rows) -> Rows:
-    return Rows(*(np.concatenate((getattr(a, f.name), getattr(b, f.name))) for f in fields(a)))
+    return Rows(*(np.concatenate((getattr(a, name), getattr(b, name))) for name in field_names(a)))
 
 
 def merge(rows: Rows, physical: bool = False) -> Rows:
@@ -146,7 +146,7 @@ def merge(rows: Rows, physical: bool = False) -> Rows:
     return merged
 
 
-@dataclass
+@record
 class MapRow:
     """One row for output."""
     start: int

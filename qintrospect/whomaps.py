@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from .record import field, record
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -31,7 +31,7 @@ def _h(v: Optional[int]) -> Optional[str]:
     return None if v is None else f"{v:#x}"
 
 
-@dataclass
+@record
 class Reach:
     """One virtual page that maps the frame."""
     root: int
@@ -51,7 +51,7 @@ class Reach:
                 "roots": [_h(r) for r in self.roots]}
 
 
-@dataclass
+@record
 class TableUse:
     """The frame is a page-table page: of which root, at which level."""
     root: int
@@ -64,7 +64,7 @@ class TableUse:
                 "roots": [_h(r) for r in self.roots]}
 
 
-@dataclass
+@record
 class Holder:
     """A QEMU process whose memory holds the host frame."""
     pid: int
@@ -79,7 +79,7 @@ class Holder:
                 "gpa": _h(self.gpa), "ram_block": self.ram_block, "mapping": self.mapping or None}
 
 
-@dataclass
+@record
 class WhoMaps:
     gpa: Optional[int]
     query: dict

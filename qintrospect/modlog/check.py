@@ -10,7 +10,7 @@ says the module did.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 from typing import List, Optional, Tuple
 
 from ..errors import MemoryReadError
@@ -22,7 +22,7 @@ from .model import hex_or_none as _h
 
 # ----------------------------------------------------------------------------- what a log implies
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Finding:
     """One number the log printed, set against what the log's other numbers imply."""
 

@@ -7,7 +7,7 @@ compare_host: an ept_dump log's HPA against the host's pagemap answer for its GP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from ..record import record, replace
 from typing import List, Optional, Tuple
 
 from .model import ADDR_BITS, SAME_STOP, U64, ModLog, bit_name, bit_ranges
@@ -15,7 +15,7 @@ from .model import hex_or_none as _h
 
 # --------------------------------------------------------------- the log against an outside walk
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Row:
     """One number of the log set against the same number from an outside walk."""
 
@@ -35,7 +35,7 @@ class Row:
                 "agree": self.agree, "reason": self.reason}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Comparison:
     rows: Tuple[Row, ...]
 

@@ -7,7 +7,7 @@ from a large page keeping the low bits, or from chance.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 from typing import List, Optional, Tuple
 
 from ..errors import UsageError
@@ -18,7 +18,7 @@ from .model import hex_or_none as _h
 
 # ------------------------------------------------------------------------- guest log + host log
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Chain:
     """One experiment's two logs joined: GVA (guest) -> GPA (both) -> HPA (host)."""
 

@@ -6,7 +6,7 @@ comes with the mask of the bits that were printed (``*_known_mask``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 from typing import Optional, Tuple
 
 from ..paging.formats import ADDR_51_12
@@ -82,7 +82,7 @@ def merge(val: int, mask: int, more_val: int, more_mask: int) -> Tuple[int, int]
 
 # ----------------------------------------------------------------------------------- the values
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LogLevel:
     """One level of the walk as the log printed it.
 
@@ -119,7 +119,7 @@ class LogLevel:
         }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Printed:
     """One number as one line printed it: what it is, for which level, which bits were shown."""
 
@@ -131,7 +131,7 @@ class Printed:
     source: str           # which kind of line: "index line", "binary line", "hex line", ...
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ModLog:
     """One run of gpt_dump or ept_dump, as far as the text shows it.
 

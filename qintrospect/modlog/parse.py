@@ -15,7 +15,7 @@ its HPA line ("HPA   ", a 6-column label, a plain 12/40/12 split) keeps 5 low ch
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from ..record import field, record, replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import ParseError
@@ -37,7 +37,7 @@ _TIMESTAMP = re.compile(r"^(?:<\d{1,3}>)?\[ *\d{1,12}\.\d{1,9}\]", re.ASCII)
 _MODULE_PREFIX = re.compile(r"^([a-z][a-z0-9_]{0,30}_dump): ?", re.ASCII)
 
 
-@dataclass
+@record
 class _Line:
     no: int          # 1-based line number of its first physical line
     text: str        # the message, stripped of timestamp, module prefix and outer blanks
@@ -153,7 +153,7 @@ def _fields(tokens: List[str], layout) -> Tuple[int, int, bool, List[str]]:
 
 # ---------------------------------------------------------------------------------- the parser
 
-@dataclass
+@record
 class _Run:
     """What one run of a module printed, line by line, before it is put together."""
 

@@ -7,7 +7,7 @@ and every nested access counts as a user access.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from ..record import replace
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 

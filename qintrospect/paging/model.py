@@ -1,12 +1,12 @@
 """The values the page-table walkers take and return.
 
-Everything here is a frozen dataclass: a paging mode is data (a tuple of levels plus an entry
+Everything here is a frozen record (record.py): a paging mode is data (a tuple of levels plus an entry
 size), and a walk is a value that every renderer reads without recomputing anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import field, record
 from typing import Callable, Mapping as MappingT, Optional, Tuple
 
 #: Reads `length` bytes of physical memory at `addr`; raises qintrospect.errors.MemoryReadError.
@@ -41,7 +41,7 @@ def _hex(value: Optional[int]) -> Optional[str]:
     return None if value is None else hex(value)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CpuState:
     """The registers that govern translation."""
 
@@ -60,7 +60,7 @@ class CpuState:
     pdptes: Optional[Tuple[int, int, int, int]] = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LevelSpec:
     """One level of a paging structure hierarchy."""
 
@@ -71,7 +71,7 @@ class LevelSpec:
     large_page: Optional[int]  # page size this level may map with PS=1, or None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PagingMode:
     name: str  # "32-bit", "pae", "4-level", "5-level", "ept-4", "ept-5", "npt-4", "npt-5"
     levels: Tuple[LevelSpec, ...]
@@ -83,7 +83,7 @@ class PagingMode:
         return len(self.levels)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LevelStep:
     name: str
     linux_name: str
@@ -111,7 +111,7 @@ class LevelStep:
         }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Fault:
     level: Optional[str]   # level name where it stopped; None for non-canonical / paging-disabled
     reason: str            # one of the reason constants above
@@ -123,7 +123,7 @@ class Fault:
                 "error_code": _hex(self.error_code)}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AccessResult:
     """What one kind of access would do."""
 
@@ -139,7 +139,7 @@ class AccessResult:
                 "reason": self.reason, "unknown": self.unknown or None}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Walk:
     va: int
     mode: Optional[PagingMode]
@@ -182,7 +182,7 @@ class Walk:
         }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mapping:
     """One present leaf, for whole-address-space maps."""
 

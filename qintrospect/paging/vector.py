@@ -16,7 +16,7 @@ over distinct tables. Only the x86 guest modes are covered (not EPT/NPT).
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from ..record import record
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -151,7 +151,7 @@ class _Tables:
 
 # ---------------------------------------------------------------- whole address spaces
 
-@dataclass(eq=False)
+@record(eq=False)
 class LeafArrays:
     """Every present, valid leaf of an address space (what iter_mappings yields, same order),
     one array element per leaf. Rights are effective across the levels."""
@@ -284,7 +284,7 @@ def _report_unreadable(mode: PagingMode, tables: _Tables, lost: List[tuple],
 
 # ---------------------------------------------------------------- address batches
 
-@dataclass(eq=False)
+@record(eq=False)
 class BatchWalk:
     """walk() for every address of a batch, as arrays of length N. Where ok is False, pa and
     page_size are 0 and the rights False; fault_reason is a code (FAULT_REASONS[code] is the

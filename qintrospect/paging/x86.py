@@ -6,7 +6,7 @@ iter_mappings() lists every present leaf of an address space, reading each table
 
 from __future__ import annotations
 
-from dataclasses import replace
+from ..record import replace
 from functools import lru_cache
 from typing import Callable, Dict, Iterator, Optional, Tuple
 

@@ -10,7 +10,7 @@ the text views in code blocks) and the SVG files.
 """
 
 import os
-from dataclasses import dataclass, field
+from ..record import field, record
 from types import SimpleNamespace
 from typing import List, Optional
 
@@ -36,7 +36,7 @@ def options(p) -> None:
     p.add_argument("--title", default="qintrospect report", help="the page's title")
 
 
-@dataclass
+@record
 class LogEntry:
     path: str
     log: object                       # modlog.ModLog
@@ -56,7 +56,7 @@ class LogEntry:
         return self.comparison.agree and compared
 
 
-@dataclass
+@record
 class Report:
     title: str
     facts: dict

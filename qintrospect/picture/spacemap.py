@@ -17,7 +17,7 @@ per range. The HTML page finds the exact row under the pointer in the embedded r
 
 import json
 import math
-from dataclasses import dataclass, field
+from ..record import field, record
 from typing import List, Optional
 
 import numpy as np
@@ -39,7 +39,7 @@ PERMS = ("r--", "rw-", "r-x", "rwx")
 PERM_CLS = ("p-r", "p-rw", "p-rx", "p-rwx")
 
 
-@dataclass
+@record
 class Region:
     start: int            # first mapped byte
     end: int              # exclusive
@@ -50,7 +50,7 @@ class Region:
     w: float = 0.0
 
 
-@dataclass
+@record
 class Half:
     name: str
     lo: int

@@ -4,7 +4,7 @@ supervisor protection keys (CR4.PKS, IA32_PKRS), unknown PKRU/PKRS in AccessResu
 and the PAE PDPTE registers."""
 
 import json
-from dataclasses import replace
+from qintrospect.record import replace
 
 import pytest
 

@@ -8,7 +8,7 @@ from memory, CPUs with and without 1 GiB pages or not saying) and batches of add
 mostly follow the entries put there, so that many walks go deep and many translate.
 """
 
-from dataclasses import replace
+from qintrospect.record import replace
 
 import numpy as np
 import pytest
