@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 import time
-import traceback
+
+from typing import Optional
 
 from . import render
 from .errors import QIError, UsageError
@@ -42,21 +43,25 @@ def parse_number(text: str, what: str = "address") -> int:
 
 
 def _read_addresses(lines):
-    """parse_number() of each non-blank line; plain 0x-hex (most of a long stream) first, by
-    int() alone (what it accepts there, parse_number reads the same)."""
-    for line in lines:
-        text = line.strip()
-        if text[:2] == "0x":
+    """parse_number() of each non-blank line, lazily. A batch of lines that are all plain
+    0x-hex (most of a long stream) is read by int() alone, which reads them the same."""
+    import itertools
+    lines = iter(lines)
+    while True:
+        batch = list(itertools.islice(lines, 4096))
+        if not batch:
+            return
+        if all(line[:2] == "0x" for line in batch):
             try:
-                value = int(text, 16)
+                values = [int(line, 16) for line in batch]
             except ValueError:
-                pass
-            else:
-                if value <= MASK64:
-                    yield value
-                    continue
-        if text:
-            yield parse_number(text)
+                values = None
+            if values is not None and max(values) <= MASK64:
+                yield from values
+                continue
+        for line in batch:
+            if line.strip():
+                yield parse_number(line)
 
 
 def _session_options(p: argparse.ArgumentParser) -> None:
@@ -663,7 +668,7 @@ def _compare_host(vm, log):
         return cmp, explain, outside
     # The log names its table (nCR3 / EPTP): walk that table here too, row by row. The pagemap
     # rows stay, renamed host_hpa / host_value beside the walk's own final / value.
-    from dataclasses import replace
+    from .record import replace
     slat_cmp, outside["slat"] = _compare_second_level(vm, log, hpa)
     outside.update(root=f"{log.root:#x}", root_found_by=f"{log.root_name} printed in the log")
     if hpa is not None and outside["slat"].get("page_size"):
@@ -706,9 +711,31 @@ def _compare_second_level(vm, log, hpa):
     return modlog.compare_second_level(log, walk, value), found
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Help(argparse.HelpFormatter):
+    """argparse's help, as wide as the terminal, without loading shutil for that (argparse
+    makes a formatter for every option it adds: a few ms of every command's start)."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            try:
+                width = int(os.environ.get("COLUMNS", ""))
+            except ValueError:
+                width = 0
+            if width <= 0:
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 0
+            width = (width or 80) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line's parser. With `only` (a command's name, or "" for none), only that
+    command's options are built, the others listed with their help: a command does not pay
+    for every other's."""
     p = argparse.ArgumentParser(
-        prog="qintrospect",
+        prog="qintrospect", formatter_class=_Help,
         description="Explain how a running QEMU guest's memory maps, from the outside: "
                     "GVA -> GPA -> HVA -> HPA. Read-only; the VM is left as found.",
         epilog="exit status: 0 ok, 1 an address faulted or a comparison disagreed, 2 bad usage "
@@ -716,183 +743,205 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="say what was attached and how")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("translate", help="follow guest virtual addresses down to the host",
-                       description="Walk the guest's page tables for each address (with the "
-                                   "vCPU's CR3 unless --cr3), then GPA -> RAM block -> HVA -> "
-                                   "HPA. '-' reads addresses from stdin, one per line, and "
-                                   "writes JSON Lines.")
-    t.add_argument("addresses", nargs="+", metavar="ADDR", help="0x-prefixed hex or decimal")
-    t.add_argument("--cr3", help="use this page-table root instead of the vCPU's CR3")
-    t.add_argument("--find-cr3", action="store_true",
-                   help="find the root that maps the (single) ADDR holding --expect VALUE")
-    t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
-    t.add_argument("--outer", action="append", metavar="qmp=ADDR,gdb=ADDR[,pid=N]",
-                   help="the VM that runs this VM's QEMU (repeat, innermost first): follow the "
-                        "address on down through it to this host")
-    t.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
-                   help="walk each GPA through the hypervisor's second-level table too (AMD "
-                        "NPT, Intel EPT): found in host memory (/proc/kcore, root) when the "
-                        "VM runs under KVM on this host, or in the outer VM's RAM with --outer "
-                        "(auto); or the nCR3 / EPTP given")
-    t.add_argument("--eptp", help="with --outer: the outer hypervisor's EPTP for this VM (the same "
-                                  "as --slat ept:EPTP); its "
-                                  "EPT walk is shown beside the process-table answer")
-    t.add_argument("--json", action="store_true", help="one JSON object per address, per line")
-    t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
-    t.add_argument("--brief", action="store_true",
-                   help="JSON Lines with the chain only (gva, gpa, page_size, ram_block, hva, "
-                        "hpa, host, writable, user, executable, value; or fault), computed for "
-                        "all addresses at once: the fast way for large batches")
-    from .picture import report as picture_report, translate_options, vmmap_options
-    translate_options(t)                    # --html FILE, --svg FILE, --mermaid
-    _session_options(t)
-    t.set_defaults(func=cmd_translate)
+    def command(name, **kwargs):
+        parser = sub.add_parser(name, formatter_class=_Help, **kwargs)
+        return parser if only in (None, name) else None
 
-    c = sub.add_parser("cpus", help="every vCPU: host thread, CPL, paging mode, CR3, CR0/CR4/EFER")
-    c.add_argument("--json", action="store_true", help="one JSON object per vCPU")
-    _session_options(c)
-    c.set_defaults(func=cmd_cpus)
+    t = command("translate", help="follow guest virtual addresses down to the host",
+                description="Walk the guest's page tables for each address (with the "
+                            "vCPU's CR3 unless --cr3), then GPA -> RAM block -> HVA -> "
+                            "HPA. '-' reads addresses from stdin, one per line, and "
+                            "writes JSON Lines.")
+    if t is not None:
+        t.add_argument("addresses", nargs="+", metavar="ADDR", help="0x-prefixed hex or decimal")
+        t.add_argument("--cr3", help="use this page-table root instead of the vCPU's CR3")
+        t.add_argument("--find-cr3", action="store_true",
+                       help="find the root that maps the (single) ADDR holding --expect VALUE")
+        t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
+        t.add_argument("--outer", action="append", metavar="qmp=ADDR,gdb=ADDR[,pid=N]",
+                       help="the VM that runs this VM's QEMU (repeat, innermost first): follow the "
+                            "address on down through it to this host")
+        t.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
+                       help="walk each GPA through the hypervisor's second-level table too (AMD "
+                            "NPT, Intel EPT): found in host memory (/proc/kcore, root) when the "
+                            "VM runs under KVM on this host, or in the outer VM's RAM with --outer "
+                            "(auto); or the nCR3 / EPTP given")
+        t.add_argument("--eptp", help="with --outer: the outer hypervisor's EPTP for this VM "
+                                      "(the same as --slat ept:EPTP); its EPT walk is shown "
+                                      "beside the process-table answer")
+        t.add_argument("--json", action="store_true", help="one JSON object per address, per line")
+        t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
+        t.add_argument("--brief", action="store_true",
+                       help="JSON Lines with the chain only (gva, gpa, page_size, ram_block, hva, "
+                            "hpa, host, writable, user, executable, value; or fault), computed for "
+                            "all addresses at once: the fast way for large batches")
+        from .picture import translate_options
+        translate_options(t)                    # --html FILE, --svg FILE, --mermaid
+        _session_options(t)
+        t.set_defaults(func=cmd_translate)
 
-    f = sub.add_parser("find-cr3", help="find page-table roots in guest RAM (no symbols needed)",
-                       description="Scan guest RAM for top-level page tables that share the "
-                                   "kernel half of the current one (one per process; KPTI "
-                                   "copies paired), optionally keeping those that map --gva "
-                                   "and hold --expect there. Exit 1 when none is left.")
-    f.add_argument("--gva", help="keep roots that map this address")
-    f.add_argument("--expect", help="keep roots whose 8 bytes at --gva equal this value")
-    f.add_argument("--json", action="store_true", help="one JSON object per candidate")
-    _session_options(f)
-    f.set_defaults(func=cmd_find_cr3)
+    c = command("cpus", help="every vCPU: host thread, CPL, paging mode, CR3, CR0/CR4/EFER")
+    if c is not None:
+        c.add_argument("--json", action="store_true", help="one JSON object per vCPU")
+        _session_options(c)
+        c.set_defaults(func=cmd_cpus)
 
-    m = sub.add_parser("vmmap", help="the whole address space as ranges (or --leaf pages)")
-    m.add_argument("--cr3", help="map this page-table root instead of the vCPU's")
-    m.add_argument("--leaf", action="store_true", help="one row per mapped page, with its GPA")
-    m.add_argument("--user", action="store_true", help="only user-accessible ranges")
-    m.add_argument("--kernel", action="store_true", help="only supervisor-only ranges")
-    m.add_argument("--writable", action="store_true", help="only writable ranges")
-    m.add_argument("--exec", action="store_true", help="only executable ranges")
-    m.add_argument("--range", help="only START-END (virtual, end exclusive)")
-    m.add_argument("--gpa", action="store_true", help="add a GPA column (merge only if linear)")
-    m.add_argument("--hpa", action="store_true", help="add GPA and HPA columns")
-    m.add_argument("--json", action="store_true", help="one JSON object per row")
-    vmmap_options(m)                        # --html FILE, --svg FILE
-    _session_options(m)
-    m.set_defaults(func=cmd_vmmap)
+    f = command("find-cr3", help="find page-table roots in guest RAM (no symbols needed)",
+                description="Scan guest RAM for top-level page tables that share the "
+                            "kernel half of the current one (one per process; KPTI "
+                            "copies paired), optionally keeping those that map --gva "
+                            "and hold --expect there. Exit 1 when none is left.")
+    if f is not None:
+        f.add_argument("--gva", help="keep roots that map this address")
+        f.add_argument("--expect", help="keep roots whose 8 bytes at --gva equal this value")
+        f.add_argument("--json", action="store_true", help="one JSON object per candidate")
+        _session_options(f)
+        f.set_defaults(func=cmd_find_cr3)
 
-    r = sub.add_parser("read", help="hexdump guest memory, virtual or --phys",
-                       description="Unmapped pages are marked, MMIO is never read.")
-    r.add_argument("address", metavar="ADDR")
-    r.add_argument("length", metavar="LEN")
-    r.add_argument("--phys", action="store_true", help="ADDR is guest-physical")
-    r.add_argument("--cr3", help="translate with this page-table root")
-    r.add_argument("--json", action="store_true", help="one JSON object per page piece")
-    _session_options(r)
-    r.set_defaults(func=cmd_read)
+    m = command("vmmap", help="the whole address space as ranges (or --leaf pages)")
+    if m is not None:
+        m.add_argument("--cr3", help="map this page-table root instead of the vCPU's")
+        m.add_argument("--leaf", action="store_true", help="one row per mapped page, with its GPA")
+        m.add_argument("--user", action="store_true", help="only user-accessible ranges")
+        m.add_argument("--kernel", action="store_true", help="only supervisor-only ranges")
+        m.add_argument("--writable", action="store_true", help="only writable ranges")
+        m.add_argument("--exec", action="store_true", help="only executable ranges")
+        m.add_argument("--range", help="only START-END (virtual, end exclusive)")
+        m.add_argument("--gpa", action="store_true", help="add a GPA column (merge only if linear)")
+        m.add_argument("--hpa", action="store_true", help="add GPA and HPA columns")
+        m.add_argument("--json", action="store_true", help="one JSON object per row")
+        from .picture import vmmap_options
+        vmmap_options(m)                        # --html FILE, --svg FILE
+        _session_options(m)
+        m.set_defaults(func=cmd_vmmap)
 
-    pl = sub.add_parser("parse-log", help="read gpt_dump/ept_dump module logs, offline",
-                        description="Parse one module log (or a gpt_dump and an ept_dump log of "
-                                    "one experiment, chained), recompute what the log implies "
-                                    "and say where it agrees with itself. Exit 1 on any "
-                                    "disagreement.")
-    pl.add_argument("logs", nargs="+", metavar="FILE")
-    pl.add_argument("--json", action="store_true", help="one JSON object per log (+ the chain)")
-    pl.set_defaults(func=cmd_parse_log)
+    r = command("read", help="hexdump guest memory, virtual or --phys",
+                description="Unmapped pages are marked, MMIO is never read.")
+    if r is not None:
+        r.add_argument("address", metavar="ADDR")
+        r.add_argument("length", metavar="LEN")
+        r.add_argument("--phys", action="store_true", help="ADDR is guest-physical")
+        r.add_argument("--cr3", help="translate with this page-table root")
+        r.add_argument("--json", action="store_true", help="one JSON object per page piece")
+        _session_options(r)
+        r.set_defaults(func=cmd_read)
 
-    cp = sub.add_parser("compare", help="compare a module log with the live outside walk",
-                        description="Walk the log's address from outside (with the CR3 the log "
-                                    "prints, or the process finder) and set the two side by "
-                                    "side, level by level. Exit 1 on any difference.")
-    cp.add_argument("--log", required=True, metavar="FILE", help="gpt_dump or ept_dump output")
-    cp.add_argument("--json", action="store_true", help="one JSON object")
-    _session_options(cp)
-    cp.set_defaults(func=cmd_compare)
+    pl = command("parse-log", help="read gpt_dump/ept_dump module logs, offline",
+                 description="Parse one module log (or a gpt_dump and an ept_dump log of "
+                             "one experiment, chained), recompute what the log implies "
+                             "and say where it agrees with itself. Exit 1 on any "
+                             "disagreement.")
+    if pl is not None:
+        pl.add_argument("logs", nargs="+", metavar="FILE")
+        pl.add_argument("--json", action="store_true", help="one JSON object per log (+ the chain)")
+        pl.set_defaults(func=cmd_parse_log)
 
-    w = sub.add_parser("who-maps", help="every mapping that reaches a frame (GPA, HVA or HPA)",
-                       description="The reverse map: for every page-table root in the guest "
-                                   "(each vCPU's, and every process's found by the finder, KPTI "
-                                   "copies included), the virtual addresses whose leaf holds the "
-                                   "frame (page size, rights, level), and whether the frame is a "
-                                   "page-table page itself. --hpa first finds which local QEMU "
-                                   "process and RAM block hold the host frame. Exit 1 when "
-                                   "nothing maps it.")
-    w.add_argument("--gpa", help="a guest-physical address")
-    w.add_argument("--hva", help="a host virtual address in this VM's QEMU process")
-    w.add_argument("--hpa", help="a host physical address (root: frame numbers)")
-    w.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
-                   help="on a KVM host: the hypervisor's second-level table too (the GPAs "
-                        "whose leaf holds the host frame, and whether the frame is a page of "
-                        "the table)")
-    w.add_argument("--json", action="store_true", help="one JSON object per frame")
-    _session_options(w)
-    w.set_defaults(func=cmd_who_maps)
+    cp = command("compare", help="compare a module log with the live outside walk",
+                 description="Walk the log's address from outside (with the CR3 the log "
+                             "prints, or the process finder) and set the two side by "
+                             "side, level by level. Exit 1 on any difference.")
+    if cp is not None:
+        cp.add_argument("--log", required=True, metavar="FILE", help="gpt_dump or ept_dump output")
+        cp.add_argument("--json", action="store_true", help="one JSON object")
+        _session_options(cp)
+        cp.set_defaults(func=cmd_compare)
 
-    k = sub.add_parser("kvm", help="KVM's own facts about a local VM (debugfs stats, vCPUs)",
-                       description="The accelerator (QMP query-kvm), the VM's folder in KVM's "
-                                   "debugfs (found from QEMU's pid: PID-FD) with its statistics "
-                                   "(pages_4k/2m/1g, nx_lpage_splits, pf_fixed, tlb_flush, ...) "
-                                   "and each vCPU's files (guest_mode, ...), the host's EPT/NPT "
-                                   "setting, and QMP query-stats where QEMU has it.")
-    k.add_argument("--json", action="store_true", help="one JSON object")
-    _session_options(k)
-    k.set_defaults(func=cmd_kvm)
+    w = command("who-maps", help="every mapping that reaches a frame (GPA, HVA or HPA)",
+                description="The reverse map: for every page-table root in the guest "
+                            "(each vCPU's, and every process's found by the finder, KPTI "
+                            "copies included), the virtual addresses whose leaf holds the "
+                            "frame (page size, rights, level), and whether the frame is a "
+                            "page-table page itself. --hpa first finds which local QEMU "
+                            "process and RAM block hold the host frame. Exit 1 when "
+                            "nothing maps it.")
+    if w is not None:
+        w.add_argument("--gpa", help="a guest-physical address")
+        w.add_argument("--hva", help="a host virtual address in this VM's QEMU process")
+        w.add_argument("--hpa", help="a host physical address (root: frame numbers)")
+        w.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
+                       help="on a KVM host: the hypervisor's second-level table too (the GPAs "
+                            "whose leaf holds the host frame, and whether the frame is a page of "
+                            "the table)")
+        w.add_argument("--json", action="store_true", help="one JSON object per frame")
+        _session_options(w)
+        w.set_defaults(func=cmd_who_maps)
 
-    sh = sub.add_parser("shell", help="one attached session, many commands (history, Tab)",
-                        description="Attach once, then run translate, vmmap, read, cpus, "
-                                    "find-cr3, compare, who-maps and kvm lines with their own "
-                                    "options, plus `cr3 HEX|vcpu`, `vcpu N`, `help`, `quit`. "
-                                    "The VM is paused only while a command runs (with --freeze "
-                                    "or a gdb attached: for the whole shell) and left as found "
-                                    "on exit. "
-                                    "No prompt when stdin is not a terminal; exit status: 0, or "
-                                    "the last failing command's.")
-    _session_options(sh)
-    sh.set_defaults(func=cmd_shell)
+    k = command("kvm", help="KVM's own facts about a local VM (debugfs stats, vCPUs)",
+                description="The accelerator (QMP query-kvm), the VM's folder in KVM's "
+                            "debugfs (found from QEMU's pid: PID-FD) with its statistics "
+                            "(pages_4k/2m/1g, nx_lpage_splits, pf_fixed, tlb_flush, ...) "
+                            "and each vCPU's files (guest_mode, ...), the host's EPT/NPT "
+                            "setting, and QMP query-stats where QEMU has it.")
+    if k is not None:
+        k.add_argument("--json", action="store_true", help="one JSON object")
+        _session_options(k)
+        k.set_defaults(func=cmd_kvm)
 
-    rp = sub.add_parser("report", help="a self-contained page to hand in: the vCPUs, addresses "
-                                       "drawn, module logs parsed and compared",
-                        description="Write one page (--out FILE.html) or a folder (--out DIR: "
-                                    "report.html, report.md, one SVG per address) with the VM's "
-                                    "vCPUs, each ADDR drawn as translate --html draws it, each "
-                                    "--log parsed, checked and compared with the outside view "
-                                    "(as compare --log), and the chain as mermaid. Exit 1 when "
-                                    "an address faulted or a log disagrees (the report is "
-                                    "written all the same).")
-    picture_report.options(rp)              # ADDR..., --out, --log, --cr3, --slat, --title
-    _session_options(rp)
-    rp.set_defaults(func=cmd_report)
+    sh = command("shell", help="one attached session, many commands (history, Tab)",
+                 description="Attach once, then run translate, vmmap, read, cpus, "
+                             "find-cr3, compare, who-maps and kvm lines with their own "
+                             "options, plus `cr3 HEX|vcpu`, `vcpu N`, `help`, `quit`. "
+                             "The VM is paused only while a command runs (with --freeze "
+                             "or a gdb attached: for the whole shell) and left as found "
+                             "on exit. "
+                             "No prompt when stdin is not a terminal; exit status: 0, or "
+                             "the last failing command's.")
+    if sh is not None:
+        _session_options(sh)
+        sh.set_defaults(func=cmd_shell)
 
-    z = sub.add_parser("resume", help="resume a VM left paused (e.g. by a killed qintrospect)",
-                       description="Sends QMP `cont`. Needs only --qmp.")
-    z.add_argument("--qmp", default=os.environ.get("QI_QMP"),
-                   help="QMP socket: a Unix socket path or HOST:PORT (env QI_QMP)")
-    z.add_argument("--allow-remote", action="store_true")
-    z.add_argument("--timeout", type=float, default=5.0)
-    z.set_defaults(func=cmd_resume)
+    rp = command("report", help="a self-contained page to hand in: the vCPUs, addresses "
+                                "drawn, module logs parsed and compared",
+                 description="Write one page (--out FILE.html) or a folder (--out DIR: "
+                             "report.html, report.md, one SVG per address) with the VM's "
+                             "vCPUs, each ADDR drawn as translate --html draws it, each "
+                             "--log parsed, checked and compared with the outside view "
+                             "(as compare --log), and the chain as mermaid. Exit 1 when "
+                             "an address faulted or a log disagrees (the report is "
+                             "written all the same).")
+    if rp is not None:
+        from .picture import report as picture_report
+        picture_report.options(rp)              # ADDR..., --out, --log, --cr3, --slat, --title
+        _session_options(rp)
+        rp.set_defaults(func=cmd_report)
 
-    ls = sub.add_parser("list", help="the QEMU VMs on this host: pid, name, accelerator, RAM, "
-                                     "QMP and gdbstub (and whether they answer), run state",
-                        description="Every QEMU process this user can see, its command line "
-                                    "read as QEMU reads it; a QMP socket is asked for its "
-                                    "greeting and run state when free (a busy one is 'in "
-                                    "use'), a gdbstub is never connected to (that would stop "
-                                    "the VM): 'listening' comes from the socket tables. "
-                                    "libvirt's running domains too, when libvirt-python is "
-                                    "installed and libvirt answers (qemu:///system, or "
-                                    "--connect). Exit 1 when no VM is found.")
-    ls.add_argument("--json", action="store_true", help="one JSON object per VM")
-    ls.add_argument("--connect", metavar="URI",
-                    help="libvirt's URI (default qemu:///system, skipped quietly if absent)")
-    ls.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt")
-    ls.add_argument("--timeout", type=float, default=1.5,
-                    help="seconds to wait for each QMP greeting (1.5)")
-    ls.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                    help="say why libvirt was not asked")
-    ls.set_defaults(func=cmd_list)
+    z = command("resume", help="resume a VM left paused (e.g. by a killed qintrospect)",
+                description="Sends QMP `cont`. Needs only --qmp.")
+    if z is not None:
+        z.add_argument("--qmp", default=os.environ.get("QI_QMP"),
+                       help="QMP socket: a Unix socket path or HOST:PORT (env QI_QMP)")
+        z.add_argument("--allow-remote", action="store_true")
+        z.add_argument("--timeout", type=float, default=5.0)
+        z.set_defaults(func=cmd_resume)
+
+    ls = command("list", help="the QEMU VMs on this host: pid, name, accelerator, RAM, "
+                              "QMP and gdbstub (and whether they answer), run state",
+                 description="Every QEMU process this user can see, its command line "
+                             "read as QEMU reads it; a QMP socket is asked for its "
+                             "greeting and run state when free (a busy one is 'in "
+                             "use'), a gdbstub is never connected to (that would stop "
+                             "the VM): 'listening' comes from the socket tables. "
+                             "libvirt's running domains too, when libvirt-python is "
+                             "installed and libvirt answers (qemu:///system, or "
+                             "--connect). Exit 1 when no VM is found.")
+    if ls is not None:
+        ls.add_argument("--json", action="store_true", help="one JSON object per VM")
+        ls.add_argument("--connect", metavar="URI",
+                        help="libvirt's URI (default qemu:///system, skipped quietly if absent)")
+        ls.add_argument("--no-libvirt", action="store_true", help="do not ask libvirt")
+        ls.add_argument("--timeout", type=float, default=1.5,
+                        help="seconds to wait for each QMP greeting (1.5)")
+        ls.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="say why libvirt was not asked")
+        ls.set_defaults(func=cmd_list)
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the command's name: the first word that is not an option (the only options before it
+    # are -v and -h, which take no value)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
@@ -915,6 +964,7 @@ def main(argv=None) -> int:
         return EXIT_OK
     except Exception as exc:  # a bug: say so briefly; the traceback only with -v
         if getattr(args, "verbose", False):
+            import traceback
             traceback.print_exc()
         print(f"qintrospect: internal error: {type(exc).__name__}: {exc} (this is a bug; "
               "run with -v for the traceback)", file=sys.stderr)

@@ -14,9 +14,7 @@ import ctypes
 import os
 import re
 import select
-import shutil
 import signal
-import subprocess
 import time
 from typing import Dict, List, Optional
 
@@ -56,6 +54,7 @@ def _controller(command):
     killed outright when qintrospect dies. gdb must never see EOF on its input first: its quit
     path detaches, and detaching resumes a VM that qintrospect may have found paused. So gdb's
     stdin is a pipe whose write end gdb itself also holds: it reads no EOF, it only dies."""
+    import subprocess
     from pygdbmi.gdbcontroller import GdbController
     from pygdbmi.IoManager import IoManager
 
@@ -118,6 +117,7 @@ class GdbStub:
 
     def connect(self) -> "GdbStub":
         """Start gdb and `target remote` the stub. Connecting stops the VM (QEMU does that)."""
+        import shutil
         if shutil.which(self.gdb_path) is None:
             raise AttachError(f"{self.gdb_path} not found; install gdb (apt-get install gdb)")
         self._controller = _controller([self.gdb_path, "--nx", "--quiet", "--interpreter=mi3"])

@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from .record import record
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .errors import MemoryReadError, ParseError, VMGoneError
@@ -26,7 +26,7 @@ PAGE = 4096
 KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_HUGE, KPF_THP = 15, 16, 17, 22
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RamRegion:
     """A RAM-backed piece of the guest's physical address space and where QEMU keeps it."""
     start: int
@@ -102,7 +102,7 @@ class RamMap:
         return sum(r.end - r.start + 1 for r in self.ram if r.kind == "ram")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HostPage:
     """What the host's pagemap says about one HVA of the QEMU process."""
     hva: int
@@ -176,7 +176,7 @@ def pagemap_arrays(process, hvas):
     return status, hpa
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Vma:
     """One mapping of the QEMU process (a line of /proc/PID/smaps)."""
     start: int

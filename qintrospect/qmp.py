@@ -9,13 +9,12 @@ when the user asks `resume`.
 HMP `gpa2hpa` must never be sent: in QEMU it does an atomic add on the guest page.
 """
 
-import ipaddress
 import json
 import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from .record import record
 from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import AttachError, ParseError, UsageError, VMGoneError
@@ -90,8 +89,13 @@ def parse_address(text: str, what: str, allow_remote: bool = False) -> SocketAdd
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host in ("localhost", "::1"):
         return True
+    parts = host.split(".")     # 127.x.y.z, the common case, without loading ipaddress
+    if len(parts) == 4 and parts[0] == "127" and all(
+            p.isascii() and p.isdigit() and str(int(p)) == p and int(p) <= 255 for p in parts):
+        return True
+    import ipaddress
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -149,6 +153,7 @@ class QmpMonitor(Monitor):
         self._buffer = b""
         self._id = 0
         self._lifecycle: List[str] = []      # lifecycle events seen since the last check
+        self._events = 0                     # events of any kind seen since mark()
         self.watch_lifecycle = False
         self.greeting: Optional[dict] = None
 
@@ -244,11 +249,50 @@ class QmpMonitor(Monitor):
         while True:
             reply = self._message(max(0.0, deadline - time.monotonic()))
             if "event" in reply:
-                if reply["event"] in LIFECYCLE_EVENTS:
-                    self._lifecycle.append(reply["event"])
+                self._note_event(reply)
                 continue
             if reply.get("id") == ident:
                 return reply
+
+    def _note_event(self, msg: dict) -> None:
+        self._events += 1
+        if msg["event"] in LIFECYCLE_EVENTS:
+            self._lifecycle.append(msg["event"])
+
+    def mark(self) -> None:
+        """Start counting QEMU's events afresh (see events_since_mark)."""
+        self._drain()
+        self._events = 0
+
+    def events_since_mark(self) -> int:
+        """How many events QEMU sent since mark(), read without waiting. QEMU tells every QMP
+        monitor of each change of run state (RESUME, STOP, RESET, SHUTDOWN, ...): none since
+        a paused VM's registers were read means they still hold."""
+        self._drain()
+        return self._events
+
+    def _drain(self) -> None:
+        """Take in what QEMU sent since the last exchange (events), without waiting."""
+        if self._sock is None:
+            raise VMGoneError("QMP is not connected")
+        self._sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    chunk = self._sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    raise VMGoneError(f"QMP connection lost: {exc.strerror or exc}") from None
+                if not chunk:
+                    raise VMGoneError("QEMU closed the QMP connection")
+                self._buffer += chunk
+        finally:
+            self._sock.settimeout(self.timeout)
+        while b"\n" in self._buffer:
+            msg = self._message(0)
+            if "event" in msg:       # anything else is a stale reply: nobody waits for it
+                self._note_event(msg)
 
     def check_lifecycle(self) -> None:
         """Raise VMGoneError if the guest reset or shut down since the last check. Only a VM
@@ -294,7 +338,7 @@ class QmpMonitor(Monitor):
 
 # ---- parsers for what QEMU prints ------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Region:
     """One line of `info mtree -f` for the system address space."""
     start: int
@@ -394,7 +438,7 @@ def parse_registers(text: str) -> Dict[str, int]:
 _TLB_LINE = re.compile(r"^([0-9a-fA-F]+): ([0-9a-fA-F]+) ([-XGPDACTUW]{9})\s*$")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TlbLine:
     va: int
     pa: int

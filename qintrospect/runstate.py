@@ -10,12 +10,9 @@ qintrospect often runs as root, so the marker lives in a folder that must be thi
 (O_EXCL|O_NOFOLLOW) that is then renamed over the old one.
 """
 
-import hashlib
 import json
 import os
-import secrets
 import stat
-import tempfile
 import time
 from typing import Optional
 
@@ -28,8 +25,20 @@ class RunStateError(QIError):
     """The marker folder cannot be trusted (not ours, not private, a symlink)."""
 
 
+def _temp_base() -> str:
+    """tempfile.gettempdir(), without loading tempfile (and shutil and random) where the
+    answer is plain: the first of TMPDIR, TEMP, TMP that is set, else /tmp, when this user
+    may write there; tempfile itself for its other fallbacks."""
+    folder = next((os.environ[n] for n in ("TMPDIR", "TEMP", "TMP") if os.environ.get(n)),
+                  "/tmp")
+    if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+        return os.path.abspath(folder)
+    import tempfile
+    return tempfile.gettempdir()
+
+
 def _folder() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    base = os.environ.get("XDG_RUNTIME_DIR") or _temp_base()
     folder = os.path.join(base, f"qintrospect-{os.geteuid()}")
     try:
         os.mkdir(folder, 0o700)
@@ -48,7 +57,11 @@ def _folder() -> str:
 
 
 def _path(qmp_key: str) -> str:
-    return os.path.join(_folder(), hashlib.sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
+    try:
+        from _sha1 import sha1      # CPython's own: the same digest without loading OpenSSL
+    except ImportError:
+        from hashlib import sha1
+    return os.path.join(_folder(), sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
 
 
 def alive(pid: int) -> bool:
@@ -140,7 +153,7 @@ def forget(qmp_key: str) -> None:
 
 def _write(qmp_key: str, data: dict) -> None:
     path = _path(qmp_key)
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:

@@ -9,18 +9,22 @@ found running and confirms that a VM found paused is still paused.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from dataclasses import dataclass, replace
-from typing import Iterable, List, Optional
+from .record import record, replace
+from typing import TYPE_CHECKING, Iterable, List, Optional
 
-from . import finder, paging, runstate
+from . import paging, runstate
 from .cpu import Vcpu
 from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneError
 from .gdbstub import CONTROL_REGISTERS, KEY_REGISTERS, GdbStub
 from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
 from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
+
+if TYPE_CHECKING:
+    from . import finder
 
 MASK64 = (1 << 64) - 1
 VALUE_SIZE = 8
@@ -31,7 +35,7 @@ def _hex(v):
     return None if v is None else f"{v:#x}"
 
 
-@dataclass
+@record
 class Translation:
     """One address followed down the chain. Renderers read this; none recomputes it."""
     gva: int
@@ -111,7 +115,7 @@ class Translation:
         return out
 
 
-@dataclass
+@record
 class MemoryPiece:
     """Up to one page of a `read`: the bytes, or why there are none."""
     address: int
@@ -595,15 +599,21 @@ class Session:
         """translate() for each address, lazily. When the VM cannot run meanwhile (gdb attached,
         frozen, or found paused) a page cache sits in front of memory for the whole batch."""
         self._check_open()
-        if not self.stopped:  # a running VM may change its tables under us: no cache
+        with self.page_cache():
             for gva in addresses:
                 yield self.translate(gva, cr3)
+
+    @contextlib.contextmanager
+    def page_cache(self):
+        """A whole-page cache in front of guest memory for a batch of walks, when the VM
+        cannot run meanwhile (a running VM may change its tables under us: no cache then)."""
+        if not self.stopped or isinstance(self.memory, PageCache):
+            yield
             return
         inner = self.memory
         self.memory = PageCache(inner)
         try:
-            for gva in addresses:
-                yield self.translate(gva, cr3)
+            yield
         finally:
             self.memory = inner
 
@@ -773,6 +783,7 @@ class Session:
                  progress=None) -> List[finder.Candidate]:
         """Candidate page-table roots in guest RAM (no symbols), best match first."""
         self._check_open()
+        from . import finder
         candidates = finder.scan(self.memory, self.ram_map, self.cpu, progress)
         return finder.check(self._cached().read, self.cpu, candidates, gva, expect)
 

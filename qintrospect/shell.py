@@ -8,7 +8,9 @@ once when it starts; a command line that repeats one is refused.
 The VM's run state, as on the command line:
 - without --gdb or --freeze, the VM is paused only while a command runs: QMP `stop` before it
   (only if it was found running then), the vCPUs' registers read again (it ran since the last
-  command), `cont` after. Between commands it runs.
+  command), `cont` after. Between commands it runs. A VM found paused (by someone else) is
+  left paused, and its registers are read again only after QEMU reported an event (resume,
+  stop, reset...) since they were read: a paused VM costs a command nothing but its own work.
 - with --freeze, it stays paused for the whole shell; with --gdb too, since QEMU's gdbstub
   stops the VM when gdb connects, and QMP `cont` under a gdb that believes the target stopped
   would leave gdb and the stub disagreeing. Either way the banner says so.
@@ -183,6 +185,7 @@ class Shell:
         self.status = 0             # the last failing command's status
         self.timings = []           # (command, seconds) of each command run
         self._readline = None
+        self._paused_as_read = False   # the VM was paused when its registers were last read
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -299,7 +302,16 @@ class Shell:
             yield
             return
         vm = self.vm
-        running = False
+        # A VM found paused at the last command, with no event from QEMU since (it tells
+        # every monitor of each resume, stop, reset...), has not run: its registers hold.
+        events = getattr(vm.qmp, "events_since_mark", None)
+        if self._paused_as_read and events is not None and events() == 0:
+            yield
+            return
+        self._paused_as_read = False
+        if events is not None:
+            vm.qmp.mark()
+        running = fresh = False
         try:
             # a signal held back here is raised on leaving the block: inside the try, so
             # that a VM just stopped is resumed all the same
@@ -310,11 +322,14 @@ class Shell:
                     vm.qmp.command("stop")
                 vm.found_status = status
             vm.refresh()         # it may have run since the last command
+            fresh = True
             yield
         finally:
             if running:
                 with deferred_signals():
                     vm.qmp.command("cont")
+            else:
+                self._paused_as_read = fresh and events is not None
 
     def _select_vcpu(self, index: int) -> None:
         """Session.select_vcpu; with gdb attached the stub goes back to virtual addresses for

@@ -159,6 +159,39 @@ def test_paused_only_while_a_command_runs(g, found):
         observe(g, "cont")
 
 
+def test_a_paused_vm_is_read_again_only_after_an_event(g):
+    """A VM found paused stays paused, and its registers are read again only when QEMU said
+    something happened since (here: another monitor resumed and stopped it): a command on a
+    paused VM costs nothing but its own work, and never uses registers from before a run."""
+    import contextlib
+    import io
+    import qintrospect
+    from qintrospect.shell import Shell
+    heap = regions(g)["heap"]
+    stop_on_probe(g)
+    try:
+        with qintrospect.attach(qmp=g.qmp_path) as vm:
+            reads = []
+            refresh = vm.refresh
+            vm.refresh = lambda: (reads.append(1), refresh())[1]
+            out = io.StringIO()
+            sh = Shell(vm, hold=False, stdout=out, stderr=io.StringIO(), interactive=False)
+            line = f"translate --brief {heap['gva']:#x}"
+            with contextlib.redirect_stdout(out):  # the commands print as on the command line
+                for _ in range(3):
+                    assert sh.execute(line)
+                assert len(reads) == 1 and status(g) == "paused"
+                observe(g, "cont")
+                observe(g, "stop")                  # RESUME and STOP reach the shell's monitor
+                assert sh.execute(line) and sh.execute(line)
+            assert len(reads) == 2 and status(g) == "paused"
+            answers = [json.loads(x) for x in out.getvalue().splitlines()]
+            assert len(answers) == 5 and {a["gpa"] for a in answers} == {f"{heap['gpa']:#x}"}
+            assert sh.status == 0
+    finally:
+        g.qmp("cont")
+
+
 @pytest.mark.parametrize("found", ["running", "paused"])
 @pytest.mark.parametrize("how", ["--freeze", "--gdb"])
 def test_held_for_the_whole_shell(g, how, found):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qintrospect import runstate
 from qintrospect.errors import UsageError
@@ -229,3 +230,37 @@ def test_a_remote_qmp_without_gdb_finds_no_process_and_says_so():
     s.qmp_address = ("192.0.2.1", 4444)            # a remote monitor: no local peer
     s._find_process()
     assert s.process is None and "not found" in s.process_note
+
+
+@given(st.one_of(
+    st.tuples(*[st.integers(0, 300)] * 4).map(lambda t: ".".join(map(str, t))),
+    st.tuples(st.just("127"), st.text("0123456789١", min_size=1, max_size=4),
+              st.text("0123456789", min_size=1, max_size=4),
+              st.text("0123456789 ", min_size=1, max_size=4)).map(".".join),
+    st.sampled_from(["::1", "localhost", "::ffff:127.0.0.1", "0:0:0:0:0:0:0:1", "127.0.0"])))
+@settings(max_examples=400, deadline=None)
+def test_the_loopback_shortcut_agrees_with_ipaddress(host):
+    """QMP/gdb addresses on 127.x.y.z are told loopback without loading ipaddress: the same
+    answer ipaddress gives, for any text."""
+    import ipaddress
+    from qintrospect.qmp import _is_loopback
+    try:
+        want = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        want = host == "localhost"
+    assert _is_loopback(host) == want
+
+
+@pytest.mark.parametrize("env", [{}, {"TMPDIR": "{tmp}"}, {"TMP": "{tmp}"},
+                                 {"TMPDIR": "{tmp}/missing", "TEMP": "{tmp}"},
+                                 {"TEMP": "{tmp}/sub/.."}])
+def test_the_marker_folder_is_where_tempfile_says(env, tmp_path, monkeypatch):
+    """The run-state markers live under tempfile.gettempdir() (found without tempfile)."""
+    import tempfile
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "sub").mkdir()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)       # its cache
+    assert runstate._temp_base() == tempfile.gettempdir()
