@@ -67,6 +67,7 @@ TARGETS = {
     "slat_walk_ratio": 2.0,      # second-level walk <= 2x the process-table walk, per address
     "help_s": 0.1,               # `qintrospect --help` <= 0.1 s
     "translate_vs_gdb": 1.0,     # one translate command <= 1.0x a bare gdb attach + disconnect
+    "shell_vs_gva2gpa": 1.0,     # one translate in the shell <= 1.0x one HMP gva2gpa round trip
     "json_batch_ratio": 100.0,   # translate --json - (full detail) >= 100x the gva2gpa loop
     "vmmap_vs_ptdump": 1.0,      # vmmap --json <= 1.0x gdb-pt-dump's pt, start to exit
     "who_maps_s": 1.0,           # who-maps over all roots of the 256 MiB guest <= 1 s
@@ -74,10 +75,10 @@ TARGETS = {
 
 FULL = dict(n_single_gdb=300, n_single_direct=1000, n_single_hmp=500, cli_reps=5,
             batch_n=100_000, hmp_loop_n=3000, map_reps=5, tlb_reps=10, map_cli_reps=3,
-            scan_reps=3)
+            scan_reps=3, json_n=100_000)
 QUICK = dict(n_single_gdb=50, n_single_direct=200, n_single_hmp=100, cli_reps=2,
              batch_n=20_000, hmp_loop_n=400, map_reps=2, tlb_reps=3, map_cli_reps=1,
-             scan_reps=2)
+             scan_reps=2, json_n=100_000)   # the JSON target is stated for 100,000 addresses
 
 
 def log(message: str) -> None:
@@ -135,9 +136,11 @@ def _qintrospect_cli():
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "qintrospect"]
 
 
-def run_timed(argv, timeout, stdin_path=None):
+def run_timed(argv, timeout, stdin_path=None, counts=None):
     """Run a command, process start to exit: (seconds, exit status, stdout bytes, maxrss KiB).
-    The process's own rusage comes from wait4; a timer kills it (and its group) on timeout."""
+    The process's own rusage comes from wait4; a timer kills it (and its group) on timeout.
+    With `counts` (a dict), stdout is read as a consumer would and not kept: counts gets
+    "bytes" and "lines", and only its first MiB is returned."""
     stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -155,7 +158,18 @@ def run_timed(argv, timeout, stdin_path=None):
     timer = threading.Timer(timeout, kill)
     timer.start()
     try:
-        out = proc.stdout.read()
+        if counts is None:
+            out = proc.stdout.read()
+        else:
+            out, counts["bytes"], counts["lines"] = b"", 0, 0
+            while True:
+                piece = proc.stdout.read1(1 << 20)
+                if not piece:
+                    break
+                if len(out) < 1 << 20:
+                    out += piece
+                counts["bytes"] += len(piece)
+                counts["lines"] += piece.count(b"\n")
         _, status, usage = os.wait4(proc.pid, 0)
     finally:
         timer.cancel()
@@ -243,6 +257,42 @@ def m_cli_translate(ctx):
             "argv": " ".join(argv[1:2] + ["..."])}
 
 
+def m_shell_translate(ctx):
+    """One `translate --json` in an attached `qintrospect shell` (-v): from writing the line
+    to reading the timing line the shell prints after the command's output; the VM paused,
+    as for the HMP gva2gpa round trips it is compared with."""
+    import threading
+    argv = _qintrospect_cli() + ["shell", "-v", "--qmp", ctx["qmp"], "--gdb", ctx["gdb"]]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    out = []
+    threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True).start()
+    line = f"translate --json {ctx['gva']:#x}\n"
+
+    def one():
+        t0 = time.perf_counter()
+        proc.stdin.write(line)
+        proc.stdin.flush()
+        while True:
+            said = proc.stderr.readline()
+            if not said:
+                raise RuntimeError("the shell ended")
+            if said.startswith("# translate:"):
+                if said.split()[-1] != "0":
+                    raise RuntimeError(f"shell translate failed: {said.strip()}")
+                return time.perf_counter() - t0, float(said.split()[2]) / 1000
+    try:
+        for _ in range(5):
+            one()                                   # warm: imports, first reads
+        runs = [one() for _ in range(ctx["n_single_hmp"])]
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    gpa = json.loads(out[0])["gpa"] if out else None
+    return {"times": summary([r[0] for r in runs]), "in_shell": summary([r[1] for r in runs]),
+            "gpa": gpa, "exit": proc.returncode}
+
+
 def _times(argv, reps, timeout=60, ok=(0,)):
     times, rss, out = [], [], b""
     for _ in range(reps):
@@ -287,18 +337,17 @@ def m_gdb_bare(ctx):
 def m_cli_json_batch(ctx):
     """`qintrospect translate --json -` of the batch's addresses, every level and flag, start to
     exit (the batch's addresses from stdin, JSON Lines out)."""
-    with open(ctx["addresses_file"]) as f:
-        addrs = json.load(f)
-    path = ctx["addresses_file"] + ".txt"
-    with open(path, "w") as f:
-        f.write("".join(f"{a:#x}\n" for a in addrs))
+    path = ctx["addresses_file"] + ".txt"     # json_n addresses, written by m_addresses
+    with open(path) as f:
+        n = sum(1 for _ in f)
     argv = _qintrospect_cli() + ["translate", "--qmp", ctx["qmp"], "--gdb", ctx["gdb"], "-"]
-    elapsed, status, out, maxrss = run_timed(argv, 900, stdin_path=path)
+    counts = {}
+    elapsed, status, out, maxrss = run_timed(argv, 900, stdin_path=path, counts=counts)
     if status not in (0, 1):
         raise RuntimeError(f"qintrospect translate - exited {status}")
     lines = out.splitlines()
-    return {"n": len(addrs), "lines": len(lines), "seconds": elapsed,
-            "per_second": len(addrs) / elapsed, "bytes": len(out), "cmd_maxrss_kb": maxrss,
+    return {"n": n, "lines": counts["lines"], "seconds": elapsed,
+            "per_second": n / elapsed, "bytes": counts["bytes"], "cmd_maxrss_kb": maxrss,
             "levels_in_first": len(json.loads(lines[0]).get("levels", []))}
 
 
@@ -351,16 +400,20 @@ def m_addresses(ctx):
     holes.extend(k * PAGE for k in range(16))                            # the NULL pages
 
     n = ctx["batch_n"]
-    n_bad = n // 20
+    n_all = max(n, ctx["json_n"])     # translate --json - takes the first json_n of the same mix
+    n_bad = n_all // 20
     rng = random.Random(20240611)
     good_pool = user_pages + direct_pages
     rng.shuffle(good_pool)
-    addrs = [good_pool[i % len(good_pool)] + rng.randrange(PAGE // 8) * 8
-             for i in range(n - n_bad)]
-    addrs += [holes[i % len(holes)] + rng.randrange(PAGE // 8) * 8 for i in range(n_bad)]
-    rng.shuffle(addrs)
+    everyone = [good_pool[i % len(good_pool)] + rng.randrange(PAGE // 8) * 8
+                for i in range(n_all - n_bad)]
+    everyone += [holes[i % len(holes)] + rng.randrange(PAGE // 8) * 8 for i in range(n_bad)]
+    rng.shuffle(everyone)
+    addrs = everyone[:n]
     with open(ctx["addresses_file"], "w") as f:
         json.dump(addrs, f)
+    with open(ctx["addresses_file"] + ".txt", "w") as f:
+        f.write("".join(f"{a:#x}\n" for a in everyone[:ctx["json_n"]]))
     return {"n": len(addrs), "leaves": len(maps), "va_bits": va_bits,
             "user_pages": len(user_pages), "direct_map_pages": len(direct_pages),
             "direct_map_offset": f"{direct_offset:#x}", "fault_candidates": n_bad,
@@ -585,6 +638,7 @@ MEASURES = {
     "single_gdb": m_single_gdb,
     "single_direct": m_single_direct,
     "cli_translate": m_cli_translate,
+    "shell_translate": m_shell_translate,
     "addresses": m_addresses,
     "batch": m_batch,
     "batch_hmp": m_batch_hmp,
@@ -646,6 +700,11 @@ class Bench:
         self.loadavg = {"start": os.getloadavg()}
         self.code = code_version()
         self._child = None
+        # the commands are timed as installed: with their bytecode written (as a wheel install
+        # or scripts/setup does), not compiled again at every start
+        self.bytecode = subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "qintrospect")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
     # ---- children ----------------------------------------------------------------------------
     def run_child(self, name, ctx, key=None, timeout=180, profile=False):
@@ -754,7 +813,8 @@ class Bench:
         ctx = self.ctx_for(g, probe)
         log(f"probe pid {probe['pid']} spinning, VM paused by QMP stop; heap GVA {ctx['gva']:#x}")
         plan = [("single_hmp", 60), ("single_gdb", 120), ("single_direct", 60),
-                ("cli_translate", 60 + 60 * p["cli_reps"]), ("addresses", 120),
+                ("cli_translate", 60 + 60 * p["cli_reps"]), ("shell_translate", 120),
+                ("addresses", 120),
                 ("cli_help", 60), ("gdb_bare", 60),
                 ("batch", 900), ("batch_arrays", 300), ("batch_hmp", 300),
                 ("cli_json_batch", 900), ("ptdump", 600), ("map_tlb", 120),
@@ -869,6 +929,19 @@ class Bench:
             add(1, "  translate command / bare gdb", f"{ratio:.2f}x",
                 target=f"<= {TARGETS['translate_vs_gdb']:g}x",
                 met=ratio <= TARGETS["translate_vs_gdb"], key="translate_vs_gdb")
+        sh, hmp = r.get("shell_translate"), r.get("single_hmp")
+        if err(sh):
+            add(1, "translate in `qintrospect shell`", f"ERROR: {sh and sh.get('error')}",
+                key="shell_translate")
+        else:
+            add(1, "`translate --json ADDR` in `qintrospect shell` (line in to answer out)",
+                ms(sh["times"]) + f"; in the shell {sh['in_shell']['median_ms']:.3f} ms",
+                key="shell_translate")
+            if not err(hmp):
+                ratio = sh["times"]["median_ms"] / hmp["times"]["median_ms"]
+                add(1, "  shell translate / HMP gva2gpa round trip", f"{ratio:.2f}x",
+                    target=f"<= {TARGETS['shell_vs_gva2gpa']:g}x",
+                    met=ratio <= TARGETS["shell_vs_gva2gpa"], key="shell_vs_gva2gpa")
 
         # 2. batch
         b, h = r.get("batch"), r.get("batch_hmp")
@@ -1039,6 +1112,9 @@ class Bench:
         if "cr3" in g and "cr3" in hm:
             out["single_cr3_same"] = (g["cr3"] & ~0xFFF) == (hm["cr3"] & ~0xFFF)
             out["single_gpa_agree"] = g.get("gpa") == hm.get("gpa")
+        if (r.get("shell_translate") or {}).get("gpa") and "gpa" in hm:
+            out["shell_gpa_agrees_with_gva2gpa"] = int(r["shell_translate"]["gpa"], 16) == \
+                hm["gpa"]
         for key in ("single_gdb", "single_direct"):
             if "value_ok" in (r.get(key) or {}):
                 out[f"{key}_value_ok"] = r[key]["value_ok"]
@@ -1064,7 +1140,9 @@ class Bench:
 
     def notes(self):
         r = self.results
-        out = []
+        out = ["commands timed with their bytecode " + (
+            "written first (python -m compileall, as an install does)"
+            if getattr(self, "bytecode", False) else "NOT written: each start compiles")]
         checks = self.checks()
         g, d = r.get("single_gdb") or {}, r.get("single_direct") or {}
         hm = r.get("single_hmp") or {}

@@ -112,14 +112,16 @@ ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "
         "map_arrays_ratio", "map_direct", "map_direct_ratio", "map_gdb", "map_gdb_ratio",
         "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline",
         "slat_256M", "slat_walk_ratio", "slat_2G_filled", "cli_help", "gdb_bare",
-        "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "ptdump", "who_maps"}
+        "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "ptdump", "who_maps",
+        "shell_translate", "shell_vs_gva2gpa"}
 TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
-            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio", "who_maps"}
+            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio", "who_maps",
+            "shell_vs_gva2gpa"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
           "batch_agrees_with_gva2gpa", "batch_arrays_agrees_with_gva2gpa",
           "map_leaves_equal_tlb_lines", "map_cr3_same", "map_arrays_leaves_equal_map_direct",
           "map_gdb_leaves_equal_map_direct", "slat_256M_found_the_cr3_table",
-          "who_maps_found_the_heap"}
+          "who_maps_found_the_heap", "shell_gpa_agrees_with_gva2gpa"}
 
 
 def check_bench_json(obj: dict, quick: bool = True) -> None:
@@ -213,6 +215,8 @@ def measured():
                        "times": summary(0.5), "maxrss_kb": 41000},
         "cli_translate": {"times": summary(741), "memory_path": "direct",
                           "cmd_maxrss_kb": 39000, "argv": "translate ..."},
+        "shell_translate": {"times": summary(0.45), "in_shell": summary(0.3), "gpa": "0xbdda6d0",
+                            "exit": 0, "maxrss_kb": 41000},
         "addresses": {"n": 20000, "leaves": 8239, "va_bits": 57, "user_pages": 1201,
                       "direct_map_pages": 65504, "direct_map_offset": "0xff3991e880000000",
                       "fault_candidates": 1000, "distinct_pages": 19141, "maxrss_kb": 54000},
