@@ -142,7 +142,13 @@ class PageCache:
 
     def read(self, gpa: int, length: int) -> bytes:
         if gpa % PAGE + length <= PAGE:
-            page = self._page(gpa - gpa % PAGE)
+            try:
+                page = self._page(gpa - gpa % PAGE)
+            except MemoryReadError:
+                # the page does not read whole (not RAM, or RAM only in part): the exact
+                # read, so that what is read, or the error and the address it names, is the
+                # one an uncached read gives
+                return self.inner.read(gpa, length)
             return page[gpa % PAGE:gpa % PAGE + length]
         return self.inner.read(gpa, length)
 
