@@ -43,15 +43,17 @@ def parse_number(text: str, what: str = "address") -> int:
 
 
 def _read_addresses(lines):
-    """parse_number() of each non-blank line, lazily. A batch of lines that are all plain
-    0x-hex (most of a long stream) is read by int() alone, which reads them the same."""
+    """parse_number() of each non-blank line (text, or bytes as read from stdin's buffer),
+    lazily. A batch of lines that are all plain 0x-hex (most of a long stream) is read by
+    int() alone, which reads them the same."""
     import itertools
     lines = iter(lines)
     while True:
         batch = list(itertools.islice(lines, 4096))
         if not batch:
             return
-        if all(line[:2] == "0x" for line in batch):
+        prefix = b"0x" if isinstance(batch[0], bytes) else "0x"
+        if all(line[:2] == prefix for line in batch):
             try:
                 values = [int(line, 16) for line in batch]
             except ValueError:
@@ -60,6 +62,8 @@ def _read_addresses(lines):
                 yield from values
                 continue
         for line in batch:
+            if isinstance(line, bytes):
+                line = line.decode("utf-8", "replace")
             if line.strip():
                 yield parse_number(line)
 
@@ -175,7 +179,7 @@ def _open_session(args):
 def cmd_translate(args) -> int:
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
     if args.addresses == ["-"]:
-        addresses = _read_addresses(sys.stdin)
+        addresses = _read_addresses(getattr(sys.stdin, "buffer", sys.stdin))
         args.json = True  # a stream in, JSON Lines out
     else:
         if "-" in args.addresses:
@@ -217,11 +221,17 @@ def cmd_translate(args) -> int:
             _grow_stdout_pipe()
             # a few hundred lines at a time, each block written once the VM is known to have
             # stayed up (a VM that runs while we read)
+            sys.stdout.flush()
+            out = getattr(sys.stdout, "buffer", None)     # (a shell's StringIO has none)
             for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
                 vm.check_live()
                 if not all(oks):
                     status = EXIT_FAULT
-                sys.stdout.write("\n".join(lines) + "\n")
+                text = b"\n".join(lines) + b"\n"
+                if out is not None:
+                    out.write(text)
+                else:
+                    sys.stdout.write(text.decode())
             sys.stdout.flush()
             return status
         results = vm.translate_many(addresses, cr3)

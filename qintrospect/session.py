@@ -627,8 +627,9 @@ class Session:
 
     def translate_json_blocks(self, addresses, cr3: Optional[int] = None,
                               kvm: Optional[dict] = None, size: int = 256):
-        """translate_json() a block at a time: (translated? of each, lines) per block of up to
-        `size` addresses (fewer steps per line for a writer of many lines)."""
+        """translate_json() a block at a time, for a writer of many lines: (translated? of
+        each, the lines as ASCII bytes without line ends) per block of up to `size`
+        addresses."""
         from .jsonlines import json_blocks
         self._check_open()
         return json_blocks(self, addresses, cr3, kvm, size)

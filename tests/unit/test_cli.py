@@ -39,10 +39,12 @@ def test_the_stream_reader_reads_as_parse_number(text):
     try:
         want = parse_number(text) if text.strip() else None
     except UsageError:
-        with pytest.raises(UsageError):
-            list(_read_addresses([text + "\n"]))
+        for line in (text + "\n", (text + "\n").encode()):
+            with pytest.raises(UsageError):
+                list(_read_addresses([line]))
         return
     assert list(_read_addresses([text + "\n"])) == ([] if want is None else [want])
+    assert list(_read_addresses([(text + "\n").encode()])) == ([] if want is None else [want])
 
 
 def run(*args, env=None):
