@@ -540,13 +540,20 @@ def cmd_list(args) -> int:
 def cmd_resume(args) -> int:
     """Resume a VM (QMP only): the way out after a killed qintrospect left it paused."""
     from . import runstate
-    from .qmp import QmpMonitor, describe_address, parse_address
+    from .qmp import QmpMonitor, parse_address
     if not args.qmp:
         raise UsageError("need --qmp (or QI_QMP in the environment)")
     address = parse_address(args.qmp, "--qmp", args.allow_remote)
-    key = describe_address(address)
+    key = runstate.vm_key(address)
     qmp = QmpMonitor(address, args.timeout).connect()
+    lock = None
     try:
+        try:          # not under a qintrospect that is working on the VM now
+            lock = runstate.lock_file(key)
+        except (runstate.RunStateError, OSError):
+            pass
+        if lock is not None:
+            runstate.acquire(lock, args.timeout)
         status = qmp.command("query-status")
         try:
             marker = runstate.load(key)
@@ -569,6 +576,8 @@ def cmd_resume(args) -> int:
             pass
     finally:
         qmp.close()
+        if lock is not None:
+            os.close(lock)
     return EXIT_OK
 
 

@@ -327,6 +327,19 @@ class QmpMonitor(Monitor):
         self.check_lifecycle()
         return reply.get("return")
 
+    def peer_pid(self) -> Optional[int]:
+        """The pid of the process at the other end of a Unix socket monitor (SO_PEERCRED), or
+        None (TCP, or not known)."""
+        if self._sock is None or self._sock.family != socket.AF_UNIX:
+            return None
+        import struct
+        try:
+            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                          struct.calcsize("3i"))
+        except OSError:
+            return None
+        return struct.unpack("3i", creds)[0] or None
+
     def close(self) -> None:
         if self._sock is not None:
             try:

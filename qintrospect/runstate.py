@@ -8,6 +8,10 @@ command knows the pause was ours (`qintrospect resume`) and which memory mode to
 qintrospect often runs as root, so the marker lives in a folder that must be this user's own
 (mode 0700, checked, never followed through a symlink), and is written to a fresh file
 (O_EXCL|O_NOFOLLOW) that is then renamed over the old one.
+
+Beside it, a lock (flock) that one qintrospect holds while it relies on or changes the VM's run
+state, so that two never interleave: one finding the VM paused by the other and reading on
+while that one resumes it. The kernel drops the lock of a killed process.
 """
 
 import json
@@ -16,7 +20,7 @@ import stat
 import time
 from typing import Optional
 
-from .errors import QIError
+from .errors import AttachError, QIError
 
 MAX_MARKER = 64 << 10
 
@@ -62,6 +66,84 @@ def _path(qmp_key: str) -> str:
     except ImportError:
         from hashlib import sha1
     return os.path.join(_folder(), sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
+
+
+def vm_key(address, label: bool = False) -> str:
+    """The name a VM's marker and lock are kept under: its QMP socket's real path (however
+    the path was written), HOST:PORT, or the label of a monitor reached another way."""
+    if isinstance(address, str):
+        return address if label else os.path.realpath(address)
+    return f"{address[0]}:{address[1]}"
+
+
+class Busy(AttachError):
+    """Another qintrospect held the VM's lock for longer than this one would wait."""
+
+
+def lock_file(qmp_key: str) -> int:
+    """The open lock file of the VM behind qmp_key (this user's own, never a symlink)."""
+    path = _path(qmp_key)[:-len(".json")] + ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise RunStateError(f"{path} is not this user's own file; remove it")
+    return fd
+
+
+def acquire(fd: int, wait: float) -> None:
+    """Take the lock, waiting up to `wait` seconds for the qintrospect that holds it; Busy
+    (naming it) if it does not let go."""
+    import fcntl
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise Busy(f"another qintrospect (pid {holder}) is working on this VM and "
+                           f"did not finish within {wait:g} s; run this again when it has "
+                           "(or give a longer --timeout)") from None
+            time.sleep(0.01)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def let_go(fd: int) -> None:
+    import fcntl
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_held: dict = {}     # key -> [fd, count]: the locks this process holds
+
+
+def lock(key: str, wait: float) -> None:
+    """Hold the lock named `key` (lock_file, acquire). Within one process it is counted, not
+    waited for: sessions of one process (a nested translation holds an inner VM while it walks
+    the outer one) do not wait for each other."""
+    entry = _held.get(key)
+    if entry is not None:
+        entry[1] += 1
+        return
+    fd = lock_file(key)
+    try:
+        acquire(fd, wait)
+    except BaseException:
+        os.close(fd)
+        raise
+    _held[key] = [fd, 1]
+
+
+def unlock(key: str) -> None:
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[key]
+        os.close(entry[0])              # (closing lets go of the lock)
 
 
 def alive(pid: int) -> bool:

@@ -173,6 +173,9 @@ class Session:
         self.left_paused: Optional[dict] = None
         self._phys_mode_inherited: Optional[str] = None
         self._marker = False
+        self._vm_key = runstate.vm_key(self.qmp_address, label=monitor is not None)
+        self._lock_key: Optional[str] = None  # the name of runstate's lock on this VM
+        self._locked = False
         self._paused = False                 # we stopped the VM through QMP for this session
         self.gdb_note = ""
 
@@ -190,6 +193,7 @@ class Session:
         t0 = time.perf_counter()
         try:
             self.qmp = self._connect_monitor()
+            self._lock_vm()
             self.found_status = self.qmp.command("query-status")
             self._note_run_state()
             self.vcpus = self.qmp.command("query-cpus-fast")
@@ -227,6 +231,34 @@ class Session:
         self.timings["attach"] = time.perf_counter() - t0
         return self
 
+    def _lock_vm(self) -> None:
+        """Take this VM's lock (runstate): one qintrospect at a time relies on or changes its
+        run state. Busy when another holds it for longer than --timeout. The lock is the QEMU
+        process's where it is known (however it is reached: each QMP socket, libvirt), else
+        the monitor's."""
+        pid = self.requested_pid
+        if pid is None and hasattr(self.qmp, "peer_pid"):
+            pid = self.qmp.peer_pid()
+        self._lock_key = f"qemu-pid:{pid}" if pid else self._vm_key
+        try:
+            self.take_lock()
+        except (runstate.RunStateError, OSError) as exc:
+            self._lock_key = None
+            self.warnings.append(f"run-state lock not used ({exc}); another qintrospect on this "
+                                 "VM at the same time could change its run state under this one")
+
+    def take_lock(self) -> None:
+        """(A shell, before a command) hold this VM's lock again; see release_lock()."""
+        if self._lock_key is not None and not self._locked:
+            runstate.lock(self._lock_key, self.timeout)
+            self._locked = True
+
+    def release_lock(self) -> None:
+        """(A shell, between commands) let another qintrospect work on this VM."""
+        if self._lock_key is not None and self._locked:
+            runstate.unlock(self._lock_key)
+            self._locked = False
+
     def _connect_monitor(self):
         if self._monitor is not None:
             return self._monitor()
@@ -259,7 +291,7 @@ class Session:
 
     def _note_run_state(self) -> None:
         """Read the marker a killed qintrospect may have left, then write ours."""
-        key = describe_address(self.qmp_address)
+        key = self._vm_key
         running = bool(self.found_status.get("running"))
         try:
             marker = runstate.load(key)
@@ -297,7 +329,7 @@ class Session:
         found = self.gdb.query_phys_mode()
         original = self._phys_mode_inherited or found
         if self._marker:
-            runstate.record(describe_address(self.qmp_address),
+            runstate.record(self._vm_key,
                             bool(self.found_status.get("running")), self.left_paused, original)
         self.gdb.physical_mode(restore_to=original)
         self._phys_mode_inherited = None   # gdb.close() puts `original` back
@@ -317,6 +349,12 @@ class Session:
             if self.gdb is not None:
                 self.gdb.close()
                 self.gdb = None
+            if self.found_status is not None and not self._locked and \
+                    self._lock_key is not None:
+                try:                          # a shell let go between commands: wait for the
+                    self.take_lock()          # other qintrospect before resuming under it
+                except runstate.Busy as exc:
+                    self.warnings.append(f"{exc}; the VM is put back as found all the same")
             if self.found_status is not None:
                 if hold:
                     self._hold()
@@ -327,6 +365,8 @@ class Session:
                 self.qmp = None
             if self._marker and not hold:
                 self._release_marker()
+            if not hold:
+                self.release_lock()
             if self.process is not None:
                 self.process.close()
             self.memory = None
@@ -351,10 +391,11 @@ class Session:
             self.qmp = None
         if self._marker:
             self._release_marker()
+        self.release_lock()
 
     def _release_marker(self) -> None:
         try:
-            runstate.release(describe_address(self.qmp_address), self.left_paused,
+            runstate.release(self._vm_key, self.left_paused,
                              self._phys_mode_inherited)
         except (runstate.RunStateError, OSError) as exc:
             self.warnings.append(f"run-state marker not released: {exc}")

@@ -16,6 +16,8 @@ The VM's run state, as on the command line:
   would leave gdb and the stub disagreeing. Either way the banner says so.
 - on exit (quit, EOF, SIGTERM) it is put back as found. Ctrl-C interrupts the running command
   (its pause is undone) and the shell goes on; at the prompt it only clears the line.
+- the VM's lock (runstate) is held while attaching, while a command runs and while leaving:
+  between commands another qintrospect may work on the VM, and never has it resumed under it.
 
 Exit status: 0 if every command succeeded, else the status of the last one that failed (130
 for an interrupted one; 143 after SIGTERM). With stdin not a terminal there is no prompt, no
@@ -309,6 +311,7 @@ class Shell:
             yield
             return
         self._paused_as_read = False
+        vm.take_lock()           # (between commands another qintrospect may have held it)
         if events is not None:
             vm.qmp.mark()
         running = fresh = False
@@ -330,6 +333,7 @@ class Shell:
                     vm.qmp.command("cont")
             else:
                 self._paused_as_read = fresh and events is not None
+            vm.release_lock()
 
     def _select_vcpu(self, index: int) -> None:
         """Session.select_vcpu; with gdb attached the stub goes back to virtual addresses for
@@ -550,6 +554,7 @@ def run(args) -> int:
             if not hold and (vm.found_status or {}).get("running"):
                 vm.qmp.command("cont")   # between commands it runs, as found
             old_term = signal.signal(signal.SIGTERM, _terminate)
+        vm.release_lock()    # other commands may work on the VM between this shell's commands
         shell = Shell(vm, hold, verbose=bool(getattr(args, "verbose", False)))
         return shell.run()
     except Terminate:                    # before the loop took over

@@ -217,6 +217,36 @@ def test_held_for_the_whole_shell(g, how, found):
         observe(g, "cont")
 
 
+def test_one_qintrospect_at_a_time_changes_the_run_state(g):
+    """While another qintrospect holds the QEMU process's lock (here: this test, as one
+    would), a command through the VM's other QMP socket waits for it, then gives up with exit 3
+    naming the holder, the VM untouched; let go, the same command runs. A shell on the first
+    socket lets go between its commands."""
+    from qintrospect import runstate
+    heap = regions(g)["heap"]["gva"]
+    other = ["--qmp", g.observer, "--gdb", g.gdb_address]
+    fd = runstate.lock_file(f"qemu-pid:{g.pid}")
+    try:
+        runstate.acquire(fd, 1)
+        rc, out, err = run_cli("translate", *other, "--timeout", "1", f"{heap:#x}")
+        assert rc == 3 and f"another qintrospect (pid {os.getpid()})" in err, err
+        assert status(g) == "running" and out == ""
+        runstate.let_go(fd)
+        rc, out, err = run_cli("translate", *other, f"{heap:#x}")
+        assert rc == 0, err
+    finally:
+        os.close(fd)
+    sh = Piped(g)
+    try:
+        assert "gva" in json.loads(sh.ask_done(f"translate --brief {heap:#x}"))
+        rc, out, err = run_cli("translate", *other, "--timeout", "2", f"{heap:#x}")
+        assert rc == 0, err                     # between the shell's commands
+        assert "gva" in json.loads(sh.ask_done(f"translate --brief {heap:#x}"))
+    finally:
+        assert sh.close() == 0, sh.stderr
+    assert status(g) == "running"
+
+
 # ---- interactive: a terminal ----------------------------------------------------------------------
 
 def spawn(g, home, *extra):

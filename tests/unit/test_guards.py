@@ -264,3 +264,52 @@ def test_the_marker_folder_is_where_tempfile_says(env, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value.format(tmp=tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)       # its cache
     assert runstate._temp_base() == tempfile.gettempdir()
+
+
+def test_the_vm_lock_waits_then_names_who_holds_it(runtime_dir):
+    """One qintrospect at a time relies on or changes a VM's run state: a second waits for
+    the first (up to its timeout), then says which process holds the lock."""
+    import time
+    first, second = runstate.lock_file("vm"), runstate.lock_file("vm")
+    try:
+        runstate.acquire(first, 1)
+        t0 = time.monotonic()
+        with pytest.raises(runstate.Busy, match=f"pid {os.getpid()}"):
+            runstate.acquire(second, 0.2)
+        assert time.monotonic() - t0 >= 0.2
+        runstate.let_go(first)
+        runstate.acquire(second, 0.2)                  # free now
+        st = os.stat(runstate._path("vm")[:-5] + ".lock")
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    finally:
+        os.close(first)
+        os.close(second)
+    assert runstate.vm_key("/a/../a/qmp.sock") == os.path.realpath("/a/qmp.sock")
+    assert runstate.vm_key(("127.0.0.1", 4444)) == "127.0.0.1:4444"
+    assert runstate.vm_key("domain:x", label=True) == "domain:x"
+
+
+def test_the_vm_lock_is_never_a_symlink(runtime_dir):
+    runstate.record("vm", True)                       # makes the folder
+    target = runtime_dir / "elsewhere"
+    os.symlink(target, runstate._path("vm")[:-5] + ".lock")
+    with pytest.raises(OSError):
+        runstate.lock_file("vm")
+    assert not target.exists()
+
+
+def test_sessions_of_one_process_share_the_lock(runtime_dir):
+    """A nested translation holds an inner VM's session while it opens the outer one: within
+    one process the lock is counted, and let go when the last holder lets go."""
+    runstate.lock("vm", 0.1)
+    runstate.lock("vm", 0.1)                 # no wait for ourselves
+    other = runstate.lock_file("vm")         # another process's view: a second description
+    try:
+        runstate.unlock("vm")
+        with pytest.raises(runstate.Busy):
+            runstate.acquire(other, 0.05)    # still held once
+        runstate.unlock("vm")
+        runstate.acquire(other, 0.05)        # free
+    finally:
+        os.close(other)
+    runstate.unlock("vm")                    # (more unlocks than locks: nothing)

@@ -63,6 +63,12 @@ class FakeSession:
         self.refreshed += 1
         self.qmp.sent.append("refresh")
 
+    def take_lock(self):
+        self.qmp.sent.append("lock")
+
+    def release_lock(self):
+        self.qmp.sent.append("unlock")
+
     def select_vcpu(self, index):
         if not 0 <= index < len(self._vcpus):
             raise UsageError(f"vCPU {index}: this VM has {len(self._vcpus)} vCPU(s)")
@@ -157,7 +163,7 @@ def test_completion_of_commands_options_and_files(tmp_path):
 def test_a_running_vm_is_paused_only_while_a_command_runs(monkeypatch):
     sh, vm, out, err = make(text="cpus\ncpus\n")
     assert run_lines(sh, monkeypatch, out) == 0
-    one = ["query-status", "stop", "refresh", "registers of vCPU 0", "cont"]
+    one = ["lock", "query-status", "stop", "refresh", "registers of vCPU 0", "cont", "unlock"]
     assert vm.qmp.sent == one + one
     assert vm.qmp.running
     assert out.getvalue().count("vCPU 0  host thread 100") == 2
@@ -167,7 +173,7 @@ def test_a_paused_vm_is_not_resumed(monkeypatch):
     vm = FakeSession(running=False)
     sh, vm, out, err = make(vm, text="cpus\n")
     assert run_lines(sh, monkeypatch, out) == 0
-    assert vm.qmp.sent == ["query-status", "refresh", "registers of vCPU 0"]
+    assert vm.qmp.sent == ["lock", "query-status", "refresh", "registers of vCPU 0", "unlock"]
     assert "stop" not in vm.qmp.sent and "cont" not in vm.qmp.sent
     assert vm.found_status["running"] is False     # what close() puts back
 
@@ -182,7 +188,7 @@ def test_ctrl_c_in_a_command_undoes_its_pause_and_the_shell_goes_on(monkeypatch)
     sh, vm, out, err = make(text="cpus\ncpus\n")
     vm.explode = KeyboardInterrupt()
     assert run_lines(sh, monkeypatch, out) == 130
-    assert vm.qmp.sent[:4] == ["query-status", "stop", "refresh", "cont"]
+    assert vm.qmp.sent[:6] == ["lock", "query-status", "stop", "refresh", "cont", "unlock"]
     assert "interrupted" in err.getvalue()
     assert out.getvalue().count("host thread 100") == 1      # the next command ran
     assert vm.qmp.running
@@ -192,7 +198,7 @@ def test_sigterm_in_a_command_undoes_its_pause_and_ends_the_shell(monkeypatch):
     sh, vm, out, err = make(text="cpus\ncpus\n")
     vm.explode = shell.Terminate()
     assert run_lines(sh, monkeypatch, out) == shell.EXIT_TERMINATED
-    assert vm.qmp.sent == ["query-status", "stop", "refresh", "cont"]
+    assert vm.qmp.sent == ["lock", "query-status", "stop", "refresh", "cont", "unlock"]
     assert "terminated" in err.getvalue() and vm.qmp.running
 
 
