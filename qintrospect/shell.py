@@ -11,6 +11,9 @@ The VM's run state, as on the command line:
   command), `cont` after. Between commands it runs. A VM found paused (by someone else) is
   left paused, and its registers are read again only after QEMU reported an event (resume,
   stop, reset...) since they were read: a paused VM costs a command nothing but its own work.
+  (A debugger that writes registers through the gdbstub while the VM stays paused makes no
+  event: as with --freeze, the shell goes on with the registers it read; the command line
+  reads them anew each time.)
 - with --freeze, it stays paused for the whole shell; with --gdb too, since QEMU's gdbstub
   stops the VM when gdb connects, and QMP `cont` under a gdb that believes the target stopped
   would leave gdb and the stub disagreeing. Either way the banner says so.
