@@ -93,6 +93,9 @@ class _Chunk:
         self.rights_mask = RIGHTS_BITS | (1 << 5 if self.mode.name == "pae" else 0)
 
     def blocks(self, chunk, size):
+        yield from _without_gc(self._walked(chunk, size))
+
+    def _walked(self, chunk, size):
         from .batch import translate_batch
         s = self.session
         b = translate_batch(s, chunk, self.cr3)
@@ -320,6 +323,24 @@ class _Chunk:
 
 
 SCALAR, FAST, FAULT, NON_CANONICAL = 0, 1, 2, 3
+
+
+def _without_gc(steps):
+    """A generator's own steps run with Python's cyclic garbage collector off: a chunk makes
+    hundreds of thousands of tuples and lists, none in a cycle, and the collections their
+    making sets off cost a tenth of the time. Whoever takes the items runs as before."""
+    import gc
+    while True:
+        was_on = gc.isenabled()
+        gc.disable()
+        try:
+            item = next(steps)
+        except StopIteration:
+            return
+        finally:
+            if was_on:
+                gc.enable()
+        yield item
 
 
 def _esc(text: str) -> str:
