@@ -681,3 +681,14 @@ def _holes(fd: int, offset: int, pages: int, skew: int) -> np.ndarray:
 
 def process_exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
+
+
+def process_start_time(pid: int) -> Optional[int]:
+    """When the process started (clock ticks since boot, /proc/PID/stat field 22): with the
+    pid, a name for one process's whole life (pids are reused, start times are not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+        return int(text[text.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

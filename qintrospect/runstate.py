@@ -60,12 +60,45 @@ def _folder() -> str:
     return folder
 
 
-def _path(qmp_key: str) -> str:
+def _path(qmp_key: str, kind: str = "") -> str:
     try:
         from _sha1 import sha1      # CPython's own: the same digest without loading OpenSSL
     except ImportError:
         from hashlib import sha1
-    return os.path.join(_folder(), sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
+    return os.path.join(_folder(), kind + sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
+
+
+def remembered(fact: str) -> bool:
+    """Whether remember(fact) was said (by this user, in the private folder)."""
+    try:
+        fd = os.open(_path(fact, "fact-"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, RunStateError):
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+        return json.loads(os.read(fd, MAX_MARKER)).get("fact") == fact
+    except (OSError, ValueError, AttributeError):
+        return False
+    finally:
+        os.close(fd)
+
+
+def remember(fact: str, pid: int) -> None:
+    """Keep a fact about process `pid` for its lifetime; facts of processes gone are
+    forgotten here."""
+    folder = _folder()
+    for name in os.listdir(folder):
+        if name.startswith("fact-"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    owner = json.load(f).get("pid")
+                if isinstance(owner, int) and not alive(owner):
+                    os.unlink(os.path.join(folder, name))
+            except (OSError, ValueError, AttributeError):
+                pass
+    _write(fact, {"fact": fact, "pid": pid}, "fact-")
 
 
 def vm_key(address, label: bool = False) -> str:
@@ -233,8 +266,8 @@ def forget(qmp_key: str) -> None:
         pass
 
 
-def _write(qmp_key: str, data: dict) -> None:
-    path = _path(qmp_key)
+def _write(qmp_key: str, data: dict, kind: str = "") -> None:
+    path = _path(qmp_key, kind)
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Iterable, List, Optional
 from . import paging, runstate
 from .cpu import Vcpu
 from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneError
-from .gdbstub import CONTROL_REGISTERS, KEY_REGISTERS, GdbStub
-from .host import HostPage, HostProcess, RamMap, RamRegion, process_exists
+from .host import (HostPage, HostProcess, RamMap, RamRegion, process_exists,
+                   process_start_time)
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
 from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
 
 if TYPE_CHECKING:
     from . import finder
+    from .gdbstub import GdbStub
 
 MASK64 = (1 << 64) - 1
 VALUE_SIZE = 8
@@ -210,6 +211,7 @@ class Session:
                 # session left the stub in physical-memory mode to put back
                 self._repair_phys_mode()
             elif self.gdb_address is not None:
+                from .gdbstub import GdbStub     # (loaded only where a gdbstub is used)
                 self.gdb = GdbStub(self.gdb_address, self.timeout).connect()
                 # Registers of every vCPU first: selecting a gdb thread makes gdb read memory
                 # at its PC, which must happen before memory packets become physical.
@@ -314,6 +316,7 @@ class Session:
         if self._phys_mode_inherited is None:
             return
         try:
+            from .gdbstub import GdbStub
             gdb = GdbStub(self.gdb_address, self.timeout).connect()
         except QIError as exc:
             self.warnings.append(f"could not put the gdbstub's memory mode back to "
@@ -440,13 +443,14 @@ class Session:
         self.process_note = f"QEMU {self.process.describe()}, found by {how}"
 
     def _read_vcpus(self) -> List[Vcpu]:
+        from . import gdbstub
         out = []
         for i, info in enumerate(self.vcpus):
             self.gdb.select_vcpu(i)
             # the protection-key registers too, where the stub describes them (QEMU 7.2 to
             # 10.0 do not: the walk then says "unknown" for keyed pages)
-            keys = tuple(k for k in KEY_REGISTERS if self.gdb.has_register(k))
-            regs = self.gdb.registers(CONTROL_REGISTERS + ("cs",) + keys)
+            keys = tuple(k for k in gdbstub.KEY_REGISTERS if self.gdb.has_register(k))
+            regs = self.gdb.registers(gdbstub.CONTROL_REGISTERS + ("cs",) + keys)
             out.append(Vcpu(i, info.get("thread-id"), info.get("qom-path"), regs["cr0"],
                             regs["cr3"], regs["cr4"], regs["efer"], regs["cs"],
                             regs.get("pkru"), regs.get("pkrs")))
@@ -527,7 +531,7 @@ class Session:
             self._paused = True
         self.vcpu_info = self._read_vcpus_qmp()
         self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
-        if not self._process_holds_ram(QmpMemory(self.ram_map, self.qmp)):
+        if not self._holds_ram(QmpMemory(self.ram_map, self.qmp)):
             return False                        # gdb below; _choose_memory says why
         self.memory = DirectMemory(self.ram_map, self.process)
         self.gdb_note = ("the gdbstub was not used: QEMU is local and its memory readable "
@@ -540,7 +544,7 @@ class Session:
         reference = GdbMemory(self.ram_map, self.gdb) if self.gdb is not None \
             else QmpMemory(self.ram_map, self.qmp)
         self.memory = reference
-        if self.process is not None and not self._process_holds_ram(reference):
+        if self.process is not None and not self._holds_ram(reference):
             # The process behind a socket may be another VM's QEMU (nested rigs): trust it
             # only if it holds this VM's RAM, i.e. the root table reads the same both ways.
             self.process_note += ("; but its memory does not hold this VM's RAM (or cannot "
@@ -554,6 +558,34 @@ class Session:
             self.memory = QmpMemory(self.ram_map, self.qmp)
         elif self.via in ("direct", "auto") and self.process is not None:
             self.memory = DirectMemory(self.ram_map, self.process)
+
+    def _holds_ram(self, reference: PhysicalMemory) -> bool:
+        """_process_holds_ram, remembered (runstate) once proved when the QEMU process is the
+        one serving our QMP socket: for that process's life and that RAM map the answer
+        cannot change. A failed proof is never remembered: it is made again each time."""
+        fact = self._holds_ram_fact()
+        if fact is not None and runstate.remembered(fact):
+            self.process_note += "; it holds this VM's RAM (proved by an earlier command)"
+            return True
+        if not self._process_holds_ram(reference):
+            return False
+        if fact is not None:
+            try:
+                runstate.remember(fact, self.process.pid)
+            except (runstate.RunStateError, OSError):
+                pass
+        return True
+
+    def _holds_ram_fact(self) -> Optional[str]:
+        peer = self.qmp.peer_pid() if hasattr(self.qmp, "peer_pid") else None
+        if peer is None or self.process is None or peer != self.process.pid:
+            return None
+        start = process_start_time(peer)
+        if start is None:
+            return None
+        ram = ";".join(f"{r.start:x}-{r.end:x}:{r.block}@{r.hva:x}" for r in self.ram_map.ram
+                       if r.hva is not None)
+        return f"holds-ram qmp={self._vm_key} pid={peer} start={start} ram={ram}"
 
     def _process_holds_ram(self, reference: PhysicalMemory) -> bool:
         """Whether the QEMU process holds this VM's RAM: several whole pages that only this

@@ -384,6 +384,27 @@ def test_pid_is_trusted_only_when_its_memory_proves_it(g):
     assert rc == 0 and out[0]["qemu_pid"] == g.pid and out[0]["hpa"] is not None
 
 
+def test_a_proof_is_remembered_only_for_the_process_serving_the_socket(g, tmp_path):
+    """The proof that the QEMU process holds this VM's RAM is remembered for the process
+    serving the QMP socket: the next command does not make it again; a --pid of another
+    process is never taken from memory (its proof is made, and fails, each time)."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))      # a fresh marker folder
+    heap = hex(g.probe["regions"]["heap"]["gva"])
+
+    def verbose(*extra):
+        proc = subprocess.run([sys.executable, "-m", "qintrospect", "-v", "translate",
+                               *attach_args(g), *extra, heap], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+    assert "proved by an earlier command" not in verbose()
+    assert "proved by an earlier command" in verbose()
+    with booted("max", probe=None) as other:
+        for _ in range(2):
+            err = verbose("--pid", str(other.pid))
+            assert "does not hold this VM's RAM" in err and "proved by an earlier" not in err
+
+
 def test_permission_denied_and_hidden_pfns(g, tmp_path):
     # as an unprivileged user the QMP socket cannot be opened
     rc, out, err = run_cli_as(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],

@@ -313,3 +313,19 @@ def test_sessions_of_one_process_share_the_lock(runtime_dir):
     finally:
         os.close(other)
     runstate.unlock("vm")                    # (more unlocks than locks: nothing)
+
+
+def test_facts_are_remembered_for_a_live_process_only(runtime_dir):
+    """A proof (QEMU holds this VM's RAM) is kept for the life of the process it is about:
+    facts of processes gone are forgotten when the next one is kept."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()                                      # a pid that is gone
+    runstate.remember("about a dead one", child.pid)
+    runstate.remember("about me", os.getpid())        # prunes the dead one's fact
+    assert runstate.remembered("about me")
+    assert not runstate.remembered("about a dead one")
+    assert not runstate.remembered("never said")
+    path = runstate._path("about me", "fact-")
+    os.unlink(path)
+    os.symlink(runtime_dir / "elsewhere", path)       # never followed
+    assert not runstate.remembered("about me")
