@@ -307,7 +307,6 @@ class _Chunk:
             return None
         return line[len(prefix):]
 
-
     def _noncanonical(self, va):
         """A non-canonical address's line cut where the address is written (the gva, and the
         message that names it); None unless it is written exactly there."""

@@ -55,23 +55,24 @@ def replace(obj, **changes):
 
 def _make(cls, frozen: bool, eq: bool):
     names = list(cls.__dict__.get("__annotations__", {}))
-    scope = {"_NO_DEFAULT": _NO_DEFAULT, "_set": object.__setattr__, "_cls": cls,
-             "FrozenInstanceError": FrozenInstanceError}
+    # the generated code's own names: __r_... (no field can be called that)
+    scope = {"__r_no_default": _NO_DEFAULT, "__r_set": object.__setattr__, "__r_cls": cls,
+             "__r_frozen_error": FrozenInstanceError}
     params, body = [], []
     seen_default = False
     for name in names:
         default = cls.__dict__.get(name, _NO_DEFAULT)
         if isinstance(default, _Factory):
-            scope[f"_make_{name}"] = default.make
-            params.append(f"{name}=_NO_DEFAULT")
-            value = f"_make_{name}() if {name} is _NO_DEFAULT else {name}"
+            scope[f"__r_make_{name}"] = default.make
+            params.append(f"{name}=__r_no_default")
+            value = f"__r_make_{name}() if {name} is __r_no_default else {name}"
             delattr(cls, name)                  # as dataclasses: no class attribute
         elif default is not _NO_DEFAULT:
             if isinstance(default, (list, dict, set)):
                 raise ValueError(f"mutable default {type(default).__name__} for field {name} "
                                  "is not allowed: use field(default_factory=...)")
-            scope[f"_default_{name}"] = default
-            params.append(f"{name}=_default_{name}")
+            scope[f"__r_default_{name}"] = default
+            params.append(f"{name}=__r_default_{name}")
             value = name
         elif seen_default:
             raise TypeError(f"non-default argument {name!r} follows default argument")
@@ -79,7 +80,7 @@ def _make(cls, frozen: bool, eq: bool):
             params.append(name)
             value = name
         seen_default = seen_default or default is not _NO_DEFAULT
-        body.append(f"  _set(self, {name!r}, {value})" if frozen else
+        body.append(f"  __r_set(self, {name!r}, {value})" if frozen else
                     f"  self.{name} = {value}")
     mine = tuple(f"self.{n}" for n in names)
     theirs = tuple(f"other.{n}" for n in names)
@@ -94,13 +95,13 @@ def _make(cls, frozen: bool, eq: bool):
               "def __hash__(self):",
               f"  return hash(({', '.join(mine)},))",
               "def __setattr__(self, name, value):",
-              "  if type(self) is _cls or name in _cls.__record_fields__:",
-              "    raise FrozenInstanceError(f'cannot assign to field {name!r}')",
-              "  super(_cls, self).__setattr__(name, value)",
+              "  if type(self) is __r_cls or name in __r_cls.__record_fields__:",
+              "    raise __r_frozen_error(f'cannot assign to field {name!r}')",
+              "  super(__r_cls, self).__setattr__(name, value)",
               "def __delattr__(self, name):",
-              "  if type(self) is _cls or name in _cls.__record_fields__:",
-              "    raise FrozenInstanceError(f'cannot delete field {name!r}')",
-              "  super(_cls, self).__delattr__(name)"]
+              "  if type(self) is __r_cls or name in __r_cls.__record_fields__:",
+              "    raise __r_frozen_error(f'cannot delete field {name!r}')",
+              "  super(__r_cls, self).__delattr__(name)"]
     exec("\n".join(source), scope)
     own = cls.__dict__
     wanted = ["__init__", "__repr__"] + (["__eq__"] if eq else [])
