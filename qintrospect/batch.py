@@ -8,7 +8,6 @@ address gathered from the pages they lie in, read once each in runs. BatchTransl
 gives the full scalar walk of any one element when its levels are wanted.
 """
 
-from .record import record
 from typing import Iterator, Optional
 
 import numpy as np
@@ -18,6 +17,7 @@ from .errors import MemoryReadError
 from .host import (HOST_NOT_PRESENT, HOST_PFN_HIDDEN, HOST_PRESENT, HOST_STATUS, HOST_UNKNOWN,
                    PAGE, pagemap_arrays)
 from .memory import DirectMemory
+from .record import record
 
 VALUE_SIZE = 8
 RUN_PAGES = 1024   # data pages read per call: bounded memory (4 MiB) whatever the batch

@@ -1,10 +1,10 @@
 """vCPU facts: control registers decoded into named bits, CPL, paging mode."""
 
-from .record import record
 from typing import Dict, List, Optional
 
 from .paging import CpuState, cr3_root, paging_mode
 from .paging.formats import ADDR_51_12
+from .record import record
 
 CR0_BITS = {0: "PE", 1: "MP", 2: "EM", 3: "TS", 4: "ET", 5: "NE", 16: "WP", 18: "AM",
             29: "NW", 30: "CD", 31: "PG"}

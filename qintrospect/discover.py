@@ -23,12 +23,12 @@ import pwd
 import re
 import socket
 import time
-from .record import field, record
 from typing import Dict, List, Optional, Tuple
 
 from .errors import AttachError, UsageError
 from .libvirt_monitor import DEFAULT_URI
 from .qmp import GREETING_TIMEOUT, check_allowed
+from .record import field, record
 
 MiB = 1 << 20
 DEFAULT_RAM = 128 * MiB          # x86 pc/q35 default_ram_size

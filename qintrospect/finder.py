@@ -8,12 +8,12 @@ then filtered by "maps GVA" and "the 8 bytes at GVA equal VALUE" with the ordina
 """
 
 import struct
-from .record import record, replace
 from typing import Callable, List, Optional
 
 from . import paging
 from .errors import MemoryReadError, UsageError
 from .host import PAGE
+from .record import record, replace
 
 HALF = PAGE // 2
 CHUNK = 4 << 20   # scan granularity: bounded memory whatever the guest's size

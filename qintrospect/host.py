@@ -13,7 +13,6 @@ import errno
 import os
 import stat
 import struct
-from .record import record
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .errors import MemoryReadError, ParseError, VMGoneError
@@ -21,6 +20,7 @@ from .errors import MemoryReadError, ParseError, VMGoneError
 if TYPE_CHECKING:   # numpy is imported where arrays are built: a one-address walk needs none
     import numpy as np
 from .qmp import QmpCommandError, Region, parse_gpa2hva, parse_mtree_flat
+from .record import record
 
 PAGE = 4096
 KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_HUGE, KPF_THP = 15, 16, 17, 22

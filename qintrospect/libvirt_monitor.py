@@ -18,11 +18,11 @@ its log; that is libvirt's bookkeeping, nothing changes in the guest.
 
 import json
 import threading
-from .record import field, record
 from typing import Callable, List, Optional
 
 from .errors import AttachError, UsageError, VMGoneError
 from .qmp import LIFECYCLE_EVENTS, Monitor, QmpCommandError, check_allowed
+from .record import field, record
 
 DEFAULT_URI = "qemu:///system"
 STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",

@@ -12,11 +12,11 @@ so each hop is done before the next one out is attached, and each inner VM is he
 """
 
 import time
-from .record import field, record
 from typing import Dict, List, Optional
 
 from . import finder
 from .errors import AttachError, QIError, UsageError
+from .record import field, record
 from .session import Session, Translation
 from .slat import SecondLevel, SlatSpec
 

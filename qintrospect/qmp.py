@@ -14,10 +14,10 @@ import os
 import re
 import socket
 import time
-from .record import record
 from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import AttachError, ParseError, UsageError, VMGoneError
+from .record import record
 
 # QMP commands qintrospect may send. Nothing here changes guest memory or registers.
 ALLOWED_QMP = frozenset({

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from .record import record, replace
 from typing import TYPE_CHECKING, Iterable, List, Optional
 
 from . import paging, runstate
@@ -22,6 +21,7 @@ from .host import (HostPage, HostProcess, RamMap, RamRegion, process_exists,
                    process_start_time)
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
 from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
+from .record import record, replace
 
 if TYPE_CHECKING:
     from . import finder

@@ -14,7 +14,6 @@ all the probes. The walks themselves are paging.walk_npt / walk_ept.
 from __future__ import annotations
 
 import time
-from .record import record
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from . import paging
 from .errors import UsageError
 from .paging.formats import ADDR_51_12
+from .record import record
 
 PAGE = 4096
 U64 = np.uint64

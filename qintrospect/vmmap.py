@@ -7,7 +7,6 @@ leaves that are virtually contiguous with equal page size and effective permissi
 physical columns are shown, physically contiguous too: a range always means one linear piece.
 """
 
-from .record import field_names, record
 from typing import Iterator, Optional
 
 import numpy as np
@@ -15,6 +14,7 @@ import numpy as np
 from .host import HOST_NO_RAM, HOST_PRESENT, HOST_STATUS, HOST_UNKNOWN, PAGE, pagemap_arrays
 from .paging.formats import size_name
 from .paging.x86 import FLAG_BITS
+from .record import field_names, record
 
 U64 = np.uint64
 

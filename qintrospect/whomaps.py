@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from .record import field, record
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from . import finder, paging
 from .errors import QIError, UsageError
 from .host import PAGE
+from .record import field, record
 
 U64 = np.uint64
 

@@ -10,11 +10,11 @@ says the module did.
 
 from __future__ import annotations
 
-from ..record import record
 from typing import List, Optional, Tuple
 
 from ..errors import MemoryReadError
 from ..paging.formats import size_name
+from ..record import record
 from .model import (
     ADDR_BITS, LEVELS_4, LEVELS_5, PAGE_SIZES, SAME_STOP, U64, LogLevel, ModLog, bit_ranges,
 )

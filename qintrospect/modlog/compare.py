@@ -7,9 +7,9 @@ compare_host: an ept_dump log's HPA against the host's pagemap answer for its GP
 
 from __future__ import annotations
 
-from ..record import record, replace
 from typing import List, Optional, Tuple
 
+from ..record import record, replace
 from .model import ADDR_BITS, SAME_STOP, U64, ModLog, bit_name, bit_ranges
 from .model import hex_or_none as _h
 

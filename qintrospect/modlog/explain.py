@@ -7,11 +7,11 @@ from a large page keeping the low bits, or from chance.
 
 from __future__ import annotations
 
-from ..record import record
 from typing import List, Optional, Tuple
 
 from ..errors import UsageError
 from ..paging.formats import size_name
+from ..record import record
 from .check import implied_final
 from .model import U64, ModLog, bit_ranges, merge
 from .model import hex_or_none as _h

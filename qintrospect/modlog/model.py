@@ -6,10 +6,11 @@ comes with the mask of the bits that were printed (``*_known_mask``).
 
 from __future__ import annotations
 
-from ..record import record
 from typing import Optional, Tuple
 
 from ..paging.formats import ADDR_51_12
+
+from ..record import record
 
 U64 = (1 << 64) - 1
 ADDR_BITS = ADDR_51_12   # bits 51..12: the address in an entry or NEXT_LVL value

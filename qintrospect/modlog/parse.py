@@ -15,10 +15,10 @@ its HPA line ("HPA   ", a 6-column label, a plain 12/40/12 split) keeps 5 low ch
 from __future__ import annotations
 
 import re
-from ..record import field, record, replace
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..errors import ParseError
+from ..record import field, record, replace
 from .model import (
     ADDR_BITS, ADDR_NAME, FINAL_NAME, KINDS, LEVELS_4, LEVELS_5, U64, LogLevel, ModLog, Printed,
     bit_ranges, merge,

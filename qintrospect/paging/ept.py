@@ -7,10 +7,10 @@ and every nested access counts as a user access.
 
 from __future__ import annotations
 
-from ..record import replace
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
+from ..record import replace
 from .formats import ADDR_51_12, EPT_PS, MEMORY_TYPES, PS, EptFormat, X86Format, bits
 from .model import (
     EPT_ACCESS_KINDS, EPT_MISCONFIGURATION, NON_CANONICAL, NOT_PRESENT, PF_ID, PF_P, PF_RSVD,

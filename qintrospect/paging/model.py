@@ -6,8 +6,9 @@ size), and a walk is a value that every renderer reads without recomputing anyth
 
 from __future__ import annotations
 
-from ..record import field, record
 from typing import Callable, Mapping as MappingT, Optional, Tuple
+
+from ..record import field, record
 
 #: Reads `length` bytes of physical memory at `addr`; raises qintrospect.errors.MemoryReadError.
 ReadPhys = Callable[[int, int], bytes]

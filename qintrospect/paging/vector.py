@@ -16,12 +16,12 @@ over distinct tables. Only the x86 guest modes are covered (not EPT/NPT).
 from __future__ import annotations
 
 import operator
-from ..record import record
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..errors import MemoryReadError
+from ..record import record
 from .formats import PS, RW, US, XD, X86Format
 from .model import (
     NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED, RESERVED_BIT, UNREADABLE, CpuState, Mapping,

@@ -6,11 +6,11 @@ iter_mappings() lists every present leaf of an address space, reading each table
 
 from __future__ import annotations
 
-from ..record import replace
 from functools import lru_cache
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 from ..errors import MemoryReadError
+from ..record import replace
 from .formats import ADDR_51_12, PS, X86Format
 from .model import (
     NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED, PF_ID, PF_P, PF_PK, PF_RSVD, PF_US, PF_WR,

@@ -10,12 +10,12 @@ the text views in code blocks) and the SVG files.
 """
 
 import os
-from ..record import field, record
 from types import SimpleNamespace
 from typing import List, Optional
 
 from ..errors import UsageError
 from . import html as H
+from ..record import field, record
 from .svg import esc
 
 

@@ -17,13 +17,13 @@ per range. The HTML page finds the exact row under the pointer in the embedded r
 
 import json
 import math
-from ..record import field, record
 from typing import List, Optional
 
 import numpy as np
 
 from ..host import HOST_STATUS
 from ..paging.formats import size_name
+from ..record import field, record
 from .svg import Svg, fit
 
 U64 = np.uint64
