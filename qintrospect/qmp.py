@@ -52,6 +52,7 @@ SocketAddress = Union[str, Tuple[str, int]]
 # QEMU greets at once on a fresh connection; a greeting that has not come by then never will.
 GREETING_TIMEOUT = 1.5
 MAX_MESSAGE = 64 << 20     # the largest QMP line accepted (`info tlb` of a big guest is MBs)
+MAX_DRAIN = 1 << 20        # events read between exchanges, at most, per look
 # Events after which guest memory read before no longer goes with memory read after.
 LIFECYCLE_EVENTS = ("RESET", "SHUTDOWN", "POWERDOWN")
 
@@ -272,27 +273,35 @@ class QmpMonitor(Monitor):
         return self._events
 
     def _drain(self) -> None:
-        """Take in what QEMU sent since the last exchange (events), without waiting."""
+        """Take in what QEMU sent since the last exchange (events), without waiting: at most
+        MAX_DRAIN bytes a call (a monitor that never stops talking cannot hold us here; the
+        rest is read at the next exchange), and no line longer than MAX_MESSAGE."""
         if self._sock is None:
             raise VMGoneError("QMP is not connected")
         self._sock.setblocking(False)
+        taken = 0
         try:
-            while True:
+            while taken < MAX_DRAIN:
                 try:
-                    chunk = self._sock.recv(65536)
+                    chunk = self._sock.recv(min(65536, MAX_DRAIN - taken))
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
                     raise VMGoneError(f"QMP connection lost: {exc.strerror or exc}") from None
                 if not chunk:
                     raise VMGoneError("QEMU closed the QMP connection")
+                taken += len(chunk)
                 self._buffer += chunk
+                while b"\n" in self._buffer:
+                    msg = self._message(0)
+                    if "event" in msg:   # anything else is a stale reply: nobody waits for it
+                        self._note_event(msg)
+                if len(self._buffer) > MAX_MESSAGE:
+                    raise AttachError(f"QMP at {describe_address(self.address)} sent more "
+                                      f"than {MAX_MESSAGE >> 20} MiB without a line end: "
+                                      "not QMP")
         finally:
             self._sock.settimeout(self.timeout)
-        while b"\n" in self._buffer:
-            msg = self._message(0)
-            if "event" in msg:       # anything else is a stale reply: nobody waits for it
-                self._note_event(msg)
 
     def check_lifecycle(self) -> None:
         """Raise VMGoneError if the guest reset or shut down since the last check. Only a VM

@@ -329,3 +329,40 @@ def test_facts_are_remembered_for_a_live_process_only(runtime_dir):
     os.unlink(path)
     os.symlink(runtime_dir / "elsewhere", path)       # never followed
     assert not runstate.remembered("about me")
+
+
+def test_events_between_commands_are_read_within_bounds(monkeypatch):
+    """What a monitor sent between two commands is read without waiting, as events counted:
+    never more than MAX_DRAIN bytes a look (a monitor that never stops talking cannot hold
+    the shell), and a line longer than MAX_MESSAGE is refused as not QMP."""
+    import socket
+    from qintrospect import qmp
+    from qintrospect.errors import AttachError
+    mine, theirs = socket.socketpair()
+    m = QmpMonitor("/qmp.sock", 1.0)
+    m._sock = mine
+    try:
+        m.mark()
+        assert m.events_since_mark() == 0
+        theirs.sendall(b'{"event": "STOP"}\n{"return": {}, "id": "old"}\n{"event": "RESUME"}\n')
+        assert m.events_since_mark() == 2
+        monkeypatch.setattr(qmp, "MAX_DRAIN", 4096)
+        theirs.sendall(b'{"event": "X", "data": {}}\n' * 4000)      # ~100 KB waiting
+        m.mark()
+        assert m.events_since_mark() > 0 and len(m._buffer) < 4096
+        assert mine.recv(1 << 20, socket.MSG_PEEK)                # the rest left for later
+        while True:                                               # (read it all)
+            mine.setblocking(False)
+            try:
+                mine.recv(1 << 20)
+            except BlockingIOError:
+                break
+        monkeypatch.setattr(qmp, "MAX_MESSAGE", 1000)
+        monkeypatch.setattr(qmp, "MAX_DRAIN", 1 << 20)
+        m._buffer = b""
+        theirs.sendall(b"{" * 5000)                               # no line end, ever
+        with pytest.raises(AttachError, match="without a line end"):
+            m.events_since_mark()
+    finally:
+        mine.close()
+        theirs.close()
