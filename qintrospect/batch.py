@@ -15,7 +15,7 @@ import numpy as np
 from . import paging
 from .errors import MemoryReadError
 from .host import (HOST_NOT_PRESENT, HOST_PFN_HIDDEN, HOST_PRESENT, HOST_STATUS, HOST_UNKNOWN,
-                   PAGE, pagemap_arrays)
+                   PAGE, pagemap_columns)
 from .memory import DirectMemory
 from .record import record
 
@@ -36,6 +36,7 @@ class BatchTranslation:
     value: np.ndarray         # uint64
     has_value: np.ndarray     # bool
     ram_blocks: tuple         # block names, indexed by region
+    host_entry: Optional[np.ndarray] = None   # uint64 pagemap entry of each HVA, 0 unknown
 
     def __len__(self) -> int:
         return len(self.walk_result)
@@ -87,6 +88,7 @@ def translate_batch(session, addresses, cr3: Optional[int] = None) -> BatchTrans
     has_hva = np.zeros(n, dtype=bool)
     hpa = np.zeros(n, dtype=U64)
     status = np.zeros(n, dtype=np.uint8)
+    entry = np.zeros(n, dtype=U64)
     value = np.zeros(n, dtype=U64)
     has_value = np.zeros(n, dtype=bool)
 
@@ -106,7 +108,9 @@ def translate_batch(session, addresses, cr3: Optional[int] = None) -> BatchTrans
             has_hva[sel] = True
             if session.process is not None:
                 try:
-                    status[sel], hpa[sel] = pagemap_arrays(session.process, hva[sel])
+                    entry[sel] = session.process.pagemap_of_pages(
+                        (hva[sel] // U64(PAGE)).astype(np.int64))
+                    status[sel], hpa[sel] = pagemap_columns(entry[sel], hva[sel])
                 except OSError:
                     status[sel] = HOST_UNKNOWN
         if isinstance(session.memory, DirectMemory):
@@ -114,7 +118,7 @@ def translate_batch(session, addresses, cr3: Optional[int] = None) -> BatchTrans
         else:
             _values(session, session.memory, w, region, value, has_value, cr3)
     return BatchTranslation(w, region, hva, has_hva, hpa, status, value, has_value,
-                            tuple(r.block for r in ram), cr3)
+                            tuple(r.block for r in ram), cr3=cr3, host_entry=entry)
 
 
 def _values_direct(session, w, region, hva, status, value, has_value, cr3) -> None:

@@ -163,9 +163,14 @@ def pagemap_arrays(process, hvas):
     twin of host_page; HPA 0 where not present). The pagemap is read in runs of nearby pages,
     never across the gap between two far-apart addresses."""
     import numpy as np
+    entries = process.pagemap_of_pages((hvas // np.uint64(PAGE)).astype(np.int64))
+    return pagemap_columns(entries, hvas)
+
+
+def pagemap_columns(entries, hvas):
+    """(status codes, HPAs) of HVAs from their pagemap entries, already read."""
+    import numpy as np
     u64 = np.uint64
-    pages = (hvas // u64(PAGE)).astype(np.int64)
-    entries = process.pagemap_of_pages(pages)
     present = (entries >> u64(63)) & u64(1) == 1
     swapped = (entries >> u64(62)) & u64(1) == 1
     pfn = entries & u64((1 << 55) - 1)
@@ -292,19 +297,21 @@ class HostProcess:
             return np.array([f or 0 for f in each], np.uint64), \
                 np.array([f is not None for f in each], bool)
 
-    def page_forms(self, pages: np.ndarray):
+    def page_forms(self, pages: np.ndarray, entries: Optional[np.ndarray] = None):
         """Host pages that host_page() describes alike but for their frame, for an array of
-        page numbers (HVA // 4096): (form id of each page, frame number of each page, one
-        index into `pages` per form). The id holds all host_page() reads: the pagemap entry's
-        flag and status bits, whether the frame is hidden, the THP and huge bits of kpageflags
-        (and whether it was readable), the mapping (VMA) holding the page; a swapped page is
-        a form of its own (its sentence names its swap slot)."""
+        page numbers (HVA // 4096) and their pagemap entries (read here when not given):
+        (form id of each page, frame number of each page, the HostPage of each form's first
+        page, made from the same reads). The id holds all host_page() reads: the pagemap
+        entry's flag and status bits, whether the frame is hidden, the THP and huge bits of
+        kpageflags (and whether it was readable), the mapping (VMA) holding the page; a
+        swapped page is a form of its own (its sentence names its swap slot)."""
         import numpy as np
         u64 = np.uint64
         pages = np.asarray(pages, np.int64)
         if not len(pages):
-            return np.zeros(0, np.int64), np.zeros(0, u64), np.zeros(0, np.int64)
-        entries = self.pagemap_of_pages(pages)
+            return np.zeros(0, np.int64), np.zeros(0, u64), []
+        if entries is None:
+            entries = self.pagemap_of_pages(pages)
         pfn = entries & u64((1 << 55) - 1)
         swapped = (entries >> u64(62)) & u64(1) == 1
         framed = ((entries >> u64(63)) & u64(1) == 1) & ~swapped & (pfn != 0)

@@ -129,7 +129,8 @@ class _Chunk:
         index = (va >> shifts[leaf]) & (counts[leaf] - u64(1))
         psize = w.page_size[rows]
         # the host page's form (how host_page describes it, read in runs) and frame
-        form, frame, self.forms = s.process.page_forms((b.hva[rows] // u64(PAGE)).astype(np.int64))
+        form, frame, self.forms = s.process.page_forms(
+            (b.hva[rows] // u64(PAGE)).astype(np.int64), b.host_entry[rows])
 
         # the levels above the leaf: the same for rows alike in the address's bits from the
         # level above the leaf up, since one walk reads each table once; a table that could
