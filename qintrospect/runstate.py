@@ -71,18 +71,10 @@ def _path(qmp_key: str, kind: str = "") -> str:
 def remembered(fact: str) -> bool:
     """Whether remember(fact) was said (by this user, in the private folder)."""
     try:
-        fd = os.open(_path(fact, "fact-"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (OSError, RunStateError):
+        data = _read_own(_path(fact, "fact-"))
+    except RunStateError:
         return False
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            return False
-        return json.loads(os.read(fd, MAX_MARKER)).get("fact") == fact
-    except (OSError, ValueError, AttributeError):
-        return False
-    finally:
-        os.close(fd)
+    return data is not None and data.get("fact") == fact
 
 
 def remember(fact: str, pid: int) -> None:
@@ -91,13 +83,12 @@ def remember(fact: str, pid: int) -> None:
     folder = _folder()
     for name in os.listdir(folder):
         if name.startswith("fact-"):
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    owner = json.load(f).get("pid")
-                if isinstance(owner, int) and not alive(owner):
+            owner = (_read_own(os.path.join(folder, name)) or {}).get("pid")
+            if isinstance(owner, int) and not alive(owner):
+                try:
                     os.unlink(os.path.join(folder, name))
-            except (OSError, ValueError, AttributeError):
-                pass
+                except OSError:
+                    pass
     _write(fact, {"fact": fact, "pid": pid}, "fact-")
 
 
@@ -191,8 +182,14 @@ def alive(pid: int) -> bool:
 
 def load(qmp_key: str) -> Optional[dict]:
     """The marker for this VM, or None (none, unreadable, or not this user's own file)."""
+    return _read_own(_path(qmp_key))
+
+
+def _read_own(path: str) -> Optional[dict]:
+    """A JSON object in a regular file of this user's own, never through a symlink, read up to
+    MAX_MARKER bytes; None otherwise."""
     try:
-        fd = os.open(_path(qmp_key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
     try:

@@ -329,6 +329,9 @@ def test_facts_are_remembered_for_a_live_process_only(runtime_dir):
     os.unlink(path)
     os.symlink(runtime_dir / "elsewhere", path)       # never followed
     assert not runstate.remembered("about me")
+    os.symlink("/dev/zero", runstate._path("endless", "fact-"))
+    runstate.remember("about me", os.getpid())        # its pruning reads no endless file
+    assert runstate.remembered("about me")
 
 
 def test_events_between_commands_are_read_within_bounds(monkeypatch):
