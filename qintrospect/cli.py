@@ -45,15 +45,17 @@ def parse_number(text: str, what: str = "address") -> int:
 def _read_addresses(lines):
     """parse_number() of each non-blank line (text, or bytes as read from stdin's buffer),
     lazily. A batch of lines that are all plain 0x-hex (most of a long stream) is read by
-    int() alone, which reads them the same."""
+    int() alone, which reads them the same: every line holds "0x" once (int(line, 16) takes
+    "0x" only as a prefix, so a line that has it twice fails), and no sign."""
     import itertools
     lines = iter(lines)
     while True:
         batch = list(itertools.islice(lines, 4096))
         if not batch:
             return
-        prefix = b"0x" if isinstance(batch[0], bytes) else "0x"
-        if all(line[:2] == prefix for line in batch):
+        joined = (b"" if isinstance(batch[0], bytes) else "").join(batch)
+        x, minus, plus = ((b"0x", b"-", b"+") if isinstance(joined, bytes) else ("0x", "-", "+"))
+        if joined.count(x) == len(batch) and minus not in joined and plus not in joined:
             try:
                 values = [int(line, 16) for line in batch]
             except ValueError:
@@ -143,6 +145,30 @@ def _grow_stdout_pipe() -> None:
         pass
 
 
+def _lines_writer():
+    """A function that writes a block of lines (bytes, each ending in a newline) to stdout:
+    straight to its file descriptor by os.writev, so hundreds of MB are not copied once more
+    to be joined; through sys.stdout where it has no descriptor (the shell's StringIO)."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):     # io.UnsupportedOperation is both
+        return lambda lines: sys.stdout.write(b"".join(lines).decode())
+
+    def write(lines):
+        for k in range(0, len(lines), IOV_MAX):
+            part = lines[k:k + IOV_MAX]
+            done = os.writev(fd, part)
+            if done < sum(map(len, part)):      # a short write (a signal): the rest in turn
+                rest = b"".join(part)[done:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+    return write
+
+
+IOV_MAX = 1024      # buffers one writev takes (Linux)
+
+
 def _open_session(args):
     from .session import Session
     if args.freeze and args.gdb:
@@ -221,18 +247,12 @@ def cmd_translate(args) -> int:
             _grow_stdout_pipe()
             # a few hundred lines at a time, each block written once the VM is known to have
             # stayed up (a VM that runs while we read)
-            sys.stdout.flush()
-            out = getattr(sys.stdout, "buffer", None)     # (a shell's StringIO has none)
+            write = _lines_writer()
             for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
                 vm.check_live()
                 if not all(oks):
                     status = EXIT_FAULT
-                text = b"\n".join(lines) + b"\n"
-                if out is not None:
-                    out.write(text)
-                else:
-                    sys.stdout.write(text.decode())
-            sys.stdout.flush()
+                write(lines)
             return status
         results = vm.translate_many(addresses, cr3)
         if slat_spec is not None:
@@ -958,6 +978,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # numpy's OpenBLAS starts a spinning thread per core when imported; the commands do no
+    # linear algebra, and those threads took a core's worth of time from the reader of our
+    # output (set before numpy is imported; a value the user set is kept)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # the command's name: the first word that is not an option (the only options before it
     # are -v and -h, which take no value)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))

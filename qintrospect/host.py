@@ -425,17 +425,23 @@ class HostProcess:
         zero = np.zeros(len(pages), bool)
         if not len(pages):
             return zero
-        for vma in self.vmas():
-            inside = (pages >= vma.start // PAGE) & (pages < vma.end // PAGE)
-            if not inside.any():
-                continue
+        vmas = self.vmas()
+        if not vmas:
+            return zero
+        # each page's mapping (smaps lists them in address order, without overlaps)
+        which = np.searchsorted(np.array([v.start // PAGE for v in vmas], np.int64), pages,
+                                side="right") - 1
+        which[(which >= 0) &
+              (pages >= np.array([v.end // PAGE for v in vmas], np.int64)[which])] = -1
+        for j in np.unique(which[which >= 0]).tolist():
+            vma, inside = vmas[j], which == j
             if vma.absent_reads_zero:
                 zero[inside] = True
             elif vma.inode and self.backing_file(vma) is not None:
                 fd = self.backing_file(vma)
-                for k in np.flatnonzero(inside).tolist():
-                    hva = int(pages[k]) * PAGE
-                    zero[k] = bool(_holes(fd, vma.offset + (hva - vma.start), 1, 0)[0])
+                for i in np.flatnonzero(inside).tolist():
+                    hva = int(pages[i]) * PAGE
+                    zero[i] = bool(_holes(fd, vma.offset + (hva - vma.start), 1, 0)[0])
         return zero
 
     def read_range(self, hva: int, length: int) -> bytes:

@@ -701,7 +701,7 @@ class Session:
     def translate_json_blocks(self, addresses, cr3: Optional[int] = None,
                               kvm: Optional[dict] = None, size: int = 256):
         """translate_json() a block at a time, for a writer of many lines: (translated? of
-        each, the lines as ASCII bytes without line ends) per block of up to `size`
+        each, the lines as ASCII bytes, each ending in a newline) per block of up to `size`
         addresses."""
         from .jsonlines import json_blocks
         self._check_open()

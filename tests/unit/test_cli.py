@@ -47,6 +47,36 @@ def test_the_stream_reader_reads_as_parse_number(text):
     assert list(_read_addresses([(text + "\n").encode()])) == ([] if want is None else [want])
 
 
+def _read_all(lines):
+    """What a reader gives: the values up to the first refusal, and whether there was one."""
+    got = []
+    try:
+        for value in lines:
+            got.append(value)
+    except UsageError:
+        return got, True
+    return got, False
+
+
+_LINE = st.one_of(st.integers(0, (1 << 66)).map(hex),
+                  st.text(alphabet="0123456789abcdefxX_` +-\t", max_size=24),
+                  st.text(max_size=12).map(lambda t: "0x" + t))
+
+
+@given(st.lists(_LINE, max_size=8))
+@settings(max_examples=600, deadline=None)
+def test_the_stream_reader_reads_a_batch_as_parse_number_reads_each_line(texts):
+    """A batch of lines read at once (the fast path looks at them together) gives what
+    parse_number gives line by line, up to the same first refusal."""
+    def one_by_one():
+        for text in texts:
+            if text.strip():
+                yield parse_number(text)
+    want = _read_all(one_by_one())
+    assert _read_all(_read_addresses([t + "\n" for t in texts])) == want
+    assert _read_all(_read_addresses([(t + "\n").encode() for t in texts])) == want
+
+
 def run(*args, env=None):
     proc = subprocess.run([sys.executable, "-m", "qintrospect", *args], capture_output=True,
                           text=True, timeout=60, env=env)

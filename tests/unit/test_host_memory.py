@@ -114,6 +114,38 @@ def test_shared_anonymous_memory_is_file_backed_not_zero(proc):
         m.close()
 
 
+def test_zero_if_absent_judges_each_page_by_its_own_mapping(proc, shared_file, tmp_path):
+    """The batch's rule for absent pages, pages of several mappings mixed and shuffled (as a
+    batch's are): zero in private anonymous memory and in a file's holes, not zero where a
+    file holds data (a shared file, a library's code) or where nothing is mapped."""
+    m_file, _, _ = shared_file
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(PAGES * PAGE)
+        f.seek(5 * PAGE)
+        f.write(b"\x42" * PAGE)
+    with open(sparse, "r+b") as f:
+        m_sparse = mmap.mmap(f.fileno(), PAGES * PAGE, flags=mmap.MAP_SHARED)
+    m_anon = mmap.mmap(-1, PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        want = {}
+        for m, zero in ((m_file, lambda i: False), (m_sparse, lambda i: i != 5),
+                        (m_anon, lambda i: True)):
+            first = address_of(m) // PAGE
+            want.update({first + i: zero(i) for i in range(PAGES)})
+        want.update({i: False for i in range(1, PAGES)})     # below mmap_min_addr: unmapped
+        proc._vmas = None                 # this process's mappings as they are now
+        libc = next(v for v in proc.vmas() if "libc" in v.path and "x" in v.perms)
+        want.update({libc.start // PAGE + i: False for i in range(4)})
+        pages = np.array(sorted(want), np.int64)
+        np.random.default_rng(7).shuffle(pages)
+        assert proc.zero_if_absent(pages).tolist() == [want[p] for p in pages.tolist()]
+        assert proc.zero_if_absent(np.zeros(0, np.int64)).tolist() == []
+    finally:
+        m_sparse.close()
+        m_anon.close()
+
+
 def test_direct_memory_reads_and_scans_only_what_may_hold_data(proc, shared_file):
     m, data, _ = shared_file
     hva = address_of(m)
