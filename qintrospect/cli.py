@@ -145,6 +145,22 @@ def _grow_stdout_pipe() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Python's cyclic garbage collector off for a stream of JSON lines: every chunk makes
+    hundreds of thousands of tuples and lists, none in a cycle; collections counted while
+    the chunk's own steps ran (jsonlines turns it off there) would otherwise all run here,
+    between blocks, each one going over every object the chunk still holds."""
+    import gc
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def _lines_writer():
     """A function that writes a block of lines (bytes, each ending in a newline) to stdout:
     straight to its file descriptor by os.writev, so hundreds of MB are not copied once more
@@ -248,11 +264,12 @@ def cmd_translate(args) -> int:
             # a few hundred lines at a time, each block written once the VM is known to have
             # stayed up (a VM that runs while we read)
             write = _lines_writer()
-            for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
-                vm.check_live()
-                if not all(oks):
-                    status = EXIT_FAULT
-                write(lines)
+            with _no_cyclic_gc():
+                for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
+                    vm.check_live()
+                    if not all(oks):
+                        status = EXIT_FAULT
+                    write(lines)
             return status
         results = vm.translate_many(addresses, cr3)
         if slat_spec is not None:
