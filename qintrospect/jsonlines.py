@@ -186,25 +186,20 @@ class _Chunk:
 
         # Each row's line is one %-format: a template per group (the pieces above, with %#x,
         # %d and %016x where the row's own numbers go, and "null%.0a" where a number is not
-        # shown) and the row's numbers. Rows the arrays do not finish take the one-address path.
-        templates = self._templates(group_rows([upper_id, step_id, rest_id]), upper_id,
-                                    step_id, rest_id, uppers, steps, rests)
+        # shown) and the row's numbers, made into Python ints a block at a time (so the
+        # memory of one block's numbers serves the next). Rows the arrays do not finish take
+        # the one-address path.
+        combo_first, combo = group_rows([upper_id, step_id, rest_id])
+        made = self._templates(combo_first, upper_id, step_id, rest_id, uppers, steps, rests)
         block_delta = np.array([(r.block_offset - r.start) % (1 << 64) for r in ram] + [0], u64)
-        value, pa = b.value[rows], w.pa[rows]
-        entry_addr = leaf_table + index * u64(mode.entry_size)
-        hpa = (frame << u64(12)) + off[rows]
-        hpa, value = hpa.tolist(), value.tolist()
-        numbers = zip(*(c.tolist() for c in (
-            va, index, leaf_table, entry_addr, leaf_entry, pa & ~(psize - u64(1)), pa,
-            pa + block_delta[b.region[rows]], b.hva[rows])), hpa, hpa, value,
-            b.value[rows].byteswap().tolist(), value)
-        if len(rows) == n and finished.all():      # every row finished here (the usual case)
-            formats, args = templates, list(numbers)
-        else:
-            formats, args = [None] * n, list(range(n))   # None: the one-address path, by row
-            for r, t, x, done in zip(rows.tolist(), templates, numbers, finished.tolist()):
-                if done:
-                    formats[r], args[r] = t, x
+        pa, value = w.pa[rows], b.value[rows]
+        numbers = (va, index, leaf_table, leaf_table + index * u64(mode.entry_size), leaf_entry,
+                   pa & ~(psize - u64(1)), pa, pa + block_delta[b.region[rows]], b.hva[rows],
+                   (frame << u64(12)) + off[rows], value, value.byteswap())
+        fast_row = np.full(n, -1, np.int64)      # each row's place among the fast rows
+        fast_row[rows[finished]] = np.flatnonzero(finished)
+
+        formats, args = {}, {}     # the other rows: a %-format and its numbers, or none
         addresses = w.va.tolist()
         for r, g in zip(frows.tolist(), fault_id.tolist()):
             if fault_rests[g] is not None:
@@ -216,21 +211,35 @@ class _Chunk:
                 formats[r], args[r] = template, (addresses[r], addresses[r])
         ok = (kind == FAST).tolist()
 
-        def one_address(r):
-            ok[r], line = _scalar(s, addresses[r], self.cr3, self.kvm)
-            return line.encode() + b"\n"
-
         for start in range(0, n, size):
             end = min(n, start + size)
-            lines = [f % x if f is not None else one_address(x)
-                     for f, x in zip(formats[start:end], args[start:end])]
+            at = fast_row[start:end]
+            here = at >= 0
+            mine = at[here]
+            gva, ix, table, entry_addr, entry, frame_addr, gpa, block_off, hva, hpa, v, vb = (
+                c[mine].tolist() for c in numbers)
+            fast = map(bytes.__mod__, [made[k] for k in combo[mine].tolist()],
+                       zip(gva, ix, table, entry_addr, entry, frame_addr, gpa, block_off, hva,
+                           hpa, hpa, v, vb, v))
+            if len(mine) == end - start:
+                yield ok[start:end], list(fast)
+                continue
+            lines = []
+            for r, is_fast in zip(range(start, end), here.tolist()):
+                if is_fast:
+                    lines.append(next(fast))
+                elif r in formats:
+                    lines.append(formats[r] % args[r])
+                else:
+                    ok[r], line = _scalar(s, addresses[r], self.cr3, self.kvm)
+                    lines.append(line.encode() + b"\n")
             yield ok[start:end], lines
 
-    def _templates(self, combos, upper_id, step_id, rest_id, uppers, steps, rests):
-        """The %-format of each fast row (a whole line, its newline too), one per (upper
-        levels, leaf step, rest) group; the numbers go in this order: gva, index, table, entry
+    def _templates(self, first, upper_id, step_id, rest_id, uppers, steps, rests):
+        """The %-format of each (upper levels, leaf step, rest) group of fast rows, `first`
+        its first rows (a whole line, its newline too; None where the scalar walk disagreed:
+        the one-address path); the numbers go in this order: gva, index, table, entry
         address, entry, frame, GPA, block offset, HVA, HPA, HPA, value, value's bytes, value."""
-        first, combo = combos
         made = []
         for r in first.tolist():
             upper, step, rest = uppers[upper_id[r]], steps[step_id[r]], rests[rest_id[r]]
@@ -247,7 +256,7 @@ class _Chunk:
                 '%#x","gpa_note":null,"hva":"%#x', p3, hpa, p4, hpa, p5,
                 '"%#x","value_bytes":"%016x","value_at_hva":',
                 '"%#x"' if present else "null%.0a", p6, "\n")).encode())
-        return [made[c] for c in combo.tolist()]
+        return made
 
     def _upper(self, va, leaf, tables, entries):
         """The line up to the leaf step: the head and the levels above the leaf."""
