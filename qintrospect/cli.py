@@ -44,15 +44,22 @@ def parse_number(text: str, what: str = "address") -> int:
 
 def _read_addresses(lines):
     """parse_number() of each non-blank line (text, or bytes as read from stdin's buffer),
-    lazily. A batch of lines that are all plain 0x-hex (most of a long stream) is read by
-    int() alone, which reads them the same: every line holds "0x" once (int(line, 16) takes
-    "0x" only as a prefix, so a line that has it twice fails), and no sign."""
+    lazily, a batch of lines at a time (flattened in C, not passed one by one through a
+    generator). A batch of lines that are all plain 0x-hex (most of a long stream) is read
+    by int() alone, which reads them the same: every line holds "0x" once (int(line, 16)
+    takes "0x" only as a prefix, so a line that has it twice fails), and no sign."""
     import itertools
-    lines = iter(lines)
+    return itertools.chain.from_iterable(_address_batches(iter(lines)))
+
+
+def _address_batches(lines):
+    import itertools
+    seen = 0            # lines before this batch
     while True:
         batch = list(itertools.islice(lines, 4096))
         if not batch:
             return
+        seen += len(batch)
         joined = (b"" if isinstance(batch[0], bytes) else "").join(batch)
         x, minus, plus = ((b"0x", b"-", b"+") if isinstance(joined, bytes) else ("0x", "-", "+"))
         if joined.count(x) == len(batch) and minus not in joined and plus not in joined:
@@ -61,13 +68,19 @@ def _read_addresses(lines):
             except ValueError:
                 values = None
             if values is not None and max(values) <= MASK64:
-                yield from values
+                yield values
                 continue
-        for line in batch:
+        values = []
+        for number, line in enumerate(batch, seen - len(batch) + 1):
             if isinstance(line, bytes):
                 line = line.decode("utf-8", "replace")
             if line.strip():
-                yield parse_number(line)
+                try:
+                    values.append(parse_number(line.strip()))
+                except UsageError as exc:
+                    yield values        # the lines before it, as one by one would give them
+                    raise UsageError(f"line {number} of the addresses: {exc}") from None
+        yield values
 
 
 def _session_options(p: argparse.ArgumentParser) -> None:

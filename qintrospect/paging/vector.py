@@ -332,7 +332,7 @@ def _addresses(vas: Union[np.ndarray, Sequence[int]]) -> np.ndarray:
     if arr is None or arr.dtype.kind == "O":
         # not np.asarray: it turns a list mixing small and >= 2**63 ints into float64
         values = vas if isinstance(vas, list) else list(vas)
-        if not all(type(v) is int for v in values):     # (checking is cheaper than converting)
+        if not set(map(type, values)) <= {int}:     # (checking is cheaper than converting)
             values = [operator.index(v) for v in values]
         if values and (min(values) < 0 or max(values) >= 1 << 64):
             raise ValueError("addresses must be integers 0 .. 2**64-1")

@@ -77,6 +77,13 @@ def test_the_stream_reader_reads_a_batch_as_parse_number_reads_each_line(texts):
     assert _read_all(_read_addresses([(t + "\n").encode() for t in texts])) == want
 
 
+def test_a_bad_address_in_a_stream_is_named_by_its_line():
+    lines = ["0x1000\n"] * 5000 + ["\n", "0x2000\n", "  ffff8880 \n", "0x3000\n"]
+    with pytest.raises(UsageError, match=r"^line 5003 of the addresses: address 'ffff8880' "
+                                         r"is not a number \(hex needs a 0x prefix\)$"):
+        list(_read_addresses(lines))
+
+
 def run(*args, env=None):
     proc = subprocess.run([sys.executable, "-m", "qintrospect", *args], capture_output=True,
                           text=True, timeout=60, env=env)
