@@ -221,18 +221,15 @@ class _Chunk:
             fast = map(bytes.__mod__, [made[k] for k in combo[mine].tolist()],
                        zip(gva, ix, table, entry_addr, entry, frame_addr, gpa, block_off, hva,
                            hpa, hpa, v, vb, v))
-            if len(mine) == end - start:
-                yield ok[start:end], list(fast)
-                continue
-            lines = []
-            for r, is_fast in zip(range(start, end), here.tolist()):
-                if is_fast:
-                    lines.append(next(fast))
-                elif r in formats:
-                    lines.append(formats[r] % args[r])
-                else:
-                    ok[r], line = _scalar(s, addresses[r], self.cr3, self.kvm)
-                    lines.append(line.encode() + b"\n")
+            lines = list(fast)
+            if len(mine) < end - start:
+                for r in (np.flatnonzero(~here) + start).tolist():    # in order: each at r
+                    if r in formats:
+                        line = formats[r] % args[r]
+                    else:
+                        ok[r], text = _scalar(s, addresses[r], self.cr3, self.kvm)
+                        line = text.encode() + b"\n"
+                    lines.insert(r - start, line)
             yield ok[start:end], lines
 
     def _templates(self, first, upper_id, step_id, rest_id, uppers, steps, rests):

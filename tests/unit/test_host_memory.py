@@ -146,6 +146,25 @@ def test_zero_if_absent_judges_each_page_by_its_own_mapping(proc, shared_file, t
         m_anon.close()
 
 
+def test_read_many_puts_each_piece_in_its_place_whatever_the_order(proc, shared_file):
+    """read_many reads in address order; each piece still lands where its HVA was asked."""
+    m, data, _ = shared_file
+    other = mmap.mmap(-1, PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        other[:] = pattern(PAGES, seed=0x7777)
+        rng = np.random.default_rng(3)
+        offsets = rng.integers(0, PAGES * PAGE - 8, 3000)
+        which = rng.integers(0, 2, 3000)
+        bases = np.array([address_of(m), address_of(other)], np.uint64)
+        hvas = bases[which] + offsets.astype(np.uint64)
+        got = proc.read_many(hvas, 8)
+        sources = (data, bytes(other))
+        want = b"".join(sources[k][o:o + 8] for k, o in zip(which.tolist(), offsets.tolist()))
+        assert bytes(got) == want
+    finally:
+        other.close()
+
+
 def test_direct_memory_reads_and_scans_only_what_may_hold_data(proc, shared_file):
     m, data, _ = shared_file
     hva = address_of(m)
