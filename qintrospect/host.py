@@ -433,7 +433,7 @@ class HostProcess:
                                 side="right") - 1
         which[(which >= 0) &
               (pages >= np.array([v.end // PAGE for v in vmas], np.int64)[which])] = -1
-        for j in np.unique(which[which >= 0]).tolist():
+        for j in np.flatnonzero(np.bincount(which[which >= 0], minlength=len(vmas))).tolist():
             vma, inside = vmas[j], which == j
             if vma.absent_reads_zero:
                 zero[inside] = True
