@@ -201,10 +201,11 @@ class _Chunk:
 
         formats, args = {}, {}     # the other rows: a %-format and its numbers, or none
         addresses = w.va.tolist()
+        fault_formats = [None if rest is None else ('{"gva":"%#x"' + _esc(rest) + "\n").encode()
+                         for rest in fault_rests]
         for r, g in zip(frows.tolist(), fault_id.tolist()):
-            if fault_rests[g] is not None:
-                formats[r] = ('{"gva":"%#x"' + _esc(fault_rests[g]) + "\n").encode()
-                args[r] = (addresses[r],)
+            if fault_formats[g] is not None:
+                formats[r], args[r] = fault_formats[g], (addresses[r],)
         if noncanonical is not None:
             template = ("%#x".join(_esc(part) for part in noncanonical) + "\n").encode()
             for r in odd.tolist():
