@@ -32,5 +32,15 @@ def group_rows(columns):
                 span = int(code.max()) + 1
         code = code * width + part
         span *= width
-    _, first, group = np.unique(code, return_index=True, return_inverse=True)
-    return first, group.reshape(-1)
+    # np.unique(code, return_index=True, return_inverse=True), but with numpy's unstable
+    # sort (about twice as fast as the stable one np.unique then takes): the first row of a
+    # group is the least of its rows
+    order = np.argsort(code)
+    ordered = code[order]
+    starts = np.empty(n, bool)
+    starts[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    first = np.minimum.reduceat(order, np.flatnonzero(starts))
+    group = np.empty(n, np.int64)
+    group[order] = np.cumsum(starts) - 1
+    return first, group
