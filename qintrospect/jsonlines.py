@@ -165,17 +165,35 @@ class _Chunk:
         kind[rows[finished]] = FAST
 
         # faults: everything after the address is fixed by the path down to the entry that
-        # stopped the walk; non-canonical and paging-off faults (level -1) go one by one
+        # stopped the walk, but for that entry's index and address (in its step and in the
+        # message): rows alike in the table and the entry's value share a %-format with
+        # places for those two. Where the one-address line does not hold them in exactly
+        # those places, rows are grouped by the entry itself. Non-canonical and paging-off
+        # faults (level -1) go one by one.
         frows = np.flatnonzero(~w.ok & (w.fault_level >= 0))
         flevel = w.fault_level[frows].astype(np.int64)
+        fva, freason = w.va[frows], w.fault_reason[frows]
         fentries = np.where(np.arange(depth)[None, :] <= flevel[:, None], w.entries[frows],
                             u64(0))
-        fault_first, fault_id = group_rows([
-            flevel, w.fault_reason[frows], w.va[frows] >> shifts[flevel]] + list(fentries.T))
-        fault_rests = [self._fault_rest(int(w.va[frows[r]]), int(flevel[r]),
-                                        int(w.fault_reason[frows[r]]))
-                       for r in fault_first.tolist()]
-        fbad = np.array([r is None for r in fault_rests] + [False])[fault_id]
+        bits = np.array([lv.index_bits for lv in mode.levels], u64)
+        findex = (fva >> shifts[flevel]) & ((u64(1) << bits[flevel]) - u64(1))
+        ftable = w.tables[frows, flevel]
+        table_first, table_id = group_rows([flevel, freason, fva >> (shifts[flevel] + bits[flevel])]
+                                           + list(fentries.T))
+        table_formats = [self._fault_format(int(fva[r]), int(flevel[r]), int(freason[r]),
+                                            int(findex[r]), int(ftable[r]))
+                         for r in table_first.tolist()]
+        by_entry = np.array([f is None for f in table_formats] + [False])[table_id]
+        fault_first, fault_id = group_rows([table_id, np.where(by_entry, findex, u64(0))])
+        fault_formats = []
+        for r in fault_first.tolist():
+            made_for_table = table_formats[table_id[r]]
+            if made_for_table is None:
+                rest = self._fault_rest(int(fva[r]), int(flevel[r]), int(freason[r]))
+                made_for_table = None if rest is None else \
+                    ('{"gva":"%#x"' + _esc(rest) + "\n").encode()
+            fault_formats.append(made_for_table)
+        fbad = np.array([f is None for f in fault_formats] + [False])[fault_id]
         kind[frows[~fbad]] = FAULT
         # non-canonical addresses: the line names the address twice (gva, message), and is
         # otherwise the same for all
@@ -201,11 +219,14 @@ class _Chunk:
 
         formats, args = {}, {}     # the other rows: a %-format and its numbers, or none
         addresses = w.va.tolist()
-        fault_formats = [None if rest is None else ('{"gva":"%#x"' + _esc(rest) + "\n").encode()
-                         for rest in fault_rests]
-        for r, g in zip(frows.tolist(), fault_id.tolist()):
-            if fault_formats[g] is not None:
-                formats[r], args[r] = fault_formats[g], (addresses[r],)
+        entry_addr = (ftable + findex * u64(mode.entry_size)).tolist()
+        for r, g, t, i, e in zip(frows.tolist(), fault_id.tolist(), table_id.tolist(),
+                                 findex.tolist(), entry_addr):
+            made_for_row = fault_formats[g]
+            if made_for_row is None:
+                continue
+            formats[r] = made_for_row
+            args[r] = (addresses[r],) if table_formats[t] is None else (addresses[r], i, e, i, e)
         if noncanonical is not None:
             template = ("%#x".join(_esc(part) for part in noncanonical) + "\n").encode()
             for r in odd.tolist():
@@ -301,6 +322,23 @@ class _Chunk:
               + notes + self.tail + ',"guest_page_size":' + str(psize)
               + ',"slat_page_size":null' + self.kvm_part + "}")
         return p1, p3, p4, p5, present, host["status"] == "present", p6
+
+    def _fault_format(self, va, level, reason, index, table):
+        """The %-format of a fault's line with places for the address, then the index and
+        address of the entry that stopped the walk, twice (its step, the message): from the
+        one-address line of va, or None when that line does not hold them in exactly those
+        two places."""
+        rest = self._fault_rest(va, level, reason)
+        if rest is None:
+            return None
+        entry_addr = table + index * self.mode.entry_size
+        step = f'"index":{index},"table_addr":"{table:#x}","entry_addr":"{entry_addr:#x}"'
+        said = f"(index {index} at {entry_addr:#x})"
+        if rest.count(step) != 1 or rest.count(said) != 1 or rest.find(step) > rest.find(said):
+            return None
+        return ('{"gva":"%#x"' + _esc(rest).replace(
+            step, f'"index":%d,"table_addr":"{table:#x}","entry_addr":"%#x"').replace(
+            said, "(index %d at %#x)") + "\n").encode()
 
     def _fault_rest(self, va, level, reason):
         """A fault's line after the address, from the one-address path; None when that walk

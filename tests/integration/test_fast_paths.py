@@ -142,6 +142,12 @@ def test_the_many_address_json_is_the_one_address_json(g):
             addrs += [heap["gva"] + 8 * i for i in range(64)]
             addrs += [0x100000000000 + (i << 12) + (i << 21) + (i << 30) for i in range(40)]
             addrs += [(1 << 62) + (i << 12) for i in range(10)] + [0xDEAD << 48]
+            # faults in one table at many indexes (one %-format with the index as a place):
+            # the first 2 MiB pieces of user space, the pages and 2 MiB pieces above RAM in
+            # the direct map
+            addrs += [(i << 21) + 8 * i for i in range(12)]
+            addrs += [base + (256 << 20) + (i << 12) + 16 * i for i in range(0, 600, 7)]
+            addrs += [base + (256 << 20) + (i << 21) for i in range(0, 40, 3)]
             # and a random spread over every leaf of the address space
             import random
             rnd = random.Random(5)
