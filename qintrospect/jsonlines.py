@@ -208,10 +208,11 @@ class _Chunk:
         # memory of one block's numbers serves the next). Rows the arrays do not finish take
         # the one-address path.
         combo_first, combo = group_rows([upper_id, step_id, rest_id])
-        made = self._templates(combo_first, upper_id, step_id, rest_id, uppers, steps, rests)
+        made = self._templates(combo_first, upper_id, step_id, rest_id, uppers, steps, rests,
+                               leaf_table[upper_first].tolist())
         block_delta = np.array([(r.block_offset - r.start) % (1 << 64) for r in ram] + [0], u64)
         pa, value = w.pa[rows], b.value[rows]
-        numbers = (va, index, leaf_table, leaf_table + index * u64(mode.entry_size), leaf_entry,
+        numbers = (va, index, leaf_table + index * u64(mode.entry_size), leaf_entry,
                    pa & ~(psize - u64(1)), pa, pa + block_delta[b.region[rows]], b.hva[rows],
                    (frame << u64(12)) + off[rows], value, value.byteswap())
         fast_row = np.full(n, -1, np.int64)      # each row's place among the fast rows
@@ -238,11 +239,11 @@ class _Chunk:
             at = fast_row[start:end]
             here = at >= 0
             mine = at[here]
-            gva, ix, table, entry_addr, entry, frame_addr, gpa, block_off, hva, hpa, v, vb = (
+            gva, ix, entry_addr, entry, frame_addr, gpa, block_off, hva, hpa, v, vb = (
                 c[mine].tolist() for c in numbers)
             fast = map(bytes.__mod__, [made[k] for k in combo[mine].tolist()],
-                       zip(gva, ix, table, entry_addr, entry, frame_addr, gpa, block_off, hva,
-                           hpa, hpa, v, vb, v))
+                       zip(gva, ix, entry_addr, entry, frame_addr, gpa, block_off, hva, hpa, hpa,
+                           v, vb, v))
             lines = list(fast)
             if len(mine) < end - start:
                 for r in (np.flatnonzero(~here) + start).tolist():    # in order: each at r
@@ -254,14 +255,17 @@ class _Chunk:
                     lines.insert(r - start, line)
             yield ok[start:end], lines
 
-    def _templates(self, first, upper_id, step_id, rest_id, uppers, steps, rests):
+    def _templates(self, first, upper_id, step_id, rest_id, uppers, steps, rests,
+                   upper_tables):
         """The %-format of each (upper levels, leaf step, rest) group of fast rows, `first`
         its first rows (a whole line, its newline too; None where the scalar walk disagreed:
-        the one-address path); the numbers go in this order: gva, index, table, entry
-        address, entry, frame, GPA, block offset, HVA, HPA, HPA, value, value's bytes, value."""
+        the one-address path); the numbers go in this order: gva, index, entry address,
+        entry, frame, GPA, block offset, HVA, HPA, HPA, value, value's bytes, value. The leaf's
+        table is written in: the levels above it (the upper group's) name it."""
         made = []
         for r in first.tolist():
             upper, step, rest = uppers[upper_id[r]], steps[step_id[r]], rests[rest_id[r]]
+            table = upper_tables[upper_id[r]]
             if rest is None:              # the scalar walk disagreed: the one-address path
                 made.append(None)
                 continue
@@ -270,7 +274,7 @@ class _Chunk:
             hpa = '"%#x"' if framed else "null%.0a"
             made.append("".join((
                 '{"gva":"%#x', _esc(upper), _esc(step[0]),
-                '%d,"table_addr":"%#x","entry_addr":"%#x","entry":"%#x',
+                f'%d,"table_addr":"{table:#x}","entry_addr":"%#x","entry":"%#x',
                 _esc(step[1]), "%#x", _esc(step[2]), "%#x", p1,
                 '%#x","gpa_note":null,"hva":"%#x', p3, hpa, p4, hpa, p5,
                 '"%#x","value_bytes":"%016x","value_at_hva":',
