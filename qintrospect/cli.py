@@ -187,12 +187,22 @@ def _lines_writer():
     def write(lines):
         for k in range(0, len(lines), IOV_MAX):
             part = lines[k:k + IOV_MAX]
-            done = os.writev(fd, part)
+            done = _when_writable(fd, os.writev, part)
             if done < sum(map(len, part)):      # a short write (a signal): the rest in turn
                 rest = b"".join(part)[done:]
                 while rest:
-                    rest = rest[os.write(fd, rest):]
+                    rest = rest[_when_writable(fd, os.write, rest):]
     return write
+
+
+def _when_writable(fd, write, data):
+    """write(fd, data), waiting while a non-blocking stdout (one a parent set so) is full."""
+    while True:
+        try:
+            return write(fd, data)
+        except BlockingIOError:
+            import select
+            select.select([], [fd], [])
 
 
 IOV_MAX = 1024      # buffers one writev takes (Linux)

@@ -147,3 +147,34 @@ def test_results_are_given_out_only_after_the_vm_was_seen_alive():
         next(iter(_checked(vm, [1])))         # one result: checked before it is given
     stopped = _LiveVM(ok_checks=0, live=False)
     assert list(_checked(stopped, range(3))) == [0, 1, 2] and stopped.checks == 0
+
+
+def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):
+    """translate -'s writer: every byte in order, through short writes and a pipe that a
+    parent left non-blocking (writev would say EAGAIN), to a reader slower than the writer."""
+    import os
+    import threading
+    import time
+    from qintrospect import cli
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    got = []
+
+    def slow_reader():
+        while True:
+            time.sleep(0.001)
+            piece = os.read(r, 1 << 16)
+            if not piece:
+                return
+            got.append(piece)
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    lines = [b"%d %s\n" % (i, b"x" * (i % 3000)) for i in range(3000)]
+    with open(w, "w", closefd=True) as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        write = cli._lines_writer()
+        for k in range(0, len(lines), 700):
+            write(lines[k:k + 700])
+    reader.join(timeout=30)
+    os.close(r)
+    assert b"".join(got) == b"".join(lines)
