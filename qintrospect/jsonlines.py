@@ -178,8 +178,8 @@ class _Chunk:
         bits = np.array([lv.index_bits for lv in mode.levels], u64)
         findex = (fva >> shifts[flevel]) & ((u64(1) << bits[flevel]) - u64(1))
         ftable = w.tables[frows, flevel]
-        table_first, table_id = group_rows([flevel, freason, fva >> (shifts[flevel] + bits[flevel])]
-                                           + list(fentries.T))
+        table_first, table_id = group_rows(
+            [flevel, freason, fva >> (shifts[flevel] + bits[flevel])] + list(fentries.T))
         table_formats = [self._fault_format(int(fva[r]), int(flevel[r]), int(freason[r]),
                                             int(findex[r]), int(ftable[r]))
                          for r in table_first.tolist()]
@@ -220,9 +220,9 @@ class _Chunk:
 
         formats, args = {}, {}     # the other rows: a %-format and its numbers, or none
         addresses = w.va.tolist()
-        entry_addr = (ftable + findex * u64(mode.entry_size)).tolist()
         for r, g, t, i, e in zip(frows.tolist(), fault_id.tolist(), table_id.tolist(),
-                                 findex.tolist(), entry_addr):
+                                 findex.tolist(),
+                                 (ftable + findex * u64(mode.entry_size)).tolist()):
             made_for_row = fault_formats[g]
             if made_for_row is None:
                 continue
