@@ -606,14 +606,13 @@ def cmd_resume(args) -> int:
     address = parse_address(args.qmp, "--qmp", args.allow_remote)
     key = runstate.vm_key(address)
     qmp = QmpMonitor(address, args.timeout).connect()
-    lock = None
+    locked = False
     try:
         try:          # not under a qintrospect that is working on the VM now
-            lock = runstate.lock_file(key)
+            runstate.lock(key, args.timeout)
+            locked = True
         except (runstate.RunStateError, OSError):
             pass
-        if lock is not None:
-            runstate.acquire(lock, args.timeout)
         status = qmp.command("query-status")
         try:
             marker = runstate.load(key)
@@ -636,8 +635,8 @@ def cmd_resume(args) -> int:
             pass
     finally:
         qmp.close()
-        if lock is not None:
-            os.close(lock)
+        if locked:
+            runstate.unlock(key)
     return EXIT_OK
 
 

@@ -11,7 +11,9 @@ qintrospect often runs as root, so the marker lives in a folder that must be thi
 
 Beside it, a lock (flock) that one qintrospect holds while it relies on or changes the VM's run
 state, so that two never interleave: one finding the VM paused by the other and reading on
-while that one resumes it. The kernel drops the lock of a killed process.
+while that one resumes it. The kernel drops the lock of a killed process. Its file is removed
+by the holder as it lets go (so none pile up, one per QEMU process ever attached): whoever
+then gets the lock of a file no longer there takes the one there now instead.
 """
 
 import json
@@ -79,7 +81,7 @@ def remembered(fact: str) -> bool:
 
 def remember(fact: str, pid: int) -> None:
     """Keep a fact about process `pid` for its lifetime; facts of processes gone are
-    forgotten here."""
+    forgotten here, and lock files no one holds removed."""
     folder = _folder()
     for name in os.listdir(folder):
         if name.startswith("fact-"):
@@ -89,6 +91,7 @@ def remember(fact: str, pid: int) -> None:
                     os.unlink(os.path.join(folder, name))
                 except OSError:
                     pass
+    _prune_locks(folder)
     _write(fact, {"fact": fact, "pid": pid}, "fact-")
 
 
@@ -104,15 +107,32 @@ class Busy(AttachError):
     """Another qintrospect held the VM's lock for longer than this one would wait."""
 
 
+def _lock_path(qmp_key: str) -> str:
+    return _path(qmp_key)[:-len(".json")] + ".lock"
+
+
 def lock_file(qmp_key: str) -> int:
     """The open lock file of the VM behind qmp_key (this user's own, never a symlink)."""
-    path = _path(qmp_key)[:-len(".json")] + ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return _open_lock(_lock_path(qmp_key), os.O_CREAT)
+
+
+def _open_lock(path: str, create: int = 0) -> int:
+    fd = os.open(path, os.O_RDWR | create | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
         raise RunStateError(f"{path} is not this user's own file; remove it")
     return fd
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether path is (still) the file open as fd."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 def acquire(fd: int, wait: float) -> None:
@@ -151,12 +171,17 @@ def lock(key: str, wait: float) -> None:
     if entry is not None:
         entry[1] += 1
         return
-    fd = lock_file(key)
-    try:
-        acquire(fd, wait)
-    except BaseException:
-        os.close(fd)
-        raise
+    path, deadline = _lock_path(key), time.monotonic() + wait
+    while True:
+        fd = lock_file(key)
+        try:
+            acquire(fd, max(0.0, deadline - time.monotonic()))
+            if _names(path, fd):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)        # its holder removed it as it let go: the file there now
     _held[key] = [fd, 1]
 
 
@@ -167,7 +192,38 @@ def unlock(key: str) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         del _held[key]
+        _remove_held(_lock_path(key), entry[0])
         os.close(entry[0])              # (closing lets go of the lock)
+
+
+def _remove_held(path: str, fd: int) -> None:
+    """Remove the lock file held as fd: while it is held, no one else holds it, and whoever
+    waits on it sees it gone (lock)."""
+    try:
+        if _names(path, fd):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _prune_locks(folder: str) -> None:
+    """Lock files no one holds (left by a killed qintrospect): removed, each while held."""
+    import fcntl
+    for name in os.listdir(folder):
+        if not name.endswith(".lock"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = _open_lock(path)
+        except (OSError, RunStateError):
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _remove_held(path, fd)
+        except OSError:
+            pass                        # held: in use
+        finally:
+            os.close(fd)
 
 
 def alive(pid: int) -> bool:

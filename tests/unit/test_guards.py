@@ -289,6 +289,68 @@ def test_the_vm_lock_waits_then_names_who_holds_it(runtime_dir):
     assert runstate.vm_key("domain:x", label=True) == "domain:x"
 
 
+_HOLDER = """
+import os, sys, time
+from qintrospect import runstate
+runstate.lock("vm", 5)
+print("held", flush=True)
+time.sleep(float(sys.argv[1]))
+runstate.unlock("vm")
+"""
+
+
+def test_the_vm_lock_file_goes_with_its_last_holder(runtime_dir):
+    """A lock file is removed by the holder that lets go last, so none pile up; counted
+    holds of one process keep it until the last."""
+    path = runstate._lock_path("vm")
+    runstate.lock("vm", 1)
+    runstate.lock("vm", 1)
+    runstate.unlock("vm")
+    assert os.path.exists(path)
+    runstate.unlock("vm")
+    assert not os.path.exists(path) and os.listdir(folder_of(runtime_dir)) == []
+
+
+def test_a_waiter_whose_lock_file_was_removed_takes_the_new_one(runtime_dir, monkeypatch):
+    """The race the removal opens: this process opens the lock file while another holds it;
+    that one lets go and removes it; the flock this one then gets is on a file no longer
+    there, so it takes the file there now, and a third process still has to wait for it."""
+    said = []
+    names = runstate._names
+    monkeypatch.setattr(runstate, "_names",
+                        lambda path, fd: said.append(names(path, fd)) or said[-1])
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, "0.5"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        runstate.lock("vm", 10)
+        try:
+            assert said[0] is False and said[-1] is True      # the old file, then the new
+            third = subprocess.run([sys.executable, "-c", _HOLDER.replace('lock("vm", 5)',
+                                                                          'lock("vm", 0.2)'),
+                                    "0"], capture_output=True, text=True, timeout=30)
+            assert third.returncode != 0 and "Busy" in third.stderr, third.stderr
+        finally:
+            runstate.unlock("vm")
+    finally:
+        holder.wait(timeout=30)
+    assert not os.path.exists(runstate._lock_path("vm"))
+
+
+def test_lock_files_no_one_holds_are_pruned(runtime_dir):
+    """A killed qintrospect leaves its lock file; the next new fact prunes it, never one that
+    is held."""
+    os.close(runstate.lock_file("left-by-a-killed-one"))
+    held = runstate.lock_file("in-use")
+    try:
+        runstate.acquire(held, 1)
+        runstate.remember("a fact", os.getpid())
+        assert not os.path.exists(runstate._lock_path("left-by-a-killed-one"))
+        assert os.path.exists(runstate._lock_path("in-use"))
+    finally:
+        os.close(held)
+
+
 def test_the_vm_lock_is_never_a_symlink(runtime_dir):
     runstate.record("vm", True)                       # makes the folder
     target = runtime_dir / "elsewhere"
