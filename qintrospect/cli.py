@@ -195,6 +195,44 @@ def _lines_writer():
     return write
 
 
+class _BackgroundWriter:
+    """Blocks of lines written by a thread of their own, in order: the kernel's copy of one
+    block into stdout (the GIL let go in writev) runs while the next block is made. A write
+    that fails there (the reader gone) is raised here, at the next block or at finish();
+    a command that stops early leaves the thread (a daemon) to end with the process."""
+
+    def __init__(self, write):
+        import queue
+        import threading
+        self.write, self.error = write, None
+        self.blocks = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, name="qi-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            lines = self.blocks.get()
+            if lines is None:
+                return
+            if self.error is None:          # after a failure, blocks are taken, not written
+                try:
+                    self.write(lines)
+                except BaseException as exc:
+                    self.error = exc
+
+    def __call__(self, lines) -> None:
+        if self.error is not None:
+            raise self.error
+        self.blocks.put(lines)
+
+    def finish(self) -> None:
+        """Every block written (or the failure raised)."""
+        self.blocks.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _when_writable(fd, write, data):
     """write(fd, data), waiting while a non-blocking stdout (one a parent set so) is full."""
     while True:
@@ -286,13 +324,14 @@ def cmd_translate(args) -> int:
             _grow_stdout_pipe()
             # a few hundred lines at a time, each block written once the VM is known to have
             # stayed up (a VM that runs while we read)
-            write = _lines_writer()
+            write = _BackgroundWriter(_lines_writer())
             with _no_cyclic_gc():
                 for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
                     vm.check_live()
                     if not all(oks):
                         status = EXIT_FAULT
                     write(lines)
+                write.finish()
             return status
         results = vm.translate_many(addresses, cr3)
         if slat_spec is not None:

@@ -178,3 +178,28 @@ def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):
     reader.join(timeout=30)
     os.close(r)
     assert b"".join(got) == b"".join(lines)
+
+
+def test_the_background_writer_keeps_order_and_raises_what_failed():
+    """translate -'s blocks are written by a thread in order; a write that fails (the reader
+    gone) is raised in the command's own thread, and never leaves it waiting on a full queue."""
+    import time
+    from qintrospect.cli import _BackgroundWriter
+    got = []
+
+    def slow(lines):
+        time.sleep(0.001)
+        got.extend(lines)
+    write = _BackgroundWriter(slow)
+    for k in range(50):
+        write([b"%d\n" % k, b"%d\n" % (k + 1000)])
+    write.finish()
+    assert got == [x for k in range(50) for x in (b"%d\n" % k, b"%d\n" % (k + 1000))]
+
+    def broken(lines):
+        raise BrokenPipeError(32, "Broken pipe")
+    write = _BackgroundWriter(broken)
+    with pytest.raises(BrokenPipeError):
+        for k in range(1000):          # more blocks than the queue holds: no deadlock
+            write([b"x\n"])
+        write.finish()
