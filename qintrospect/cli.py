@@ -324,14 +324,17 @@ def cmd_translate(args) -> int:
             _grow_stdout_pipe()
             # a few hundred lines at a time, each block written once the VM is known to have
             # stayed up (a VM that runs while we read)
-            write = _BackgroundWriter(_lines_writer())
+            write = _lines_writer()
+            # a stream: its own writer thread pays (not one line: the thread costs more)
+            background = _BackgroundWriter(write) if args.addresses == ["-"] else None
             with _no_cyclic_gc():
                 for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
                     vm.check_live()
                     if not all(oks):
                         status = EXIT_FAULT
-                    write(lines)
-                write.finish()
+                    (background or write)(lines)
+                if background is not None:
+                    background.finish()
             return status
         results = vm.translate_many(addresses, cr3)
         if slat_spec is not None:
