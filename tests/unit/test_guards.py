@@ -330,6 +330,7 @@ def test_a_waiter_whose_lock_file_was_removed_takes_the_new_one(runtime_dir, mon
                                                                           'lock("vm", 0.2)'),
                                     "0"], capture_output=True, text=True, timeout=30)
             assert third.returncode != 0 and "Busy" in third.stderr, third.stderr
+            assert f"another qintrospect (pid {os.getpid()})" in third.stderr   # /proc/locks
         finally:
             runstate.unlock("vm")
     finally:
