@@ -195,6 +195,24 @@ def _lines_writer():
     return write
 
 
+@contextlib.contextmanager
+def _json_writer(background: bool):
+    """_lines_writer(), or with `background` a _BackgroundWriter, whose blocks are all
+    written on leaving; after an error too (the lines made before it are written whole, as
+    the command's own thread would have), but not after Ctrl-C."""
+    write = _lines_writer()
+    if not background:
+        yield write
+        return
+    writer = _BackgroundWriter(write)
+    try:
+        yield writer
+    except Exception:
+        writer.finish(raise_error=False)
+        raise
+    writer.finish()
+
+
 class _BackgroundWriter:
     """Blocks of lines written by a thread of their own, in order: the kernel's copy of one
     block into stdout (the GIL let go in writev) runs while the next block is made. A write
@@ -225,11 +243,11 @@ class _BackgroundWriter:
             raise self.error
         self.blocks.put(lines)
 
-    def finish(self) -> None:
+    def finish(self, raise_error: bool = True) -> None:
         """Every block written (or the failure raised)."""
         self.blocks.put(None)
         self.thread.join()
-        if self.error is not None:
+        if self.error is not None and raise_error:
             raise self.error
 
 
@@ -324,17 +342,13 @@ def cmd_translate(args) -> int:
             _grow_stdout_pipe()
             # a few hundred lines at a time, each block written once the VM is known to have
             # stayed up (a VM that runs while we read)
-            write = _lines_writer()
-            # a stream: its own writer thread pays (not one line: the thread costs more)
-            background = _BackgroundWriter(write) if args.addresses == ["-"] else None
-            with _no_cyclic_gc():
+            # (a stream: its own writer thread pays; a line or a few: the thread costs more)
+            with _no_cyclic_gc(), _json_writer(args.addresses == ["-"]) as write:
                 for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
                     vm.check_live()
                     if not all(oks):
                         status = EXIT_FAULT
-                    (background or write)(lines)
-                if background is not None:
-                    background.finish()
+                    write(lines)
             return status
         results = vm.translate_many(addresses, cr3)
         if slat_spec is not None:

@@ -203,3 +203,22 @@ def test_the_background_writer_keeps_order_and_raises_what_failed():
         for k in range(1000):          # more blocks than the queue holds: no deadlock
             write([b"x\n"])
         write.finish()
+
+
+def test_blocks_made_before_an_error_are_written_whole(monkeypatch):
+    """An error in the middle of translate - (the VM gone, say): the blocks made before it
+    are all written, not cut off as the process ends."""
+    import time
+    from qintrospect import cli
+    got = []
+
+    def slow(lines):
+        time.sleep(0.05)
+        got.extend(lines)
+    monkeypatch.setattr(cli, "_lines_writer", lambda: slow)
+    with pytest.raises(RuntimeError, match="gone"):
+        with cli._json_writer(True) as write:
+            write([b"a\n"])
+            write([b"b\n", b"c\n"])
+            raise RuntimeError("the VM is gone")
+    assert got == [b"a\n", b"b\n", b"c\n"]
