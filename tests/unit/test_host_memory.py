@@ -68,7 +68,9 @@ def test_untouched_shared_file_pages_read_the_file_not_zeros(proc, shared_file):
     assert not proc.absent_zero(hva, np.zeros(PAGES, np.uint64)).any()
 
 
-def test_file_holes_are_proven_zero(proc, tmp_path):
+@pytest.fixture
+def sparse_file(tmp_path):
+    """A file of PAGES pages, all holes but page 5 (0x42 bytes), mapped shared."""
     path = tmp_path / "sparse"
     with open(path, "wb") as f:
         f.truncate(PAGES * PAGE)
@@ -76,14 +78,16 @@ def test_file_holes_are_proven_zero(proc, tmp_path):
         f.write(b"\x42" * PAGE)
     with open(path, "r+b") as f:
         m = mmap.mmap(f.fileno(), PAGES * PAGE, flags=mmap.MAP_SHARED)
-    try:
-        hva = address_of(m)
-        zero = proc.absent_zero(hva, np.zeros(PAGES, np.uint64))
-        assert zero.tolist() == [i != 5 for i in range(PAGES)]
-        got = proc.read_range(hva, PAGES * PAGE)
-        assert got[5 * PAGE:6 * PAGE] == b"\x42" * PAGE and got.count(0) == (PAGES - 1) * PAGE
-    finally:
-        m.close()
+    yield m
+    m.close()
+
+
+def test_file_holes_are_proven_zero(proc, sparse_file):
+    hva = address_of(sparse_file)
+    zero = proc.absent_zero(hva, np.zeros(PAGES, np.uint64))
+    assert zero.tolist() == [i != 5 for i in range(PAGES)]
+    got = proc.read_range(hva, PAGES * PAGE)
+    assert got[5 * PAGE:6 * PAGE] == b"\x42" * PAGE and got.count(0) == (PAGES - 1) * PAGE
 
 
 def test_untouched_private_anonymous_pages_are_zero_without_being_read(proc):
@@ -114,18 +118,12 @@ def test_shared_anonymous_memory_is_file_backed_not_zero(proc):
         m.close()
 
 
-def test_zero_if_absent_judges_each_page_by_its_own_mapping(proc, shared_file, tmp_path):
+def test_zero_if_absent_judges_each_page_by_its_own_mapping(proc, shared_file, sparse_file):
     """The batch's rule for absent pages, pages of several mappings mixed and shuffled (as a
     batch's are): zero in private anonymous memory and in a file's holes, not zero where a
     file holds data (a shared file, a library's code) or where nothing is mapped."""
     m_file, _, _ = shared_file
-    sparse = tmp_path / "sparse"
-    with open(sparse, "wb") as f:
-        f.truncate(PAGES * PAGE)
-        f.seek(5 * PAGE)
-        f.write(b"\x42" * PAGE)
-    with open(sparse, "r+b") as f:
-        m_sparse = mmap.mmap(f.fileno(), PAGES * PAGE, flags=mmap.MAP_SHARED)
+    m_sparse = sparse_file
     m_anon = mmap.mmap(-1, PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         want = {}
@@ -142,7 +140,6 @@ def test_zero_if_absent_judges_each_page_by_its_own_mapping(proc, shared_file, t
         assert proc.zero_if_absent(pages).tolist() == [want[p] for p in pages.tolist()]
         assert proc.zero_if_absent(np.zeros(0, np.int64)).tolist() == []
     finally:
-        m_sparse.close()
         m_anon.close()
 
 
