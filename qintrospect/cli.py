@@ -23,6 +23,7 @@ MASK64 = (1 << 64) - 1
 def parse_number(text: str, what: str = "address") -> int:
     """gdb/QEMU conventions: 0x... is hex, plain digits are decimal. Refuse anything else
     rather than guess (a bare 'ffff8880' is not silently read as hex)."""
+    shown = _quoted(text)
     t = text.strip().replace("_", "").replace("`", "")
     try:
         if t.lower().startswith("0x"):
@@ -30,16 +31,23 @@ def parse_number(text: str, what: str = "address") -> int:
         elif t.isdigit():
             value = int(t, 10)
         elif t.startswith("-"):
-            raise UsageError(f"{what} {text!r} is negative; give a value from 0 to 0xffffffffffffffff")
+            raise UsageError(f"{what} {shown} is negative; give a value from 0 to 0xffffffffffffffff")
         else:
             hint = " (hex needs a 0x prefix)" if all(c in "0123456789abcdefABCDEF" for c in t) \
                 and t else ""
-            raise UsageError(f"{what} {text!r} is not a number{hint}")
+            raise UsageError(f"{what} {shown} is not a number{hint}")
     except ValueError:
-        raise UsageError(f"{what} {text!r} is not a number") from None
+        raise UsageError(f"{what} {shown} is not a number") from None
     if value > MASK64:
-        raise UsageError(f"{what} {text!r} does not fit in 64 bits")
+        raise UsageError(f"{what} {shown} does not fit in 64 bits")
     return value
+
+
+def _quoted(text: str, most: int = 64) -> str:
+    """text as a message quotes it: repr, cut short (a line of a file may be megabytes)."""
+    if len(text) <= most:
+        return repr(text)
+    return f"{text[:most]!r}... ({len(text):,} characters)"
 
 
 def _read_addresses(lines):

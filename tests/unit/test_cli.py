@@ -222,3 +222,12 @@ def test_blocks_made_before_an_error_are_written_whole(monkeypatch):
             write([b"b\n", b"c\n"])
             raise RuntimeError("the VM is gone")
     assert got == [b"a\n", b"b\n", b"c\n"]
+
+
+def test_a_huge_bad_line_is_quoted_short():
+    """A line of megabytes (a binary file given as addresses) is not echoed whole."""
+    with pytest.raises(UsageError) as err:
+        list(_read_addresses([b"0x10\n", b"zz" * 500_000 + b"\n"]))
+    message = str(err.value)
+    assert message.startswith("line 2 of the addresses: address 'zzzz")
+    assert len(message) < 200 and "(1,000,000 characters)" in message
