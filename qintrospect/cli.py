@@ -166,22 +166,6 @@ def _grow_stdout_pipe() -> None:
         pass
 
 
-@contextlib.contextmanager
-def _no_cyclic_gc():
-    """Python's cyclic garbage collector off for a stream of JSON lines: every chunk makes
-    hundreds of thousands of tuples and lists, none in a cycle; collections counted while
-    the chunk's own steps ran (jsonlines turns it off there) would otherwise all run here,
-    between blocks, each one going over every object the chunk still holds."""
-    import gc
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
-
-
 def _lines_writer():
     """A function that writes a block of lines (bytes, each ending in a newline) to stdout:
     straight to its file descriptor by os.writev, so hundreds of MB are not copied once more
@@ -349,9 +333,12 @@ def cmd_translate(args) -> int:
             # every level and flag of many addresses at once, the same lines, streamed
             _grow_stdout_pipe()
             # a few hundred lines at a time, each block written once the VM is known to have
-            # stayed up (a VM that runs while we read)
-            # (a stream: its own writer thread pays; a line or a few: the thread costs more)
-            with _no_cyclic_gc(), _json_writer(args.addresses == ["-"]) as write:
+            # stayed up (a VM that runs while we read); a stream by a writer thread (for a
+            # line or a few the thread costs more). The garbage collector is off for the
+            # whole stream: collections counted while the chunks' own steps ran would
+            # otherwise all run here, between blocks, each over every object a chunk holds.
+            from .jsonlines import gc_paused
+            with gc_paused(), _json_writer(args.addresses == ["-"]) as write:
                 for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
                     vm.check_live()
                     if not all(oks):

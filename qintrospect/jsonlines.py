@@ -10,6 +10,8 @@ non-canonical addresses, GPAs outside RAM, values that cross a page, host pages 
 memory read through gdb or QMP. numpy is imported only for chunks big enough to pay for it.
 """
 
+import contextlib
+import gc
 import itertools
 import json
 from typing import Iterator, Optional, Tuple
@@ -374,21 +376,29 @@ class _Chunk:
 SCALAR, FAST, FAULT, NON_CANONICAL = 0, 1, 2, 3
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for a while: a chunk makes hundreds of
+    thousands of tuples and lists, none in a cycle, and the collections their making sets
+    off cost a tenth of the time (as it was found: a caller that turned it off keeps it off)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def _without_gc(steps):
-    """A generator's own steps run with Python's cyclic garbage collector off: a chunk makes
-    hundreds of thousands of tuples and lists, none in a cycle, and the collections their
-    making sets off cost a tenth of the time. Whoever takes the items runs as before."""
-    import gc
+    """A generator's own steps run with the collector off (gc_paused); whoever takes the
+    items runs as before."""
     while True:
-        was_on = gc.isenabled()
-        gc.disable()
-        try:
-            item = next(steps)
-        except StopIteration:
-            return
-        finally:
-            if was_on:
-                gc.enable()
+        with gc_paused():
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
         yield item
 
 
