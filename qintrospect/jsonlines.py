@@ -23,6 +23,11 @@ from .paging.walker import present_step
 from .paging.x86 import x86_format
 from .render import json_line
 
+try:
+    from . import _rowformat     # the fast lines made in C (_rowformat.c)
+except ImportError:              # not built (no compiler at install): bytes.__mod__, slower
+    _rowformat = None
+
 CHUNK = 65536       # addresses walked together: bounded memory whatever the stream
 MIN_ARRAYS = 32     # fewer addresses: the arrays would cost more than they save
 PAGE = 4096
@@ -113,7 +118,6 @@ class _Chunk:
         w = b.walk_result
         n, depth = len(w), len(mode.levels)
         ram = s.ram_map.ram
-        kind = np.full(n, SCALAR, np.int8)     # FAST rows are translated; the rest say why not
 
         # translated rows the arrays finish: in a RAM block with a host address, the 8 bytes
         # read, within one page, the host page present, absent or hidden (not swapped)
@@ -164,7 +168,6 @@ class _Chunk:
                                                           bool(w.executable[i])),
                                     int(psize[r]), ram[int(b.region[i])].block))
         finished = ~np.array([r is None for r in rests] + [False])[rest_id] & same_above
-        kind[rows[finished]] = FAST
 
         # faults: everything after the address is fixed by the path down to the entry that
         # stopped the walk, but for that entry's index and address (in its step and in the
@@ -182,8 +185,9 @@ class _Chunk:
         ftable = w.tables[frows, flevel]
         table_first, table_id = group_rows(
             [flevel, freason, fva >> (shifts[flevel] + bits[flevel])] + list(fentries.T))
-        table_formats = [self._fault_format(int(fva[r]), int(flevel[r]), int(freason[r]),
-                                            int(findex[r]), int(ftable[r]))
+        table_formats = [_taking_all(self._fault_format(int(fva[r]), int(flevel[r]),
+                                                        int(freason[r]), int(findex[r]),
+                                                        int(ftable[r])), 5)
                          for r in table_first.tolist()]
         by_entry = np.array([f is None for f in table_formats] + [False])[table_id]
         fault_first, fault_id = group_rows([table_id, np.where(by_entry, findex, u64(0))])
@@ -193,68 +197,68 @@ class _Chunk:
             if made_for_table is None:
                 rest = self._fault_rest(int(fva[r]), int(flevel[r]), int(freason[r]))
                 made_for_table = None if rest is None else \
-                    ('{"gva":"%#x"' + _esc(rest) + "\n").encode()
+                    _taking_all(('{"gva":"%#x"' + _esc(rest) + "\n").encode(), 1)
             fault_formats.append(made_for_table)
-        fbad = np.array([f is None for f in fault_formats] + [False])[fault_id]
-        kind[frows[~fbad]] = FAULT
+        fgood = ~np.array([f is None for f in fault_formats] + [False])[fault_id]
         # non-canonical addresses: the line names the address twice (gva, message), and is
         # otherwise the same for all
         odd = np.flatnonzero(w.fault_reason == FAULT_NON_CANONICAL)
         noncanonical = self._noncanonical(int(w.va[odd[0]])) if len(odd) else None
-        if noncanonical is not None:
-            kind[odd] = NON_CANONICAL
 
-        # Each row's line is one %-format: a template per group (the pieces above, with %#x,
-        # %d and %016x where the row's own numbers go, and "null%.0a" where a number is not
-        # shown) and the row's numbers, made into Python ints a block at a time (so the
-        # memory of one block's numbers serves the next). Rows the arrays do not finish take
-        # the one-address path.
+        # Each row's line is one %-format (a template per group: the pieces above, with %#x,
+        # %d and %016x where the row's own numbers go) filled with NUMBERS numbers from
+        # columns (made in C by _rowformat, or by bytes.__mod__); a template takes all of
+        # them, "%.0a" showing nothing ("null%.0a" where the line has null). Rows with no
+        # template (-1) take the one-address path.
         combo_first, combo = group_rows([upper_id, step_id, rest_id])
         made = self._templates(combo_first, upper_id, step_id, rest_id, uppers, steps, rests,
                                leaf_table[upper_first].tolist())
-        block_delta = np.array([(r.block_offset - r.start) % (1 << 64) for r in ram] + [0], u64)
-        pa, value = w.pa[rows], b.value[rows]
-        numbers = (va, index, leaf_table + index * u64(mode.entry_size), leaf_entry,
-                   pa & ~(psize - u64(1)), pa, pa + block_delta[b.region[rows]], b.hva[rows],
-                   (frame << u64(12)) + off[rows], value, value.byteswap())
-        fast_row = np.full(n, -1, np.int64)      # each row's place among the fast rows
-        fast_row[rows[finished]] = np.flatnonzero(finished)
-
-        formats, args = {}, {}     # the other rows: a %-format and its numbers, or none
-        addresses = w.va.tolist()
-        for r, g, t, i, e in zip(frows.tolist(), fault_id.tolist(), table_id.tolist(),
-                                 findex.tolist(),
-                                 (ftable + findex * u64(mode.entry_size)).tolist()):
-            made_for_row = fault_formats[g]
-            if made_for_row is None:
-                continue
-            formats[r] = made_for_row
-            args[r] = (addresses[r],) if table_formats[t] is None else (addresses[r], i, e, i, e)
+        templates = made + fault_formats
+        which = np.full(n, -1, np.int64)
+        gva, c1, c2, c3, c4, gpa, block_off, hva, hpa, value, value_bytes = columns = \
+            [np.zeros(n, u64) for _ in range(11)]
+        # translated rows: gva, index, entry address, entry, frame, GPA, block offset, HVA,
+        # HPA, HPA, value, value's bytes, value
+        done, block_delta = rows[finished], np.array(
+            [(r.block_offset - r.start) % (1 << 64) for r in ram] + [0], u64)
+        which[done] = combo[finished]
+        pa, found = w.pa[rows], b.value[rows]
+        for column, values in zip(columns, (
+                va, index, leaf_table + index * u64(mode.entry_size), leaf_entry,
+                pa & ~(psize - u64(1)), pa, pa + block_delta[b.region[rows]], b.hva[rows],
+                (frame << u64(12)) + off[rows], found, found.byteswap())):
+            column[done] = values[finished]
+        # faults: gva, then the index and address of the entry that stopped the walk, twice
+        faulted = frows[fgood]
+        which[faulted] = len(made) + fault_id[fgood]
+        fentry_addr = ftable + findex * u64(mode.entry_size)
+        for column, values in zip(columns, (fva, findex, fentry_addr, findex, fentry_addr)):
+            column[faulted] = values[fgood]
+        # non-canonical addresses: gva, gva
         if noncanonical is not None:
-            template = ("%#x".join(_esc(part) for part in noncanonical) + "\n").encode()
-            for r in odd.tolist():
-                formats[r], args[r] = template, (addresses[r], addresses[r])
-        ok = (kind == FAST).tolist()
-
+            templates.append(_taking_all(
+                ("%#x".join(_esc(part) for part in noncanonical) + "\n").encode(), 2))
+            which[odd] = len(templates) - 1
+            gva[odd] = c1[odd] = w.va[odd]
+        numbers = (gva, c1, c2, c3, c4, gpa, block_off, hva, hpa, hpa, value, value_bytes,
+                   value)
+        translated = np.zeros(n, bool)
+        translated[done] = True
+        ok = translated.tolist()
+        parsed = _rowformat.templates(templates) if _rowformat is not None else None
         for start in range(0, n, size):
             end = min(n, start + size)
-            at = fast_row[start:end]
-            here = at >= 0
-            mine = at[here]
-            gva, ix, entry_addr, entry, frame_addr, gpa, block_off, hva, hpa, v, vb = (
-                c[mine].tolist() for c in numbers)
-            fast = map(bytes.__mod__, [made[k] for k in combo[mine].tolist()],
-                       zip(gva, ix, entry_addr, entry, frame_addr, gpa, block_off, hva, hpa, hpa,
-                           v, vb, v))
-            lines = list(fast)
-            if len(mine) < end - start:
-                for r in (np.flatnonzero(~here) + start).tolist():    # in order: each at r
-                    if r in formats:
-                        line = formats[r] % args[r]
-                    else:
-                        ok[r], text = _scalar(s, addresses[r], self.cr3, self.kvm)
-                        line = text.encode() + b"\n"
-                    lines.insert(r - start, line)
+            chosen = which[start:end] >= 0
+            picks = np.flatnonzero(chosen) + start
+            if parsed is not None:
+                lines = _rowformat.rows(parsed, which, numbers, picks)
+            else:     # made into Python ints a block at a time: one block's memory serves the next
+                lines = list(map(bytes.__mod__, [templates[k] for k in which[picks].tolist()],
+                                 zip(*(c[picks].tolist() for c in numbers))))
+            if len(picks) < end - start:
+                for r in (np.flatnonzero(~chosen) + start).tolist():    # in order: each at r
+                    ok[r], text = _scalar(s, int(w.va[r]), self.cr3, self.kvm)
+                    lines.insert(r - start, text.encode() + b"\n")
             yield ok[start:end], lines
 
     def _templates(self, first, upper_id, step_id, rest_id, uppers, steps, rests,
@@ -373,7 +377,13 @@ class _Chunk:
         return parts
 
 
-SCALAR, FAST, FAULT, NON_CANONICAL = 0, 1, 2, 3
+NUMBERS = 13    # a line's numbers (see _Chunk._templates), the most any template shows
+
+
+def _taking_all(template: Optional[bytes], shown: int) -> Optional[bytes]:
+    """A %-format that shows `shown` numbers, made to take NUMBERS: the rest taken by "%.0a",
+    which shows nothing."""
+    return None if template is None else template + b"%.0a" * (NUMBERS - shown)
 
 
 @contextlib.contextmanager

@@ -450,11 +450,13 @@ def test_cli_translate(vm):
     report(problems)
 
 
-def test_many_address_json_is_the_one_address_json(vm):
+def test_many_address_json_is_the_one_address_json(vm, monkeypatch):
     """The many-address JSON (vectorized walk, pieces shared per page and per fault) is the
     one-address line, in every paging mode: large pages, PSE-36, PAE's PDPTE registers,
-    reserved bits, not-present entries at every level, non-canonical addresses."""
+    reserved bits, not-present entries at every level, non-canonical addresses; made in C
+    (_rowformat) and by the fallback (bytes.__mod__) alike."""
     import qintrospect
+    from qintrospect import jsonlines
     from qintrospect.render import json_line
     addrs = [va for m in vm.output.maps for va, _ in probe_points(m)]
     addrs += [va + 8 * i for m in vm.output.maps for va, _ in probe_points(m)[:1]
@@ -462,9 +464,14 @@ def test_many_address_json_is_the_one_address_json(vm):
     addrs += NON_CANONICAL[vm.mode] * 2
     with qintrospect.attach(qmp=vm.qmp_path, gdb=vm.gdb_address) as s:
         fast = list(s.translate_json(addrs))
+        with monkeypatch.context() as m:
+            m.setattr(jsonlines, "_rowformat", None)
+            fallback = list(s.translate_json(addrs))
         slow = [json_line(s.translate(a).to_dict()) for a in addrs]
     problems = [f"{vm.variant} {a:#x}:\n  many: {line}\n  one:  {want}"
                 for a, (ok, line), want in zip(addrs, fast, slow) if line != want]
+    problems += [f"{vm.variant} {a:#x}:\n  C:        {line}\n  fallback: {other}"
+                 for a, (_, line), (_, other) in zip(addrs, fast, fallback) if line != other]
     report(problems)
     assert len(fast) == len(addrs)
 
