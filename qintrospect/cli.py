@@ -187,62 +187,6 @@ def _lines_writer():
     return write
 
 
-@contextlib.contextmanager
-def _json_writer(background: bool):
-    """_lines_writer(), or with `background` a _BackgroundWriter, whose blocks are all
-    written on leaving; after an error too (the lines made before it are written whole, as
-    the command's own thread would have), but not after Ctrl-C."""
-    write = _lines_writer()
-    if not background:
-        yield write
-        return
-    writer = _BackgroundWriter(write)
-    try:
-        yield writer
-    except Exception:
-        writer.finish(raise_error=False)
-        raise
-    writer.finish()
-
-
-class _BackgroundWriter:
-    """Blocks of lines written by a thread of their own, in order: the kernel's copy of one
-    block into stdout (the GIL let go in writev) runs while the next block is made. A write
-    that fails there (the reader gone) is raised here, at the next block or at finish();
-    a command that stops early leaves the thread (a daemon) to end with the process."""
-
-    def __init__(self, write):
-        import queue
-        import threading
-        self.write, self.error = write, None
-        self.blocks = queue.Queue(maxsize=2)
-        self.thread = threading.Thread(target=self._run, name="qi-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while True:
-            lines = self.blocks.get()
-            if lines is None:
-                return
-            if self.error is None:          # after a failure, blocks are taken, not written
-                try:
-                    self.write(lines)
-                except BaseException as exc:
-                    self.error = exc
-
-    def __call__(self, lines) -> None:
-        if self.error is not None:
-            raise self.error
-        self.blocks.put(lines)
-
-    def finish(self, raise_error: bool = True) -> None:
-        """Every block written (or the failure raised)."""
-        self.blocks.put(None)
-        self.thread.join()
-        if self.error is not None and raise_error:
-            raise self.error
-
-
 def _when_writable(fd, write, data):
     """write(fd, data), waiting while a non-blocking stdout (one a parent set so) is full."""
     while True:
@@ -333,12 +277,14 @@ def cmd_translate(args) -> int:
             # every level and flag of many addresses at once, the same lines, streamed
             _grow_stdout_pipe()
             # a few hundred lines at a time, each block written once the VM is known to have
-            # stayed up (a VM that runs while we read); a stream by a writer thread (for a
-            # line or a few the thread costs more). The garbage collector is off for the
-            # whole stream: collections counted while the chunks' own steps ran would
-            # otherwise all run here, between blocks, each over every object a chunk holds.
+            # stayed up (a VM that runs while we read), by this thread: a writer thread of
+            # its own took more from the GIL and the two cores than it gave. The garbage
+            # collector is off for the whole stream: collections counted while the chunks'
+            # own steps ran would otherwise all run here, between blocks, each over every
+            # object a chunk holds.
             from .jsonlines import gc_paused
-            with gc_paused(), _json_writer(args.addresses == ["-"]) as write:
+            write = _lines_writer()
+            with gc_paused():
                 for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
                     vm.check_live()
                     if not all(oks):

@@ -180,50 +180,6 @@ def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):
     assert b"".join(got) == b"".join(lines)
 
 
-def test_the_background_writer_keeps_order_and_raises_what_failed():
-    """translate -'s blocks are written by a thread in order; a write that fails (the reader
-    gone) is raised in the command's own thread, and never leaves it waiting on a full queue."""
-    import time
-    from qintrospect.cli import _BackgroundWriter
-    got = []
-
-    def slow(lines):
-        time.sleep(0.001)
-        got.extend(lines)
-    write = _BackgroundWriter(slow)
-    for k in range(50):
-        write([b"%d\n" % k, b"%d\n" % (k + 1000)])
-    write.finish()
-    assert got == [x for k in range(50) for x in (b"%d\n" % k, b"%d\n" % (k + 1000))]
-
-    def broken(lines):
-        raise BrokenPipeError(32, "Broken pipe")
-    write = _BackgroundWriter(broken)
-    with pytest.raises(BrokenPipeError):
-        for k in range(1000):          # more blocks than the queue holds: no deadlock
-            write([b"x\n"])
-        write.finish()
-
-
-def test_blocks_made_before_an_error_are_written_whole(monkeypatch):
-    """An error in the middle of translate - (the VM gone, say): the blocks made before it
-    are all written, not cut off as the process ends."""
-    import time
-    from qintrospect import cli
-    got = []
-
-    def slow(lines):
-        time.sleep(0.05)
-        got.extend(lines)
-    monkeypatch.setattr(cli, "_lines_writer", lambda: slow)
-    with pytest.raises(RuntimeError, match="gone"):
-        with cli._json_writer(True) as write:
-            write([b"a\n"])
-            write([b"b\n", b"c\n"])
-            raise RuntimeError("the VM is gone")
-    assert got == [b"a\n", b"b\n", b"c\n"]
-
-
 def test_a_huge_bad_line_is_quoted_short():
     """A line of megabytes (a binary file given as addresses) is not echoed whole."""
     with pytest.raises(UsageError) as err:
