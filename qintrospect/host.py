@@ -460,8 +460,12 @@ class HostProcess:
                 raise VMGoneError(f"the QEMU process {self.pid} is gone") from None
             raise MemoryReadError(f"cannot read QEMU's pagemap at HVA {hva:#x}: {exc}",
                                   hva) from None
-        if count == 1 and entries[0] >> 62:   # the hot path (a table entry): one page in RAM
-            return self.read(hva, length)
+        if count == 1:      # the hot paths (a table entry, a value), with no numpy import
+            if entries[0] >> 62:                  # one page in RAM
+                return self.read(hva, length)
+            vma = self.vma_at(hva)
+            if vma is not None and vma.absent_reads_zero:
+                return bytes(length)              # proven zeros, as below
         import numpy as np
         entries = np.array(entries, np.uint64)
         out = bytearray(length)

@@ -171,3 +171,34 @@ def test_the_many_address_json_is_the_one_address_json(g, monkeypatch):
         assert rc == 1 and out.splitlines() == slow, err
     finally:
         g.qmp("cont")
+
+
+def test_one_address_imports_no_numpy(g):
+    """A one-address translate builds no arrays, so it does not import numpy (most of such a
+    command's start): for a page present on the host and for one QEMU never touched (its
+    value read as proven zeros); many addresses do."""
+    import subprocess
+    import sys
+    stop_on_probe(g)
+    try:
+        with qintrospect.attach(qmp=g.qmp_path, gdb=g.gdb_address) as vm:
+            heap = g.probe["regions"]["heap"]
+            direct = next(r.gva for r in vm.who_maps(gpa=heap["gpa"])[0].reaches
+                          if r.half == "kernel" and (r.gva - heap["gpa"]) % (1 << 30) == 0)
+            base = direct - heap["gpa"]
+            untouched = next(base + gpa for gpa in range(0, 256 << 20, 1 << 20)
+                             if vm.translate(base + gpa).host.status == "not-present")
+        script = ("import sys; from qintrospect import cli; status = cli.main(sys.argv[1:]); "
+                  "print('numpy' in sys.modules, status)")
+        for addresses in ([heap["gva"]], [untouched], [heap["gva"] + 8 * i for i in range(40)]):
+            proc = subprocess.run(
+                [sys.executable, "-c", script, "translate", "--json", *attach_args(g),
+                 *map(hex, addresses)], capture_output=True, text=True, timeout=120)
+            lines = proc.stdout.splitlines()
+            assert len(lines) == len(addresses) + 1, proc.stderr
+            assert lines[-1] == f"{len(addresses) > 1} 0", (addresses[0], lines[-1])
+            if addresses == [untouched]:
+                line = json.loads(lines[0])
+                assert line["host"]["status"] == "not-present" and line["value"] == "0x0"
+    finally:
+        g.qmp("cont")
