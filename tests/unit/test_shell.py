@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qintrospect import shell
 from qintrospect.cpu import Vcpu
@@ -312,3 +313,20 @@ def test_shell_subcommand_usage():
     proc = subprocess.run([sys.executable, "-m", "qintrospect", "shell"], input="cpus\n",
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2 and "--qmp" in proc.stderr
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.sampled_from(list("ab-0x ") + ["\t", "\r", "\n", "'", '"', "\\", "#",
+                                                  "\x0b", "\x0c", "\xa0", "\u2003", "é"]),
+               max_size=16))
+def test_a_line_is_split_as_shlex_splits_it(line):
+    """The shell's fast split of a plain line gives shlex's words; other lines go to shlex."""
+    import shlex
+    from qintrospect.shell import split_line
+    try:
+        want = shlex.split(line, comments=True)
+    except ValueError:
+        with pytest.raises(ValueError):
+            split_line(line)
+        return
+    assert split_line(line) == want
