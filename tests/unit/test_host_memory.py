@@ -275,3 +275,43 @@ def test_page_forms_describe_each_page_as_host_page_does(proc, shared_file):
         assert len(hosts) >= 2                    # present and absent pages differ
     finally:
         anon.close()
+
+
+def _smaps_line_by_line(text):
+    """smaps read a line at a time: the reference _parse_smaps is held to."""
+    vmas, head, page_size, flags = [], None, PAGE, frozenset()
+    for line in text.splitlines() + ["0-0 x 0 0 0"]:
+        first = line.split(None, 1)[0] if line.strip() else ""
+        if "-" in first and not first.endswith(":"):
+            if head is not None:
+                vmas.append(Vma(*head, flags=flags, kernel_page_size=page_size))
+            parts = line.split(None, 5)
+            a, b = parts[0].split("-")
+            head = (int(a, 16), int(b, 16), parts[1], int(parts[2], 16), int(parts[4]),
+                    parts[5].strip() if len(parts) > 5 else "")
+            page_size, flags = PAGE, frozenset()
+        elif first == "KernelPageSize:":
+            page_size = int(line.split()[1]) * 1024
+        elif first == "VmFlags:":
+            flags = frozenset(line.split()[1:])
+    return vmas
+
+
+def test_smaps_parser_reads_real_smaps_as_line_by_line():
+    """This process's own smaps (hundreds of mappings: files, anonymous, [heap], [stack],
+    [vsyscall]) and a mapping whose path has spaces, parsed as a line-by-line reader does."""
+    import mmap
+    import tempfile
+    with tempfile.NamedTemporaryFile(prefix="a b  c ") as f:
+        f.write(b"x" * PAGE)
+        f.flush()
+        m = mmap.mmap(f.fileno(), PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            with open("/proc/self/smaps") as smaps:
+                text = smaps.read()
+        finally:
+            m.close()
+    got = _parse_smaps(text)
+    assert got == _smaps_line_by_line(text)
+    assert len(got) > 20 and any(v.path.endswith(os.path.basename(f.name)) for v in got)
+    assert any(v.path == "[stack]" for v in got) and any(v.flags for v in got)
