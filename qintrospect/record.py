@@ -4,8 +4,10 @@ Importing dataclasses loads inspect (with ast, dis and tokenize), and each datac
 five or six methods one by one: together a quarter of a one-address `translate`'s start. The
 records here need only fields with defaults (or field(default_factory=...)), __init__,
 __repr__, __eq__ (eq=False: identity), frozen=True (immutable, hashable) and replace();
-one exec per class makes those methods the way dataclasses writes them. Methods a class
-defines itself are kept.
+one exec per class makes the methods that run often (__init__, __eq__, __hash__) the way
+dataclasses writes them; __repr__ and a frozen record's __setattr__/__delattr__ are shared
+functions (a compile is most of a record's cost at import). Methods a class defines itself
+are kept.
 """
 
 __all__ = ["record", "field", "field_names", "replace", "FrozenInstanceError"]
@@ -84,25 +86,20 @@ def _make(cls, frozen: bool, eq: bool):
                     f"  self.{name} = {value}")
     mine = tuple(f"self.{n}" for n in names)
     theirs = tuple(f"other.{n}" for n in names)
-    source = [f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"]),
-              "def __repr__(self):",
-              "  return self.__class__.__qualname__ + f\"(" +
-              ", ".join(f"{n}={{self.{n}!r}}" for n in names) + ")\"",
-              "def __eq__(self, other):",
-              "  if other.__class__ is self.__class__:",
-              f"    return ({', '.join(mine)},) == ({', '.join(theirs)},)",
-              "  return NotImplemented",
-              "def __hash__(self):",
-              f"  return hash(({', '.join(mine)},))",
-              "def __setattr__(self, name, value):",
-              "  if type(self) is __r_cls or name in __r_cls.__record_fields__:",
-              "    raise __r_frozen_error(f'cannot assign to field {name!r}')",
-              "  super(__r_cls, self).__setattr__(name, value)",
-              "def __delattr__(self, name):",
-              "  if type(self) is __r_cls or name in __r_cls.__record_fields__:",
-              "    raise __r_frozen_error(f'cannot delete field {name!r}')",
-              "  super(__r_cls, self).__delattr__(name)"]
+    # only the methods that run often are compiled, and only those the class gets: a
+    # compile is most of a record's cost at import
+    source = [f"def __init__(self, {', '.join(params)}):", *(body or ["  pass"])]
+    if eq:
+        source += ["def __eq__(self, other):",
+                   "  if other.__class__ is self.__class__:",
+                   f"    return ({', '.join(mine)},) == ({', '.join(theirs)},)",
+                   "  return NotImplemented"]
+    if eq and frozen:
+        source += ["def __hash__(self):", f"  return hash(({', '.join(mine)},))"]
     exec("\n".join(source), scope)
+    scope["__repr__"] = _repr
+    if frozen:
+        scope["__setattr__"], scope["__delattr__"] = _frozen(cls)
     own = cls.__dict__
     wanted = ["__init__", "__repr__"] + (["__eq__"] if eq else [])
     if frozen:
@@ -110,9 +107,33 @@ def _make(cls, frozen: bool, eq: bool):
     for name in wanted:
         if name not in own:
             fn = scope[name]
-            fn.__qualname__ = f"{cls.__qualname__}.{name}"
+            if fn is not _repr:
+                fn.__qualname__ = f"{cls.__qualname__}.{name}"
             setattr(cls, name, fn)
     if eq and not frozen and "__hash__" not in own:
         cls.__hash__ = None                     # as dataclasses: equal by value, unhashable
     cls.__record_fields__ = tuple(names)
     return cls
+
+
+def _repr(self):
+    """As dataclasses writes it: Class(field=value, ...)."""
+    return self.__class__.__qualname__ + "(" + ", ".join(
+        f"{name}={getattr(self, name)!r}" for name in self.__record_fields__) + ")"
+
+
+def _frozen(cls):
+    """__setattr__ and __delattr__ of a frozen record class: its fields cannot change (nor
+    any attribute of the class itself; a subclass's own attributes can)."""
+    def __setattr__(self, name, value):
+        if type(self) is cls or name in cls.__record_fields__:
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        super(cls, self).__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if type(self) is cls or name in cls.__record_fields__:
+            raise FrozenInstanceError(f"cannot delete field {name!r}")
+        super(cls, self).__delattr__(name)
+    __setattr__.__qualname__ = f"{cls.__qualname__}.__setattr__"
+    __delattr__.__qualname__ = f"{cls.__qualname__}.__delattr__"
+    return __setattr__, __delattr__
