@@ -104,6 +104,11 @@ static int parse(PyObject *obj, Py_ssize_t number, Template *t)
     if (out > start)
         t->ops[t->n_ops++] = (Op){OP_TEXT, start, out - start};
     t->text_len = out;
+    /* room was made for the worst case (an op per byte): keep what is used (a line of 2 KB
+     * has a few dozen ops, and a chunk hundreds of templates) */
+    Op *used = PyMem_Realloc(t->ops, sizeof(Op) * (t->n_ops ? t->n_ops : 1));
+    if (used)
+        t->ops = used;
     return 0;
 }
 
