@@ -287,6 +287,24 @@ def seed_ept_lines(w: TrueWalk, rnd: random.Random, tamper=None) -> List[Line]:
     return p.lines
 
 
+def huge_page_lines(p, w: TrueWalk, lvl, address: str, header=None) -> None:
+    """Our modules' lines for a huge-page leaf (gpt_dump.c and slat_dump.c print the same,
+    slat_dump with the huge-page fields named first): the entry and the address split by masks."""
+    mask1, mask2, level = huge_masks(w)
+    p.add(("mark",), f"Huge Page ({'2M' if level == 2 else '1G'}) at level {level} detected!")
+    if header is not None:
+        p.add(("noise",), header)
+    for key, label, value in ((("entry-split",), lvl.name, lvl.entry),
+                              (("mask1",), "Mask1", mask1),
+                              (("hfn",), "HFN", lvl.entry & mask1),
+                              (("noise",), None, None),
+                              (("address-split",), address, w.address),
+                              (("mask2",), "Mask2", mask2),
+                              (("offset",), "Offset", w.address & mask2),
+                              (("noise",), None, None)):
+        p.add(key, " " + DASHES if label is None else f" {label:<6} {split3(p.v(key, value))}")
+
+
 def ours_lines(w: TrueWalk, rnd: random.Random, tamper=None) -> List[Line]:
     """vm/module/gpt_dump.c, line for line (every line prefixed 'gpt_dump: ')."""
     p = Printer(tamper)
@@ -314,19 +332,7 @@ def ours_lines(w: TrueWalk, rnd: random.Random, tamper=None) -> List[Line]:
                              f"not mapped")
             break
         if lvl.leaf and w.size > 1 << 12:
-            mask1, mask2, level = huge_masks(w)
-            p.add(("mark",), f"Huge Page ({'2M' if level == 2 else '1G'}) at level {level} "
-                             f"detected!")
-            for key, label, value in ((("entry-split",), lvl.name, lvl.entry),
-                                      (("mask1",), "Mask1", mask1),
-                                      (("hfn",), "HFN", lvl.entry & mask1),
-                                      (("noise",), None, None),
-                                      (("address-split",), "GVA", w.address),
-                                      (("mask2",), "Mask2", mask2),
-                                      (("offset",), "Offset", w.address & mask2),
-                                      (("noise",), None, None)):
-                p.add(key, " " + DASHES if label is None else
-                      f" {label:<6} {split3(p.v(key, value))}")
+            huge_page_lines(p, w, lvl, "GVA")
         elif i + 1 < len(w.levels):
             nxt = w.levels[i + 1]
             p.add(("next", lvl.name), f" NEXT_LVL_GPA({lvl.name})  =  "
@@ -379,20 +385,7 @@ def slat_lines(w: TrueWalk, rnd: random.Random, tamper=None) -> List[Line]:
                              f"0x{w.address:016x} is not mapped in this {table}")
             break
         if lvl.leaf and w.size > 1 << 12:
-            mask1, mask2, level = huge_masks(w)
-            p.add(("mark",), f"Huge Page ({'2M' if level == 2 else '1G'}) at level {level} "
-                             f"detected!")
-            p.add(("noise",), HEADER_2M)
-            for key, label, value in ((("entry-split",), lvl.name, lvl.entry),
-                                      (("mask1",), "Mask1", mask1),
-                                      (("hfn",), "HFN", lvl.entry & mask1),
-                                      (("noise",), None, None),
-                                      (("address-split",), "GPA", w.address),
-                                      (("mask2",), "Mask2", mask2),
-                                      (("offset",), "Offset", w.address & mask2),
-                                      (("noise",), None, None)):
-                p.add(key, " " + DASHES if label is None else
-                      f" {label:<6} {split3(p.v(key, value))}")
+            huge_page_lines(p, w, lvl, "GPA", header=HEADER_2M)
         elif i + 1 < len(w.levels):
             nxt = w.levels[i + 1]
             p.add(("next", lvl.name), f" NEXT_LVL_HPA({lvl.name})  =  "
