@@ -712,6 +712,10 @@ class Bench:
         self.bytecode = subprocess.run(
             [sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "qintrospect")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        # translate --json -'s lines: made in C, or by bytes.__mod__ where it was not built
+        self.rowformat_built = subprocess.run(
+            [sys.executable, "-c", "import qintrospect._rowformat"], cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
     # ---- children ----------------------------------------------------------------------------
     def run_child(self, name, ctx, key=None, timeout=180, profile=False):
@@ -1150,7 +1154,11 @@ class Bench:
         r = self.results
         out = ["commands timed with their bytecode " + (
             "written first (python -m compileall, as an install does)"
-            if getattr(self, "bytecode", False) else "NOT written: each start compiles")]
+            if getattr(self, "bytecode", False) else "NOT written: each start compiles"),
+            "translate --json -: lines made " + (
+                "in C (qintrospect/_rowformat.c)" if getattr(self, "rowformat_built", False)
+                else "by bytes.__mod__: the C module was NOT built (pip install -e . with a C "
+                     "compiler and Python's headers builds it)")]
         checks = self.checks()
         g, d = r.get("single_gdb") or {}, r.get("single_direct") or {}
         hm = r.get("single_hmp") or {}
