@@ -315,3 +315,24 @@ def test_smaps_parser_reads_real_smaps_as_line_by_line():
     assert got == _smaps_line_by_line(text)
     assert len(got) > 20 and any(v.path.endswith(os.path.basename(f.name)) for v in got)
     assert any(v.path == "[stack]" for v in got) and any(v.flags for v in got)
+
+
+def test_page_size_needs_smaps_only_where_kpageflags_cannot_tell():
+    """A frame kpageflags describes, neither THP nor hugetlb, is 4 KiB without reading smaps
+    (a walk of all QEMU's page tables in the kernel); hugetlb sizes, unreadable flags and
+    frames with no struct page (KPF_NOPAGE: device DAX) ask the mapping."""
+    from qintrospect.host import KPF_HUGE, KPF_NOPAGE, KPF_THP
+    proc = HostProcess(os.getpid())
+    read = []
+    proc._vmas = [Vma(0x200000, 0x600000, "rw-s", 0, 7, "/dev/hugepages/ram",
+                      kernel_page_size=2 << 20)]
+    proc._vma_starts = [0x200000]
+    real_vmas = proc.vmas
+    proc.vmas = lambda: read.append(1) or real_vmas()
+    assert proc._page_size(0x201000, 0) == (PAGE, "4k") and not read
+    assert proc._page_size(0x201000, 1 << KPF_THP) == (2 << 20, "thp") and not read
+    assert proc._page_size(0x201000, 1 << KPF_HUGE) == (2 << 20, "hugetlb") and read
+    for kflags in (None, 1 << KPF_NOPAGE):
+        read.clear()
+        assert proc._page_size(0x201000, kflags) == (2 << 20, "hugetlb") and read
+    assert proc._page_size(0x801000, None) == (PAGE, "4k")
