@@ -8,6 +8,8 @@ rights, access table); per fault (the path down to the entry that stopped the wa
 line but the address. Whatever the arrays do not cover exactly takes the one-address path:
 non-canonical addresses, GPAs outside RAM, values that cross a page, host pages swapped out,
 memory read through gdb or QMP. numpy is imported only for chunks big enough to pay for it.
+Each line is its group's %-format filled with the row's numbers: in C (_rowformat.c) where it
+was built, else by bytes.__mod__ (the same bytes; the tests compare the two).
 """
 
 import contextlib

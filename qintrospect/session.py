@@ -269,7 +269,9 @@ class Session:
     def refresh(self) -> None:
         """For a session that lives across commands (a shell): read every vCPU's registers
         again, since the VM may have run in between. Table pages are never cached across
-        commands (PageCache lives for one call), so nothing else is stale."""
+        commands (PageCache lives for one call). The RAM map and QEMU's mappings are kept
+        from the attach (reading smaps walks all QEMU's page tables: too slow per command);
+        memory plugged in meanwhile needs a new session."""
         self._check_open()
         if self.gdb is not None:
             self.gdb.flush_registers()
