@@ -258,6 +258,10 @@ class HostProcess:
         self._vma_starts: List[int] = []
         self._files: Dict[Tuple[int, int], Optional[int]] = {}   # VMA -> its backing file
 
+    def forget_mappings(self) -> None:
+        """Read smaps again when next asked (QEMU mapped or unmapped memory since)."""
+        self._vmas, self._vma_starts = None, []
+
     def close(self) -> None:
         for f in (self._pagemap, self._mem, self._kpageflags, *self._files.values()):
             if f is not None:

@@ -22,7 +22,7 @@ from .record import record
 # QMP commands qintrospect may send. Nothing here changes guest memory or registers.
 ALLOWED_QMP = frozenset({
     "qmp_capabilities", "query-status", "query-cpus-fast", "query-kvm", "query-stats",
-    "qom-get", "human-monitor-command",
+    "qom-get", "query-memory-size-summary", "human-monitor-command",
     "stop", "cont",  # only to restore the run state that was found, and for `resume`
 })
 # HMP command lines allowed through human-monitor-command, whole (no prefix matching: a line

@@ -179,6 +179,7 @@ class Session:
         self._locked = False
         self._paused = False                 # we stopped the VM through QMP for this session
         self.gdb_note = ""
+        self._memory_size_seen: Optional[tuple] = None   # at attach (refresh() compares)
 
     # ---- attach / detach ------------------------------------------------------------------------
 
@@ -205,6 +206,7 @@ class Session:
                 self.qmp.command("stop")  # one consistent view; close() resumes
                 self._paused = True
             self.ram_map = RamMap.from_qmp(self.qmp)
+            self._memory_size_seen = self._memory_size()
             self._find_process()
             if self.gdb_address is not None and self._gdb_not_needed():
                 # registers from QMP, memory from the QEMU process: no gdb, unless a killed
@@ -269,10 +271,17 @@ class Session:
     def refresh(self) -> None:
         """For a session that lives across commands (a shell): read every vCPU's registers
         again, since the VM may have run in between. Table pages are never cached across
-        commands (PageCache lives for one call). The RAM map and QEMU's mappings are kept
-        from the attach (reading smaps walks all QEMU's page tables: too slow per command);
-        memory plugged in meanwhile needs a new session."""
+        commands (PageCache lives for one call). The RAM map and QEMU's mappings are read
+        again when a memory device was plugged or unplugged since (QMP's memory size
+        summary changed): reading them each time would cost more than a command."""
         self._check_open()
+        size = self._memory_size() if self._memory_size_seen is not None else None
+        if size is not None and size != self._memory_size_seen:
+            self.ram_map = RamMap.from_qmp(self.qmp)
+            self.memory.ram_map = self.ram_map
+            if self.process is not None:
+                self.process.forget_mappings()
+            self._memory_size_seen = size
         if self.gdb is not None:
             self.gdb.flush_registers()
             self.vcpu_info = self._read_vcpus()
@@ -280,6 +289,15 @@ class Session:
             self.vcpu_info = self._read_vcpus_qmp()
         page1gb = self.cpu.page1gb if self.cpu else None
         self.cpu = replace(self._cpu_state_of(self.vcpu_info[self.vcpu]), page1gb=page1gb)
+
+    def _memory_size(self) -> Optional[tuple]:
+        """QMP's memory size summary (base and plugged), which a memory device plugged in or
+        out changes; None where the monitor will not say."""
+        try:
+            summary = self.qmp.command("query-memory-size-summary")
+        except QIError:
+            return None
+        return summary.get("base-memory"), summary.get("plugged-memory")
 
     def select_vcpu(self, index: int) -> None:
         """Use vCPU `index`'s registers from now on."""

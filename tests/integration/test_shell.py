@@ -406,6 +406,30 @@ def test_qemu_gone_ends_the_shell_with_status_3():
     assert "during cont" not in sh.stderr
 
 
+def test_memory_plugged_in_between_commands_is_read(tmp_path):
+    """A DIMM plugged in (through another monitor) between two commands is read by the next
+    one as a new command line reads it: QMP's memory size summary changed, so the shell read
+    the RAM map and QEMU's mappings again."""
+    observer = str(tmp_path / "qmp2.sock")
+    with booted("qemu64", probe=None, memory="256M,slots=2,maxmem=1G",
+                extra_args=["-qmp", f"unix:{observer},server=on,wait=off"]) as other:
+        sh = Piped(other)
+        top = 0x100000000          # where the pc machine puts its first DIMM
+        before = json.loads(sh.ask_done(f"read --phys {top:#x} 8 --json"))
+        qmp_once(observer, "object-add", **{"qom-type": "memory-backend-ram", "id": "m1",
+                                            "size": 128 << 20})
+        qmp_once(observer, "device_add", driver="pc-dimm", id="d1", memdev="m1")
+        dimm = qmp_once(observer, "query-memory-devices")[0]["data"]["addr"]
+        after = json.loads(sh.ask_done(f"read --phys {dimm:#x} 8 --json"))
+        assert sh.close() == 1, sh.stderr     # the status of the first read (unassigned)
+        rc, out, err = run_cli("read", "--phys", hex(dimm), "8", "--json", "--qmp",
+                               other.qmp_path)
+    assert dimm == top
+    assert before["data"] is None and "unassigned" in before["note"], before
+    assert rc == 0 and after == json.loads(out), (after, out, err)
+    assert after["data"] == "00" * 8 and after["note"] is None
+
+
 @pytest.mark.parametrize("how", [[], ["--via", "gdb"]])
 def test_vcpu_switches_whose_registers(how):
     """`vcpu 1` and `--vcpu 1`: vCPU 1's CR3 (QEMU's `info registers -c 1`), back to 0 after a
