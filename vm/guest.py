@@ -141,11 +141,25 @@ def parse_probe_output(text: str) -> dict:
 
 
 def qmp_once(path: str, command: str, **arguments):
-    """One QMP command on a short-lived connection to the socket at PATH; its "return"."""
-    from qemu.qmp.legacy import QEMUMonitorProtocol
+    """One QMP command on a short-lived connection to the socket at PATH; its "return".
 
-    mon = QEMUMonitorProtocol(path)
-    mon.connect()
+    A connection made just as another client left, while QEMU was still sending that client
+    events (a reboot's), can begin with one of them, which qemu.qmp takes for the answer to
+    its capabilities negotiation (NegotiationError, seen once in CI after a guest reboot):
+    such a connection is made again, once."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from qemu.qmp.protocol import ConnectError
+
+    for attempt in (1, 2):
+        mon = QEMUMonitorProtocol(path)
+        try:
+            mon.connect()
+            break
+        except ConnectError:
+            mon.close()
+            if attempt == 2:
+                raise
+            time.sleep(0.1)
     try:
         mon.settimeout(30)
         return mon.cmd(command, **arguments)
