@@ -259,15 +259,23 @@ class HostProcess:
         self._files: Dict[Tuple[int, int], Optional[int]] = {}   # VMA -> its backing file
 
     def forget_mappings(self) -> None:
-        """Read smaps again when next asked (QEMU mapped or unmapped memory since)."""
+        """Read smaps again when next asked (QEMU mapped or unmapped memory since), and the
+        files behind mappings (kept by address range: a new mapping may take an old one's)."""
         self._vmas, self._vma_starts = None, []
+        self._close_files()
+
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            if f is not None:
+                os.close(f)
+        self._files = {}
 
     def close(self) -> None:
-        for f in (self._pagemap, self._mem, self._kpageflags, *self._files.values()):
+        for f in (self._pagemap, self._mem, self._kpageflags):
             if f is not None:
                 os.close(f)
         self._pagemap = self._mem = self._kpageflags = None
-        self._files = {}
+        self._close_files()
 
     def _open(self, path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -336,3 +336,19 @@ def test_page_size_needs_smaps_only_where_kpageflags_cannot_tell():
         read.clear()
         assert proc._page_size(0x201000, kflags) == (2 << 20, "hugetlb") and read
     assert proc._page_size(0x801000, None) == (PAGE, "4k")
+
+
+def test_forget_mappings_forgets_the_files_behind_them(tmp_path):
+    """After QEMU's mappings changed, a mapping at an old one's addresses is not read through
+    the old one's file: forget_mappings closes and drops the files kept by address range."""
+    proc = HostProcess(os.getpid())
+    path = tmp_path / "ram"
+    path.write_bytes(b"x" * PAGE)
+    fd = os.open(path, os.O_RDONLY)
+    proc._files[(0x1000, 0x2000)] = fd
+    proc._vmas, proc._vma_starts = [], []
+    proc.forget_mappings()
+    assert proc._files == {} and proc._vmas is None
+    with pytest.raises(OSError):
+        os.fstat(fd)                   # closed
+    proc.close()
