@@ -134,6 +134,4 @@ def _frozen(cls):
         if type(self) is cls or name in cls.__record_fields__:
             raise FrozenInstanceError(f"cannot delete field {name!r}")
         super(cls, self).__delattr__(name)
-    __setattr__.__qualname__ = f"{cls.__qualname__}.__setattr__"
-    __delattr__.__qualname__ = f"{cls.__qualname__}.__delattr__"
     return __setattr__, __delattr__
