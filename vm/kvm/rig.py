@@ -155,6 +155,7 @@ class KvmRig(NestedRig):
         self._l2_seq = 0
         self.l2_last_status: Optional[int] = None
         self._l2_started_at: Optional[float] = None
+        self.anchor_vm_pid_in_l1: Optional[int] = None
 
     # ------------------------------------------------------------------ files
     @property
@@ -252,12 +253,43 @@ class KvmRig(NestedRig):
         try:
             super().start(timeout=timeout)       # L1 to its shell prompt
             self._check_l1()
+            self._hold_anchor_vm()
             if self.l2:
                 self.launch_l2()
             return self
         except BaseException:
             self.stop()
             raise
+
+    def _hold_anchor_vm(self) -> None:
+        """Keep one empty KVM VM open in L1 for L1's whole life, so that starting and stopping
+        L2's QEMU never creates L1's first VM or destroys its last.
+
+        Why: KVM's first VM turns on the static key of the scheduler's preempt notifiers and
+        its last turns it off; the kernel patches that key's jump inside __schedule (through
+        an int3) while the other CPU runs it. About once in ten runs of tests/integration/kvm,
+        L1 hung at an L2 stop or start ("soft lockup", or a dead console). L0's
+        `info registers -a` then showed one vCPU at __schedule+0x2ab with IF=0, passing
+        through asm_exc_int3 again and again, and the other in smp_call_function_many_cond
+        under kvm_destroy_vm; those 5 bytes are the key's (nopl with no VM, jmp with one,
+        read with HMP `x /3i`). Our reading: under L0's multi-threaded TCG that vCPU keeps
+        running a stale translation holding the int3, while the handler, finding the byte
+        already patched, steps back to it. With one VM always open, the key and KVM's SVM
+        enabling on every CPU never change as L2s come and go. Checked in L1 with a shell
+        pipeline keeping the scheduler busy: creating and closing VMs in a loop hung L1 at
+        that address within 300 VMs without the anchor, and 3,000 went through with it."""
+        # KVM_CREATE_VM is _IO(0xAE, 0x01); the process then waits for L1 to go down.
+        holder = ("import fcntl, os, signal; kvm = os.open('/dev/kvm', os.O_RDWR); "
+                  "vm = fcntl.ioctl(kvm, 0xAE01, 0); print('anchor vm fd', vm, flush=True); "
+                  "signal.pause()")
+        self.run_l1(f"mkdir -p {L1_RUN} && python3 -c {shlex.quote(holder)} </dev/null"
+                    f" >{L1_RUN}/anchor-vm.log 2>&1 & echo $! > {L1_RUN}/anchor-vm.pid")
+        out = self.run_l1(f"n=0; until grep -q 'anchor vm fd' {L1_RUN}/anchor-vm.log || [ $n -ge 300 ];"
+                          f" do usleep 100000; n=$((n+1)); done; cat {L1_RUN}/anchor-vm.log;"
+                          f" cat {L1_RUN}/anchor-vm.pid", timeout=60)
+        if "anchor vm fd" not in out:
+            raise KvmRigError(f"L1 could not hold an empty KVM VM open: {out.strip()}")
+        self.anchor_vm_pid_in_l1 = int(out.split()[-1])
 
     def _check_l1(self) -> None:
         text = self.drain_transcript()
@@ -383,11 +415,14 @@ echo "L2-QEMU pid=$(cat {L1_RUN}/l2-qemu.pid)"
         pid = self.l2_qemu_pid_in_l1
         if not pid:
             return None
-        out = self.run_l1(
-            f"kill {pid} 2>/dev/null; n=0; while [ ! -s {L1_RUN}/l2-qemu.exit ] && [ $n -lt 100 ]; do"
-            f" usleep 100000; n=$((n+1)); done; [ -s {L1_RUN}/l2-qemu.exit ] || kill -9 {pid};"
-            f" while [ ! -s {L1_RUN}/l2-qemu.exit ]; do usleep 100000; done; cat {L1_RUN}/l2-qemu.exit",
-            timeout=timeout)
+        try:
+            out = self.run_l1(
+                f"kill {pid} 2>/dev/null; n=0; while [ ! -s {L1_RUN}/l2-qemu.exit ] && [ $n -lt 100 ]; do"
+                f" usleep 100000; n=$((n+1)); done; [ -s {L1_RUN}/l2-qemu.exit ] || kill -9 {pid};"
+                f" while [ ! -s {L1_RUN}/l2-qemu.exit ]; do usleep 100000; done; cat {L1_RUN}/l2-qemu.exit",
+                timeout=timeout)
+        except GuestError as e:
+            raise KvmRigError(f"{e}\n{self._stuck_process_report(pid)}") from None
         self.l2_qemu_pid_in_l1 = None
         self.probe = None
         self.l2_output, self.l2_maps, self.l2_ready, self.l2_ready_line = None, [], {}, None
@@ -397,6 +432,29 @@ echo "L2-QEMU pid=$(cat {L1_RUN}/l2-qemu.pid)"
             return int(out.split()[-1])
         except (ValueError, IndexError):
             return None
+
+    def _stuck_process_report(self, pid: int) -> str:
+        """Why a process in L1 would not die: L1's vCPUs as L0's QEMU sees them (a dead L1
+        still shows where it loops, and whether interrupts are off), then, if L1's console
+        still answers, each thread's kernel stack and dmesg's tail."""
+        try:
+            regs = self.hmp("info registers -a")
+            cpus = "\n".join(f"  CPU#{n} RIP={rip} RFL={rfl} CPL={cpl} HLT={hlt}" for n, rip, rfl, cpl, hlt
+                             in re.findall(r"CPU#(\d+)\s*\nRAX=.*?RIP=(\w+) RFL=(\w+).*?CPL=(\d).*?"
+                                           r"HLT=(\d)", regs, re.S))
+        except Exception as e:                  # the report must not hide the hang itself
+            cpus = f"  (L0's monitor did not answer: {e})"
+        report = f"L1's vCPUs seen from L0 (RFL bit 0x200 = interrupts on):\n{cpus}"
+        try:
+            self.interrupt()
+            time.sleep(1)
+            self.drain()
+            report += "\nL1's kernel on the stuck process:\n" + self.run_l1(
+                f"for t in /proc/{pid}/task/*; do echo \"== $t $(cat $t/comm) wchan=$(cat $t/wchan)\";"
+                f" cat $t/stack; done; dmesg | tail -40", timeout=20)
+        except GuestError:
+            report += "\n(L1's console does not answer)"
+        return report
 
     def _l2_exited(self) -> Optional[str]:
         out = self.run_l1(f"cat {L1_RUN}/l2-qemu.exit 2>/dev/null && cat {L2_LOG_IN_L1}", timeout=60)
