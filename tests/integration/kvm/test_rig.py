@@ -98,6 +98,10 @@ def test_l1_kvm_really_runs_l2(rig):
     # L1's KVM made a VM for that process: /sys/kernel/debug/kvm/PID-FD with its MMU stats.
     dirs = rig.kvm_debugfs_dirs()
     assert len(dirs) == 1, dirs
+    # The rig's empty VM (vm/kvm/README.md) is another, so L1 is a host with two VMs.
+    every = rig.run_l1("ls /sys/kernel/debug/kvm/").split()
+    anchor = [d for d in every if d.startswith(f"{rig.anchor_vm_pid_in_l1}-")]
+    assert len(anchor) == 1 and anchor[0] not in dirs, every
     stats = rig.run_l1(f"cd /sys/kernel/debug/kvm/{dirs[0]} && grep . pages_4k pages_2m pages_1g "
                        f"vcpu0/guest_mode")
     values = dict(line.split(":", 1) for line in stats.split())
@@ -329,6 +333,7 @@ def test_kvm_facts(rig, heap_inside):
     f = k.json[0]
     assert f["accelerator"] == "kvm" and f["kvm"] == {"enabled": True, "present": True}
     assert f["tdp"]["kind"] == "npt" and f["tdp"]["enabled"] is True
+    # L1 has two VMs (L2's and the rig's empty one): the folder is the one of L2's QEMU.
     assert os.path.basename(f["debugfs"]) == rig.kvm_debugfs_dirs()[0]
     assert f["debugfs"].split("/")[-1].startswith(f"{rig.l2_qemu_pid_in_l1}-")
     for key in ("pages_4k", "pages_2m", "pages_1g", "pf_fixed", "tlb_flush"):
