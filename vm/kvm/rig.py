@@ -278,18 +278,18 @@ class KvmRig(NestedRig):
         enabling on every CPU never change as L2s come and go. Checked in L1 with a shell
         pipeline keeping the scheduler busy: creating and closing VMs in a loop hung L1 at
         that address within 300 VMs without the anchor, and 3,000 went through with it."""
-        # KVM_CREATE_VM is _IO(0xAE, 0x01); the process then waits for L1 to go down.
+        # KVM_CREATE_VM is _IO(0xAE, 0x01); the process says its pid and waits for L1 to go down.
         holder = ("import fcntl, os, signal; kvm = os.open('/dev/kvm', os.O_RDWR); "
-                  "vm = fcntl.ioctl(kvm, 0xAE01, 0); print('anchor vm fd', vm, flush=True); "
-                  "signal.pause()")
-        self.run_l1(f"mkdir -p {L1_RUN} && python3 -c {shlex.quote(holder)} </dev/null"
-                    f" >{L1_RUN}/anchor-vm.log 2>&1 & echo $! > {L1_RUN}/anchor-vm.pid")
-        out = self.run_l1(f"n=0; until grep -q 'anchor vm fd' {L1_RUN}/anchor-vm.log || [ $n -ge 300 ];"
-                          f" do usleep 100000; n=$((n+1)); done; cat {L1_RUN}/anchor-vm.log;"
-                          f" cat {L1_RUN}/anchor-vm.pid", timeout=60)
-        if "anchor vm fd" not in out:
+                  "vm = fcntl.ioctl(kvm, 0xAE01, 0); "
+                  "print('anchor vm fd', vm, 'pid', os.getpid(), flush=True); signal.pause()")
+        log = f"{L1_RUN}/anchor-vm.log"
+        self.run_l1(f"mkdir -p {L1_RUN}; python3 -c {shlex.quote(holder)} </dev/null >{log} 2>&1 &")
+        out = self.run_l1(f"n=0; until grep -q 'anchor vm fd' {log} || [ $n -ge 300 ]; do"
+                          f" usleep 100000; n=$((n+1)); done; cat {log}", timeout=60)
+        m = re.search(r"anchor vm fd \d+ pid (\d+)", out)
+        if not m:
             raise KvmRigError(f"L1 could not hold an empty KVM VM open: {out.strip()}")
-        self.anchor_vm_pid_in_l1 = int(out.split()[-1])
+        self.anchor_vm_pid_in_l1 = int(m.group(1))
 
     def _check_l1(self) -> None:
         text = self.drain_transcript()
