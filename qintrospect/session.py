@@ -297,6 +297,8 @@ class Session:
             summary = self.qmp.command("query-memory-size-summary")
         except QIError:
             return None
+        if not isinstance(summary, dict):          # a monitor that answers oddly says nothing
+            return None
         return summary.get("base-memory"), summary.get("plugged-memory")
 
     def select_vcpu(self, index: int) -> None:

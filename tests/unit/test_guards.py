@@ -432,3 +432,21 @@ def test_events_between_commands_are_read_within_bounds(monkeypatch):
     finally:
         mine.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("reply", [[], None, "x", 7, [{"base-memory": 1}]])
+def test_a_memory_size_summary_that_is_not_an_object_says_nothing(reply):
+    """query-memory-size-summary's answer is only compared between commands: one that is not
+    a JSON object means no baseline (no re-read), never an AttributeError at attach."""
+    from qintrospect.session import Session
+
+    class Qmp:
+        def command(self, name, **args):
+            assert name == "query-memory-size-summary"
+            return reply
+
+    s = Session("/nonexistent.sock")
+    s.qmp = Qmp()
+    assert s._memory_size() is None
+    s.qmp.command = lambda name, **args: {"base-memory": 1 << 28, "plugged-memory": 0}
+    assert s._memory_size() == (1 << 28, 0)
