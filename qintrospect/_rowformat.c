@@ -152,7 +152,10 @@ static int get_u64(PyObject *obj, Py_buffer *view, const char *what, const char 
     const char *f = view->format ? view->format : "B";
     if (*f == '<' || *f == '=' || *f == '@')
         f++;
-    if (view->ndim != 1 || view->itemsize != 8 || strchr(types, *f) == NULL || f[1]) {
+    /* (an empty format, or "<" alone, is refused before strchr: strchr finds the
+     * terminator of `types` for '\0', and f[1] would read past the format's end) */
+    if (view->ndim != 1 || view->itemsize != 8 || *f == '\0' || strchr(types, *f) == NULL
+            || f[1]) {
         PyErr_Format(PyExc_TypeError, "%s: a 1-D array of 8-byte %sintegers", what,
                      strchr(types, 'q') ? "" : "unsigned ");
         PyBuffer_Release(view);

@@ -124,25 +124,22 @@ def _session_options(p: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def _attach(args):
-    """The session for one command: warnings said, and, for a VM that kept running, a check
-    that it did not reboot under us before the results are trusted. In a shell, the shell's
-    own open session (args.session), left open."""
+    """The session for one command: warnings said, and a last check that nothing spoiled what
+    was read (a VM that kept running rebooted, a paused one was resumed by someone else). In
+    a shell, the shell's own open session (args.session), left open: the shell checks."""
     if getattr(args, "session", None) is not None:
         yield args.session
         return
     vm = _open_session(args)
     with vm:
         yield vm
-        vm.check_live()
+        vm.check_live(final=True)
 
 
 def _checked(vm, items, batch: int = 256, seconds: float = 0.25):
-    """The items, each given out only after QMP confirmed the VM did not reset or shut down
-    since it was read (for a VM that runs while we read; nothing to check otherwise). Checked
-    in small batches: one query-status per batch, not per item."""
-    if not vm.live:
-        yield from items
-        return
+    """The items, each given out only after a check that nothing spoiled it since it was read
+    (Session.check_live: for a VM that runs, a reset; for a paused one, a resume by someone
+    else). Checked in small batches, the last one with QEMU asked."""
     buf, deadline = [], time.monotonic() + seconds
     for item in items:
         buf.append(item)
@@ -150,7 +147,7 @@ def _checked(vm, items, batch: int = 256, seconds: float = 0.25):
             vm.check_live()
             yield from buf
             buf, deadline = [], time.monotonic() + seconds
-    vm.check_live()
+    vm.check_live(final=True)
     yield from buf
 
 
@@ -581,13 +578,20 @@ def cmd_list(args) -> int:
         raise UsageError("--connect and --no-libvirt contradict each other")
     vms, notes = discover.list_vms(args.connect, False if args.no_libvirt else None,
                                    args.timeout)
+    from .textsafe import printable
     if args.verbose:
         for note in notes:
-            print(f"qintrospect: note: {note}", file=sys.stderr)
+            print(f"qintrospect: note: {printable(note)}", file=sys.stderr)
     if args.json:
+        # JSON escapes controls and lone surrogates (a name that is not UTF-8) itself: the
+        # lines are ASCII
         for vm in vms:
             print(render.json_line(vm.to_dict()))
     elif vms:
+        # every cell is made printable (discover.table); a character the terminal's encoding
+        # has not (a name in another script) is escaped too, never an encoding error
+        if callable(getattr(sys.stdout, "reconfigure", None)):
+            sys.stdout.reconfigure(errors="backslashreplace")
         print(discover.table(vms))
     else:
         print("no QEMU process found (none runs, or none this user may see)", file=sys.stderr)

@@ -25,14 +25,18 @@ import socket
 import time
 from typing import Dict, List, Optional, Tuple
 
-from .errors import AttachError, UsageError
+from .errors import AttachError, QIError, UsageError
+from .jsonl_socket import JsonLines, ProtocolError
 from .libvirt_monitor import DEFAULT_URI
-from .qmp import GREETING_TIMEOUT, check_allowed
+from .qmp import (GREETING_TIMEOUT, await_reply, check_allowed, check_greeting, greeting_version,
+                  sample as qmp_sample)
 from .record import field, record
+from .textsafe import printable
 
 MiB = 1 << 20
 DEFAULT_RAM = 128 * MiB          # x86 pc/q35 default_ram_size
 DEFAULT_GDB_PORT = 1234          # -s
+PROBE_MAX_LINE = 1 << 20         # the longest line the QMP probe takes (a greeting is ~150 bytes)
 
 # Options that take no argument, from QEMU's qemu-options.hx (QEMU 2.x to 10.x, every target:
 # measured on 7.2 and 10.0 by asking each option for its argument). Every other option takes
@@ -121,7 +125,7 @@ def parse_object(text: str, implied: str) -> Dict[str, object]:
         try:
             value = json.loads(text)
             return value if isinstance(value, dict) else {}
-        except ValueError:
+        except (ValueError, RecursionError):     # not JSON, or nested past the parser
             return {}
     return parse_opts(text, implied)
 
@@ -132,18 +136,19 @@ _SUFFIX = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 def parse_size(text, default_shift: int = 0) -> Optional[int]:
     """QEMU's qemu_strtosz: decimal (a fraction allowed when a unit follows), or 0x hex without
     fraction or unit; one unit letter B K M G T P E (either case), else `default_shift`.
-    None where QEMU would refuse it ("1GB", "-1", "")."""
+    None where QEMU would refuse it ("1GB", "-1", "", ASCII digits only, 2^64 bytes or more)."""
     if isinstance(text, bool):
         return None
     if isinstance(text, int):
-        return text if text >= 0 else None
+        return text if 0 <= text < _TOO_BIG else None
     if not isinstance(text, str):
         return None
     t = text.strip()
-    m = re.fullmatch(r"0[xX]([0-9a-fA-F]+)", t)
+    m = re.fullmatch(r"0[xX]([0-9a-fA-F]{1,17})", t)
     if m:
-        return int(m.group(1), 16) << default_shift
-    m = re.fullmatch(r"(\d+)(?:\.(\d*))?([bBkKmMgGtTpPeE])?", t)
+        value = int(m.group(1), 16) << default_shift
+        return value if value < _TOO_BIG else None
+    m = re.fullmatch(r"([0-9]{1,20})(?:\.([0-9]*))?([bBkKmMgGtTpPeE])?", t)
     if not m:
         return None
     whole, frac, unit = m.groups()
@@ -152,8 +157,12 @@ def parse_size(text, default_shift: int = 0) -> Optional[int]:
         return None       # a fraction of a byte
     value = int(whole) << shift
     if frac:
-        value += int(int(frac) * (1 << shift) / 10 ** len(frac))
-    return value
+        frac = frac[:30]  # (QEMU reads it as a double: digits past these change nothing)
+        value += int(frac) * (1 << shift) // 10 ** len(frac)
+    return value if value < _TOO_BIG else None
+
+
+_TOO_BIG = 1 << 64        # qemu_strtosz refuses sizes past uint64_t (ERANGE)
 
 
 def parse_memory_option(opts: Dict[str, str]) -> Optional[int]:
@@ -218,10 +227,14 @@ class Endpoint:
         return where
 
     def short(self) -> str:
-        """One table cell: where, and its state or problem."""
+        """One table cell: where, and its state or problem (and, when it gave no answer that
+        can be used, why, cut short). Not made printable: table() does that."""
         if self.owner == "libvirt":
             return "libvirt's (--domain)"
         what = self.state or ("unusable" if self.problem else "?")
+        if self.state == "no answer" and self.detail:
+            why = self.detail if len(self.detail) <= 60 else self.detail[:57] + "..."
+            what += f": {why}"
         return f"{self.describe()} ({what})"
 
     def to_dict(self) -> dict:
@@ -465,7 +478,7 @@ def _endpoint(role: str, shown: str, cd: Dict[str, str], cwd: Optional[str]) -> 
         ep.server = bool(parse_bool(cd.get("server")))
         if cd.get("fd") is not None:
             ep.transport = "fd"
-            ep.fd = int(cd["fd"]) if cd["fd"].isdigit() else None
+            ep.fd = int(cd["fd"]) if _is_number(cd["fd"]) else None
         elif cd.get("path") is not None:
             ep.transport = "unix"
             path = cd["path"]
@@ -479,9 +492,9 @@ def _endpoint(role: str, shown: str, cd: Dict[str, str], cwd: Optional[str]) -> 
             ep.transport = "tcp"
             ep.host = cd.get("host", "")
             port = cd.get("port", "")
-            ep.port = int(port) if port.isdigit() else None
+            ep.port = int(port) if _is_number(port) and int(port) < 65536 else None
             if ep.port is None and ep.problem is None:
-                ep.problem = f"port {port!r} is not a number"
+                ep.problem = f"port {port!r} is not a port number"
         for proto in ("telnet", "websocket", "tn3270"):
             if parse_bool(cd.get(proto)) and ep.problem is None:
                 ep.problem = f"{proto} framing on the socket: qintrospect speaks plain sockets"
@@ -507,6 +520,11 @@ def _endpoint(role: str, shown: str, cd: Dict[str, str], cwd: Optional[str]) -> 
     if parse_bool(cd.get("mux")) and ep.problem is None:
         ep.problem = "multiplexed with a serial console (mux=on / mon:): cannot be used"
     return ep
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only, and not too many (str.isdigit() takes "²", which int() refuses)."""
+    return 0 < len(text) <= 10 and text.isascii() and text.isdigit()
 
 
 def _connect_host(host: Optional[str]) -> str:
@@ -538,6 +556,7 @@ class QemuProcess:
     config: QemuConfig
     libvirt: Optional[dict] = None      # {"uri", "domain", "id", "state"} when libvirt says
     notes: List[str] = field(default_factory=list)
+    exe_qemu: Optional[bool] = None     # /proc/PID/exe is a QEMU program (None: not readable)
 
     @property
     def name(self) -> Optional[str]:
@@ -572,7 +591,8 @@ class QemuProcess:
                 "qmp": [e.to_dict() for e in c.qmp], "hmp": [e.to_dict() for e in c.hmp],
                 "gdb": c.gdb.to_dict() if c.gdb else None,
                 "libvirt": self.libvirt, "libvirt_started": c.libvirt,
-                "attach": self.attach_hint(), "notes": c.notes + self.notes}
+                "attach": self.attach_hint(), "exe_is_qemu": self.exe_qemu,
+                "notes": c.notes + self.notes}
 
     def attach_hint(self) -> Optional[str]:
         if self.libvirt and self.libvirt.get("domain"):
@@ -585,11 +605,23 @@ class QemuProcess:
 
 
 
-def _is_qemu(pid: str, argv: List[str]) -> Tuple[bool, Optional[str]]:
+_HELPERS = ("qemu-img", "qemu-nbd", "qemu-ga", "qemu-storage", "qemu-io", "qemu-pr-helper")
+
+
+def _is_qemu(pid: str, argv: List[str]) -> Tuple[bool, Optional[str], Optional[bool]]:
+    """(argv[0], comm or the executable call it QEMU, its executable, whether that executable
+    is a QEMU program: None when /proc/PID/exe cannot be read, e.g. another user's process).
+
+    A process names itself: argv[0] and comm are whatever it chose, so they only make it a
+    candidate. /proc/PID/exe is the file that really runs: when its name is no QEMU's (a
+    script, an interpreter, any program started as `exec -a qemu-system-x86_64`), read_process
+    notes it on the row. A name, not a proof: a copy of any program can be named as QEMU. That
+    a process holds a VM's RAM is proved where it matters (README, Safety: the pagemap
+    process is used only after pages read the same through it and through QMP or gdb)."""
     exe = None
     try:
         exe = os.readlink(f"/proc/{pid}/exe")
-        if exe.endswith(" (deleted)"):
+        if exe.endswith(" (deleted)"):          # QEMU upgraded under a running VM
             exe = exe[:-10]
     except OSError:
         pass
@@ -597,16 +629,22 @@ def _is_qemu(pid: str, argv: List[str]) -> Tuple[bool, Optional[str]]:
     if argv:
         names.append(os.path.basename(argv[0]))
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            comm = f.read().strip()
-        names.append(comm)
+        with open(f"/proc/{pid}/comm", "rb") as f:      # any bytes: prctl(PR_SET_NAME)
+            names.append(f.read().rstrip(b"\n").decode("utf-8", "surrogateescape"))
     except OSError:
         pass
-    ok = any(QEMU_PROGRAM.match(n) for n in names) and \
-        not any(n.startswith(("qemu-img", "qemu-nbd", "qemu-ga", "qemu-storage", "qemu-io",
-                              "qemu-pr-helper")) for n in names)
     # "qemu-system-x86" is what comm keeps of qemu-system-x86_64 (15 characters)
-    return ok, exe
+    ok = any(QEMU_PROGRAM.fullmatch(n) for n in names) and \
+        not any(n.startswith(_HELPERS) for n in names)
+    return ok, exe, None if exe is None else _qemu_executable(os.path.basename(exe))
+
+
+def _qemu_executable(name: str) -> bool:
+    """Whether an executable's file name is a QEMU system emulator's: qemu-system-*,
+    qemu-kvm, qemu, and wrapped ones that keep the name (Nix's .qemu-system-x86_64-wrapped)."""
+    if name.startswith(_HELPERS):
+        return False
+    return bool(QEMU_PROGRAM.fullmatch(name) or re.search(r"qemu-(system-|kvm)", name))
 
 
 def _read_argv(pid: str) -> Optional[List[str]]:
@@ -647,7 +685,7 @@ def read_process(pid: int) -> Optional[QemuProcess]:
     argv = _read_argv(p)
     if not argv:
         return None
-    ok, exe = _is_qemu(p, argv)
+    ok, exe, exe_qemu = _is_qemu(p, argv)
     if not ok:
         return None
     try:
@@ -655,7 +693,11 @@ def read_process(pid: int) -> Optional[QemuProcess]:
     except OSError:
         cwd = None
     uid = _uid(p)
-    proc = QemuProcess(pid, argv, exe, uid, _user(uid), parse_command_line(argv, cwd))
+    proc = QemuProcess(pid, argv, exe, uid, _user(uid), parse_command_line(argv, cwd),
+                       exe_qemu=exe_qemu)
+    if exe_qemu is False:
+        proc.notes.append(f"not QEMU? its executable is {exe}: only its own name (argv[0] or "
+                          "comm) says QEMU")
     if cwd is None and any(e.transport == "unix" and e.path and not os.path.isabs(e.path)
                            for e in proc.config.qmp + ([proc.config.gdb] if proc.config.gdb
                                                        else [])):
@@ -822,7 +864,9 @@ def check_endpoints(proc: QemuProcess, timeout: float = GREETING_TIMEOUT,
 
 def _probe_qmp(ep: Endpoint, timeout: float) -> None:
     """Connect, read the greeting; when it greets, negotiate and ask query-status and
-    query-kvm (all on the allowlist). Never more."""
+    query-kvm (all on the allowlist). Never more. Every message is checked as the QMP client
+    checks it (qmp.check_greeting, qmp.await_reply): an endpoint that breaks the protocol is
+    "no answer", saying what was wrong, and nothing it said is kept."""
     if ep.transport == "unix":
         family, target = socket.AF_UNIX, ep.path
     else:
@@ -837,72 +881,50 @@ def _probe_qmp(ep: Endpoint, timeout: float) -> None:
         ep.state, ep.detail = "permission denied", "run as the user that started QEMU (or root)"
         s.close()
         return
-    except OSError as exc:
-        ep.state, ep.detail = "not listening", exc.strerror or str(exc)
+    except (OSError, OverflowError) as exc:
+        ep.state, ep.detail = "not listening", getattr(exc, "strerror", None) or str(exc)
         s.close()
         return
+    reader = JsonLines(s, PROBE_MAX_LINE, f"QMP at {ep.describe()}")
+    asking = "the greeting"
     try:
-        reader = _Lines(s)
-        t0 = time.monotonic()
-        greeting = reader.message(deadline=t0 + timeout)
-        if greeting is None:
+        try:
+            greeting = reader.read(time.monotonic() + timeout)
+        except socket.timeout:
             ep.state = "in use"
             ep.detail = (f"no greeting within {timeout:g} s: another client is connected "
                          "(QEMU serves one at a time), or it is not a QMP socket")
             return
-        if "QMP" not in greeting:
-            ep.state, ep.detail = "no answer", "not a QMP greeting"
-            return
-        version = greeting["QMP"].get("version", {}).get("qemu", {})
+        if type(greeting) is not dict:
+            raise ProtocolError(reader.where, "not a QMP greeting", qmp_sample(greeting))
+        version = greeting_version(check_greeting(greeting, reader.where))
         ep.state = "answers"
-        ep.detail = "QEMU {major}.{minor}.{micro}".format(**version) if version else "QMP"
+        ep.detail = f"QEMU {version}" if version else "QMP"
         for n, command in enumerate(("qmp_capabilities", "query-status", "query-kvm"), 1):
+            asking = command
             check_allowed(command)
-            s.sendall(json.dumps({"execute": command, "id": n}).encode() + b"\n")
-            reply = reader.reply(n, deadline=time.monotonic() + timeout)
-            if not isinstance(reply, dict) or "return" not in reply:
+            ident = f"qi-probe-{n}"
+            s.settimeout(timeout)
+            s.sendall(json.dumps({"execute": command, "id": ident}).encode() + b"\n")
+            reply = await_reply(reader, ident, command, time.monotonic() + timeout)
+            if "error" in reply:
                 break
             if command == "query-status":
-                ep.run_state = reply["return"].get("status")
+                ep.run_state = reply["return"]["status"]
             elif command == "query-kvm":
-                ep.kvm = bool(reply["return"].get("enabled"))
-    except (OSError, ValueError):
-        if ep.state is None:
-            ep.state, ep.detail = "no answer", "the connection failed"
+                ep.kvm = reply["return"]["enabled"]
+    except socket.timeout:
+        ep.detail += f" (no answer to {asking} within {timeout:g} s)"
+    except QIError as exc:       # ProtocolError, PeerClosed: what was wrong, on this row only
+        ep.state, ep.run_state, ep.kvm = "no answer", None, None
+        ep.detail = getattr(exc, "problem", None) or str(exc)
+        if getattr(exc, "sample", ""):
+            ep.detail += f": {exc.sample}"
+    except OSError as exc:
+        ep.state, ep.run_state, ep.kvm = "no answer", None, None
+        ep.detail = f"the connection failed during {asking}: {exc.strerror or exc}"
     finally:
         s.close()
-
-
-class _Lines:
-    """JSON messages, one per line, from a socket, with a deadline."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = b""
-
-    def message(self, deadline: float) -> Optional[dict]:
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except socket.timeout:
-                return None
-            if not chunk:
-                return None
-            self.buf += chunk
-            if len(self.buf) > 1 << 20:
-                raise ValueError("a QMP message over 1 MiB")
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def reply(self, ident: int, deadline: float) -> Optional[dict]:
-        while True:
-            msg = self.message(deadline)
-            if msg is None or msg.get("id") == ident:
-                return msg
 
 
 # ---- finding one VM for --pid / --name ----------------------------------------------------------
@@ -916,11 +938,13 @@ def find_by_name(name: str) -> QemuProcess:
         return found[0]
     if not found:
         named = sorted({f"{p.name} (pid {p.pid})" for p in procs if p.name})
-        raise UsageError(f"--name {name}: no QEMU process of this user's sight is named "
-                         f"{name!r}" + (f"; named ones: {', '.join(named)}" if named else
-                                        "; `qintrospect list` shows the VMs found"))
-    raise UsageError(f"--name {name}: {len(found)} QEMU processes are named {name!r} (pids "
-                     f"{', '.join(str(p.pid) for p in found)}); say which with --pid")
+        raise UsageError(printable(
+            f"--name {name}: no QEMU process of this user's sight is named {name!r}"
+            + (f"; named ones: {', '.join(named)}" if named else
+               "; `qintrospect list` shows the VMs found")))
+    raise UsageError(printable(
+        f"--name {name}: {len(found)} QEMU processes are named {name!r} (pids "
+        f"{', '.join(str(p.pid) for p in found)}); say which with --pid"))
 
 
 def endpoints_for(proc: QemuProcess, want_gdb: bool = True,
@@ -932,7 +956,7 @@ def endpoints_for(proc: QemuProcess, want_gdb: bool = True,
     warnings: List[str] = []
     qmp = next((e for e in proc.config.qmp if e.state == "answers"), None)
     if qmp is None:
-        raise AttachError(_no_qmp_reason(proc))
+        raise AttachError(printable(_no_qmp_reason(proc)))
     gdb = None
     g = proc.config.gdb
     if want_gdb and g is not None:
@@ -948,7 +972,8 @@ def endpoints_for(proc: QemuProcess, want_gdb: bool = True,
             warnings.append(f"the gdbstub {g.describe()} is {g.state}"
                             + (f" ({g.detail})" if g.detail else "")
                             + ": registers come from QMP instead")
-    return qmp.address, gdb, warnings
+    # names, paths and details come from the command line and the monitor: made printable
+    return qmp.address, gdb, [printable(w) for w in warnings]
 
 
 def _no_qmp_reason(proc: QemuProcess) -> str:
@@ -1051,18 +1076,25 @@ def list_vms(connect: Optional[str] = None, libvirt: Optional[bool] = None,
 
 
 def table(procs: List[QemuProcess]) -> str:
+    """The `list` table: a row per VM, every cell made printable (names, paths and states come
+    from command lines and monitors, which anyone may write: textsafe.printable), and under the
+    row of a process that only calls itself QEMU, a note saying so."""
     from .paging.formats import size_name
     rows = [("PID", "NAME", "ACCEL", "RAM", "STATE", "QMP", "GDB")]
+    warnings: Dict[int, List[str]] = {}
     for p in procs:
         qmp = "; ".join(e.short() for e in p.config.qmp) or "-"
         if p.libvirt:
-            qmp = f"libvirt: --domain {p.libvirt['domain']}"
+            qmp = f"libvirt: --domain {p.libvirt.get('domain')}"
         gdb = p.config.gdb.short() if p.config.gdb else "-"
-        rows.append((str(p.pid or "?"), p.name or "-", p.accel,
-                     size_name(p.config.ram) if p.config.ram else "?",
-                     p.run_state or "?", qmp, gdb))
+        rows.append(tuple(printable(cell) for cell in (
+            str(p.pid or "?"), p.name or "-", p.accel,
+            size_name(p.config.ram) if p.config.ram else "?", p.run_state or "?", qmp, gdb)))
+        if p.exe_qemu is False:
+            warnings[len(rows) - 1] = [printable(n) for n in p.notes if n.startswith("not QEMU?")]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
-    for r in rows:
+    for n, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        lines.extend(f"  ^ {note}" for note in warnings.get(n, ()))
     return "\n".join(line.rstrip() for line in lines)

@@ -228,11 +228,20 @@ class _QiMonitor:
     """What Session asks of a monitor, answered on gdb's connection: HMP lines through
     `monitor`, QMP commands only when `qi set qmp` gave a socket. Never stop or cont."""
 
-    watch_lifecycle = False
-
     def __init__(self, stub, qmp=None):
         self.stub = stub
         self.qmp = qmp
+        # QMP's events when a socket was given (a resume behind gdb's back), else none
+        self.listeners = qmp.listeners if qmp is not None else []
+        self.after_reply = qmp.after_reply if qmp is not None else []
+
+    def poll(self) -> None:
+        if self.qmp is not None:
+            self.qmp.poll()
+
+    def sync(self) -> None:
+        if self.qmp is not None:        # (without QMP there are no events to wait for)
+            self.qmp.sync()
 
     def command(self, name: str, **arguments):
         from qintrospect.qmp import QmpCommandError, check_allowed
@@ -266,7 +275,9 @@ def _qi_session_class():
     from qintrospect.errors import AttachError, QIError, UsageError
     from qintrospect.host import HostProcess, RamMap, process_exists
     from qintrospect.memory import DirectMemory
-    from qintrospect.qmp import QmpMonitor, parse_address, peer_pid
+    from qintrospect.peers import socket_owner
+    from qintrospect.qmp import QmpMonitor, parse_address
+    from qintrospect.runguard import RunGuard
     from qintrospect.session import Session
 
     memory_class = _qi_memory_class()
@@ -302,13 +313,16 @@ def _qi_session_class():
             try:
                 regs = self.stub.registers()     # first: gdb may read at PC (virtual mode)
                 self.qmp = self._connect_monitor()
-                self.found_status = {"status": "debug", "running": False}
+                status = {"status": "debug", "running": False}
                 if self.qmp.qmp is not None:
                     status = self.qmp.command("query-status")
-                    if status.get("running"):
-                        self.found_status = status      # no cache: it may change under us
+                    if status.get("running"):      # no cache: it may change under us
                         self.warnings.append("the VM runs although gdb is attached (resumed "
                                              "through QMP?): what qi reads may change meanwhile")
+                # gdb holds the run state: watched (a resume through QMP), never changed
+                self.guard = RunGuard(self._connect_monitor, self._vm_key, None,
+                                      self.timeout, self.warnings)
+                self.guard.observe(self.qmp, status)
                 threads = sorted(self.stub.inferior.threads(), key=lambda t: t.ptid[1])
                 thread = gdb.selected_thread()
                 index = thread.ptid[1] - 1 if thread.ptid[1] > 0 else thread.num - 1
@@ -341,9 +355,11 @@ def _qi_session_class():
             pid, how = self.requested_pid, "qi set pid"
             if pid is None:
                 how = "the gdbstub's socket peer"
-                try:   # only a local stub's peer is this host's process
+                try:   # only a local stub's owner is this host's process (read from the
+                    # kernel's socket tables: connecting would queue behind gdb, and QEMU
+                    # would stop the VM when it took that connection after gdb left)
                     address = parse_address(self.stub.details or "", "gdb's target")
-                    pid = peer_pid(address)
+                    pid = socket_owner(address)
                 except (UsageError, OSError):
                     pid = None
             if pid is None:
@@ -379,9 +395,11 @@ def _qi_session_class():
 
         def close(self, hold: bool = False):
             try:
-                if self.qmp is not None:
+                if self.guard is not None:
+                    self.guard.close_monitor()
+                elif self.qmp is not None:
                     self.qmp.close()
-                    self.qmp = None
+                self.qmp = None
                 if self.process is not None:
                     self.process.close()
             finally:

@@ -41,8 +41,16 @@ class RamRegion:
         return None if self.hva is None else self.hva + (gpa - self.start)
 
 
+# Guest-physical ranges whose backing the guest itself switches through its chipset: SMRAM
+# (VGA or RAM at 0xa0000-0xbffff) and PAM (RAM or the BIOS ROM at 0xc0000-0xfffff).
+SWITCHED = (0xA0000, 0x100000)
+
+
 class RamMap:
-    """Which guest-physical ranges are RAM (safe to read) and which are devices (never read)."""
+    """Which guest-physical ranges are RAM (safe to read) and which are devices (never read).
+
+    A map kept across commands (a shell) sets `before_switched`: called once, then cleared,
+    before the first look-up of a GPA in SWITCHED, to read the map again (replace_with)."""
 
     def __init__(self, regions: List[Region], hvas: Dict[int, int]):
         self.regions = sorted(regions, key=lambda r: r.start)
@@ -50,6 +58,20 @@ class RamMap:
         self.ram = [RamRegion(r.start, r.end, r.kind, r.name, r.offset, hvas.get(r.start))
                     for r in self.regions if r.is_ram]
         self._ram_starts = [r.start for r in self.ram]
+        self.before_switched = None
+
+    def replace_with(self, other: "RamMap") -> bool:
+        """Take `other`'s regions (a map read again) in place, so that every holder of this
+        map sees them; whether anything changed."""
+        changed = (other.regions, other.ram) != (self.regions, self.ram)
+        self.regions, self._starts = other.regions, other._starts
+        self.ram, self._ram_starts = other.ram, other._ram_starts
+        return changed
+
+    def _look(self, gpa: int) -> None:
+        if self.before_switched is not None and SWITCHED[0] <= gpa < SWITCHED[1]:
+            hook, self.before_switched = self.before_switched, None
+            hook()
 
     @classmethod
     def from_qmp(cls, qmp) -> "RamMap":
@@ -65,6 +87,8 @@ class RamMap:
         return cls(regions, hvas)
 
     def ram_at(self, gpa: int) -> Optional[RamRegion]:
+        if self.before_switched is not None:
+            self._look(gpa)
         i = bisect.bisect_right(self._ram_starts, gpa) - 1
         if i >= 0 and self.ram[i].start <= gpa <= self.ram[i].end:
             return self.ram[i]
@@ -72,6 +96,8 @@ class RamMap:
 
     def region_at(self, gpa: int) -> Optional[Region]:
         """The topmost region at gpa (the flat view has no overlaps)."""
+        if self.before_switched is not None:
+            self._look(gpa)
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i >= 0 and self.regions[i].start <= gpa <= self.regions[i].end:
             return self.regions[i]

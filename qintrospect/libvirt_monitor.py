@@ -3,14 +3,14 @@
 libvirt keeps QEMU's own monitor socket to itself, so qintrospect reaches QMP through libvirt's
 interface: virDomainQemuMonitorCommand (virsh qemu-monitor-command) carries one QMP command and
 brings back QEMU's answer. LibvirtMonitor offers QmpMonitor's interface (command, hmp,
-watch_lifecycle / check_lifecycle, close) so a Session uses it unchanged, and every message
+listeners, poll, close) so a Session uses it unchanged, and every message
 passes qmp.check_allowed first: the read-only allowlist holds here too. `stop` and `cont` (only
 ever sent to put the run state back as found) go through libvirt's own virDomainSuspend /
 virDomainResume, so libvirt's idea of the domain's state stays right.
 
-Resets are seen as with QMP: QEMU's RESET / SHUTDOWN / POWERDOWN events, which libvirt forwards
+Events are seen as with QMP: QEMU's events (RESUME, RESET, SHUTDOWN...), which libvirt forwards
 (virConnectDomainQemuMonitorEventRegister, delivered by libvirt's default event loop on a
-background thread), make the next command raise VMGoneError while the VM runs as we read.
+background thread), go to the listeners (runguard.RunGuard) as they come.
 
 libvirt commands with a custom monitor command mark the domain "tainted: custom-monitor" in
 its log; that is libvirt's bookkeeping, nothing changes in the guest.
@@ -21,7 +21,7 @@ import threading
 from typing import Callable, List, Optional
 
 from .errors import AttachError, UsageError, VMGoneError
-from .qmp import LIFECYCLE_EVENTS, Monitor, QmpCommandError, check_allowed
+from .qmp import Monitor, QmpCommandError, check_allowed
 from .record import field, record
 
 DEFAULT_URI = "qemu:///system"
@@ -111,13 +111,12 @@ class LibvirtMonitor(Monitor):
         self.domain_name = domain
         self.uri = uri or DEFAULT_URI
         self.timeout = timeout
-        self.watch_lifecycle = False
+        self.listeners: List[Callable] = []    # called with each event's name
+        self.after_reply: List[Callable] = []  # called after each reply (QmpMonitor's)
         self.greeting = None
         self._conn = None
         self._dom = None
         self._callback = None
-        self._events: List[str] = []
-        self._lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -140,24 +139,12 @@ class LibvirtMonitor(Monitor):
         return self
 
     def _on_event(self, _conn, _dom, event, _seconds, _micros, _details, _opaque) -> None:
-        if event in LIFECYCLE_EVENTS:
-            with self._lock:
-                self._events.append(event)
+        if isinstance(event, str):
+            for listener in list(self.listeners):
+                listener(event)
 
-    def check_lifecycle(self) -> None:
-        """As QmpMonitor.check_lifecycle: VMGoneError if the guest reset or shut down since the
-        last check, when watch_lifecycle says to look."""
-        if not self.watch_lifecycle:
-            return
-        with self._lock:
-            events, self._events = self._events, []
-        if not events:
-            return
-        what = {"RESET": "reset (rebooted)", "SHUTDOWN": "shut down",
-                "POWERDOWN": "was asked to power down"}.get(events[-1], events[-1])
-        raise VMGoneError(f"the guest {what} while qintrospect was reading it, so what was read "
-                          "mixes memory from before and after; run the command again, or attach "
-                          "with --gdb or --freeze for one consistent view")
+    def poll(self) -> None:
+        """(Events come on libvirt's own thread, as they are sent: nothing to take in.)"""
 
     def command(self, name: str, **arguments) -> object:
         """Run one allowlisted QMP command through libvirt and return its 'return' value."""
@@ -178,6 +165,8 @@ class LibvirtMonitor(Monitor):
                     message["arguments"] = arguments
                 text = libvirt_qemu.qemuMonitorCommand(self._dom, json.dumps(message), 0)
                 reply = json.loads(text)
+                if not isinstance(reply, dict):
+                    raise ValueError(f"a {type(reply).__name__}, not an object")
                 if "error" in reply:
                     err = reply["error"]
                     desc = err.get("desc", err) if isinstance(err, dict) else err
@@ -186,10 +175,11 @@ class LibvirtMonitor(Monitor):
         except libvirt.libvirtError as exc:
             raise VMGoneError(f"libvirt could not run QMP {name} on domain {self.domain_name}: "
                               f"{_message(exc)}") from None
-        except ValueError as exc:       # not JSON
-            raise VMGoneError(f"libvirt gave an answer to QMP {name} that is not JSON: "
+        except (ValueError, RecursionError) as exc:       # not JSON, or not QMP's
+            raise VMGoneError(f"libvirt gave an answer to QMP {name} that is not QMP's JSON: "
                               f"{exc}") from None
-        self.check_lifecycle()
+        for hook in tuple(self.after_reply):
+            hook()
         return result
 
     def close(self) -> None:

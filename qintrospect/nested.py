@@ -20,6 +20,8 @@ from .record import field, record
 from .session import Session, Translation
 from .slat import SecondLevel, SlatSpec
 
+PAGE = 4096
+
 
 @record
 class HopSpec:
@@ -129,7 +131,7 @@ def translate_nested(inner: HopSpec, outers: List[HopSpec], addresses: List[int]
             held.append(session)
             spec_k = slat_spec if slat_spec is not None and (slat_spec.auto or k == 1) else None
             _walk_outer(session, pending, names[k], spec_k, _root_probe(held[-2], pending),
-                        progress)
+                        progress, held[-2].ram_map)
             session.close(hold=True)
             _stamp(pending, k, time.perf_counter() - t0)
     finally:
@@ -182,7 +184,8 @@ def _root_probe(inner: Session, pending: List[NestedTranslation]):
 
 
 def _walk_outer(session: Session, pending: List[NestedTranslation], name: str,
-                slat_spec: Optional[SlatSpec] = None, root_probe=None, progress=None) -> None:
+                slat_spec: Optional[SlatSpec] = None, root_probe=None, progress=None,
+                inner_ram=None) -> None:
     first_hva, first_value = _next_address(pending[0])
     roots = [c for c in session.find_cr3(first_hva, first_value) if c.value_matches]
     if not roots:
@@ -206,11 +209,12 @@ def _walk_outer(session: Session, pending: List[NestedTranslation], name: str,
                         f"{t.gpa:#x}: they disagree")
         r.hops.append(hop)
     if slat_spec is not None:
-        _second_level(session, pending, ts, name, slat_spec, root, root_probe, progress)
+        _second_level(session, pending, ts, name, slat_spec, root, root_probe, progress,
+                      inner_ram)
 
 
 def _second_level(session: Session, pending, ts, name: str, spec: SlatSpec, root: int,
-                  root_probe, progress) -> None:
+                  root_probe, progress, inner_ram) -> None:
     """The outer hypervisor's table for each inner GPA, over the outer VM's RAM, beside what
     the process tables say (the outer GPA of the inner QEMU's HVA)."""
     probes = []
@@ -225,7 +229,8 @@ def _second_level(session: Session, pending, ts, name: str, spec: SlatSpec, root
     formats = ("ept", "npt") if vendor == "GenuineIntel" else ("npt", "ept")
     second = SecondLevel.resolve(session.memory, finder.ram_chunks(session.memory,
                                                                    session.ram_map),
-                                 spec, probes, formats, progress)
+                                 spec, probes, formats, progress,
+                                 lambda: _spread_probes(session, root, inner_ram))
     if second.spec is not None:   # 1 GiB leaves as the outer (virtual) CPU offers them
         cap = session.vcpu_property("pdpe1gb" if second.spec.format == "npt" else "vmx-ept-1gb")
         second.page1gb = cap if isinstance(cap, bool) else None
@@ -234,6 +239,21 @@ def _second_level(session: Session, pending, ts, name: str, spec: SlatSpec, root
         inner.slat = second.result(inner.gpa, t.gpa if t.ok else None)
         if inner.slat.agrees is False and not r.hops[-1].note:
             r.hops[-1].note = inner.slat.note
+
+
+def _spread_probes(session: Session, root: int, inner_ram, count: int = 64) -> list:
+    """(inner GPA, outer GPA) of pages spread over the inner VM's RAM: the inner QEMU's HVA of
+    each walked in the outer VM with that QEMU's root. More keys for roots that tie."""
+    if inner_ram is None:
+        return []
+    regions = [r for r in inner_ram.ram if r.kind == "ram" and r.hva is not None]
+    total = sum(r.end + 1 - r.start for r in regions)
+    if not total:
+        return []
+    step = max(PAGE, total // count // PAGE * PAGE)
+    gpas = [g for r in regions for g in range(r.start, r.end + 1, step)]
+    hvas = [inner_ram.ram_at(g).hva_of(g) for g in gpas]
+    return [(g, t.gpa) for g, t in zip(gpas, session.translate_many(hvas, cr3=root)) if t.ok]
 
 
 def _stamp(results, k, seconds) -> None:

@@ -14,10 +14,12 @@ import os
 import re
 import socket
 import time
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from .errors import AttachError, ParseError, UsageError, VMGoneError
+from .jsonl_socket import JsonLines, ProtocolError
 from .record import record
+from .textsafe import printable
 
 # QMP commands qintrospect may send. Nothing here changes guest memory or registers.
 ALLOWED_QMP = frozenset({
@@ -53,8 +55,6 @@ SocketAddress = Union[str, Tuple[str, int]]
 GREETING_TIMEOUT = 1.5
 MAX_MESSAGE = 64 << 20     # the largest QMP line accepted (`info tlb` of a big guest is MBs)
 MAX_DRAIN = 1 << 20        # events read between exchanges, at most, per look
-# Events after which guest memory read before no longer goes with memory read after.
-LIFECYCLE_EVENTS = ("RESET", "SHUTDOWN", "POWERDOWN")
 
 
 def parse_address(text: str, what: str, allow_remote: bool = False) -> SocketAddress:
@@ -124,12 +124,158 @@ class QmpCommandError(AttachError):
     exit_status = 1
 
 
+# ---- what QMP's messages must look like -------------------------------------------------------
+# A monitor's messages come from QEMU, or from whatever answers on its socket: behind a guest's
+# serial line (the nested rigs) the guest writes them, and any process may call itself QEMU.
+# Every field qintrospect reads is checked before it is read; one that is wrong is a
+# ProtocolError (an AttachError: exit 3) naming the socket, what was wrong and a piece of the
+# message. Lines, UTF-8 and JSON are checked by the reader (jsonl_socket.JsonLines).
+
+QmpProtocolError = ProtocolError       # the name callers of this module know it by
+
+_KIND = {dict: "an object", list: "an array", str: "a string", int: "an integer",
+         bool: "true or false"}
+
+# What each allowed command's "return" must be: (its type, the fields its objects may have with
+# their types (of each item, for an array), the fields they must have). None: any JSON value.
+_RETURNS: Dict[str, tuple] = {
+    "qmp_capabilities": (dict, {}, ()),
+    "stop": (dict, {}, ()),
+    "cont": (dict, {}, ()),
+    "query-status": (dict, {"status": str, "running": bool}, ("status", "running")),
+    "query-kvm": (dict, {"enabled": bool, "present": bool}, ("enabled", "present")),
+    "query-cpus-fast": (list, {"cpu-index": int, "qom-path": str, "thread-id": int,
+                               "target": str}, ("cpu-index",)),
+    "query-stats": (list, {}, ()),
+    "query-memory-size-summary": (dict, {"base-memory": int, "plugged-memory": int},
+                                  ("base-memory",)),
+    "human-monitor-command": (str, None, ()),
+    "qom-get": (None, None, ()),
+}
+
+
+def sample(value) -> str:
+    """A short printable rendering of a message (JSON, non-ASCII escaped), for errors."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return f"({type(value).__name__})"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _malformed(where: str, what: str, why: str, value) -> ProtocolError:
+    return ProtocolError(where, f"malformed {what} ({why})", sample(value))
+
+
+def check_greeting(msg: dict, where: str) -> dict:
+    """The "QMP" object of a greeting, every field of it checked: {"QMP": {"version":
+    {"qemu": {"major", "minor", "micro": integers}, "package": text}, "capabilities":
+    [text...]}} (version and capabilities may be missing; when there, they are right)."""
+    if "QMP" not in msg:
+        raise ProtocolError(where, "not a QMP greeting", sample(msg))
+    qmp = msg["QMP"]
+    if type(qmp) is not dict:
+        raise _malformed(where, "greeting", '"QMP" is not an object', msg)
+    if "version" in qmp:
+        version = qmp["version"]
+        if type(version) is not dict:
+            raise _malformed(where, "greeting", '"version" is not an object', msg)
+        if "qemu" in version:
+            qemu = version["qemu"]
+            if type(qemu) is not dict:
+                raise _malformed(where, "greeting", '"qemu" is not an object', msg)
+            for key in ("major", "minor", "micro"):
+                if type(qemu.get(key)) is not int:
+                    raise _malformed(where, "greeting", f'"qemu" "{key}" is not an integer', msg)
+        if "package" in version and type(version["package"]) is not str:
+            raise _malformed(where, "greeting", '"package" is not a string', msg)
+    if "capabilities" in qmp:
+        caps = qmp["capabilities"]
+        if type(caps) is not list or any(type(c) is not str for c in caps):
+            raise _malformed(where, "greeting", '"capabilities" is not an array of strings', msg)
+    return qmp
+
+
+def greeting_version(qmp: dict) -> Optional[str]:
+    """"7.2.22" from a greeting's checked "QMP" object, or None when it does not say."""
+    qemu = qmp.get("version", {}).get("qemu")
+    return "{major}.{minor}.{micro}".format(**qemu) if qemu else None
+
+
+def check_event(msg: dict, where: str) -> str:
+    """An event's name: "event" must be text, "data" (when there) an object."""
+    name = msg["event"]
+    if type(name) is not str:
+        raise _malformed(where, "event", '"event" is not a string', msg)
+    if "data" in msg and type(msg["data"]) is not dict:
+        raise _malformed(where, "event", '"data" is not an object', msg)
+    return name
+
+
+def check_reply(msg: dict, name: str, where: str) -> dict:
+    """The reply to `name`, checked: an "error" object with a text "desc", or a "return" of the
+    shape the command returns (see _RETURNS)."""
+    what = f"reply to {name}"
+    if "error" in msg:
+        error = msg["error"]
+        if type(error) is not dict:
+            raise _malformed(where, what, '"error" is not an object', msg)
+        if type(error.get("desc")) is not str:
+            raise _malformed(where, what, '"error" "desc" is not a string', msg)
+        if "class" in error and type(error["class"]) is not str:
+            raise _malformed(where, what, '"error" "class" is not a string', msg)
+        return msg
+    if "return" not in msg:
+        raise _malformed(where, what, 'neither "return" nor "error"', msg)
+    kind, fields, required = _RETURNS.get(name, (None, None, ()))
+    if kind is None:
+        return msg
+    value = msg["return"]
+    if type(value) is not kind:
+        raise _malformed(where, what, f'"return" is not {_KIND[kind]}', msg)
+    if fields:
+        for n, item in enumerate(value if kind is list else (value,)):
+            at = f"item {n}: " if kind is list else ""
+            if type(item) is not dict:
+                raise _malformed(where, what, f'"return" {at}not an object', msg)
+            for key in required:
+                if key not in item:
+                    raise _malformed(where, what, f'{at}no "{key}"', msg)
+            for key, want in fields.items():
+                if key in item and type(item[key]) is not want:
+                    raise _malformed(where, what, f'{at}"{key}" is not {_KIND[want]}', msg)
+    return msg
+
+
+def await_reply(lines: JsonLines, ident: str, name: str, deadline: float,
+                on_event: Optional[Callable[[dict], None]] = None) -> dict:
+    """Read until the reply that carries `ident` and return it, checked (check_reply). Events
+    met on the way are checked and given to on_event; replies of other ids (an earlier
+    client's, a command given up on) are skipped. socket.timeout past `deadline`."""
+    where = lines.where
+    while True:
+        msg = lines.read(deadline)
+        if type(msg) is not dict:
+            raise ProtocolError(where, "a message that is not a JSON object", sample(msg))
+        if "event" in msg:
+            check_event(msg, where)
+            if on_event is not None:
+                on_event(msg)
+            continue
+        if msg.get("id") == ident:
+            return check_reply(msg, name, where)
+
+
 class Monitor:
     """What a session asks of a monitor, however it is reached: command(name, **arguments),
     which passes check_allowed first; hmp() is human-monitor-command on top of it."""
 
     def command(self, name: str, **arguments) -> object:
         raise NotImplementedError
+
+    def sync(self) -> None:
+        """One round trip: every event QEMU sent before it has then reached the listeners."""
+        self.command("query-status")
 
     def hmp(self, command_line: str, cpu_index: Optional[int] = None) -> str:
         """Run one allowlisted HMP command through QMP and return what it prints."""
@@ -145,18 +291,50 @@ class QmpMonitor(Monitor):
     QMP is one JSON object a line: a greeting, then replies that carry the id of their command,
     and asynchronous events. No event loop, nothing to import but sockets and json (a command
     line that attaches once pays for nothing more). Every message passes check_allowed first.
+    Every message read is checked (see check_greeting, check_reply, check_event): a monitor
+    that breaks the protocol is a ProtocolError (exit 3) naming the socket, never a crash.
     """
 
     def __init__(self, address: SocketAddress, timeout: float = 10.0):
         self.address = address
         self.timeout = timeout
-        self._sock: Optional[socket.socket] = None
-        self._buffer = b""
+        self._where = f"QMP at {describe_address(address)}"
+        self._lines: Optional[JsonLines] = None     # the connection, and what it has sent
+        self._broken: Optional[str] = None  # why it was closed: the protocol error it made
         self._id = 0
-        self._lifecycle: List[str] = []      # lifecycle events seen since the last check
-        self._events = 0                     # events of any kind seen since mark()
-        self.watch_lifecycle = False
+        # called with each event's name (runguard.RunGuard: resumes, resets), and after each
+        # reply (the guard may end a read an event spoiled: VMGoneError)
+        self.listeners: List[Callable[[str], None]] = []
+        self.after_reply: List[Callable[[], None]] = []
         self.greeting: Optional[dict] = None
+
+    # the connected socket (None when not connected); setting it starts reading it
+    @property
+    def _sock(self) -> Optional[socket.socket]:
+        return self._lines.sock if self._lines is not None else None
+
+    @_sock.setter
+    def _sock(self, sock: Optional[socket.socket]) -> None:
+        self._lines = JsonLines(sock, MAX_MESSAGE, self._where) if sock is not None else None
+
+    def _reader(self) -> JsonLines:
+        lines = self._lines
+        if lines is None:
+            raise self._not_connected()
+        lines.max_line = MAX_MESSAGE         # a module setting, read at each use
+        return lines
+
+    def _not_connected(self) -> VMGoneError:
+        if self._broken:
+            return VMGoneError(f"{self._where}: not talked to since it broke the protocol: "
+                               f"{self._broken}")
+        return VMGoneError("QMP is not connected")
+
+    def _break(self, exc: ProtocolError) -> None:
+        """After a protocol error the monitor is not talked to again (after a line over the
+        cap, the rest of it would be read as the next line; and it is not QEMU's)."""
+        self._broken = exc.problem + (f": {exc.sample}" if exc.sample else "")
+        self.close()
 
     def connect(self) -> "QmpMonitor":
         """Connect and negotiate. A QMP endpoint behind a guest's serial line (nested rigs)
@@ -184,6 +362,10 @@ class QmpMonitor(Monitor):
         self._sock = sock
         try:
             self._negotiate(where)
+        except OSError as exc:               # reset by the peer, and the like
+            self.close()
+            raise AttachError(f"{self._where}: the connection failed while negotiating: "
+                              f"{exc.strerror or exc}") from None
         except BaseException:
             self.close()
             raise
@@ -194,10 +376,14 @@ class QmpMonitor(Monitor):
             first = self._message(min(self.timeout, GREETING_TIMEOUT))
         except socket.timeout:
             first = None                       # no greeting: a serial line, greeted long ago
-        if first is not None and "QMP" not in first:
-            raise AttachError(f"{where} is not a QMP socket: it greeted with "
-                              f"{json.dumps(first)[:80]}")
-        self.greeting = first
+        if first is None or "return" in first or "error" in first:
+            pass                               # (a serial line's stale reply: skipped)
+        elif "event" in first:                 # greeted long ago; an event came first
+            check_event(first, self._where)
+            self._note_event(first)
+        else:
+            check_greeting(first, self._where)     # ProtocolError: not QMP, or malformed
+            self.greeting = first
         check_allowed("qmp_capabilities")
         try:
             reply = self._exchange("qmp_capabilities", None)
@@ -206,121 +392,65 @@ class QmpMonitor(Monitor):
                               "a QMP socket (not HMP or a serial console), and is nobody else "
                               "connected to it?") from None
         error = reply.get("error")
-        if error and "already complete" not in error.get("desc", ""):
+        if error is not None and "already complete" not in error["desc"]:
             raise AttachError(f"QMP at {where} refused qmp_capabilities: "
-                              f"{error.get('desc', error)}")
+                              f"{printable(error['desc'])}")
 
     def _message(self, timeout: float) -> dict:
-        """The next message (raises socket.timeout after `timeout` seconds of nothing, or
-        AttachError for text that is not QMP's JSON)."""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout()
-            self._sock.settimeout(left)
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("QEMU closed the QMP connection")
-            self._buffer += chunk
-            if len(self._buffer) > MAX_MESSAGE:
-                raise AttachError(f"QMP at {describe_address(self.address)} sent more than "
-                                  f"{MAX_MESSAGE >> 20} MiB without a line end: not QMP")
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            raise AttachError(f"{describe_address(self.address)} is not QMP: it sent "
-                              f"{line[:80]!r}") from None
-        if not isinstance(msg, dict):
-            raise AttachError(f"{describe_address(self.address)} is not QMP: it sent {line[:80]!r}")
+        """The next message, a JSON object (socket.timeout after `timeout` seconds of nothing;
+        ProtocolError for anything else)."""
+        msg = self._reader().read(time.monotonic() + timeout)
+        if type(msg) is not dict:
+            raise ProtocolError(self._where, "a message that is not a JSON object", sample(msg))
         return msg
 
     def _exchange(self, name: str, arguments: Optional[dict]) -> dict:
-        """Send one command and return its reply (the message with its id); events met on the
-        way are kept for check_lifecycle, stale replies of other ids skipped."""
+        """Send one command and return its reply, checked (the message with its id); events
+        met on the way go to the listeners, stale replies of other ids are skipped."""
+        lines = self._reader()
         self._id += 1
         ident = f"qi-{self._id}"
         msg = {"execute": name, "id": ident}
         if arguments:
             msg["arguments"] = arguments
-        self._sock.settimeout(self.timeout)
-        self._sock.sendall(json.dumps(msg).encode() + b"\n")
-        deadline = time.monotonic() + self.timeout
-        while True:
-            reply = self._message(max(0.0, deadline - time.monotonic()))
-            if "event" in reply:
-                self._note_event(reply)
-                continue
-            if reply.get("id") == ident:
-                return reply
+        sock = lines.sock
+        sock.settimeout(self.timeout)
+        sock.sendall(json.dumps(msg).encode() + b"\n")
+        return await_reply(lines, ident, name, time.monotonic() + self.timeout,
+                           self._note_event)
 
     def _note_event(self, msg: dict) -> None:
-        self._events += 1
-        if msg["event"] in LIFECYCLE_EVENTS:
-            self._lifecycle.append(msg["event"])
+        """Tell the listeners of an event (checked by the caller: check_event)."""
+        for listener in tuple(self.listeners):
+            listener(msg["event"])
 
-    def mark(self) -> None:
-        """Start counting QEMU's events afresh (see events_since_mark)."""
-        self._drain()
-        self._events = 0
-
-    def events_since_mark(self) -> int:
-        """How many events QEMU sent since mark(), read without waiting. QEMU tells every QMP
-        monitor of each change of run state (RESUME, STOP, RESET, SHUTDOWN, ...): none since
-        a paused VM's registers were read means they still hold."""
-        self._drain()
-        return self._events
-
-    def _drain(self) -> None:
+    def poll(self) -> None:
         """Take in what QEMU sent since the last exchange (events), without waiting: at most
         MAX_DRAIN bytes a call (a monitor that never stops talking cannot hold us here; the
         rest is read at the next exchange), and no line longer than MAX_MESSAGE."""
-        if self._sock is None:
-            raise VMGoneError("QMP is not connected")
-        self._sock.setblocking(False)
-        taken = 0
+        lines = self._reader()
         try:
-            while taken < MAX_DRAIN:
-                try:
-                    chunk = self._sock.recv(min(65536, MAX_DRAIN - taken))
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    raise VMGoneError(f"QMP connection lost: {exc.strerror or exc}") from None
-                if not chunk:
-                    raise VMGoneError("QEMU closed the QMP connection")
-                taken += len(chunk)
-                self._buffer += chunk
-                while b"\n" in self._buffer:
-                    msg = self._message(0)
-                    if "event" in msg:   # anything else is a stale reply: nobody waits for it
-                        self._note_event(msg)
-                if len(self._buffer) > MAX_MESSAGE:
-                    raise AttachError(f"QMP at {describe_address(self.address)} sent more "
-                                      f"than {MAX_MESSAGE >> 20} MiB without a line end: "
-                                      "not QMP")
-        finally:
-            self._sock.settimeout(self.timeout)
-
-    def check_lifecycle(self) -> None:
-        """Raise VMGoneError if the guest reset or shut down since the last check. Only a VM
-        that runs while we read (no gdb, no --freeze) can: watch_lifecycle says to look."""
-        if not self.watch_lifecycle or not self._lifecycle:
-            return
-        event = self._lifecycle[-1]
-        self._lifecycle.clear()
-        what = {"RESET": "reset (rebooted)", "SHUTDOWN": "shut down",
-                "POWERDOWN": "was asked to power down"}.get(event, event)
-        raise VMGoneError(f"the guest {what} while qintrospect was reading it, so what was read "
-                          "mixes memory from before and after; run the command again, or attach "
-                          "with --gdb or --freeze for one consistent view")
+            lines.fill(MAX_DRAIN)
+        except OSError as exc:
+            raise VMGoneError(f"QMP connection lost: {exc.strerror or exc}") from None
+        try:
+            for msg in lines.ready():
+                if type(msg) is not dict:
+                    raise ProtocolError(self._where, "a message that is not a JSON object",
+                                        sample(msg))
+                if "event" in msg:   # anything else is a stale reply: nobody waits for it
+                    check_event(msg, self._where)
+                    self._note_event(msg)
+        except ProtocolError as exc:
+            self._break(exc)
+            raise
 
     def command(self, name: str, **arguments) -> object:
-        """Run one allowlisted QMP command and return its 'return' value."""
+        """Run one allowlisted QMP command and return its 'return' value, checked: of the
+        shape the command returns (_RETURNS), else a ProtocolError."""
         check_allowed(name, arguments)
-        if self._sock is None:
-            raise VMGoneError("QMP is not connected")
+        if self._lines is None:
+            raise self._not_connected()
         try:
             reply = self._exchange(name, arguments or None)
         except socket.timeout:
@@ -329,33 +459,29 @@ class QmpMonitor(Monitor):
         except OSError as exc:
             raise VMGoneError(f"QMP connection lost during {name}: "
                               f"{exc.strerror or exc}") from None
+        except ProtocolError as exc:
+            self._break(exc)
+            raise
         if "error" in reply:
-            error = reply["error"]
             raise QmpCommandError(f"QEMU refused QMP {name}: "
-                                  f"{error.get('desc', error) if isinstance(error, dict) else error}")
-        self.check_lifecycle()
-        return reply.get("return")
+                                  f"{printable(reply['error']['desc'])}")
+        for hook in tuple(self.after_reply):
+            hook()
+        return reply["return"]
 
     def peer_pid(self) -> Optional[int]:
-        """The pid of the process at the other end of a Unix socket monitor (SO_PEERCRED), or
-        None (TCP, or not known)."""
-        if self._sock is None or self._sock.family != socket.AF_UNIX:
-            return None
-        import struct
-        try:
-            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                          struct.calcsize("3i"))
-        except OSError:
-            return None
-        return struct.unpack("3i", creds)[0] or None
+        """The pid of the process at the other end of this Unix socket connection
+        (SO_PEERCRED), or None (TCP, or not known)."""
+        from .peers import connected_peer
+        return connected_peer(self._sock)
 
     def close(self) -> None:
-        if self._sock is not None:
+        lines, self._lines = self._lines, None
+        if lines is not None:
             try:
-                self._sock.close()
+                lines.sock.close()
             except OSError:
                 pass
-            self._sock = None
 
 
 # ---- parsers for what QEMU prints ------------------------------------------------------------
@@ -488,54 +614,3 @@ def parse_gva2gpa(text: str) -> Optional[int]:
     if "Unmapped" in (text or ""):
         return None
     raise ParseError(f"gva2gpa: unexpected answer {(text or '').strip()[:120]!r}")
-
-
-def peer_pid(address: SocketAddress) -> Optional[int]:
-    """The pid of the process serving a local socket: SO_PEERCRED for Unix sockets, the owner
-    of the listening socket (/proc/net/tcp + /proc/*/fd) for loopback TCP. None if unknown.
-
-    For a socket reached through another VM's serial port this is that VM's QEMU, not the one
-    behind the monitor: callers check the process really holds the VM's RAM before using it.
-    """
-    if isinstance(address, str):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(2.0)
-        try:
-            # A second client on QEMU's chardev waits in the backlog; SO_PEERCRED is filled in
-            # at connect() time all the same, so we can ask and leave at once.
-            s.connect(address)
-            import struct
-            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid = struct.unpack("3i", creds)[0]
-            return pid or None
-        except OSError:
-            return None
-        finally:
-            s.close()
-    return _tcp_listener_pid(address[1])
-
-
-def _tcp_listener_pid(port: int) -> Optional[int]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local, state, inode = fields[1], fields[3], fields[9]
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{inode}]")
-        except OSError:
-            continue
-    if not inodes:
-        return None
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            for fd in os.listdir(fd_dir):
-                if os.readlink(f"{fd_dir}/{fd}") in inodes:
-                    return int(pid)
-        except OSError:
-            continue
-    return None

@@ -179,10 +179,11 @@ def slat_lines(r, show_bits: bool = True) -> List[str]:
     then whether it agrees with the pagemap path."""
     how = r.how or {}
     if r.spec.root is None:
-        return [f"  second-level table: not found ({r.note or how.get('note', '')})"]
+        what = "not chosen" if how.get("ambiguous") else "not found"
+        return [f"  second-level table: {what} ({r.note or how.get('note', '')})"]
     kind = r.spec.format.upper()
-    took = (f", found in {how['seconds']:.2f} s" if how.get("method") == "found"
-            and "seconds" in how else " (given)")
+    from .slat import found_how
+    took = found_how(how)
     out = [f"  {kind} (the hypervisor's second-level table), root {r.spec.root:#x}, "
            f"{r.spec.depth} levels{took}"]
     w = r.walk

@@ -6,8 +6,11 @@ both back. A qintrospect killed with SIGKILL cannot, and QEMU reports the VM as 
 command knows the pause was ours (`qintrospect resume`) and which memory mode to put back.
 
 qintrospect often runs as root, so the marker lives in a folder that must be this user's own
-(mode 0700, checked, never followed through a symlink), and is written to a fresh file
-(O_EXCL|O_NOFOLLOW) that is then renamed over the old one.
+(mode 0700, checked, never followed through a symlink), inside $XDG_RUNTIME_DIR only when that
+is this user's own too (under `su` it is the other user's: the temporary folder then), and
+every file in it is reached relative to the folder opened once (a descriptor: renaming the
+folder's path away cannot redirect a write or an unlink elsewhere). A marker is written to a
+fresh file (O_EXCL|O_NOFOLLOW) that is then renamed over the old one.
 
 Beside it, a lock (flock) that one qintrospect holds while it relies on or changes the VM's run
 state, so that two never interleave: one finding the VM paused by the other and reading on
@@ -43,37 +46,70 @@ def _temp_base() -> str:
     return tempfile.gettempdir()
 
 
-def _folder() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or _temp_base()
-    folder = os.path.join(base, f"qintrospect-{os.geteuid()}")
+def _base() -> str:
+    """$XDG_RUNTIME_DIR when it is a folder of this user's own, else the temporary folder."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        try:
+            st = os.lstat(runtime)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                return runtime
+        except OSError:
+            pass
+    return _temp_base()
+
+
+_opened: dict = {}          # folder path -> its open descriptor (checked when opened)
+
+
+def _dir() -> int:
+    """The private folder, open (a descriptor every file operation here is relative to):
+    created 0700 if missing; a symlink, another user's folder or one open to others is
+    refused (RunStateError)."""
+    folder = os.path.join(_base(), f"qintrospect-{os.geteuid()}")
+    fd = _opened.get(folder)
+    if fd is not None:
+        try:                               # still the folder at that path?
+            here, there = os.fstat(fd), os.stat(folder, follow_symlinks=False)
+            if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+                return fd
+        except OSError:
+            pass
+        del _opened[folder]
+        os.close(fd)
     try:
         os.mkdir(folder, 0o700)
     except FileExistsError:
         pass
     except OSError as exc:
         raise RunStateError(f"cannot create {folder}: {exc.strerror or exc}") from None
-    st = os.lstat(folder)
-    if not stat.S_ISDIR(st.st_mode):
-        raise RunStateError(f"{folder} is not a folder (a symlink or a file); remove it")
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise RunStateError(f"{folder} is not a folder (a symlink or a file); "
+                            "remove it") from None
+    st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
         raise RunStateError(f"{folder} belongs to uid {st.st_uid} with mode "
                             f"{stat.S_IMODE(st.st_mode):o}, not to this user with mode 700; "
                             "remove it (or set XDG_RUNTIME_DIR to a private folder)")
-    return folder
+    _opened[folder] = fd
+    return fd
 
 
-def _path(qmp_key: str, kind: str = "") -> str:
+def _name(qmp_key: str, kind: str = "", suffix: str = ".json") -> str:
     try:
         from _sha1 import sha1      # CPython's own: the same digest without loading OpenSSL
     except ImportError:
         from hashlib import sha1
-    return os.path.join(_folder(), kind + sha1(qmp_key.encode()).hexdigest()[:16] + ".json")
+    return kind + sha1(qmp_key.encode()).hexdigest()[:16] + suffix
 
 
 def remembered(fact: str) -> bool:
     """Whether remember(fact) was said (by this user, in the private folder)."""
     try:
-        data = _read_own(_path(fact, "fact-"))
+        data = _read_own(_name(fact, "fact-"))
     except RunStateError:
         return False
     return data is not None and data.get("fact") == fact
@@ -82,17 +118,35 @@ def remembered(fact: str) -> bool:
 def remember(fact: str, pid: int) -> None:
     """Keep a fact about process `pid` for its lifetime; facts of processes gone are
     forgotten here, and lock files no one holds removed."""
-    folder = _folder()
+    folder = _dir()
     for name in os.listdir(folder):
         if name.startswith("fact-"):
-            owner = (_read_own(os.path.join(folder, name)) or {}).get("pid")
+            owner = (_read_own(name) or {}).get("pid")
             if isinstance(owner, int) and not alive(owner):
                 try:
-                    os.unlink(os.path.join(folder, name))
+                    os.unlink(name, dir_fd=folder)
                 except OSError:
                     pass
     _prune_locks(folder)
     _write(fact, {"fact": fact, "pid": pid}, "fact-")
+
+
+def cached(purpose: str, key: str) -> Optional[object]:
+    """What cache(purpose, key, value) kept, if it was kept under this very key; else None."""
+    try:
+        data = _read_own(_name(purpose, "cache-"))
+    except RunStateError:
+        return None
+    if data is None or data.get("key") != key:
+        return None
+    return data.get("value")
+
+
+def cache(purpose: str, key: str, value) -> None:
+    """Keep one JSON value per purpose (the newest key replaces the last), in the private
+    folder: facts worth a second command not computing again (e.g. offsets read from BTF,
+    keyed by the boot they hold for)."""
+    _write(purpose, {"key": key, "value": value}, "cache-")
 
 
 def vm_key(address, label: bool = False) -> str:
@@ -107,28 +161,30 @@ class Busy(AttachError):
     """Another qintrospect held the VM's lock for longer than this one would wait."""
 
 
-def _lock_path(qmp_key: str) -> str:
-    return _path(qmp_key)[:-len(".json")] + ".lock"
+def _lock_name(qmp_key: str) -> str:
+    return _name(qmp_key, suffix=".lock")
 
 
 def lock_file(qmp_key: str) -> int:
     """The open lock file of the VM behind qmp_key (this user's own, never a symlink)."""
-    return _open_lock(_lock_path(qmp_key), os.O_CREAT)
+    return _open_lock(_lock_name(qmp_key), _dir(), os.O_CREAT)
 
 
-def _open_lock(path: str, create: int = 0) -> int:
-    fd = os.open(path, os.O_RDWR | create | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _open_lock(name: str, folder: int, create: int = 0) -> int:
+    fd = os.open(name, os.O_RDWR | create | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=folder)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
-        raise RunStateError(f"{path} is not this user's own file; remove it")
+        raise RunStateError(f"{name} in the marker folder is not this user's own file; "
+                            "remove it")
     return fd
 
 
-def _names(path: str, fd: int) -> bool:
-    """Whether path is (still) the file open as fd."""
+def _names(name: str, fd: int) -> bool:
+    """Whether `name` in the folder is (still) the file open as fd."""
     try:
-        st = os.stat(path, follow_symlinks=False)
+        st = os.stat(name, dir_fd=_dir(), follow_symlinks=False)
     except FileNotFoundError:
         return False
     here = os.fstat(fd)
@@ -192,12 +248,12 @@ def lock(key: str, wait: float) -> None:
     if entry is not None:
         entry[1] += 1
         return
-    path, deadline = _lock_path(key), time.monotonic() + wait
+    name, deadline = _lock_name(key), time.monotonic() + wait
     while True:
         fd = lock_file(key)
         try:
             acquire(fd, max(0.0, deadline - time.monotonic()))
-            if _names(path, fd):
+            if _names(name, fd):
                 break
         except BaseException:
             os.close(fd)
@@ -213,34 +269,35 @@ def unlock(key: str) -> None:
     entry[1] -= 1
     if entry[1] == 0:
         del _held[key]
-        _remove_held(_lock_path(key), entry[0])
-        os.close(entry[0])              # (closing lets go of the lock)
+        try:
+            _remove_held(_lock_name(key), entry[0])
+        finally:
+            os.close(entry[0])              # (closing lets go of the lock)
 
 
-def _remove_held(path: str, fd: int) -> None:
+def _remove_held(name: str, fd: int) -> None:
     """Remove the lock file held as fd: while it is held, no one else holds it, and whoever
     waits on it sees it gone (lock)."""
     try:
-        if _names(path, fd):
-            os.unlink(path)
-    except OSError:
+        if _names(name, fd):
+            os.unlink(name, dir_fd=_dir())
+    except (OSError, RunStateError):
         pass
 
 
-def _prune_locks(folder: str) -> None:
+def _prune_locks(folder: int) -> None:
     """Lock files no one holds (left by a killed qintrospect): removed, each while held."""
     import fcntl
     for name in os.listdir(folder):
         if not name.endswith(".lock"):
             continue
-        path = os.path.join(folder, name)
         try:
-            fd = _open_lock(path)
+            fd = _open_lock(name, folder)
         except (OSError, RunStateError):
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _remove_held(path, fd)
+            _remove_held(name, fd)
         except OSError:
             pass                        # held: in use
         finally:
@@ -259,14 +316,14 @@ def alive(pid: int) -> bool:
 
 def load(qmp_key: str) -> Optional[dict]:
     """The marker for this VM, or None (none, unreadable, or not this user's own file)."""
-    return _read_own(_path(qmp_key))
+    return _read_own(_name(qmp_key))
 
 
-def _read_own(path: str) -> Optional[dict]:
-    """A JSON object in a regular file of this user's own, never through a symlink, read up to
-    MAX_MARKER bytes; None otherwise."""
+def _read_own(name: str) -> Optional[dict]:
+    """A JSON object in a regular file of this user's own in the folder, never through a
+    symlink, read up to MAX_MARKER bytes; None otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=_dir())
     except OSError:
         return None
     try:
@@ -275,7 +332,7 @@ def _read_own(path: str) -> Optional[dict]:
             return None
         data = json.loads(os.read(fd, MAX_MARKER))
         return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     finally:
         os.close(fd)
@@ -335,23 +392,25 @@ def release(qmp_key: str, carried: Optional[dict] = None,
 
 def forget(qmp_key: str) -> None:
     try:
-        os.unlink(_path(qmp_key))
+        os.unlink(_name(qmp_key), dir_fd=_dir())
     except (OSError, RunStateError):
         pass
 
 
 def _write(qmp_key: str, data: dict, kind: str = "") -> None:
-    path = _path(qmp_key, kind)
-    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}"
+    folder = _dir()
+    name = _name(qmp_key, kind)
+    tmp = f"{name}.{os.getpid()}.{os.urandom(4).hex()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+                 0o600, dir_fd=folder)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
-        os.rename(tmp, path)   # replaces the name itself, never what a symlink points to
+        # replaces the name itself, never what a symlink points to
+        os.rename(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=folder)
         except OSError:
             pass
         raise

@@ -20,8 +20,10 @@ from .errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneErr
 from .host import (HostPage, HostProcess, RamMap, RamRegion, process_exists,
                    process_start_time)
 from .memory import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
-from .qmp import QmpMonitor, describe_address, parse_address, parse_registers, peer_pid
+from .peers import socket_owner
+from .qmp import QmpMonitor, describe_address, parse_address, parse_registers
 from .record import record, replace
+from .runguard import RunGuard
 
 if TYPE_CHECKING:
     from . import finder
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 MASK64 = (1 << 64) - 1
 VALUE_SIZE = 8
 PAGE = 4096
+IDENTITY_PAGES = 4       # distinctive pages that must read the same both ways
+IDENTITY_SAMPLES = 512   # pages looked at, spread over RAM
+IDENTITY_CHUNK = 1 << 17  # pagemap entries read at a time (512 MiB of RAM)
+TIE_PROBES = 64           # more probes for second-level roots that tie
 
 
 def _hex(v):
@@ -162,7 +168,7 @@ class Session:
         self.ram_map: Optional[RamMap] = None
         self.memory: Optional[PhysicalMemory] = None
         self.cpu: Optional[paging.CpuState] = None
-        self.found_status: Optional[dict] = None
+        self.guard: Optional[RunGuard] = None   # the run state: pause, resume, lock, marker
         self.vcpus: List[dict] = []          # query-cpus-fast
         self.page1gb_source = ""             # where CpuState.page1gb came from
         self._kvm: Optional[dict] = None     # QMP query-kvm, asked once
@@ -171,13 +177,7 @@ class Session:
         self.timings = {}
         self.unreadable_tables: List[tuple] = []
         self.warnings: List[str] = []
-        self.left_paused: Optional[dict] = None
-        self._phys_mode_inherited: Optional[str] = None
-        self._marker = False
         self._vm_key = runstate.vm_key(self.qmp_address, label=monitor is not None)
-        self._lock_key: Optional[str] = None  # the name of runstate's lock on this VM
-        self._locked = False
-        self._paused = False                 # we stopped the VM through QMP for this session
         self.gdb_note = ""
         self._memory_size_seen: Optional[tuple] = None   # at attach (refresh() compares)
 
@@ -195,16 +195,15 @@ class Session:
         t0 = time.perf_counter()
         try:
             self.qmp = self._connect_monitor()
-            self._lock_vm()
-            self.found_status = self.qmp.command("query-status")
-            self._note_run_state()
+            self.guard = RunGuard(self._connect_monitor, self._vm_key, self._lock_name(),
+                                  self.timeout, self.warnings)
+            self.guard.attach(self.qmp)
             self.vcpus = self.qmp.command("query-cpus-fast")
             if self.vcpu >= len(self.vcpus):
                 raise UsageError(f"--vcpu {self.vcpu}: this VM has {len(self.vcpus)} vCPU(s), "
                                  f"numbered 0-{len(self.vcpus) - 1}")
-            if self.gdb_address is None and self.freeze and self.found_status.get("running"):
-                self.qmp.command("stop")  # one consistent view; close() resumes
-                self._paused = True
+            if self.gdb_address is None and self.freeze:
+                self.guard.pause(self.found_status)   # one consistent view; close() resumes
             self.ram_map = RamMap.from_qmp(self.qmp)
             self._memory_size_seen = self._memory_size()
             self._find_process()
@@ -215,6 +214,7 @@ class Session:
             elif self.gdb_address is not None:
                 from .gdbstub import GdbStub     # (loaded only where a gdbstub is used)
                 self.gdb = GdbStub(self.gdb_address, self.timeout).connect()
+                self.guard.debugger_attached()          # connecting stopped the VM
                 # Registers of every vCPU first: selecting a gdb thread makes gdb read memory
                 # at its PC, which must happen before memory packets become physical.
                 self.vcpu_info = self._read_vcpus()
@@ -227,41 +227,37 @@ class Session:
                 self._choose_memory()
             page1gb, self.page1gb_source = self._page1gb(self.vcpu_info[self.vcpu])
             self.cpu = replace(self.cpu, page1gb=page1gb)
-            # a VM that runs while we read may reboot under us: say so rather than mix memory
-            self.qmp.watch_lifecycle = not self.stopped
+            # from here, what is read relies on the VM staying paused (ours or found so), or,
+            # for a VM that runs while we read, on its not resetting: the guard watches
+            self.guard.begin()
         except BaseException:
             self.close()
             raise
         self.timings["attach"] = time.perf_counter() - t0
         return self
 
-    def _lock_vm(self) -> None:
-        """Take this VM's lock (runstate): one qintrospect at a time relies on or changes its
-        run state. Busy when another holds it for longer than --timeout. The lock is the QEMU
-        process's where it is known (however it is reached: each QMP socket, libvirt), else
-        the monitor's."""
+    def _lock_name(self) -> str:
+        """The name of this VM's lock (runstate): the QEMU process's where it is known
+        (however it is reached: each QMP socket, libvirt), else the monitor's."""
         pid = self.requested_pid
         if pid is None and hasattr(self.qmp, "peer_pid"):
             pid = self.qmp.peer_pid()
-        self._lock_key = f"qemu-pid:{pid}" if pid else self._vm_key
-        try:
-            self.take_lock()
-        except (runstate.RunStateError, OSError) as exc:
-            self._lock_key = None
-            self.warnings.append(f"run-state lock not used ({exc}); another qintrospect on this "
-                                 "VM at the same time could change its run state under this one")
+        return f"qemu-pid:{pid}" if pid else self._vm_key
+
+    @property
+    def found_status(self) -> Optional[dict]:
+        """query-status as found at attach."""
+        return self.guard.found if self.guard is not None else None
 
     def take_lock(self) -> None:
         """(A shell, before a command) hold this VM's lock again; see release_lock()."""
-        if self._lock_key is not None and not self._locked:
-            runstate.lock(self._lock_key, self.timeout)
-            self._locked = True
+        if self.guard is not None:
+            self.guard.take_lock()
 
     def release_lock(self) -> None:
         """(A shell, between commands) let another qintrospect work on this VM."""
-        if self._lock_key is not None and self._locked:
-            runstate.unlock(self._lock_key)
-            self._locked = False
+        if self.guard is not None:
+            self.guard.release_lock()
 
     def _connect_monitor(self):
         if self._monitor is not None:
@@ -272,16 +268,16 @@ class Session:
         """For a session that lives across commands (a shell): read every vCPU's registers
         again, since the VM may have run in between. Table pages are never cached across
         commands (PageCache lives for one call). The RAM map and QEMU's mappings are read
-        again when a memory device was plugged or unplugged since (QMP's memory size
-        summary changed): reading them each time would cost more than a command."""
+        again when a memory device was plugged or unplugged since (QMP's memory size summary
+        changed), and before a look at the range the guest's chipset switches (PAM, SMRAM:
+        host.SWITCHED); reading them for every command would cost more than the command."""
         self._check_open()
         size = self._memory_size() if self._memory_size_seen is not None else None
         if size is not None and size != self._memory_size_seen:
-            self.ram_map = RamMap.from_qmp(self.qmp)
-            self.memory.ram_map = self.ram_map
-            if self.process is not None:
-                self.process.forget_mappings()
+            self._reread_ram_map()
             self._memory_size_seen = size
+        else:
+            self.ram_map.before_switched = self._reread_ram_map
         if self.gdb is not None:
             self.gdb.flush_registers()
             self.vcpu_info = self._read_vcpus()
@@ -289,6 +285,13 @@ class Session:
             self.vcpu_info = self._read_vcpus_qmp()
         page1gb = self.cpu.page1gb if self.cpu else None
         self.cpu = replace(self._cpu_state_of(self.vcpu_info[self.vcpu]), page1gb=page1gb)
+
+    def _reread_ram_map(self) -> None:
+        """The RAM map read again, in place (memory adapters hold the same map); QEMU's
+        mappings forgotten when it changed."""
+        self.ram_map.before_switched = None
+        if self.ram_map.replace_with(RamMap.from_qmp(self.qmp)) and self.process is not None:
+            self.process.forget_mappings()
 
     def _memory_size(self) -> Optional[tuple]:
         """QMP's memory size summary (base and plugged), which a memory device plugged in or
@@ -313,85 +316,50 @@ class Session:
         page1gb, self.page1gb_source = self._page1gb(self.vcpu_info[index])
         self.cpu = replace(self._cpu_state_of(self.vcpu_info[index]), page1gb=page1gb)
 
-    def _note_run_state(self) -> None:
-        """Read the marker a killed qintrospect may have left, then write ours."""
-        key = self._vm_key
-        running = bool(self.found_status.get("running"))
-        try:
-            marker = runstate.load(key)
-            self.left_paused = runstate.left_paused(marker, running)
-            self._phys_mode_inherited = runstate.phys_mode_left(marker)
-            runstate.record(key, running, self.left_paused, self._phys_mode_inherited)
-        except (runstate.RunStateError, OSError) as exc:
-            self.warnings.append(f"run-state marker not used ({exc}); if qintrospect is killed "
-                                 "while attached, the next run cannot say why the VM is paused")
-            return
-        self._marker = True
-        if self.left_paused:
-            self.warnings.append(
-                f"this VM has been paused since {self.left_paused.get('since')} by a "
-                f"qintrospect (pid {self.left_paused.get('pid')}) that was killed while "
-                "attached; it found the VM running. `qintrospect resume` resumes it.")
-
     def _repair_phys_mode(self) -> None:
         """Put back the memory mode a killed session found (it left the stub in mode 1)."""
-        if self._phys_mode_inherited is None:
+        mode = self.guard.phys_mode_inherited
+        if mode is None:
             return
         try:
             from .gdbstub import GdbStub
             gdb = GdbStub(self.gdb_address, self.timeout).connect()
         except QIError as exc:
             self.warnings.append(f"could not put the gdbstub's memory mode back to "
-                                 f"{self._phys_mode_inherited} ({exc}); it stays noted")
+                                 f"{mode} ({exc}); it stays noted")
             return
-        gdb.physical_mode(restore_to=self._phys_mode_inherited)   # close() puts it back
+        gdb.physical_mode(restore_to=mode)   # close() puts it back
         gdb.close()
-        self._phys_mode_inherited = None
+        self.guard.phys_mode_inherited = None
 
     def _physical_mode(self) -> None:
         """Switch the gdbstub to physical addresses, after writing down (in the marker) the
         mode to put back: the one found, or the one a killed predecessor found before it."""
         found = self.gdb.query_phys_mode()
-        original = self._phys_mode_inherited or found
-        if self._marker:
-            runstate.record(self._vm_key,
-                            bool(self.found_status.get("running")), self.left_paused, original)
+        original = self.guard.phys_mode_inherited or found
+        self.guard.note_phys_mode(original)       # gdb.close() puts `original` back
         self.gdb.physical_mode(restore_to=original)
-        self._phys_mode_inherited = None   # gdb.close() puts `original` back
 
     def close(self, hold: bool = False) -> None:
-        """Leave the VM as found: the PhyMemMode put back, gdb disconnected, the VM resumed
-        through QMP if it was found running (and only then), sockets closed.
+        """Leave the VM as found: the PhyMemMode put back, gdb disconnected, and our own pause
+        (only ours, and only if nobody resumed the VM since) undone through QMP; sockets
+        closed (runguard.RunGuard says the rules).
 
-        hold=True closes the connections but keeps the VM paused (a nested translation holds
-        an inner VM still while it walks the outer one); resume_held() then puts it back."""
+        hold=True closes the connections but keeps our pause (a nested translation holds an
+        inner VM still while it walks the outer one); resume_held() then ends it."""
         # While we clean up, a second Ctrl-C or SIGTERM must not cut the restore short.
         old_int = _block_signal(signal.SIGINT)
         old_term = _block_signal(signal.SIGTERM)
         try:
-            if self.qmp is not None:
-                self.qmp.watch_lifecycle = False   # putting things back is not reading
             if self.gdb is not None:
                 self.gdb.close()
                 self.gdb = None
-            if self.found_status is not None and not self._locked and \
-                    self._lock_key is not None:
-                try:                          # a shell let go between commands: wait for the
-                    self.take_lock()          # other qintrospect before resuming under it
-                except runstate.Busy as exc:
-                    self.warnings.append(f"{exc}; the VM is put back as found all the same")
-            if self.found_status is not None:
-                if hold:
-                    self._hold()
-                else:
-                    self._restore_run_state(bool(self.found_status.get("running")))
-            if self.qmp is not None:
+            if self.guard is not None:
+                self.guard.leave(hold)
+                self.guard.close_monitor()
+            elif self.qmp is not None:
                 self.qmp.close()
-                self.qmp = None
-            if self._marker and not hold:
-                self._release_marker()
-            if not hold:
-                self.release_lock()
+            self.qmp = None
             if self.process is not None:
                 self.process.close()
             self.memory = None
@@ -399,59 +367,20 @@ class Session:
             _restore_signal(signal.SIGINT, old_int)
             _restore_signal(signal.SIGTERM, old_term)
 
-    def _hold(self) -> None:
-        try:
-            if self.qmp is not None and self.qmp.command("query-status").get("running"):
-                self.qmp.command("stop")
-        except Exception:
-            self.warnings.append("could not keep the VM paused through QMP")
-
     def resume_held(self) -> None:
-        """After close(hold=True): put the run state back as it was found."""
-        if self.found_status is None:
-            return
-        self._restore_run_state(bool(self.found_status.get("running")))
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
-        if self._marker:
-            self._release_marker()
-        self.release_lock()
-
-    def _release_marker(self) -> None:
-        try:
-            runstate.release(self._vm_key, self.left_paused,
-                             self._phys_mode_inherited)
-        except (runstate.RunStateError, OSError) as exc:
-            self.warnings.append(f"run-state marker not released: {exc}")
-        self._marker = False
-
-    def _restore_run_state(self, was_running: bool) -> None:
-        """Confirm through QMP that the VM runs (or not) as found. If our QMP connection was
-        broken by the interruption that brought us here, use a fresh one."""
-        for attempt in range(2):
-            try:
-                if self.qmp is None:
-                    self.qmp = self._connect_monitor()
-                now = self.qmp.command("query-status")
-                if was_running and not now.get("running"):
-                    self.qmp.command("cont")
-                elif not was_running and now.get("running"):
-                    self.qmp.command("stop")
-                return
-            except Exception:
-                if self.qmp is not None:
-                    self.qmp.close()
-                    self.qmp = None
-        self.warnings.append("could not confirm the VM's run state through QMP after detaching")
+        """After close(hold=True): end our pause, as close() would have."""
+        if self.guard is not None:
+            self.guard.resume_held()
 
     def _find_process(self) -> None:
         pid = self.requested_pid
         how = "--pid" if self._monitor is None else "the monitor's owner"
         if pid is None:
-            # a monitor reached another way (libvirt) has no socket of ours to ask
-            pid = (peer_pid(self.qmp_address) if self._monitor is None else None) \
-                or (peer_pid(self.gdb_address) if self.gdb_address else None)
+            # our own QMP connection's peer, else the owner of the listening socket (never a
+            # second connection: a gdbstub would stop the VM when it accepted it)
+            pid = (self.qmp.peer_pid() if hasattr(self.qmp, "peer_pid") else None) \
+                or (socket_owner(self.qmp_address) if self._monitor is None else None) \
+                or (socket_owner(self.gdb_address) if self.gdb_address else None)
             how = "socket peer"
         if pid is None:
             self.process_note = ("the QEMU process was not found (remote sockets?); pass --pid "
@@ -491,10 +420,9 @@ class Session:
 
     @property
     def stopped(self) -> bool:
-        """The VM cannot run while we look (gdb attached, or frozen, or found paused): cached
-        table pages stay valid."""
-        return self.gdb is not None or self.freeze or self._paused or \
-            not (self.found_status or {}).get("running")
+        """The VM is paused while we look (by us, or found so, and watched for a resume):
+        cached table pages stay valid."""
+        return self.guard is not None and self.guard.stable
 
     def _cached(self):
         """Memory with a whole-page cache in front, when the VM cannot change it meanwhile."""
@@ -548,9 +476,7 @@ class Session:
         gdb is the way (remote QEMU, another user's, a monitor behind a serial line)."""
         if self.via != "auto" or self.process is None:
             return False
-        if self.found_status.get("running") and not self._paused:
-            self.qmp.command("stop")            # close() resumes it
-            self._paused = True
+        self.guard.pause(self.found_status)     # close() resumes it
         self.vcpu_info = self._read_vcpus_qmp()
         self.cpu = self._cpu_state_of(self.vcpu_info[self.vcpu])
         if not self._holds_ram(QmpMemory(self.ram_map, self.qmp)):
@@ -615,7 +541,7 @@ class Session:
         never zeros or a fill pattern) read the same through the process and through the
         reference (gdbstub or QMP). One stable page that differs is proof of the contrary."""
         matched = 0
-        for gpa in self._identity_candidates():
+        for gpa in self._held_pages():
             region = self.ram_map.ram_at(gpa)
             hva = region.hva_of(gpa)
             try:
@@ -638,9 +564,10 @@ class Session:
                               "this VM's RAM were found")
         return False
 
-    def _identity_candidates(self):
-        """GPAs to compare: the page-table root first, then pages QEMU holds (present in its
-        pagemap), spread evenly over guest RAM, a chunk of the pagemap at a time."""
+    def _held_pages(self):
+        """GPAs of pages QEMU holds (present in its pagemap), the page-table root first, then
+        spread evenly over guest RAM (IDENTITY_SAMPLES of them), a chunk of the pagemap at a
+        time."""
         root = self.vcpu_info[self.vcpu].root
         region = self.ram_map.ram_at(root)
         if region is not None and region.hva is not None:
@@ -787,13 +714,16 @@ class Session:
     @property
     def live(self) -> bool:
         """The VM runs while we read (no gdb, no --freeze): it may reset under us."""
-        return self.qmp is not None and self.qmp.watch_lifecycle
+        return self.guard is not None and self.guard.live
 
-    def check_live(self) -> None:
-        """For a VM that ran while we read: raise VMGoneError if it reset or shut down in the
-        meantime (QMP delivers the event with the next exchange, so ask for one)."""
-        if self.qmp is not None and self.qmp.watch_lifecycle:
-            self.qmp.command("query-status")
+    def check_live(self, final: bool = False) -> None:
+        """Raise VMGoneError if what was read since the command began no longer holds
+        together: a VM that ran reset or shut down, or a paused one was resumed by someone
+        else (runguard). For a running VM QEMU is asked (a round trip brings every earlier
+        event); for a paused one only what already arrived is looked at, unless final (the
+        command's last look)."""
+        if self.guard is not None:
+            self.guard.check(sync=final or self.guard.live)
 
     def read_pieces(self, address: int, length: int, physical: bool = False,
                     cr3: Optional[int] = None):
@@ -861,10 +791,16 @@ class Session:
         probes = [self._host_probe(self.vcpu_info[self.vcpu].root)]
         probes += [(t.gpa, t.hpa) for t in translations if t.ok and t.hpa is not None]
         second = slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
-                                          kvm.slat_formats(), progress)
+                                          kvm.slat_formats(), progress, self.spread_probes)
         if second.spec is not None and second.spec.format == "npt":
             second.page1gb = host_page1gb()    # NPT walks with this host CPU's paging
         return second
+
+    def spread_probes(self, count: int = TIE_PROBES) -> list:
+        """(GPA, host physical address) of up to `count` pages QEMU holds, spread over guest
+        RAM: more keys for a second-level search whose first ones left roots tied."""
+        pages = list(self._held_pages())
+        return [self._host_probe(gpa) for gpa in pages[::max(1, len(pages) // count)]]
 
     def _host_probe(self, gpa: int):
         """(gpa, its host physical address by pagemap), or (gpa, None)."""
@@ -964,9 +900,6 @@ def host_page1gb() -> Optional[bool]:
     return None
 
 
-IDENTITY_PAGES = 4       # distinctive pages that must read the same both ways
-IDENTITY_SAMPLES = 512   # pages looked at, spread over RAM
-IDENTITY_CHUNK = 1 << 17  # pagemap entries read at a time (512 MiB of RAM)
 
 
 def _distinctive(page: bytes) -> bool:

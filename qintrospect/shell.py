@@ -16,9 +16,12 @@ The VM's run state, as on the command line:
   reads them anew each time.)
 - with --freeze, it stays paused for the whole shell; with --gdb too, since QEMU's gdbstub
   stops the VM when gdb connects, and QMP `cont` under a gdb that believes the target stopped
-  would leave gdb and the stub disagreeing. Either way the banner says so.
-- on exit (quit, EOF, SIGTERM) it is put back as found. Ctrl-C interrupts the running command
-  (its pause is undone) and the shell goes on; at the prompt it only clears the line.
+  would leave gdb and the stub disagreeing. Either way the banner says so. If its owner
+  resumes it meanwhile, it is theirs: paused only while a command runs from then on.
+- on exit (quit, EOF, SIGTERM) qintrospect's own pause, if any, is undone; a VM its owner
+  resumed or paused meanwhile is left as the owner left it (runguard's rules: `stop` is never
+  sent to put a state back). Ctrl-C interrupts the running command (its pause is undone) and
+  the shell goes on; at the prompt it only clears the line.
 - the VM's lock (runstate) is held while attaching, while a command runs and while leaving:
   between commands another qintrospect may work on the VM, and never has it resumed under it.
 
@@ -314,44 +317,55 @@ class Shell:
 
     @contextlib.contextmanager
     def paused(self):
-        """The VM paused for one command (when the shell does not hold it paused anyway):
-        `stop` only if it runs now, the registers read again, `cont` after, only if we
-        stopped it. What close() puts back if the shell is cut short is what this command
-        found."""
-        if self.hold:
-            yield
-            return
+        """The VM paused for one command: `stop` only if it runs now, the registers read
+        again, `cont` after, only if our pause is still there (runguard's rules). A shell
+        that holds the VM (--freeze, gdb) skips all that while the pause is still its own; a
+        VM its owner resumed meanwhile is theirs again: paused per command from then on. A
+        resume by someone else during the command is said after its output (exit 3): what
+        QEMU sent by then is looked at (it tells every monitor at once), without a round
+        trip, which a command on a paused VM would otherwise pay for nothing."""
         vm = self.vm
-        # A VM found paused at the last command, with no event from QEMU since (it tells
-        # every monitor of each resume, stop, reset...), has not run: its registers hold.
-        events = getattr(vm.qmp, "events_since_mark", None)
-        if self._paused_as_read and events is not None and events() == 0:
-            yield
+        guard = vm.guard
+        guard.poll()                   # what QEMU said between commands
+        if self.hold and guard.ours or \
+                self._paused_as_read and guard.events_since_mark() == 0:
+            # held by us; or found paused at the last command, with no event from QEMU since
+            # (it tells every monitor of each resume, stop, reset...): it has not run, its
+            # registers hold
+            guard.begin()
+            try:
+                yield
+            finally:
+                guard.end()
+            guard.check(sync=False)
             return
         self._paused_as_read = False
-        vm.take_lock()           # (between commands another qintrospect may have held it)
-        if events is not None:
-            vm.qmp.mark()
-        running = fresh = False
+        guard.take_lock()        # (between commands another qintrospect may have held it)
+        ours = fresh = done = False
         try:
+            guard.mark()
             # a signal held back here is raised on leaving the block: inside the try, so
             # that a VM just stopped is resumed all the same
             with deferred_signals():
-                status = vm.qmp.command("query-status")
-                running = bool(status.get("running"))
-                if running:
-                    vm.qmp.command("stop")
-                vm.found_status = status
+                status = guard.status()
+                ours = guard.pause(status)
+            guard.begin(status)
             vm.refresh()         # it may have run since the last command
             fresh = True
             yield
+            done = True
         finally:
-            if running:
-                with deferred_signals():
-                    vm.qmp.command("cont")
-            else:
-                self._paused_as_read = fresh and events is not None
-            vm.release_lock()
+            guard.end()
+            try:
+                if ours:
+                    with deferred_signals():
+                        guard.resume()
+                else:
+                    self._paused_as_read = fresh
+            finally:
+                guard.release_lock()
+        if done:     # what QEMU already said (with our resume, after a round trip)
+            guard.check(sync=False)
 
     def _select_vcpu(self, index: int) -> None:
         """Session.select_vcpu; with gdb attached the stub goes back to virtual addresses for
@@ -569,8 +583,8 @@ def run(args) -> int:
     old_term = None
     try:
         with deferred_signals():
-            if not hold and (vm.found_status or {}).get("running"):
-                vm.qmp.command("cont")   # between commands it runs, as found
+            if not hold:
+                vm.guard.resume()    # between commands it runs, as found (if it ran)
             old_term = signal.signal(signal.SIGTERM, _terminate)
         vm.release_lock()    # other commands may work on the VM between this shell's commands
         shell = Shell(vm, hold, verbose=bool(getattr(args, "verbose", False)))

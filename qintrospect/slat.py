@@ -54,7 +54,7 @@ def parse_slat(text: str) -> SlatSpec:
         return SlatSpec()
     kind, sep, value = text.partition(":")
     if not sep or kind not in ("npt", "npt5", "ept") or not value.startswith("0x"):
-        raise UsageError(f"--slat {text!r}: expected auto, npt:0xROOT, npt5:0xROOT or "
+        raise UsageError(f"--slat {text[:64]!r}: expected auto, npt:0xROOT, npt5:0xROOT or "
                          "ept:0xEPTP")
     try:
         number = int(value, 16)
@@ -189,6 +189,19 @@ def find_roots(chunks, read_phys, probes: Sequence[Probe], formats=FORMATS,
     return found, how
 
 
+def _tied(found: List[Found]) -> List[Found]:
+    """The distinct roots that share the best agreement (found is best first). One root read
+    both as NPT and as EPT is one table: the format ranked first (the host CPU's) stands."""
+    roots, out = set(), []
+    for f in found:
+        if f.agree != found[0].agree:
+            break
+        if f.spec.root not in roots:
+            roots.add(f.spec.root)
+            out.append(f)
+    return out
+
+
 def _children(read_phys, roots5: np.ndarray, gpa: int) -> set:
     """The PML4 tables the PML5 entries used for gpa point to."""
     out = set()
@@ -201,6 +214,16 @@ def _children(read_phys, roots5: np.ndarray, gpa: int) -> set:
 def _reaches(read_phys, spec: SlatSpec, gpa: int, pa: int) -> bool:
     w = walk(read_phys, spec, gpa)
     return w.ok and w.pa == pa
+
+
+
+def found_how(how: dict) -> str:
+    """How the root came to be, in words, for a view's heading."""
+    method, seconds = how.get("method"), how.get("seconds")
+    took = f" in {seconds:.2f} s" if isinstance(seconds, (int, float)) else ""
+    if method == "scan":
+        return f", found by a scan of host memory{took}"
+    return " (given)"
 
 
 # ---- one address through the table ----------------------------------------------------------
@@ -281,30 +304,50 @@ class SecondLevel:
 
     @classmethod
     def resolve(cls, memory, chunks, spec: SlatSpec, probes: Sequence[Probe],
-                formats=FORMATS, progress=None) -> "SecondLevel":
-        """The table `spec` names, or (auto) the best root the scan of `chunks` finds for the
-        probes; spec None when none is found (how["note"] says why)."""
+                formats=FORMATS, progress=None, more_probes=None) -> "SecondLevel":
+        """The table `spec` names, or (auto) the root the scan of `chunks` finds for the
+        probes; spec None when none is found or when roots tie (how["note"] says why).
+        Roots that tie are walked for more probes (more_probes(): further (gpa, host address)
+        pairs, e.g. pages spread over guest RAM) until one wins; if none does, no root is
+        chosen (how["ambiguous"]): two VMs sharing merged pages, or KVM's separate SMM root,
+        map the same addresses alike, and picking one would show another table's answers."""
         if not spec.auto:
             return cls(memory, spec, {"method": "given"})
         probes = [p for p in probes if p[1] is not None]
         if not probes:
-            return cls(memory, None, {"method": "found", "note": (
+            return cls(memory, None, {"method": "scan", "note": (
                 "no (guest-physical, host) address pair to search with: the pagemap path "
                 "gave no host address")})
         found, how = find_roots(chunks, memory.read, probes, formats, progress)
-        how = dict(method="found", probes=[[f"{g:#x}", f"{p:#x}"] for g, p in probes], **how)
+        how = dict(method="scan", probes=[[f"{g:#x}", f"{p:#x}"] for g, p in probes], **how)
         if not found:
             how["note"] = (f"no {' or '.join(f.upper() for f in formats)} root in "
                            f"{getattr(memory, 'name', 'host')} memory maps GPA "
                            f"{probes[0][0]:#x} to {probes[0][1]:#x}")
             return cls(memory, None, how)
         best = found[0]
+        tied = _tied(found)
+        if len(tied) > 1 and more_probes is not None:
+            extra = [p for p in more_probes() if p[1] is not None and p not in probes]
+            how["tie_probes"] = [[f"{g:#x}", f"{p:#x}"] for g, p in extra]
+            for f in tied:
+                f.agree += sum(1 for gpa, pa in extra if _reaches(memory.read, f.spec, gpa, pa))
+                f.probes += len(extra)
+            tied.sort(key=lambda f: -f.agree)
+            best = tied[0]
+            tied = [f for f in tied if f.agree == best.agree]
+        if len(tied) > 1:
+            roots = [f"{f.spec.format}:{f.spec.root:#x}" for f in tied]
+            how["ambiguous"] = [f.to_dict() for f in tied]
+            how["note"] = (f"ambiguous: roots {', '.join(roots)} each map all "
+                           f"{best.agree} of {best.probes} probe addresses as the pagemap path "
+                           "does; none is chosen (another VM's table, or KVM's SMM root, maps "
+                           "these pages alike). Give the root with --slat FORMAT:ROOT")
+            return cls(memory, None, how)
         if best.agree < best.probes:
             how["note"] = (f"the best root maps {best.agree} of {best.probes} probe addresses "
                            "as the pagemap path does (the others are not in the table now)")
-        ties = [f for f in found[1:] if f.agree == best.agree]
-        if ties:
-            how["also_fit"] = [f.to_dict() for f in ties[:8]]
+        how["chosen"] = best.to_dict()
         return cls(memory, best.spec, how)
 
     def result(self, gpa: int, expected: Optional[int]) -> SlatResult:

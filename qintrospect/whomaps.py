@@ -73,10 +73,12 @@ class Holder:
     gpa: Optional[int] = None
     ram_block: Optional[str] = None
     mapping: str = ""
+    gpas: Tuple[int, ...] = ()      # every GPA at which the VM sees that HVA (aliases)
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "hva": _h(self.hva), "this_vm": self.this_vm,
-                "gpa": _h(self.gpa), "ram_block": self.ram_block, "mapping": self.mapping or None}
+                "gpa": _h(self.gpa), "gpas": [_h(g) for g in self.gpas],
+                "ram_block": self.ram_block, "mapping": self.mapping or None}
 
 
 @record
@@ -276,19 +278,23 @@ def holders_of(hpa: int, session=None) -> Tuple[List[Holder], List[str]]:
 
 
 def _gpa_of(session, h: Holder) -> None:
-    for r in session.ram_map.ram:
-        if r.hva is not None and r.hva <= h.hva <= r.hva + (r.end - r.start):
-            h.gpa, h.ram_block = r.start + (h.hva - r.hva), r.block
-            return
+    """The GPAs at which the VM sees h's HVA: one RAM block can be mapped at several (the
+    BIOS at 0xe0000 as isa-bios and below 4 GiB as pc.bios), each is listed."""
+    found = [(r.start + (h.hva - r.hva), r.block) for r in session.ram_map.ram
+             if r.hva is not None and r.hva <= h.hva <= r.hva + (r.end - r.start)]
+    if found:
+        h.gpa, h.ram_block = found[0]
+        h.gpas = tuple(g for g, _ in found)
 
 
-def gpa_of_hva(session, hva: int) -> int:
+def gpas_of_hva(session, hva: int) -> List[int]:
+    """Every GPA of this VM at which QEMU's HVA `hva` appears (UsageError: none)."""
     h = Holder(0, hva, True)
     _gpa_of(session, h)
-    if h.gpa is None:
+    if not h.gpas:
         raise UsageError(f"HVA {hva:#x} is in none of this VM's RAM blocks (QEMU pid "
                          f"{session.process.pid if session.process else '?'})")
-    return h.gpa
+    return list(h.gpas)
 
 
 def who_maps(session, gpa: Optional[int] = None, hva: Optional[int] = None,
@@ -304,9 +310,9 @@ def who_maps(session, gpa: Optional[int] = None, hva: Optional[int] = None,
     holders, notes = [], []
     if kind == "hpa":
         holders, notes = holders_of(address, session)
-        gpas = sorted({h.gpa for h in holders if h.this_vm and h.gpa is not None})
+        gpas = sorted({g for h in holders if h.this_vm for g in h.gpas})
     elif kind == "hva":
-        gpas = [gpa_of_hva(session, address)]
+        gpas = gpas_of_hva(session, address)
     else:
         gpas = [address]
     roots, root_notes = guest_roots(session, progress)
@@ -351,8 +357,8 @@ def text(w: WhoMaps) -> str:
     lines.append(f"who maps {head}: GPA {_h(w.gpa)} (RAM block {w.ram_block or '-'}, HVA "
                  f"{_h(w.hva) or '-'}, HPA {_h(w.hpa) or '-'})")
     for h in w.holders:
-        where = (f"this VM, GPA {_h(h.gpa)} ({h.ram_block})" if h.this_vm
-                 else "another QEMU (GPA needs that VM's QMP)")
+        where = (f"this VM, GPA {', '.join(_h(g) for g in h.gpas) or '-'} ({h.ram_block})"
+                 if h.this_vm else "another QEMU (GPA needs that VM's QMP)")
         lines.append(f"  held by QEMU pid {h.pid} at HVA {_h(h.hva)}: {where}; {h.mapping}")
     lines.append(f"  {len(w.reaches)} mapping(s) over {len(w.roots)} page-table root(s), "
                  f"{w.seconds * 1000:.0f} ms")

@@ -170,7 +170,8 @@ def qmp_once(path: str, command: str, **arguments):
 class Guest:
     """A QEMU VM running the bundled guest. A context manager that always tears down.
 
-    Attributes once started: ``qmp_path`` (Unix socket), ``gdb_address`` ("127.0.0.1:PORT"),
+    Attributes once started: ``qmp_path`` (Unix socket), ``gdb_address`` ("127.0.0.1:PORT", or
+    "unix:PATH" with gdb_unix=True: the gdbstub on a Unix socket in the temp dir),
     ``pid`` (QEMU's pid), ``console`` (the pexpect child on the serial console),
     ``tmpdir``, ``argv`` (QEMU's command line), ``boot_seconds``, ``probe`` (the last
     start_probe() result), ``last_status`` (exit status of the last run()),
@@ -179,7 +180,7 @@ class Guest:
 
     def __init__(self, cpu="max", memory="256M", smp=1, accel="tcg", extra_args=(),
                  cache_dir=None, start_paused=False, append_extra="",
-                 qemu=None, console_log=None):
+                 qemu=None, console_log=None, gdb_unix=False):
         self.cpu = cpu
         self.memory = str(memory)
         self.smp = int(smp)
@@ -187,6 +188,7 @@ class Guest:
         self.extra_args = list(extra_args)
         self.cache_dir = os.path.abspath(cache_dir) if cache_dir else default_cache_dir()
         self.start_paused = start_paused
+        self.gdb_unix = gdb_unix
         self.append_extra = append_extra
         self.qemu = qemu or default_qemu()
         self.console_log = console_log or os.environ.get("QI_VM_CONSOLE_LOG") or None
@@ -267,7 +269,8 @@ class Guest:
             "-chardev", "stdio,id=qi-serial,signal=off",
             "-serial", "chardev:qi-serial",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-gdb", f"tcp:127.0.0.1:{port}",
+            "-gdb", (f"unix:{self._gdb_path},server=on,wait=off" if self.gdb_unix
+                     else f"tcp:127.0.0.1:{port}"),
             "-no-reboot",
         ]
         if self.start_paused:
@@ -344,9 +347,13 @@ class Guest:
                 pass
         self.console = child
         self.pid = child.pid
-        self.gdb_port = port
-        self.gdb_address = f"127.0.0.1:{port}"
+        self.gdb_port = None if self.gdb_unix else port
+        self.gdb_address = f"unix:{self._gdb_path}" if self.gdb_unix else f"127.0.0.1:{port}"
         return True
+
+    @property
+    def _gdb_path(self) -> str:
+        return os.path.join(self.tmpdir, "gdb.sock")
 
     def wait_for_prompt(self, timeout=60) -> None:
         """Wait for the first shell prompt, then make the console quiet (stty -echo)."""

@@ -56,12 +56,9 @@ def svg_names(path: str, count: int) -> List[str]:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a whole file, or say plainly why not (exit 2)."""
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    """Write a whole file safely (outfile.write_file), or say plainly why not (exit 2)."""
+    from ..outfile import write_file
+    write_file(path, text)
 
 
 def _check_writable(path: str, what: str) -> None:

@@ -276,38 +276,52 @@ def markdown(rep: Report, svg_names: List[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(rep: Report, out: str) -> List[str]:
-    """The files: FILE.html alone, or DIR/report.html + report.md + translation-N.svg."""
+def write(rep: Report, out: str, folder: Optional[int] = None) -> List[str]:
+    """The files: FILE.html alone, or DIR/report.html + report.md + translation-N.svg (in
+    `folder`, DIR opened by outfile.output_folder, or opened here)."""
     from . import write_text
     from .walk import translation_svg
-    if out.lower().endswith((".html", ".htm")) and not os.path.isdir(out):
-        folder = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(folder):
-            raise UsageError(f"--out {out}: the folder {folder} does not exist")
+    from ..outfile import output_folder, write_file
+    if folder is None and _single_page(out):
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--out {out}: the folder {parent} does not exist")
         write_text(out, page(rep))
         return [out]
+    own = folder is None
+    if own:
+        folder = output_folder(out)    # a real folder of this user's own, or refused
     try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot make the folder: {exc.strerror or exc}") from None
-    written = [os.path.join(out, "report.html"), os.path.join(out, "report.md")]
-    names = [os.path.join(out, f"translation-{k}.svg") for k in range(1, len(rep.results) + 1)]
-    for name, r in zip(names, rep.results):
-        write_text(name, translation_svg(r).render())
-    write_text(written[0], page(rep))
-    write_text(written[1], markdown(rep, names))
-    return written + names
+        names = [f"translation-{k}.svg" for k in range(1, len(rep.results) + 1)]
+        for name, r in zip(names, rep.results):
+            write_file(name, translation_svg(r).render(), folder)
+        write_file("report.html", page(rep), folder)
+        write_file("report.md", markdown(rep, names), folder)
+    finally:
+        if own:
+            os.close(folder)
+    return [os.path.join(out, name) for name in ["report.html", "report.md"] + names]
+
+
+def _single_page(out: str) -> bool:
+    return out.lower().endswith((".html", ".htm")) and not os.path.isdir(out)
 
 
 def run(args) -> int:
     """The report subcommand: collect, write, say where. Exit 1 when an address faulted or a
-    log disagrees with the outside view (the report is written all the same)."""
+    log disagrees with the outside view (the report is written all the same). An output
+    folder is checked (and opened) before the VM is attached to."""
+    from ..outfile import output_folder
     out = args.out
-    if os.path.exists(out) and not os.path.isdir(out) and \
-            not out.lower().endswith((".html", ".htm")):
+    if os.path.exists(out) and not os.path.isdir(out) and not _single_page(out):
         raise UsageError(f"--out {out}: exists and is not a folder; give a folder or a .html file")
-    rep = collect(args)
-    files = write(rep, out)
+    folder = None if _single_page(out) else output_folder(out)
+    try:
+        rep = collect(args)
+        files = write(rep, out, folder)
+    finally:
+        if folder is not None:
+            os.close(folder)
     print(f"report: {files[0]}" + (f" (+ {len(files) - 1} file(s) beside it)"
                                    if len(files) > 1 else ""))
     return rep.status

@@ -2,17 +2,15 @@
 of text and every attribute value escaped. Nothing else draws SVG in qintrospect.
 
 Text that comes from the VM or from a log (RAM block names, notes, log lines) goes through
-esc(): XML-escaped, and stripped of the characters XML 1.0 cannot hold at all (control
-characters, lone surrogates), so every figure parses as XML, inline in HTML or standalone.
+esc(): XML-escaped, and every character that is not printable (control characters, lone
+surrogates, bidi overrides) shown as an escape (textsafe.printable), so every figure parses as
+XML, inline in HTML or standalone, and reads as what it is.
 """
 
 import html
 import itertools
-import re
 from typing import List, Optional
 
-# Characters XML 1.0 allows (escaped or not); everything else becomes U+FFFD.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 FONT = "'DejaVu Sans Mono', 'Liberation Mono', monospace"
 CHAR_W = 0.6          # a monospace character's width, in em
@@ -20,8 +18,13 @@ _ids = itertools.count(1)
 
 
 def clean(text) -> str:
-    """The text with characters XML cannot carry replaced (U+FFFD)."""
-    return _NOT_XML.sub("\ufffd", str(text))
+    """The text with every character that is not printable shown as an escape (textsafe:
+    terminal escapes, bidi overrides, characters XML cannot carry), line by line."""
+    from ..textsafe import printable
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 def esc(text) -> str:

@@ -445,10 +445,12 @@ def draw_slat(svg: Svg, y: float, s, gpa: int) -> float:
     if s.walk is None:
         return text_box(svg, 10, y, W - 20, [s.note or s.how.get("note", "") or "not found"],
                         cls="box-slat", head=f"{name}: the hypervisor's second-level table "
-                                             "was not found") + 14
+                                             + ("was not chosen (roots tie)"
+                                                if (s.how or {}).get("ambiguous")
+                                                else "was not found")) + 14
     how = s.how or {}
-    found = (f", found in {how['seconds']:.2f} s" if how.get("method") == "found"
-             and "seconds" in how else " (given)")
+    from ..slat import found_how
+    found = found_how(how)
     y, _ = draw_walk(svg, y, s.walk, "GPA", slat=True,
                      title=f"{name} walk of GPA {s.walk.va:#x} (the hypervisor's second-level "
                            f"table, root {_h(s.spec.root)}{found}; as ept_dump prints it)")

@@ -26,10 +26,11 @@ def run_json(*args, **kw):
     return rc, [json.loads(line) for line in out.splitlines() if line.strip()], err
 
 
-def boot(cpu, smp=1, probe="spin", memory="256M", append_extra="", extra_args=()):
+def boot(cpu, smp=1, probe="spin", memory="256M", append_extra="", extra_args=(),
+         gdb_unix=False):
     Guest.check_built()  # fails (not skips) with "run vm/build.sh" when the guest is missing
     guest = Guest(cpu=cpu, smp=smp, memory=memory, append_extra=append_extra,
-                  extra_args=extra_args)
+                  extra_args=extra_args, gdb_unix=gdb_unix)
     try:
         guest.start()
         if probe:

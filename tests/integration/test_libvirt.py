@@ -382,6 +382,8 @@ def test_the_allowlist_holds_through_libvirt(rig, domain):
     from qintrospect.libvirt_monitor import LibvirtMonitor
     name, dom, pid = domain
     m = LibvirtMonitor(name, rig.uri).connect()
+    seen = []
+    m.listeners.append(seen.append)
     try:
         for command, args in (("system_reset", {}), ("quit", {}), ("migrate", {"uri": "x"}),
                               ("human-monitor-command", {"command-line": "gpa2hpa 0x1000"})):
@@ -389,7 +391,7 @@ def test_the_allowlist_holds_through_libvirt(rig, domain):
                 m.command(command, **args)
         assert m.command("query-status")["status"] == "running"
         time.sleep(0.5)
-        assert m._events == []           # no RESET (nor anything else) reached QEMU
+        assert seen == []                # no RESET (nor anything else) reached QEMU
     finally:
         m.close()
     assert dom.state()[0] == 1
@@ -432,14 +434,15 @@ def test_a_reset_while_reading_is_an_error(rig, domain):
     from qintrospect.errors import VMGoneError
     from qintrospect.libvirt_monitor import LibvirtMonitor
     name, dom, pid = domain
+    from qintrospect.runguard import RunGuard
     m = LibvirtMonitor(name, rig.uri).connect()
     try:
-        m.watch_lifecycle = True
-        m.command("query-status")
+        guard = RunGuard(lambda: m, f"libvirt:{name}", None, 5.0, [])
+        guard.observe(m, m.command("query-status"))     # a read of a running VM begins
         dom.reset(0)
         with pytest.raises(VMGoneError, match="reset"):
             for _ in range(200):
-                m.command("query-status")
+                guard.check()
                 time.sleep(0.05)
     finally:
         m.close()

@@ -122,12 +122,13 @@ def test_main_returns_statuses_in_process():
 
 
 class _LiveVM:
-    """A session of a VM that runs while we read, which resets after `ok_checks` checks."""
+    """A session of a VM that runs while we read, which resets after `ok_checks` checks (or,
+    live=False, a paused one that someone else resumes)."""
 
     def __init__(self, ok_checks, live=True):
         self.live, self.ok_checks, self.checks = live, ok_checks, 0
 
-    def check_live(self):
+    def check_live(self, final=False):
         from qintrospect.errors import VMGoneError
         self.checks += 1
         if self.checks > self.ok_checks:
@@ -145,8 +146,11 @@ def test_results_are_given_out_only_after_the_vm_was_seen_alive():
     vm = _LiveVM(ok_checks=0)
     with pytest.raises(VMGoneError):
         next(iter(_checked(vm, [1])))         # one result: checked before it is given
-    stopped = _LiveVM(ok_checks=0, live=False)
-    assert list(_checked(stopped, range(3))) == [0, 1, 2] and stopped.checks == 0
+    paused = _LiveVM(ok_checks=1, live=False)
+    assert list(_checked(paused, range(3))) == [0, 1, 2] and paused.checks == 1
+    resumed = _LiveVM(ok_checks=0, live=False)      # a paused VM resumed behind our back
+    with pytest.raises(VMGoneError):
+        next(iter(_checked(resumed, [1])))
 
 
 def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):

@@ -16,6 +16,7 @@ import time
 import types
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from qintrospect import discover
 from qintrospect.discover import (Endpoint, QemuProcess, check_endpoints, parse_command_line,
@@ -665,20 +666,29 @@ def test_libvirt_monitor_errors(fake_libvirt):
         m.command("query-status")
 
 
-def test_a_reset_while_reading_is_an_error_only_when_watching(fake_libvirt):
+def test_libvirts_events_reach_the_run_state_guard(fake_libvirt):
+    """QEMU's events, forwarded by libvirt on its own thread, go to the listeners: the run-state
+    guard then says a reset while a running VM was read, and a resume behind the back of a
+    paused one, once each; an event before the read began spoils nothing."""
     from qintrospect.libvirt_monitor import LibvirtMonitor
+    from qintrospect.runguard import RunGuard
     m = LibvirtMonitor("vm1").connect()
     (cb,) = fake_libvirt.callbacks
+    guard = RunGuard(lambda: m, "libvirt:vm1", None, 1.0, [])
+    guard.observe(m, {"status": "running", "running": True})
     cb(None, None, "STOP", 0, 0, None, None)          # not a lifecycle event
-    m.watch_lifecycle = True
-    m.command("query-status")
+    guard.check()
     cb(None, None, "RESET", 0, 0, None, None)
     with pytest.raises(VMGoneError, match="reset"):
-        m.command("query-status")
-    m.command("query-status")                          # said once
-    m.watch_lifecycle = False
+        guard.check()
+    guard.check()                                      # said once
     cb(None, None, "SHUTDOWN", 0, 0, None, None)
-    m.command("query-status")                          # not watching: no error
+    guard.begin({"status": "running", "running": True})    # a new read: before it, nothing
+    guard.check()
+    guard.begin({"status": "paused", "running": False})
+    cb(None, None, "RESUME", 0, 0, None, None)
+    with pytest.raises(VMGoneError, match="resumed by someone else"):
+        guard.check()
 
 
 def test_unknown_domain_is_a_usage_error_listing_the_running_ones(fake_libvirt, monkeypatch):
@@ -707,3 +717,128 @@ def test_endpoint_spellings():
     assert e.address == "127.0.0.1:4444" and e.describe() == "tcp:*:4444"
     e = Endpoint("qmp", "x", "unix", path="/a", server=True, state="in use")
     assert e.short() == "unix:/a (in use)" and e.to_dict()["usable"] is True
+
+
+# ---- hostile command lines, names and monitors (issue 21, finding 4) -----------------------------
+
+PWN = "\x1b]0;pwned\x07"
+
+
+def test_the_table_makes_every_cell_printable():
+    """Names, paths, accelerators, states: anyone's text. None of it reaches the terminal raw."""
+    p = me_as_qemu(["-name", PWN + "\u202e", "-accel", "\x1b[2Jtcg", "-qmp",
+                    "unix:/q\x9b,server=on,wait=off", "-gdb", "unix:/g\x7f,server=on,wait=off"])
+    p.config.qmp[0].state, p.config.qmp[0].run_state = "answers", "\x1b[31mrunning\ud800"
+    q = me_as_qemu(["-name", os.fsdecode(b"vm-\xff"), "-qmp", "unix:/r,server=on,wait=off"])
+    q.config.qmp[0].state, q.config.qmp[0].detail = "no answer", "malformed greeting\x1b[H"
+    text = discover.table([p, q])
+    assert all(line.isprintable() for line in text.splitlines()), text
+    text.encode("utf-8")
+    header, row, row2 = text.splitlines()
+    for shown in (r"\x1b]0;pwned\x07\u202e", r"\x1b[2Jtcg", r"unix:/q\x9b (answers)",
+                  r"\x1b[31mrunning\ud800", r"unix:/g\x7f"):
+        assert shown in row, (shown, row)
+    assert r"vm-\xff" in row2 and r"unix:/r (no answer: malformed greeting\x1b[H)" in row2
+
+
+def test_a_bad_monitor_says_why_in_its_cell_cut_short():
+    e = Endpoint("qmp", "x", "unix", path="/a", server=True, state="no answer",
+                 detail="malformed greeting (\"QMP\" is not an object): " + "x" * 100)
+    assert e.short() == "unix:/a (no answer: " + e.detail[:57] + "...)"
+    e.detail = "closed the connection"
+    assert e.short() == "unix:/a (no answer: closed the connection)"
+
+
+def test_a_process_that_only_calls_itself_qemu_is_said_to_be_so():
+    """argv[0] says qemu-system-x86_64, the executable is Python: listed, with a note on its
+    row, never as a plain QEMU."""
+    child = subprocess.Popen(["qemu-system-x86_64", "-c", "import sys; sys.stdin.read()",
+                              "-name", "impostor", "-m", "64M"], executable=sys.executable,
+                             stdin=subprocess.PIPE)
+    try:
+        proc = None
+        for _ in range(200):          # until the child has exec'd
+            proc = discover.read_process(child.pid)
+            if proc is not None:
+                break
+            time.sleep(0.01)
+        assert proc is not None and proc.name == "impostor" and proc.exe_qemu is False
+        assert proc.exe == os.path.realpath(sys.executable)
+        (note,) = [n for n in proc.notes if n.startswith("not QEMU?")]
+        assert proc.exe in note and proc.to_dict()["exe_is_qemu"] is False
+        assert note in proc.to_dict()["notes"]
+        text = discover.table([proc])
+        header, row, under = text.splitlines()
+        assert row.split()[0] == str(child.pid) and under == f"  ^ {note}"
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    # the process running these tests: its own name is no QEMU's, whatever its executable
+    assert discover.read_process(os.getpid()) is None
+
+
+@pytest.mark.parametrize("name,qemu", [
+    ("qemu-system-x86_64", True), ("qemu-system-aarch64", True), ("qemu-kvm", True),
+    ("qemu", True), (".qemu-system-x86_64-wrapped", True), ("python3.11", False),
+    ("qemu-img", False), ("qemu-system-x86_64-evil.sh", True), ("bash", False),
+])
+def test_which_executables_are_qemus(name, qemu):
+    assert discover._qemu_executable(name) is qemu
+
+
+@pytest.mark.parametrize("args,check", [
+    # str.isdigit() takes "²", int() does not: this ended `list` for every VM
+    (["-qmp", "tcp:localhost:²,server=on,wait=off"],
+     lambda c: c.qmp[0].port is None and "not a port number" in c.qmp[0].problem),
+    (["-chardev", "socket,id=m,fd=³,server=on", "-mon", "chardev=m,mode=control"],
+     lambda c: c.qmp[0].fd is None),
+    (["-qmp", "tcp:127.0.0.1:99999,server=on"],
+     lambda c: c.qmp[0].port is None and not c.qmp[0].usable),
+    # JSON nested past the parser (RecursionError)
+    (["-object", '{"id": "a", "x": ' + "[" * 100_000, "-m", "1G"],
+     lambda c: c.ram == 1 << 30),
+    (["-machine", '{"type": ' + "[" * 100_000 + "}"], lambda c: c.accel == ["tcg", "kvm"]),
+    # past int()'s 4300 digits; past 2^64 (QEMU refuses those: ERANGE)
+    (["-m", "1." + "5" * 5000 + "G"], lambda c: c.ram == 1670266880),
+    (["-m", "9" * 5000], lambda c: c.ram is None and "not a size" in c.notes[0]),
+    (["-m", "16E"], lambda c: c.ram is None),
+    (["-m", "size=1G,maxmem=0x" + "f" * 400], lambda c: c.ram == 1 << 30 and c.maxmem is None),
+    (["-object", '{"qom-type": "memory-backend-ram", "id": "r", "size": 1' + "0" * 400 + "}",
+      "-machine", "memory-backend=r"], lambda c: c.ram is None),
+])
+def test_hostile_command_lines_parse(args, check):
+    assert check(cl(args))
+
+
+HOSTILE = ["-name", "-m", "-qmp", "-chardev", "-mon", "-object", "-machine", "-M", "-accel",
+           "-gdb", "-s", "-S", "-monitor", "-serial", "-numa", "-uuid", "-readconfig",
+           "-enable-kvm",
+           "unix:/q,server=on,wait=off", "tcp::²,server", "tcp:[::1]:99999,server=on",
+           "socket,id=m,fd=³,server=on", "socket,id=m,path=/x,server=on", "chardev=m,mode=control",
+           "{" + "[" * 3000, '{"id": "x", "qom-type": "memory-backend-ram", "size": "1G"}',
+           '{"id": [1], "size": {}}', PWN, "vm-\udcff", "size=1G,maxmem=²G", "memdev=x",
+           "node,memdev=x", "type=q35,accel=kvm:tcg,memory-backend=x", "mon:unix:/m,server",
+           "chardev:m", ",,,", "=", "guest=\x9b,process=\x00", "1." + "5" * 5000 + "G",
+           "9" * 5000, "0x" + "f" * 400, "size=16E", "٣G"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(HOSTILE), st.text(max_size=12)), max_size=24))
+def test_any_command_line_parses_and_lists(argv):
+    """Whatever a process puts on its command line: parsed without an exception, its row
+    printable, its JSON ASCII."""
+    p = me_as_qemu(argv)
+    for line in discover.table([p]).splitlines():
+        assert line.isprintable()
+    assert json.dumps(p.to_dict()).isascii()
+
+
+def test_names_that_are_not_utf8_survive_json():
+    p = me_as_qemu(["-name", os.fsdecode(b"vm-\xff\xfe"), "-qmp",
+                    os.fsdecode(b"unix:/tmp/\xff.sock,server=on,wait=off")])
+    from qintrospect import render
+    text = render.json_line(p.to_dict())
+    assert text.isascii()
+    back = json.loads(text)
+    assert os.fsencode(back["name"]) == b"vm-\xff\xfe"
+    assert os.fsencode(back["qmp"][0]["path"]) == b"/tmp/\xff.sock"

@@ -8,6 +8,7 @@ this user's own; a killed session's gdbstub memory mode is put back to the one f
 
 import json
 import os
+import pathlib
 import stat
 import subprocess
 import sys
@@ -125,6 +126,16 @@ def runtime_dir(tmp_path, monkeypatch):
 
 def folder_of(base):
     return base / f"qintrospect-{os.geteuid()}"
+
+
+def in_folder_lock(key):
+    return in_folder(key, suffix=".lock")
+
+
+def in_folder(key, kind="", suffix=".json"):
+    """Where runstate keeps the file of `key` (under the runtime_dir fixture's folder)."""
+    return str(folder_of(pathlib.Path(os.environ["XDG_RUNTIME_DIR"]))
+               / runstate._name(key, kind, suffix))
 
 
 def test_marker_folder_is_private(runtime_dir):
@@ -279,7 +290,7 @@ def test_the_vm_lock_waits_then_names_who_holds_it(runtime_dir):
         assert time.monotonic() - t0 >= 0.2
         runstate.let_go(first)
         runstate.acquire(second, 0.2)                  # free now
-        st = os.stat(runstate._path("vm")[:-5] + ".lock")
+        st = os.stat(in_folder("vm", suffix=".lock"))
         assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
     finally:
         os.close(first)
@@ -302,7 +313,7 @@ runstate.unlock("vm")
 def test_the_vm_lock_file_goes_with_its_last_holder(runtime_dir):
     """A lock file is removed by the holder that lets go last, so none pile up; counted
     holds of one process keep it until the last."""
-    path = runstate._lock_path("vm")
+    path = in_folder_lock("vm")
     runstate.lock("vm", 1)
     runstate.lock("vm", 1)
     runstate.unlock("vm")
@@ -335,7 +346,7 @@ def test_a_waiter_whose_lock_file_was_removed_takes_the_new_one(runtime_dir, mon
             runstate.unlock("vm")
     finally:
         holder.wait(timeout=30)
-    assert not os.path.exists(runstate._lock_path("vm"))
+    assert not os.path.exists(in_folder_lock("vm"))
 
 
 def test_lock_files_no_one_holds_are_pruned(runtime_dir):
@@ -346,8 +357,8 @@ def test_lock_files_no_one_holds_are_pruned(runtime_dir):
     try:
         runstate.acquire(held, 1)
         runstate.remember("a fact", os.getpid())
-        assert not os.path.exists(runstate._lock_path("left-by-a-killed-one"))
-        assert os.path.exists(runstate._lock_path("in-use"))
+        assert not os.path.exists(in_folder_lock("left-by-a-killed-one"))
+        assert os.path.exists(in_folder_lock("in-use"))
     finally:
         os.close(held)
 
@@ -355,7 +366,7 @@ def test_lock_files_no_one_holds_are_pruned(runtime_dir):
 def test_the_vm_lock_is_never_a_symlink(runtime_dir):
     runstate.record("vm", True)                       # makes the folder
     target = runtime_dir / "elsewhere"
-    os.symlink(target, runstate._path("vm")[:-5] + ".lock")
+    os.symlink(target, in_folder("vm", suffix=".lock"))
     with pytest.raises(OSError):
         runstate.lock_file("vm")
     assert not target.exists()
@@ -388,34 +399,37 @@ def test_facts_are_remembered_for_a_live_process_only(runtime_dir):
     assert runstate.remembered("about me")
     assert not runstate.remembered("about a dead one")
     assert not runstate.remembered("never said")
-    path = runstate._path("about me", "fact-")
+    path = in_folder("about me", "fact-")
     os.unlink(path)
     os.symlink(runtime_dir / "elsewhere", path)       # never followed
     assert not runstate.remembered("about me")
-    os.symlink("/dev/zero", runstate._path("endless", "fact-"))
+    os.symlink("/dev/zero", in_folder("endless", "fact-"))
     runstate.remember("about me", os.getpid())        # its pruning reads no endless file
     assert runstate.remembered("about me")
 
 
 def test_events_between_commands_are_read_within_bounds(monkeypatch):
-    """What a monitor sent between two commands is read without waiting, as events counted:
-    never more than MAX_DRAIN bytes a look (a monitor that never stops talking cannot hold
-    the shell), and a line longer than MAX_MESSAGE is refused as not QMP."""
+    """What a monitor sent between two commands is read without waiting and told to the
+    listeners: never more than MAX_DRAIN bytes a look (a monitor that never stops talking
+    cannot hold the shell), and a line longer than MAX_MESSAGE is refused as not QMP."""
     import socket
     from qintrospect import qmp
     from qintrospect.errors import AttachError
     mine, theirs = socket.socketpair()
     m = QmpMonitor("/qmp.sock", 1.0)
     m._sock = mine
+    seen = []
+    m.listeners.append(seen.append)
     try:
-        m.mark()
-        assert m.events_since_mark() == 0
+        m.poll()
+        assert seen == []
         theirs.sendall(b'{"event": "STOP"}\n{"return": {}, "id": "old"}\n{"event": "RESUME"}\n')
-        assert m.events_since_mark() == 2
+        m.poll()
+        assert seen == ["STOP", "RESUME"]
         monkeypatch.setattr(qmp, "MAX_DRAIN", 4096)
         theirs.sendall(b'{"event": "X", "data": {}}\n' * 4000)      # ~100 KB waiting
-        m.mark()
-        assert m.events_since_mark() > 0 and len(m._buffer) < 4096
+        m.poll()
+        assert 2 < len(seen) < 2 + 4096 // 26 + 2
         assert mine.recv(1 << 20, socket.MSG_PEEK)                # the rest left for later
         while True:                                               # (read it all)
             mine.setblocking(False)
@@ -425,10 +439,10 @@ def test_events_between_commands_are_read_within_bounds(monkeypatch):
                 break
         monkeypatch.setattr(qmp, "MAX_MESSAGE", 1000)
         monkeypatch.setattr(qmp, "MAX_DRAIN", 1 << 20)
-        m._buffer = b""
+        m._lines.discard()
         theirs.sendall(b"{" * 5000)                               # no line end, ever
         with pytest.raises(AttachError, match="without a line end"):
-            m.events_since_mark()
+            m.poll()
     finally:
         mine.close()
         theirs.close()

@@ -115,7 +115,7 @@ def test_ept_root_found_in_the_outer_vms_ram():
                        root_probe=(0x3000, 0x7F0000001000))
     s = r.hops[0].translation.slat
     assert (s.spec.format, s.spec.root, s.spec.depth) == ("ept", 0x20000, 4)
-    assert s.how["method"] == "found" and s.how["probes"] == [["0x3000", "0x201000"],
+    assert s.how["method"] == "scan" and s.how["probes"] == [["0x3000", "0x201000"],
                                                              ["0x5000", "0x200000"]]
     assert s.agrees is True and s.out == 0x200000
 

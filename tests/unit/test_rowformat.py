@@ -106,3 +106,40 @@ def test_bad_rows_are_refused_not_read_out_of_bounds():
     with pytest.raises(TypeError):
         _rowformat.templates(["str, not bytes"])
     assert _rowformat.rows(parsed, which, [column, column], np.array([], np.int64)) == []
+
+
+def _buffer_with_format(data: bytearray, fmt: bytes):
+    """A memoryview of `data` as 8-byte items whose buffer format is `fmt` exactly (a C
+    exporter can say anything: PyMemoryView_FromBuffer takes a Py_buffer as it is)."""
+    import ctypes
+
+    class Py_buffer(ctypes.Structure):
+        _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
+                    ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                    ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                    ("format", ctypes.c_char_p), ("shape", ctypes.POINTER(ctypes.c_ssize_t)),
+                    ("strides", ctypes.POINTER(ctypes.c_ssize_t)),
+                    ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
+
+    raw = (ctypes.c_char * len(data)).from_buffer(data)
+    keep = [raw, ctypes.create_string_buffer(fmt, len(fmt) + 1),
+            (ctypes.c_ssize_t * 1)(len(data) // 8), (ctypes.c_ssize_t * 1)(8)]
+    view = Py_buffer(ctypes.addressof(raw), None, len(data), 8, 1, 1,
+                     ctypes.cast(keep[1], ctypes.c_char_p), keep[2], keep[3], None, None)
+    make = ctypes.pythonapi.PyMemoryView_FromBuffer
+    make.restype, make.argtypes = ctypes.py_object, [ctypes.POINTER(Py_buffer)]
+    return make(ctypes.byref(view)), keep
+
+
+@pytest.mark.parametrize("fmt", [b"", b"<"])
+def test_an_empty_buffer_format_is_refused_not_read_past(fmt):
+    """A format of no code at all (or a byte-order mark alone) was taken for one: strchr
+    finds the terminator of the allowed codes for '\\0', and the check then read the byte
+    after the format's end (here a second NUL, so the buffer was accepted as integers)."""
+    from qintrospect import _rowformat
+    parsed = _rowformat.templates([b"%d\n"])
+    data = bytearray(16)
+    column, keep = _buffer_with_format(data, fmt + b"\0")
+    which = np.zeros(2, np.int64)
+    with pytest.raises(TypeError, match="8-byte"):
+        _rowformat.rows(parsed, which, [column], np.array([0]))

@@ -15,34 +15,79 @@ from hypothesis import given, settings, strategies as st
 from qintrospect import shell
 from qintrospect.cpu import Vcpu
 from qintrospect.errors import UsageError
+from qintrospect.runguard import RunGuard
 from qintrospect.session import MemoryPiece
 
 
 class FakeMonitor:
+    """QMP as the shell's run-state guard sees it: commands recorded, and STOP/RESUME told to
+    every listener as QEMU tells every monitor (`owner_*`: someone else's monitor)."""
+
     def __init__(self, running=True):
         self.running = running
         self.sent = []
-        self.watch_lifecycle = False
+        self.listeners = []
+        self.fail_cont = None
 
     def command(self, name, **arguments):
         self.sent.append(name)
         if name == "query-status":
             return {"status": "running" if self.running else "paused", "running": self.running}
         if name == "stop":
-            self.running = False
+            self._set(False)
         elif name == "cont":
-            self.running = True
+            if self.fail_cont is not None:
+                raise self.fail_cont
+            self._set(True)
         return {}
+
+    def _set(self, running):
+        was, self.running = self.running, running
+        if was != running:
+            for listener in list(self.listeners):
+                listener("RESUME" if running else "STOP")
+
+    def owner_resumes(self):
+        self._set(True)
+
+    def owner_pauses(self):
+        self._set(False)
+
+    def poll(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class FakeGuard(RunGuard):
+    """The real guard over the fake monitor, its lock recorded instead of taken."""
+
+    def __init__(self, monitor, held=False):
+        super().__init__(lambda: monitor, "fake-vm", None, 1.0, [])
+        self._listen(monitor)
+        self.found = {"status": "running" if monitor.running else "paused",
+                      "running": monitor.running}
+        if held and monitor.running:             # as `shell` attaches: paused, ours
+            monitor.running = False
+            self.ours = True
+
+    def take_lock(self):
+        self.monitor.sent.append("lock")
+
+    def release_lock(self):
+        self.monitor.sent.append("unlock")
 
 
 class FakeSession:
     """What the command functions and the shell use of a Session."""
 
-    def __init__(self, running=True, vcpus=2, gdb=None):
+    def __init__(self, running=True, vcpus=2, gdb=None, held=False):
         self.qmp = FakeMonitor(running)
+        self.guard = FakeGuard(self.qmp, held)
         self.gdb = gdb
         self.vcpu = 0
-        self.found_status = {"status": "running" if running else "paused", "running": running}
+        self.found_status = self.guard.found
         self._vcpus = [Vcpu(i, 100 + i, None, 0x80050033, 0x1000 * (i + 1), 0x20, 0xd01, 0x10)
                        for i in range(vcpus)]
         self.refreshed = 0
@@ -64,20 +109,14 @@ class FakeSession:
         self.refreshed += 1
         self.qmp.sent.append("refresh")
 
-    def take_lock(self):
-        self.qmp.sent.append("lock")
-
-    def release_lock(self):
-        self.qmp.sent.append("unlock")
-
     def select_vcpu(self, index):
         if not 0 <= index < len(self._vcpus):
             raise UsageError(f"vCPU {index}: this VM has {len(self._vcpus)} vCPU(s)")
         self.qmp.sent.append(f"select {index}")
         self.vcpu = index
 
-    def check_live(self):
-        pass
+    def check_live(self, final=False):
+        self.guard.check(sync=False)
 
     def read_pieces(self, address, length, physical=False, cr3=None):
         self.read_calls.append((address, length, physical, cr3))
@@ -90,7 +129,7 @@ class FakeSession:
 
 
 def make(vm=None, hold=False, **kw):
-    vm = vm or FakeSession()
+    vm = vm or FakeSession(held=hold)
     out, err = io.StringIO(), io.StringIO()
     sh = shell.Shell(vm, hold, stdin=io.StringIO(kw.pop("text", "")), stdout=out, stderr=err,
                      interactive=kw.pop("interactive", False), **kw)
@@ -201,6 +240,66 @@ def test_sigterm_in_a_command_undoes_its_pause_and_ends_the_shell(monkeypatch):
     assert run_lines(sh, monkeypatch, out) == shell.EXIT_TERMINATED
     assert vm.qmp.sent == ["lock", "query-status", "stop", "refresh", "cont", "unlock"]
     assert "terminated" in err.getvalue() and vm.qmp.running
+
+
+def test_a_vm_its_owner_resumed_is_never_paused_again_on_leaving(monkeypatch):
+    """Found paused, resumed by its owner between two commands, then quit: the shell sends no
+    `stop` (before, close() put back "found paused" and paused a VM its owner had resumed)."""
+    vm = FakeSession(running=False)
+    sh, vm, out, err = make(vm, text="cpus\n")
+    assert run_lines(sh, monkeypatch, out) == 0
+    vm.qmp.owner_resumes()
+    sh.stdin = io.StringIO("cpus\n")
+    assert sh.run() == 0                       # the next command pauses it, as a running VM
+    assert vm.qmp.sent[-7:] == ["lock", "query-status", "stop", "refresh",
+                                "registers of vCPU 0", "cont", "unlock"]
+    vm.guard.leave()                           # quit
+    assert vm.qmp.running and vm.qmp.sent.count("stop") == 1
+    assert vm.qmp.sent.count("cont") == 1      # only the one that undid its own stop
+
+
+def test_a_held_vm_its_owner_resumes_is_theirs_from_then_on(monkeypatch):
+    """--freeze (or gdb) holds a running VM paused for the whole shell; if its owner resumes
+    it, the shell pauses it per command from then on, and leaving sends nothing."""
+    sh, vm, out, err = make(hold=True, text="cpus\n")
+    assert run_lines(sh, monkeypatch, out) == 0 and vm.qmp.sent == ["registers of vCPU 0"]
+    vm.qmp.owner_resumes()
+    assert not vm.guard.ours
+    sh.stdin = io.StringIO("cpus\n")
+    assert sh.run() == 0
+    assert vm.qmp.sent[1:] == ["lock", "query-status", "stop", "refresh",
+                               "registers of vCPU 0", "cont", "unlock"]
+    vm.guard.leave()
+    assert vm.qmp.running and vm.qmp.sent.count("stop") == 1
+
+
+def test_a_resume_behind_the_shells_back_during_a_command_is_said(monkeypatch):
+    """A VM found paused (its owner's pause) is trusted only while watched: resumed during a
+    command, the command ends with exit 3 and says so, and the VM is left running."""
+    vm = FakeSession(running=False)
+    original = vm.read_pieces
+
+    def resumed_meanwhile(*a, **k):
+        vm.qmp.owner_resumes()
+        return original(*a, **k)
+
+    vm.read_pieces = resumed_meanwhile
+    sh, vm, out, err = make(vm, text="read --phys 0x1000 8\ncpus\n")
+    assert run_lines(sh, monkeypatch, out) == 3
+    assert "resumed by someone else while qintrospect read it (found paused)" in err.getvalue()
+    assert vm.qmp.running and "stop" not in vm.qmp.sent[:vm.qmp.sent.index("refresh")]
+    assert out.getvalue().count("host thread 100") == 1       # the shell went on
+
+
+def test_the_lock_is_let_go_when_cont_fails(monkeypatch):
+    """A `cont` that raises still lets go of the VM's lock (before, release_lock was
+    skipped)."""
+    from qintrospect.errors import VMGoneError
+    sh, vm, out, err = make(text="cpus\n")
+    vm.qmp.fail_cont = VMGoneError("QMP connection lost during cont")
+    assert run_lines(sh, monkeypatch, out) == 3
+    sent = vm.qmp.sent
+    assert "cont" in sent and "unlock" in sent[sent.index("cont"):]
 
 
 def test_signals_are_held_back_not_lost_during_a_pause_change():

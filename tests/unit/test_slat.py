@@ -116,6 +116,69 @@ def test_a_page_not_in_the_table_and_a_disagreement_are_explained():
     assert r.agrees is False and "disagree" in r.note
 
 
+class Mem:
+    """SecondLevel.resolve's memory: reads of the test's host bytes."""
+
+    def __init__(self, host):
+        self.read, self.name = host.read, "host"
+
+
+def test_two_roots_that_fit_every_probe_are_ambiguous_not_chosen():
+    """Two tables that map the same GPAs to the same host frames (two VMs with merged pages,
+    KVM's SMM root beside the normal one): the scan refuses to choose, says which roots, and
+    the text view says so; before, the lowest address won silently."""
+    from qintrospect import render
+    host = Host()
+    maps = [(0x5000, 0x600000, PAGE), (0x9000, 0x700000, PAGE)]
+    one, two = build(host, "npt", 4, maps), build(host, "npt", 4, maps)
+    probes = [(0x5008, 0x600008), (0x9010, 0x700010)]
+    asked = []
+
+    def more():
+        asked.append(True)
+        return [(0x5000, 0x600000), (0x9ff8, 0x700ff8)]        # they agree there too
+
+    second = slat.SecondLevel.resolve(Mem(host), host.chunks(), slat.SlatSpec(), probes,
+                                      ("npt", "ept"), more_probes=more)
+    assert asked and second.spec is None
+    roots = {int(f["root"], 16) for f in second.how["ambiguous"]}
+    assert roots == {one, two}
+    assert second.how["note"].startswith("ambiguous: roots ")
+    assert hex(one) in second.how["note"] and hex(two) in second.how["note"]
+    r = second.result(0x5008, 0x600008)
+    assert r.spec.root is None and r.walk is None and r.agrees is None
+    text = "\n".join(render.slat_lines(r))
+    assert "not chosen (ambiguous: roots" in text and hex(one) in text and hex(two) in text
+    d = r.to_dict()
+    assert d["root"] is None and d["out"] is None and d["how"]["ambiguous"]
+
+
+def test_more_probes_break_a_tie_between_roots():
+    """A root that fits the first probes as well as the right one (the other VM's table,
+    sharing a merged page) loses on pages spread over RAM."""
+    host = Host()
+    right = build(host, "npt", 4, [(0x5000, 0x600000, PAGE), (0x9000, 0x700000, PAGE)])
+    other = build(host, "npt", 4, [(0x5000, 0x600000, PAGE), (0x9000, 0x710000, PAGE)])
+    second = slat.SecondLevel.resolve(Mem(host), host.chunks(), slat.SlatSpec(),
+                                      [(0x5008, 0x600008)], ("npt", "ept"),
+                                      more_probes=lambda: [(0x9000, 0x700000)])
+    assert second.spec is not None and second.spec.root == right
+    assert second.how["chosen"]["root"] == hex(right) and "ambiguous" not in second.how
+    assert second.how["tie_probes"] == [["0x9000", "0x700000"]]
+    assert other in {int(c["root"], 16) for c in second.how["candidates"]}
+
+
+def test_one_root_read_as_npt_and_as_ept_is_one_table_not_a_tie():
+    """Entries with bits 2:0 set and nothing else read alike as NPT and EPT: the same root
+    in both formats is not two tables; the host CPU's kind (first) stands."""
+    host = Host()
+    root = build(host, "npt", 4, [(0x5000, 0x600000, PAGE)])
+    second = slat.SecondLevel.resolve(Mem(host), host.chunks(), slat.SlatSpec(),
+                                      [(0x5008, 0x600008)], ("npt", "ept"),
+                                      more_probes=lambda: [])
+    assert second.spec.root == root and second.spec.format == "npt"
+
+
 @pytest.mark.parametrize("text,fmt,root,depth", [
     ("npt:0x1234000", "npt", 0x1234000, 4), ("npt5:0x1234000", "npt", 0x1234000, 5),
     ("ept:0x1234000", "ept", 0x1234000, 4), ("ept:0x123405e", "ept", 0x1234000, 4),
