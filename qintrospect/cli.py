@@ -558,7 +558,7 @@ def cmd_kvm(args) -> int:
     """KVM's own facts about the VM: accelerator, debugfs statistics, vCPUs, query-stats."""
     from . import kvm
     with _attach(args) as vm:
-        facts = vm.kvm_facts()
+        facts = vm.kvm_facts(roots=True)
     print(render.json_line(facts) if args.json else kvm.text(facts))
     return EXIT_OK
 
@@ -840,11 +840,13 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         t.add_argument("--outer", action="append", metavar="qmp=ADDR,gdb=ADDR[,pid=N]",
                        help="the VM that runs this VM's QEMU (repeat, innermost first): follow the "
                             "address on down through it to this host")
-        t.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
+        t.add_argument("--slat", metavar="auto|kvm|scan|npt:HEX|npt5:HEX|ept:HEX",
                        help="walk each GPA through the hypervisor's second-level table too (AMD "
-                            "NPT, Intel EPT): found in host memory (/proc/kcore, root) when the "
-                            "VM runs under KVM on this host, or in the outer VM's RAM with --outer "
-                            "(auto); or the nCR3 / EPTP given")
+                            "NPT, Intel EPT). When the VM runs under KVM on this host (root): "
+                            "auto reads the root from KVM's own vCPU (kallsyms + BTF + "
+                            "/proc/kcore) and falls back to a scan of host memory, saying why; "
+                            "kvm or scan take only that way. With --outer: found in the outer "
+                            "VM's RAM. Or the nCR3 / EPTP given")
         t.add_argument("--eptp", help="with --outer: the outer hypervisor's EPTP for this VM "
                                       "(the same as --slat ept:EPTP); its EPT walk is shown "
                                       "beside the process-table answer")
@@ -937,7 +939,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         w.add_argument("--gpa", help="a guest-physical address")
         w.add_argument("--hva", help="a host virtual address in this VM's QEMU process")
         w.add_argument("--hpa", help="a host physical address (root: frame numbers)")
-        w.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
+        w.add_argument("--slat", metavar="auto|kvm|scan|npt:HEX|npt5:HEX|ept:HEX",
                        help="on a KVM host: the hypervisor's second-level table too (the GPAs "
                             "whose leaf holds the host frame, and whether the frame is a page of "
                             "the table)")

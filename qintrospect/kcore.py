@@ -23,9 +23,8 @@ NO_PADDR = (1 << 64) - 1
 KERNEL_TEXT = 0xFFFFFFFF80000000
 
 
-def ram_segments(header: bytes, phdrs: bytes) -> List[Tuple[int, int, int]]:
-    """(physical start, physical end exclusive, file offset) of the direct-map RAM segments,
-    from an ELF64 header and its program headers."""
+def load_segments(header: bytes, phdrs: bytes) -> List[Tuple[int, int, int, int]]:
+    """(file offset, virtual address, physical address, size) of every PT_LOAD segment."""
     if header[:4] != b"\x7fELF" or header[4] != 2:
         raise ValueError("not an ELF64 file")
     phentsize, phnum = struct.unpack_from("<HH", header, 54)
@@ -33,8 +32,15 @@ def ram_segments(header: bytes, phdrs: bytes) -> List[Tuple[int, int, int]]:
     for i in range(phnum):
         p_type, _, offset, vaddr, paddr, _, memsz, _ = struct.unpack_from("<IIQQQQQQ", phdrs,
                                                                          i * phentsize)
-        if p_type == 1 and paddr != NO_PADDR and memsz:
+        if p_type == 1 and memsz:
             loads.append((offset, vaddr, paddr, memsz))
+    return loads
+
+
+def ram_segments(header: bytes, phdrs: bytes) -> List[Tuple[int, int, int]]:
+    """(physical start, physical end exclusive, file offset) of the direct-map RAM segments,
+    from an ELF64 header and its program headers."""
+    loads = [s for s in load_segments(header, phdrs) if s[2] != NO_PADDR]
     # the kernel text (KCORE_TEXT) also has a physical address, but lives at -2 GiB; the
     # direct map's RAM segments all share one virtual-minus-physical offset below that
     ram = [(o, v, p, m) for o, v, p, m in loads if v < KERNEL_TEXT]
@@ -63,7 +69,10 @@ class KcoreMemory:
             header = os.pread(self.fd, 64, 0)
             phoff, = struct.unpack_from("<Q", header, 32)
             phentsize, phnum = struct.unpack_from("<HH", header, 54)
-            self.segments = ram_segments(header, os.pread(self.fd, phentsize * phnum, phoff))
+            phdrs = os.pread(self.fd, phentsize * phnum, phoff)
+            self.segments = ram_segments(header, phdrs)
+            # every segment by virtual address (direct map, vmalloc, modules, kernel text)
+            self.virtual = sorted((v, v + m, o) for o, v, _, m in load_segments(header, phdrs))
         except (OSError, ValueError, struct.error) as exc:
             os.close(self.fd)
             raise AttachError(f"{path} is not a readable kernel core image: {exc}") from None
@@ -95,6 +104,26 @@ class KcoreMemory:
         if len(data) != length:
             raise MemoryReadError(f"short read of host physical {pa:#x} through {KCORE}", pa)
         return data
+
+    def read_virtual(self, va: int, length: int) -> bytes:
+        """`length` bytes at kernel virtual address va (the direct map, vmalloc space where
+        KVM keeps its VMs, the modules' area): MemoryReadError where kcore shows none."""
+        for start, end, offset in self.virtual:
+            if start <= va and va + length <= end:
+                try:
+                    data = os.pread(self.fd, length, offset + va - start)
+                except OSError as exc:
+                    raise MemoryReadError(f"cannot read kernel address {va:#x} through "
+                                          f"{KCORE}: {exc.strerror or exc}", va) from None
+                if len(data) == length:
+                    return data
+                break
+        raise MemoryReadError(f"kernel address {va:#x}+{length} is in no segment {KCORE} "
+                              "shows (the kernel does not include that area)", va)
+
+    def covers(self, va: int) -> bool:
+        """Whether kcore shows kernel virtual address va at all."""
+        return any(start <= va < end for start, end, _ in self.virtual)
 
     def scan_chunks(self, chunk: int = 4 << 20) -> Iterator[Tuple[int, bytes]]:
         """(physical address, bytes) over all RAM, `chunk` bytes at a time."""

@@ -44,6 +44,18 @@ def cpu_vendor() -> Optional[str]:
     return None
 
 
+def host_phys_bits() -> int:
+    """This host CPU's physical address width (/proc/cpuinfo "address sizes"), 52 if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("address sizes"):
+                    return int(line.split(":", 1)[1].split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 52
+
+
 def slat_formats() -> tuple:
     """The second-level formats to look for, this host's kind first."""
     return ("ept", "npt") if cpu_vendor() == "intel" else ("npt", "ept")
@@ -91,10 +103,28 @@ def debugfs_dir(pid: int, root: str = DEBUGFS) -> tuple:
     return os.path.join(kvm, sorted(names)[0]), ""
 
 
-def facts(qmp, pid: Optional[int], root: str = DEBUGFS) -> dict:
-    """Everything KVM says about the VM of QEMU process `pid` (local), as one JSON-ready dict."""
+def debugfs_vcpus(pid: int, root: str = DEBUGFS) -> dict:
+    """{vCPU index: its debugfs files (guest_mode, pid, ...)} of QEMU process pid's VM; {}
+    where debugfs cannot be read."""
+    folder, _ = debugfs_dir(pid, root)
+    out = {}
+    try:
+        for name in os.listdir(folder) if folder else ():
+            path = os.path.join(folder, name)
+            if name.startswith("vcpu") and name[4:].isdigit() and os.path.isdir(path):
+                out[int(name[4:])] = _files(path)
+    except OSError:
+        return {}
+    return out
+
+
+def facts(qmp, pid: Optional[int], root: str = DEBUGFS, roots: bool = False) -> dict:
+    """Everything KVM says about the VM of QEMU process `pid` (local), as one JSON-ready dict;
+    with roots, each vCPU's second-level root read from KVM's own structures (kvm_vcpu)."""
     out = {"accelerator": None, "kvm": None, "tdp": tdp(), "qemu_pid": pid,
            "debugfs": None, "stats": None, "vcpus": [], "query_stats": None, "notes": []}
+    if roots:
+        out["roots"] = None
     try:
         q = qmp.command("query-kvm")
         out["kvm"] = q
@@ -125,6 +155,13 @@ def facts(qmp, pid: Optional[int], root: str = DEBUGFS) -> dict:
                                          **_files(path)))
     except PermissionError:
         out["notes"].append(f"{folder} cannot be read by this user: KVM's statistics need root")
+    if roots:
+        from . import kvm_vcpu
+        try:
+            debug = {v["index"]: v for v in out["vcpus"] if isinstance(v["index"], int)}
+            out["roots"] = kvm_vcpu.read_vm(pid, debugfs_vcpus=debug).to_dict()
+        except kvm_vcpu.Unavailable as exc:
+            out["notes"].append(f"the vCPUs' second-level roots cannot be read: {exc}")
     return out
 
 
@@ -146,6 +183,20 @@ def text(f: dict) -> str:
         for v in f["vcpus"]:
             extra = "  ".join(f"{k} {v[k]}" for k in ("guest_mode", "pid") if k in v)
             lines.append(f"  vCPU {v['index']}: {extra}")
+    if f.get("roots"):
+        r = f["roots"]
+        kind = "EPT" if r["vendor"] == "intel" else "NPT"
+        lines.append(f"KVM's own structures: struct kvm {r['struct_kvm']} (pid {r['pid']}), "
+                     f"read in {r['seconds'] * 1000:.0f} ms")
+        for v in r["vcpus"]:
+            root = (f"{kind} root {v['root']}, {v['level']} levels" if v["root"]
+                    else f"no {kind} root loaded")
+            eptp = f", EPTP {v['eptp']}" if v.get("eptp") else ""
+            smm = " (SMM)" if v.get("smm") else ""
+            active = v["active_mmu"] + (f" (root {v['active_root']})"
+                                        if v["active_mmu"] != "root_mmu" else "")
+            lines.append(f"  vCPU {v['index']}: {root}{eptp}{smm}; runs with {active}; "
+                         f"guest_mode {v['guest_mode']}")
     if f["query_stats"]:
         for provider in f["query_stats"]:
             stats = {s["name"]: s["value"] for s in provider.get("stats", [])}

@@ -234,6 +234,9 @@ def _second_level(session: Session, pending, ts, name: str, spec: SlatSpec, root
     if second.spec is not None:   # 1 GiB leaves as the outer (virtual) CPU offers them
         cap = session.vcpu_property("pdpe1gb" if second.spec.format == "npt" else "vmx-ept-1gb")
         second.page1gb = cap if isinstance(cap, bool) else None
+    second.maxphyaddr = session.cpu.maxphyaddr or 52     # the outer vCPU's width
+    if inner_ram is not None:
+        second.device = lambda gpa: None if inner_ram.ram_at(gpa) else inner_ram.describe(gpa)
     for r, t in zip(pending, ts):
         inner = r.hops[-2].translation
         inner.slat = second.result(inner.gpa, t.gpa if t.ok else None)

@@ -175,17 +175,18 @@ def page_sizes_line(t) -> str:
 
 def slat_lines(r, show_bits: bool = True) -> List[str]:
     """A second-level walk laid out as the seed's ept_dump prints one: the GPA split into its
-    indexes, each level's entry (12/40/12 bits) and the next table, the leaf, the host address;
-    then whether it agrees with the pagemap path."""
+    indexes, each level's entry (12/40/12 bits) and the next table, the entry's fields in
+    words (with KVM's own bits), the huge-page block where the leaf is large, the host
+    address; then whether it agrees with the pagemap path."""
+    from .slat import entry_fields, found_how
     how = r.how or {}
     if r.spec.root is None:
         what = "not chosen" if how.get("ambiguous") else "not found"
         return [f"  second-level table: {what} ({r.note or how.get('note', '')})"]
     kind = r.spec.format.upper()
-    from .slat import found_how
-    took = found_how(how)
+    eptp = f", EPTP {r.spec.eptp:#x}" if r.spec.eptp is not None else ""
     out = [f"  {kind} (the hypervisor's second-level table), root {r.spec.root:#x}, "
-           f"{r.spec.depth} levels{took}"]
+           f"{r.spec.depth} levels{eptp}{found_how(how)}"]
     w = r.walk
     out.extend("  " + line for line in index_lines(w))
     for s in w.levels:
@@ -196,6 +197,10 @@ def slat_lines(r, show_bits: bool = True) -> List[str]:
                    f"  -> {nxt}  {' '.join(s.flags)}")
         if show_bits:
             out.append(f"         {binary_split(s.entry, 8)}")
+            out.append(f"         {entry_fields(r.spec.format, s.entry, s.leaf)}")
+    if w.ok and w.page_size > 4096 and show_bits:
+        out.extend("    " + line for line in huge_page_block(w.levels[-1], w.va, w.pa,
+                                                           w.page_size))
     if w.ok:
         verdict = {True: "agrees with the pagemap path", None: "(no pagemap answer to compare)",
                    False: "DISAGREES with the pagemap path"}[r.agrees]
@@ -204,6 +209,24 @@ def slat_lines(r, show_bits: bool = True) -> List[str]:
         out.append(f"    => {w.fault.reason} at {w.fault.level}")
     if r.note:
         out.append(f"    note: {r.note}")
+    return out
+
+
+def huge_page_block(leaf, address: int, pa: int, size: int) -> List[str]:
+    """The huge-page block the seed's ept_dump (and our modules) print for a 2 MiB / 1 GiB
+    leaf: the entry, the frame mask and the frame; the address, the offset mask and the
+    offset; the host address they make."""
+    level = {1 << 21: 2, 1 << 30: 3}.get(size, 0)
+    mask2 = size - 1
+    mask1 = ((1 << 52) - 1) & ~mask2 & ~0xFFF
+    rows = [(leaf.name, leaf.entry), ("Mask1", mask1), ("HFN", leaf.entry & mask1), None,
+            ("GPA", address), ("Mask2", mask2), ("Offset", address & mask2), None]
+    out = [f"Huge Page ({size_name(size).replace(' MiB', 'M').replace(' GiB', 'G')}) at "
+           f"level {level} detected!",
+           "[e.g]   [Rsvd./Ign.] [  Huge Page Number, 31 Bits  ][Ignored] [ ]"]
+    for row in rows:
+        out.append("-" * 65 if row is None else f" {row[0]:<6} {binary_split(row[1], 8)}")
+    out.append(f"HPA    {binary_split(pa, 8)}")
     return out
 
 

@@ -763,16 +763,17 @@ class Session:
                 self._kvm = {}
         return self._kvm.get("enabled")
 
-    def kvm_facts(self) -> dict:
+    def kvm_facts(self, roots: bool = False) -> dict:
         """KVM's own facts about this VM (qintrospect.kvm.facts)."""
         from . import kvm
         self._check_open()
-        return kvm.facts(self.qmp, self.process.pid if self.process else None)
+        return kvm.facts(self.qmp, self.process.pid if self.process else None, roots=roots)
 
     def second_level(self, spec, translations=(), progress=None):
-        """This VM's second-level table, kept by KVM on this host: found (spec auto) in this
-        host's physical memory through /proc/kcore, keyed by the pagemap path's answers for
-        the vCPU's page-table root and the translations given; or the root given."""
+        """This VM's second-level table, kept by KVM on this host, over this host's physical
+        memory (/proc/kcore): the root given; or (auto) the root KVM's own vCPU holds
+        (kvm_vcpu), else, saying why, one found by a scan keyed by the pagemap path's
+        answers for the vCPU's page-table root and the translations given."""
         from . import kvm, slat
         from .kcore import KcoreMemory
         self._check_open()
@@ -786,15 +787,57 @@ class Session:
                              "hypervisor keeps a second-level table for it on this host; for a "
                              "VM inside another VM, use --outer")
         memory = KcoreMemory()
-        if progress is not None:
-            progress.total = memory.ram_bytes
         probes = [self._host_probe(self.vcpu_info[self.vcpu].root)]
         probes += [(t.gpa, t.hpa) for t in translations if t.ok and t.hpa is not None]
-        second = slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
-                                          kvm.slat_formats(), progress, self.spread_probes)
+        second = why = None
+        if spec.auto and spec.source in ("auto", "kvm"):
+            second, why = self._kvm_vcpu_level(memory, probes)
+            if second is None and spec.source == "kvm":
+                from .kvm_vcpu import Unavailable
+                raise Unavailable(f"--slat kvm: {why}")
+        if second is None:
+            if progress is not None and spec.auto:
+                progress.total = memory.ram_bytes
+            second = slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
+                                              kvm.slat_formats(), progress, self.spread_probes)
+            if why is not None:
+                second.how["fell_back"] = why
         if second.spec is not None and second.spec.format == "npt":
             second.page1gb = host_page1gb()    # NPT walks with this host CPU's paging
+        second.maxphyaddr = kvm.host_phys_bits()
+        second.device = self.device_region
         return second
+
+    def device_region(self, gpa: int) -> Optional[str]:
+        """What QEMU's memory map has at a GPA that is not RAM (a device, or nothing); None
+        for RAM."""
+        return None if self.ram_map.ram_at(gpa) is not None else self.ram_map.describe(gpa)
+
+    def _kvm_vcpu_level(self, memory, probes):
+        """(SecondLevel from KVM's own vCPU, None) or (None, why not). The root is used only
+        if the pagemap path's answers agree with it (one at least, and none against)."""
+        from . import kvm, kvm_vcpu, slat
+        try:
+            vm = kvm_vcpu.read_vm(self.process.pid, memory,
+                                  debugfs_vcpus=kvm.debugfs_vcpus(self.process.pid))
+        except kvm_vcpu.Unavailable as exc:
+            return None, str(exc)
+        v = vm.root_of(self.vcpu)
+        if v is None:
+            return None, (f"no vCPU of KVM's VM {vm.address:#x} has a root loaded now (none "
+                          "ran since its table was last dropped)")
+        spec = slat.SlatSpec("ept", v.root, v.level or 4, v.eptp) if vm.vendor == "intel" \
+            else slat.SlatSpec("npt", v.root, v.level or 4)
+        agree, disagree = slat.agreement(memory.read, spec, probes)
+        how = {"method": "kvm-vcpu", "vcpu": v.index, "seconds": round(vm.seconds, 4),
+               "probes": [[f"{g:#x}", f"{p:#x}"] for g, p in probes if p is not None],
+               "probes_agreeing": agree, "probes_disagreeing": disagree, "kvm": vm.to_dict()}
+        if disagree or not agree:
+            return None, (f"KVM's vCPU {v.index} holds root {v.root:#x}, but it takes "
+                          f"{agree} of the pagemap path's probe addresses where that path "
+                          f"does and {disagree} elsewhere: not used (read while KVM changed "
+                          "it?)")
+        return slat.SecondLevel(memory, spec, how), None
 
     def spread_probes(self, count: int = TIE_PROBES) -> list:
         """(GPA, host physical address) of up to `count` pages QEMU holds, spread over guest

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import paging
 from .errors import UsageError
-from .paging.formats import ADDR_51_12
+from .paging.formats import ADDR_51_12, MEMORY_TYPES
 from .record import record
 
 PAGE = 4096
@@ -35,27 +35,33 @@ Probe = Tuple[int, int]                    # (guest-physical address, host addre
 
 @record(frozen=True)
 class SlatSpec:
-    """What --slat says: find the table ("auto"), or walk this one (format, root, depth)."""
-    format: Optional[str] = None           # "npt" | "ept" | None (auto)
+    """What --slat says: find the table (auto: from KVM's own vCPUs, else by a scan; or
+    only one of the two ways: `source`), or walk this one (format, root, depth)."""
+    format: Optional[str] = None           # "npt" | "ept" | None (to be found)
     root: Optional[int] = None             # nCR3 / EPT root (table base)
     depth: int = 4
-    eptp: Optional[int] = None             # the EPTP as given (ept only)
+    eptp: Optional[int] = None             # the EPTP (ept only)
+    source: str = "auto"                   # to find it: "auto" (kvm, then scan), "kvm", "scan"
 
     @property
     def auto(self) -> bool:
         return self.root is None
 
 
+SOURCES = ("auto", "kvm", "scan")
+
+
 def parse_slat(text: str) -> SlatSpec:
-    """'auto', 'npt:HEX' (nCR3: the table's base; 5-level with npt5:HEX) or 'ept:HEX' (an
-    EPTP, whose bits 5:3 give the walk length; a bare page address means WB, 4 levels)."""
+    """'auto' (KVM's own vCPUs, else a scan), 'kvm' or 'scan' (only that way), 'npt:HEX'
+    (nCR3: the table's base; 5-level with npt5:HEX) or 'ept:HEX' (an EPTP, whose bits 5:3
+    give the walk length; a bare page address means WB, 4 levels)."""
     text = (text or "").strip().lower()
-    if text == "auto":
-        return SlatSpec()
+    if text in SOURCES:
+        return SlatSpec(source=text)
     kind, sep, value = text.partition(":")
     if not sep or kind not in ("npt", "npt5", "ept") or not value.startswith("0x"):
-        raise UsageError(f"--slat {text[:64]!r}: expected auto, npt:0xROOT, npt5:0xROOT or "
-                         "ept:0xEPTP")
+        raise UsageError(f"--slat {text[:64]!r}: expected auto, kvm, scan, npt:0xROOT, "
+                         "npt5:0xROOT or ept:0xEPTP")
     try:
         number = int(value, 16)
     except ValueError:
@@ -216,14 +222,80 @@ def _reaches(read_phys, spec: SlatSpec, gpa: int, pa: int) -> bool:
     return w.ok and w.pa == pa
 
 
+def agreement(read_phys, spec: SlatSpec, probes: Sequence[Probe]) -> Tuple[int, int]:
+    """(probes the table takes to the pagemap path's host address, probes it takes
+    elsewhere): a root read from KVM is held to the same evidence as one found by the scan."""
+    agree = disagree = 0
+    for gpa, pa in probes:
+        if pa is None:
+            continue
+        w = walk(read_phys, spec, gpa)
+        if w.ok:
+            agree += w.pa == pa
+            disagree += w.pa != pa
+    return agree, disagree
+
 
 def found_how(how: dict) -> str:
     """How the root came to be, in words, for a view's heading."""
     method, seconds = how.get("method"), how.get("seconds")
     took = f" in {seconds:.2f} s" if isinstance(seconds, (int, float)) else ""
+    if method == "kvm-vcpu":
+        return f", read from KVM's vCPU {how.get('vcpu')}{took}"
     if method == "scan":
-        return f", found by a scan of host memory{took}"
+        fell = " (KVM's vCPUs could not be read)" if how.get("fell_back") else ""
+        return f", found by a scan of host memory{took}{fell}"
     return " (given)"
+
+
+# ---- what an entry says --------------------------------------------------------------------
+
+# Bits the CPU ignores that KVM keeps for itself in its own tables (arch/x86/kvm/mmu/spte.h,
+# Linux 5.13 to 6.x): named for a reader, never used to decide anything.
+KVM_SOFTWARE_BITS = {"ept": {11: "MMU-present", 57: "host-writable", 58: "MMU-writable"},
+                     "npt": {9: "host-writable", 10: "MMU-writable", 11: "MMU-present"}}
+KVM_EPT_AD = {1: "A/D off (KVM tracks accesses by faults)", 2: "write-tracked by faults"}
+
+
+def entry_fields(fmt: str, entry: int, leaf: bool) -> str:
+    """An EPT or NPT entry's fields in words: the rights, memory type and A/D the CPU reads,
+    then the bits KVM keeps for itself."""
+    bit = lambda n: entry >> n & 1                                    # noqa: E731
+    if fmt == "ept":
+        words = [f"R={bit(0)} W={bit(1)} X={bit(2)} user-X={bit(10)}"]
+        if leaf:
+            mt = entry >> 3 & 7
+            words.append(f"memtype={mt} ({MEMORY_TYPES.get(mt, 'reserved')}) "
+                         f"ignore-PAT={bit(6)}")
+        words.append(f"A={bit(8)}" + (f" D={bit(9)}" if leaf else ""))
+        ad = KVM_EPT_AD.get(entry >> 52 & 3) if leaf else None
+    else:
+        words = [f"P={bit(0)} RW={bit(1)} US={bit(2)} PWT={bit(3)} PCD={bit(4)} A={bit(5)}"
+                 + (f" D={bit(6)} G={bit(8)}" if leaf else "") + f" NX={bit(63)}"]
+        ad = None
+    kvm = [f"{name} ({n})" for n, name in KVM_SOFTWARE_BITS[fmt].items() if bit(n)]
+    if ad:
+        kvm.append(ad)
+    if kvm:
+        words.append("KVM: " + ", ".join(kvm))
+    return "; ".join(words)
+
+
+def kvm_mmio_marker(spec: "SlatSpec", w: paging.Walk, maxphyaddr: int) -> Optional[str]:
+    """Why the entry that stopped walk w is one of KVM's MMIO markers (an entry KVM makes
+    invalid on purpose, so that a guest access to an emulated device exits to it), or None.
+    EPT: write and execute without read (a misconfiguration); NPT: present with every bit
+    from MAXPHYADDR to 51 set (reserved bits)."""
+    if w.ok or not w.levels or w.fault is None:
+        return None
+    e = w.levels[-1].entry
+    if spec.format == "ept" and w.fault.reason == "ept-misconfiguration" and e & 7 == 6:
+        return "W=1 X=1 with R=0: an EPT misconfiguration"
+    high = ((1 << 52) - 1) & ~((1 << maxphyaddr) - 1)
+    if spec.format == "npt" and w.fault.reason == "reserved-bit" and e & 1 and high \
+            and e & high == high:
+        return f"present with reserved bits {maxphyaddr}-51 all set"
+    return None
 
 
 # ---- one address through the table ----------------------------------------------------------
@@ -237,6 +309,7 @@ class SlatResult:
     walk: Optional[paging.Walk] = None
     expected: Optional[int] = None         # the host address the pagemap path gives
     note: str = ""
+    marker: Optional[dict] = None          # the walk stopped at one of KVM's MMIO markers
 
     @property
     def out(self) -> Optional[int]:
@@ -263,18 +336,34 @@ class SlatResult:
                "expected": f"{self.expected:#x}" if self.expected is not None else None,
                "agrees": self.agrees,
                "fault": w.fault.to_dict() if w is not None and w.fault else None,
+               "kvm_mmio_marker": self.marker,
                "note": self.note or None}
         return out
 
 
 def translate(read_phys, spec: SlatSpec, how: dict, gpa: int, expected: Optional[int],
-              page1gb: Optional[bool] = None) -> SlatResult:
-    """Walk gpa through the table and say what that means next to the pagemap path."""
-    w = walk(read_phys, spec, gpa, page1gb=page1gb)
+              page1gb: Optional[bool] = None, maxphyaddr: int = 52,
+              device=None) -> SlatResult:
+    """Walk gpa through the table and say what that means next to the pagemap path.
+    device(gpa): the device region of a GPA that is not RAM (QEMU's memory map), or None."""
+    w = walk(read_phys, spec, gpa, maxphyaddr, page1gb)
     r = SlatResult(spec, how, w, expected)
     name = spec.format.upper()
+    region = device(gpa) if device is not None else None
     if not w.ok:
-        if w.fault and w.fault.reason in ("not-present", "ept-violation"):
+        why = kvm_mmio_marker(spec, w, maxphyaddr)
+        if why:
+            step = w.levels[-1]
+            r.marker = {"level": step.name, "entry": f"{step.entry:#x}", "why": why,
+                        "device": region}
+            r.note = (f"KVM's MMIO marker, not a mapping: the {name} {step.name} entry "
+                      f"{step.entry:#x} is {why} on purpose, so that a guest access to GPA "
+                      f"{gpa:#x} exits to KVM, which hands it to QEMU's device model"
+                      + (f" ({region})" if region else ""))
+        elif w.fault and w.fault.reason in ("not-present", "ept-violation") and region:
+            r.note = (f"GPA {gpa:#x} is not in the {name}: {region}. KVM maps no RAM there; "
+                      "a guest access exits to QEMU (and may leave an MMIO marker)")
+        elif w.fault and w.fault.reason in ("not-present", "ept-violation"):
             r.note = (f"GPA {gpa:#x} is not in the {name} now ({w.fault.message}): the guest "
                       f"has not touched the page since the hypervisor last built this part of "
                       f"the table, or the hypervisor zapped it (memory pressure, dirty "
@@ -301,6 +390,9 @@ class SecondLevel:
         # 1 GiB leaves: the host CPU's Page1GB for NPT, the EPT capability for EPT (None:
         # unknown, accepted with a note)
         self.page1gb: Optional[bool] = None
+        # the host's physical address width: KVM's NPT MMIO markers set the bits above it
+        self.maxphyaddr = 52
+        self.device = None          # device(gpa): a GPA's device region, when not RAM
 
     @classmethod
     def resolve(cls, memory, chunks, spec: SlatSpec, probes: Sequence[Probe],
@@ -354,7 +446,8 @@ class SecondLevel:
         if self.spec is None:
             return SlatResult(SlatSpec(), self.how, None, expected,
                               note=self.how.get("note", "no second-level root"))
-        return translate(self.memory.read, self.spec, self.how, gpa, expected, self.page1gb)
+        return translate(self.memory.read, self.spec, self.how, gpa, expected, self.page1gb,
+                         self.maxphyaddr, self.device)
 
 
 # ---- the reverse: which guest-physical pages reach a host frame ----------------------------

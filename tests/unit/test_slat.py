@@ -243,3 +243,64 @@ def test_reverse_finds_every_gpa_and_the_tables_own_pages(fmt, depth):
     assert slat.reverse(host.read, spec, 0x800000).maps == []
     d = slat.reverse(host.read, spec, 0x600010).to_dict(spec)
     assert d["format"] == fmt and {m["gpa"] for m in d["maps"]} == {"0x5010", "0x9010"}
+
+
+# ---- what an entry says, and KVM's MMIO markers ----------------------------------------------
+
+def test_an_ept_entry_in_words_with_kvms_own_bits():
+    """The leaf FACTS.md saw KVM make under Bochs: 2 MiB, RWX, WB, A/D, KVM's bits 11/57/58."""
+    words = slat.entry_fields("ept", 0x0600000009200BF7, leaf=True)
+    assert words == ("R=1 W=1 X=1 user-X=0; memtype=6 (WB) ignore-PAT=1; A=1 D=1; "
+                     "KVM: MMU-present (11), host-writable (57), MMU-writable (58)")
+    assert slat.entry_fields("ept", 0x1000 | 7, leaf=False) == "R=1 W=1 X=1 user-X=0; A=0"
+    assert "A/D off" in slat.entry_fields("ept", (1 << 52) | 0x37, leaf=True)
+    assert slat.entry_fields("npt", 0x8000000007fe9c827 & ((1 << 64) - 1) | 0x800,
+                             leaf=False).endswith("KVM: MMU-present (11)")
+
+
+def test_kvms_mmio_markers_are_named_never_mappings():
+    """KVM makes an entry invalid on purpose for a GPA its device model emulates: EPT W+X
+    without R (a misconfiguration), NPT present with the bits above MAXPHYADDR set. The walk
+    says so, with the GPA's device region, and gives no host address."""
+    host = Host()
+    for fmt, marker, maxphy in (("ept", 0x6 | (0x3 << 54), 52),
+                                ("npt", 0x1 | (((1 << 52) - 1) & ~((1 << 40) - 1)), 40)):
+        root = build(host, fmt, 4, [(0x5000, 0x600000, PAGE)])
+        t = root
+        for shift in slat.SHIFTS[1:-1]:                    # down to the PT of GPA 0xfec00000
+            i = (0xFEC00000 >> shift) & 511
+            e = struct.unpack_from("<Q", host.b, t + 8 * i)[0]
+            if not e:
+                e = host.table() | 7
+                host.set(t, i, e)
+            t = e & ~0xFFF & ((1 << 52) - 1)
+        host.set(t, (0xFEC00000 >> 12) & 511, marker)
+        spec = slat.SlatSpec(fmt, root, 4, root | 0x1E if fmt == "ept" else None)
+        second = slat.SecondLevel(Mem(host), spec, {"method": "given"})
+        second.maxphyaddr = maxphy
+        second.device = lambda gpa: ("0xfec00000 is in device region 'ioapic' (i/o, "
+                                     "0xfec00000-0xfec00fff), not RAM")
+        r = second.result(0xFEC00000, None)
+        assert r.out is None and r.agrees is None and r.marker["level"] == "PT", fmt
+        assert r.note.startswith("KVM's MMIO marker, not a mapping") and "ioapic" in r.note
+        d = r.to_dict()
+        assert d["kvm_mmio_marker"]["device"].startswith("0xfec00000 is in device region")
+        # the same bits on RAM that merely is not in the table: not a marker
+        plain = second.result(0x9000, 0x700000)
+        assert plain.marker is None and "not in the" in plain.note
+
+
+def test_the_huge_page_block_is_the_seeds():
+    from qintrospect import render
+    host = Host()
+    gpa = 0x366536E8                                  # the seed's ept_dump address
+    root = build(host, "ept", 4, [(gpa & ~((2 << 20) - 1), 0x10800000, 2 << 20)])
+    spec = slat.SlatSpec("ept", root, 4, root | 0x1E)
+    r = slat.SecondLevel(Mem(host), spec, {"method": "given"}).result(gpa, None)
+    lines = [x.strip() for x in render.slat_lines(r)]
+    i = lines.index("Huge Page (2M) at level 2 detected!")
+    assert lines[i + 1] == "[e.g]   [Rsvd./Ign.] [  Huge Page Number, 31 Bits  ][Ignored] [ ]"
+    assert lines[i + 3].split()[1:] == ["000000000000", "1" * 31 + "0" * 9, "0" * 12]  # Mask1
+    hpa = lines[i + 10].split()
+    assert hpa[0] == "HPA" and int("".join(hpa[1:]), 2) == r.out == 0x10800000 | (gpa & 0x1FFFFF)
+    assert any("memtype=6 (WB)" in x for x in lines)

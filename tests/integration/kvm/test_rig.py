@@ -281,7 +281,8 @@ def test_npt_root_found_inside_l1_is_the_one_kvm_uses(rig, probe_slat):
     roots = kvm_roots(rig)
     for name, t in zip(names, res.json):
         s = t["slat"]
-        assert s["format"] == "npt" and s["how"]["method"] == "found", (name, s["how"])
+        # auto: read from KVM's own vCPU (kallsyms + BTF + /proc/kcore), no scan
+        assert s["format"] == "npt" and s["how"]["method"] == "kvm-vcpu", (name, s["how"])
         assert (int(s["root"], 16), s["depth"]) in roots, (name, s["root"], roots)
         # the second-level walk lands where the pagemap path does, on the same bytes
         assert s["agrees"] is True and s["out"] == t["hpa"] and s["expected"] == t["hpa"], name
@@ -293,7 +294,35 @@ def test_npt_root_found_inside_l1_is_the_one_kvm_uses(rig, probe_slat):
         assert t["host_page_size"] in (4096, 2 * MiB)
     print("\n" + "; ".join(f"{n}: guest {t['guest_page_size']} / NPT {t['slat_page_size']} / "
                            f"host {t['host_page_size']}" for n, t in zip(names, res.json))
-          + f"; root found in {res.json[0]['slat']['how']['seconds']} s")
+          + f"; root read from KVM in {res.json[0]['slat']['how']['seconds']} s")
+
+
+def test_the_root_read_from_kvms_vcpu_is_the_kprobes_and_the_scans(rig, probe_slat):
+    """Three independent ways to the NPT root agree: KVM's own vCPU struct read through BTF
+    offsets (--slat kvm), the scan of L1's memory keyed by the pagemap path (--slat scan), and
+    the root KVM loaded into the VMCB (a kprobe on svm_load_mmu_pgd). `kvm` shows it too."""
+    heap = hex(rig.probe["regions"]["heap"]["gva"])
+    found = {}
+    for way in ("kvm", "scan"):
+        r = rig.run_qi("translate", *inside_args(rig), "--slat", way, "--json", heap)
+        assert r.rc == 0, (way, r.stderr)
+        s = r.json[0]["slat"]
+        assert s["how"]["method"] == {"kvm": "kvm-vcpu", "scan": "scan"}[way], s["how"]
+        assert s["agrees"] is True, (way, s)
+        found[way] = (int(s["root"], 16), s["depth"])
+    assert found["kvm"] == found["scan"] and found["kvm"] in kvm_roots(rig), found
+    vm = r.json[0]["slat"]["how"]
+    k = rig.run_qi("kvm", "--qmp", rig.l2_qmp_in_l1, "--json", *QI_TIMEOUT)
+    assert k.rc == 0, k.stderr
+    roots = k.json[0]["roots"]
+    assert roots["pid"] == rig.l2_qemu_pid_in_l1 and roots["vendor"] == "amd"
+    v0 = roots["vcpus"][0]
+    assert (int(v0["root"], 16), v0["level"]) == found["kvm"]
+    assert v0["active_mmu"] == "root_mmu" and v0["guest_mode"] is False and not v0["smm"]
+    text = rig.run_qi("kvm", "--qmp", rig.l2_qmp_in_l1, *QI_TIMEOUT).stdout
+    assert f"vCPU 0: NPT root {v0['root']}, {v0['level']} levels" in text, text
+    print(f"\nNPT root {v0['root']}: KVM's vCPU in {roots['seconds']} s; the scan in "
+          f"{vm['seconds']} s")
 
 
 def test_every_present_page_agrees_and_untouched_ones_are_not_in_the_npt(rig, direct_map):
