@@ -16,6 +16,6 @@ def __getattr__(name):
     """attach, Session and Translation load the session (numpy, QMP) on first use, so that the
     command line starts without them (`qintrospect --help` imports almost nothing)."""
     if name in ("attach", "Session", "Translation"):
-        from . import session
+        from .attach import session
         return getattr(session, name)
     raise AttributeError(f"module 'qintrospect' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import time
 
 from typing import Optional
 
-from . import render
+from .present import render
 from .errors import QIError, UsageError
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_ATTACH, EXIT_BUG = 0, 1, 2, 3, 4
@@ -198,7 +198,7 @@ IOV_MAX = 1024      # buffers one writev takes (Linux)
 
 
 def _open_session(args):
-    from .session import Session
+    from .attach.session import Session
     if args.freeze and args.gdb:
         raise UsageError("--freeze is for sessions without --gdb (attaching gdb already "
                          "stops the VM)")
@@ -207,7 +207,7 @@ def _open_session(args):
     qmp, gdb, pid, monitor = args.qmp, args.gdb, args.pid, None
     if getattr(args, "domain", None) or getattr(args, "name", None) or \
             (not qmp and pid is not None):
-        from . import discover   # the endpoints from the VM's command line, or libvirt's
+        from .attach import discover  # the endpoints from the VM's command line, or libvirt's
         qmp, gdb, pid, monitor, notes = discover.resolve(args)
         for note in notes:
             print(f"qintrospect: note: {note}", file=sys.stderr)
@@ -254,7 +254,7 @@ def cmd_translate(args) -> int:
             raise UsageError("--brief does not go with --outer")
         return _translate_nested(args, addresses, cr3, slat_spec)
     status = EXIT_OK
-    from .picture import TranslatePictures
+    from .present.picture import TranslatePictures
     pictures = TranslatePictures(args)      # --html/--svg/--mermaid: written after the text
     with _attach(args) as vm:
         if args.find_cr3:
@@ -279,7 +279,7 @@ def cmd_translate(args) -> int:
             # collector is off for the whole stream: collections counted while the chunks'
             # own steps ran would otherwise all run here, between blocks, each over every
             # object a chunk holds.
-            from .jsonlines import gc_paused
+            from .present.jsonlines import gc_paused
             write = _lines_writer()
             with gc_paused():
                 for oks, lines in vm.translate_json_blocks(addresses, cr3, kvm=kvm_facts):
@@ -334,7 +334,7 @@ def _with_second_level(vm, translations, spec):
     """Each translation with its walk through the second-level table KVM keeps for this VM on
     this host: the root found once (from the first chunk of addresses), then one walk each."""
     import itertools
-    from .progress import Progress
+    from .present.progress import Progress
     it = iter(translations)
     second = None
     while True:
@@ -372,16 +372,16 @@ def _translate_brief(vm, addresses, cr3) -> int:
 
 
 def _translate_nested(args, addresses, cr3, slat_spec) -> int:
-    from . import nested
+    from .commands import nested
     if cr3 is not None or args.find_cr3:
         raise UsageError("--outer takes the innermost VM's own CR3; --cr3/--find-cr3 do not "
                          "apply")
     if not args.qmp:
         raise UsageError("need --qmp (and usually --gdb) for the innermost VM")
     outers = [nested.parse_outer(text) for text in args.outer]
-    from .picture import TranslatePictures
+    from .present.picture import TranslatePictures
     pictures = TranslatePictures(args)      # --html/--svg/--mermaid: written after the text
-    from .progress import Progress
+    from .present.progress import Progress
     progress = Progress("--slat: scanning the outer VM's RAM for the second-level root", 0)
     try:
         results = nested.translate_nested(
@@ -406,7 +406,7 @@ def _translate_nested(args, addresses, cr3, slat_spec) -> int:
 
 
 def cmd_cpus(args) -> int:
-    from .cpu import CR0_BITS, CR4_BITS, EFER_BITS, bit_names
+    from .machine.cpu import CR0_BITS, CR4_BITS, EFER_BITS, bit_names
     with _attach(args) as vm:
         vcpus = vm.vcpu_info
     for v in vcpus:
@@ -423,7 +423,7 @@ def cmd_cpus(args) -> int:
 
 
 def _find_cr3(vm, gva, expect, label="find-cr3"):
-    from .progress import Progress
+    from .present.progress import Progress
     progress = Progress(f"{label}: scanning guest RAM", vm.ram_map.ram_bytes)
     try:
         return vm.find_cr3(gva, expect, progress)
@@ -464,7 +464,7 @@ def cmd_find_cr3(args) -> int:
 
 
 def cmd_vmmap(args) -> int:
-    from . import vmmap
+    from .commands import vmmap
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
     start, end = 0, None
     if args.range:
@@ -477,7 +477,7 @@ def cmd_vmmap(args) -> int:
     show_hpa = args.hpa
     show_gpa = args.gpa or show_hpa or args.leaf
     out = sys.stdout
-    from .picture import VmmapPictures
+    from .present.picture import VmmapPictures
     pictures = VmmapPictures(args)          # --html/--svg: the map, written after the rows
     with _attach(args) as vm:
         leaves = vm.leaf_arrays(cr3, start, end)
@@ -534,8 +534,8 @@ def cmd_read(args) -> int:
 def cmd_who_maps(args) -> int:
     """Every mapping that reaches a frame: GVAs in every address space, page-table use, and
     (from a host address) the QEMU processes that hold it."""
-    from . import whomaps
-    from .progress import Progress
+    from .commands import whomaps
+    from .present.progress import Progress
     given = [(k, getattr(args, k)) for k in ("gpa", "hva", "hpa") if getattr(args, k)]
     if len(given) != 1:
         raise UsageError("give exactly one of --gpa, --hva, --hpa")
@@ -556,7 +556,7 @@ def cmd_who_maps(args) -> int:
 
 def cmd_kvm(args) -> int:
     """KVM's own facts about the VM: accelerator, debugfs statistics, vCPUs, query-stats."""
-    from . import kvm
+    from .slat import kvm
     with _attach(args) as vm:
         facts = vm.kvm_facts(roots=True)
     print(render.json_line(facts) if args.json else kvm.text(facts))
@@ -571,14 +571,14 @@ def cmd_shell(args) -> int:
 
 def cmd_list(args) -> int:
     """The QEMU VMs on this host and how to attach to each."""
-    from . import discover
+    from .attach import discover
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     if args.connect and args.no_libvirt:
         raise UsageError("--connect and --no-libvirt contradict each other")
     vms, notes = discover.list_vms(args.connect, False if args.no_libvirt else None,
                                    args.timeout)
-    from .textsafe import printable
+    from .present.textsafe import printable
     if args.verbose:
         for note in notes:
             print(f"qintrospect: note: {printable(note)}", file=sys.stderr)
@@ -600,8 +600,8 @@ def cmd_list(args) -> int:
 
 def cmd_resume(args) -> int:
     """Resume a VM (QMP only): the way out after a killed qintrospect left it paused."""
-    from . import runstate
-    from .qmp import QmpMonitor, parse_address
+    from .attach import runstate
+    from .attach.qmp import QmpMonitor, parse_address
     if not args.qmp:
         raise UsageError("need --qmp (or QI_QMP in the environment)")
     address = parse_address(args.qmp, "--qmp", args.allow_remote)
@@ -698,7 +698,7 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     """A self-contained page to hand in: vCPUs, addresses drawn, module logs compared."""
-    from .picture import report
+    from .present.picture import report
     return report.run(args)
 
 
@@ -856,7 +856,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                        help="JSON Lines with the chain only (gva, gpa, page_size, ram_block, hva, "
                             "hpa, host, writable, user, executable, value; or fault), computed for "
                             "all addresses at once: the fast way for large batches")
-        from .picture import translate_options
+        from .present.picture import translate_options
         translate_options(t)                    # --html FILE, --svg FILE, --mermaid
         _session_options(t)
         t.set_defaults(func=cmd_translate)
@@ -891,7 +891,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         m.add_argument("--gpa", action="store_true", help="add a GPA column (merge only if linear)")
         m.add_argument("--hpa", action="store_true", help="add GPA and HPA columns")
         m.add_argument("--json", action="store_true", help="one JSON object per row")
-        from .picture import vmmap_options
+        from .present.picture import vmmap_options
         vmmap_options(m)                        # --html FILE, --svg FILE
         _session_options(m)
         m.set_defaults(func=cmd_vmmap)
@@ -981,7 +981,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                              "an address faulted or a log disagrees (the report is "
                              "written all the same).")
     if rp is not None:
-        from .picture import report as picture_report
+        from .present.picture import report as picture_report
         picture_report.options(rp)              # ADDR..., --out, --log, --cr3, --slat, --title
         _session_options(rp)
         rp.set_defaults(func=cmd_report)

@@ -119,7 +119,7 @@ class _QiStub:
 
     def packet(self, text: str) -> str:
         """One raw packet and the stub's reply."""
-        from qintrospect.gdbstub import one_line
+        from qintrospect.attach.gdbstub import one_line
         one_line(text)
         send = getattr(self.connection, "send_packet", None)
         if send is not None:
@@ -133,8 +133,8 @@ class _QiStub:
         """One HMP line through the stub (QEMU's gdbstub passes `monitor` to HMP), checked
         against the read-only allowlist before it is sent."""
         from qintrospect.errors import AttachError
-        from qintrospect.gdbstub import one_line
-        from qintrospect.qmp import check_allowed
+        from qintrospect.attach.gdbstub import one_line
+        from qintrospect.attach.qmp import check_allowed
         check_allowed("human-monitor-command", {"command-line": line})
         one_line(line)
         try:
@@ -193,7 +193,7 @@ class _QiStub:
 
 def _qi_memory_class():
     from qintrospect.errors import MemoryReadError, VMGoneError
-    from qintrospect.memory import PhysicalMemory
+    from qintrospect.memory.guest import PhysicalMemory
 
     class GdbPhysicalMemory(PhysicalMemory):
         """Guest-physical reads through gdb's own connection (RamMap-checked: RAM only)."""
@@ -244,7 +244,7 @@ class _QiMonitor:
             self.qmp.sync()
 
     def command(self, name: str, **arguments):
-        from qintrospect.qmp import QmpCommandError, check_allowed
+        from qintrospect.attach.qmp import QmpCommandError, check_allowed
         check_allowed(name, arguments)
         if name in ("stop", "cont"):
             raise QmpCommandError(f"qi never sends {name}: the VM stays as gdb holds it")
@@ -271,14 +271,14 @@ class _QiMonitor:
 def _qi_session_class():
     from .record import replace
 
-    from qintrospect.cpu import Vcpu
+    from qintrospect.machine.cpu import Vcpu
     from qintrospect.errors import AttachError, QIError, UsageError
-    from qintrospect.host import HostProcess, RamMap, process_exists
-    from qintrospect.memory import DirectMemory
-    from qintrospect.peers import socket_owner
-    from qintrospect.qmp import QmpMonitor, parse_address
-    from qintrospect.runguard import RunGuard
-    from qintrospect.session import Session
+    from qintrospect.memory.host import HostProcess, RamMap, process_exists
+    from qintrospect.memory.guest import DirectMemory
+    from qintrospect.attach.peers import socket_owner
+    from qintrospect.attach.qmp import QmpMonitor, parse_address
+    from qintrospect.attach.runguard import RunGuard
+    from qintrospect.attach.session import Session
 
     memory_class = _qi_memory_class()
 
@@ -506,7 +506,7 @@ class _QiCommand(gdb.Command):
     def _set(self, rest) -> int:
         from qintrospect.cli import parse_number
         from qintrospect.errors import UsageError
-        from qintrospect.qmp import parse_address
+        from qintrospect.attach.qmp import parse_address
         if len(rest) != 2 or rest[0] not in _SETTINGS:
             raise UsageError("qi set qmp PATH|none, qi set pid N|auto, qi set via "
                              "auto|gdb|direct, qi set timeout SECONDS")

@@ -19,7 +19,7 @@ Measured (each in a fresh child process, so that each peak RSS is its own):
 The VM is paused with QMP `stop` for all measurements, so both sides see a still VM (attaching gdb
 would stop it anyway; qintrospect leaves a VM it found paused paused). Targets are printed beside
 the figures and marked met / not met; nothing is asserted. QEMU's answers are read with
-qintrospect's own parsers (qintrospect.qmp), and set against qintrospect's in the same run.
+qintrospect's own parsers (qintrospect.attach.qmp), and set against qintrospect's in the same run.
 
     scripts/bench [--json] [--quick] [--cpu max|qemu64] [--profile NAME,...]
 
@@ -121,13 +121,13 @@ def _hmp(mon, line):
 
 def _gva2gpa(mon, gva):
     """HMP gva2gpa, read by qintrospect's own parser (None: "Unmapped"; "gpa: 0" is 0)."""
-    from qintrospect.qmp import parse_gva2gpa
+    from qintrospect.attach.qmp import parse_gva2gpa
     return parse_gva2gpa(_hmp(mon, f"gva2gpa {gva:#x}"))
 
 
 def _cr3(mon):
     """CR3 from HMP info registers, read by qintrospect's own parser."""
-    from qintrospect.qmp import parse_registers
+    from qintrospect.attach.qmp import parse_registers
     return parse_registers(_hmp(mon, "info registers"))["CR3"]
 
 
@@ -539,7 +539,7 @@ def m_map_gdb(ctx):
 
 
 def m_map_tlb(ctx):
-    from qintrospect.qmp import parse_info_tlb
+    from qintrospect.attach.qmp import parse_info_tlb
     mon = _monitor(ctx)
     try:
         cr3 = _cr3(mon)
@@ -604,7 +604,7 @@ def m_slat(ctx):
     (slat.find_roots, one pass over all RAM) must find the vCPU's CR3 root as an NPT root. The
     walk is timed per address beside the process-table walk of the same addresses."""
     from qintrospect import paging, slat
-    from qintrospect.finder import ram_chunks
+    from qintrospect.commands.finder import ram_chunks
     with _attach(ctx, "direct") as vm:
         regions = ctx["regions"]
         probes = [(r["gva"], r["gpa"]) for r in regions.values()
@@ -714,7 +714,7 @@ class Bench:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
         # translate --json -'s lines: made in C, or by bytes.__mod__ where it was not built
         self.rowformat_built = subprocess.run(
-            [sys.executable, "-c", "import qintrospect._rowformat"], cwd=REPO,
+            [sys.executable, "-c", "import qintrospect.present._rowformat"], cwd=REPO,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
     # ---- children ----------------------------------------------------------------------------
@@ -1156,7 +1156,7 @@ class Bench:
             "written first (python -m compileall, as an install does)"
             if getattr(self, "bytecode", False) else "NOT written: each start compiles"),
             "translate --json -: lines made " + (
-                "in C (qintrospect/_rowformat.c)" if getattr(self, "rowformat_built", False)
+                "in C (qintrospect/present/_rowformat.c)" if getattr(self, "rowformat_built", False)
                 else "by bytes.__mod__: the C module was NOT built (pip install -e . with a C "
                      "compiler and Python's headers builds it)")]
         checks = self.checks()

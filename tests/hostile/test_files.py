@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from qintrospect import outfile, runstate
+from qintrospect.present import outfile
+
+from qintrospect.attach import runstate
 from qintrospect.errors import UsageError
 
 NOBODY = 65534

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qintrospect.jsonl_socket import JsonLines, PeerClosed, ProtocolError
+from qintrospect.attach.jsonl_socket import JsonLines, PeerClosed, ProtocolError
 
 
 @pytest.fixture

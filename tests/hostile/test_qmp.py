@@ -16,12 +16,12 @@ import time
 
 import pytest
 
-from qintrospect import discover
-from qintrospect.discover import Endpoint
+from qintrospect.attach import discover
+from qintrospect.attach.discover import Endpoint
 from qintrospect.errors import AttachError, QIError, VMGoneError
-from qintrospect.jsonl_socket import PeerClosed, ProtocolError
-from qintrospect.qmp import QmpCommandError, QmpMonitor
-from qintrospect.textsafe import printable
+from qintrospect.attach.jsonl_socket import PeerClosed, ProtocolError
+from qintrospect.attach.qmp import QmpCommandError, QmpMonitor
+from qintrospect.present.textsafe import printable
 
 from .conftest import assert_clean, run_qi
 from .fakeqmp import PWNED, plays

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from qintrospect.textsafe import printable
+from qintrospect.present.textsafe import printable
 
 
 @pytest.mark.parametrize("text,shown", [

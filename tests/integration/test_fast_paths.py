@@ -125,8 +125,8 @@ def test_the_many_address_json_is_the_one_address_json(g, monkeypatch):
     exactly the lines the one-address path gives: probe pages, a spread of the kernel's direct
     map (2 MiB and 4 KiB leaves), the kernel image, faults, non-canonical addresses, values at
     a page's end. Lines made in C (_rowformat) and by the fallback (bytes.__mod__) alike."""
-    from qintrospect import jsonlines
-    from qintrospect.render import json_line
+    from qintrospect.present import jsonlines
+    from qintrospect.present.render import json_line
     regions = g.probe["regions"]
     stop_on_probe(g)
     try:

@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from qintrospect.qmp import parse_gpa2hva, parse_registers
+from qintrospect.attach.qmp import parse_gpa2hva, parse_registers
 
 from .conftest import attach_args, booted, run_cli, run_json
 
@@ -134,7 +134,7 @@ def test_many_address_json_of_absent_pages_is_the_one_address_json(shared_guest)
     data QEMU never faulted in are the one-address lines; the RAM file's name, with '%' in
     it, is in each line's host detail."""
     import qintrospect
-    from qintrospect.render import json_line
+    from qintrospect.present.render import json_line
     g = shared_guest
     addrs = list(range(0x8, PAGES * 4096, 0x200)) + [PAGES * 4096 + 8, 1 << 47]
     with qintrospect.attach(qmp=g.qmp_path, gdb=g.gdb_address, via="direct") as vm:

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from qintrospect.qmp import parse_gva2gpa, parse_registers
+from qintrospect.attach.qmp import parse_gva2gpa, parse_registers
 from vm.guest import Guest, PROMPT, default_cache_dir
 
 from .conftest import run_cli, run_json
@@ -379,7 +379,7 @@ def test_domain_errors(rig, domain):
 
 
 def test_the_allowlist_holds_through_libvirt(rig, domain):
-    from qintrospect.libvirt_monitor import LibvirtMonitor
+    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
     name, dom, pid = domain
     m = LibvirtMonitor(name, rig.uri).connect()
     seen = []
@@ -432,9 +432,9 @@ def test_a_reset_while_reading_is_an_error(rig, domain):
     """Last: the guest reboots."""
     import libvirt
     from qintrospect.errors import VMGoneError
-    from qintrospect.libvirt_monitor import LibvirtMonitor
+    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
     name, dom, pid = domain
-    from qintrospect.runguard import RunGuard
+    from qintrospect.attach.runguard import RunGuard
     m = LibvirtMonitor(name, rig.uri).connect()
     try:
         guard = RunGuard(lambda: m, f"libvirt:{name}", None, 5.0, [])

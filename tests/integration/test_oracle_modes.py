@@ -456,8 +456,8 @@ def test_many_address_json_is_the_one_address_json(vm, monkeypatch):
     reserved bits, not-present entries at every level, non-canonical addresses; made in C
     (_rowformat) and by the fallback (bytes.__mod__) alike."""
     import qintrospect
-    from qintrospect import jsonlines
-    from qintrospect.render import json_line
+    from qintrospect.present import jsonlines
+    from qintrospect.present.render import json_line
     addrs = [va for m in vm.output.maps for va, _ in probe_points(m)]
     addrs += [va + 8 * i for m in vm.output.maps for va, _ in probe_points(m)[:1]
               for i in range(1, 5)]

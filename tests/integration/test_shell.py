@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from qintrospect.qmp import parse_gva2gpa
+from qintrospect.attach.qmp import parse_gva2gpa
 from vm.guest import qmp_once
 
 from .conftest import REPO, booted, run_cli
@@ -222,7 +222,7 @@ def test_one_qintrospect_at_a_time_changes_the_run_state(g):
     would), a command through the VM's other QMP socket waits for it, then gives up with exit 3
     naming the holder, the VM untouched; let go, the same command runs. A shell on the first
     socket lets go between its commands."""
-    from qintrospect import runstate
+    from qintrospect.attach import runstate
     heap = regions(g)["heap"]["gva"]
     other = ["--qmp", g.observer, "--gdb", g.gdb_address]
     fd = runstate.lock_file(f"qemu-pid:{g.pid}")
@@ -434,7 +434,7 @@ def test_memory_plugged_in_between_commands_is_read(tmp_path):
 def test_vcpu_switches_whose_registers(how):
     """`vcpu 1` and `--vcpu 1`: vCPU 1's CR3 (QEMU's `info registers -c 1`), back to 0 after a
     command's own --vcpu; with gdb held, the thread switch happens in virtual-address mode."""
-    from qintrospect.qmp import parse_registers
+    from qintrospect.attach.qmp import parse_registers
     from .test_translate_chain import kernel_addresses
     with booted("qemu64", smp=2, probe=None) as two:
         two.qmp("stop")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import qintrospect
-from qintrospect.qmp import parse_gpa2hva, parse_gva2gpa, parse_info_tlb, parse_registers
+from qintrospect.attach.qmp import parse_gpa2hva, parse_gva2gpa, parse_info_tlb, parse_registers
 
 from .conftest import attach_args, run_cli, run_json
 
@@ -186,7 +186,7 @@ def test_bad_addresses(guest):
 
 def test_memory_paths_agree(guest):
     """gdbstub, direct (/proc/PID/mem) and QMP xp read the same bytes."""
-    from qintrospect.memory import DirectMemory, QmpMemory
+    from qintrospect.memory.guest import DirectMemory, QmpMemory
     g = guest
     pages = [g.probe["regions"][n]["gpa"] & ~0xFFF for n in USER_REGIONS]
     with qintrospect.attach(qmp=g.qmp_path, gdb=g.gdb_address) as vm:

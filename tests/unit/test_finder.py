@@ -1,9 +1,11 @@
 """The symbol-free root finder on synthetic guest RAM: KPTI pairs, filters, ranking."""
 
-from qintrospect import finder, paging
-from qintrospect.host import RamMap
-from qintrospect.memory import PhysicalMemory
-from qintrospect.qmp import Region
+from qintrospect.commands import finder
+
+from qintrospect import paging
+from qintrospect.memory.host import RamMap
+from qintrospect.memory.guest import PhysicalMemory
+from qintrospect.attach.qmp import Region
 
 P, RW, US = 1, 2, 4
 CR0, CR4, EFER = 0x80010001, 0x20, 0xD00

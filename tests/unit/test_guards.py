@@ -16,11 +16,11 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qintrospect import runstate
+from qintrospect.attach import runstate
 from qintrospect.errors import UsageError
-from qintrospect.gdbstub import GdbStub, one_line
-from qintrospect.host import RamMap
-from qintrospect.qmp import QmpMonitor, Region, check_allowed, parse_address
+from qintrospect.attach.gdbstub import GdbStub, one_line
+from qintrospect.memory.host import RamMap
+from qintrospect.attach.qmp import QmpMonitor, Region, check_allowed, parse_address
 
 
 # ---- the monitor allowlist ---------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_parse_log_of_a_device_is_refused_not_read_forever():
 
 def test_a_cut_register_value_is_refused():
     from qintrospect.errors import ParseError
-    from qintrospect.qmp import parse_registers
+    from qintrospect.attach.qmp import parse_registers
     good = ("CR0=80050033 CR2=00007f0000000000 CR3=0000000002946000 CR4=00350ef0\n"
             "EFER=0000000000000d01\n")
     assert parse_registers(good)["CR3"] == 0x2946000
@@ -215,7 +215,7 @@ def test_a_cut_register_value_is_refused():
 
 def test_protection_key_registers_are_used_where_qemu_prints_them():
     """QEMU up to 10.0 prints no PKRU; if `info registers` does, the walk uses it."""
-    from qintrospect.session import Session
+    from qintrospect.attach.session import Session
 
     class Qmp:
         def hmp(self, line, cpu_index=None):
@@ -236,7 +236,7 @@ def test_protection_key_registers_are_used_where_qemu_prints_them():
 
 def test_a_remote_qmp_without_gdb_finds_no_process_and_says_so():
     """peer_pid of no gdbstub once raised TypeError (exit 4) for a remote --qmp alone."""
-    from qintrospect.session import Session
+    from qintrospect.attach.session import Session
     s = Session("127.0.0.1:1", None, allow_remote=True)
     s.qmp_address = ("192.0.2.1", 4444)            # a remote monitor: no local peer
     s._find_process()
@@ -254,7 +254,7 @@ def test_the_loopback_shortcut_agrees_with_ipaddress(host):
     """QMP/gdb addresses on 127.x.y.z are told loopback without loading ipaddress: the same
     answer ipaddress gives, for any text."""
     import ipaddress
-    from qintrospect.qmp import _is_loopback
+    from qintrospect.attach.qmp import _is_loopback
     try:
         want = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -302,7 +302,7 @@ def test_the_vm_lock_waits_then_names_who_holds_it(runtime_dir):
 
 _HOLDER = """
 import os, sys, time
-from qintrospect import runstate
+from qintrospect.attach import runstate
 runstate.lock("vm", 5)
 print("held", flush=True)
 time.sleep(float(sys.argv[1]))
@@ -413,7 +413,7 @@ def test_events_between_commands_are_read_within_bounds(monkeypatch):
     listeners: never more than MAX_DRAIN bytes a look (a monitor that never stops talking
     cannot hold the shell), and a line longer than MAX_MESSAGE is refused as not QMP."""
     import socket
-    from qintrospect import qmp
+    from qintrospect.attach import qmp
     from qintrospect.errors import AttachError
     mine, theirs = socket.socketpair()
     m = QmpMonitor("/qmp.sock", 1.0)
@@ -452,7 +452,7 @@ def test_events_between_commands_are_read_within_bounds(monkeypatch):
 def test_a_memory_size_summary_that_is_not_an_object_says_nothing(reply):
     """query-memory-size-summary's answer is only compared between commands: one that is not
     a JSON object means no baseline (no re-read), never an AttributeError at attach."""
-    from qintrospect.session import Session
+    from qintrospect.attach.session import Session
 
     class Qmp:
         def command(self, name, **args):

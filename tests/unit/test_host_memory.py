@@ -14,11 +14,11 @@ import os
 import numpy as np
 import pytest
 
-from qintrospect.host import (PAGE, HOST_NOT_PRESENT, HOST_PRESENT, HostProcess, Vma, _holes,
+from qintrospect.memory.host import (PAGE, HOST_NOT_PRESENT, HOST_PRESENT, HostProcess, Vma, _holes,
                               _parse_smaps, pagemap_arrays)
-from qintrospect.memory import DirectMemory
-from qintrospect.host import RamMap
-from qintrospect.qmp import Region
+from qintrospect.memory.guest import DirectMemory
+from qintrospect.memory.host import RamMap
+from qintrospect.attach.qmp import Region
 
 PAGES = 16
 
@@ -219,7 +219,7 @@ def test_pagemap_is_read_in_runs_not_across_a_gap(tmp_path, monkeypatch):
     import os
     import struct
 
-    from qintrospect import host
+    from qintrospect.memory import host
     first, second = 0x7f0000000000 // PAGE, (0x7f0000000000 + (64 << 30) + 0x10) // PAGE
     table = tmp_path / "pagemap"          # sparse: only the two entries written
     with open(table, "wb") as f:
@@ -321,7 +321,7 @@ def test_page_size_needs_smaps_only_where_kpageflags_cannot_tell():
     """A frame kpageflags describes, neither THP nor hugetlb, is 4 KiB without reading smaps
     (a walk of all QEMU's page tables in the kernel); hugetlb sizes, unreadable flags and
     frames with no struct page (KPF_NOPAGE: device DAX) ask the mapping."""
-    from qintrospect.host import KPF_HUGE, KPF_NOPAGE, KPF_THP
+    from qintrospect.memory.host import KPF_HUGE, KPF_NOPAGE, KPF_THP
     proc = HostProcess(os.getpid())
     read = []
     proc._vmas = [Vma(0x200000, 0x600000, "rw-s", 0, 7, "/dev/hugepages/ram",

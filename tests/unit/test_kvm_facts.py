@@ -2,7 +2,7 @@
 and the plain messages when it is not mounted, not KVM's, or has no folder for this QEMU. The
 real KVM is in tests/integration/kvm/test_rig.py."""
 
-from qintrospect import kvm
+from qintrospect.slat import kvm
 from qintrospect.errors import QIError
 
 

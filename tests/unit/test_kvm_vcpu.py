@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from qintrospect import kvm_vcpu
+from qintrospect.slat import kvm_vcpu
 from qintrospect.errors import MemoryReadError
 from tests import kernel_image
 

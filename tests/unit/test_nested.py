@@ -1,4 +1,4 @@
-"""The composition of nested hops (qintrospect.nested), on page tables built in memory.
+"""The composition of nested hops (qintrospect.commands.nested), on page tables built in memory.
 
 The live proof is tests/integration/test_nested_translate.py on the nested rig (and the real
 NPT on the KVM rig). What no rig here can show is an EPT (QEMU's TCG does not emulate VT-x), so
@@ -8,11 +8,13 @@ found."""
 
 import pytest
 
-from qintrospect import nested, paging, slat
+from qintrospect.commands import nested
+
+from qintrospect import paging, slat
 from qintrospect.errors import UsageError
-from qintrospect.finder import Candidate
-from qintrospect.host import RamRegion
-from qintrospect.session import Translation
+from qintrospect.commands.finder import Candidate
+from qintrospect.memory.host import RamRegion
+from qintrospect.attach.session import Translation
 
 P, RW, US = 1, 2, 4
 EPT_RWX, EPT_WB = 7, 6 << 3

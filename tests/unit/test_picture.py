@@ -11,17 +11,19 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from qintrospect import modlog, vmmap
+from qintrospect import modlog
+
+from qintrospect.commands import vmmap
 from qintrospect.cli import main
-from qintrospect.host import HostPage, RamRegion
-from qintrospect.nested import Hop, NestedTranslation
+from qintrospect.memory.host import HostPage, RamRegion
+from qintrospect.commands.nested import Hop, NestedTranslation
 from qintrospect.paging import walk, walk_ept, walk_npt
-from qintrospect.picture import MAX_PICTURES, TranslatePictures, svg_names
-from qintrospect.picture import html as H
-from qintrospect.picture import mermaid, report, spacemap
-from qintrospect.picture.svg import Svg, esc
-from qintrospect.picture.walk import W, address_fields, entry_fields, nested_svg, translation_svg
-from qintrospect.session import Translation
+from qintrospect.present.picture import MAX_PICTURES, TranslatePictures, svg_names
+from qintrospect.present.picture import html as H
+from qintrospect.present.picture import mermaid, report, spacemap
+from qintrospect.present.picture.svg import Svg, esc
+from qintrospect.present.picture.walk import W, address_fields, entry_fields, nested_svg, translation_svg
+from qintrospect.attach.session import Translation
 from qintrospect.slat import SlatResult, SlatSpec
 
 from .test_paging import (

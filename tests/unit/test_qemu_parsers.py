@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qintrospect.errors import ParseError
-from qintrospect.host import RamMap
-from qintrospect.qmp import (parse_address, parse_gpa2hva, parse_gva2gpa, parse_info_tlb,
+from qintrospect.memory.host import RamMap
+from qintrospect.attach.qmp import (parse_address, parse_gpa2hva, parse_gva2gpa, parse_info_tlb,
                              parse_mtree_flat, parse_registers)
 from qintrospect.errors import UsageError, MemoryReadError
 

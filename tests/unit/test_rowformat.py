@@ -1,17 +1,17 @@
-"""qintrospect._rowformat (C) makes translate --json's lines byte for byte as bytes.__mod__
+"""qintrospect.present._rowformat (C) makes translate --json's lines byte for byte as bytes.__mod__
 does, refuses what it does not know, and is built by scripts/setup."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qintrospect import jsonlines
+from qintrospect.present import jsonlines
 
 
 def test_the_c_formatter_is_built_and_used():
     # scripts/setup installs gcc and the Python headers: a CI without the module would time
     # only the fallback
-    from qintrospect import _rowformat
+    from qintrospect.present import _rowformat
     assert jsonlines._rowformat is _rowformat
 
 
@@ -42,7 +42,7 @@ def templates_and_rows(draw):
 @settings(max_examples=400, deadline=None)
 @given(templates_and_rows())
 def test_rows_are_what_bytes_mod_makes(case):
-    from qintrospect import _rowformat
+    from qintrospect.present import _rowformat
     templates, which, columns, picks = case
     got = _rowformat.rows(_rowformat.templates(templates), np.array(which, np.int64),
                           [np.array(c, np.uint64) for c in columns], np.array(picks, np.int64))
@@ -50,7 +50,7 @@ def test_rows_are_what_bytes_mod_makes(case):
 
 
 def test_a_line_template_with_every_number_at_its_widest():
-    from qintrospect import _rowformat
+    from qintrospect.present import _rowformat
     template = b'{"gva":"%#x","index":%d,"e":"%#x","b":"%016x","hpa":null%.0a,"p":"100%%"}\n'
     top = (1 << 64) - 1
     columns = [np.array([0, top], np.uint64) for _ in range(5)]
@@ -70,13 +70,13 @@ def test_a_line_template_with_every_number_at_its_widest():
     (b"%16x", "unsupported conversion at byte 0"),
 ])
 def test_unknown_conversions_are_refused(template, why):
-    from qintrospect import _rowformat
+    from qintrospect.present import _rowformat
     with pytest.raises(ValueError, match=why):
         _rowformat.templates([b"ok %d", template])
 
 
 def test_bad_rows_are_refused_not_read_out_of_bounds():
-    from qintrospect import _rowformat
+    from qintrospect.present import _rowformat
     parsed = _rowformat.templates([b"%#x %d\n", None])
     column = np.array([1, 2, 3], np.uint64)
     which = np.array([0, 0, 1], np.int64)
@@ -136,7 +136,7 @@ def test_an_empty_buffer_format_is_refused_not_read_past(fmt):
     """A format of no code at all (or a byte-order mark alone) was taken for one: strchr
     finds the terminator of the allowed codes for '\\0', and the check then read the byte
     after the format's end (here a second NUL, so the buffer was accepted as integers)."""
-    from qintrospect import _rowformat
+    from qintrospect.present import _rowformat
     parsed = _rowformat.templates([b"%d\n"])
     data = bytearray(16)
     column, keep = _buffer_with_format(data, fmt + b"\0")

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qintrospect import shell
-from qintrospect.cpu import Vcpu
+from qintrospect.machine.cpu import Vcpu
 from qintrospect.errors import UsageError
-from qintrospect.runguard import RunGuard
-from qintrospect.session import MemoryPiece
+from qintrospect.attach.runguard import RunGuard
+from qintrospect.attach.session import MemoryPiece
 
 
 class FakeMonitor:

@@ -10,7 +10,7 @@ import pytest
 
 from qintrospect import slat
 from qintrospect.errors import UsageError
-from qintrospect.kcore import ram_segments
+from qintrospect.memory.kcore import ram_segments
 
 PAGE = 4096
 MEM = 8 << 20       # 8 MiB of "host physical memory"
@@ -127,7 +127,7 @@ def test_two_roots_that_fit_every_probe_are_ambiguous_not_chosen():
     """Two tables that map the same GPAs to the same host frames (two VMs with merged pages,
     KVM's SMM root beside the normal one): the scan refuses to choose, says which roots, and
     the text view says so; before, the lowest address won silently."""
-    from qintrospect import render
+    from qintrospect.present import render
     host = Host()
     maps = [(0x5000, 0x600000, PAGE), (0x9000, 0x700000, PAGE)]
     one, two = build(host, "npt", 4, maps), build(host, "npt", 4, maps)
@@ -291,7 +291,7 @@ def test_kvms_mmio_markers_are_named_never_mappings():
 
 
 def test_the_huge_page_block_is_the_seeds():
-    from qintrospect import render
+    from qintrospect.present import render
     host = Host()
     gpa = 0x366536E8                                  # the seed's ept_dump address
     root = build(host, "ept", 4, [(gpa & ~((2 << 20) - 1), 0x10800000, 2 << 20)])

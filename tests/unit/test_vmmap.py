@@ -3,9 +3,9 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from qintrospect import vmmap
-from qintrospect.host import HOST_PRESENT, RamRegion
-from qintrospect.vmmap import U64, Rows
+from qintrospect.commands import vmmap
+from qintrospect.memory.host import HOST_PRESENT, RamRegion
+from qintrospect.commands.vmmap import U64, Rows
 
 PAGE = 4096
 

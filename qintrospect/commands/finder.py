@@ -1,0 +1,164 @@
+"""Find page-table roots in guest RAM without symbols.
+
+Every process's top-level table shares the kernel half (entries 256-511) with every other, so
+a 4 KiB page whose upper 2 KiB equal those of the current CR3's table is a candidate root
+(FACTS.md, "The guest's view"). With KPTI each process has a pair: the kernel copy at an 8 KiB
+aligned address and the user copy 4 KiB above it, whose user half is the same. Candidates are
+then filtered by "maps GVA" and "the 8 bytes at GVA equal VALUE" with the ordinary walker.
+"""
+
+import struct
+from typing import Callable, List, Optional
+
+from .. import paging
+from ..errors import MemoryReadError, UsageError
+from ..memory.host import PAGE
+from ..record import record, replace
+
+HALF = PAGE // 2
+CHUNK = 4 << 20   # scan granularity: bounded memory whatever the guest's size
+
+
+@record(frozen=True)
+class Candidate:
+    root: int
+    how: str
+    is_current: bool = False
+    kpti_kernel_copy: Optional[int] = None   # set on a KPTI user copy
+    kpti_user_copy: Optional[int] = None     # set on a KPTI kernel copy
+    maps_gva: Optional[bool] = None
+    gpa: Optional[int] = None
+    value: Optional[int] = None
+    value_matches: Optional[bool] = None
+
+    @property
+    def rank(self):
+        """Best first: the value matches, then the GVA is mapped, then the current root."""
+        return (self.value_matches is not True, self.maps_gva is not True, not self.is_current,
+                self.kpti_kernel_copy is not None, self.root)
+
+    def to_dict(self) -> dict:
+        h = lambda v: None if v is None else f"{v:#x}"  # noqa: E731
+        return {"cr3": h(self.root), "how": self.how, "is_current": self.is_current,
+                "kpti_kernel_copy": h(self.kpti_kernel_copy),
+                "kpti_user_copy": h(self.kpti_user_copy), "maps_gva": self.maps_gva,
+                "gpa": h(self.gpa), "value": h(self.value), "value_matches": self.value_matches}
+
+
+def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
+    """The current top-level table (its kernel copy, under KPTI) and its upper half."""
+    mode = paging.paging_mode(cpu)
+    if mode is None or mode.name not in ("4-level", "5-level"):
+        raise UsageError(f"find-cr3 needs 4- or 5-level paging; this vCPU is in "
+                         f"{mode.name if mode else 'no paging'} mode")
+    root, _ = paging.cr3_root(cpu, mode)
+    table = read(root, PAGE)
+    if not any(table[HALF:]) and root % (2 * PAGE) == PAGE:
+        # CR3 holds a KPTI user copy (stopped in user mode): the kernel copy is just below it
+        root -= PAGE
+        table = read(root, PAGE)
+    kernel_half = table[HALF:]
+    if not any(kernel_half):
+        raise UsageError(f"the current page table at {root:#x} has an empty kernel half; there "
+                         "is nothing to recognise other processes' tables by")
+    return root, kernel_half
+
+
+def scan(memory, ram_map, cpu: paging.CpuState, progress=None) -> List[Candidate]:
+    """Every RAM page whose upper half equals the current table's, streamed in CHUNK pieces.
+
+    Only page-aligned slots can hold a table: one 8-byte word of the kernel half is checked at
+    every page of a chunk at once (numpy), and the full 2 KiB compare runs only where it
+    matches. Memory adapters that can skip pages the host never touched do so."""
+    import numpy as np
+    _, kernel_half = fingerprint_root(memory.read, cpu)
+    words = np.frombuffer(kernel_half, dtype="<u8")
+    k = int(np.flatnonzero(words)[0])
+    slot, word = HALF // 8 + k, words[k]
+    found = []
+    for gpa, data in ram_chunks(memory, ram_map, progress):
+        qwords = np.frombuffer(data, dtype="<u8")
+        for page in np.flatnonzero(qwords[slot::PAGE // 8] == word):
+            off = int(page) * PAGE
+            if data[off + HALF:off + PAGE] == kernel_half:
+                found.append(gpa + off)
+    return pair_kpti(memory.read, found, paging.cr3_root(cpu, paging.paging_mode(cpu))[0])
+
+
+def ram_chunks(memory, ram_map, progress=None):
+    """(gpa, bytes-like) pieces of all of the VM's RAM (not ROM views, which alias it)."""
+    for region in ram_map.ram:
+        if region.kind != "ram":
+            continue
+        start = (region.start + PAGE - 1) & ~(PAGE - 1)
+        end = (region.end + 1) & ~(PAGE - 1)
+        yield from _chunks(memory, start, end)
+        if progress is not None:
+            progress.advance(end - start)
+
+
+def _chunks(memory, start: int, end: int):
+    """(gpa, bytes-like) pieces of [start, end): the adapter's own scan if it has one."""
+    scan_chunks = getattr(memory, "scan_chunks", None)
+    if scan_chunks is not None:
+        yield from scan_chunks(start, end, CHUNK)
+        return
+    for gpa in range(start, end, CHUNK):
+        try:
+            yield gpa, memory.read(gpa, min(CHUNK, end - gpa))
+        except MemoryReadError:
+            continue
+
+
+def pair_kpti(read, roots: List[int], current: int) -> List[Candidate]:
+    """Mark KPTI pairs: an 8 KiB aligned kernel copy whose next page repeats its user half.
+    Linux sets NX in the kernel copy's user entries (the kernel must not run user code), so
+    the halves are compared with bit 63 masked off."""
+    out = []
+    for root in sorted(set(roots)):
+        how = ("the current CR3's table" if root == current else
+               "kernel half equals the current CR3's table")
+        cand = Candidate(root, how, is_current=root == current)
+        if root % (2 * PAGE) == 0 and _user_halves_match(read, root):
+            cand = replace(cand, kpti_user_copy=root + PAGE)
+            out.append(Candidate(root + PAGE, f"KPTI user copy of {root:#x}",
+                                 is_current=root + PAGE == current, kpti_kernel_copy=root))
+        out.append(cand)
+    return out
+
+
+def _user_halves_match(read, root: int) -> bool:
+    try:
+        kernel_copy = read(root, HALF)
+        user_copy = read(root + PAGE, HALF)
+    except MemoryReadError:
+        return False
+    if not any(user_copy):
+        return False
+    nx_off = (1 << 63) - 1
+    a = struct.unpack(f"<{HALF // 8}Q", kernel_copy)
+    b = struct.unpack(f"<{HALF // 8}Q", user_copy)
+    return all(x & nx_off == y & nx_off for x, y in zip(a, b))
+
+
+def check(read, cpu: paging.CpuState, candidates: List[Candidate], gva: Optional[int],
+          expect: Optional[int]) -> List[Candidate]:
+    """Walk gva with each candidate; record whether it maps and what 8 bytes it finds."""
+    if gva is None:
+        return sorted(candidates, key=lambda c: c.rank)
+    out = []
+    for c in candidates:
+        # the candidate's own root, no PCID bits, and no PAE PDPTE registers of the vCPU's
+        state = replace(cpu, cr3=c.root, cr4=cpu.cr4 & ~(1 << 17), pdptes=None)
+        walk = paging.walk(read, state, gva)
+        if not walk.ok:
+            out.append(replace(c, maps_gva=False))
+            continue
+        value = None
+        try:
+            value = int.from_bytes(read(walk.pa, 8), "little")
+        except MemoryReadError:
+            pass
+        out.append(replace(c, maps_gva=True, gpa=walk.pa, value=value,
+                           value_matches=None if expect is None else value == expect))
+    return sorted(out, key=lambda c: c.rank)
