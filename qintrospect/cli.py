@@ -207,8 +207,8 @@ def _open_session(args):
     qmp, gdb, pid, monitor = args.qmp, args.gdb, args.pid, None
     if getattr(args, "domain", None) or getattr(args, "name", None) or \
             (not qmp and pid is not None):
-        from .attach import discover  # the endpoints from the VM's command line, or libvirt's
-        qmp, gdb, pid, monitor, notes = discover.resolve(args)
+        from .attach import targets  # the endpoints from the VM's command line, or libvirt's
+        qmp, gdb, pid, monitor, notes = targets.resolve(args)
         for note in notes:
             print(f"qintrospect: note: {note}", file=sys.stderr)
     if not qmp:
@@ -576,7 +576,8 @@ def cmd_list(args) -> int:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     if args.connect and args.no_libvirt:
         raise UsageError("--connect and --no-libvirt contradict each other")
-    vms, notes = discover.list_vms(args.connect, False if args.no_libvirt else None,
+    from .attach import targets
+    vms, notes = targets.list_vms(args.connect, False if args.no_libvirt else None,
                                    args.timeout)
     from .present.textsafe import printable
     if args.verbose:

@@ -273,7 +273,8 @@ def _qi_session_class():
 
     from qintrospect.machine.cpu import Vcpu
     from qintrospect.errors import AttachError, QIError, UsageError
-    from qintrospect.memory.host import HostProcess, RamMap, process_exists
+    from qintrospect.memory.host import HostProcess, process_exists
+    from qintrospect.machine.rammap import RamMap
     from qintrospect.memory.guest import DirectMemory
     from qintrospect.attach.peers import socket_owner
     from qintrospect.attach.qmp import QmpMonitor, parse_address

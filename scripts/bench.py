@@ -121,13 +121,13 @@ def _hmp(mon, line):
 
 def _gva2gpa(mon, gva):
     """HMP gva2gpa, read by qintrospect's own parser (None: "Unmapped"; "gpa: 0" is 0)."""
-    from qintrospect.attach.qmp import parse_gva2gpa
+    from qintrospect.machine.monitor_text import parse_gva2gpa
     return parse_gva2gpa(_hmp(mon, f"gva2gpa {gva:#x}"))
 
 
 def _cr3(mon):
     """CR3 from HMP info registers, read by qintrospect's own parser."""
-    from qintrospect.attach.qmp import parse_registers
+    from qintrospect.machine.monitor_text import parse_registers
     return parse_registers(_hmp(mon, "info registers"))["CR3"]
 
 
@@ -539,7 +539,7 @@ def m_map_gdb(ctx):
 
 
 def m_map_tlb(ctx):
-    from qintrospect.attach.qmp import parse_info_tlb
+    from qintrospect.machine.monitor_text import parse_info_tlb
     mon = _monitor(ctx)
     try:
         cr3 = _cr3(mon)

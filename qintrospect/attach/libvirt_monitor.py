@@ -22,7 +22,6 @@ from typing import Callable, List, Optional
 
 from ..errors import AttachError, UsageError, VMGoneError
 from .qmp import Monitor, QmpCommandError, check_allowed
-from ..record import field, record
 
 DEFAULT_URI = "qemu:///system"
 STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
@@ -200,65 +199,6 @@ class LibvirtMonitor(Monitor):
 
 
 # ---- from a domain name to what a Session needs --------------------------------------------------
-
-@record
-class Target:
-    label: str                           # "libvirt:NAME": messages and the run-state marker
-    monitor: Callable[[], LibvirtMonitor]
-    pid: Optional[int]                   # QEMU's pid on this host, when it runs here
-    gdb: Optional[str] = None            # a gdbstub the domain gave QEMU (<qemu:commandline>)
-    gdb_warning: Optional[str] = None
-    uuid: Optional[str] = None
-    notes: List[str] = field(default_factory=list)
-
-
-def resolve(domain: str, uri: Optional[str], timeout: float) -> Target:
-    """What `--domain NAME` attaches to: libvirt's monitor, the QEMU process (found on this
-    host by the domain's UUID on its command line), and a gdbstub when the domain's XML gave
-    QEMU one (e.g. <qemu:commandline> -gdb tcp:127.0.0.1:PORT)."""
-    from . import discover
-    uri = uri or DEFAULT_URI
-    conn = open_connection(uri)
-    try:
-        dom = lookup(conn, domain, uri)
-        uuid = dom.UUIDString().lower()
-    finally:
-        conn.close()
-    target = Target(f"libvirt:{domain}", lambda: LibvirtMonitor(domain, uri, timeout).connect(),
-                    None, uuid=uuid)
-    proc = _process_of(uuid, domain, uri)
-    if proc is None:
-        target.notes.append(f"the QEMU process of domain {domain} is not visible on this host "
-                            "(a remote libvirt?): host addresses are not shown")
-        return target
-    target.pid = proc.pid
-    g = proc.config.gdb
-    if g is not None:
-        discover.check_endpoints(proc, qmp=False)
-        if g.usable and g.state == "listening":
-            target.gdb = g.address
-        else:
-            target.gdb_warning = (f"the domain's gdbstub ({g.option}) cannot be used: "
-                                  f"{g.problem or g.state}; registers come from QMP")
-    return target
-
-
-def _process_of(uuid: str, domain: str, uri: str):
-    """The local QEMU process running the domain: libvirt's pid file for qemu:///system, else
-    the QEMU process whose -uuid is the domain's."""
-    from . import discover
-    if uri.split("?")[0].rstrip("/") in ("qemu:///system",):
-        try:
-            with open(f"/run/libvirt/qemu/{domain}.pid") as f:
-                proc = discover.read_process(int(f.read().strip()))
-            if proc is not None and proc.config.uuid == uuid:
-                return proc
-        except (OSError, ValueError):
-            pass
-    for proc in discover.processes():
-        if proc.config.uuid == uuid:
-            return proc
-    return None
 
 
 def running_domains(uri: Optional[str]) -> List[dict]:

@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Iterable, List, Optional
 
 from .. import paging
 from . import runstate
+from ..machine import hostcpu
 from ..machine.cpu import Vcpu
 from ..errors import AttachError, MemoryReadError, QIError, UsageError, VMGoneError
-from ..memory.host import (HostPage, HostProcess, RamMap, RamRegion, process_exists,
-                   process_start_time)
+from ..memory.host import HostPage, HostProcess, process_exists, process_start_time
+from ..machine.rammap import RamMap, RamRegion
 from ..memory.guest import DirectMemory, GdbMemory, PageCache, PhysicalMemory, QmpMemory
 from .peers import socket_owner
-from .qmp import QmpMonitor, describe_address, parse_address, parse_registers
+from .qmp import QmpMonitor, describe_address, parse_address
+from ..machine.monitor_text import parse_registers
 from ..record import record, replace
 from .runguard import RunGuard
 
@@ -271,7 +273,7 @@ class Session:
         commands (PageCache lives for one call). The RAM map and QEMU's mappings are read
         again when a memory device was plugged or unplugged since (QMP's memory size summary
         changed), and before a look at the range the guest's chipset switches (PAM, SMRAM:
-        host.SWITCHED); reading them for every command would cost more than the command."""
+        rammap.SWITCHED); reading them for every command would cost more than the command."""
         self._check_open()
         size = self._memory_size() if self._memory_size_seen is not None else None
         if size is not None and size != self._memory_size_seen:
@@ -462,12 +464,12 @@ class Session:
         cpuid = cpuid if isinstance(cpuid, bool) else None
         if not kvm:
             return cpuid, "the vCPU's CPUID (QOM pdpe1gb)" if cpuid is not None else "unknown"
-        tdp = host_tdp()
+        tdp = hostcpu.tdp()["enabled"]
         if tdp is False:
             return cpuid, "the vCPU's CPUID (KVM shadow paging emulates it)"
         if self.process is None:
             return None, "unknown: KVM walks with the host CPU's Page1GB, and QEMU is not local"
-        return host_page1gb(), "the host CPU (KVM with EPT/NPT: the processor walks)"
+        return hostcpu.page1gb(), "the host CPU (KVM with EPT/NPT: the processor walks)"
 
     def _gdb_not_needed(self) -> bool:
         """With a gdbstub given (and --via auto): when QEMU is local and its memory readable,
@@ -775,7 +777,6 @@ class Session:
         memory (/proc/kcore): the root given; or (auto) the root KVM's own vCPU holds
         (kvm_vcpu), else, saying why, one found by a scan keyed by the pagemap path's
         answers for the vCPU's page-table root and the translations given."""
-        from ..slat import kvm
         from .. import slat
         from ..memory.kcore import KcoreMemory
         self._check_open()
@@ -801,12 +802,13 @@ class Session:
             if progress is not None and spec.auto:
                 progress.total = memory.ram_bytes
             second = slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
-                                              kvm.slat_formats(), progress, self.spread_probes)
+                                              hostcpu.slat_formats(), progress,
+                                              self.spread_probes)
             if why is not None:
                 second.how["fell_back"] = why
         if second.spec is not None and second.spec.format == "npt":
-            second.page1gb = host_page1gb()    # NPT walks with this host CPU's paging
-        second.maxphyaddr = kvm.host_phys_bits()
+            second.page1gb = hostcpu.page1gb()    # NPT walks with this host CPU's paging
+        second.maxphyaddr = hostcpu.phys_bits()
         second.device = self.device_region
         return second
 
@@ -921,32 +923,6 @@ def attach(qmp: str, gdb: Optional[str] = None, **options) -> Session:
     way it is left as found on exit.
     """
     return Session(qmp, gdb, **options).open()
-
-
-def host_tdp() -> Optional[bool]:
-    """Whether this host's KVM uses two-dimensional paging (EPT/NPT): None if KVM is not
-    loaded here."""
-    for param in ("/sys/module/kvm_intel/parameters/ept", "/sys/module/kvm_amd/parameters/npt"):
-        try:
-            with open(param) as f:
-                return f.read().strip() in ("Y", "1")
-        except OSError:
-            continue
-    return None
-
-
-def host_page1gb() -> Optional[bool]:
-    """Whether this host's CPU has 1 GiB pages (the pdpe1gb flag in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "pdpe1gb" in line.split()
-    except OSError:
-        pass
-    return None
-
-
 
 
 def _distinctive(page: bytes) -> bool:

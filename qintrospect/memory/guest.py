@@ -16,7 +16,8 @@ import struct
 from typing import Dict
 
 from ..errors import MemoryReadError, VMGoneError
-from .host import PAGE, HostProcess, RamMap, process_exists
+from .host import PAGE, HostProcess, process_exists
+from ..machine.rammap import RamMap
 
 
 class PhysicalMemory:

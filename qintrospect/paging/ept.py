@@ -33,13 +33,13 @@ NPT_PAGE1GB_TCG_NOTE = ("QEMU's TCG does not check CPUID Page1GB and would map t
 
 
 @lru_cache(maxsize=16)
-def _ept_format(mode: PagingMode, maxphyaddr: int, mbec: bool,
+def ept_format(mode: PagingMode, maxphyaddr: int, mbec: bool,
                 page1gb: Optional[bool] = None) -> EptFormat:
     return EptFormat(mode, maxphyaddr, mbec, page1gb)
 
 
 @lru_cache(maxsize=16)
-def _npt_format(mode: PagingMode, maxphyaddr: int, nxe: bool,
+def npt_format(mode: PagingMode, maxphyaddr: int, nxe: bool,
                 page1gb: Optional[bool] = None) -> X86Format:
     return X86Format(mode, maxphyaddr, nxe, page1gb=page1gb)
 
@@ -110,7 +110,7 @@ def walk_ept(read_phys: ReadPhys, eptp: int, gpa: int, maxphyaddr: int = 52,
     bad = _range_fault(mode, gpa, f"{info['walk_length']}-level EPT")
     if bad:
         return failed(bad)
-    fmt = _ept_format(mode, maxphyaddr, mbec, page1gb)
+    fmt = ept_format(mode, maxphyaddr, mbec, page1gb)
     steps, fault = walk_tables(read_phys, mode, fmt, root, gpa)
     if fault:
         return failed(fault, steps)
@@ -163,14 +163,14 @@ def walk_npt(read_phys: ReadPhys, ncr3: int, gpa: int, levels: int = 4, maxphyad
     bad = _range_fault(mode, gpa, f"{levels}-level NPT")
     if bad:
         return failed(bad)
-    fmt = _npt_format(mode, maxphyaddr, nxe, page1gb)
+    fmt = npt_format(mode, maxphyaddr, nxe, page1gb)
     steps, fault = walk_tables(read_phys, mode, fmt, root, gpa)
     big = _meets_1g(mode, steps, PS)
     if fault:
         notes: Tuple[str, ...] = ()
         if big is not None and page1gb is False and fault.reason == RESERVED_BIT \
                 and fault.level == steps[big].name \
-                and not _npt_format(mode, maxphyaddr, nxe, True).problems(
+                and not npt_format(mode, maxphyaddr, nxe, True).problems(
                     big, steps[big].entry, True):
             notes = (NPT_PAGE1GB_TCG_NOTE,)   # valid as a 1 GiB page: TCG would map it
         return failed(fault, steps, notes)

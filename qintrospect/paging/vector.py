@@ -28,7 +28,7 @@ from .model import (
     PagingMode, ReadPhys, Walk,
 )
 from .modes import paging_mode
-from .x86 import FLAG_BITS, _raw_bounds, cr3_root, pdpte_registers, walk, x86_format
+from .x86 import FLAG_BITS, raw_bounds, cr3_root, pdpte_registers, walk, x86_format
 
 __all__ = [
     "LeafArrays", "BatchWalk", "leaf_arrays", "walk_array", "FAULT_REASONS",
@@ -204,7 +204,7 @@ def leaf_arrays(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optiona
         return _no_leaves(None, None)
     fmt = x86_format(cpu, mode)
     root, _ = cr3_root(cpu, mode)
-    lo, hi = _raw_bounds(mode, start, end)
+    lo, hi = raw_bounds(mode, start, end)
     depth = len(mode.levels)
     whole = lo == 0 and hi == 1 << mode.va_bits     # no range test needed
     tables = _Tables(read_phys, mode.entry_size, mode, root, pdpte_registers(cpu, mode))

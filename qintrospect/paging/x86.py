@@ -292,7 +292,7 @@ def walk(read_phys: ReadPhys, cpu: CpuState, va: int, access: str = "supervisor-
                 assumed, m, tuple(notes))
 
 
-def _raw_bounds(mode: PagingMode, start: int, end: Optional[int]) -> Tuple[int, int]:
+def raw_bounds(mode: PagingMode, start: int, end: Optional[int]) -> Tuple[int, int]:
     """[start, end) in canonical addresses -> the same range without sign extension."""
     n = mode.va_bits
     if mode.name in ("32-bit", "pae"):
@@ -324,7 +324,7 @@ def iter_mappings(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optio
     fmt = x86_format(cpu, mode)
     root, _ = cr3_root(cpu, mode)
     regs = pdpte_registers(cpu, mode)
-    lo, hi = _raw_bounds(mode, start, end)
+    lo, hi = raw_bounds(mode, start, end)
     n = mode.va_bits
     sign = (1 << 64) - (1 << n) if mode.va_bits > 32 else 0
     sizes = [fmt.page_size(i, True) for i in range(len(mode.levels))]

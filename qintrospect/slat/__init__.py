@@ -469,15 +469,15 @@ class Reverse:
 def reverse(read_phys, spec: SlatSpec, hpa: int, maxphyaddr: int = 52) -> Reverse:
     """Every leaf of the table that maps host address hpa, and every table page of it that is
     hpa's page: one walk of the whole table, each table page read once."""
-    from ..paging.ept import _ept_format, _npt_format
+    from ..paging.ept import ept_format, npt_format
     from ..paging.modes import MODE_EPT4, MODE_EPT5, MODE_NPT4, MODE_NPT5
     from ..paging.walker import iter_leaves
     if spec.format == "ept":
         mode = MODE_EPT5 if spec.depth == 5 else MODE_EPT4
-        fmt = _ept_format(mode, maxphyaddr, False, None)
+        fmt = ept_format(mode, maxphyaddr, False, None)
     else:
         mode = MODE_NPT5 if spec.depth == 5 else MODE_NPT4
-        fmt = _npt_format(mode, maxphyaddr, True, None)
+        fmt = npt_format(mode, maxphyaddr, True, None)
     page = hpa & ~(PAGE - 1)
     tables = [mode.levels[0].name] if spec.root == page else []
     maps = []

@@ -10,55 +10,10 @@ import os
 from typing import Optional
 
 from ..errors import QIError
+from ..machine import hostcpu
 
 DEBUGFS = "/sys/kernel/debug"
 MAX_FILE = 1 << 16
-
-
-def tdp() -> dict:
-    """Which second-level paging this host's KVM uses: {"vendor": "amd"|"intel"|None,
-    "enabled": bool|None, "module": ...}."""
-    for vendor, module, param in (("intel", "kvm_intel", "ept"), ("amd", "kvm_amd", "npt")):
-        path = f"/sys/module/{module}/parameters/{param}"
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError:
-            continue
-        return {"vendor": vendor, "module": module, "kind": param,
-                "enabled": value in ("Y", "1"), "parameter": path}
-    return {"vendor": None, "module": None, "kind": None, "enabled": None, "parameter": None}
-
-
-def cpu_vendor() -> Optional[str]:
-    """"amd" or "intel" for this host's CPU (/proc/cpuinfo), None if unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    v = line.split(":", 1)[1].strip()
-                    return {"AuthenticAMD": "amd", "HygonGenuine": "amd",
-                            "GenuineIntel": "intel"}.get(v)
-    except OSError:
-        pass
-    return None
-
-
-def host_phys_bits() -> int:
-    """This host CPU's physical address width (/proc/cpuinfo "address sizes"), 52 if unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("address sizes"):
-                    return int(line.split(":", 1)[1].split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 52
-
-
-def slat_formats() -> tuple:
-    """The second-level formats to look for, this host's kind first."""
-    return ("ept", "npt") if cpu_vendor() == "intel" else ("npt", "ept")
 
 
 def _read(path: str):
@@ -121,7 +76,7 @@ def debugfs_vcpus(pid: int, root: str = DEBUGFS) -> dict:
 def facts(qmp, pid: Optional[int], root: str = DEBUGFS, roots: bool = False) -> dict:
     """Everything KVM says about the VM of QEMU process `pid` (local), as one JSON-ready dict;
     with roots, each vCPU's second-level root read from KVM's own structures (kvm_vcpu)."""
-    out = {"accelerator": None, "kvm": None, "tdp": tdp(), "qemu_pid": pid,
+    out = {"accelerator": None, "kvm": None, "tdp": hostcpu.tdp(), "qemu_pid": pid,
            "debugfs": None, "stats": None, "vcpus": [], "query_stats": None, "notes": []}
     if roots:
         out["roots"] = None

@@ -220,7 +220,7 @@ def read_vm(pid: int, memory=None, vendor: Optional[str] = None,
     """The VM QEMU process `pid` made, with every vCPU's root, read from KVM's structures.
     memory: a KcoreMemory (opened here if None). Unavailable (exit 3) with the reason when it
     cannot be read; never a guess: a VM not found, or two for one pid, is said."""
-    from .kvm import cpu_vendor
+    from ..machine.hostcpu import vendor as cpu_vendor
     t0 = time.perf_counter()
     if memory is None:
         from ..memory.kcore import KcoreMemory

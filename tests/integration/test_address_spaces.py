@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from qintrospect.attach.qmp import parse_gva2gpa, parse_info_tlb, parse_registers
+from qintrospect.machine.monitor_text import parse_gva2gpa, parse_info_tlb, parse_registers
 
 from .conftest import attach_args, boot, booted, run_cli, run_json
 from .test_translate_chain import stop_on_probe

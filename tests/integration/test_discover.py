@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from qintrospect.attach.qmp import parse_gva2gpa
+from qintrospect.machine.monitor_text import parse_gva2gpa
 
 from .conftest import attach_args, booted, run_cli, run_json
 

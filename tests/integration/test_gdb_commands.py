@@ -18,7 +18,8 @@ import time
 
 import pytest
 
-from qintrospect.attach.qmp import check_allowed, parse_gva2gpa
+from qintrospect.attach.qmp import check_allowed
+from qintrospect.machine.monitor_text import parse_gva2gpa
 
 from .conftest import REPO, booted, run_json
 from .test_safety import READ_ONLY_PACKET, Proxy, rsp_packets
@@ -268,7 +269,7 @@ def test_ctrl_c_in_qi_puts_the_memory_mode_back(g, paused_on_probe):
 
 
 def test_qi_uses_gdbs_selected_thread_as_the_vcpu():
-    from qintrospect.attach.qmp import parse_registers
+    from qintrospect.machine.monitor_text import parse_registers
     with booted("qemu64", smp=2, probe=None) as two:
         two.qmp("stop")
         kernel = kernel_addresses(two)[0]

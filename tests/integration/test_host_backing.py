@@ -19,7 +19,7 @@ import subprocess
 
 import pytest
 
-from qintrospect.attach.qmp import parse_gpa2hva, parse_registers
+from qintrospect.machine.monitor_text import parse_gpa2hva, parse_registers
 
 from .conftest import attach_args, booted, run_cli, run_json
 

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from qintrospect.attach.qmp import parse_gva2gpa, parse_registers
+from qintrospect.machine.monitor_text import parse_gva2gpa, parse_registers
 from vm.guest import Guest, PROMPT, default_cache_dir
 
 from .conftest import run_cli, run_json

@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from qintrospect.attach.qmp import check_allowed, parse_gpa2hva, parse_mtree_flat
+from qintrospect.attach.qmp import check_allowed
+from qintrospect.machine.monitor_text import parse_gpa2hva, parse_mtree_flat
 
 from .conftest import REPO, attach_args, boot, booted, run_cli, run_json
 from .test_translate_chain import stop_on_probe

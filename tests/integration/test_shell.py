@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from qintrospect.attach.qmp import parse_gva2gpa
+from qintrospect.machine.monitor_text import parse_gva2gpa
 from vm.guest import qmp_once
 
 from .conftest import REPO, booted, run_cli
@@ -434,7 +434,7 @@ def test_memory_plugged_in_between_commands_is_read(tmp_path):
 def test_vcpu_switches_whose_registers(how):
     """`vcpu 1` and `--vcpu 1`: vCPU 1's CR3 (QEMU's `info registers -c 1`), back to 0 after a
     command's own --vcpu; with gdb held, the thread switch happens in virtual-address mode."""
-    from qintrospect.attach.qmp import parse_registers
+    from qintrospect.machine.monitor_text import parse_registers
     from .test_translate_chain import kernel_addresses
     with booted("qemu64", smp=2, probe=None) as two:
         two.qmp("stop")

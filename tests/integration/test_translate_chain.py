@@ -12,7 +12,7 @@ import time
 import pytest
 
 import qintrospect
-from qintrospect.attach.qmp import parse_gpa2hva, parse_gva2gpa, parse_info_tlb, parse_registers
+from qintrospect.machine.monitor_text import parse_gpa2hva, parse_gva2gpa, parse_info_tlb, parse_registers
 
 from .conftest import attach_args, run_cli, run_json
 

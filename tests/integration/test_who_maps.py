@@ -4,7 +4,7 @@ registers` (the root table), and this host's pagemap (--hpa)."""
 
 import pytest
 
-from qintrospect.attach.qmp import parse_gva2gpa, parse_registers
+from qintrospect.machine.monitor_text import parse_gva2gpa, parse_registers
 
 from .conftest import attach_args, booted, run_json
 

@@ -18,9 +18,9 @@ import types
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qintrospect.attach import discover
-from qintrospect.attach.discover import (Endpoint, QemuProcess, check_endpoints, parse_command_line,
-                                  parse_opts, parse_size)
+from qintrospect.attach import discover, targets
+from qintrospect.attach.cmdline import Endpoint, parse_command_line, parse_opts, parse_size
+from qintrospect.attach.discover import QemuProcess, check_endpoints
 from qintrospect.errors import AttachError, UsageError, VMGoneError
 from qintrospect.attach.qmp import ALLOWED_QMP, QmpCommandError
 
@@ -549,10 +549,10 @@ def test_no_libvirt_bindings_is_a_usage_error(monkeypatch, capsys):
     assert "pip install libvirt-python" in capsys.readouterr().err
     # list asks libvirt only when it can: without the bindings, quietly not (unless --connect)
     monkeypatch.setattr(discover, "processes", lambda: [])
-    vms, notes = discover.list_vms()
+    vms, notes = targets.list_vms()
     assert vms == [] and "pip install libvirt-python" in notes[0]
     with pytest.raises(UsageError, match="libvirt-python"):
-        discover.list_vms("qemu:///system")
+        targets.list_vms("qemu:///system")
     assert main(["list"]) == 1 and "no QEMU process" in capsys.readouterr().err
 
 
@@ -709,7 +709,7 @@ def test_unknown_domain_is_a_usage_error_listing_the_running_ones(fake_libvirt, 
                                  listAllDomains=lambda flags: [Named("b"), Named("a")])
     monkeypatch.setattr(lv, "open", lambda uri: conn)
     with pytest.raises(UsageError, match="no domain of that name; running: a, b"):
-        libvirt_monitor.resolve("zz", None, 5)
+        targets.domain_target("zz", None, 5)
 
 
 def test_endpoint_spellings():

@@ -3,9 +3,9 @@
 from qintrospect.commands import finder
 
 from qintrospect import paging
-from qintrospect.memory.host import RamMap
+from qintrospect.machine.rammap import RamMap
 from qintrospect.memory.guest import PhysicalMemory
-from qintrospect.attach.qmp import Region
+from qintrospect.machine.monitor_text import Region
 
 P, RW, US = 1, 2, 4
 CR0, CR4, EFER = 0x80010001, 0x20, 0xD00

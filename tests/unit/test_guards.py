@@ -19,8 +19,9 @@ from hypothesis import given, settings, strategies as st
 from qintrospect.attach import runstate
 from qintrospect.errors import UsageError
 from qintrospect.attach.gdbstub import GdbStub, one_line
-from qintrospect.memory.host import RamMap
-from qintrospect.attach.qmp import QmpMonitor, Region, check_allowed, parse_address
+from qintrospect.machine.rammap import RamMap
+from qintrospect.attach.qmp import QmpMonitor, check_allowed, parse_address
+from qintrospect.machine.monitor_text import Region
 
 
 # ---- the monitor allowlist ---------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_parse_log_of_a_device_is_refused_not_read_forever():
 
 def test_a_cut_register_value_is_refused():
     from qintrospect.errors import ParseError
-    from qintrospect.attach.qmp import parse_registers
+    from qintrospect.machine.monitor_text import parse_registers
     good = ("CR0=80050033 CR2=00007f0000000000 CR3=0000000002946000 CR4=00350ef0\n"
             "EFER=0000000000000d01\n")
     assert parse_registers(good)["CR3"] == 0x2946000

@@ -17,8 +17,8 @@ import pytest
 from qintrospect.memory.host import (PAGE, HOST_NOT_PRESENT, HOST_PRESENT, HostProcess, Vma, _holes,
                               _parse_smaps, pagemap_arrays)
 from qintrospect.memory.guest import DirectMemory
-from qintrospect.memory.host import RamMap
-from qintrospect.attach.qmp import Region
+from qintrospect.machine.rammap import RamMap
+from qintrospect.machine.monitor_text import Region
 
 PAGES = 16
 

@@ -6,9 +6,9 @@ with the memory map of a real QEMU 7.2 pc machine (tests/data/qemu)."""
 import os
 
 from qintrospect import paging
-from qintrospect.memory.host import RamMap
+from qintrospect.machine.rammap import RamMap
 from qintrospect.memory.guest import PhysicalMemory
-from qintrospect.attach.qmp import parse_mtree_flat
+from qintrospect.machine.monitor_text import parse_mtree_flat
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data", "qemu", "mtree_f_pc_7.2.txt")
 P, RW, PS = 1, 2, 0x80

@@ -1,8 +1,8 @@
 """The page cache in front of a memory adapter: whole pages, read once."""
 
-from qintrospect.memory.host import RamMap
+from qintrospect.machine.rammap import RamMap
 from qintrospect.memory.guest import PageCache, PhysicalMemory
-from qintrospect.attach.qmp import Region
+from qintrospect.machine.monitor_text import Region
 
 
 class Counting(PhysicalMemory):

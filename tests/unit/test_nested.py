@@ -13,7 +13,7 @@ from qintrospect.commands import nested
 from qintrospect import paging, slat
 from qintrospect.errors import UsageError
 from qintrospect.commands.finder import Candidate
-from qintrospect.memory.host import RamRegion
+from qintrospect.machine.rammap import RamRegion
 from qintrospect.attach.session import Translation
 
 P, RW, US = 1, 2, 4

@@ -32,8 +32,7 @@ from typing import Dict, List, Optional, Tuple
 from hypothesis import given, settings, strategies as st
 
 from qintrospect.errors import ParseError
-from qintrospect.attach.qmp import (Region, TlbLine, parse_gpa2hva, parse_gva2gpa, parse_info_tlb,
-                             parse_mtree_flat, parse_registers)
+from qintrospect.machine.monitor_text import Region, TlbLine, parse_gpa2hva, parse_gva2gpa, parse_info_tlb, parse_mtree_flat, parse_registers
 
 
 def fuzz(n: int):

@@ -15,7 +15,8 @@ from qintrospect import modlog
 
 from qintrospect.commands import vmmap
 from qintrospect.cli import main
-from qintrospect.memory.host import HostPage, RamRegion
+from qintrospect.memory.host import HostPage
+from qintrospect.machine.rammap import RamRegion
 from qintrospect.commands.nested import Hop, NestedTranslation
 from qintrospect.paging import walk, walk_ept, walk_npt
 from qintrospect.present.picture import MAX_PICTURES, TranslatePictures, svg_names

@@ -4,7 +4,8 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from qintrospect.commands import vmmap
-from qintrospect.memory.host import HOST_PRESENT, RamRegion
+from qintrospect.memory.host import HOST_PRESENT
+from qintrospect.machine.rammap import RamRegion
 from qintrospect.commands.vmmap import U64, Rows
 
 PAGE = 4096
