@@ -15,7 +15,10 @@ __all__ = ["attach", "Session", "Translation", "QIError", "UsageError", "ParseEr
 def __getattr__(name):
     """attach, Session and Translation load the session (numpy, QMP) on first use, so that the
     command line starts without them (`qintrospect --help` imports almost nothing)."""
-    if name in ("attach", "Session", "Translation"):
-        from .attach import session
+    if name in ("attach", "Session"):
+        from .connect import session
         return getattr(session, name)
+    if name == "Translation":
+        from .commands.translate import Translation
+        return Translation
     raise AttributeError(f"module 'qintrospect' has no attribute {name!r}")

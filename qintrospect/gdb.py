@@ -51,6 +51,20 @@ def _qi_bootstrap(path: str) -> None:
         for site in glob.glob(_os.path.join(repo, ".venv", "lib*", version, "site-packages")):
             if site not in _sys.path:
                 _sys.path.append(site)
+        try:    # now, not in a command: a Ctrl-C inside numpy's import would break it for good
+            import numpy  # noqa: F401,F811
+        except ImportError:
+            pass        # each command says what is missing
+
+
+def _forget_imports_since(before: set) -> None:
+    """A Ctrl-C that lands inside an import can leave a package half built in sys.modules, and
+    every later command would fail on it. qintrospect's own modules that the command brought in
+    are dropped, to be imported afresh. (numpy's cannot be: its C core loads once per process;
+    it is imported when this file is sourced, before any command.)"""
+    for name in set(_sys.modules) - before:
+        if name == "qintrospect" or name.startswith("qintrospect."):
+            _sys.modules.pop(name, None)
 
 
 if __name__ != "qintrospect.gdb":       # `source .../qintrospect/gdb.py`: gdb's __main__
@@ -119,7 +133,7 @@ class _QiStub:
 
     def packet(self, text: str) -> str:
         """One raw packet and the stub's reply."""
-        from qintrospect.attach.gdbstub import one_line
+        from qintrospect.connect.gdbstub import one_line
         one_line(text)
         send = getattr(self.connection, "send_packet", None)
         if send is not None:
@@ -133,8 +147,8 @@ class _QiStub:
         """One HMP line through the stub (QEMU's gdbstub passes `monitor` to HMP), checked
         against the read-only allowlist before it is sent."""
         from qintrospect.errors import AttachError
-        from qintrospect.attach.gdbstub import one_line
-        from qintrospect.attach.qmp import check_allowed
+        from qintrospect.connect.gdbstub import one_line
+        from qintrospect.connect.qmp import check_allowed
         check_allowed("human-monitor-command", {"command-line": line})
         one_line(line)
         try:
@@ -244,7 +258,7 @@ class _QiMonitor:
             self.qmp.sync()
 
     def command(self, name: str, **arguments):
-        from qintrospect.attach.qmp import QmpCommandError, check_allowed
+        from qintrospect.connect.qmp import QmpCommandError, check_allowed
         check_allowed(name, arguments)
         if name in ("stop", "cont"):
             raise QmpCommandError(f"qi never sends {name}: the VM stays as gdb holds it")
@@ -268,145 +282,103 @@ class _QiMonitor:
             self.qmp = None
 
 
-def _qi_session_class():
-    from .record import replace
-
-    from qintrospect.machine.cpu import Vcpu
+def _qi_source(stub, settings):
+    """The Session source of a gdb already attached (connect.sources has the sockets' one):
+    registers from gdb's selected thread, memory through gdb's connection (or the QEMU
+    process, once it proves to hold this VM's RAM), the stub's monitor for HMP and QMP when
+    `qi set qmp` gave a socket. It never changes the run state: gdb holds the VM."""
+    from qintrospect.connect.peers import socket_owner
+    from qintrospect.connect.qmp import QmpMonitor, parse_address
+    from qintrospect.connect.runguard import RunGuard
+    from qintrospect.connect.sources import find_process, use_memory
     from qintrospect.errors import AttachError, QIError, UsageError
-    from qintrospect.memory.host import HostProcess, process_exists
+    from qintrospect.machine.cpu import Vcpu
     from qintrospect.machine.rammap import RamMap
-    from qintrospect.memory.guest import DirectMemory
-    from qintrospect.attach.peers import socket_owner
-    from qintrospect.attach.qmp import QmpMonitor, parse_address
-    from qintrospect.attach.runguard import RunGuard
-    from qintrospect.attach.session import Session
+    from qintrospect.machine.vcpus import Vcpus
 
     memory_class = _qi_memory_class()
 
-    class GdbSession(Session):
-        """A Session on gdb's own connection: what the command functions need (registers,
-        RAM map, memory, host process), read from gdb, the stub's monitor and this host. It
-        never changes the run state: gdb holds the VM."""
+    class GdbSource:
+        via_option = "qi set via"
 
-        def __init__(self, stub, settings):
-            label = stub.details or "gdb's connection"
+        def __init__(self):
+            target = stub.details or "gdb's connection"
+            self.label = f"gdb {target}"
             try:
-                gdb_address = parse_address(label, "gdb's target", allow_remote=True)
+                self.gdb_address = parse_address(target, "gdb's target", allow_remote=True)
             except UsageError:
-                gdb_address = label
-            self.stub = stub
-            self.settings = settings
-            super().__init__(f"gdb {label}", label, pid=settings.pid, via=settings.via,
-                             allow_remote=True, timeout=settings.timeout,
-                             monitor=self._monitor_for)
-            self.gdb_address = gdb_address
+                self.gdb_address = target
 
-        def _monitor_for(self):
+        def monitor(self):
             qmp = None
-            if self.settings.qmp:
-                qmp = QmpMonitor(parse_address(self.settings.qmp, "qi set qmp"),
-                                 self.settings.timeout).connect()
-            return _QiMonitor(self.stub, qmp)
+            if settings.qmp:
+                qmp = QmpMonitor(parse_address(settings.qmp, "qi set qmp"),
+                                 settings.timeout).connect()
+            return _QiMonitor(stub, qmp)
 
-        def open(self):
-            import time
-            t0 = time.perf_counter()
+        def hold(self, vm):
+            """gdb holds the run state: watched (a resume through QMP), never changed."""
+            status = {"status": "debug", "running": False}
+            if vm.qmp.qmp is not None:
+                status = vm.qmp.command("query-status")
+                if status.get("running"):      # no cache: it may change under us
+                    vm.warnings.append("the VM runs although gdb is attached (resumed "
+                                       "through QMP?): what qi reads may change meanwhile")
+            guard = RunGuard(self.monitor, self.label, None, settings.timeout, vm.warnings)
+            guard.observe(vm.qmp, status)
+            return guard
+
+        def attach(self, vm):
+            regs = stub.registers()        # first: gdb may read at PC (virtual mode)
+            threads = sorted(stub.inferior.threads(), key=lambda t: t.ptid[1])
+            thread = gdb.selected_thread()
+            index = thread.ptid[1] - 1 if thread.ptid[1] > 0 else thread.num - 1
             try:
-                regs = self.stub.registers()     # first: gdb may read at PC (virtual mode)
-                self.qmp = self._connect_monitor()
-                status = {"status": "debug", "running": False}
-                if self.qmp.qmp is not None:
-                    status = self.qmp.command("query-status")
-                    if status.get("running"):      # no cache: it may change under us
-                        self.warnings.append("the VM runs although gdb is attached (resumed "
-                                             "through QMP?): what qi reads may change meanwhile")
-                # gdb holds the run state: watched (a resume through QMP), never changed
-                self.guard = RunGuard(self._connect_monitor, self._vm_key, None,
-                                      self.timeout, self.warnings)
-                self.guard.observe(self.qmp, status)
-                threads = sorted(self.stub.inferior.threads(), key=lambda t: t.ptid[1])
-                thread = gdb.selected_thread()
-                index = thread.ptid[1] - 1 if thread.ptid[1] > 0 else thread.num - 1
-                try:
-                    self.vcpus = self.qmp.command("query-cpus-fast")
-                except QIError:
-                    self.vcpus = [{"cpu-index": t.ptid[1] - 1} for t in threads]
-                if not 0 <= index < len(self.vcpus):
-                    raise AttachError(f"gdb's thread {thread.num} is not a vCPU QEMU lists")
-                self.vcpu = index
-                info = self.vcpus[index]
-                vcpu = Vcpu(index, info.get("thread-id"), info.get("qom-path"), regs["cr0"],
-                            regs["cr3"], regs["cr4"], regs["efer"], regs["cs"],
-                            regs.get("pkru"), regs.get("pkrs"))
-                self.vcpu_info = [None] * len(self.vcpus)
-                self.vcpu_info[index] = vcpu
-                self.cpu = self._cpu_state_of(vcpu)
-                self.ram_map = RamMap.from_qmp(self.qmp)     # monitor info mtree -f, gpa2hva
-                self._find_process()
-                self._choose_memory()
-                page1gb, self.page1gb_source = self._page1gb(vcpu)
-                self.cpu = replace(self.cpu, page1gb=page1gb)
-            except BaseException:
-                self.close()
-                raise
-            self.timings["attach"] = time.perf_counter() - t0
-            return self
-
-        def _find_process(self):
-            pid, how = self.requested_pid, "qi set pid"
+                listing = vm.qmp.command("query-cpus-fast")
+            except QIError:
+                listing = [{"cpu-index": t.ptid[1] - 1} for t in threads]
+            if not 0 <= index < len(listing):
+                raise AttachError(f"gdb's thread {thread.num} is not a vCPU QEMU lists")
+            vm.facts = Vcpus(vm.qmp, listing)
+            vm.vcpu = index
+            info = listing[index]
+            vcpu = Vcpu(index, info.get("thread-id"), info.get("qom-path"), regs["cr0"],
+                        regs["cr3"], regs["cr4"], regs["efer"], regs["cs"],
+                        regs.get("pkru"), regs.get("pkrs"))
+            vm.vcpu_info = [None] * len(listing)
+            vm.vcpu_info[index] = vcpu
+            vm.cpu = vm.facts.cpu_state(vcpu)
+            vm.ram_map = RamMap.from_qmp(vm.qmp)     # monitor info mtree -f, gpa2hva
+            pid, how = settings.pid, "qi set pid"
             if pid is None:
                 how = "the gdbstub's socket peer"
                 try:   # only a local stub's owner is this host's process (read from the
                     # kernel's socket tables: connecting would queue behind gdb, and QEMU
                     # would stop the VM when it took that connection after gdb left)
-                    address = parse_address(self.stub.details or "", "gdb's target")
-                    pid = socket_owner(address)
+                    pid = socket_owner(parse_address(stub.details or "", "gdb's target"))
                 except (UsageError, OSError):
                     pid = None
-            if pid is None:
-                self.process_note = ("QEMU's process was not found (a remote gdbstub?); "
-                                     "`qi set pid N` gives it")
-                return
-            if not process_exists(pid):
-                if self.requested_pid is not None:
-                    raise UsageError(f"qi set pid {pid}: no such process")
-                return
-            self.process = HostProcess(pid)
-            self.process_note = f"QEMU {self.process.describe()}, found by {how}"
+            find_process(vm, pid, how, "QEMU's process was not found (a remote gdbstub?); "
+                                      "`qi set pid N` gives it")
+            use_memory(vm, memory_class(vm.ram_map, stub), self)
 
-        def _choose_memory(self):
-            reference = memory_class(self.ram_map, self.stub)
-            self.memory = reference
-            if self.process is not None:
-                key = (self.stub.key(), self.process.pid)
-                if not self.settings.proven.get(key):
-                    if self._process_holds_ram(reference):
-                        self.settings.proven[key] = True
-                    else:
-                        self.process_note += ("; but its memory does not hold this VM's RAM "
-                                              "(or cannot be read), so host addresses are not "
-                                              "shown")
-                        self.process.close()
-                        self.process = None
-            if self.via == "direct" and self.process is None:
-                raise AttachError("qi set via direct needs the local QEMU process and "
-                                  "permission to read its memory: " + self.process_note)
-            if self.via in ("direct", "auto") and self.process is not None:
-                self.memory = DirectMemory(self.ram_map, self.process)
+        def proved(self, vm) -> bool:
+            """A proof made earlier in this gdb session, for this connection and process."""
+            return bool(settings.proven.get((stub.key(), vm.process.pid)))
 
-        def close(self, hold: bool = False):
-            try:
-                if self.guard is not None:
-                    self.guard.close_monitor()
-                elif self.qmp is not None:
-                    self.qmp.close()
-                self.qmp = None
-                if self.process is not None:
-                    self.process.close()
-            finally:
-                self.memory = None
+        def remember(self, vm) -> None:
+            settings.proven[(stub.key(), vm.process.pid)] = True
 
-    return GdbSession
+        def monitor_memory(self, vm):
+            return memory_class(vm.ram_map, stub)     # (qi never takes --via qmp)
+
+        def refresh(self, vm):
+            raise AttachError("qi reads afresh at every command")
+
+        def detach(self, vm):
+            pass
+
+    return GdbSource()
 
 
 # ---- the qi command -----------------------------------------------------------------------------
@@ -438,15 +410,15 @@ class _QiCommand(gdb.Command):
     @property
     def parsers(self) -> dict:
         if self._parsers is None:
-            from qintrospect import shell
-            self._parsers = {name: sub for name, sub in shell.command_parsers().items()
-                             if name in QI_COMMANDS}
+            from qintrospect.frontend.lines import command_parsers
+            self._parsers = command_parsers(QI_COMMANDS)
         return self._parsers
 
     def invoke(self, argument, from_tty):
         from qintrospect.errors import QIError
         words = gdb.string_to_argv(argument)
         status = 0
+        imported = set(_sys.modules)
         try:
             status = self._dispatch(words)
         except SystemExit as exc:        # argparse: --help (0), or a usage error it printed
@@ -458,6 +430,8 @@ class _QiCommand(gdb.Command):
             self._status(exc.exit_status)
             raise gdb.GdbError(f"qintrospect: {exc}") from None
         except (gdb.GdbError, KeyboardInterrupt):
+            if _sys.exc_info()[0] is KeyboardInterrupt:
+                _forget_imports_since(imported)
             self._status(130 if _sys.exc_info()[0] is KeyboardInterrupt else 2)
             raise
         except ImportError as exc:       # gdb's own Python lacks a dependency
@@ -481,8 +455,8 @@ class _QiCommand(gdb.Command):
             pass
 
     def _dispatch(self, words) -> int:
-        from qintrospect import shell
         from qintrospect.errors import UsageError
+        from qintrospect.frontend.lines import parse_command
         if not words or words[0] == "help":
             if len(words) > 1 and words[1] in self.parsers:
                 print(self.parsers[words[1]].format_help().rstrip()
@@ -499,15 +473,15 @@ class _QiCommand(gdb.Command):
             return 0
         if name not in self.parsers:
             raise UsageError(f"qi {name}: unknown; qi knows {', '.join(_QI_WORDS)} (`qi help`)")
-        args = shell.parse_command(self.parsers, words, OWN_OPTION)
+        args = parse_command(self.parsers, words, OWN_OPTION)
         if args.vcpu is not None:
             raise UsageError("--vcpu: in gdb the vCPU is the selected thread (`thread N`)")
         return run_command(args)
 
     def _set(self, rest) -> int:
-        from qintrospect.cli import parse_number
+        from qintrospect.frontend.addresses import parse_number
         from qintrospect.errors import UsageError
-        from qintrospect.attach.qmp import parse_address
+        from qintrospect.connect.qmp import parse_address
         if len(rest) != 2 or rest[0] not in _SETTINGS:
             raise UsageError("qi set qmp PATH|none, qi set pid N|auto, qi set via "
                              "auto|gdb|direct, qi set timeout SECONDS")
@@ -535,7 +509,8 @@ class _QiCommand(gdb.Command):
         return 0
 
     def complete(self, text, word):
-        from qintrospect import shell
+        from qintrospect.frontend.lines import file_names
+        from qintrospect.frontend.options import option_strings
         word = word or ""
         # gdb breaks words at '-' too: complete the whole token, hand back the part after word
         token = "" if not text.strip() or text.endswith((" ", "\t")) else text.split()[-1]
@@ -550,22 +525,24 @@ class _QiCommand(gdb.Command):
         elif words[0] == "set" and words[1:] == ["via"]:
             names = ("auto", "gdb", "direct")
         elif words[0] == "set" and words[1:] == ["qmp"]:
-            names = shell.file_names(token)
+            names = file_names(token)
         elif words[0] == "help" and len(words) == 1:
             names = QI_COMMANDS
         elif words[0] in self.parsers:
-            names = [o for o in shell.option_strings(self.parsers[words[0]]) if o != "--vcpu"]
+            names = [o for o in option_strings(self.parsers[words[0]]) if o != "--vcpu"]
         else:
             return []
         return [n[cut:] for n in names if n.startswith(token)]
 
 
 def run_command(args) -> int:
-    """One command-line command function (cli.cmd_translate, ...) on a session built from
+    """One command's action (frontend.actions.cmd_translate, ...) on a session built from
     gdb's connection; the stub's memory mode is put back whatever happens."""
     stub = _QiStub()
     try:
-        vm = _qi_session_class()(stub, _qi_settings).open()
+        from qintrospect.connect.session import Session
+        vm = Session(pid=_qi_settings.pid, via=_qi_settings.via, timeout=_qi_settings.timeout,
+                     source=_qi_source(stub, _qi_settings)).open()
         try:
             for warning in vm.warnings:
                 print(f"qintrospect: warning: {warning}", file=_sys.stderr)

@@ -2,7 +2,7 @@
 
 Each line is parsed by the command line's own argparse subparsers (no second copy of any
 option) and run by the command line's own functions, on the session the shell opened once
-(cli._attach hands it over instead of opening one). The attach options are the shell's, given
+(frontend.attaching hands it over instead of opening one). The attach options are the shell's, given
 once when it starts; a command line that repeats one is refused.
 
 The VM's run state, as on the command line:
@@ -32,7 +32,6 @@ banner and no history: `qintrospect shell < commands.txt` prints only what the c
 
 import contextlib
 import os
-import re
 import shlex
 import signal
 import sys
@@ -41,15 +40,12 @@ import time
 import traceback
 
 from .errors import QIError, UsageError, VMGoneError
+from .frontend.lines import command_parsers, file_names, parse_command, split_line
+from .frontend.options import option_strings
 
 # The command-line commands a shell runs (kvm where the command line has it).
 COMMANDS = ("translate", "vmmap", "read", "cpus", "find-cr3", "compare", "who-maps", "kvm")
 BUILTINS = ("cr3", "vcpu", "help", "quit", "exit")
-# Options set once for the shell (cli._session_options: the "attaching" group), not per
-# command. --vcpu is the one a command may still give: that command then runs with that vCPU's
-# registers.
-ATTACH_GROUP = "attaching"
-PER_COMMAND = ("vcpu",)
 # Commands whose --cr3 the shell's `cr3 HEX` stands in for when they give none.
 ROOTED = ("translate", "vmmap", "read")
 HISTORY = "~/.qintrospect_history"
@@ -60,86 +56,6 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 class Terminate(BaseException):
     """SIGTERM: leave the VM as found and exit (not caught as an ordinary error)."""
-
-
-def command_parsers(parser=None) -> dict:
-    """{name: subparser} for the shell's commands, from the command line's own parser, with
-    the attach options' defaults set to None so that a line that gives one can be told."""
-    import argparse
-    from . import cli
-    parser = parser or cli.build_parser()
-    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    summaries = {a.dest: a.help for a in subs._choices_actions}
-    out = {}
-    for name in COMMANDS:
-        sub = subs.choices.get(name)
-        if sub is None:
-            continue
-        attaching = [a.dest for g in sub._action_groups if g.title == ATTACH_GROUP
-                     for a in g._group_actions]
-        sub.qi_session_dests = tuple(d for d in attaching if d not in PER_COMMAND)
-        sub.set_defaults(**{dest: None for dest in attaching})
-        sub.qi_summary = summaries.get(name) or ""
-        out[name] = sub
-    return out
-
-
-def session_dests(sub) -> tuple:
-    return getattr(sub, "qi_session_dests", ())
-
-
-OWN_OPTION = ("is the shell's own option, given once when it starts; a command in the shell "
-              "cannot change it")
-
-
-def parse_command(parsers: dict, words, own_option: str = OWN_OPTION):
-    """argparse.Namespace for one shell line (words[0] is the command). argparse's own
-    errors exit (SystemExit 2) after saying why, as on the command line. An attach option on
-    the line is refused (UsageError: the option, then `own_option`)."""
-    name, rest = words[0], words[1:]
-    sub = parsers.get(name)
-    if sub is None:
-        known = ", ".join(list(parsers) + list(BUILTINS))
-        raise UsageError(f"unknown command {name!r}; the shell knows {known} (`help`)")
-    args = sub.parse_args(rest)
-    given = [d for d in session_dests(sub) if getattr(args, d, None) is not None]
-    if given:
-        option = "--" + given[0].replace("_", "-")
-        raise UsageError(f"{option} {own_option}")
-    if not hasattr(args, "verbose"):
-        args.verbose = False
-    if name == "translate":
-        if getattr(args, "outer", None):
-            raise UsageError("--outer opens sessions of its own (one per VM); run it from the "
-                             "command line, not inside a shell attached to this VM")
-        if "-" in args.addresses:
-            raise UsageError("'-' (addresses from stdin) is for the command line; in the shell "
-                             "give the addresses on the line")
-    return args
-
-
-# what shlex gives a meaning (quotes, escape, comment) or does not split at (whitespace
-# other than its own four)
-_NOT_PLAIN = re.compile(r"""['"\\#]|[^\S \t\r\n]""")
-
-
-def split_line(line: str) -> list:
-    """shlex.split(line, comments=True). A plain line (nothing shlex treats specially) is split
-    by str.split, the same words: shlex reads a character at a time, a tenth of a command's
-    time in the shell."""
-    if _NOT_PLAIN.search(line) is None:
-        return line.split()
-    return shlex.split(line, comments=True)
-
-
-def option_strings(sub) -> list:
-    """The options a command takes in the shell (without the shell's own attach options)."""
-    out = []
-    for action in sub._actions:
-        if action.dest in session_dests(sub):
-            continue
-        out.extend(o for o in action.option_strings if o.startswith("--"))
-    return sorted(set(out))
 
 
 FILE_OPTIONS = ("--log", "--html", "--svg", "--out")
@@ -165,14 +81,6 @@ def completions(parsers: dict, line: str, begidx: int, text: str) -> list:
     else:
         names = []
     return sorted(n for n in names if n.startswith(text))
-
-
-def file_names(text: str) -> list:
-    import glob
-    out = []
-    for path in glob.glob(os.path.expanduser(text) + "*"):
-        out.append(path + "/" if os.path.isdir(path) else path)
-    return out
 
 
 @contextlib.contextmanager
@@ -202,7 +110,7 @@ class Shell:
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
         self.interactive = _isatty(self.stdin) if interactive is None else interactive
-        self.parsers = parsers or command_parsers()
+        self.parsers = parsers or command_parsers(COMMANDS)
         self.verbose = verbose
         self.root = None            # `cr3 HEX`: the root translate/vmmap/read use by default
         self.status = 0             # the last failing command's status
@@ -295,7 +203,7 @@ class Shell:
         name = words[0]
         if name in BUILTINS:
             return self._builtin(name, words[1:])
-        args = parse_command(self.parsers, words)
+        args = parse_command(self.parsers, words, builtins=BUILTINS)
         if self.verbose:
             args.verbose = True
         args.session = self.vm
@@ -395,7 +303,7 @@ class Shell:
     # ---- built-in commands --------------------------------------------------------------------
 
     def _builtin(self, name: str, rest) -> int:
-        from .cli import parse_number
+        from .frontend.addresses import parse_number
         if name == "help":
             return self._help(rest)
         if name == "cr3":
@@ -566,17 +474,17 @@ def _isatty(stream) -> bool:
 
 
 def run(args) -> int:
-    """`qintrospect shell`: attach once (cli._open_session, the command line's own), then
+    """`qintrospect shell`: attach once (frontend.attaching.open_session), then
     run lines until quit/EOF/SIGTERM; the VM is put back as found."""
-    from . import cli
+    from .frontend.attaching import open_session
     freeze_given = args.freeze
     if not args.gdb:
         args.freeze = True     # paused while attaching: one consistent first read
     try:
-        vm = cli._open_session(args)
+        vm = open_session(args)
     finally:
         args.freeze = freeze_given
-    said = len(vm.warnings)      # _open_session said these
+    said = len(vm.warnings)      # open_session said these
     # held paused for the whole shell: --freeze, or gdb attached (given --gdb, the session
     # may do without it: a local QEMU's memory is read directly)
     hold = getattr(vm, "gdb", None) is not None or bool(freeze_given)

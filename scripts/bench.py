@@ -19,7 +19,7 @@ Measured (each in a fresh child process, so that each peak RSS is its own):
 The VM is paused with QMP `stop` for all measurements, so both sides see a still VM (attaching gdb
 would stop it anyway; qintrospect leaves a VM it found paused paused). Targets are printed beside
 the figures and marked met / not met; nothing is asserted. QEMU's answers are read with
-qintrospect's own parsers (qintrospect.attach.qmp), and set against qintrospect's in the same run.
+qintrospect's own parsers (qintrospect.connect.qmp), and set against qintrospect's in the same run.
 
     scripts/bench [--json] [--quick] [--cpu max|qemu64] [--profile NAME,...]
 

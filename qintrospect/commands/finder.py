@@ -162,3 +162,20 @@ def check(read, cpu: paging.CpuState, candidates: List[Candidate], gva: Optional
         out.append(replace(c, maps_gva=True, gpa=walk.pa, value=value,
                            value_matches=None if expect is None else value == expect))
     return sorted(out, key=lambda c: c.rank)
+
+
+def find_cr3(vm, gva: Optional[int] = None, expect: Optional[int] = None, progress=None,
+             label: Optional[str] = None) -> List[Candidate]:
+    """Candidate page-table roots in an attached VM's RAM (no symbols), best match first:
+    those that map gva, and hold expect there, first. label: show progress on a terminal,
+    under this name."""
+    vm.check_open()
+    if label is not None and progress is None:
+        from ..present.progress import Progress
+        progress = Progress(f"{label}: scanning guest RAM", vm.ram_map.ram_bytes)
+        try:
+            return find_cr3(vm, gva, expect, progress)
+        finally:
+            progress.close()
+    candidates = scan(vm.memory, vm.ram_map, vm.cpu, progress)
+    return check(vm.cached_memory().read, vm.cpu, candidates, gva, expect)

@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 from . import finder
 from ..errors import AttachError, QIError, UsageError
 from ..record import field, record
-from ..attach.session import Session, Translation
+from ..connect.session import Session
+from .translate import Translation
 from ..slat import SecondLevel, SlatSpec
 
 PAGE = 4096

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 from typing import Dict, List, Optional
 
-from ..attach.qmp import QmpCommandError
+from ..connect.qmp import QmpCommandError
 from ..errors import MemoryReadError, ParseError
 from ..record import record
 from .monitor_text import Region, parse_gpa2hva, parse_mtree_flat

@@ -120,6 +120,15 @@ class LogLevel:
         }
 
 
+@record
+class Line:
+    """One message line of a log, as the reader sees it."""
+    no: int          # 1-based line number of its first physical line
+    text: str        # the message, stripped of timestamp, module prefix and outer blanks
+    cut: bool        # the physical line reached the console width: its end may be lost
+    module: str      # "gpt_dump" / "ept_dump" / "" from a "xxx_dump: " prefix
+
+
 @record(frozen=True)
 class Printed:
     """One number as one line printed it: what it is, for which level, which bits were shown."""

@@ -20,7 +20,7 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-from ..attach import runstate
+from ..connect import runstate
 from ..errors import AttachError, MemoryReadError, QIError
 from ..record import field, record
 

@@ -8,7 +8,7 @@ import pytest
 
 from qintrospect.present import outfile
 
-from qintrospect.attach import runstate
+from qintrospect.connect import runstate
 from qintrospect.errors import UsageError
 
 NOBODY = 65534

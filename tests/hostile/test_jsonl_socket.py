@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qintrospect.attach.jsonl_socket import JsonLines, PeerClosed, ProtocolError
+from qintrospect.connect.jsonl_socket import JsonLines, PeerClosed, ProtocolError
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ import time
 
 import pytest
 
-from qintrospect.attach import discover
-from qintrospect.attach.discover import Endpoint
+from qintrospect.connect import discover
+from qintrospect.connect.discover import Endpoint
 from qintrospect.errors import AttachError, QIError, VMGoneError
-from qintrospect.attach.jsonl_socket import PeerClosed, ProtocolError
-from qintrospect.attach.qmp import QmpCommandError, QmpMonitor
+from qintrospect.connect.jsonl_socket import PeerClosed, ProtocolError
+from qintrospect.connect.qmp import QmpCommandError, QmpMonitor
 from qintrospect.present.textsafe import printable
 
 from .conftest import assert_clean, run_qi

@@ -136,7 +136,7 @@ def test_qi_inside_gdb_never_connects_to_the_gdbstub(g):
 def test_the_shell_finds_qemu_behind_a_unix_gdbstub_without_connecting(g):
     """--gdb unix:PATH on the command line: the process comes from the kernel's socket
     tables; the stub sees one connection (qintrospect's gdb), not two."""
-    from qintrospect.attach.peers import socket_owner
+    from qintrospect.connect.peers import socket_owner
     assert socket_owner(g.gdb_address[5:]) == g.pid
     assert socket_owner(g.qmp_path) == g.pid
     heap = g.probe["regions"]["heap"]["gva"]

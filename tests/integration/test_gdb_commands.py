@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from qintrospect.attach.qmp import check_allowed
+from qintrospect.connect.qmp import check_allowed
 from qintrospect.machine.monitor_text import parse_gva2gpa
 
 from .conftest import REPO, booted, run_json
@@ -261,6 +261,37 @@ def test_ctrl_c_in_qi_puts_the_memory_mode_back(g, paused_on_probe):
         p.expect(r"\(gdb\) ")
         assert f'"gpa":"{heap["gpa"]:#x}"' in p.before
         p.sendline("disconnect")             # then killed: gdb never quits while attached
+        p.expect(r"\(gdb\) ")
+    finally:
+        p.kill(signal.SIGKILL)
+        p.close(force=True)
+    assert g.qmp("query-status")["status"] == "paused"
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.4, 0.7])
+def test_ctrl_c_during_the_first_imports_leaves_qi_working(g, paused_on_probe, delay):
+    """A Ctrl-C early in the first command lands inside an import (numpy's takes a while):
+    the half-imported modules are forgotten, so the next command imports them afresh instead of
+    failing with an internal error on a half-built numpy."""
+    import pexpect
+    heap = g.probe["regions"]["heap"]
+    p = pexpect.spawn("gdb", ["-nx", "-q", "-ex", f"target remote {g.gdb_address}",
+                              "-ex", f"source {GDB_PY}"], cwd=REPO, encoding="utf-8",
+                      timeout=60, env=dict(os.environ, TERM="dumb"))
+    try:
+        p.expect(r"\(gdb\) ")
+        p.sendline(f"qi translate --brief {heap['gva']:#x}")
+        time.sleep(delay)
+        p.sendintr()
+        p.expect(r"\(gdb\) ")
+        p.sendline("echo qi-sync\\n")      # gdb may print a second "Quit" and prompt
+        p.expect("\r\nqi-sync")
+        p.expect(r"\(gdb\) ")
+        p.sendline(f"qi translate --brief {heap['gva']:#x}")
+        p.expect(r"\(gdb\) ")
+        assert "internal error" not in p.before
+        assert f'"gpa":"{heap["gpa"]:#x}"' in p.before
+        p.sendline("disconnect")
         p.expect(r"\(gdb\) ")
     finally:
         p.kill(signal.SIGKILL)

@@ -379,7 +379,7 @@ def test_domain_errors(rig, domain):
 
 
 def test_the_allowlist_holds_through_libvirt(rig, domain):
-    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
     name, dom, pid = domain
     m = LibvirtMonitor(name, rig.uri).connect()
     seen = []
@@ -432,9 +432,9 @@ def test_a_reset_while_reading_is_an_error(rig, domain):
     """Last: the guest reboots."""
     import libvirt
     from qintrospect.errors import VMGoneError
-    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
     name, dom, pid = domain
-    from qintrospect.attach.runguard import RunGuard
+    from qintrospect.connect.runguard import RunGuard
     m = LibvirtMonitor(name, rig.uri).connect()
     try:
         guard = RunGuard(lambda: m, f"libvirt:{name}", None, 5.0, [])

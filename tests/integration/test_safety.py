@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from qintrospect.attach.qmp import check_allowed
+from qintrospect.connect.qmp import check_allowed
 from qintrospect.machine.monitor_text import parse_gpa2hva, parse_mtree_flat
 
 from .conftest import REPO, attach_args, boot, booted, run_cli, run_json

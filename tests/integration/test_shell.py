@@ -222,7 +222,7 @@ def test_one_qintrospect_at_a_time_changes_the_run_state(g):
     would), a command through the VM's other QMP socket waits for it, then gives up with exit 3
     naming the holder, the VM untouched; let go, the same command runs. A shell on the first
     socket lets go between its commands."""
-    from qintrospect.attach import runstate
+    from qintrospect.connect import runstate
     heap = regions(g)["heap"]["gva"]
     other = ["--qmp", g.observer, "--gdb", g.gdb_address]
     fd = runstate.lock_file(f"qemu-pid:{g.pid}")

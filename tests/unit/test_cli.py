@@ -6,7 +6,8 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qintrospect.cli import _read_addresses, main, parse_number
+from qintrospect.cli import main
+from qintrospect.frontend.addresses import read_addresses, parse_number
 from qintrospect.errors import UsageError
 
 
@@ -41,10 +42,10 @@ def test_the_stream_reader_reads_as_parse_number(text):
     except UsageError:
         for line in (text + "\n", (text + "\n").encode()):
             with pytest.raises(UsageError):
-                list(_read_addresses([line]))
+                list(read_addresses([line]))
         return
-    assert list(_read_addresses([text + "\n"])) == ([] if want is None else [want])
-    assert list(_read_addresses([(text + "\n").encode()])) == ([] if want is None else [want])
+    assert list(read_addresses([text + "\n"])) == ([] if want is None else [want])
+    assert list(read_addresses([(text + "\n").encode()])) == ([] if want is None else [want])
 
 
 def _read_all(lines):
@@ -73,15 +74,15 @@ def test_the_stream_reader_reads_a_batch_as_parse_number_reads_each_line(texts):
             if text.strip():
                 yield parse_number(text)
     want = _read_all(one_by_one())
-    assert _read_all(_read_addresses([t + "\n" for t in texts])) == want
-    assert _read_all(_read_addresses([(t + "\n").encode() for t in texts])) == want
+    assert _read_all(read_addresses([t + "\n" for t in texts])) == want
+    assert _read_all(read_addresses([(t + "\n").encode() for t in texts])) == want
 
 
 def test_a_bad_address_in_a_stream_is_named_by_its_line():
     lines = ["0x1000\n"] * 5000 + ["\n", "0x2000\n", "  ffff8880 \n", "0x3000\n"]
     with pytest.raises(UsageError, match=r"^line 5003 of the addresses: address 'ffff8880' "
                                          r"is not a number \(hex needs a 0x prefix\)$"):
-        list(_read_addresses(lines))
+        list(read_addresses(lines))
 
 
 def run(*args, env=None):
@@ -136,21 +137,21 @@ class _LiveVM:
 
 
 def test_results_are_given_out_only_after_the_vm_was_seen_alive():
-    from qintrospect.cli import _checked
+    from qintrospect.frontend.attaching import checked
     from qintrospect.errors import VMGoneError
     given = []
     with pytest.raises(VMGoneError):
-        for item in _checked(_LiveVM(ok_checks=1), range(600), batch=256):
+        for item in checked(_LiveVM(ok_checks=1), range(600), batch=256):
             given.append(item)
     assert given == list(range(256))          # the batch read after the reset never came out
     vm = _LiveVM(ok_checks=0)
     with pytest.raises(VMGoneError):
-        next(iter(_checked(vm, [1])))         # one result: checked before it is given
+        next(iter(checked(vm, [1])))         # one result: checked before it is given
     paused = _LiveVM(ok_checks=1, live=False)
-    assert list(_checked(paused, range(3))) == [0, 1, 2] and paused.checks == 1
+    assert list(checked(paused, range(3))) == [0, 1, 2] and paused.checks == 1
     resumed = _LiveVM(ok_checks=0, live=False)      # a paused VM resumed behind our back
     with pytest.raises(VMGoneError):
-        next(iter(_checked(resumed, [1])))
+        next(iter(checked(resumed, [1])))
 
 
 def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):
@@ -159,7 +160,7 @@ def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):
     import os
     import threading
     import time
-    from qintrospect import cli
+    from qintrospect.present import output
     r, w = os.pipe()
     os.set_blocking(w, False)
     got = []
@@ -176,7 +177,7 @@ def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):
     lines = [b"%d %s\n" % (i, b"x" * (i % 3000)) for i in range(3000)]
     with open(w, "w", closefd=True) as out:
         monkeypatch.setattr(sys, "stdout", out)
-        write = cli._lines_writer()
+        write = output.lines_writer()
         for k in range(0, len(lines), 700):
             write(lines[k:k + 700])
     reader.join(timeout=30)
@@ -187,7 +188,7 @@ def test_the_lines_writer_waits_on_a_full_nonblocking_stdout(monkeypatch):
 def test_a_huge_bad_line_is_quoted_short():
     """A line of megabytes (a binary file given as addresses) is not echoed whole."""
     with pytest.raises(UsageError) as err:
-        list(_read_addresses([b"0x10\n", b"zz" * 500_000 + b"\n"]))
+        list(read_addresses([b"0x10\n", b"zz" * 500_000 + b"\n"]))
     message = str(err.value)
     assert message.startswith("line 2 of the addresses: address 'zzzz")
     assert len(message) < 200 and "(1,000,000 characters)" in message

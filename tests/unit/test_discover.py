@@ -18,11 +18,11 @@ import types
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qintrospect.attach import discover, targets
-from qintrospect.attach.cmdline import Endpoint, parse_command_line, parse_opts, parse_size
-from qintrospect.attach.discover import QemuProcess, check_endpoints
+from qintrospect.connect import discover, targets
+from qintrospect.connect.cmdline import Endpoint, parse_command_line, parse_opts, parse_size
+from qintrospect.connect.discover import QemuProcess, check_endpoints
 from qintrospect.errors import AttachError, UsageError, VMGoneError
-from qintrospect.attach.qmp import ALLOWED_QMP, QmpCommandError
+from qintrospect.connect.qmp import ALLOWED_QMP, QmpCommandError
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -616,7 +616,7 @@ def fake_libvirt(monkeypatch):
 
 
 def test_libvirt_monitor_sends_qmp_as_json(fake_libvirt):
-    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
     m = LibvirtMonitor("vm1", "qemu:///system").connect()
     assert m.command("query-status") == {"status": "running", "running": True}
     m.hmp("info registers", cpu_index=1)
@@ -629,7 +629,7 @@ def test_libvirt_monitor_sends_qmp_as_json(fake_libvirt):
 
 def test_the_allowlist_holds_through_libvirt(fake_libvirt):
     """Nothing off the read-only allowlist reaches libvirt, QMP or HMP."""
-    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
     m = LibvirtMonitor("vm1").connect()
     for name, args in (("system_reset", {}), ("quit", {}), ("migrate", {"uri": "exec:x"}),
                        ("human-monitor-command", {"command-line": "gpa2hpa 0x1000"}),
@@ -642,7 +642,7 @@ def test_the_allowlist_holds_through_libvirt(fake_libvirt):
 
 
 def test_stop_and_cont_go_through_libvirts_own_calls(fake_libvirt):
-    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
     m = LibvirtMonitor("vm1").connect()
     m.command("stop")
     m.command("cont")
@@ -653,7 +653,7 @@ def test_stop_and_cont_go_through_libvirts_own_calls(fake_libvirt):
 
 
 def test_libvirt_monitor_errors(fake_libvirt):
-    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
     m = LibvirtMonitor("vm1").connect()
     fake_libvirt.replies["query-kvm"] = {"error": {"class": "GenericError", "desc": "nope"}}
     with pytest.raises(QmpCommandError, match="nope"):
@@ -670,8 +670,8 @@ def test_libvirts_events_reach_the_run_state_guard(fake_libvirt):
     """QEMU's events, forwarded by libvirt on its own thread, go to the listeners: the run-state
     guard then says a reset while a running VM was read, and a resume behind the back of a
     paused one, once each; an event before the read began spoils nothing."""
-    from qintrospect.attach.libvirt_monitor import LibvirtMonitor
-    from qintrospect.attach.runguard import RunGuard
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
+    from qintrospect.connect.runguard import RunGuard
     m = LibvirtMonitor("vm1").connect()
     (cb,) = fake_libvirt.callbacks
     guard = RunGuard(lambda: m, "libvirt:vm1", None, 1.0, [])
@@ -692,7 +692,7 @@ def test_libvirts_events_reach_the_run_state_guard(fake_libvirt):
 
 
 def test_unknown_domain_is_a_usage_error_listing_the_running_ones(fake_libvirt, monkeypatch):
-    from qintrospect.attach import libvirt_monitor
+    from qintrospect.connect import libvirt_monitor
     lv = sys.modules["libvirt"]
 
     class Named:

@@ -16,11 +16,11 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qintrospect.attach import runstate
+from qintrospect.connect import runstate
 from qintrospect.errors import UsageError
-from qintrospect.attach.gdbstub import GdbStub, one_line
+from qintrospect.connect.gdbstub import GdbStub, one_line
 from qintrospect.machine.rammap import RamMap
-from qintrospect.attach.qmp import QmpMonitor, check_allowed, parse_address
+from qintrospect.connect.qmp import QmpMonitor, check_allowed, parse_address
 from qintrospect.machine.monitor_text import Region
 
 
@@ -216,7 +216,7 @@ def test_a_cut_register_value_is_refused():
 
 def test_protection_key_registers_are_used_where_qemu_prints_them():
     """QEMU up to 10.0 prints no PKRU; if `info registers` does, the walk uses it."""
-    from qintrospect.attach.session import Session
+    from qintrospect.machine.vcpus import Vcpus
 
     class Qmp:
         def hmp(self, line, cpu_index=None):
@@ -227,20 +227,19 @@ def test_protection_key_registers_are_used_where_qemu_prints_them():
             from qintrospect.errors import QIError
             raise QIError("not here")
 
-    s = Session("/nonexistent.sock")
-    s.qmp, s.vcpus = Qmp(), [{"cpu-index": 0, "thread-id": 1, "qom-path": "/machine/cpu"}]
-    v = s._read_vcpus_qmp()[0]
+    vcpus = Vcpus(Qmp(), [{"cpu-index": 0, "thread-id": 1, "qom-path": "/machine/cpu"}])
+    v = vcpus.from_monitor()[0]
     assert v.pkru == 0x55555554 and v.pkrs is None and v.to_dict()["pkru"] == "0x55555554"
-    cpu = s._cpu_state_of(v)
+    cpu = vcpus.cpu_state(v)
     assert cpu.pkru == 0x55555554 and cpu.pkrs is None
 
 
 def test_a_remote_qmp_without_gdb_finds_no_process_and_says_so():
     """peer_pid of no gdbstub once raised TypeError (exit 4) for a remote --qmp alone."""
-    from qintrospect.attach.session import Session
+    from qintrospect.connect.session import Session
     s = Session("127.0.0.1:1", None, allow_remote=True)
-    s.qmp_address = ("192.0.2.1", 4444)            # a remote monitor: no local peer
-    s._find_process()
+    s.source.qmp_address = ("192.0.2.1", 4444)     # a remote monitor: no local peer
+    s.source._find_process(s)
     assert s.process is None and "not found" in s.process_note
 
 
@@ -255,7 +254,7 @@ def test_the_loopback_shortcut_agrees_with_ipaddress(host):
     """QMP/gdb addresses on 127.x.y.z are told loopback without loading ipaddress: the same
     answer ipaddress gives, for any text."""
     import ipaddress
-    from qintrospect.attach.qmp import _is_loopback
+    from qintrospect.connect.qmp import _is_loopback
     try:
         want = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -303,7 +302,7 @@ def test_the_vm_lock_waits_then_names_who_holds_it(runtime_dir):
 
 _HOLDER = """
 import os, sys, time
-from qintrospect.attach import runstate
+from qintrospect.connect import runstate
 runstate.lock("vm", 5)
 print("held", flush=True)
 time.sleep(float(sys.argv[1]))
@@ -414,7 +413,7 @@ def test_events_between_commands_are_read_within_bounds(monkeypatch):
     listeners: never more than MAX_DRAIN bytes a look (a monitor that never stops talking
     cannot hold the shell), and a line longer than MAX_MESSAGE is refused as not QMP."""
     import socket
-    from qintrospect.attach import qmp
+    from qintrospect.connect import qmp
     from qintrospect.errors import AttachError
     mine, theirs = socket.socketpair()
     m = QmpMonitor("/qmp.sock", 1.0)
@@ -453,7 +452,8 @@ def test_events_between_commands_are_read_within_bounds(monkeypatch):
 def test_a_memory_size_summary_that_is_not_an_object_says_nothing(reply):
     """query-memory-size-summary's answer is only compared between commands: one that is not
     a JSON object means no baseline (no re-read), never an AttributeError at attach."""
-    from qintrospect.attach.session import Session
+    from qintrospect.connect.session import Session
+    from qintrospect.connect.sources import SocketSource
 
     class Qmp:
         def command(self, name, **args):
@@ -462,6 +462,6 @@ def test_a_memory_size_summary_that_is_not_an_object_says_nothing(reply):
 
     s = Session("/nonexistent.sock")
     s.qmp = Qmp()
-    assert s._memory_size() is None
+    assert SocketSource._memory_size(s) is None
     s.qmp.command = lambda name, **args: {"base-memory": 1 << 28, "plugged-memory": 0}
-    assert s._memory_size() == (1 << 28, 0)
+    assert SocketSource._memory_size(s) == (1 << 28, 0)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from qintrospect.memory.host import (PAGE, HOST_NOT_PRESENT, HOST_PRESENT, HostProcess, Vma, _holes,
-                              _parse_smaps, pagemap_arrays)
+                              pagemap_arrays)
+from qintrospect.memory.smaps import parse_smaps as _parse_smaps
 from qintrospect.memory.guest import DirectMemory
 from qintrospect.machine.rammap import RamMap
 from qintrospect.machine.monitor_text import Region

@@ -14,7 +14,7 @@ from qintrospect import paging, slat
 from qintrospect.errors import UsageError
 from qintrospect.commands.finder import Candidate
 from qintrospect.machine.rammap import RamRegion
-from qintrospect.attach.session import Translation
+from qintrospect.commands.translate import Translation
 
 P, RW, US = 1, 2, 4
 EPT_RWX, EPT_WB = 7, 6 << 3

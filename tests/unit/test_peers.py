@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from qintrospect.attach.peers import connected_peer, socket_owner
+from qintrospect.connect.peers import connected_peer, socket_owner
 
 SERVE = """
 import os, socket, sys, time

@@ -24,7 +24,7 @@ from qintrospect.present.picture import html as H
 from qintrospect.present.picture import mermaid, report, spacemap
 from qintrospect.present.picture.svg import Svg, esc
 from qintrospect.present.picture.walk import W, address_fields, entry_fields, nested_svg, translation_svg
-from qintrospect.attach.session import Translation
+from qintrospect.commands.translate import Translation
 from qintrospect.slat import SlatResult, SlatSpec
 
 from .test_paging import (

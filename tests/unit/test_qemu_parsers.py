@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from qintrospect.errors import ParseError
 from qintrospect.machine.rammap import RamMap
-from qintrospect.attach.qmp import parse_address
+from qintrospect.connect.qmp import parse_address
 from qintrospect.machine.monitor_text import parse_gpa2hva, parse_gva2gpa, parse_info_tlb, parse_mtree_flat, parse_registers
 from qintrospect.errors import UsageError, MemoryReadError
 

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qintrospect import shell
+from qintrospect.frontend import lines
 from qintrospect.machine.cpu import Vcpu
 from qintrospect.errors import UsageError
-from qintrospect.attach.runguard import RunGuard
-from qintrospect.attach.session import MemoryPiece
+from qintrospect.connect.runguard import RunGuard
+from qintrospect.commands.read import MemoryPiece
 
 
 class FakeMonitor:
@@ -144,13 +145,13 @@ def run_lines(sh, monkeypatch, out):
 # ---- parsing --------------------------------------------------------------------------------
 
 def test_every_shell_command_comes_from_the_command_line_parser():
-    parsers = shell.command_parsers()
+    parsers = lines.command_parsers(shell.COMMANDS)
     assert list(parsers) == list(shell.COMMANDS)
-    args = shell.parse_command(parsers, ["translate", "--json", "--cr3", "0x1000", "0x5"])
+    args = lines.parse_command(parsers, ["translate", "--json", "--cr3", "0x1000", "0x5"])
     assert args.json and args.cr3 == "0x1000" and args.addresses == ["0x5"]
     assert args.vcpu is None and args.verbose is False
     assert args.func.__name__ == "cmd_translate"
-    args = shell.parse_command(parsers, ["vmmap", "--user", "--vcpu", "1"])
+    args = lines.parse_command(parsers, ["vmmap", "--user", "--vcpu", "1"])
     assert args.user and args.vcpu == 1
 
 
@@ -162,7 +163,7 @@ def test_every_shell_command_comes_from_the_command_line_parser():
 ])
 def test_attach_options_are_the_shells_own(words):
     with pytest.raises(UsageError, match="the shell's own option"):
-        shell.parse_command(shell.command_parsers(), words)
+        lines.parse_command(lines.command_parsers(shell.COMMANDS), words)
 
 
 @pytest.mark.parametrize("words,why", [
@@ -171,19 +172,19 @@ def test_attach_options_are_the_shells_own(words):
 ])
 def test_lines_the_shell_cannot_run(words, why):
     with pytest.raises(UsageError, match=why):
-        shell.parse_command(shell.command_parsers(), words)
+        lines.parse_command(lines.command_parsers(shell.COMMANDS), words)
 
 
 def test_argparse_errors_exit_2_as_on_the_command_line():
     with pytest.raises(SystemExit) as e:
-        shell.parse_command(shell.command_parsers(), ["read", "0x1"])
+        lines.parse_command(lines.command_parsers(shell.COMMANDS), ["read", "0x1"])
     assert e.value.code == 2
 
 
 # ---- completion -----------------------------------------------------------------------------
 
 def test_completion_of_commands_options_and_files(tmp_path):
-    parsers = shell.command_parsers()
+    parsers = lines.command_parsers(shell.COMMANDS)
     assert shell.completions(parsers, "", 0, "") == sorted(shell.COMMANDS + shell.BUILTINS)
     assert shell.completions(parsers, "tr", 0, "tr") == ["translate"]
     assert shell.completions(parsers, "translate --j", 10, "--j") == ["--json"]

@@ -428,7 +428,7 @@ class FakeRegion:
 
 
 class FakeVM:
-    """What cli._compare_host uses of a session: a RAM map, a QEMU process with a pagemap,
+    """What compare.compare_host uses of a session: a RAM map, a QEMU process with a pagemap,
     guest-physical reads, and second_level(spec) (here over a Memory)."""
 
     def __init__(self, log, mem, hpa=None, second_level_error=None, in_ram=True):
@@ -451,10 +451,10 @@ class FakeVM:
 
 
 def test_compare_host_adds_the_second_level_rows():
-    from qintrospect import cli
+    from qintrospect.commands import compare
     log = parse_log(rig("2m"))
     vm = FakeVM(log, memory_of(log), hpa=RIG_HEAP[1])
-    cmp, explain, outside = cli._compare_host(vm, log)
+    cmp, explain, outside = compare.compare_host(vm, log)
     assert vm.specs == [slat.SlatSpec("npt", RIG_ROOT, 5, None)]
     assert cmp.agree and [r.field for r in cmp.rows[:2]] == ["host_hpa", "host_value"]
     got = rows(cmp)
@@ -468,17 +468,17 @@ def test_compare_host_adds_the_second_level_rows():
     # an EPT log: the EPTP the walk uses says WB and the walk length
     log = table_runs("ept", 5)[0]
     vm = FakeVM(log, memory_of(log), in_ram=False)
-    cmp, _, _ = cli._compare_host(vm, log)
+    cmp, _, _ = compare.compare_host(vm, log)
     assert vm.specs[0].eptp == log.root | 6 | 4 << 3 and vm.specs[0].depth == 5
     assert rows(cmp)[("host_hpa", None)].agree is None and rows(cmp)[("final", None)].agree
 
 
 def test_compare_host_says_why_the_table_was_not_walked():
-    from qintrospect import cli
+    from qintrospect.commands import compare
     log = parse_log(rig("4k"))
     vm = FakeVM(log, memory_of(log), hpa=0x889F008, second_level_error=UsageError(
         "--slat: this VM does not run under KVM (QMP query-kvm)"))
-    cmp, _, outside = cli._compare_host(vm, log)
+    cmp, _, outside = compare.compare_host(vm, log)
     assert [r.field for r in cmp.rows] == ["host_hpa", "host_value", "slat"]
     assert cmp.rows[2].agree is None and "does not run under KVM" in cmp.rows[2].reason
     assert cmp.agree and outside["slat"]["note"]
@@ -489,17 +489,17 @@ def test_compare_host_says_why_the_table_was_not_walked():
                         "NEXT_LVL_HPA(nCR3) =  00000000000000000000011111111110")
     log = parse_log(text)
     assert log.root is not None and log.root_known_mask != ADDR_BITS
-    cmp, _, _ = cli._compare_host(FakeVM(log, Memory(), hpa=0x889F008), log)
+    cmp, _, _ = compare.compare_host(FakeVM(log, Memory(), hpa=0x889F008), log)
     assert "is cut" in rows(cmp)[("slat", None)].reason
 
 
 def test_the_seed_ept_log_keeps_the_host_row_first():
     """The seed's EPTP is printed whole: the EPT is walked too (here: nothing there)."""
-    from qintrospect import cli
+    from qintrospect.commands import compare
     log = parse_log_file(DATA / "seed_ept_dump.log")
     assert log.format == "ept" and log.root == 0xF782000
     vm = FakeVM(log, Memory(), in_ram=False)
-    cmp, _, _ = cli._compare_host(vm, log)
+    cmp, _, _ = compare.compare_host(vm, log)
     assert cmp.rows[0].field == "host_hpa" and "unassigned" in cmp.rows[0].reason
     got = rows(cmp)
     assert got[("root", None)].agree and got[("level", "PGD")].agree is False

@@ -1,4 +1,5 @@
-"""`qintrospect report`: one self-contained page a student can hand in. The VM and its vCPUs
+"""The page of `qintrospect report` (frontend.report collects what goes in): one self-contained
+page a student can hand in. The VM and its vCPUs
 (the `cpus` facts), each address drawn (as translate --html draws it), each module log parsed,
 checked against itself and compared with the live outside walk (as `compare --log` does, each
 difference with its reason), the two logs of one experiment chained, and the chain as mermaid
@@ -10,30 +11,12 @@ the text views in code blocks) and the SVG files.
 """
 
 import os
-from types import SimpleNamespace
 from typing import List, Optional
 
 from ...errors import UsageError
 from . import html as H
 from ...record import field, record
 from .svg import esc
-
-
-def options(p) -> None:
-    """The report subcommand's own options (the session options are the CLI's)."""
-    p.add_argument("addresses", nargs="*", metavar="ADDR",
-                   help="addresses to draw, as translate takes them ('-': one per line on stdin)")
-    p.add_argument("--out", required=True, metavar="DIR|FILE.html",
-                   help="a FILE.html for the page alone, or a folder for report.html, "
-                        "report.md and the figures as SVG files")
-    p.add_argument("--log", action="append", default=[], metavar="FILE",
-                   help="a gpt_dump or ept_dump log (repeatable): parsed, checked against "
-                        "itself and compared with the live outside walk")
-    p.add_argument("--cr3", help="translate with this page-table root instead of the vCPU's")
-    p.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
-                   help="draw each GPA's walk through the hypervisor's second-level table too "
-                        "(as translate --slat)")
-    p.add_argument("--title", default="qintrospect report", help="the page's title")
 
 
 @record
@@ -71,72 +54,6 @@ class Report:
             any(e.agree is False for e in self.logs) or \
             any(t.slat is not None and t.slat.agrees is False for t in self.results)
         return 1 if bad else 0
-
-
-def _addresses(args, cli) -> list:
-    if args.addresses == ["-"]:
-        import sys
-        return [cli.parse_number(line) for line in sys.stdin if line.strip()]
-    if "-" in args.addresses:
-        raise UsageError("'-' (read addresses from stdin) must be the only address")
-    return [cli.parse_number(a) for a in args.addresses]
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", errors="replace")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _compare(vm, cli, entry: LogEntry) -> None:
-    """As `compare --log` does: the outside walk of the log's address (with the root the log
-    prints, or the process finder's), or the host's address for an ept_dump log."""
-    from ... import modlog
-    log = entry.log
-    if log.address is None:
-        entry.error = "the log does not say which address it walked"
-        return
-    try:
-        if log.kind == "ept_dump":
-            entry.comparison, entry.explain, entry.outside = cli._compare_host(vm, log)
-            return
-        cr3, how = cli._root_for_log(vm, log, SimpleNamespace(log=entry.path))
-    except UsageError as exc:
-        entry.error = str(exc)
-        return
-    t = vm.translate(log.address, cr3)
-    value = int.from_bytes(t.value, "little") if t.value and len(t.value) == 8 else None
-    entry.comparison = modlog.compare(log, t.walk, value)
-    entry.explain = modlog.explain_direct_map(log.address, t.gpa) if t.ok else None
-    entry.outside = dict(t.to_dict(), root_found_by=how)
-    entry.translation = t
-
-
-def collect(args) -> Report:
-    from ... import cli, modlog, slat
-    addresses = _addresses(args, cli)
-    if not addresses and not args.log:
-        raise UsageError("report: give addresses to draw, --log FILE, or both")
-    cr3 = cli.parse_number(args.cr3, "--cr3") if args.cr3 else None
-    spec = slat.parse_slat(args.slat) if args.slat else None
-    entries = []
-    for path in args.log:        # offline first: a bad log is said before attaching
-        log = modlog.parse_log_file(path)
-        entries.append(LogEntry(path, log, modlog.check_log(log), _read(path)))
-    with cli._attach(args) as vm:
-        facts = vm.describe()
-        vcpus = [v.to_dict() for v in vm.vcpu_info]
-        results = list(vm.translate_many(addresses, cr3))
-        if spec is not None:
-            results = list(cli._with_second_level(vm, results, spec))
-        for e in entries:
-            _compare(vm, cli, e)
-    guest = next((e.log for e in entries if e.log.kind == "gpt_dump"), None)
-    host = next((e.log for e in entries if e.log.kind == "ept_dump"), None)
-    joined = modlog.chain(guest, host) if guest is not None and host is not None else None
-    return Report(args.title, facts, vcpus, results, entries, joined)
 
 
 # ---- the page ---------------------------------------------------------------------------------
@@ -282,7 +199,7 @@ def write(rep: Report, out: str, folder: Optional[int] = None) -> List[str]:
     from . import write_text
     from .walk import translation_svg
     from ..outfile import output_folder, write_file
-    if folder is None and _single_page(out):
+    if folder is None and single_page(out):
         parent = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(parent):
             raise UsageError(f"--out {out}: the folder {parent} does not exist")
@@ -303,25 +220,7 @@ def write(rep: Report, out: str, folder: Optional[int] = None) -> List[str]:
     return [os.path.join(out, name) for name in ["report.html", "report.md"] + names]
 
 
-def _single_page(out: str) -> bool:
+def single_page(out: str) -> bool:
+    """--out names one page (FILE.html), not a folder."""
     return out.lower().endswith((".html", ".htm")) and not os.path.isdir(out)
 
-
-def run(args) -> int:
-    """The report subcommand: collect, write, say where. Exit 1 when an address faulted or a
-    log disagrees with the outside view (the report is written all the same). An output
-    folder is checked (and opened) before the VM is attached to."""
-    from ..outfile import output_folder
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out) and not _single_page(out):
-        raise UsageError(f"--out {out}: exists and is not a folder; give a folder or a .html file")
-    folder = None if _single_page(out) else output_folder(out)
-    try:
-        rep = collect(args)
-        files = write(rep, out, folder)
-    finally:
-        if folder is not None:
-            os.close(folder)
-    print(f"report: {files[0]}" + (f" (+ {len(files) - 1} file(s) beside it)"
-                                   if len(files) > 1 else ""))
-    return rep.status

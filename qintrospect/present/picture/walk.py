@@ -422,7 +422,7 @@ def _estimate_height(t) -> float:
 
 
 def translation_svg(t, title: Optional[str] = None) -> Svg:
-    """The figure of one Translation (session.Translation)."""
+    """The figure of one Translation (commands.translate.Translation)."""
     w = t.walk
     svg = Svg(W, _estimate_height(t), title=title or f"GVA {t.gva:#x}",
               label=f"translation {t.gva:#x}")

@@ -1,0 +1,82 @@
+"""The commands as methods of an attached VM: the Python API (`vm.translate(0x...)`). Each
+method calls its command's function with the session it belongs to (connect.session.Session)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .. import paging
+
+
+class Commands:
+    """Mixed into connect.session.Session."""
+
+    def translate(self, gva: int, cr3: Optional[int] = None):
+        """commands.translate.translate: one address down the chain."""
+        from .translate import translate
+        return translate(self, gva, cr3)
+
+    def translate_many(self, addresses, cr3: Optional[int] = None):
+        from .translate import translate_many
+        return translate_many(self, addresses, cr3)
+
+    def translate_batch(self, addresses, cr3: Optional[int] = None):
+        from .translate import translate_batch
+        return translate_batch(self, addresses, cr3)
+
+    def translate_json(self, addresses, cr3: Optional[int] = None, kvm: Optional[dict] = None):
+        """(translated?, JSON line) per address, made from arrays (present.jsonlines)."""
+        from ..present.jsonlines import json_lines
+        self.check_open()
+        return json_lines(self, addresses, cr3, kvm)
+
+    def translate_json_blocks(self, addresses, cr3: Optional[int] = None,
+                              kvm: Optional[dict] = None, size: int = 256):
+        from ..present.jsonlines import json_blocks
+        self.check_open()
+        return json_blocks(self, addresses, cr3, kvm, size)
+
+    def read_pieces(self, address: int, length: int, physical: bool = False,
+                    cr3: Optional[int] = None):
+        from .read import read_pieces
+        return read_pieces(self, address, length, physical, cr3)
+
+    def find_cr3(self, gva: Optional[int] = None, expect: Optional[int] = None,
+                 progress=None):
+        """commands.finder.find_cr3: candidate page-table roots in guest RAM (no symbols)."""
+        from .finder import find_cr3
+        return find_cr3(self, gva, expect, progress)
+
+    def leaf_arrays(self, cr3: Optional[int] = None, start: int = 0,
+                    end: Optional[int] = None) -> paging.LeafArrays:
+        """Every present leaf of the address space as numpy columns (paging.leaf_arrays);
+        tables that cannot be read (not RAM) are skipped and listed in unreadable_tables."""
+        self.check_open()
+        self.unreadable_tables = []
+        return paging.leaf_arrays(self.memory.read, self.cpu_state(cr3), start, end,
+                                  lambda level, addr, exc: self.unreadable_tables.append(
+                                      (level, addr, str(exc))))
+
+    def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
+        """Every present leaf of the address space as paging.Mapping objects, in VA order."""
+        return self.leaf_arrays(cr3, start, end).mappings()
+
+    def who_maps(self, gpa: Optional[int] = None, hva: Optional[int] = None,
+                 hpa: Optional[int] = None, progress=None, slat=None):
+        """commands.whomaps.who_maps: every mapping that reaches the frame."""
+        from . import whomaps
+        from ..slat import parse_slat
+        self.check_open()
+        spec = parse_slat(slat) if isinstance(slat, str) else slat
+        return whomaps.who_maps(self, gpa, hva, hpa, progress, spec)
+
+    def second_level(self, spec, translations=(), progress=None):
+        """commands.second_level.second_level: this VM's second-level table on this host."""
+        from .second_level import second_level
+        return second_level(self, spec, translations, progress)
+
+    def kvm_facts(self, roots: bool = False) -> dict:
+        """KVM's own facts about this VM (slat.kvm.facts)."""
+        from ..slat import kvm
+        self.check_open()
+        return kvm.facts(self.qmp, self.process.pid if self.process else None, roots=roots)

@@ -1,0 +1,105 @@
+"""The VM's vCPUs as QEMU gives them: the list (QMP query-cpus-fast), each one's control
+registers (from a gdbstub, or QMP's `info registers`), its MAXPHYADDR and CPUID facts (QOM),
+and Page1GB as the processor that walks the guest's tables applies it."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from .. import paging
+from ..errors import QIError, UsageError
+from . import hostcpu
+from .cpu import Vcpu
+from .monitor_text import parse_registers
+
+
+class Vcpus:
+    """What a session asks about its VM's vCPUs, through its monitor: answers that cannot
+    change while the VM lives (phys-bits, query-kvm) are asked once."""
+
+    def __init__(self, monitor, listing: List[dict]):
+        self.monitor = monitor
+        self.listing = listing                 # query-cpus-fast
+        self._phys_bits: dict = {}
+        self._kvm: Optional[dict] = None
+
+    @classmethod
+    def of(cls, monitor, wanted: int) -> "Vcpus":
+        """The VM's vCPUs; UsageError when vCPU `wanted` is not one of them."""
+        listing = monitor.command("query-cpus-fast")
+        if wanted >= len(listing):
+            raise UsageError(f"--vcpu {wanted}: this VM has {len(listing)} vCPU(s), numbered "
+                             f"0-{len(listing) - 1}")
+        return cls(monitor, listing)
+
+    def from_gdbstub(self, gdb, selected: int) -> List[Vcpu]:
+        """Every vCPU's registers through a gdbstub (each selected in turn, `selected` last)."""
+        from ..connect import gdbstub
+        out = []
+        for i, info in enumerate(self.listing):
+            gdb.select_vcpu(i)
+            # the protection-key registers too, where the stub describes them (QEMU 7.2 to
+            # 10.0 do not: the walk then says "unknown" for keyed pages)
+            keys = tuple(k for k in gdbstub.KEY_REGISTERS if gdb.has_register(k))
+            regs = gdb.registers(gdbstub.CONTROL_REGISTERS + ("cs",) + keys)
+            out.append(Vcpu(i, info.get("thread-id"), info.get("qom-path"), regs["cr0"],
+                            regs["cr3"], regs["cr4"], regs["efer"], regs["cs"],
+                            regs.get("pkru"), regs.get("pkrs")))
+        gdb.select_vcpu(selected)
+        return out
+
+    def from_monitor(self) -> List[Vcpu]:
+        """Without a gdbstub: every vCPU's registers from HMP `info registers`."""
+        out = []
+        for i, info in enumerate(self.listing):
+            regs = parse_registers(self.monitor.hmp("info registers",
+                                                    cpu_index=info["cpu-index"]))
+            out.append(Vcpu(i, info.get("thread-id"), info.get("qom-path"), regs["CR0"],
+                            regs["CR3"], regs["CR4"], regs["EFER"], regs.get("CPL", 0),
+                            regs.get("PKRU"), regs.get("PKRS")))
+        return out
+
+    def cpu_state(self, vcpu: Vcpu) -> paging.CpuState:
+        """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
+        need; None (the walker then assumes 52 and says so) when QEMU will not tell."""
+        phys_bits = self._phys_bits.get(vcpu.index)
+        if phys_bits is None:         # fixed for the VM's life: asked once per vCPU
+            phys_bits = self._phys_bits[vcpu.index] = self.qom(vcpu, "phys-bits")
+        return paging.CpuState(cr0=vcpu.cr0, cr3=vcpu.cr3, cr4=vcpu.cr4, efer=vcpu.efer,
+                               maxphyaddr=int(phys_bits) if isinstance(phys_bits, int) else None,
+                               pkru=vcpu.pkru, pkrs=vcpu.pkrs)
+
+    def qom(self, vcpu: Vcpu, prop: str):
+        """A property of the vCPU's QOM object (a CPUID feature, phys-bits...), or None."""
+        if not vcpu.qom_path:
+            return None
+        try:
+            return self.monitor.command("qom-get", path=vcpu.qom_path, property=prop)
+        except QIError:
+            return None
+
+    @property
+    def kvm_enabled(self) -> Optional[bool]:
+        """Whether the VM runs under KVM (QMP query-kvm); None if QEMU will not say."""
+        if self._kvm is None:
+            try:
+                self._kvm = self.monitor.command("query-kvm")
+            except QIError:
+                self._kvm = {}
+        return self._kvm.get("enabled")
+
+    def page1gb(self, vcpu: Vcpu, local: bool) -> Tuple[Optional[bool], str]:
+        """(Page1GB, where it comes from): whether PS in a PDPTE maps a 1 GiB page for this
+        vCPU. Under TCG and under KVM without two-dimensional paging, the guest's CPUID says
+        (QOM "pdpe1gb"); under KVM with EPT/NPT the processor walks the guest's tables itself,
+        so the host CPU's Page1GB decides, known only when QEMU runs on this host (local)."""
+        kvm = self.kvm_enabled
+        cpuid = self.qom(vcpu, "pdpe1gb")
+        cpuid = cpuid if isinstance(cpuid, bool) else None
+        if not kvm:
+            return cpuid, "the vCPU's CPUID (QOM pdpe1gb)" if cpuid is not None else "unknown"
+        if hostcpu.tdp()["enabled"] is False:
+            return cpuid, "the vCPU's CPUID (KVM shadow paging emulates it)"
+        if not local:
+            return None, "unknown: KVM walks with the host CPU's Page1GB, and QEMU is not local"
+        return hostcpu.page1gb(), "the host CPU (KVM with EPT/NPT: the processor walks)"
