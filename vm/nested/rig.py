@@ -50,7 +50,7 @@ from typing import List, Optional
 from vm.guest import Guest, GuestError, GuestNotBuilt, default_cache_dir, hold
 from vm.oracle.boot import MapLine, OracleOutput, parse_output
 
-__all__ = ["NestedRig", "NestedError", "NestedNotBuilt", "SerialQMP", "SerialQMPError",
+__all__ = ["NestedRig", "NestedShells", "NestedError", "NestedNotBuilt", "SerialQMP", "SerialQMPError",
            "SerialRSP", "SerialRSPError", "drain_socket", "nested_cache_dir", "BUILD_SCRIPT"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -347,9 +347,98 @@ def _rsp_unescape(body: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# What every rig with a shell on L1's console and L2's console at L0 shares
+
+class NestedShells:
+    """L1's shell and L2's serial console, whatever runs L1 (QEMU here, Bochs in vm/ept).
+
+    For a class that is also a ``vm.guest.Guest`` (its ``run``, ``console``, ``transcript``):
+    L1's shell on its console (``run_l1``), and L2's serial console, which reaches L0 as a
+    socket that a thread reads into a buffer from the moment it connects (``l2_console_text``;
+    nothing L2 prints is missed). Call ``_init_l2_console()`` in ``__init__``,
+    ``_start_l2_console_reader(sock)`` once the socket is connected and
+    ``_close_l2_console()`` when tearing down.
+    """
+
+    def _init_l2_console(self) -> None:
+        self._l2_console_sock: Optional[socket.socket] = None
+        self._l2_console_buf = bytearray()
+        self._l2_console_lock = threading.Lock()
+        self._l2_console_cond = threading.Condition(self._l2_console_lock)
+        self._reader: Optional[threading.Thread] = None
+        self._stop_reader = threading.Event()
+
+    def _start_l2_console_reader(self, sock: socket.socket) -> None:
+        self._l2_console_sock = sock
+        self._stop_reader.clear()
+        self._reader = threading.Thread(target=self._read_l2_console, name="l2-console", daemon=True)
+        self._reader.start()
+
+    def _read_l2_console(self) -> None:
+        sock = self._l2_console_sock
+        sock.settimeout(0.2)
+        while not self._stop_reader.is_set():
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            with self._l2_console_cond:
+                if not self._l2_console_buf:
+                    self.timings.setdefault("l2_first_output", time.monotonic() - self._spawned_at)
+                self._l2_console_buf += chunk
+                self._l2_console_cond.notify_all()
+
+    def l2_console_text(self) -> str:
+        """Everything L2 printed on its serial port so far."""
+        with self._l2_console_lock:
+            return self._l2_console_buf.decode("utf-8", "replace")
+
+    def _close_l2_console(self) -> None:
+        """Stop the reader and close the socket (the caller then stops L1)."""
+        self._stop_reader.set()
+        s, self._l2_console_sock = self._l2_console_sock, None
+        if s is not None:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _join_l2_console_reader(self) -> None:
+        r, self._reader = self._reader, None
+        if r is not None:
+            r.join(timeout=2)
+
+    def drain_transcript(self) -> str:
+        """Read what L1's console printed (without waiting) and return the whole transcript."""
+        if self.console is not None:
+            try:
+                while True:
+                    self.console.buffer += self.console.read_nonblocking(65536, timeout=0)
+            except Exception:
+                pass
+        return self.transcript
+
+    def run_l1(self, command: str, timeout: float = 30) -> str:
+        """Run a shell command in L1 (busybox sh on L1's console); return its output."""
+        return self.run(command, timeout=timeout)
+
+    def l1_pagemap_entry(self, pid: int, va: int) -> int:
+        """The 64-bit /proc/PID/pagemap entry of VA in L1, read by L1's own shell."""
+        out = self.run_l1(f"dd if=/proc/{pid}/pagemap bs=8 skip={va >> 12} count=1 2>/dev/null"
+                          f" | od -A n -t x8")
+        if self.last_status != 0 or not out.strip():
+            raise NestedError(f"reading L1's /proc/{pid}/pagemap at {va:#x} failed: {out!r}")
+        return int(out.split()[0], 16)
+
+
+# ---------------------------------------------------------------------------------------------
 # The rig
 
-class NestedRig(Guest):
+class NestedRig(NestedShells, Guest):
     """L1 (Linux + QEMU) at L0 under TCG, L2 (the oracle) inside it. A context manager that
     always tears down (killing L1's QEMU kills L2 with it).
 
@@ -392,13 +481,8 @@ class NestedRig(Guest):
         self.l2_ready_line: Optional[str] = None
         self.l2_qmp_greeting: Optional[dict] = None
         self.timings: dict = {}
-        self._l2_console_sock: Optional[socket.socket] = None
         self._greet_sock: Optional[socket.socket] = None
-        self._l2_console_buf = bytearray()
-        self._l2_console_lock = threading.Lock()
-        self._l2_console_cond = threading.Condition(self._l2_console_lock)
-        self._reader: Optional[threading.Thread] = None
-        self._stop_reader = threading.Event()
+        self._init_l2_console()
 
     # ------------------------------------------------------------------ names
     @property
@@ -461,40 +545,19 @@ class NestedRig(Guest):
         deadline = time.monotonic() + 10
         while True:
             try:
-                self._l2_console_sock = _connect_unix(self.l2_console_path, 1.0)
+                sock = _connect_unix(self.l2_console_path, 1.0)
                 if self.read_greeting and self.start_l2:
-                    self._greet_sock = _connect_unix(self.l2_qmp_path, 1.0)
+                    try:
+                        self._greet_sock = _connect_unix(self.l2_qmp_path, 1.0)
+                    except OSError:
+                        sock.close()
+                        raise
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise NestedError(f"cannot connect to {self.l2_console_path}")
                 time.sleep(0.01)
-        self._stop_reader.clear()
-        self._reader = threading.Thread(target=self._read_l2_console, name="l2-console", daemon=True)
-        self._reader.start()
-
-    def _read_l2_console(self) -> None:
-        sock = self._l2_console_sock
-        sock.settimeout(0.2)
-        while not self._stop_reader.is_set():
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            with self._l2_console_cond:
-                if not self._l2_console_buf:
-                    self.timings.setdefault("l2_first_output", time.monotonic() - self._spawned_at)
-                self._l2_console_buf += chunk
-                self._l2_console_cond.notify_all()
-
-    def l2_console_text(self) -> str:
-        """Everything L2 printed on its serial port (L1's ttyS3) so far."""
-        with self._l2_console_lock:
-            return self._l2_console_buf.decode("utf-8", "replace")
+        self._start_l2_console_reader(sock)
 
     def start(self, timeout: Optional[float] = None) -> "NestedRig":
         timeout = self.timeout if timeout is None else timeout
@@ -581,46 +644,19 @@ class NestedRig(Guest):
             pass
         return out
 
-    def drain_transcript(self) -> str:
-        """Read what L1's console printed (without waiting) and return the whole transcript."""
-        if self.console is not None:
-            try:
-                while True:
-                    self.console.buffer += self.console.read_nonblocking(65536, timeout=0)
-            except Exception:
-                pass
-        return self.transcript
-
     def stop(self) -> None:
         """Kill L1's QEMU (and so L2), close the rig's sockets, remove the temp dir."""
-        self._stop_reader.set()
-        for attr in ("_greet_sock", "_l2_console_sock"):
-            s = getattr(self, attr, None)
-            if s is not None:
-                try:
-                    s.close()
-                except OSError:
-                    pass
-                setattr(self, attr, None)
+        self._close_l2_console()
+        s, self._greet_sock = self._greet_sock, None
+        if s is not None:
+            try:
+                s.close()
+            except OSError:
+                pass
         super().stop()
-        r = getattr(self, "_reader", None)
-        if r is not None:
-            r.join(timeout=2)
-            self._reader = None
+        self._join_l2_console_reader()
 
     # ------------------------------------------------------------------ L1 helpers
-    def run_l1(self, command: str, timeout: float = 30) -> str:
-        """Run a shell command in L1 (busybox sh on ttyS0); return its output."""
-        return self.run(command, timeout=timeout)
-
-    def l1_pagemap_entry(self, pid: int, va: int) -> int:
-        """The 64-bit /proc/PID/pagemap entry of VA in L1, read by L1's own shell."""
-        out = self.run_l1(f"dd if=/proc/{pid}/pagemap bs=8 skip={va >> 12} count=1 2>/dev/null"
-                          f" | od -A n -t x8")
-        if self.last_status != 0 or not out.strip():
-            raise NestedError(f"reading L1's /proc/{pid}/pagemap at {va:#x} failed: {out!r}")
-        return int(out.split()[0], 16)
-
     def l2_qmp(self, timeout: float = 20.0) -> SerialQMP:
         """A new SerialQMP connection to L2's QMP (close it, or use `with`)."""
         return SerialQMP(self.l2_qmp_path, timeout=timeout)
