@@ -66,9 +66,10 @@ TARGETS = {
     "slat_s_per_gib": 2.0,       # second-level root found over 1 GiB of RAM in <= 2 s
     "slat_walk_ratio": 2.0,      # second-level walk <= 2x the process-table walk, per address
     "help_s": 0.1,               # `qintrospect --help` <= 0.1 s
-    "translate_vs_gdb": 1.0,     # one translate command <= 1.0x a bare gdb attach + disconnect
+    "translate_vs_gdb": 0.75,    # one translate command <= 0.75x a bare gdb attach + disconnect
     "shell_vs_gva2gpa": 1.0,     # one translate in the shell <= 1.0x one HMP gva2gpa round trip
     "json_batch_ratio": 100.0,   # translate --json - (full detail) >= 100x the gva2gpa loop
+    "brief_batch_ratio": 300.0,  # translate --brief - (the summary) >= 300x the gva2gpa loop
     "vmmap_vs_ptdump": 1.0,      # vmmap --json <= 1.0x gdb-pt-dump's pt, start to exit
     "who_maps_s": 1.0,           # who-maps over all roots of the 256 MiB guest <= 1 s
 }
@@ -334,13 +335,14 @@ def m_gdb_bare(ctx):
     return {"times": summary(times), "cmd_maxrss_kb": rss}
 
 
-def m_cli_json_batch(ctx):
+def m_cli_json_batch(ctx, brief=False):
     """`qintrospect translate --json -` of the batch's addresses, every level and flag, start to
-    exit (the batch's addresses from stdin, JSON Lines out)."""
+    exit (the batch's addresses from stdin, JSON Lines out); with brief, `--brief -`."""
     path = ctx["addresses_file"] + ".txt"     # json_n addresses, written by m_addresses
     with open(path) as f:
         n = sum(1 for _ in f)
-    argv = _qintrospect_cli() + ["translate", "--qmp", ctx["qmp"], "--gdb", ctx["gdb"], "-"]
+    argv = _qintrospect_cli() + ["translate", "--qmp", ctx["qmp"], "--gdb", ctx["gdb"]] + \
+        (["--brief"] if brief else []) + ["-"]
     times, maxrss = [], 0
     for _ in range(ctx["json_reps"]):       # the median of a few: one run is a noisy figure
         counts = {}
@@ -354,6 +356,11 @@ def m_cli_json_batch(ctx):
     return {"n": n, "lines": counts["lines"], "seconds": elapsed, "times": summary(times),
             "per_second": n / elapsed, "bytes": counts["bytes"], "cmd_maxrss_kb": maxrss,
             "levels_in_first": len(json.loads(lines[0]).get("levels", []))}
+
+
+def m_cli_brief_batch(ctx):
+    """`qintrospect translate --brief -` of the same addresses: the chain's summary only."""
+    return m_cli_json_batch(ctx, brief=True)
 
 
 def m_ptdump(ctx):
@@ -661,6 +668,7 @@ MEASURES = {
     "cli_help": m_cli_help,
     "gdb_bare": m_gdb_bare,
     "cli_json_batch": m_cli_json_batch,
+    "cli_brief_batch": m_cli_brief_batch,
     "ptdump": m_ptdump,
 }
 
@@ -828,13 +836,14 @@ class Bench:
                 ("addresses", 120),
                 ("cli_help", 60), ("gdb_bare", 60),
                 ("batch", 900), ("batch_arrays", 300), ("batch_hmp", 300),
-                ("cli_json_batch", 900), ("ptdump", 600), ("map_tlb", 120),
+                ("cli_json_batch", 900), ("cli_brief_batch", 900), ("ptdump", 600), ("map_tlb", 120),
                 ("map_arrays", 120), ("map_direct", 120),
                 ("map_gdb", 300), ("map_cli", 60 + 120 * p["map_cli_reps"]),
                 ("who_maps", 300), ("scan", 300),
                 ("slat", 300)]
         for name, timeout in plan:
-            if name in ("batch", "batch_arrays", "batch_hmp", "cli_json_batch") and \
+            if name in ("batch", "batch_arrays", "batch_hmp", "cli_json_batch",
+                        "cli_brief_batch") and \
                     "error" in self.results.get("addresses", {}):
                 continue
             self.run_child(name, ctx, key={"scan": "scan_256M", "slat": "slat_256M"}.get(
@@ -1000,6 +1009,21 @@ class Bench:
                 add(2, "  translate --json - / HMP loop", f"{ratio:.1f}x",
                     target=f">= {TARGETS['json_batch_ratio']:g}x",
                     met=ratio >= TARGETS["json_batch_ratio"], key="json_batch_ratio")
+        j = r.get("cli_brief_batch")
+        if err(j):
+            add(2, "`qintrospect translate --brief -`", f"ERROR: {j and j.get('error')}",
+                key="cli_brief_batch")
+        else:
+            add(2, f"`qintrospect translate --brief -` of {j['n']:,} addresses (the chain's "
+                "summary; start to exit)",
+                f"{j['per_second']:,.0f}/s ({j['seconds']:.2f} s median of {j['times']['n']}, "
+                f"{j['bytes'] / MB:.0f} MB of JSON Lines)", kb_mb(j["cmd_maxrss_kb"]),
+                key="cli_brief_batch")
+            if not err(h):
+                ratio = j["per_second"] / h["per_second"]
+                add(2, "  translate --brief - / HMP loop", f"{ratio:.1f}x",
+                    target=f">= {TARGETS['brief_batch_ratio']:g}x",
+                    met=ratio >= TARGETS["brief_batch_ratio"], key="brief_batch_ratio")
 
         # 3. whole map
         tlb = r.get("map_tlb")
@@ -1034,6 +1058,16 @@ class Bench:
                     target=f"<= {TARGETS['map_ratio']:g}x" if targeted else None,
                     met=ratio <= TARGETS["map_ratio"] if targeted else None,
                     key=f"{key}_ratio")
+            one = r.get("cli_translate")
+            if key == "map_cli" and not err(tlb) and not err(one):
+                # the command less what one translate command costs (interpreter, imports,
+                # attach, one address): the map's own share, numpy's import included
+                extra = res["times"]["median_ms"] - one["times"]["median_ms"]
+                ratio = extra / tlb["times"]["median_ms"]
+                add(3, "  (vmmap command - translate command) / info tlb",
+                    f"{ratio:.2f}x ({extra:.0f} ms more than one translate)",
+                    target=f"<= {TARGETS['map_ratio']:g}x", met=ratio <= TARGETS["map_ratio"],
+                    key="map_cli_extra_ratio")
         wm = r.get("who_maps")
         if err(wm):
             add(3, "who-maps", f"ERROR: {wm and wm.get('error')}", key="who_maps")

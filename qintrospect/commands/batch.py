@@ -52,22 +52,24 @@ class BatchTranslation:
     def to_dicts(self) -> Iterator[dict]:
         """One JSON-ready dict per address: the chain's summary keys (no levels), or the
         fault. Addresses and values are "0x..." strings."""
+        return map(self.row_dict, range(len(self.walk_result)))
+
+    def row_dict(self, i: int) -> dict:
+        """to_dicts' dict of element i."""
         w = self.walk_result
         h = lambda v: f"{int(v):#x}"  # noqa: E731
-        for i in range(len(w)):
-            if not w.ok[i]:
-                yield {"gva": h(w.va[i]), "fault": {"level": w.level_name(i),
-                                                     "reason": w.reason(i)}}
-                continue
-            status = HOST_STATUS[self.host_status[i]] or None
-            yield {"gva": h(w.va[i]), "gpa": h(w.pa[i]), "page_size": int(w.page_size[i]),
-                   "ram_block": self.ram_blocks[self.region[i]] if self.region[i] >= 0 else None,
-                   "hva": h(self.hva[i]) if self.has_hva[i] else None,
-                   "hpa": h(self.hpa[i]) if status == "present" else None,
-                   "host": status,
-                   "writable": bool(w.writable[i]), "user": bool(w.user[i]),
-                   "executable": bool(w.executable[i]),
-                   "value": h(self.value[i]) if self.has_value[i] else None}
+        if not w.ok[i]:
+            return {"gva": h(w.va[i]), "fault": {"level": w.level_name(i),
+                                                  "reason": w.reason(i)}}
+        status = HOST_STATUS[self.host_status[i]] or None
+        return {"gva": h(w.va[i]), "gpa": h(w.pa[i]), "page_size": int(w.page_size[i]),
+                "ram_block": self.ram_blocks[self.region[i]] if self.region[i] >= 0 else None,
+                "hva": h(self.hva[i]) if self.has_hva[i] else None,
+                "hpa": h(self.hpa[i]) if status == "present" else None,
+                "host": status,
+                "writable": bool(w.writable[i]), "user": bool(w.user[i]),
+                "executable": bool(w.executable[i]),
+                "value": h(self.value[i]) if self.has_value[i] else None}
 
     def walk(self, i: int, session) -> paging.Walk:
         """The full scalar walk (levels, flags, access rules) of element i."""

@@ -22,6 +22,7 @@ import socket
 import time
 
 from ..errors import AttachError, VMGoneError
+from ..paging.formats import size_name
 
 CHUNK = 65536           # bytes asked of the socket a recv
 
@@ -42,10 +43,6 @@ class PeerClosed(VMGoneError):
     def __init__(self, where: str, problem: str):
         self.where, self.problem, self.sample = where, problem, ""
         super().__init__(f"{where}: {problem}")
-
-
-def size_text(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 and not n & ((1 << 20) - 1) else f"{n} bytes"
 
 
 def sample_bytes(data, limit: int = 60) -> str:
@@ -131,11 +128,11 @@ class JsonLines:
         if end < 0:
             self._searched = len(buf)
             if len(buf) > self.max_line:
-                raise ProtocolError(self.where, f"more than {size_text(self.max_line)} without "
+                raise ProtocolError(self.where, f"more than {size_name(self.max_line)} without "
                                     "a line end", sample_bytes(buf))
             return None
         if end > self.max_line:
-            raise ProtocolError(self.where, f"a line longer than {size_text(self.max_line)}",
+            raise ProtocolError(self.where, f"a line longer than {size_name(self.max_line)}",
                                 sample_bytes(buf))
         line = buf[:end]          # (one copy; a bytearray decodes as bytes do)
         del buf[:end + 1]

@@ -124,8 +124,10 @@ def _slat_failed(t) -> bool:
 def _translate_brief(vm, addresses, cr3) -> int:
     """The fast batch path: the chain's summary per address (no levels), JSON Lines."""
     import itertools
+    from ..present.brieflines import brief_lines
     status = EXIT_OK
     grow_stdout_pipe()
+    write = lines_writer()
     it = iter(addresses)
     while True:
         chunk = list(itertools.islice(it, BRIEF_CHUNK))
@@ -135,8 +137,8 @@ def _translate_brief(vm, addresses, cr3) -> int:
         vm.check_live()
         if not result.ok.all():
             status = EXIT_FAULT
-        sys.stdout.write("".join(render.json_line(d) + "\n" for d in result.to_dicts()))
-        sys.stdout.flush()
+        for lines in brief_lines(result):
+            write(lines)
 
 
 def _translate_nested(args, addresses, cr3, slat_spec) -> int:
@@ -259,12 +261,19 @@ def cmd_vmmap(args) -> int:
         if not args.json:
             out.write(vmmap.header(show_gpa, show_hpa, args.leaf) + "\n")
         fmt = leaves.format if args.leaf else None
+        if args.json:
+            from ..present.maplines import map_lines
+            write = lines_writer()
         for chunk in chunks:
             pictures.add(chunk)
-            lines = [render.json_line(row.to_dict(leaf=args.leaf)) if args.json else
-                     vmmap.row_text(row, show_gpa, show_hpa, args.leaf)
+            if args.json:
+                lines = map_lines(chunk, fmt, args.leaf)
+                vm.check_live()   # a VM that runs may have reset meanwhile: say so, not rows
+                write(lines)
+                continue
+            lines = [vmmap.row_text(row, show_gpa, show_hpa, args.leaf)
                      for row in vmmap.iter_rows(chunk, fmt)]
-            vm.check_live()   # a VM that runs may have reset meanwhile: say so, not the rows
+            vm.check_live()
             out.write("".join(line + "\n" for line in lines))
         skipped = vm.unreadable_tables
     if skipped:

@@ -25,10 +25,7 @@ from ..paging.walker import present_step
 from ..paging.x86 import x86_format
 from .render import json_line
 
-try:
-    from . import _rowformat  # the fast lines made in C (_rowformat.c)
-except ImportError:              # not built (no compiler at install): bytes.__mod__, slower
-    _rowformat = None
+from .rowlines import fill_rows, parse_templates
 
 CHUNK = 65536       # addresses walked together: bounded memory whatever the stream
 MIN_ARRAYS = 32     # fewer addresses: the arrays would cost more than they save
@@ -247,16 +244,12 @@ class _Chunk:
         translated = np.zeros(n, bool)
         translated[done] = True
         ok = translated.tolist()
-        parsed = _rowformat.templates(templates) if _rowformat is not None else None
+        parsed = parse_templates(templates)
         for start in range(0, n, size):
             end = min(n, start + size)
             chosen = which[start:end] >= 0
             picks = np.flatnonzero(chosen) + start
-            if parsed is not None:
-                lines = _rowformat.rows(parsed, which, numbers, picks)
-            else:     # made into Python ints a block at a time: one block's memory serves the next
-                lines = list(map(bytes.__mod__, [templates[k] for k in which[picks].tolist()],
-                                 zip(*(c[picks].tolist() for c in numbers))))
+            lines = fill_rows(templates, parsed, which, numbers, picks)
             if len(picks) < end - start:
                 for r in (np.flatnonzero(~chosen) + start).tolist():    # in order: each at r
                     ok[r], text = _scalar(s, int(w.va[r]), self.cr3, self.kvm)

@@ -5,7 +5,6 @@ import os
 import sys
 
 
-
 def grow_stdout_pipe() -> None:
     """Bulk JSON Lines reach a reader faster through a bigger pipe (fewer switches between
     the two processes): 1 MiB where stdout is a pipe and the kernel allows it."""

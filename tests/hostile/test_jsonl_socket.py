@@ -55,8 +55,8 @@ def test_the_cap_to_the_byte(pair, with_end):
     theirs.sendall(b"[" + b" " * 98 + b"]\n")                  # 100 bytes: taken
     assert r.read(time.monotonic() + 1) == []
     theirs.sendall(b"[" + b" " * 99 + b"]" + (b"\n" if with_end else b""))     # 101
-    words = "a line longer than 100 bytes" if with_end else \
-        "more than 100 bytes without a line end"
+    words = "a line longer than 100 B" if with_end else \
+        "more than 100 B without a line end"
     with pytest.raises(ProtocolError, match=words) as e:
         r.read(time.monotonic() + 1)
     assert e.value.exit_status == 3 and e.value.problem == words

@@ -456,7 +456,7 @@ def test_many_address_json_is_the_one_address_json(vm, monkeypatch):
     reserved bits, not-present entries at every level, non-canonical addresses; made in C
     (_rowformat) and by the fallback (bytes.__mod__) alike."""
     import qintrospect
-    from qintrospect.present import jsonlines
+    from qintrospect.present import rowlines
     from qintrospect.present.render import json_line
     addrs = [va for m in vm.output.maps for va, _ in probe_points(m)]
     addrs += [va + 8 * i for m in vm.output.maps for va, _ in probe_points(m)[:1]
@@ -465,7 +465,7 @@ def test_many_address_json_is_the_one_address_json(vm, monkeypatch):
     with qintrospect.attach(qmp=vm.qmp_path, gdb=vm.gdb_address) as s:
         fast = list(s.translate_json(addrs))
         with monkeypatch.context() as m:
-            m.setattr(jsonlines, "_rowformat", None)
+            m.setattr(rowlines, "_rowformat", None)
             fallback = list(s.translate_json(addrs))
         slow = [json_line(s.translate(a).to_dict()) for a in addrs]
     problems = [f"{vm.variant} {a:#x}:\n  many: {line}\n  one:  {want}"

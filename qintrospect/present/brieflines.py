@@ -1,0 +1,35 @@
+"""translate --brief for many addresses: each address's summary line (json_line of
+BatchTranslation.row_dict, byte for byte), made from the batch's arrays: rows alike in page
+size, RAM block, host status, rights and which values exist (or a fault's level and reason)
+share one %-format, filled with each row's GVA, GPA, HVA, HPA and value (rowlines)."""
+
+import numpy as np
+
+from ..arrays import group_rows
+from .render import json_line
+from .rowlines import fill_rows, parse_templates, row_template, with_rows_made_alone
+
+PLACES = (("gva", "x"), ("gpa", "x"), ("hva", "x"), ("hpa", "x"), ("value", "x"))
+
+
+def brief_lines(b, size: int = 4096):
+    """Blocks of lines (ASCII bytes, each ending in a newline) of BatchTranslation b, in
+    order: the same bytes as json_line(b.row_dict(i)) + "\\n" for every row."""
+    w = b.walk_result
+    n = len(w)
+    if not n:
+        return
+    first, group = group_rows([
+        w.ok, np.where(w.ok, w.page_size, w.fault_level.astype(np.int64)),
+        np.where(w.ok, b.region, w.fault_reason.astype(np.int64)), b.has_hva, b.host_status,
+        w.writable, w.user, w.executable, b.has_value])
+    templates = [row_template(b.row_dict(int(r)), PLACES) for r in first.tolist()]
+    which = np.array([-1 if t is None else k for k, t in enumerate(templates)], np.int64)[group]
+    numbers = (w.va, w.pa, b.hva, b.hpa, b.value)
+    parsed = parse_templates(templates)
+    for start in range(0, n, size):
+        chosen = which[start:start + size] >= 0
+        yield with_rows_made_alone(
+            fill_rows(templates, parsed, which, numbers, np.flatnonzero(chosen) + start), start,
+            (np.flatnonzero(~chosen) + start).tolist(),
+            lambda r: (json_line(b.row_dict(r)) + "\n").encode())
