@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qintrospect.present import jsonlines
+from qintrospect.present import rowlines
 
 
 def test_the_c_formatter_is_built_and_used():
     # scripts/setup installs gcc and the Python headers: a CI without the module would time
     # only the fallback
     from qintrospect.present import _rowformat
-    assert jsonlines._rowformat is _rowformat
+    assert rowlines._rowformat is _rowformat
 
 
 CONVERSIONS = ["%#x", "%d", "%016x", "%.0a"]
