@@ -101,6 +101,8 @@ MEASUREMENTS = {
     "cli_json_batch": {"n": count, "lines": count, "seconds": positive, "times": times,
                        "per_second": positive, "bytes": count, "cmd_maxrss_kb": count,
                        "levels_in_first": count},
+    "cli_brief_batch": {"n": count, "lines": count, "seconds": positive, "times": times,
+                        "per_second": positive, "bytes": count, "cmd_maxrss_kb": count},
     "ptdump": {"skipped": text},
     "slat_256M": {"ram_bytes": count, "times": times, "probes": count, "found_root": count,
                   "cr3_root": count, "depth": count, "found_is_cr3": flag, "candidates": count,
@@ -113,11 +115,12 @@ ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "
         "map_arrays_ratio", "map_direct", "map_direct_ratio", "map_gdb", "map_gdb_ratio",
         "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline",
         "slat_256M", "slat_walk_ratio", "slat_2G_filled", "cli_help", "gdb_bare",
-        "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "ptdump", "who_maps",
-        "shell_translate", "shell_vs_gva2gpa"}
+        "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "cli_brief_batch",
+        "brief_batch_ratio", "map_cli_extra_ratio", "ptdump", "who_maps", "shell_translate",
+        "shell_vs_gva2gpa"}
 TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
-            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio", "who_maps",
-            "shell_vs_gva2gpa"}
+            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio",
+            "brief_batch_ratio", "map_cli_extra_ratio", "who_maps", "shell_vs_gva2gpa"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
           "batch_agrees_with_gva2gpa", "batch_arrays_agrees_with_gva2gpa",
           "map_leaves_equal_tlb_lines", "map_cr3_same", "map_arrays_leaves_equal_map_direct",
@@ -248,6 +251,9 @@ def measured():
         "cli_json_batch": {"n": 20000, "lines": 20000, "seconds": 0.6, "times": summary(600),
                            "per_second": 33000.0, "bytes": 30000000, "cmd_maxrss_kb": 90000,
                            "levels_in_first": 5},
+        "cli_brief_batch": {"n": 20000, "lines": 20000, "seconds": 0.1, "times": summary(100),
+                            "per_second": 200000.0, "bytes": 4000000, "cmd_maxrss_kb": 60000,
+                            "levels_in_first": 0},
         "ptdump": {"skipped": "set QI_GDB_PT_DUMP to gdb-pt-dump's pt.py to compare with it"},
         "slat_256M": {"ram_bytes": 256 << 20, "times": summary(126), "probes": 5,
                       "found_root": 0x2992000, "cr3_root": 0x2992000, "depth": 5,
