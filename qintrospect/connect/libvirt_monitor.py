@@ -21,7 +21,8 @@ import threading
 from typing import Callable, List, Optional
 
 from ..errors import AttachError, UsageError, VMGoneError
-from .qmp import Monitor, QmpCommandError, check_allowed
+from ..present.textsafe import printable
+from .qmp import Monitor, QmpCommandError, check_allowed, check_reply
 
 DEFAULT_URI = "qemu:///system"
 STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
@@ -166,11 +167,12 @@ class LibvirtMonitor(Monitor):
                 reply = json.loads(text)
                 if not isinstance(reply, dict):
                     raise ValueError(f"a {type(reply).__name__}, not an object")
+                # the checks QMP's own replies pass (qmp.check_reply): the same shapes
+                check_reply(reply, name, f"libvirt domain {printable(self.domain_name)}")
                 if "error" in reply:
-                    err = reply["error"]
-                    desc = err.get("desc", err) if isinstance(err, dict) else err
-                    raise QmpCommandError(f"QEMU refused QMP {name}: {desc}")
-                result = reply.get("return")
+                    raise QmpCommandError(f"QEMU refused QMP {name}: "
+                                          f"{printable(reply['error']['desc'])}")
+                result = reply["return"]
         except libvirt.libvirtError as exc:
             raise VMGoneError(f"libvirt could not run QMP {name} on domain {self.domain_name}: "
                               f"{_message(exc)}") from None

@@ -601,6 +601,8 @@ def fake_libvirt(monkeypatch):
             if isinstance(r, Exception):
                 raise r
             return json.dumps(r)
+        if msg["execute"] == "human-monitor-command":
+            return json.dumps({"return": "", "id": "libvirt-9"})
         return json.dumps({"return": {"status": "running", "running": True}, "id": "libvirt-9"})
 
     def register(c, d, event, cb, opaque, flags):
@@ -842,3 +844,35 @@ def test_names_that_are_not_utf8_survive_json():
     back = json.loads(text)
     assert os.fsencode(back["name"]) == b"vm-\xff\xfe"
     assert os.fsencode(back["qmp"][0]["path"]) == b"/tmp/\xff.sock"
+
+
+@pytest.mark.parametrize("reply, says", [
+    ({"error": "boom"}, '"error" is not an object'),
+    ({"error": {"desc": ["x"]}}, '"error" "desc" is not a string'),
+    ({"id": "libvirt-9"}, 'neither "return" nor "error"'),
+    ({"return": ["running"]}, '"return" is not an object'),
+    ({"return": {"status": 7, "running": True}}, '"status" is not'),
+])
+def test_a_hostile_reply_through_libvirt_is_refused_as_qmps_own_would_be(fake_libvirt, reply,
+                                                                      says):
+    """libvirt hands QEMU's reply over as text: it passes the same shape checks as a reply on
+    our own QMP socket (exit 3 with what was wrong), never an AttributeError later."""
+    from qintrospect.connect.jsonl_socket import ProtocolError
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
+    fake_libvirt.replies["query-status"] = reply
+    m = LibvirtMonitor("vm1").connect()
+    with pytest.raises(ProtocolError, match="libvirt domain vm1") as e:
+        m.command("query-status")
+    assert says in str(e.value) and e.value.exit_status == 3
+    m.close()
+
+
+def test_qemus_refusal_through_libvirt_is_printed_escaped(fake_libvirt):
+    from qintrospect.connect.libvirt_monitor import LibvirtMonitor
+    fake_libvirt.replies["query-status"] = {"error": {"class": "GenericError",
+                                                      "desc": "no\x1b]0;title\x07"}}
+    m = LibvirtMonitor("vm1").connect()
+    with pytest.raises(QmpCommandError) as e:
+        m.command("query-status")
+    assert "\x1b" not in str(e.value) and "\\x1b" in str(e.value)
+    m.close()
