@@ -23,6 +23,7 @@ from .qmp import SocketAddress, check_socket_path, describe_address
 
 # Seconds gdb itself may take to start and answer its first command.
 GDB_START = 30
+MAX_LINE = 256 << 20     # a line of gdb/MI: the longest a read qintrospect asks for, in hex, fits
 # The control registers the walk needs, by the names QEMU's target.xml gives them.
 CONTROL_REGISTERS = ("cr0", "cr3", "cr4", "efer")
 # Protection-key rights registers, read when a stub describes them (gdb's org.gnu.gdb.i386.pkeys
@@ -106,7 +107,7 @@ class GdbStub:
         self.gdb_path = gdb_path
         self._controller = None
         self._proc = None
-        self._buffer = b""
+        self._buffer = bytearray()
         self._token = 100
         self._register_numbers: Dict[str, int] = {}
         self._phys_mode_found: Optional[str] = None
@@ -217,8 +218,14 @@ class GdbStub:
                 pass
 
     def _readline(self, deadline: float, command: str) -> str:
+        """gdb's next line. The buffer grows in place and is searched only where it grew
+        (a memory read is one line of twice its length in hex: whole lines of many MiB)."""
         fd = self._proc.stdout.fileno()
-        while b"\n" not in self._buffer:
+        end = self._buffer.find(b"\n")
+        while end < 0:
+            if len(self._buffer) > MAX_LINE:
+                raise VMGoneError(f"gdb sent a line longer than {MAX_LINE >> 20} MiB in answer "
+                                  f"to {command.split()[0]}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise VMGoneError(f"gdb gave no answer to {command.split()[0]} within "
@@ -232,8 +239,11 @@ class GdbStub:
                 continue
             if not chunk:
                 raise VMGoneError("gdb exited; the gdbstub connection was lost")
+            at = len(self._buffer)
             self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
+            end = self._buffer.find(b"\n", at)
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 1]
         return line.decode(errors="replace").rstrip("\r")
 
     def monitor_packet(self, packet: str) -> str:
