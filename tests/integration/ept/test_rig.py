@@ -177,3 +177,15 @@ def test_kvm_shows_the_vcpus_ept_root_and_eptp(rig, seed):
     assert int(v0["eptp"], 16) == root | 6 | (4 - 1) << 3 | (0x40 if ad == "Y" else 0), v0
     text = rig.run_qi("kvm", "--qmp", rig.l2_qmp_in_l1, *QI_TIMEOUT).stdout
     assert f"vCPU 0: EPT root {v0['root']}, 4 levels, EPTP {v0['eptp']}" in text, text
+
+
+def test_the_scan_finds_the_root_kvm_holds(rig, seed):
+    """The second road to the root: a scan of L1's RAM keyed by the pagemap path's answers
+    (--slat scan) finds the root read from KVM's vCPU (the seed's run)."""
+    heap = hex(rig.probe["regions"]["heap"]["gva"])
+    r = rig.run_qi("translate", *inside(rig), "--slat", "scan", "--json", heap)
+    assert r.rc == 0, r.stderr
+    s = r.json[0]["slat"]
+    assert s["how"]["method"] == "scan" and s["agrees"] is True, s["how"]
+    assert (s["root"], s["depth"]) == (seed["heap"]["slat"]["root"], seed["heap"]["slat"]["depth"])
+    print(f"\nthe scan found {s['root']} in {s['how'].get('seconds')} s (in L1, under Bochs)")
