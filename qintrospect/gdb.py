@@ -77,7 +77,7 @@ from typing import Optional as _Optional  # noqa: E402
 import gdb                               # noqa: E402  (only inside gdb)
 
 MASK64 = (1 << 64) - 1
-QI_COMMANDS = ("translate", "vmmap", "find-cr3", "read")
+QI_COMMANDS = ("translate", "vmmap", "find-cr3", "read", "search")
 _QI_WORDS = QI_COMMANDS + ("set", "show", "help")
 _SETTINGS = ("qmp", "pid", "via", "timeout")
 OWN_OPTION = ("does not apply inside gdb: qi uses gdb's own connection (`qi set qmp|pid|via` "
@@ -389,6 +389,8 @@ _QI_HELP = """qi COMMAND ...: qintrospect on gdb's own connection to QEMU's gdbs
            [--gpa] [--hpa] [--json]
   qi find-cr3 [--gva ADDR [--expect VALUE]] [--json]
   qi read ADDR LEN [--phys | --cr3 HEX] [--json]
+  qi search PATTERN [--hex|--u16|--u32|--u64] [--phys | --cr3 HEX] [--user|--kernel]
+           [--writable] [--exec] [--range A-B] [--align N] [--max N] [--json]
   qi help [COMMAND]          a command's options (the command line's own)
   qi set qmp PATH|none       QMP for the host side (phys-bits, pdpe1gb, query-kvm)
   qi set pid N|auto          the QEMU process (default: the gdbstub's local socket peer)

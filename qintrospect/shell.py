@@ -44,10 +44,11 @@ from .frontend.lines import command_parsers, file_names, parse_command, split_li
 from .frontend.options import option_strings
 
 # The command-line commands a shell runs (kvm where the command line has it).
-COMMANDS = ("translate", "vmmap", "read", "cpus", "find-cr3", "compare", "who-maps", "kvm")
+COMMANDS = ("translate", "vmmap", "read", "search", "cpus", "find-cr3", "compare", "who-maps",
+            "kvm")
 BUILTINS = ("cr3", "vcpu", "help", "quit", "exit")
 # Commands whose --cr3 the shell's `cr3 HEX` stands in for when they give none.
-ROOTED = ("translate", "vmmap", "read")
+ROOTED = ("translate", "vmmap", "read", "search")
 HISTORY = "~/.qintrospect_history"
 HISTORY_LENGTH = 2000
 PROMPT = "qi> "

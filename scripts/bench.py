@@ -72,6 +72,7 @@ TARGETS = {
     "brief_batch_ratio": 300.0,  # translate --brief - (the summary) >= 300x the gva2gpa loop
     "vmmap_vs_ptdump": 1.0,      # vmmap --json <= 1.0x gdb-pt-dump's pt, start to exit
     "who_maps_s": 1.0,           # who-maps over all roots of the 256 MiB guest <= 1 s
+    "search_mb_s": 1000.0,       # search of one address space >= 1 GB/s
 }
 
 FULL = dict(n_single_gdb=300, n_single_direct=1000, n_single_hmp=500, cli_reps=5,
@@ -318,6 +319,22 @@ def m_who_maps(ctx):
     return {"times": summary(times), "roots": len(found.roots),
             "mappings": len(found.reaches), "heap_found": any(
                 r.gva == ctx["regions"]["heap"]["gva"] for r in found.reaches)}
+
+
+def m_search(ctx):
+    """vm.search of the probe's 8-byte heap value over the whole address space (every leaf of
+    the vCPU's tables that is RAM), direct path: bytes searched per second."""
+    pattern = ctx["regions"]["heap"]["value"].to_bytes(8, "little")
+    with _attach(ctx, "direct") as vm:
+        times, result = [], None
+        for _ in range(ctx["scan_reps"]):
+            t = time.perf_counter()
+            result = vm.search(pattern)
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {"times": summary(times), "scanned_bytes": result.scanned,
+            "matches": len(result.matches), "mb_per_s": result.scanned / med / MB,
+            "heap_found": any(m.gva == ctx["regions"]["heap"]["gva"] for m in result.matches)}
 
 
 def m_cli_help(ctx):
@@ -665,6 +682,7 @@ MEASURES = {
     "scan": m_scan,
     "slat": m_slat,
     "who_maps": m_who_maps,
+    "search": m_search,
     "cli_help": m_cli_help,
     "gdb_bare": m_gdb_bare,
     "cli_json_batch": m_cli_json_batch,
@@ -839,7 +857,7 @@ class Bench:
                 ("cli_json_batch", 900), ("cli_brief_batch", 900), ("ptdump", 600), ("map_tlb", 120),
                 ("map_arrays", 120), ("map_direct", 120),
                 ("map_gdb", 300), ("map_cli", 60 + 120 * p["map_cli_reps"]),
-                ("who_maps", 300), ("scan", 300),
+                ("who_maps", 300), ("search", 300), ("scan", 300),
                 ("slat", 300)]
         for name, timeout in plan:
             if name in ("batch", "batch_arrays", "batch_hmp", "cli_json_batch",
@@ -1077,6 +1095,15 @@ class Bench:
                 f"{ms(wm['times'])}; {wm['roots']} roots, {wm['mappings']} mappings",
                 kb_mb(wm["maxrss_kb"]), f"<= {TARGETS['who_maps_s']:g} s",
                 med <= TARGETS["who_maps_s"], key="who_maps")
+        se = r.get("search")
+        if err(se):
+            add(3, "search", f"ERROR: {se and se.get('error')}", key="search")
+        else:
+            add(3, "vm.search(8 bytes): the whole address space, direct path",
+                f"{se['mb_per_s']:,.0f} MB/s ({se['scanned_bytes'] / MB:.0f} MB in "
+                f"{ms(se['times'])}; {se['matches']} matches)", kb_mb(se["maxrss_kb"]),
+                f">= {TARGETS['search_mb_s'] / 1000:g} GB/s",
+                se["mb_per_s"] >= TARGETS["search_mb_s"], key="search")
         pt = r.get("ptdump")
         if err(pt):
             add(3, "gdb-pt-dump's pt", f"ERROR: {pt and pt.get('error')}", key="ptdump")
@@ -1179,6 +1206,8 @@ class Bench:
                 out[f"{key}_leaves_equal_map_direct"] = m["leaves"] == md["leaves"]
         if "heap_found" in (r.get("who_maps") or {}):
             out["who_maps_found_the_heap"] = r["who_maps"]["heap_found"]
+        if "heap_found" in (r.get("search") or {}):
+            out["search_found_the_heap"] = r["search"]["heap_found"]
         for key in ("slat_256M", "slat_2G_filled"):
             if "found_is_cr3" in (r.get(key) or {}):
                 out[f"{key}_found_the_cr3_table"] = r[key]["found_is_cr3"]

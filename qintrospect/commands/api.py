@@ -47,6 +47,23 @@ class Commands:
         from .finder import find_cr3
         return find_cr3(self, gva, expect, progress)
 
+    def search(self, pattern: bytes, cr3: Optional[int] = None, start: int = 0,
+               end: Optional[int] = None, user: bool = False, kernel: bool = False,
+               writable: bool = False, executable: bool = False, align: int = 1,
+               limit: int = 1000, progress=None):
+        """commands.search.search_virtual: where pattern starts in one address space."""
+        from .search import search_virtual
+        self.check_open()
+        return search_virtual(self, pattern, cr3, start, end, user, kernel, writable,
+                              executable, align, limit, progress)
+
+    def search_physical(self, pattern: bytes, align: int = 1, limit: int = 1000,
+                        progress=None):
+        """commands.search.search_physical: where pattern starts in guest-physical RAM."""
+        from .search import search_physical
+        self.check_open()
+        return search_physical(self, pattern, align, limit, progress)
+
     def leaf_arrays(self, cr3: Optional[int] = None, start: int = 0,
                     end: Optional[int] = None) -> paging.LeafArrays:
         """Every present leaf of the address space as numpy columns (paging.leaf_arrays);

@@ -236,14 +236,7 @@ def cmd_find_cr3(args) -> int:
 def cmd_vmmap(args) -> int:
     from ..commands import vmmap
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
-    start, end = 0, None
-    if args.range:
-        a, sep, b = args.range.partition("-")
-        if not sep:
-            raise UsageError(f"--range {args.range!r}: expected START-END")
-        start, end = parse_number(a, "range start"), parse_number(b, "range end")
-        if end <= start:
-            raise UsageError(f"--range {args.range!r}: END must be above START")
+    start, end = _range(args.range)
     show_hpa = args.hpa
     show_gpa = args.gpa or show_hpa or args.leaf
     out = sys.stdout
@@ -306,6 +299,54 @@ def cmd_read(args) -> int:
             else:
                 print(render.hexdump_piece(piece))
     return status
+
+
+def cmd_search(args) -> int:
+    """Every place a byte pattern starts in one address space, or in guest-physical RAM."""
+    from ..commands import search
+    from ..present.progress import Progress
+    pattern = search.pattern_bytes(args.pattern, args.kind)
+    align, limit = parse_number(args.align, "--align"), parse_number(args.max, "--max")
+    if align < 1 or limit < 1:
+        raise UsageError("--align and --max must be at least 1")
+    cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
+    start, end = _range(args.range)
+    if args.phys and (cr3 is not None or args.range or args.user or args.kernel or
+                      args.writable or args.exec):
+        raise UsageError("--phys searches guest RAM: --cr3, --range and the page filters are "
+                         "for an address space")
+    with attached(args) as vm:
+        progress = Progress("search", None)
+        try:
+            if args.phys:
+                result = vm.search_physical(pattern, align, limit, progress)
+            else:
+                result = vm.search(pattern, cr3, start, end, args.user, args.kernel,
+                                   args.writable, args.exec, align, limit, progress)
+        finally:
+            progress.close()
+    if args.json:
+        for m in result.matches:
+            print(render.json_line(m.to_dict()))
+        if result.truncated:
+            print(f"qintrospect: stopped at --max {limit}: there may be more matches",
+                  file=sys.stderr)
+    else:
+        print(search.text(result))
+    return EXIT_OK if result.matches else EXIT_FAULT
+
+
+def _range(text):
+    """--range START-END: (start, end), or (0, None) without one."""
+    if not text:
+        return 0, None
+    a, sep, b = text.partition("-")
+    if not sep:
+        raise UsageError(f"--range {text!r}: expected START-END")
+    start, end = parse_number(a, "range start"), parse_number(b, "range end")
+    if end <= start:
+        raise UsageError(f"--range {text!r}: END must be above START")
+    return start, end
 
 
 def cmd_who_maps(args) -> int:

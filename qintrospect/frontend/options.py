@@ -180,6 +180,34 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         session_options(m)
         m.set_defaults(func=actions.cmd_vmmap)
 
+    se = command("search", help="find bytes in one address space (or guest-physical RAM)",
+                 description="Read the address space's pages (or --phys: guest RAM) from the "
+                             "VM's own memory and list every place PATTERN starts, with its "
+                             "GPA, HVA and HPA. Matches may cross from one page into the "
+                             "next. Exit 1 when nothing is found.")
+    if se is not None:
+        se.add_argument("pattern", metavar="PATTERN",
+                        help="text (UTF-8), or hex bytes with --hex, or an integer with "
+                             "--u16/--u32/--u64 (as the guest stores it: little-endian)")
+        kind = se.add_mutually_exclusive_group()
+        for k, says in (("hex", "hex bytes ('de ad be ef')"), ("u16", "a 2-byte integer"),
+                        ("u32", "a 4-byte integer"), ("u64", "an 8-byte integer")):
+            kind.add_argument(f"--{k}", dest="kind", action="store_const", const=k,
+                              help=f"PATTERN is {says}")
+        se.set_defaults(kind="text")
+        se.add_argument("--phys", action="store_true", help="search guest-physical RAM")
+        se.add_argument("--cr3", help="search this page-table root's address space")
+        se.add_argument("--user", action="store_true", help="only user-accessible pages")
+        se.add_argument("--kernel", action="store_true", help="only supervisor-only pages")
+        se.add_argument("--writable", action="store_true", help="only writable pages")
+        se.add_argument("--exec", action="store_true", help="only executable pages")
+        se.add_argument("--range", help="only START-END (virtual, end exclusive)")
+        se.add_argument("--align", default="1", help="only matches at a multiple of N")
+        se.add_argument("--max", default="1000", help="stop after N matches (default 1000)")
+        se.add_argument("--json", action="store_true", help="one JSON object per match")
+        session_options(se)
+        se.set_defaults(func=actions.cmd_search)
+
     r = command("read", help="hexdump guest memory, virtual or --phys",
                 description="Unmapped pages are marked, MMIO is never read.")
     if r is not None:

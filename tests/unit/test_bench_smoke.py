@@ -96,6 +96,8 @@ MEASUREMENTS = {
                   "candidates": count, "times": times, "mb_per_s": positive,
                   "best_mb_per_s": positive, "present_mb_per_s": positive, **RSS},
     "who_maps": {"times": times, "roots": count, "mappings": count, "heap_found": flag, **RSS},
+    "search": {"times": times, "scanned_bytes": count, "matches": count, "mb_per_s": positive,
+               "heap_found": flag, **RSS},
     "cli_help": {"times": times, "cmd_maxrss_kb": count},
     "gdb_bare": {"times": times, "cmd_maxrss_kb": count},
     "cli_json_batch": {"n": count, "lines": count, "seconds": positive, "times": times,
@@ -116,16 +118,18 @@ ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "
         "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline",
         "slat_256M", "slat_walk_ratio", "slat_2G_filled", "cli_help", "gdb_bare",
         "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "cli_brief_batch",
-        "brief_batch_ratio", "map_cli_extra_ratio", "ptdump", "who_maps", "shell_translate",
+        "brief_batch_ratio", "map_cli_extra_ratio", "ptdump", "who_maps", "search",
+        "shell_translate",
         "shell_vs_gva2gpa"}
 TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
             "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio",
-            "brief_batch_ratio", "map_cli_extra_ratio", "who_maps", "shell_vs_gva2gpa"}
+            "brief_batch_ratio", "map_cli_extra_ratio", "who_maps", "search",
+            "shell_vs_gva2gpa"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
           "batch_agrees_with_gva2gpa", "batch_arrays_agrees_with_gva2gpa",
           "map_leaves_equal_tlb_lines", "map_cr3_same", "map_arrays_leaves_equal_map_direct",
           "map_gdb_leaves_equal_map_direct", "slat_256M_found_the_cr3_table",
-          "who_maps_found_the_heap", "shell_gpa_agrees_with_gva2gpa"}
+          "who_maps_found_the_heap", "search_found_the_heap", "shell_gpa_agrees_with_gva2gpa"}
 
 
 def check_bench_json(obj: dict, quick: bool = True) -> None:
@@ -246,6 +250,8 @@ def measured():
                       "maxrss_kb": 58000},
         "who_maps": {"times": summary(40), "roots": 7, "mappings": 4, "heap_found": True,
                      "maxrss_kb": 60000},
+        "search": {"times": summary(300), "scanned_bytes": 320 << 20, "matches": 9,
+                   "mb_per_s": 1100.0, "heap_found": True, "maxrss_kb": 80000},
         "cli_help": {"times": summary(80), "cmd_maxrss_kb": 30000},
         "gdb_bare": {"times": summary(60), "cmd_maxrss_kb": 40000},
         "cli_json_batch": {"n": 20000, "lines": 20000, "seconds": 0.6, "times": summary(600),

@@ -135,6 +135,7 @@ SECTIONS = {
     "vmmap": "vmmap --json",
     "read": "read --json",
     "who-maps": "who-maps --json",
+    "search": "search --json",
     "kvm": "kvm --json",
     "parse-log": "parse-log --json",
     "compare": "compare --json",
@@ -514,6 +515,8 @@ def emitted(m):
     add("vmmap", m.run("vmmap", *q, "--json", "--leaf", "--hpa")[1])
     add("read", m.run("read", *q, "--json", hex(USER_VA + 0x900), 0x1000)[1])
     add("read", m.run("read", *q, "--json", "--phys", hex(USER_GPA), 16)[1])
+    add("search", m.run("search", *q, "--u64", hex(VALUE), "--json")[1])
+    add("search", m.run("search", *q, "--phys", "--u64", hex(VALUE), "--json")[1])
     add("who-maps", m.run("who-maps", *q, "--gpa", hex(USER_GPA), "--json")[1])
     add("who-maps", m.run("who-maps", *q, "--gpa", hex(PML4), "--json")[1])
     add("who-maps", m.run("who-maps", *q, "--hva", hex(m.guest.hva + USER_GPA), "--json")[1])

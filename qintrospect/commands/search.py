@@ -1,0 +1,300 @@
+"""search: where a byte pattern lies in one address space (the leaves of its page tables, in
+virtual-address order) or in guest-physical RAM, read from the VM's own memory in large pieces.
+
+A match may cross from one page into the next when the two are contiguous in virtual addresses,
+wherever their frames are: the end of each piece is carried into the next. Matches may overlap
+("aa" twice in "aaa"), as gdb's `find` reports them. Only plain RAM is read (never MMIO); a
+leaf that points elsewhere is counted, not read.
+"""
+
+import bisect
+import time
+from typing import List, Optional
+
+from ..errors import MemoryReadError, UsageError
+from ..record import record
+
+PIECE = 16 << 20     # bytes read at once: bounded memory whatever the address space
+CONTEXT = 16         # bytes shown from each match on
+KINDS = ("text", "hex", "u16", "u32", "u64")
+
+
+def pattern_bytes(text: str, kind: str = "text") -> bytes:
+    """The bytes to look for: text as UTF-8, hex bytes ("de ad be ef", "0xdeadbeef" read as
+    written, high byte first), or an integer of 2/4/8 bytes as the guest stores it
+    (little-endian)."""
+    if kind == "text":
+        data = text.encode()
+    elif kind == "hex":
+        digits = "".join(text.split())
+        if digits[:2].lower() == "0x":
+            digits = digits[2:]
+        try:
+            data = bytes.fromhex(digits)
+        except ValueError:
+            raise UsageError(f"--hex {text!r}: expected hex bytes, e.g. 'de ad be ef'") from None
+    elif kind in ("u16", "u32", "u64"):
+        size = int(kind[1:]) // 8
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise UsageError(f"--{kind} {text!r}: expected an integer (0x... or decimal)") \
+                from None
+        if not 0 <= value < 1 << (8 * size):
+            raise UsageError(f"--{kind} {text}: does not fit in {size} bytes")
+        data = value.to_bytes(size, "little")
+    else:
+        raise UsageError(f"pattern kind {kind!r}: one of {', '.join(KINDS)}")
+    if not data:
+        raise UsageError("the pattern is empty")
+    if len(data) > 4096:
+        raise UsageError(f"the pattern is {len(data)} bytes: at most 4096")
+    return data
+
+
+@record
+class Match:
+    """One place the pattern starts."""
+    gpa: Optional[int]
+    gva: Optional[int] = None       # None in a physical search
+    ram_block: Optional[str] = None
+    hva: Optional[int] = None
+    hpa: Optional[int] = None
+    host: Optional[str] = None      # the host page: present, not-present, swapped, ...
+    page_size: Optional[int] = None
+    writable: Optional[bool] = None
+    user: Optional[bool] = None
+    executable: Optional[bool] = None
+    context: bytes = b""            # the bytes from the match on, as far as its read reached
+
+    def to_dict(self) -> dict:
+        h = lambda v: None if v is None else f"{v:#x}"  # noqa: E731
+        out = {} if self.gva is None else {"gva": h(self.gva)}
+        out.update(gpa=h(self.gpa), ram_block=self.ram_block, hva=h(self.hva), hpa=h(self.hpa),
+                   host=self.host)
+        if self.gva is not None:
+            out.update(page_size=self.page_size, writable=self.writable, user=self.user,
+                       executable=self.executable)
+        out["bytes"] = self.context.hex()
+        return out
+
+
+@record
+class SearchResult:
+    pattern: bytes
+    matches: List[Match]
+    space: str                  # "virtual" or "physical"
+    root: Optional[int]         # the page-table root searched (virtual)
+    scanned: int                # bytes read and searched
+    truncated: bool             # stopped at the limit: there may be more
+    not_ram: int                # leaves (or bytes, physical) that are not RAM: not read
+    unreadable: int             # pieces whose read failed
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"pattern": self.pattern.hex(), "space": self.space,
+                "root": None if self.root is None else f"{self.root:#x}",
+                "matches": len(self.matches), "truncated": self.truncated,
+                "scanned_bytes": self.scanned, "not_ram_leaves": self.not_ram,
+                "unreadable_pieces": self.unreadable, "seconds": round(self.seconds, 4)}
+
+
+class _Finder:
+    """Feeds pieces of one address space in order; finds the pattern across their joins."""
+
+    def __init__(self, pattern: bytes, align: int, limit: int):
+        self.pattern, self.align, self.limit = pattern, align, limit
+        self.found: List[tuple] = []        # (address, piece index, offset in piece, context)
+        self.carry, self.carry_end = b"", None
+        self.full = False
+
+    def feed(self, address: int, data: bytes, tag) -> None:
+        """Search data (at address), and the join with the previous piece if it ended here
+        (its last bytes and data's first: data itself is never copied)."""
+        keep = len(self.pattern) - 1
+        head = self.carry if self.carry_end == address else b""
+        if head:
+            joined = head + data[:max(keep, CONTEXT)]
+            at = joined.find(self.pattern)
+            while 0 <= at < len(head):
+                if self._add(address - len(head) + at, tag, at - len(head),
+                             joined[at:at + CONTEXT]):
+                    return
+                at = joined.find(self.pattern, at + 1)
+        at = data.find(self.pattern)
+        while at >= 0:
+            if self._add(address + at, tag, at, data[at:at + CONTEXT]):
+                return
+            at = data.find(self.pattern, at + 1)
+        tail = (head + data) if len(data) < keep else data
+        self.carry = tail[-keep:] if keep else b""
+        self.carry_end = address + len(data)
+
+    def _add(self, where: int, tag, offset: int, context: bytes) -> bool:
+        """Keep one match (if aligned); True when the limit is reached."""
+        if where % self.align == 0:
+            self.found.append((where, tag, offset, context))
+            if len(self.found) >= self.limit:
+                self.full = True
+        return self.full
+
+
+def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: int = 0,
+                   end: Optional[int] = None, user: bool = False, kernel: bool = False,
+                   writable: bool = False, executable: bool = False, align: int = 1,
+                   limit: int = 1000, progress=None) -> SearchResult:
+    """Every place in the address space of root cr3 (the vCPU's by default) where pattern
+    starts, in [start, end), among the pages the filters keep."""
+    import numpy as np
+    t0 = time.monotonic()
+    leaves = session.leaf_arrays(cr3, start, end)
+    keep = np.ones(len(leaves), bool)
+    for wanted, column in ((user, leaves.user), (kernel, ~leaves.user),
+                           (writable, leaves.writable), (executable, leaves.executable)):
+        if wanted:
+            keep &= column
+    pieces, not_ram = _virtual_pieces(leaves, np.flatnonzero(keep), session.ram_map.ram,
+                                      start, end)
+    if progress is not None:
+        progress.total = sum(length for _, _, length, _ in pieces)
+    finder = _Finder(pattern, align, limit)
+    scanned = unreadable = 0
+    for va, gpa, length, leaf in pieces:
+        try:
+            data = session.memory.read(gpa, length)
+        except MemoryReadError:
+            unreadable += 1
+            finder.carry_end = None
+            continue
+        finder.feed(va, data, (gpa, leaf))
+        scanned += length
+        if progress is not None:
+            progress.advance(length)
+        if finder.full:
+            break
+    session.check_live()
+    matches = _virtual_matches(session, leaves, finder.found, cr3)
+    root = session.cpu_state(cr3).cr3 & ~0xFFF
+    return SearchResult(pattern, matches, "virtual", root, scanned, finder.full, not_ram,
+                        unreadable, time.monotonic() - t0)
+
+
+def _virtual_pieces(leaves, kept, ram, start, end):
+    """(va, gpa, length, leaf index) pieces to read, in VA order: each kept leaf clipped to
+    [start, end), in RAM only, neighbours contiguous in both VA and GPA joined up to PIECE."""
+    pieces, not_ram = [], 0
+    stop = (1 << 64) if end is None else end
+    starts = [r.start for r in ram]
+    for i in kept.tolist():
+        va, pa, size = int(leaves.va[i]), int(leaves.pa[i]), int(leaves.size[i])
+        lo, hi = max(va, start), min(va + size, stop)
+        if lo >= hi:
+            continue
+        gpa = pa + (lo - va)
+        k = bisect.bisect_right(starts, gpa) - 1
+        region = ram[k] if k >= 0 and gpa + (hi - lo) - 1 <= ram[k].end else None
+        if region is None:
+            not_ram += 1
+            continue
+        while lo < hi:
+            n = min(hi - lo, PIECE)
+            last = pieces[-1] if pieces else None
+            if last and last[0] + last[2] == lo and last[1] + last[2] == gpa and \
+                    last[2] + n <= PIECE and last[3][1] is region:
+                pieces[-1] = (last[0], last[1], last[2] + n, last[3])
+            else:
+                pieces.append((lo, gpa, n, (i, region)))
+            lo, gpa = lo + n, gpa + n
+    return [(va, gpa, n, tag[0]) for va, gpa, n, tag in pieces], not_ram
+
+
+def _virtual_matches(session, leaves, found, cr3) -> List[Match]:
+    if not found:
+        return []
+    b = session.translate_batch([where for where, *_ in found], cr3)
+    w = b.walk_result
+    out = []
+    for k, (where, _, _, context) in enumerate(found):
+        d = b.row_dict(k)
+        if "fault" in d:        # the tables changed under a running VM: say what was found
+            out.append(Match(None, where, context=context))
+            continue
+        out.append(Match(int(w.pa[k]), where, d["ram_block"],
+                         int(b.hva[k]) if b.has_hva[k] else None,
+                         int(b.hpa[k]) if d["hpa"] else None, d["host"], d["page_size"],
+                         d["writable"], d["user"], d["executable"], context))
+    return out
+
+
+def search_physical(session, pattern: bytes, align: int = 1, limit: int = 1000,
+                    progress=None) -> SearchResult:
+    """Every place in guest-physical RAM (the RAM blocks QEMU maps, never devices) where
+    pattern starts."""
+    t0 = time.monotonic()
+    ram = [r for r in session.ram_map.ram if r.kind == "ram"]
+    if progress is not None:
+        progress.total = sum(r.end - r.start + 1 for r in ram)
+    finder = _Finder(pattern, align, limit)
+    scanned = unreadable = 0
+    for r in ram:
+        gpa = r.start
+        while gpa <= r.end and not finder.full:
+            n = min(r.end + 1 - gpa, PIECE)
+            try:
+                data = session.memory.read(gpa, n)
+            except MemoryReadError:
+                unreadable += 1
+                finder.carry_end = None
+            else:
+                finder.feed(gpa, data, r)
+                scanned += n
+            if progress is not None:
+                progress.advance(n)
+            gpa += n
+        finder.carry_end = None                 # RAM blocks are not one another's neighbours
+        if finder.full:
+            break
+    session.check_live()
+    matches = [_physical_match(session, where, region, context)
+               for where, region, _, context in finder.found]
+    return SearchResult(pattern, matches, "physical", None, scanned, finder.full, 0,
+                        unreadable, time.monotonic() - t0)
+
+
+def _physical_match(session, gpa: int, region, context: bytes) -> Match:
+    hva = None if region.hva is None else region.hva + (gpa - region.start)
+    hpa = status = None
+    if hva is not None and session.process is not None:
+        page = session.process.host_page(hva)
+        status = page.status
+        hpa = page.hpa
+    return Match(gpa, None, region.block, hva, hpa, status, context=context)
+
+
+def text(result: SearchResult) -> str:
+    """The matches as a table, then one line that says what was searched."""
+    from ..present.textsafe import printable
+    virtual = result.space == "virtual"
+    lines = [(f"{'gva':<18} " if virtual else "") + f"{'gpa':<14} {'hpa':<14} "
+             + ("prm  who    " if virtual else f"{'block':<10} ") + "bytes"]
+    for m in result.matches:
+        hpa = f"{m.hpa:#014x}" if m.hpa is not None else f"{m.host or '-':>14}"
+        gpa = f"{m.gpa:#014x}" if m.gpa is not None else f"{'-':>14}"
+        row = (f"{m.gva:#018x} " if virtual else "") + f"{gpa} {hpa} "
+        if virtual:
+            rights = "r" + ("w" if m.writable else "-") + ("x" if m.executable else "-")
+            row += f"{rights if m.gpa is not None else '?  '}  {'user' if m.user else 'kernel':<6} "
+        else:
+            row += f"{printable(m.ram_block or '-'):<10} "
+        shown = m.context
+        row += " ".join(f"{b:02x}" for b in shown) + "  |" + \
+            "".join(chr(b) if 32 <= b < 127 else "." for b in shown) + "|"
+        lines.append(row)
+    where = (f"the address space of root {result.root:#x}" if virtual
+             else "guest-physical RAM")
+    more = " (stopped at --max: there may be more)" if result.truncated else ""
+    skipped = f"; {result.not_ram} leaves not RAM, not read" if result.not_ram else ""
+    failed = f"; {result.unreadable} pieces could not be read" if result.unreadable else ""
+    lines.append(f"{len(result.matches)} match(es){more} in {result.scanned / (1 << 20):.1f} MiB of "
+                 f"{where}, {result.seconds:.2f} s{skipped}{failed}")
+    return "\n".join(lines)
