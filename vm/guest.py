@@ -477,6 +477,39 @@ class Guest:
         self.probe = report
         return report
 
+    # ------------------------------------------------------------------ the guest's own view
+    def proc_status(self, timeout=30) -> Dict[int, dict]:
+        """Every process as the guest's own /proc shows it now: {pid: {"name", "state",
+        "ppid", "uid"}} from /proc/PID/status (Name, State's letter, PPid, the real Uid).
+        One `grep` reads them all; it lists itself too, and is gone once this returns (its
+        pid: ``self.lister``)."""
+        out = self.run("grep -E '^(Name|State|Pid|PPid|Uid):' /proc/[0-9]*/status "
+                       "2>/dev/null", timeout=timeout)
+        procs: Dict[int, dict] = {}
+        for line in out.splitlines():
+            m = re.match(r"/proc/(\d+)/status:(\w+):\s*(.*)$", line)
+            if not m:
+                continue
+            pid, key, value = int(m.group(1)), m.group(2), m.group(3)
+            entry = procs.setdefault(pid, {})
+            if key == "Name":
+                entry["name"] = value
+            elif key == "State":
+                entry["state"] = value.split()[0]
+            elif key == "PPid":
+                entry["ppid"] = int(value)
+            elif key == "Uid":
+                entry["uid"] = int(value.split()[0])
+        # the grep that listed them is gone by now: the newest process called grep
+        greps = [pid for pid, e in procs.items() if e.get("name") == "grep"]
+        self.lister = max(greps) if greps else None
+        return procs
+
+    def proc_maps(self, pid: int, timeout=30) -> List[str]:
+        """The lines of the guest's own /proc/PID/maps."""
+        out = self.run(f"cat /proc/{int(pid)}/maps", timeout=timeout)
+        return [line for line in out.splitlines() if line.strip()]
+
     # ------------------------------------------------------------------ QMP helpers
     def qmp(self, command: str, **arguments):
         """Run one QMP command on a short-lived connection; return its "return" value."""

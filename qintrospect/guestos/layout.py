@@ -30,6 +30,12 @@ FIELDS = {
     "task.mm": ("task_struct", ("mm",)),
     "task.signal": ("task_struct", ("signal",)),
     "task.thread_node": ("task_struct", ("thread_node",)),
+    "task.worker_private": ("task_struct", ("worker_private",)),
+    "kthread.full_name": ("kthread", ("full_name",)),
+    "kthread.data": ("kthread", ("data",)),
+    "worker.desc": ("worker", ("desc",)),
+    "worker.current_work": ("worker", ("current_work",)),
+    "worker.pool": ("worker", ("pool",)),
     "signal.thread_head": ("signal_struct", ("thread_head",)),
     "cred.uid": ("cred", ("uid.val", "uid")),
     "cred.gid": ("cred", ("gid.val", "gid")),
@@ -65,6 +71,8 @@ FIELDS = {
 # the rest are needed for ps; these only for what they add (threads, VMAs, the vCPU, names)
 OPTIONAL = frozenset({
     "task.signal", "task.thread_node", "signal.thread_head", "cred.gid", "mm.mm_mt",
+    "task.worker_private", "kthread.full_name", "kthread.data", "worker.desc",
+    "worker.current_work", "worker.pool",
     "mm.start_brk", "mm.brk", "mm.start_stack", "uts.release",
     "vma.vm_start", "vma.vm_end", "vma.vm_flags", "vma.vm_pgoff", "vma.vm_file",
     "vma.vm_ops", "vma.vm_private_data", "special.name", "file.dentry", "file.mnt",

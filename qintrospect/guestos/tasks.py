@@ -27,6 +27,8 @@ MAX_TASKS = 1 << 16
 PAGE = 4096
 # include/linux/sched.h: #define constants, which BTF does not carry
 PF_KTHREAD = 0x00200000
+PF_WQ_WORKER = 0x00000020
+NAME_LEN = 64                        # proc_task_name's buffer
 TASK_REPORT = 0x7F
 TASK_IDLE = 0x402
 TASK_RTLOCK_WAIT = 0x1000
@@ -54,6 +56,13 @@ class GuestTask:
     vcpu: Optional[int] = None      # the vCPU that runs this task now
     loaded_on: Tuple[int, ...] = ()  # vCPUs whose CR3 holds one of its roots
     note: Optional[str] = None      # what could not be read of it
+    name: Optional[str] = None      # as /proc/PID/status's Name: (None: the comm)
+
+    @property
+    def proc_name(self) -> str:
+        """The name /proc shows: a kernel thread's full name, a workqueue worker's comm with
+        its workqueue (`kworker/0:1-events`), else the comm."""
+        return self.name or self.comm
 
     def root_for(self, address: Optional[int] = None) -> Optional[int]:
         """The root that translates `address` as this process sees it: under KPTI the user
@@ -66,6 +75,7 @@ class GuestTask:
     def to_dict(self) -> dict:
         h = _hex
         return {"pid": self.pid, "tgid": self.tgid, "ppid": self.ppid, "comm": self.comm,
+                "name": self.proc_name,
                 "state": self.state, "uid": self.uid, "kthread": self.kthread,
                 "task": h(self.task), "mm": h(self.mm), "pgd": h(self.pgd),
                 "root": h(self.root), "user_root": h(self.user_root), "vcpu": self.vcpu,
@@ -86,8 +96,8 @@ class TaskList:
         return self.cut is None
 
     def find(self, pid: Optional[int] = None, comm: Optional[str] = None) -> List[GuestTask]:
-        return [t for t in self.tasks
-                if (pid is None or t.pid == pid) and (comm is None or t.comm == comm)]
+        return [t for t in self.tasks if (pid is None or t.pid == pid)
+                and (comm is None or t.comm == comm or t.proc_name == comm)]
 
 
 def _hex(v):
@@ -215,6 +225,37 @@ def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots: Dict[int, 
             notes.append(f"mm {mm:#x} unreadable: {e}")
     loaded = tuple(sorted(cpu for cpu, r in vcpu_roots.items()
                           if root is not None and r in (root, user)))
+    name = None
+    if flags & PF_KTHREAD and f.has("task.worker_private"):
+        try:
+            name = _kthread_name(kernel, s.get("task.worker_private"), comm, flags)
+        except (QIError, OSError) as e:
+            notes.append(f"kernel thread's name unreadable: {e}")
     return GuestTask(pid, tgid, ppid, comm, state, uid, bool(flags & PF_KTHREAD), addr, mm,
                      pgd, root, user, running.get(addr), loaded,
-                     "; ".join(notes) or None)
+                     "; ".join(notes) or None, name)
+
+
+def _kthread_name(kernel, kthread: int, comm: str, flags: int) -> Optional[str]:
+    """As fs/proc/array.c's proc_task_name: a workqueue worker's comm + '+' (working) or '-'
+    and its description (wq_worker_comm); another kernel thread's full_name, when it has
+    one longer than the comm (get_kthread_comm). None: the comm itself."""
+    f, mem = kernel.fields, kernel.mem
+    if not kthread:
+        return None
+    if flags & PF_WQ_WORKER:
+        if not f.has("kthread.data", "worker.desc", "worker.pool", "worker.current_work"):
+            return None
+        worker = f.get(kthread, "kthread.data")
+        if not worker or not f.get(worker, "worker.pool"):
+            return None
+        desc = mem.read(worker + f.offset("worker.desc"), f.size("worker.desc"))
+        desc = desc.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if not desc:
+            return None
+        mark = "+" if f.get(worker, "worker.current_work") else "-"
+        return (comm + mark + desc)[:NAME_LEN - 1]
+    if not f.has("kthread.full_name"):
+        return None
+    full = f.get(kthread, "kthread.full_name")
+    return mem.string(full, NAME_LEN - 1) if full else None

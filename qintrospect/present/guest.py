@@ -28,7 +28,7 @@ def ps_text(task_list) -> str:
         lines.append(f"{t.pid:>6} {'-' if t.ppid is None else t.ppid:>6} "
                      f"{'-' if t.uid is None else t.uid:>5} {t.state} {'K' if t.kthread else ' '}"
                      f"  {_h(t.root):<12} {_h(t.user_root):<12} "
-                     f"{'-' if t.vcpu is None else t.vcpu:<5} {loaded:<7} {printable(t.comm)}"
+                     f"{'-' if t.vcpu is None else t.vcpu:<5} {loaded:<7} {printable(t.proc_name)}"
                      + (f"   ({printable(t.note)})" if t.note else ""))
     return "\n".join(lines)
 
