@@ -180,8 +180,11 @@ class Guest:
 
     def __init__(self, cpu="max", memory="256M", smp=1, accel="tcg", extra_args=(),
                  cache_dir=None, start_paused=False, append_extra="",
-                 qemu=None, console_log=None, gdb_unix=False):
+                 qemu=None, console_log=None, gdb_unix=False, kernel=None):
+        """kernel: another kernel's folder (vmlinuz, kernel-release; e.g. the 6.12 one that
+        vm/kernel612.sh caches) to boot with the same initramfs; None: the bundled one."""
         self.cpu = cpu
+        self.kernel_dir = os.path.abspath(kernel) if kernel else None
         self.memory = str(memory)
         self.smp = int(smp)
         self.accel = accel
@@ -211,7 +214,7 @@ class Guest:
     # ------------------------------------------------------------------ files
     @property
     def kernel(self) -> str:
-        return os.path.join(self.cache_dir, "vmlinuz")
+        return os.path.join(self.kernel_dir or self.cache_dir, "vmlinuz")
 
     @property
     def initrd(self) -> str:
@@ -219,7 +222,7 @@ class Guest:
 
     @property
     def kernel_release(self) -> str:
-        with open(os.path.join(self.cache_dir, "kernel-release")) as f:
+        with open(os.path.join(self.kernel_dir or self.cache_dir, "kernel-release")) as f:
             return f.read().strip()
 
     @classmethod
@@ -282,6 +285,9 @@ class Guest:
         if self.console is not None:
             raise GuestError("guest already started")
         self.check_built(self.cache_dir)
+        if self.kernel_dir and not os.path.isfile(self.kernel):
+            raise GuestNotBuilt(f"no kernel at {self.kernel} (vm/kernel612.sh fetches the "
+                                "6.12 one)")
         if shutil.which(self.qemu) is None and not os.path.isfile(self.qemu):
             hint = "apt-get install qemu-system-x86"
             if self.qemu == os.environ.get("QI_QEMU"):
