@@ -197,3 +197,35 @@ def test_the_shell_takes_a_guest_process_for_cr3(g):
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert int(lines[0]["gpa"], 16) == heap["gpa"]
     assert any(t.get("comm") == "probe" for t in lines[1:])
+
+
+def test_ps_on_a_running_vm_whose_processes_come_and_go():
+    """No gdb, no --freeze: the VM runs while its task list is read, two vCPUs, and a loop in
+    the guest forks and reaps a process all the while. Every ps ends with a list (exit 0) or a
+    list read in part and a note (exit 1), never a hang or a traceback; with --freeze (one
+    still view) the vCPUs agree with their CR3s."""
+    with booted("max", smp=2) as g:
+        g.run("while true; do ( : ); done >/dev/null 2>&1 &")
+        churn = g.run("echo $!").strip()
+        try:
+            statuses = []
+            for _ in range(12):
+                rc, out, err = run_cli("ps", "--qmp", g.qmp_path, "--json")
+                assert rc in (0, 1), err
+                assert "Traceback" not in err and "bug in qintrospect" not in err, err
+                if rc == 1:
+                    assert "read only in part" in err, err
+                assert "the VM ran while the list was read" in err
+                tasks = [json.loads(line) for line in out.splitlines()]
+                assert {1, 2, g.probe["pid"]} <= {t["pid"] for t in tasks}
+                statuses.append(rc)
+            rc, tasks, err = run_json("ps", "--qmp", g.qmp_path, "--freeze")
+            assert rc == 0, err
+            on = [t for t in tasks if t["vcpu"] is not None]
+            assert len({t["vcpu"] for t in on}) == len(on) <= 2, on
+            for t in on:
+                if not t["kthread"]:       # a user task running: its root is in that CR3
+                    assert t["vcpu"] in t["loaded_on"], t
+            print(f"exit statuses of 12 ps on a running VM: {statuses}")
+        finally:
+            g.run(f"kill {churn}")
