@@ -174,8 +174,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                              "a guest-physical root (and its KPTI user copy), the vCPU that "
                              "runs it and the vCPUs whose CR3 holds its root. What was found "
                              "is kept for this guest boot: a second command pays almost "
-                             "nothing. Exit 3 when the guest kernel cannot be read this way "
-                             "(not Linux, older than 6.0, no BTF).")
+                             "nothing. Exit 1 when the task list could be read only in part "
+                             "(a note says where it broke: a VM that runs may change it "
+                             "meanwhile); exit 3 when the guest kernel cannot be read this "
+                             "way (not Linux, older than 6.0, no BTF).")
     if ps is not None:
         ps.add_argument("--json", action="store_true", help="one JSON object per process "
                                                             "(JSON Lines)")
