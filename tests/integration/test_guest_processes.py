@@ -229,3 +229,20 @@ def test_ps_on_a_running_vm_whose_processes_come_and_go():
             print(f"exit statuses of 12 ps on a running VM: {statuses}")
         finally:
             g.run(f"kill {churn}")
+
+
+def test_who_maps_and_report_take_a_guest_process(g, tmp_path):
+    heap = g.probe["regions"]["heap"]
+    pid = str(g.probe["pid"])
+    rc, out, err = run_json("who-maps", *attach_args(g), "--gpa", hex(heap["gpa"]),
+                            "--guest-pid", pid)
+    assert rc == 0, err
+    probe = ps(g)[g.probe["pid"]]
+    assert set(out[0]["roots"]) == {r for r in (probe["root"], probe["user_root"]) if r}
+    assert any(m["gva"] == f"{heap['gva']:#x}" for m in out[0]["mappings"])
+    page = tmp_path / "r.html"
+    rc, text, err = run_cli("report", *attach_args(g), "--guest-comm", "probe",
+                            "--out", str(page), hex(heap["gva"]))
+    assert rc == 0, err
+    html = page.read_text()
+    assert f"pid {pid} (probe)" in html and f"{heap['gpa']:#x}" in html
