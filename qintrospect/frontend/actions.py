@@ -343,7 +343,7 @@ def cmd_vmmap(args) -> int:
             out.write("".join(line + "\n" for line in lines))
         skipped = vm.unreadable_tables
         if task is not None:
-            _vmmap_vmas(vm, args, task, cr3, start, end)
+            _vmmap_vmas(vm, args, task, cr3, start, end, pictures)
     if skipped:
         print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
               f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)
@@ -351,7 +351,7 @@ def cmd_vmmap(args) -> int:
     return EXIT_OK
 
 
-def _vmmap_vmas(vm, args, task, root, start, end) -> None:
+def _vmmap_vmas(vm, args, task, root, start, end, pictures) -> None:
     """vmmap --guest-pid: the process's VMAs (as /proc/PID/maps) beside its page tables."""
     from ..commands import guest
     from ..present import guest as view
@@ -359,6 +359,7 @@ def _vmmap_vmas(vm, args, task, root, start, end) -> None:
     user = vm.leaf_arrays(root, start, end)
     covered, outside = guest.coverage(listed.vmas, user)
     vm.check_live()
+    pictures.guest_vmas(task, covered, outside)
     if args.json:
         sys.stdout.write("".join(render.json_line(dict(c.to_dict(), pid=task.pid)) + "\n"
                                  for c in covered))

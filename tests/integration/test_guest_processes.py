@@ -139,8 +139,15 @@ def test_vmmap_guest_pid_lists_proc_maps_line_by_line(g):
     assert holder["path"] == "[heap]" and holder["mapped_pages"] >= 1 and not holder["differs"]
     text = next(v for v in vmas if v["path"] == "/probe" and "x" in v["perms"])
     assert text["mapped_pages"] >= 1
-    rc, plain, err = run_cli("vmmap", *attach_args(g), "--guest-pid", pid, "--user")
+    page = os.path.join(g.tmpdir, "map.html")
+    rc, plain, err = run_cli("vmmap", *attach_args(g), "--guest-pid", pid, "--user",
+                             "--html", page)
     assert rc == 0, err
+    with open(page) as f:
+        html = f.read()
+    data = json.loads(re.search(r'id="qi-data">(.*?)</script>', html, re.S).group(1))
+    assert "[heap]" in data["vma"] and "/probe" in data["vma"]          # the ranges labelled
+    assert f"VMAs of guest process {pid} (probe)" in html
     assert f"# VMAs of guest process {pid} (probe), as /proc/{pid}/maps lists them" in plain
     for line in inside:
         assert any(row.split()[:len(line.split())] == line.split()
