@@ -64,6 +64,7 @@ def _layouts(version: str) -> Dict[str, Dict[str, Tuple[int, str]]]:
                         "release": (130, "uts")},
         "uts_namespace": {"name": (0, "new_utsname")},
         "pcpu_hot": {"current_task": (0, "task_p")},
+        "signal_struct": {"nr_threads": (8, "int"), "thread_head": (0x10 + shift, "list_head")},
         "list_head": {"next": (0, "list_p"), "prev": (8, "list_p")},
     }
 
@@ -71,7 +72,8 @@ def _layouts(version: str) -> Dict[str, Dict[str, Tuple[int, str]]]:
 SIZES = {"task_struct": 0x1000, "cred": 0xa0, "mm_struct": 0x400, "vm_area_struct": 0x100,
          "file": 0x100, "path": 16, "dentry": 0xc0, "qstr": 16, "vfsmount": 0x18,
          "mount": 0x100, "inode": 0x100, "super_block": 0x100, "vm_special_mapping": 0x40,
-         "new_utsname": 390, "uts_namespace": 0x200, "pcpu_hot": 0x40, "list_head": 16}
+         "new_utsname": 390, "uts_namespace": 0x200, "pcpu_hot": 0x40, "list_head": 16,
+         "signal_struct": 0x100}
 
 
 def build_btf(version: str) -> bytes:
@@ -124,9 +126,11 @@ def build_btf(version: str) -> bytes:
     b.enum("maple_type", [("maple_dense", 0), ("maple_leaf_64", 1), ("maple_range_64", 2),
                           ("maple_arange_64", 3)])
     layouts = _layouts(version)
-    order = ["list_head", "qstr", "path", "vfsmount", "new_utsname", "uts_namespace",
+    order = ["list_head", "signal_struct", "qstr", "path", "vfsmount", "new_utsname",
+             "uts_namespace",
              "pcpu_hot", "vm_special_mapping", "super_block", "inode", "dentry", "mount",
              "file", "cred", "mm_struct", "vm_area_struct", "task_struct"]
+    order = list(dict.fromkeys(order))
     for name in order:
         members = [(m, t[ty], 8 * off) for m, (off, ty) in layouts[name].items()]
         if name == "vm_area_struct" and version == "6.12":
@@ -252,6 +256,15 @@ class Linux:
         f("real_cred", self.new_cred(uid))
         info = {"task": t, "pid": pid, "comm": comm, "kthread": kthread, "mm": None,
                 "root": None, "user_root": None}
+        sig = self.alloc(SIZES["signal_struct"], 64)
+        head = sig + self.L["signal_struct"]["thread_head"][0]
+        node = t + self.L["task_struct"]["thread_node"][0]
+        self.u64(head, node)
+        self.u64(head + 8, node)
+        self.u64(node, head)
+        self.u64(node + 8, head)
+        f("signal", sig)
+        info["signal"] = sig
         if not kthread:
             mm = self.alloc(SIZES["mm_struct"], 64)
             pgd, user = self.new_root()
@@ -272,6 +285,33 @@ class Linux:
             self.u64(t + link + 8, last)
             self.u64(head + 8, t + link)
         self.tasks.append(info)
+        return t
+
+    def new_thread(self, leader: dict, tid: int, comm: Optional[str] = None) -> int:
+        """Another thread of the process `leader` (a dict of self.tasks): the same mm,
+        signal and parent, on the signal's thread list, not on the task list."""
+        t = self.alloc(SIZES["task_struct"], 64)
+        f = lambda m, v, size=8: self.field("task_struct", t, m, v, size)  # noqa: E731
+        lt = leader["task"]
+        f("pid", tid, 4)
+        f("tgid", leader["pid"], 4)
+        f("comm", (comm or leader["comm"]).encode()[:15].ljust(16, b"\0"))
+        f("__state", 1, 4)
+        f("flags", 0x40, 4)
+        parent = int.from_bytes(self.ram.read(self.gpa(lt + self.L["task_struct"]
+                                                       ["real_parent"][0]), 8), "little")
+        f("real_parent", parent)
+        f("real_cred", self.new_cred(0))
+        if leader["mm"]:
+            f("mm", leader["mm"])
+        f("signal", leader["signal"])
+        head = leader["signal"] + self.L["signal_struct"]["thread_head"][0]
+        node = t + self.L["task_struct"]["thread_node"][0]
+        last = int.from_bytes(self.ram.read(self.gpa(head + 8), 8), "little")
+        self.u64(last, node)
+        self.u64(node, head)
+        self.u64(node + 8, last)
+        self.u64(head + 8, node)
         return t
 
     def link_of(self, task: int) -> int:

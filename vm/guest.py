@@ -484,16 +484,18 @@ class Guest:
         return report
 
     # ------------------------------------------------------------------ the guest's own view
-    def proc_status(self, timeout=30) -> Dict[int, dict]:
+    def proc_status(self, timeout=30, threads=False) -> Dict[int, dict]:
         """Every process as the guest's own /proc shows it now: {pid: {"name", "state",
-        "ppid", "uid"}} from /proc/PID/status (Name, State's letter, PPid, the real Uid).
+        "ppid", "uid", "tgid"}} from /proc/PID/status (Name, State's letter, PPid, the real
+        Uid, Tgid); with threads, every thread (/proc/PID/task/TID/status), by thread id.
         One `grep` reads them all; it lists itself too, and is gone once this returns (its
         pid: ``self.lister``)."""
-        out = self.run("grep -E '^(Name|State|Pid|PPid|Uid):' /proc/[0-9]*/status "
-                       "2>/dev/null", timeout=timeout)
+        where = "/proc/[0-9]*/task/[0-9]*/status" if threads else "/proc/[0-9]*/status"
+        out = self.run(f"grep -E '^(Name|State|Tgid|PPid|Uid):' {where} 2>/dev/null",
+                       timeout=timeout)
         procs: Dict[int, dict] = {}
         for line in out.splitlines():
-            m = re.match(r"/proc/(\d+)/status:(\w+):\s*(.*)$", line)
+            m = re.match(r"/proc/(?:\d+/task/)?(\d+)/status:(\w+):\s*(.*)$", line)
             if not m:
                 continue
             pid, key, value = int(m.group(1)), m.group(2), m.group(3)
@@ -504,6 +506,8 @@ class Guest:
                 entry["state"] = value.split()[0]
             elif key == "PPid":
                 entry["ppid"] = int(value)
+            elif key == "Tgid":
+                entry["tgid"] = int(value)
             elif key == "Uid":
                 entry["uid"] = int(value.split()[0])
         # the grep that listed them is gone by now: the newest process called grep

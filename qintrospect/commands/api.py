@@ -90,11 +90,11 @@ class Commands:
 
     # ---- the guest's own processes (qintrospect.guestos: no symbol files) -----------------
 
-    def processes(self, include_idle: bool = False):
+    def processes(self, include_idle: bool = False, threads: bool = False):
         """commands.guest.processes: the guest's processes (guestos.TaskList), read from its
-        kernel's task list with offsets from its own BTF."""
+        kernel's task list with offsets from its own BTF (threads=True: every thread too)."""
         from .guest import processes
-        return processes(self, include_idle)
+        return processes(self, include_idle, threads)
 
     def guest_process(self, pid: Optional[int] = None, comm: Optional[str] = None):
         """commands.guest.process: the one guest process with this pid or comm

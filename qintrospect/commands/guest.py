@@ -10,11 +10,11 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from ..record import field, record
 
 
-def processes(vm, include_idle: bool = False):
-    """guestos.TaskList of an attached VM."""
+def processes(vm, include_idle: bool = False, threads: bool = False):
+    """guestos.TaskList of an attached VM (with threads: every thread, after its process)."""
     from .. import guestos
     vm.check_open()
-    return guestos.processes(vm, include_idle=include_idle)
+    return guestos.processes(vm, include_idle=include_idle, threads=threads)
 
 
 def process(vm, pid: Optional[int] = None, comm: Optional[str] = None):

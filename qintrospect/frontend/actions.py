@@ -50,7 +50,7 @@ def cmd_ps(args) -> int:
     from ..guestos import open_kernel
     with attached(args) as vm:
         kernel = open_kernel(vm)
-        found = vm.processes()
+        found = vm.processes(threads=args.threads)
         vm.check_live(final=True)
         described = kernel.describe()
     if args.json:

@@ -181,6 +181,9 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     if ps is not None:
         ps.add_argument("--json", action="store_true", help="one JSON object per process "
                                                             "(JSON Lines)")
+        ps.add_argument("--threads", action="store_true",
+                        help="every thread too, after its process (pid = the thread's id, "
+                             "tgid = its process's), as /proc/PID/task lists them")
         session_options(ps)
         ps.set_defaults(func=actions.cmd_ps)
 

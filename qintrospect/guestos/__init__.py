@@ -13,15 +13,16 @@ __all__ = ["GuestKernel", "open_kernel", "KernelMemory", "KernelFault", "GuestTa
            "AmbiguousProcess", "processes", "find_process"]
 
 
-def processes(vm, kernel=None, include_idle: bool = False) -> TaskList:
-    """Every process of an attached VM's guest, each with its roots and vCPU."""
+def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False) -> TaskList:
+    """Every process of an attached VM's guest (and with threads, each one's other threads),
+    each with its roots and vCPU."""
     import time
     t0 = time.perf_counter()
     kernel = kernel or open_kernel(vm)
-    roots = {v.index: v.root for v in vm.vcpu_info}
+    roots = {v.index: (v.root, v.pcid) for v in vm.vcpu_info}
     current = current_tasks(kernel, len(vm.vcpu_info))
     out = walk_tasks(kernel, vm.cached_memory().read, roots, current,
-                     include_idle=include_idle)
+                     include_idle=include_idle, threads=threads)
     if not current:
         out.notes.append("which vCPU runs what is not known: the kernel's per-CPU current "
                          "task was not found")

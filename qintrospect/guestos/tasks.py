@@ -55,6 +55,7 @@ class GuestTask:
     user_root: Optional[int] = None  # KPTI: the user copy (root + 4 KiB); None without KPTI
     vcpu: Optional[int] = None      # the vCPU that runs this task now
     loaded_on: Tuple[int, ...] = ()  # vCPUs whose CR3 holds one of its roots
+    pcids: Tuple[Optional[int], ...] = ()   # the PCID in each of those CR3s (None: PCIDs off)
     note: Optional[str] = None      # what could not be read of it
     name: Optional[str] = None      # as /proc/PID/status's Name: (None: the comm)
 
@@ -79,7 +80,9 @@ class GuestTask:
                 "state": self.state, "uid": self.uid, "kthread": self.kthread,
                 "task": h(self.task), "mm": h(self.mm), "pgd": h(self.pgd),
                 "root": h(self.root), "user_root": h(self.user_root), "vcpu": self.vcpu,
-                "loaded_on": list(self.loaded_on), "note": self.note}
+                "loaded_on": list(self.loaded_on),
+                "pcids": [None if p is None else f"{p:#x}" for p in self.pcids],
+                "note": self.note}
 
 
 @record
@@ -157,10 +160,13 @@ def current_tasks(kernel, ncpus: int) -> Dict[int, int]:
     return out
 
 
-def walk_tasks(kernel, read_phys, vcpu_roots: Dict[int, int], current: Dict[int, int],
-               max_tasks: int = MAX_TASKS, include_idle: bool = False) -> TaskList:
+def walk_tasks(kernel, read_phys, vcpu_roots: Dict[int, Tuple[int, Optional[int]]],
+               current: Dict[int, int], max_tasks: int = MAX_TASKS,
+               include_idle: bool = False, threads: bool = False) -> TaskList:
     """Every process on the guest's task list, in list order (init_task itself, pid 0, only
-    with include_idle). vcpu_roots: {vCPU: its CR3's root}; current: {vCPU: task address}."""
+    with include_idle); with threads, each process's other threads after it (its signal's
+    thread_head list). vcpu_roots: {vCPU: (its CR3's root, its PCID or None)}; current:
+    {vCPU: task address}."""
     f = kernel.fields
     out = TaskList(osrelease=kernel.osrelease)
     head = kernel.symbol("init_task")
@@ -170,10 +176,14 @@ def walk_tasks(kernel, read_phys, vcpu_roots: Dict[int, int], current: Dict[int,
     running = {task: cpu for cpu, task in current.items()}
     seen = {head + link}
     addr = head
+    threads = threads and f.has("task.signal", "task.thread_node", "signal.thread_head")
     try:
         while True:
             if addr != head or include_idle:
                 out.tasks.append(_task(kernel, read_phys, addr, lo, hi, vcpu_roots, running))
+                if threads and addr != head:
+                    _threads(kernel, read_phys, addr, lo, hi, vcpu_roots, running, out,
+                             max_tasks)
             node = kernel.mem.u64(addr + nxt)           # tasks.next
             if node == head + link:
                 break
@@ -194,8 +204,34 @@ def walk_tasks(kernel, read_phys, vcpu_roots: Dict[int, int], current: Dict[int,
     return out
 
 
-def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots: Dict[int, int],
-          running: Dict[int, int]) -> GuestTask:
+def _threads(kernel, read_phys, leader: int, lo: int, hi: int, vcpu_roots, running,
+             out: TaskList, max_tasks: int) -> None:
+    """The leader's other threads (signal->thread_head, linked by thread_node), appended to
+    out; a broken thread list is a note, the process list goes on."""
+    f, mem = kernel.fields, kernel.mem
+    link = f.offset("task.thread_node")
+    nxt = f.offset("list.next")
+    try:
+        signal = f.get(leader, "task.signal")
+        if not signal:
+            return
+        head = signal + f.offset("signal.thread_head")
+        seen, node = {head}, mem.u64(head + nxt)
+        while node != head:
+            if node == 0 or node in seen or len(out.tasks) >= max_tasks:
+                why = "a NULL" if node == 0 else "a loop" if node in seen else "the cap"
+                out.notes.append(f"the threads of task {leader:#x} end at {why}")
+                return
+            seen.add(node)
+            task = node - link
+            if task != leader:
+                out.tasks.append(_task(kernel, read_phys, task, lo, hi, vcpu_roots, running))
+            node = mem.u64(node + nxt)
+    except (QIError, OSError) as e:
+        out.notes.append(f"the threads of task {leader:#x} could not be read: {e}")
+
+
+def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots, running) -> GuestTask:
     f = kernel.fields
     s = Snapshot(f, addr, lo, hi)
     pid, tgid = s.get("task.pid", signed=True), s.get("task.tgid", signed=True)
@@ -223,8 +259,9 @@ def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots: Dict[int, 
             user = user_copy(read_phys, root)
         except (QIError, OSError) as e:
             notes.append(f"mm {mm:#x} unreadable: {e}")
-    loaded = tuple(sorted(cpu for cpu, r in vcpu_roots.items()
+    loaded = tuple(sorted(cpu for cpu, (r, _) in vcpu_roots.items()
                           if root is not None and r in (root, user)))
+    pcids = tuple(vcpu_roots[cpu][1] for cpu in loaded)
     name = None
     if flags & PF_KTHREAD and f.has("task.worker_private"):
         try:
@@ -232,7 +269,7 @@ def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots: Dict[int, 
         except (QIError, OSError) as e:
             notes.append(f"kernel thread's name unreadable: {e}")
     return GuestTask(pid, tgid, ppid, comm, state, uid, bool(flags & PF_KTHREAD), addr, mm,
-                     pgd, root, user, running.get(addr), loaded,
+                     pgd, root, user, running.get(addr), loaded, pcids,
                      "; ".join(notes) or None, name)
 
 

@@ -21,11 +21,11 @@ def ps_header(kernel: dict, task_list) -> str:
 
 def ps_text(task_list) -> str:
     """One line per process: pid, ppid, uid, state, kernel thread, roots, vCPU, comm."""
-    lines = [f"{'PID':>6} {'PPID':>6} {'UID':>5} S K  {'ROOT':<12} {'USER ROOT':<12} "
-             f"{'VCPU':<5} {'LOADED':<7} COMM"]
+    lines = [f"{'PID':>6} {'TGID':>6} {'PPID':>6} {'UID':>5} S K  {'ROOT':<12} "
+             f"{'USER ROOT':<12} {'VCPU':<5} {'LOADED':<7} COMM"]
     for t in task_list.tasks:
         loaded = ",".join(str(i) for i in t.loaded_on) or "-"
-        lines.append(f"{t.pid:>6} {'-' if t.ppid is None else t.ppid:>6} "
+        lines.append(f"{t.pid:>6} {t.tgid:>6} {'-' if t.ppid is None else t.ppid:>6} "
                      f"{'-' if t.uid is None else t.uid:>5} {t.state} {'K' if t.kthread else ' '}"
                      f"  {_h(t.root):<12} {_h(t.user_root):<12} "
                      f"{'-' if t.vcpu is None else t.vcpu:<5} {loaded:<7} {printable(t.proc_name)}"

@@ -79,6 +79,19 @@ def test_ps_agrees_with_the_guests_own_proc(g):
     assert outside[1]["comm"] == "init" and not outside[1]["kthread"]
 
 
+def test_ps_threads_agrees_with_the_guests_own_task_folders(g):
+    inside = g.proc_status(threads=True)
+    rc, tasks, err = run_json("ps", *attach_args(g), "--threads")
+    assert rc == 0, err
+    outside = {t["pid"]: t for t in tasks}
+    gone = {pid for pid in set(inside) - set(outside) if pid == g.lister}
+    assert set(inside) - set(outside) == gone
+    assert all(outside[p]["kthread"] for p in set(outside) - set(inside))
+    for pid in set(inside) & set(outside):
+        assert (outside[pid]["tgid"], outside[pid]["ppid"]) == \
+            (inside[pid]["tgid"], inside[pid]["ppid"]), pid
+
+
 def test_roots_and_kpti_copies(g):
     outside = ps(g)
     users = [t for t in outside.values() if not t["kthread"]]

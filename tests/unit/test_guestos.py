@@ -49,7 +49,8 @@ class FakeVm:
         self.memory = ram
         self.ram_map = SimpleNamespace(ram=[RamRegion(0, SIZE - 1, "ram", "pc.ram", 0, None)])
         self.vcpu = 0
-        self.vcpu_info = [SimpleNamespace(index=i, root=r) for i, r in enumerate(roots)]
+        self.vcpu_info = [SimpleNamespace(index=i, root=r, pcid=None)
+                          for i, r in enumerate(roots)]
         self.source = SimpleNamespace(label=label)
         self.process = None
         self.live = False
@@ -104,7 +105,7 @@ def test_ps_reads_every_process_in_either_layout(version):
     for info in lx.tasks[1:]:
         t = by_pid[info["pid"]]
         assert t.task == info["task"] and t.root == info["root"] and t.user_root is None
-    assert by_pid[51].vcpu == 0 and by_pid[51].loaded_on == (0,)
+    assert by_pid[51].vcpu == 0 and by_pid[51].loaded_on == (0,) and by_pid[51].pcids == (None,)
     assert by_pid[50].vcpu is None and by_pid[50].loaded_on == ()
     assert by_pid[2].root is None and by_pid[2].mm is None
     with_idle = guestos.processes(vm, kernel, include_idle=True)
@@ -258,6 +259,36 @@ def test_a_damaged_vma_tree_is_a_note():
     lx.u64(mt + 8, (DIRECT + 0x40000000) | (1 << 3) | 4 | 2)     # ma_root into nowhere
     got = guest_vmas.vmas(kernel, probe)
     assert got.cut and got.vmas == []
+
+
+@pytest.mark.parametrize("version", ["6.1", "6.12"])
+def test_threads_follow_their_process(version):
+    ram, lx, _ = small_linux(version, finish=False)
+    probe = lx.tasks[-1]
+    lx.new_thread(probe, 52)
+    lx.new_thread(probe, 53, comm="worker")
+    lx.finish()
+    vm = vm_of(ram, lx)
+    plain = guestos.processes(vm)
+    assert [t.pid for t in plain.tasks] == [1, 2, 3, 50, 51]
+    found = guestos.processes(vm, threads=True)
+    assert found.complete and found.notes == []
+    rows = [(t.pid, t.tgid, t.ppid, t.comm) for t in found.tasks]
+    assert rows[-3:] == [(51, 51, 50, "probe"), (52, 51, 50, "probe"), (53, 51, 50, "worker")]
+    assert found.tasks[-1].root == found.tasks[-3].root          # one address space
+    assert [t.pid for t in found.tasks[:-2]] == [1, 2, 3, 50, 51]
+
+
+def test_a_looped_thread_list_is_a_note_and_the_process_list_goes_on():
+    ram, lx, _ = small_linux(finish=False)
+    probe = lx.tasks[-1]
+    t52 = lx.new_thread(probe, 52)
+    node = t52 + lx.L["task_struct"]["thread_node"][0]
+    lx.u64(node, node)                                     # 52's next is itself
+    lx.finish()
+    found = guestos.processes(vm_of(ram, lx), threads=True)
+    assert found.complete and any("loop" in n for n in found.notes)
+    assert [t.pid for t in found.tasks] == [1, 2, 3, 50, 51, 52]
 
 
 @pytest.mark.parametrize("state, exit_state, letter", [
