@@ -413,8 +413,10 @@ class Linux:
         syms += [(DIRECT + 0x100000 + 0x10 * i, "t", f"filler_{i}") for i in range(1, 40)]
         return sorted(syms)
 
-    def finish(self, kallsyms: bool = True, note_text: Optional[str] = None) -> int:
-        """Write the kallsyms tables and the vmcoreinfo note; the note's GPA."""
+    def finish(self, kallsyms: bool = True, note_text: Optional[str] = None,
+               omit: Tuple[str, ...] = ()) -> int:
+        """Write the kallsyms tables (without the symbols named in `omit`) and the
+        vmcoreinfo note; the note's GPA."""
         from tests.unit.test_kallsyms import build_tables
         lines = [f"OSRELEASE={self.release}", "PAGESIZE=4096",
                  f"SYMBOL(init_uts_ns)={self.uts:x}", "OFFSET(uts_namespace.name)=0",
@@ -422,7 +424,8 @@ class Linux:
         if kallsyms:
             mode = "absolute_percpu"
             base = self.alloc(0, 4096)
-            mem, where = build_tables(self.symbols(), mode, self.version, base=base)
+            syms = [x for x in self.symbols() if x[2] not in omit]
+            mem, where = build_tables(syms, mode, self.version, base=base)
             start, blob = mem.regions[0]
             self.alloc(len(blob), 8)
             self.put(start, blob)

@@ -187,6 +187,19 @@ def test_a_kernel_older_than_6_0_is_said_not_guessed():
     assert e.value.exit_status == 3 and "--cr3" in str(e.value)
 
 
+def test_a_kernel_without_btf_is_said_not_guessed():
+    ram, lx, _ = small_linux(omit=("__start_BTF", "__stop_BTF"))
+    with pytest.raises(guestos.GuestOSUnavailable, match="has no BTF") as e:
+        guestos.open_kernel(vm_of(ram, lx))
+    assert e.value.exit_status == 3 and "CONFIG_DEBUG_INFO_BTF" in str(e.value)
+
+
+def test_a_kernel_without_init_task_in_kallsyms():
+    ram, lx, _ = small_linux(omit=("init_task",))
+    with pytest.raises(guestos.GuestOSUnavailable, match="no init_task"):
+        guestos.open_kernel(vm_of(ram, lx))
+
+
 def test_a_guest_without_linux():
     ram = Ram(SIZE)
     Linux(ram, PML4, 0x100000, SIZE)                 # the page tables, no note
