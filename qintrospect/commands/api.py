@@ -90,17 +90,18 @@ class Commands:
 
     # ---- the guest's own processes (qintrospect.guestos: no symbol files) -----------------
 
-    def processes(self, include_idle: bool = False, threads: bool = False):
+    def processes(self, include_idle: bool = False, threads: bool = False, progress=None):
         """commands.guest.processes: the guest's processes (guestos.TaskList), read from its
         kernel's task list with offsets from its own BTF (threads=True: every thread too)."""
         from .guest import processes
-        return processes(self, include_idle, threads)
+        return processes(self, include_idle, threads, progress)
 
-    def guest_process(self, pid: Optional[int] = None, comm: Optional[str] = None):
+    def guest_process(self, pid: Optional[int] = None, comm: Optional[str] = None,
+                      progress=None):
         """commands.guest.process: the one guest process with this pid or comm
         (guestos.GuestTask: its roots, .root_for(address))."""
         from .guest import process
-        return process(self, pid, comm)
+        return process(self, pid, comm, progress)
 
     def guest_vmas(self, task):
         """commands.guest.vmas: a guest process's VMAs, as its /proc/PID/maps lists them."""

@@ -10,19 +10,20 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from ..record import field, record
 
 
-def processes(vm, include_idle: bool = False, threads: bool = False):
+def processes(vm, include_idle: bool = False, threads: bool = False, progress=None):
     """guestos.TaskList of an attached VM (with threads: every thread, after its process)."""
     from .. import guestos
     vm.check_open()
-    return guestos.processes(vm, include_idle=include_idle, threads=threads)
+    return guestos.processes(vm, include_idle=include_idle, threads=threads,
+                             progress=progress)
 
 
-def process(vm, pid: Optional[int] = None, comm: Optional[str] = None):
+def process(vm, pid: Optional[int] = None, comm: Optional[str] = None, progress=None):
     """guestos.GuestTask: the one process with that pid or comm (NoSuchProcess,
     AmbiguousProcess: exit 2)."""
     from .. import guestos
     vm.check_open()
-    return guestos.find_process(vm, pid=pid, comm=comm)
+    return guestos.find_process(vm, pid=pid, comm=comm, progress=progress)
 
 
 def root_for(task, addresses: Iterable[int] = ()) -> Tuple[int, str]:

@@ -36,7 +36,8 @@ def guest_root(vm, args, addresses=()):
     if not guest_named(args):
         return None, None
     from ..commands.guest import root_for
-    task = vm.guest_process(pid=args.guest_pid, comm=args.guest_comm)
+    with _kernel_progress(vm) as progress:
+        task = vm.guest_process(pid=args.guest_pid, comm=args.guest_comm, progress=progress)
     root, which = root_for(task, addresses)
     if getattr(args, "verbose", False):
         print(f"# guest process {task.pid} ({task.comm}): root {root:#x} ({which})",
@@ -44,12 +45,29 @@ def guest_root(vm, args, addresses=()):
     return root, task
 
 
+def _kernel_progress(vm):
+    """Progress over guest RAM, drawn (on a terminal) only while the guest kernel's note is
+    looked for: the first command of a guest boot."""
+    import contextlib
+    from ..present.progress import Progress
+
+    @contextlib.contextmanager
+    def shown():
+        progress = Progress("looking for the guest kernel in its RAM", vm.ram_map.ram_bytes)
+        try:
+            yield progress
+        finally:
+            progress.close()
+    return shown()
+
+
 def cmd_ps(args) -> int:
     """The guest's processes, from its kernel's own memory."""
     from ..present import guest as view
     from ..guestos import open_kernel
     with attached(args) as vm:
-        kernel = open_kernel(vm)
+        with _kernel_progress(vm) as progress:
+            kernel = open_kernel(vm, progress=progress)
         found = vm.processes(threads=args.threads)
         vm.check_live(final=True)
         described = kernel.describe()

@@ -13,12 +13,13 @@ __all__ = ["GuestKernel", "open_kernel", "KernelMemory", "KernelFault", "GuestTa
            "AmbiguousProcess", "processes", "find_process"]
 
 
-def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False) -> TaskList:
+def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False,
+              progress=None) -> TaskList:
     """Every process of an attached VM's guest (and with threads, each one's other threads),
-    each with its roots and vCPU."""
+    each with its roots and vCPU. progress: for the first look for the kernel (a RAM scan)."""
     import time
     t0 = time.perf_counter()
-    kernel = kernel or open_kernel(vm)
+    kernel = kernel or open_kernel(vm, progress=progress)
     roots = {v.index: (v.root, v.pcid) for v in vm.vcpu_info}
     current = current_tasks(kernel, len(vm.vcpu_info))
     out = walk_tasks(kernel, vm.cached_memory().read, roots, current,
@@ -32,14 +33,14 @@ def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False
     return out
 
 
-def find_process(vm, pid=None, comm=None, kernel=None) -> GuestTask:
+def find_process(vm, pid=None, comm=None, kernel=None, progress=None) -> GuestTask:
     """The guest process with this pid, or the one process called `comm`. NoSuchProcess or
     AmbiguousProcess (exit 2) otherwise; a kernel thread has no page-table root of its own:
     also NoSuchProcess, said so."""
     if (pid is None) == (comm is None):
         from ..errors import UsageError
         raise UsageError("name a guest process by --guest-pid or by --guest-comm (one)")
-    found = processes(vm, kernel)
+    found = processes(vm, kernel, progress=progress)
     hits = found.find(pid=pid, comm=comm)
     what = f"pid {pid}" if pid is not None else f"comm {comm!r}"
     if not hits:

@@ -151,9 +151,10 @@ def _boot(text: str, mem: KernelMemory, vi: Vmcoreinfo) -> str:
     return f"{_sha(text)} stext_gpa={load}"
 
 
-def open_kernel(vm, use_cache: bool = True) -> GuestKernel:
+def open_kernel(vm, use_cache: bool = True, progress=None) -> GuestKernel:
     """The guest kernel of an attached VM. Raises GuestOSUnavailable (exit 3) with the reason
-    when it cannot be read without symbol files (not Linux, older than 6.0, no BTF)."""
+    when it cannot be read without symbol files (not Linux, older than 6.0, no BTF).
+    progress: advanced over the RAM scanned, when the note must be looked for."""
     from ..connect import runstate
     vm.check_open()
     t0 = time.perf_counter()
@@ -183,7 +184,7 @@ def open_kernel(vm, use_cache: bool = True) -> GuestKernel:
             chosen.update(vi=vi, mem=mem)
         return why
 
-    found = locate.scan(vm.memory, vm.ram_map.ram, accept)
+    found = locate.scan(vm.memory, vm.ram_map.ram, accept, progress=progress)
     if found.note is None:
         more = ("; notes seen but refused: " + "; ".join(found.rejected[:3])) \
             if found.rejected else ""

@@ -31,7 +31,9 @@ class Found:
 
 
 def _pieces(memory, start: int, end: int):
-    scan_chunks = getattr(memory, "scan_chunks", None)
+    # a page cache in front (PageCache.inner) does not hide the adapter's own scan
+    scan_chunks = getattr(memory, "scan_chunks", None) or \
+        getattr(getattr(memory, "inner", None), "scan_chunks", None)
     if scan_chunks is not None:
         yield from scan_chunks(start, end, end - start)
         return
@@ -56,9 +58,9 @@ def read_note(read: Callable[[int, int], bytes], gpa: int) -> Optional[str]:
 
 
 def scan(memory, ram_regions, accept: Callable[[int, str], Optional[str]],
-         window: int = WINDOW) -> Found:
+         window: int = WINDOW, progress=None) -> Found:
     """The first note, from the top of RAM down, that accept(gpa, text) takes (it returns
-    None to take it, else why not)."""
+    None to take it, else why not). progress: advanced by each window's bytes."""
     found = Found()
     regions = sorted((r for r in ram_regions if r.kind == "ram"), key=lambda r: -r.start)
     for region in regions:
@@ -82,5 +84,7 @@ def scan(memory, ram_regions, accept: Callable[[int, str], Optional[str]],
                             if len(found.rejected) < MAX_CANDIDATES:
                                 found.rejected.append(f"{header:#x}: {why}")
                     pos = data.find(NOTE_NAME, pos + 1)
+            if progress is not None:
+                progress.advance(top - bottom)
             top = bottom
     return found

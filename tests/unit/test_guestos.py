@@ -329,3 +329,29 @@ def test_the_cache_lives_in_a_private_folder():
     guestos.open_kernel(vm_of(ram, lx))
     folder = os.path.join(os.environ["XDG_RUNTIME_DIR"], f"qintrospect-{os.geteuid()}")
     assert any(n.startswith("cache-") for n in os.listdir(folder))
+
+
+def test_the_scan_goes_from_the_top_down_and_stops_at_the_note():
+    from qintrospect.guestos.locate import WINDOW
+    ram, lx, note = small_linux()
+    advanced = []
+    progress = SimpleNamespace(advance=advanced.append)
+    kernel = guestos.open_kernel(vm_of(ram, lx), use_cache=False, progress=progress)
+    assert kernel.note_gpa == note
+    # every window above the note's was scanned whole, and the scan stopped in the note's
+    assert advanced[0] == WINDOW and sum(advanced) == SIZE - (note & ~(WINDOW - 1)) - WINDOW
+    # a page cache in front of the memory (PageCache.inner) still scans with the adapter's
+    # own scan, which skips what it proves empty
+    scanned = []
+
+    class Adapter:
+        def read(self, gpa, n):
+            return ram.read(gpa, n)
+
+        def scan_chunks(self, start, end, chunk):
+            scanned.append((start, end))
+            yield start, ram.read(start, end - start)
+    vm = vm_of(ram, lx)
+    vm.memory = SimpleNamespace(inner=Adapter(), read=ram.read)
+    assert guestos.open_kernel(vm, use_cache=False).note_gpa == note
+    assert scanned and scanned[0] == (SIZE - WINDOW, SIZE)
