@@ -1,4 +1,4 @@
-"""qintrospect inside gdb: `qi translate|vmmap|find-cr3|read`, on gdb's own connection.
+"""qintrospect inside gdb: `qi translate|vmmap|find-cr3|read|ps`, on gdb's own connection.
 
 A gdbstub takes one client, so a gdb already attached to QEMU (pwndbg, gef, gdb-pt-dump) gets
 the commands itself:
@@ -9,6 +9,8 @@ the commands itself:
     (gdb) qi vmmap --user
     (gdb) qi find-cr3 --gva 0x55d0c0de1000 --expect 0x1234
     (gdb) qi read 0x7ffd5e8c1000 64 [--phys]
+    (gdb) qi ps
+    (gdb) qi translate --guest-comm probe 0x4b316d0
 
 (`python import qintrospect.gdb` does the same when gdb's Python can import qintrospect.)
 
@@ -77,7 +79,7 @@ from typing import Optional as _Optional  # noqa: E402
 import gdb                               # noqa: E402  (only inside gdb)
 
 MASK64 = (1 << 64) - 1
-QI_COMMANDS = ("translate", "vmmap", "find-cr3", "read", "search")
+QI_COMMANDS = ("translate", "vmmap", "find-cr3", "read", "search", "ps")
 _QI_WORDS = QI_COMMANDS + ("set", "show", "help")
 _SETTINGS = ("qmp", "pid", "via", "timeout")
 OWN_OPTION = ("does not apply inside gdb: qi uses gdb's own connection (`qi set qmp|pid|via` "
@@ -384,13 +386,16 @@ def _qi_source(stub, settings):
 # ---- the qi command -----------------------------------------------------------------------------
 
 _QI_HELP = """qi COMMAND ...: qintrospect on gdb's own connection to QEMU's gdbstub
-  qi translate ADDR... [--cr3 HEX] [--find-cr3 --expect V] [--json] [--no-bits] [--brief]
-  qi vmmap [--cr3 HEX] [--leaf] [--user|--kernel] [--writable] [--exec] [--range A-B]
-           [--gpa] [--hpa] [--json]
-  qi find-cr3 [--gva ADDR [--expect VALUE]] [--json]
-  qi read ADDR LEN [--phys | --cr3 HEX] [--json]
-  qi search PATTERN [--hex|--u16|--u32|--u64] [--phys | --cr3 HEX] [--user|--kernel]
-           [--writable] [--exec] [--range A-B] [--align N] [--max N] [--json]
+  qi translate ADDR... [--cr3 HEX | --guest-pid N | --guest-comm NAME]
+                       [--find-cr3 --expect V] [--json] [--no-bits] [--brief]
+  qi vmmap [--cr3 HEX | --guest-pid N] [--leaf] [--user|--kernel] [--writable] [--exec]
+           [--range A-B] [--gpa] [--hpa] [--json]
+  qi find-cr3 [--gva ADDR [--expect VALUE]] [--guest-pid N] [--json]
+  qi read ADDR LEN [--phys | --cr3 HEX | --guest-pid N] [--json]
+  qi search PATTERN [--hex|--u16|--u32|--u64] [--phys | --cr3 HEX | --guest-pid N]
+           [--user|--kernel] [--writable] [--exec] [--range A-B] [--align N] [--max N]
+           [--json]
+  qi ps [--json]             the guest's processes, from its kernel's own memory
   qi help [COMMAND]          a command's options (the command line's own)
   qi set qmp PATH|none       QMP for the host side (phys-bits, pdpe1gb, query-kvm)
   qi set pid N|auto          the QEMU process (default: the gdbstub's local socket peer)

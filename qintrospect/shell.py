@@ -44,7 +44,8 @@ from .frontend.lines import command_parsers, file_names, parse_command, split_li
 from .frontend.options import option_strings
 
 # The command-line commands a shell runs (kvm where the command line has it).
-COMMANDS = ("translate", "vmmap", "read", "search", "cpus", "find-cr3", "compare", "who-maps",
+COMMANDS = ("translate", "vmmap", "read", "search", "cpus", "ps", "find-cr3", "compare",
+            "who-maps",
             "kvm")
 BUILTINS = ("cr3", "vcpu", "help", "quit", "exit")
 # Commands whose --cr3 the shell's `cr3 HEX` stands in for when they give none.
@@ -76,7 +77,7 @@ def completions(parsers: dict, line: str, begidx: int, text: str) -> list:
             return file_names(text)
         names = option_strings(parsers[before[0]]) if text.startswith("-") or not text else []
     elif before[0] == "cr3" and len(before) == 1:
-        names = ["vcpu"]
+        names = ["vcpu", "pid", "comm"]
     elif before[0] == "help" and len(before) == 1:
         names = list(parsers) + list(BUILTINS)
     else:
@@ -114,6 +115,7 @@ class Shell:
         self.parsers = parsers or command_parsers(COMMANDS)
         self.verbose = verbose
         self.root = None            # `cr3 HEX`: the root translate/vmmap/read use by default
+        self.guest = None           # `cr3 pid N` / `cr3 comm NAME`: ("pid"|"comm", value)
         self.status = 0             # the last failing command's status
         self.timings = []           # (command, seconds) of each command run
         self._readline = None
@@ -208,9 +210,13 @@ class Shell:
         if self.verbose:
             args.verbose = True
         args.session = self.vm
-        if self.root is not None and name in ROOTED and not getattr(args, "cr3", None) \
-                and not getattr(args, "phys", False) and not getattr(args, "find_cr3", False):
+        own_root = getattr(args, "cr3", None) or getattr(args, "phys", False) \
+            or getattr(args, "find_cr3", False) or getattr(args, "guest_pid", None) is not None \
+            or getattr(args, "guest_comm", None) is not None
+        if self.root is not None and name in ROOTED and not own_root:
             args.cr3 = f"{self.root:#x}"
+        elif self.guest is not None and name in ROOTED and not own_root:
+            setattr(args, f"guest_{self.guest[0]}", self.guest[1])
         with self.paused():
             vcpu = args.vcpu
             if vcpu is None or vcpu == self.vm.vcpu:
@@ -303,6 +309,19 @@ class Shell:
 
     # ---- built-in commands --------------------------------------------------------------------
 
+    def _guest_root(self, kind: str, value: str) -> int:
+        """`cr3 pid N` / `cr3 comm NAME`: that guest process's root (read from the guest
+        kernel now, and again by each command: under KPTI the user copy for user addresses)."""
+        from .frontend.addresses import parse_number
+        key = parse_number(value, "pid") if kind == "pid" else value
+        with self.paused():
+            task = self.vm.guest_process(**{kind: key})
+        self.root, self.guest = None, ("pid", task.pid)
+        user = f", KPTI user copy {task.user_root:#x}" if task.user_root is not None else ""
+        self._print(f"root: guest process {task.pid} ({task.comm}): {task.root:#x}{user}, for "
+                    "translate, vmmap and read without --cr3")
+        return 0
+
     def _builtin(self, name: str, rest) -> int:
         from .frontend.addresses import parse_number
         if name == "help":
@@ -310,16 +329,20 @@ class Shell:
         if name == "cr3":
             if not rest:
                 self._print(f"root: {self.root:#x} (set by `cr3`)" if self.root is not None
+                            else f"root: guest process {self.guest[1]}'s" if self.guest
                             else f"root: vCPU {self.vm.vcpu}'s CR3")
                 return 0
+            if len(rest) == 2 and rest[0] in ("pid", "comm"):
+                return self._guest_root(rest[0], rest[1])
             if len(rest) != 1:
-                raise UsageError("cr3 HEX sets the root for translate/vmmap/read; `cr3 vcpu` "
-                                 "goes back to the vCPU's CR3")
+                raise UsageError("cr3 HEX sets the root for translate/vmmap/read; `cr3 pid N` "
+                                 "or `cr3 comm NAME` a guest process's; `cr3 vcpu` goes back "
+                                 "to the vCPU's CR3")
             if rest[0] == "vcpu":
-                self.root = None
+                self.root = self.guest = None
                 self._print(f"root: vCPU {self.vm.vcpu}'s CR3")
             else:
-                self.root = parse_number(rest[0], "cr3")
+                self.root, self.guest = parse_number(rest[0], "cr3"), None
                 self._print(f"root: {self.root:#x} for translate, vmmap and read without --cr3")
             return 0
         if name == "vcpu":
@@ -349,6 +372,7 @@ class Shell:
             lines.append(f"  {name:<{width}}  {getattr(sub, 'qi_summary', '')}")
         lines += ["",
                   "  cr3 HEX          translate/vmmap/read use this root when given no --cr3",
+                  "  cr3 pid N        ... this guest process's root (`cr3 comm NAME` by name)",
                   "  cr3 vcpu         back to the vCPU's CR3 (`cr3` alone says which)",
                   "  vcpu N           use vCPU N's registers (`vcpu` alone says which)",
                   "  help [COMMAND]   this, or a command's options",
@@ -382,6 +406,8 @@ class Shell:
     def prompt(self) -> str:
         if self.root is not None:
             return f"qi cr3={self.root:#x}> "
+        if self.guest is not None:
+            return f"qi pid={self.guest[1]}> "
         return PROMPT
 
     def _read_line(self):

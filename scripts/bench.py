@@ -73,6 +73,9 @@ TARGETS = {
     "vmmap_vs_ptdump": 1.0,      # vmmap --json <= 1.0x gdb-pt-dump's pt, start to exit
     "who_maps_s": 1.0,           # who-maps over all roots of the 256 MiB guest <= 1 s
     "search_mb_s": 1000.0,       # search of one address space >= 1 GB/s
+    "ps_first_s": 1.0,           # the first `qintrospect ps` on the 1 GiB guest <= 1 s
+    "ps_later_s": 0.2,           # a later one (the guest kernel's facts kept) <= 0.2 s
+    "guest_pid_extra_ms": 20.0,  # translate --guest-pid <= 20 ms more than --cr3
 }
 
 FULL = dict(n_single_gdb=300, n_single_direct=1000, n_single_hmp=500, cli_reps=5,
@@ -335,6 +338,55 @@ def m_search(ctx):
     return {"times": summary(times), "scanned_bytes": result.scanned,
             "matches": len(result.matches), "mb_per_s": result.scanned / med / MB,
             "heap_found": any(m.gva == ctx["regions"]["heap"]["gva"] for m in result.matches)}
+
+
+def m_guest_ps(ctx):
+    """Issue 22 on the 1 GiB guest: `qintrospect ps` start to exit, the first (nothing kept:
+    a private cache folder of its own, so the note is scanned for, kallsyms decoded and BTF
+    read) and the later ones; `translate --guest-pid` beside `translate --cr3` with the same
+    root; and in one process, open_kernel() with and without what was kept."""
+    folder = tempfile.mkdtemp(prefix="qi-bench-ps-")
+    os.chmod(folder, 0o700)
+    os.environ["XDG_RUNTIME_DIR"] = folder          # the children inherit it
+    try:
+        att = ["--qmp", ctx["qmp"], "--gdb", ctx["gdb"]]
+        ps = _qintrospect_cli() + ["ps", "--json"] + att
+        first, status, out, rss = run_timed(ps, 60)
+        if status != 0:
+            raise RuntimeError(f"qintrospect ps exited {status}")
+        tasks = [json.loads(line) for line in out.decode().splitlines()]
+        probe = next(t for t in tasks if t["pid"] == ctx["probe_pid"])
+        later, later_rss, _ = _times(ps, ctx["cli_reps"] * 3)
+        gva = f"{ctx['gva']:#x}"
+        tr = _qintrospect_cli() + ["translate", "--json"] + att
+        by_pid, _, out_pid = _times(tr + ["--guest-pid", str(ctx["probe_pid"]), gva],
+                                    ctx["cli_reps"] * 3)
+        root = probe["user_root"] or probe["root"]
+        by_cr3, _, out_cr3 = _times(tr + ["--cr3", root, gva], ctx["cli_reps"] * 3)
+        gpa_pid = json.loads(out_pid.decode().splitlines()[0])["gpa"]
+        gpa_cr3 = json.loads(out_cr3.decode().splitlines()[0])["gpa"]
+        from qintrospect import guestos
+        with _attach(ctx, "direct") as vm:
+            t = time.perf_counter()
+            kernel = guestos.open_kernel(vm, use_cache=False)
+            uncached = time.perf_counter() - t
+            t = time.perf_counter()
+            guestos.open_kernel(vm)
+            cached = time.perf_counter() - t
+            t = time.perf_counter()
+            listed = guestos.processes(vm, kernel)
+            walk = time.perf_counter() - t
+        return {"first_s": first, "first_maxrss_kb": rss, "later": summary(later),
+                "later_maxrss_kb": later_rss, "processes": len(tasks),
+                "by_pid": summary(by_pid), "by_cr3": summary(by_cr3),
+                "gpa_pid": gpa_pid, "gpa_cr3": gpa_cr3, "probe_gpa": ctx["probe_gpa"],
+                "open_uncached_ms": uncached * 1000, "open_cached_ms": cached * 1000,
+                "walk_ms": walk * 1000, "walk_tasks": len(listed.tasks),
+                "how": kernel.how, "osrelease": kernel.osrelease,
+                "kallsyms": kernel.facts.get("kallsyms"), "btf_bytes": kernel.facts.get(
+                    "btf_bytes")}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def m_cli_help(ctx):
@@ -683,6 +735,7 @@ MEASURES = {
     "slat": m_slat,
     "who_maps": m_who_maps,
     "search": m_search,
+    "guest_ps": m_guest_ps,
     "cli_help": m_cli_help,
     "gdb_bare": m_gdb_bare,
     "cli_json_batch": m_cli_json_batch,
@@ -873,6 +926,16 @@ class Bench:
         if "scan" in self.args.profile:
             self.run_child("scan", ctx, key="scan-profile", timeout=900, profile=True)
         self.stop_guest("256M")
+
+        g = self.boot("1G")                 # issue 22's figures are for the 1 GiB guest
+        probe = self.start_probe_paused(g)
+        ctx = self.ctx_for(g, probe, probe_pid=probe["pid"],
+                           probe_gpa=probe["regions"]["heap"]["gpa"])
+        self.run_child("guest_ps", ctx, timeout=600)
+        self.check_paused(g, "guest_ps")
+        if "guest_ps" in self.args.profile:
+            self.run_child("guest_ps", ctx, key="guest_ps-profile", timeout=900, profile=True)
+        self.stop_guest("1G")
 
         if not self.args.quick:
             g = self.boot("2G")
@@ -1172,6 +1235,31 @@ class Bench:
         if not err(base):
             add(6, "baseline: python + qintrospect imported, no VM", "-",
                 kb_mb(base["maxrss_kb"]), key="baseline")
+        gp = r.get("guest_ps")
+        if err(gp):
+            add(7, "qintrospect ps", f"ERROR: {gp and gp.get('error')}", key="guest_ps")
+        else:
+            add(7, "first `qintrospect ps --json` on the 1 GiB guest (start to exit; note "
+                f"scanned, kallsyms decoded, BTF read)",
+                f"{gp['first_s'] * 1000:.0f} ms; {gp['processes']} processes, "
+                f"{gp['osrelease']}", kb_mb(gp["first_maxrss_kb"]),
+                f"<= {TARGETS['ps_first_s']:g} s", gp["first_s"] <= TARGETS["ps_first_s"],
+                key="ps_first")
+            add(7, "a later `qintrospect ps --json` (the kernel's facts kept for this boot)",
+                ms(gp["later"]), kb_mb(gp["later_maxrss_kb"]),
+                f"<= {TARGETS['ps_later_s']:g} s",
+                gp["later"]["median_ms"] / 1000 <= TARGETS["ps_later_s"], key="ps_later")
+            extra = gp["by_pid"]["median_ms"] - gp["by_cr3"]["median_ms"]
+            add(7, "`translate --guest-pid P ADDR` - `translate --cr3 ROOT ADDR` (medians)",
+                f"{extra:+.1f} ms ({gp['by_pid']['median_ms']:.0f} vs "
+                f"{gp['by_cr3']['median_ms']:.0f} ms)", None,
+                f"<= {TARGETS['guest_pid_extra_ms']:g} ms",
+                extra <= TARGETS["guest_pid_extra_ms"], key="guest_pid_extra")
+            add(7, "in one process: open_kernel() without / with what was kept; the task walk",
+                f"{gp['open_uncached_ms']:.0f} ms / {gp['open_cached_ms']:.1f} ms; "
+                f"{gp['walk_ms']:.1f} ms for {gp['walk_tasks']} tasks "
+                f"({gp['kallsyms']['count']:,} symbols, {gp['btf_bytes'] / MB:.1f} MB of BTF)",
+                key="guest_open")
         return rows
 
     def checks(self):
@@ -1196,6 +1284,10 @@ class Bench:
             b = r.get(key) or {}
             if "sample_gpas" in b and "sample_gpas" in h:
                 out[f"{key}_agrees_with_gva2gpa"] = b["sample_gpas"] == h["sample_gpas"]
+        gp = r.get("guest_ps") or {}
+        if "gpa_pid" in gp:
+            out["guest_pid_gpa_is_the_probes"] = int(gp["gpa_pid"], 16) == gp["probe_gpa"]
+            out["guest_pid_gpa_equals_cr3s"] = gp["gpa_pid"] == gp["gpa_cr3"]
         md, tlb = r.get("map_direct") or {}, r.get("map_tlb") or {}
         if "leaves" in md and "lines" in tlb:
             out["map_leaves_equal_tlb_lines"] = md["leaves"] == tlb["lines"]
@@ -1310,7 +1402,8 @@ class Bench:
                   3: "3. whole address space (same CR3, VM paused)",
                   4: "4. find-cr3 scan rate (direct path)",
                   5: "5. second-level table (the guest's own table read as an NPT)",
-                  6: "6. memory"}
+                  6: "6. memory",
+                  7: "7. the guest's own processes (issue 22; 1 GiB guest, VM paused)"}
         print(head)
         print("-" * (len(head) + 40))
         section = None

@@ -180,8 +180,11 @@ class Guest:
 
     def __init__(self, cpu="max", memory="256M", smp=1, accel="tcg", extra_args=(),
                  cache_dir=None, start_paused=False, append_extra="",
-                 qemu=None, console_log=None, gdb_unix=False):
+                 qemu=None, console_log=None, gdb_unix=False, kernel=None):
+        """kernel: another kernel's folder (vmlinuz, kernel-release; e.g. the 6.12 one that
+        vm/kernel612.sh caches) to boot with the same initramfs; None: the bundled one."""
         self.cpu = cpu
+        self.kernel_dir = os.path.abspath(kernel) if kernel else None
         self.memory = str(memory)
         self.smp = int(smp)
         self.accel = accel
@@ -211,7 +214,7 @@ class Guest:
     # ------------------------------------------------------------------ files
     @property
     def kernel(self) -> str:
-        return os.path.join(self.cache_dir, "vmlinuz")
+        return os.path.join(self.kernel_dir or self.cache_dir, "vmlinuz")
 
     @property
     def initrd(self) -> str:
@@ -219,7 +222,7 @@ class Guest:
 
     @property
     def kernel_release(self) -> str:
-        with open(os.path.join(self.cache_dir, "kernel-release")) as f:
+        with open(os.path.join(self.kernel_dir or self.cache_dir, "kernel-release")) as f:
             return f.read().strip()
 
     @classmethod
@@ -282,6 +285,9 @@ class Guest:
         if self.console is not None:
             raise GuestError("guest already started")
         self.check_built(self.cache_dir)
+        if self.kernel_dir and not os.path.isfile(self.kernel):
+            raise GuestNotBuilt(f"no kernel at {self.kernel} (vm/kernel612.sh fetches the "
+                                "6.12 one)")
         if shutil.which(self.qemu) is None and not os.path.isfile(self.qemu):
             hint = "apt-get install qemu-system-x86"
             if self.qemu == os.environ.get("QI_QEMU"):
@@ -476,6 +482,43 @@ class Guest:
         report = parse_probe_output(child.before + child.after)
         self.probe = report
         return report
+
+    # ------------------------------------------------------------------ the guest's own view
+    def proc_status(self, timeout=30, threads=False) -> Dict[int, dict]:
+        """Every process as the guest's own /proc shows it now: {pid: {"name", "state",
+        "ppid", "uid", "tgid"}} from /proc/PID/status (Name, State's letter, PPid, the real
+        Uid, Tgid); with threads, every thread (/proc/PID/task/TID/status), by thread id.
+        One `grep` reads them all; it lists itself too, and is gone once this returns (its
+        pid: ``self.lister``)."""
+        where = "/proc/[0-9]*/task/[0-9]*/status" if threads else "/proc/[0-9]*/status"
+        out = self.run(f"grep -E '^(Name|State|Tgid|PPid|Uid):' {where} 2>/dev/null",
+                       timeout=timeout)
+        procs: Dict[int, dict] = {}
+        for line in out.splitlines():
+            m = re.match(r"/proc/(?:\d+/task/)?(\d+)/status:(\w+):\s*(.*)$", line)
+            if not m:
+                continue
+            pid, key, value = int(m.group(1)), m.group(2), m.group(3)
+            entry = procs.setdefault(pid, {})
+            if key == "Name":
+                entry["name"] = value
+            elif key == "State":
+                entry["state"] = value.split()[0]
+            elif key == "PPid":
+                entry["ppid"] = int(value)
+            elif key == "Tgid":
+                entry["tgid"] = int(value)
+            elif key == "Uid":
+                entry["uid"] = int(value.split()[0])
+        # the grep that listed them is gone by now: the newest process called grep
+        greps = [pid for pid, e in procs.items() if e.get("name") == "grep"]
+        self.lister = max(greps) if greps else None
+        return procs
+
+    def proc_maps(self, pid: int, timeout=30) -> List[str]:
+        """The lines of the guest's own /proc/PID/maps."""
+        out = self.run(f"cat /proc/{int(pid)}/maps", timeout=timeout)
+        return [line for line in out.splitlines() if line.strip()]
 
     # ------------------------------------------------------------------ QMP helpers
     def qmp(self, command: str, **arguments):

@@ -337,11 +337,14 @@ def decode_tables(read: Read, symbols: Mapping[str, int], *, mode: str = "auto",
         raise KallsymsError(f"kallsyms_num_syms is {num}: not a plausible symbol count "
                             f"(1..{max_syms})")
     tokens = _tokens(read, symbols["kallsyms_token_table"], symbols["kallsyms_token_index"], e)
-    names = _names(read, symbols["kallsyms_names"], num, tokens)
+    after = [a for a in symbols.values() if a > symbols["kallsyms_names"]]
+    names = _names(read, symbols["kallsyms_names"], num, tokens,
+                   min(after) if after else None)
     candidates = _address_candidates(read, symbols, num, mode, e, ptr_size)
     problems = []
     for cand_mode, addrs in candidates:
-        syms = [Symbol(a, t, n, None) for a, (t, n) in zip(addrs, names)]
+        make = tuple.__new__            # Symbol(...) without its __new__'s keyword handling
+        syms = [make(Symbol, (a, t, n, None)) for a, (t, n) in zip(addrs, names)]
         table = Kallsyms(syms, "kallsyms tables", cand_mode)
         bad = _disagreements(table, check or {})
         unsorted = next((i for i in range(1, num) if addrs[i] < addrs[i - 1]), None)
@@ -356,29 +359,47 @@ def decode_tables(read: Read, symbols: Mapping[str, int], *, mode: str = "auto",
                         "this reader does not know")
 
 
-def _names(read: Read, start: int, num: int, tokens: List[bytes]) -> List[Tuple[str, str]]:
-    st = _Stream(read, start, min(MAX_NAMES_BYTES, num * (2 + 0x3FFF)), "kallsyms_names")
-    buf, pos, out = b"", 0, []
-    get = tokens.__getitem__
+def _names(read: Read, start: int, num: int, tokens: List[bytes],
+           end: Optional[int] = None) -> List[Tuple[str, str]]:
+    """Each symbol's (type, name). The codes of a name are expanded by str.translate (one C
+    call per name: a token may be several characters) over the table read as Latin-1. When
+    the table's end is known (`end`: the next table's address), it is read in one piece and
+    the loop does nothing else; a table that runs past it is read on in chunks."""
+    limit = min(MAX_NAMES_BYTES, num * (2 + 0x3FFF))
+    st = _Stream(read, start, limit, "kallsyms_names")
+    table = {i: tok.decode("latin-1") for i, tok in enumerate(tokens)}
+    if end is not None and 0 < end - start <= limit:
+        try:
+            buf = st.need(end - start)
+        except KallsymsError:
+            buf = b""
+    else:
+        buf = b""
+    text, pos, out = buf.decode("latin-1"), 0, []
+    append = out.append
+    size = len(buf)
     for i in range(num):
-        if pos + 2 > len(buf):
+        if pos + 2 > size:
             buf = st.need(pos + 2)
+            text, size = buf.decode("latin-1"), len(buf)
         n = buf[pos]
         pos += 1
         if n & 0x80:
             n = (n & 0x7F) | (buf[pos] << 7)
             pos += 1
-        if n == 0:
+        elif not n:
             raise KallsymsError(f"kallsyms symbol {i} has length 0 (at byte {pos - 1} of "
                                 "kallsyms_names)")
-        if pos + n > len(buf):
+        if pos + n > size:
             buf = st.need(pos + n)
-        full = b"".join(map(get, buf[pos:pos + n]))
+            text, size = buf.decode("latin-1"), len(buf)
+        append(text[pos:pos + n].translate(table))
         pos += n
+    for i, full in enumerate(out):
         if not full or len(full) > MAX_NAME:
             raise KallsymsError(f"kallsyms symbol {i} expands to {len(full)} bytes")
-        out.append((chr(full[0]), full[1:].decode("utf-8", "replace")))
-    return out
+    return [(f[0], f[1:]) if f.isascii() else
+            (f[0], f.encode("latin-1")[1:].decode("utf-8", "replace")) for f in out]
 
 
 def _address_candidates(read, symbols, num, mode, e, ptr_size):

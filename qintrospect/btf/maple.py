@@ -28,25 +28,48 @@ MAX_HEIGHT = 31             # MAPLE_HEIGHT_MAX
 class MapleTree:
     """A maple tree at `address` (struct maple_tree), its layout from BTF."""
 
-    def __init__(self, btf: Btf, read: Read, address: int):
+    def __init__(self, btf: Optional[Btf], read: Read, address: int,
+                 facts: Optional[dict] = None):
+        """btf: the kernel's BTF; or facts, what MapleTree.facts(btf) said of the same kernel
+        (kept by a caller between commands, so that BTF need not be parsed again)."""
         self.btf, self.read, self.address = btf, read, address
-        self.root_off = btf.offsetof("maple_tree", "ma_root")
-        self.ulong_max = (1 << (8 * btf.ptr_size)) - 1
-        self.parent_off = btf.offsetof("maple_node", "parent")
-        self.types = self._types()
+        if facts is None:
+            if btf is None:
+                raise BtfError("a maple tree needs the kernel's BTF or its facts")
+            facts = self.facts(btf)
+        try:
+            self.root_off = int(facts["root"])
+            self.ulong_max = (1 << (8 * int(facts["ptr_size"]))) - 1
+            self.parent_off = int(facts["parent"])
+            self.types = {str(k): int(v) for k, v in facts["types"].items()}
+            self.layout = {int(k): tuple(None if x is None else int(x) for x in v)
+                           for k, v in facts["layout"].items()}
+            self.leaves = {self.types["maple_dense"], self.types["maple_leaf_64"]}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BtfError(f"maple tree facts are incomplete ({e!r})") from None
+
+    @classmethod
+    def facts(cls, btf: Btf) -> dict:
+        """What a walk needs of BTF, as plain JSON-able values: offsets, array lengths, the
+        node types' numbers."""
+        self = object.__new__(cls)
+        self.btf = btf
+        types = self._types()
         r64 = btf.member("maple_range_64", "pivot")
         a64 = btf.member("maple_arange_64", "pivot")
         dense = btf.member("maple_node", "slot")
         mr_off = btf.offsetof("maple_node", "mr64")
         ma_off = btf.offsetof("maple_node", "ma64")
         # per type: (pivots offset, number of pivots, slots offset, number of slots, meta end)
-        self.layout = {
-            self.types["maple_dense"]: (None, 0, dense.offset, dense.resolved.nelems, None),
-            self.types["maple_leaf_64"]: self._range(mr_off, "maple_range_64", r64),
-            self.types["maple_range_64"]: self._range(mr_off, "maple_range_64", r64),
-            self.types["maple_arange_64"]: self._range(ma_off, "maple_arange_64", a64),
+        layout = {
+            types["maple_dense"]: (None, 0, dense.offset, dense.resolved.nelems, None),
+            types["maple_leaf_64"]: self._range(mr_off, "maple_range_64", r64),
+            types["maple_range_64"]: self._range(mr_off, "maple_range_64", r64),
+            types["maple_arange_64"]: self._range(ma_off, "maple_arange_64", a64),
         }
-        self.leaves = {self.types["maple_dense"], self.types["maple_leaf_64"]}
+        return {"root": btf.offsetof("maple_tree", "ma_root"), "ptr_size": btf.ptr_size,
+                "parent": btf.offsetof("maple_node", "parent"), "types": types,
+                "layout": {str(k): list(v) for k, v in layout.items()}}
 
     def _types(self):
         names = ("maple_dense", "maple_leaf_64", "maple_range_64", "maple_arange_64")

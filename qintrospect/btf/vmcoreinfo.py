@@ -23,6 +23,9 @@ from .errors import VmcoreinfoError
 
 NOTE_NAME = b"VMCOREINFO\0"
 MAX_TEXT = 64 << 10         # the kernel's is one page at most
+# SYMBOL()s whose value is not the symbol's address: VMCOREINFO_SYMBOL_ARRAY(mem_section)
+# writes the pointer mem_section holds (an allocated array, with SPARSEMEM_EXTREME)
+VALUE_SYMBOLS = frozenset({"mem_section"})
 _LINE = re.compile(r"(SYMBOL|SIZE|OFFSET|LENGTH|NUMBER)\(([^()=\s]+)\)=(.*)")
 _KEY = re.compile(r"[A-Z][A-Z0-9_\-]*")
 
@@ -134,9 +137,11 @@ class Vmcoreinfo:
 
     def decode_kallsyms(self, read: Callable[[int, int], bytes], mode: str = "auto"):
         """Decode the kernel's kallsyms through read(addr, n), every other SYMBOL() here
-        serving as a check of the decode. Raises KallsymsError."""
+        (but the VALUE_SYMBOLS, which hold a pointer's value) serving as a check of the
+        decode. Raises KallsymsError."""
         from .kallsyms import Kallsyms
-        check = {k: v for k, v in self.symbols.items() if not k.startswith("kallsyms_")}
+        check = {k: v for k, v in self.symbols.items()
+                 if not k.startswith("kallsyms_") and k not in VALUE_SYMBOLS}
         return Kallsyms.from_tables(read, self.kallsyms_tables(), mode=mode, check=check)
 
     def __repr__(self):

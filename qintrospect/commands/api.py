@@ -79,13 +79,20 @@ class Commands:
         return self.leaf_arrays(cr3, start, end).mappings()
 
     def who_maps(self, gpa: Optional[int] = None, hva: Optional[int] = None,
-                 hpa: Optional[int] = None, progress=None, slat=None):
-        """commands.whomaps.who_maps: every mapping that reaches the frame."""
+                 hpa: Optional[int] = None, progress=None, slat=None, roots=None,
+                 names: bool = True):
+        """commands.whomaps.who_maps: every mapping that reaches the frame (over `roots` only,
+        when given), with the guest processes behind each root named (names=True: read
+        from the guest kernel's own memory when it can be; a note when not)."""
         from . import whomaps
         from ..slat import parse_slat
         self.check_open()
         spec = parse_slat(slat) if isinstance(slat, str) else slat
-        return whomaps.who_maps(self, gpa, hva, hpa, progress, spec)
+        results = whomaps.who_maps(self, gpa, hva, hpa, progress, spec, roots)
+        if names:
+            from .guest import name_processes
+            name_processes(self, results)
+        return results
 
     def second_level(self, spec, translations=(), progress=None):
         """commands.second_level.second_level: this VM's second-level table on this host."""
@@ -97,3 +104,23 @@ class Commands:
         from ..slat import kvm
         self.check_open()
         return kvm.facts(self.qmp, self.process.pid if self.process else None, roots=roots)
+
+    # ---- the guest's own processes (qintrospect.guestos: no symbol files) -----------------
+
+    def processes(self, include_idle: bool = False, threads: bool = False, progress=None):
+        """commands.guest.processes: the guest's processes (guestos.TaskList), read from its
+        kernel's task list with offsets from its own BTF (threads=True: every thread too)."""
+        from .guest import processes
+        return processes(self, include_idle, threads, progress)
+
+    def guest_process(self, pid: Optional[int] = None, comm: Optional[str] = None,
+                      progress=None):
+        """commands.guest.process: the one guest process with this pid or comm
+        (guestos.GuestTask: its roots, .root_for(address))."""
+        from .guest import process
+        return process(self, pid, comm, progress)
+
+    def guest_vmas(self, task):
+        """commands.guest.vmas: a guest process's VMAs, as its /proc/PID/maps lists them."""
+        from .guest import vmas
+        return vmas(self, task)

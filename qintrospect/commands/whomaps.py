@@ -44,12 +44,16 @@ class Reach:
     executable: bool
     half: str                 # "user" / "kernel" half of a 4/5-level space, or "all"
     roots: Tuple[int, ...] = ()   # every root that reaches it this way (a shared kernel half)
+    # the guest processes whose roots these are, (pid, comm), when the guest kernel was read
+    processes: Optional[Tuple[Tuple[int, str], ...]] = None
 
     def to_dict(self) -> dict:
         return {"root": _h(self.root), "gva": _h(self.gva), "page_size": self.page_size,
                 "level": self.level, "writable": self.writable, "user": self.user,
                 "executable": self.executable, "half": self.half,
-                "roots": [_h(r) for r in self.roots]}
+                "roots": [_h(r) for r in self.roots],
+                "processes": None if self.processes is None else
+                [{"pid": p, "comm": c} for p, c in self.processes]}
 
 
 @record
@@ -299,11 +303,13 @@ def gpas_of_hva(session, hva: int) -> List[int]:
 
 
 def who_maps(session, gpa: Optional[int] = None, hva: Optional[int] = None,
-             hpa: Optional[int] = None, progress=None, slat_spec=None) -> List[WhoMaps]:
+             hpa: Optional[int] = None, progress=None, slat_spec=None,
+             roots: Optional[List[int]] = None) -> List[WhoMaps]:
     """One WhoMaps per guest-physical address the query names (a host frame may be held at
     several GPAs, or by no RAM of this VM). With slat_spec (a KVM host), the second-level
     table too: the GPAs whose leaf holds the host frame, and whether the frame is one of the
-    table's own pages."""
+    table's own pages. roots: search only these (one guest process's), not every root
+    found."""
     given = [(k, v) for k, v in (("gpa", gpa), ("hva", hva), ("hpa", hpa)) if v is not None]
     if len(given) != 1:
         raise UsageError("give exactly one of --gpa, --hva, --hpa")
@@ -316,7 +322,10 @@ def who_maps(session, gpa: Optional[int] = None, hva: Optional[int] = None,
         gpas = gpas_of_hva(session, address)
     else:
         gpas = [address]
-    roots, root_notes = guest_roots(session, progress)
+    if roots is None:
+        roots, root_notes = guest_roots(session, progress)
+    else:
+        root_notes = [f"only the roots {', '.join(_h(r) for r in roots)} are searched"]
     results = []
     for g in gpas:
         w = who_maps_gpa(session, g, roots)
@@ -368,8 +377,14 @@ def text(w: WhoMaps) -> str:
         who = "user" if r.user else "kernel"
         many = f"  (and {len(r.roots) - 1} more root(s) sharing the kernel half)" \
             if len(r.roots) > 1 else ""
+        names = ""
+        if r.processes:
+            shown = ", ".join(f"{p} ({c})" for p, c in r.processes[:8])
+            more = f" and {len(r.processes) - 8} more" if len(r.processes) > 8 else ""
+            names = f"  pid {shown}{more}"
         lines.append(f"    GVA {r.gva:#018x}  root {r.root:#x}  {r.level:<4} "
-                     f"{paging.formats.size_name(r.page_size):>6}  {perms} {who}{many}")
+                     f"{paging.formats.size_name(r.page_size):>6}  {perms} {who}{many}"
+                     f"{names}")
     for t in w.tables:
         many = f" (shared by {len(t.roots)} roots)" if len(t.roots) > 1 else ""
         lines.append(f"  it is a page-table page: {t.level} table of root {t.root:#x}{many}")

@@ -18,8 +18,73 @@ EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_ATTACH, EXIT_BUG = 0, 1, 2, 3, 4
 MASK64 = (1 << 64) - 1
 
 
+def guest_named(args) -> bool:
+    """Whether --guest-pid or --guest-comm names a guest process (UsageError for both, or
+    for either with --cr3)."""
+    pid, comm = getattr(args, "guest_pid", None), getattr(args, "guest_comm", None)
+    if pid is not None and comm is not None:
+        raise UsageError("--guest-pid and --guest-comm exclude each other")
+    named = pid is not None or comm is not None
+    if named and getattr(args, "cr3", None):
+        raise UsageError("--cr3 and --guest-pid/--guest-comm exclude each other")
+    return named
+
+
+def guest_root(vm, args, addresses=()):
+    """(root, task) of the guest process --guest-pid/--guest-comm names: its root for these
+    addresses (commands.guest.root_for), said on stderr with -v; (None, None) if none named."""
+    if not guest_named(args):
+        return None, None
+    from ..commands.guest import root_for
+    with _kernel_progress(vm) as progress:
+        task = vm.guest_process(pid=args.guest_pid, comm=args.guest_comm, progress=progress)
+    root, which = root_for(task, addresses)
+    if getattr(args, "verbose", False):
+        print(f"# guest process {task.pid} ({task.comm}): root {root:#x} ({which})",
+              file=sys.stderr)
+    return root, task
+
+
+def _kernel_progress(vm):
+    """Progress over guest RAM, drawn (on a terminal) only while the guest kernel's note is
+    looked for: the first command of a guest boot."""
+    import contextlib
+    from ..present.progress import Progress
+
+    @contextlib.contextmanager
+    def shown():
+        progress = Progress("looking for the guest kernel in its RAM", vm.ram_map.ram_bytes)
+        try:
+            yield progress
+        finally:
+            progress.close()
+    return shown()
+
+
+def cmd_ps(args) -> int:
+    """The guest's processes, from its kernel's own memory."""
+    from ..present import guest as view
+    from ..guestos import open_kernel
+    with attached(args) as vm:
+        with _kernel_progress(vm) as progress:
+            kernel = open_kernel(vm, progress=progress)
+        found = vm.processes(threads=args.threads)
+        vm.check_live(final=True)
+        described = kernel.describe()
+    if args.json:
+        sys.stdout.write("".join(render.json_line(t.to_dict()) + "\n" for t in found.tasks))
+    else:
+        print(view.ps_header(described, found))
+        print(view.ps_text(found))
+    for note in found.notes + ([f"the task list was read only in part: {found.cut}"]
+                               if found.cut else []):
+        print(f"qintrospect: note: {note}", file=sys.stderr)
+    return EXIT_OK if found.complete else EXIT_FAULT
+
+
 def cmd_translate(args) -> int:
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
+    named = guest_named(args)
     if args.addresses == ["-"]:
         addresses = read_addresses(getattr(sys.stdin, "buffer", sys.stdin))
         args.json = True  # a stream in, JSON Lines out
@@ -28,8 +93,8 @@ def cmd_translate(args) -> int:
             raise UsageError("'-' (read addresses from stdin) must be the only address")
         addresses = [parse_number(a) for a in args.addresses]
     if args.find_cr3:
-        if cr3 is not None:
-            raise UsageError("--find-cr3 and --cr3 exclude each other")
+        if cr3 is not None or named:
+            raise UsageError("--find-cr3 and --cr3/--guest-pid/--guest-comm exclude each other")
         if not args.expect or not isinstance(addresses, list) or len(addresses) != 1:
             raise UsageError("--find-cr3 needs --expect VALUE and exactly one ADDR")
     elif args.expect:
@@ -40,11 +105,16 @@ def cmd_translate(args) -> int:
     if args.outer:
         if args.brief:
             raise UsageError("--brief does not go with --outer")
+        if named:
+            raise UsageError("--outer takes the innermost VM's own CR3; --guest-pid/"
+                             "--guest-comm do not apply")
         return _translate_nested(args, addresses, cr3, slat_spec)
     status = EXIT_OK
     from ..present.picture import TranslatePictures
     pictures = TranslatePictures(args)      # --html/--svg/--mermaid: written after the text
     with attached(args) as vm:
+        if named:
+            cr3, _ = guest_root(vm, args, addresses if isinstance(addresses, list) else ())
         if args.find_cr3:
             expect = parse_number(args.expect, "--expect")
             found = [c for c in _find_cr3(vm, addresses[0], expect) if c.value_matches]
@@ -201,13 +271,32 @@ def _find_cr3(vm, gva, expect, label="find-cr3"):
         progress.close()
 
 
+def _guest_candidates(vm, args, gva, expect):
+    """find-cr3 --guest-pid: that process's roots (both copies under KPTI), checked as the
+    finder checks its candidates, with no scan."""
+    from ..commands import finder
+    _, task = guest_root(vm, args)
+    how = f"mm->pgd of guest process {task.pid} ({task.comm})"
+    current = {v.root for v in vm.vcpu_info}
+    cands = [finder.Candidate(task.root, how, is_current=task.root in current,
+                              kpti_user_copy=task.user_root)]
+    if task.user_root is not None:
+        cands.append(finder.Candidate(task.user_root, f"KPTI user copy of {how}",
+                                      is_current=task.user_root in current,
+                                      kpti_kernel_copy=task.root))
+    return finder.check(vm.cached_memory().read, vm.cpu, cands, gva, expect)
+
+
 def cmd_find_cr3(args) -> int:
     gva = parse_number(args.gva, "--gva") if args.gva else None
     expect = parse_number(args.expect, "--expect") if args.expect else None
     if expect is not None and gva is None:
         raise UsageError("--expect VALUE needs --gva ADDR (the address whose 8 bytes to check)")
     with attached(args) as vm:
-        candidates = _find_cr3(vm, gva, expect)
+        if guest_named(args):
+            candidates = _guest_candidates(vm, args, gva, expect)
+        else:
+            candidates = _find_cr3(vm, gva, expect)
     if expect is not None:
         shown = [c for c in candidates if c.value_matches]
     elif gva is not None:
@@ -242,7 +331,11 @@ def cmd_vmmap(args) -> int:
     out = sys.stdout
     from ..present.picture import VmmapPictures
     pictures = VmmapPictures(args)          # --html/--svg: the map, written after the rows
+    named = guest_named(args)
     with attached(args) as vm:
+        task = None
+        if named:
+            cr3, task = guest_root(vm, args)
         leaves = vm.leaf_arrays(cr3, start, end)
         pictures.begin(vm, leaves)
         rows = vmmap.keep(vmmap.from_leaves(leaves), args.user, args.kernel, args.writable,
@@ -269,11 +362,35 @@ def cmd_vmmap(args) -> int:
             vm.check_live()
             out.write("".join(line + "\n" for line in lines))
         skipped = vm.unreadable_tables
+        if task is not None:
+            _vmmap_vmas(vm, args, task, cr3, start, end, pictures)
     if skipped:
         print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
               f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)
     pictures.finish()
     return EXIT_OK
+
+
+def _vmmap_vmas(vm, args, task, root, start, end, pictures) -> None:
+    """vmmap --guest-pid: the process's VMAs (as /proc/PID/maps) beside its page tables."""
+    from ..commands import guest
+    from ..present import guest as view
+    listed = vm.guest_vmas(task)
+    user = vm.leaf_arrays(root, start, end)
+    covered, outside = guest.coverage(listed.vmas, user)
+    vm.check_live()
+    pictures.guest_vmas(task, covered, outside)
+    if args.json:
+        sys.stdout.write("".join(render.json_line(dict(c.to_dict(), pid=task.pid)) + "\n"
+                                 for c in covered))
+        sys.stdout.write("".join(render.json_line(dict(o.to_dict(), pid=task.pid)) + "\n"
+                                 for o in outside))
+    else:
+        which = guest.root_for(task)[1]
+        print()
+        print(view.vma_text(task, root, which, covered, outside))
+    for note in listed.notes + ([listed.cut] if listed.cut else []):
+        print(f"qintrospect: note: {note}", file=sys.stderr)
 
 
 MAX_READ = 64 << 20
@@ -287,10 +404,12 @@ def cmd_read(args) -> int:
     if address + length - 1 > MASK64:
         raise UsageError(f"{address:#x}+{length} runs past the top of the address space")
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
-    if args.phys and cr3 is not None:
-        raise UsageError("--phys and --cr3 exclude each other")
+    if args.phys and (cr3 is not None or guest_named(args)):
+        raise UsageError("--phys and --cr3/--guest-pid/--guest-comm exclude each other")
     status = EXIT_OK
     with attached(args) as vm:
+        if guest_named(args):
+            cr3, _ = guest_root(vm, args, [address])
         for piece in checked(vm, vm.read_pieces(address, length, physical=args.phys, cr3=cr3)):
             if piece.data is None:
                 status = EXIT_FAULT
@@ -311,11 +430,15 @@ def cmd_search(args) -> int:
         raise UsageError("--align and --max must be at least 1")
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
     start, end = _range(args.range)
-    if args.phys and (cr3 is not None or args.range or args.user or args.kernel or
-                      args.writable or args.exec):
-        raise UsageError("--phys searches guest RAM: --cr3, --range and the page filters are "
-                         "for an address space")
+    if args.phys and (cr3 is not None or guest_named(args) or args.range or args.user or
+                      args.kernel or args.writable or args.exec):
+        raise UsageError("--phys searches guest RAM: --cr3, --guest-pid/--guest-comm, --range "
+                         "and the page filters are for an address space")
     with attached(args) as vm:
+        if guest_named(args):
+            # under KPTI: the user copy when the search stays in user space, else the kernel
+            # copy (both halves)
+            cr3, _ = guest_root(vm, args, [0] if args.user else [1 << 63])
         progress = Progress("search", None)
         try:
             if args.phys:
@@ -363,8 +486,12 @@ def cmd_who_maps(args) -> int:
         progress = Progress("who-maps: scanning guest RAM for page-table roots",
                             vm.ram_map.ram_bytes)
         try:
+            root, task = guest_root(vm, args)
+            roots = None if task is None else \
+                [r for r in (task.root, task.user_root) if r is not None]
             results = vm.who_maps(**{kind: address}, progress=progress,
-                                  slat=_slat_spec(args))
+                                  slat=_slat_spec(args), roots=roots,
+                                  names=not args.no_names)
         finally:
             progress.close()
     for w in results:

@@ -59,6 +59,18 @@ class _RecordingGroup:
         return action
 
 
+def guest_options(p: argparse.ArgumentParser, what: str = "translate with") -> None:
+    """--guest-pid / --guest-comm: a guest process named instead of a --cr3 (its root read
+    from the guest kernel's own memory: see the ps command)."""
+    p.add_argument("--guest-pid", type=int, metavar="PID",
+                   help=f"{what} this guest process's page-table root (found in the guest "
+                        "kernel's memory, as `ps` lists it; under KPTI its user copy for user "
+                        "addresses) instead of the vCPU's CR3")
+    p.add_argument("--guest-comm", metavar="NAME",
+                   help="as --guest-pid, the one guest process called NAME (several: exit 2, "
+                        "listing them)")
+
+
 def session_dests(sub) -> tuple:
     """The attaching options' names of a command's parser (session_options)."""
     return getattr(sub, "qi_session_dests", ())
@@ -118,6 +130,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     if t is not None:
         t.add_argument("addresses", nargs="+", metavar="ADDR", help="0x-prefixed hex or decimal")
         t.add_argument("--cr3", help="use this page-table root instead of the vCPU's CR3")
+        guest_options(t)
         t.add_argument("--find-cr3", action="store_true",
                        help="find the root that maps the (single) ADDR holding --expect VALUE")
         t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
@@ -151,6 +164,29 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         session_options(c)
         c.set_defaults(func=actions.cmd_cpus)
 
+    ps = command("ps", help="the guest's processes, from its kernel's own memory (no symbol "
+                            "files): pid, ppid, uid, state, page-table roots, vCPU",
+                 description="Find the guest kernel's vmcoreinfo note in guest RAM, decode "
+                             "kallsyms from the tables it names (Linux 6.0 and later) and "
+                             "read the kernel's BTF, then walk the task list from init_task "
+                             "with BTF's offsets: every process (as /proc lists them) with "
+                             "pid, tgid, ppid, uid, state, kernel thread or not, mm->pgd as "
+                             "a guest-physical root (and its KPTI user copy), the vCPU that "
+                             "runs it and the vCPUs whose CR3 holds its root. What was found "
+                             "is kept for this guest boot: a second command pays almost "
+                             "nothing. Exit 1 when the task list could be read only in part "
+                             "(a note says where it broke: a VM that runs may change it "
+                             "meanwhile); exit 3 when the guest kernel cannot be read this "
+                             "way (not Linux, older than 6.0, no BTF).")
+    if ps is not None:
+        ps.add_argument("--json", action="store_true", help="one JSON object per process "
+                                                            "(JSON Lines)")
+        ps.add_argument("--threads", action="store_true",
+                        help="every thread too, after its process (pid = the thread's id, "
+                             "tgid = its process's), as /proc/PID/task lists them")
+        session_options(ps)
+        ps.set_defaults(func=actions.cmd_ps)
+
     f = command("find-cr3", help="find page-table roots in guest RAM (no symbols needed)",
                 description="Scan guest RAM for top-level page tables that share the "
                             "kernel half of the current one (one per process; KPTI "
@@ -160,12 +196,14 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         f.add_argument("--gva", help="keep roots that map this address")
         f.add_argument("--expect", help="keep roots whose 8 bytes at --gva equal this value")
         f.add_argument("--json", action="store_true", help="one JSON object per candidate")
+        guest_options(f, "instead of scanning, give")
         session_options(f)
         f.set_defaults(func=actions.cmd_find_cr3)
 
     m = command("vmmap", help="the whole address space as ranges (or --leaf pages)")
     if m is not None:
         m.add_argument("--cr3", help="map this page-table root instead of the vCPU's")
+        guest_options(m, "map (and list its VMAs, as /proc/PID/maps does, beside) ")
         m.add_argument("--leaf", action="store_true", help="one row per mapped page, with its GPA")
         m.add_argument("--user", action="store_true", help="only user-accessible ranges")
         m.add_argument("--kernel", action="store_true", help="only supervisor-only ranges")
@@ -197,6 +235,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         se.set_defaults(kind="text")
         se.add_argument("--phys", action="store_true", help="search guest-physical RAM")
         se.add_argument("--cr3", help="search this page-table root's address space")
+        guest_options(se, "search the address space of")
         se.add_argument("--user", action="store_true", help="only user-accessible pages")
         se.add_argument("--kernel", action="store_true", help="only supervisor-only pages")
         se.add_argument("--writable", action="store_true", help="only writable pages")
@@ -215,6 +254,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         r.add_argument("length", metavar="LEN")
         r.add_argument("--phys", action="store_true", help="ADDR is guest-physical")
         r.add_argument("--cr3", help="translate with this page-table root")
+        guest_options(r)
         r.add_argument("--json", action="store_true", help="one JSON object per page piece")
         session_options(r)
         r.set_defaults(func=actions.cmd_read)
@@ -256,6 +296,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                             "whose leaf holds the host frame, and whether the frame is a page of "
                             "the table)")
         w.add_argument("--json", action="store_true", help="one JSON object per frame")
+        guest_options(w, "keep only the mappings of")
+        w.add_argument("--no-names", action="store_true",
+                       help="do not name the guest processes behind each root (ps's reading "
+                            "of the guest kernel)")
         session_options(w)
         w.set_defaults(func=actions.cmd_who_maps)
 
@@ -341,6 +385,7 @@ def report_options(p) -> None:
                    help="a gpt_dump or ept_dump log (repeatable): parsed, checked against "
                         "itself and compared with the live outside walk")
     p.add_argument("--cr3", help="translate with this page-table root instead of the vCPU's")
+    guest_options(p)
     p.add_argument("--slat", metavar="auto|npt:HEX|npt5:HEX|ept:HEX",
                    help="draw each GPA's walk through the hypervisor's second-level table too "
                         "(as translate --slat)")

@@ -57,9 +57,14 @@ def collect(args) -> Report:
     for path in args.log:        # offline first: a bad log is said before attaching
         log = modlog.parse_log_file(path)
         entries.append(LogEntry(path, log, modlog.check_log(log), _read(path)))
+    from .actions import guest_named, guest_root
+    named = guest_named(args)
     with attached(args) as vm:
         facts = vm.describe()
         vcpus = [v.to_dict() for v in vm.vcpu_info]
+        if named:
+            cr3, task = guest_root(vm, args, addresses)
+            facts["guest_process"] = f"pid {task.pid} ({task.comm}), root {cr3:#x}"
         results = list(vm.translate_many(addresses, cr3))
         if spec is not None:
             results = list(with_second_level(vm, results, spec, slat_progress))

@@ -27,10 +27,10 @@ def run_json(*args, **kw):
 
 
 def boot(cpu, smp=1, probe="spin", memory="256M", append_extra="", extra_args=(),
-         gdb_unix=False):
+         gdb_unix=False, kernel=None):
     Guest.check_built()  # fails (not skips) with "run vm/build.sh" when the guest is missing
     guest = Guest(cpu=cpu, smp=smp, memory=memory, append_extra=append_extra,
-                  extra_args=extra_args, gdb_unix=gdb_unix)
+                  extra_args=extra_args, gdb_unix=gdb_unix, kernel=kernel)
     try:
         guest.start()
         if probe:

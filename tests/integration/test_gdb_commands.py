@@ -317,3 +317,25 @@ def test_qi_uses_gdbs_selected_thread_as_the_vcpu():
     assert (int(first["cr3"], 16), int(second["cr3"], 16)) == tuple(cr3)
     assert first["gpa"] == second["gpa"]          # a kernel address: any process's table
     assert received(parts["mode"]) == "0"
+
+
+def test_qi_ps_and_guest_pid_match_the_command_line(g, paused_on_probe):
+    """Issue 22 inside gdb: `qi ps` lists what `qintrospect ps` lists, and `qi translate
+    --guest-pid` gives the probe's GPAs, on gdb's own connection."""
+    r = g.probe["regions"]
+    pid = g.probe["pid"]
+    rc, cli, err = run_json("ps", "--qmp", g.qmp_path)
+    assert rc == 0, err
+    parts, err, rc = gdb_batch(
+        g, ("qmp", f"qi set qmp {g.qmp_path}"), ("ps", "qi ps --json"),
+        ("translate", f"qi translate --json --guest-pid {pid} {r['heap']['gva']:#x} "
+                      f"{r['text']['gva']:#x}"),
+        ("status", "p $qi_status"), ("mode after", "maint packet qqemu.PhyMemMode"))
+    assert "Traceback" not in err and "internal error" not in err, err
+    mine = json_lines(parts["ps"])
+    keep = ("pid", "ppid", "comm", "uid", "kthread", "root", "user_root")
+    assert [{k: t[k] for k in keep} for t in mine] == [{k: t[k] for k in keep} for t in cli]
+    heap, text = json_lines(parts["translate"])
+    assert int(heap["gpa"], 16) == r["heap"]["gpa"] and int(text["gpa"], 16) == r["text"]["gpa"]
+    assert parts["status"].strip().endswith("= 0")
+    assert received(parts["mode after"]) == "0"

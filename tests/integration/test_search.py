@@ -154,3 +154,18 @@ def test_the_shell_and_gdb_search_as_the_command_line_does(g):
     parts, err, rc = gdb_batch(g, ("s", "qi search " + " ".join(args)))
     assert [ln for ln in parts["s"].splitlines() if ln.startswith("{")] == want, err
     assert any(int(json.loads(ln)["gva"], 16) == heap["gva"] for ln in want)
+
+
+def test_a_guest_process_named_by_pid(g):
+    """search --guest-pid: the probe's own address space, its root read from the guest
+    kernel's memory (the vCPU may run another process)."""
+    heap = g.probe["regions"]["heap"]
+    rc, out, err = run_cli("search", *attach_args(g), "--guest-pid", str(g.probe["pid"]),
+                           "--u64", hex(HEAP_VALUE), "--user", "--json")
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert any(int(r["gva"], 16) == heap["gva"] and int(r["gpa"], 16) == heap["gpa"]
+               for r in rows), rows
+    rc, out, err = run_cli("search", *attach_args(g), "--guest-pid", "1", "--cr3", "0x1000",
+                           "a")
+    assert rc == 2 and "exclude" in err

@@ -98,6 +98,12 @@ MEASUREMENTS = {
     "who_maps": {"times": times, "roots": count, "mappings": count, "heap_found": flag, **RSS},
     "search": {"times": times, "scanned_bytes": count, "matches": count, "mb_per_s": positive,
                "heap_found": flag, **RSS},
+    "guest_ps": {"first_s": positive, "first_maxrss_kb": count, "later": times,
+                 "later_maxrss_kb": count, "processes": count, "by_pid": times,
+                 "by_cr3": times, "gpa_pid": text, "gpa_cr3": text, "probe_gpa": count,
+                 "open_uncached_ms": positive, "open_cached_ms": positive,
+                 "walk_ms": positive, "walk_tasks": count, "how": text, "osrelease": text,
+                 "btf_bytes": count, **RSS},
     "cli_help": {"times": times, "cmd_maxrss_kb": count},
     "gdb_bare": {"times": times, "cmd_maxrss_kb": count},
     "cli_json_batch": {"n": count, "lines": count, "seconds": positive, "times": times,
@@ -119,17 +125,18 @@ ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "
         "slat_256M", "slat_walk_ratio", "slat_2G_filled", "cli_help", "gdb_bare",
         "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "cli_brief_batch",
         "brief_batch_ratio", "map_cli_extra_ratio", "ptdump", "who_maps", "search",
-        "shell_translate",
-        "shell_vs_gva2gpa"}
+        "shell_translate", "shell_vs_gva2gpa", "ps_first", "ps_later", "guest_pid_extra",
+        "guest_open"}
 TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
             "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio",
             "brief_batch_ratio", "map_cli_extra_ratio", "who_maps", "search",
-            "shell_vs_gva2gpa"}
+            "shell_vs_gva2gpa", "ps_first", "ps_later", "guest_pid_extra"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
           "batch_agrees_with_gva2gpa", "batch_arrays_agrees_with_gva2gpa",
           "map_leaves_equal_tlb_lines", "map_cr3_same", "map_arrays_leaves_equal_map_direct",
           "map_gdb_leaves_equal_map_direct", "slat_256M_found_the_cr3_table",
-          "who_maps_found_the_heap", "search_found_the_heap", "shell_gpa_agrees_with_gva2gpa"}
+          "who_maps_found_the_heap", "search_found_the_heap", "shell_gpa_agrees_with_gva2gpa",
+          "guest_pid_gpa_is_the_probes", "guest_pid_gpa_equals_cr3s"}
 
 
 def check_bench_json(obj: dict, quick: bool = True) -> None:
@@ -146,7 +153,7 @@ def check_bench_json(obj: dict, quick: bool = True) -> None:
         if len(bench["loadavg"][when]) != 3:
             problems.append(f"loadavg {when}")
     guests = bench["guests"]
-    if [g["memory"] for g in guests] != (["256M"] if quick else ["256M", "2G"]) or \
+    if [g["memory"] for g in guests] != (["256M", "1G"] if quick else ["256M", "1G", "2G"]) or \
             not all(positive(g["boot_s"]) and text(g["cpu"]) for g in guests):
         problems.append(f"guests: {guests}")
     m = obj["measurements"]
@@ -164,7 +171,7 @@ def check_bench_json(obj: dict, quick: bool = True) -> None:
     if set(rows) != ROWS:
         problems.append(f"rows: {sorted(set(rows) ^ ROWS, key=str)}")
     for key, r in rows.items():
-        if not (r["section"] in range(1, 7) and text(r["measurement"]) and text(r["result"])):
+        if not (r["section"] in range(1, 8) and text(r["measurement"]) and text(r["result"])):
             problems.append(f"row {key}: {r}")
         if r["result"].startswith("ERROR"):
             problems.append(f"row {key}: {r['result']}")
@@ -261,6 +268,14 @@ def measured():
                             "per_second": 200000.0, "bytes": 4000000, "cmd_maxrss_kb": 60000,
                             "levels_in_first": 0},
         "ptdump": {"skipped": "set QI_GDB_PT_DUMP to gdb-pt-dump's pt.py to compare with it"},
+        "guest_ps": {"first_s": 0.95, "first_maxrss_kb": 60000, "later": summary(160),
+                     "later_maxrss_kb": 40000, "processes": 48, "by_pid": summary(170),
+                     "by_cr3": summary(160), "gpa_pid": "0xfddf6d0", "gpa_cr3": "0xfddf6d0",
+                     "probe_gpa": 0xFDDF6D0, "open_uncached_ms": 830.0, "open_cached_ms": 1.8,
+                     "walk_ms": 8.0, "walk_tasks": 48, "how": "cached for this boot",
+                     "osrelease": "6.1.0-57-cloud-amd64",
+                     "kallsyms": {"mode": "absolute_percpu", "count": 87347},
+                     "btf_bytes": 4120215, "maxrss_kb": 70000},
         "slat_256M": {"ram_bytes": 256 << 20, "times": summary(126), "probes": 5,
                       "found_root": 0x2992000, "cr3_root": 0x2992000, "depth": 5,
                       "found_is_cr3": True, "candidates": 1, "s_per_gib": 0.5,
@@ -275,7 +290,8 @@ def report(bench, results, capsys, as_json=True):
         b.results = results
         b.elapsed = 25.0
         b.loadavg["end"] = os.getloadavg()
-        b.guest_info = [{"memory": "256M", "boot_s": 6.7, "cpu": "max", "qemu": "7.2.22"}]
+        b.guest_info = [{"memory": "256M", "boot_s": 6.7, "cpu": "max", "qemu": "7.2.22"},
+                        {"memory": "1G", "boot_s": 6.9, "cpu": "max", "qemu": "7.2.22"}]
         b.report()
     finally:
         b.close()

@@ -132,6 +132,7 @@ SECTIONS = {
     "nested": "translate --outer",
     "cpus": "cpus --json",
     "find-cr3": "find-cr3 --json",
+    "ps": "ps --json",
     "vmmap": "vmmap --json",
     "read": "read --json",
     "who-maps": "who-maps --json",
@@ -256,6 +257,36 @@ class Guest:
     def close(self):
         del self._export
         self.ram.close()
+
+
+class _RamView:
+    """The guest's RAM as tests.guest_linux writes it (put bytes, read bytes)."""
+
+    def __init__(self, guest):
+        self.guest = guest
+
+    def put(self, gpa, data):
+        self.guest.ram[gpa:gpa + len(data)] = bytes(data)
+
+    def read(self, gpa, n):
+        return self.guest.read(gpa, n)
+
+
+def small_linux(guest):
+    """A small Linux in the guest's RAM (tests/guest_linux.py), its kernel half reachable
+    through the vCPU's root: ps, --guest-pid and who-maps's names have something to read."""
+    from tests.guest_linux import Linux
+    lx = Linux(_RamView(guest), PML4, 32 * MIB, RAM)
+    init = lx.new_task(1, "init", parent=lx.init_task)
+    lx.new_task(2, "kthreadd", kthread=True, parent=lx.init_task)
+    probe = lx.new_task(51, "probe", parent=init, vmas=[
+        (0x400000, 0x401000, 1, 0, "/probe"), (0x600000, 0x800000, 3, 0, None),
+        (0x7fff931e8000, 0x7fff931ea000, 5, 0, "[vdso]")])
+    guest.put(lx.tasks[-1]["root"], PDPT | P | RW | US | A)   # the user pages, and more
+    lx.set_current(0, probe)
+    lx.finish()
+    guest.ram[ROOT2 + 2048:ROOT2 + 4096] = guest.ram[PML4 + 2048:PML4 + 4096]
+    return lx
 
 
 def host_phys_bits():
@@ -425,6 +456,7 @@ def machine(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("QI_QMP", raising=False)
     monkeypatch.delenv("QI_GDB", raising=False)
     guest = Guest()
+    guest.linux = small_linux(guest)
     monitor = Monitor(str(tmp_path / "qmp.sock"), guest)
     m = argparse.Namespace(guest=guest, qmp=monitor.path, tmp=tmp_path, kvm_readable=True)
     phys_bits = host_phys_bits()
@@ -510,6 +542,9 @@ def emitted(m):
     add("find-cr3", m.run("find-cr3", *q, "--json", "--gva", hex(USER_VA), "--expect",
                           hex(VALUE))[1])
     add("find-cr3", m.run("find-cr3", *q, "--json")[1])
+    add("ps", m.run("ps", *q, "--json")[1])
+    add("vmmap", m.run("vmmap", *q, "--json", "--guest-pid", "51")[1])
+    add("find-cr3", m.run("find-cr3", *q, "--json", "--guest-comm", "probe")[1])
     add("vmmap", m.run("vmmap", *q, "--json")[1])
     add("vmmap", m.run("vmmap", *q, "--json", "--hpa")[1])
     add("vmmap", m.run("vmmap", *q, "--json", "--leaf", "--hpa")[1])

@@ -515,3 +515,30 @@ def test_pse36_high_address_bits_are_drawn_as_physical_bits_39_32():
     assert w.ok and w.pa == 0x3_AC000000 | (va & 0x3FFFFF)
     text = texts(translation_svg(translation(w)).render())
     assert "PA 39:32" in text and "0x300000000" in text and f"GPA {w.pa:#x}" in text
+
+
+def test_a_guest_processs_map_is_labelled_with_its_vmas():
+    """vmmap --guest-pid --html: each range carries the name of the VMA that holds it (in the
+    embedded rows, for the hover panel and the row pages), each region the names of its VMAs,
+    and the page lists the VMAs as /proc/PID/maps does; a name from the guest is escaped."""
+    rows = rows_of([0x400000, 0x401000, 0x35886000, 0x7f0000000000, 0xFFFF888000000000],
+                   [0x1000, 0x1000, 0x1000, 0x1000, 0x200000],
+                   user=[True, True, True, True, False])
+    vmas = [(0x400000, 0x402000, "/probe"), (0x35886000, 0x358a8000, "[heap]"),
+            (0x7f0000000000, 0x7f0000001000, "</td><script>x</script>")]
+    evil = vmas[-1][2]
+    smap = spacemap.SpaceMap(rows, 48, vmas=vmas)
+    assert smap.vma_names() == ["/probe", "/probe", "[heap]", evil, ""]
+    smap.vma_rows = ("VMAs of guest process 95 (probe), as /proc/95/maps lists them",
+                     [("00400000-00402000 r-xp 00000000 00:02 92   /probe", "2/2", "")])
+    page = H.vmmap_page(smap)
+    data = json.loads(re.search(r'<script type="application/json" id="qi-data">(.*?)</script>',
+                                page, re.S).group(1).replace("<\\/", "</"))
+    assert data["vma"] == ["/probe", "/probe", "[heap]", evil, ""]
+    assert "VMAs of guest process 95 (probe)" in page and "<th>VMAs</th>" in page
+    assert "<td>/probe</td>" in page and "<td>[heap]</td>" in page
+    assert "<script>x</script>" not in page and "&lt;script&gt;x" in page
+    outside = spacemap.SpaceMap(rows_of([0x1000], [0x1000]), 48, vmas=vmas[:1])
+    assert outside.vma_names() == ["no VMA"]
+    plain = H.vmmap_page(spacemap.SpaceMap(rows, 48))
+    assert "<th>VMA" not in plain and '"vma":' not in plain

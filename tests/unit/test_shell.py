@@ -191,7 +191,7 @@ def test_completion_of_commands_options_and_files(tmp_path):
     opts = shell.completions(parsers, "translate --", 10, "--")
     assert "--find-cr3" in opts and "--qmp" not in opts and "--gdb" not in opts
     assert "--vcpu" in opts                      # a command may still pick its vCPU
-    assert shell.completions(parsers, "cr3 ", 4, "") == ["vcpu"]
+    assert shell.completions(parsers, "cr3 ", 4, "") == ["comm", "pid", "vcpu"]
     assert shell.completions(parsers, "help f", 5, "f") == ["find-cr3"]
     (tmp_path / "gpt.log").write_text("x")
     line = f"compare --log {tmp_path}/gp"

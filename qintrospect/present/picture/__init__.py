@@ -131,6 +131,8 @@ class VmmapPictures:
         self.chunks: List = []
         self.facts: dict = {}
         self.va_bits = 48
+        self.vmas = None
+        self.vma_rows = None
         for path, what in ((self.html, "--html"), (self.svg, "--svg")):
             if path:
                 _check_writable(path, what)
@@ -156,6 +158,20 @@ class VmmapPictures:
         if self.wanted:
             self.chunks.append(chunk)
 
+    def guest_vmas(self, task, covered, outside) -> None:
+        """vmmap --guest-pid: label the map with the process's VMAs (commands.guest's
+        coverage: each VMA and its mapped pages; the ranges in no VMA)."""
+        if not self.wanted:
+            return
+        self.vmas = [(c.vma.start, c.vma.end, c.vma.path) for c in covered]
+        self.facts["guest process"] = f"{task.pid} ({task.comm})"
+        rows = [(c.vma.maps_line(), f"{c.mapped}/{c.pages}", "; ".join(c.differs))
+                for c in covered]
+        rows += [(f"{o.start:08x}-{o.end:08x} (in no VMA)", "-",
+                  "mapped by the page tables, in no VMA") for o in outside]
+        self.vma_rows = (f"VMAs of guest process {task.pid} ({task.comm}), as "
+                         f"/proc/{task.pid}/maps lists them", rows)
+
     def finish(self) -> None:
         if not self.wanted:
             return
@@ -171,8 +187,11 @@ class VmmapPictures:
             rows = Rows(z, z, z, np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, bool), z, z,
                         np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int8), z)
         a = self.args
+        facts = dict(self.facts)
         smap = SpaceMap(rows, self.va_bits, show_gpa=bool(a.gpa or a.hpa or a.leaf),
-                        show_hpa=bool(a.hpa), leaf=bool(a.leaf), facts=self.facts)
+                        show_hpa=bool(a.hpa), leaf=bool(a.leaf), facts=facts, vmas=self.vmas)
+        if self.vma_rows is not None:
+            smap.vma_rows = self.vma_rows
         title = "qintrospect vmmap"
         if self.html:
             from .html import vmmap_page

@@ -170,6 +170,7 @@ MAP_SCRIPT = r"""
     if (D.gpa) f.push(["GPA", "0x" + D.gpaS[i]]);
     if (D.hpa) f.push(["HPA", /^[0-9a-f]+$/.test(D.hpaS[i]) ? "0x" + D.hpaS[i] : D.hpaS[i]]);
     f.push([D.leaf ? "leaf" : "leaves", String(D.leaves[i])]);
+    if (D.vma) f.push(["VMA", D.vma[i]]);
     return f;
   }
   function show(i, a, note) {
@@ -258,7 +259,12 @@ def map_body(smap, title: str, heading_level: int = 1) -> str:
     if smap.show_hpa:
         cols.append("HPA")
     cols.append("leaf" if smap.leaf else "leaves")
+    if smap.vmas is not None:
+        cols.append("VMA")
     regions = list(smap.region_rows())
+    labelled = smap.vmas is not None
+    head = ["half", "start", "end", "span", "mapped", "ranges", "perms", "page sizes"] + \
+        (["VMAs"] if labelled else [])
     return (f"<{h}>{esc(title)}</{h}><p class=\"meta\">{esc(smap.summary())}</p>"
             f'<div class="fig">{smap.svg(title).render(standalone=False)}</div>'
             '<p class="noprint meta">Hover over the map: the row under the pointer shows at the '
@@ -270,10 +276,23 @@ def map_body(smap, title: str, heading_level: int = 1) -> str:
             + "".join(f"<th>{esc(c)}</th>" for c in cols)
             + '</tr></thead><tbody id="qi-rows"></tbody></table>'
             f"<h2>regions ({len(regions)}; holes of 2 MiB or more fold between them)</h2>"
-            + table(["half", "start", "end", "span", "mapped", "ranges", "perms", "page sizes"],
-                    ([g["half"], g["start"], g["end"], g["span"], g["mapped"], g["ranges"],
-                      g["perms"], g["pages"]] for g in regions))
+            + table(head, ([g["half"], g["start"], g["end"], g["span"], g["mapped"], g["ranges"],
+                            g["perms"], g["pages"]] + ([g["vmas"]] if labelled else [])
+                           for g in regions))
+            + vma_section(smap)
             + '<div id="qi-hover" aria-live="polite"></div>')
+
+
+def vma_section(smap) -> str:
+    """vmmap --guest-pid: the process's VMAs as /proc/PID/maps lists them, each with how much
+    of it the page tables map and where they differ (smap.vma_rows: its title, and rows of
+    (maps line, mapped/pages, differs))."""
+    listed = getattr(smap, "vma_rows", None) if smap.vmas is not None else None
+    if not listed:
+        return ""
+    title, rows = listed
+    return (f"<h2>{esc(title)}</h2>"
+            + table(["/proc/PID/maps line", "mapped / pages", "differs"], rows))
 
 
 def vmmap_page(smap, title: str = "qintrospect vmmap") -> str:

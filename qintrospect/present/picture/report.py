@@ -61,7 +61,8 @@ class Report:
 FACT_NAMES = (("qmp", "QMP socket"), ("gdb", "gdbstub"), ("status_found", "run state found"),
               ("vcpus", "vCPUs"), ("vcpu", "vCPU used"), ("qemu_pid", "QEMU pid"),
               ("process_note", "QEMU process"), ("memory_path", "guest memory read via"),
-              ("page1gb", "1 GiB pages"), ("page1gb_source", "1 GiB pages known from"))
+              ("page1gb", "1 GiB pages"), ("page1gb_source", "1 GiB pages known from"),
+              ("guest_process", "guest process (--guest-pid/--guest-comm)"))
 
 
 def _vm_section(rep: Report) -> str:

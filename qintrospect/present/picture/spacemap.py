@@ -97,8 +97,12 @@ class SpaceMap:
     """The layout of one map: halves, regions, their positions."""
 
     def __init__(self, rows, va_bits: int = 48, show_gpa: bool = False,
-                 show_hpa: bool = False, leaf: bool = False, facts: Optional[dict] = None):
+                 show_hpa: bool = False, leaf: bool = False, facts: Optional[dict] = None,
+                 vmas: Optional[List[tuple]] = None):
+        """vmas: a guest process's VMAs, (start, end, name), to label the ranges with (vmmap
+        --guest-pid): each row gets the name of the VMA that holds its start."""
         order = np.argsort(rows.start, kind="stable")
+        self.vmas = sorted(vmas) if vmas else None
         self.rows = rows.take(order) if len(rows) else rows
         self.va_bits = va_bits
         self.show_gpa, self.show_hpa, self.leaf = show_gpa, show_hpa, leaf
@@ -139,6 +143,22 @@ class SpaceMap:
                 r.x, r.y, r.w = x, y, w
                 x += w
             half.height = y + ROW_H
+
+    def vma_names(self) -> List[str]:
+        """Per row: the name of the VMA holding its start ("anon" for anonymous memory, "no
+        VMA" for a user range none holds, "" for a kernel range); [] without VMAs."""
+        if self.vmas is None:
+            return []
+        import bisect
+        starts = [v[0] for v in self.vmas]
+        out = []
+        for start, user in zip(self.rows.start.tolist(), self.rows.user.tolist()):
+            k = bisect.bisect_right(starts, start) - 1
+            if k >= 0 and start < self.vmas[k][1]:
+                out.append(self.vmas[k][2] or "anon")
+            else:
+                out.append("no VMA" if user else "")
+        return out
 
     # -- the codes of each row ------------------------------------------------------------------
     def perm_code(self) -> np.ndarray:
@@ -304,13 +324,20 @@ class SpaceMap:
         if self.show_hpa:
             data["hpaS"] = [f"{v:x}" if HOST_STATUS[s] == "present" else (HOST_STATUS[s] or "-")
                             for v, s in zip(r.hpa[:n].tolist(), r.host[:n].tolist())]
+        if self.vmas is not None:
+            data["vma"] = self.vma_names()[:n]
         # "</" never appears in JSON of hex strings and numbers, but the names could hold it
         return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
 
     def region_rows(self):
-        """One line per region (for the printed page and pages without script)."""
+        """One line per region (for the printed page and pages without script); with VMAs,
+        the names of those its ranges lie in."""
+        names = self.vma_names()
         for half in self.halves:
             for g in half.regions:
+                labels = list(dict.fromkeys(n for n in names[g.row0:g.row1] if n))
+                vmas = ", ".join(labels[:4]) + (f", +{len(labels) - 4} more"
+                                                if len(labels) > 4 else "")
                 perms = sorted(set(self.perm_code()[g.row0:g.row1].tolist()))
                 sizes = sorted(set(self.rows.page_size[g.row0:g.row1].tolist()))
                 mapped = int(self.rows.size[g.row0:g.row1].sum())
@@ -318,7 +345,7 @@ class SpaceMap:
                        "end": f"{g.end:#x}", "span": size_name(g.end - g.start),
                        "mapped": size_name(mapped), "ranges": g.row1 - g.row0,
                        "perms": " ".join(PERMS[p] for p in perms),
-                       "pages": " ".join(size_name(int(s)) for s in sizes)}
+                       "pages": " ".join(size_name(int(s)) for s in sizes), "vmas": vmas}
 
 
 def _runs(key: np.ndarray):

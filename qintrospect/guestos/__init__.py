@@ -1,0 +1,59 @@
+"""The guest kernel from its own memory, with no symbol files: its vmcoreinfo note (found in
+guest RAM), kallsyms (decoded from the tables the note names), BTF (between __start_BTF and
+__stop_BTF), and what they let us read: the task list (tasks.py) and a process's VMAs
+(vmas.py). Read-only, bounded, offsets from BTF only; kept per guest boot (kernel.py)."""
+
+from .errors import AmbiguousProcess, GuestOSUnavailable, NoSuchProcess
+from .kernel import GuestKernel, open_kernel
+from .kmem import KernelFault, KernelMemory
+from .tasks import GuestTask, TaskList, current_tasks, walk_tasks
+
+__all__ = ["GuestKernel", "open_kernel", "KernelMemory", "KernelFault", "GuestTask",
+           "TaskList", "walk_tasks", "current_tasks", "GuestOSUnavailable", "NoSuchProcess",
+           "AmbiguousProcess", "processes", "find_process"]
+
+
+def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False,
+              progress=None) -> TaskList:
+    """Every process of an attached VM's guest (and with threads, each one's other threads),
+    each with its roots and vCPU. progress: for the first look for the kernel (a RAM scan)."""
+    import time
+    t0 = time.perf_counter()
+    kernel = kernel or open_kernel(vm, progress=progress)
+    roots = {v.index: (v.root, v.pcid) for v in vm.vcpu_info}
+    current = current_tasks(kernel, len(vm.vcpu_info))
+    out = walk_tasks(kernel, vm.cached_memory().read, roots, current,
+                     include_idle=include_idle, threads=threads)
+    if not current:
+        out.notes.append("which vCPU runs what is not known: the kernel's per-CPU current "
+                         "task was not found")
+    if vm.live:
+        out.notes.append("the VM ran while the list was read: it may have changed meanwhile")
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def find_process(vm, pid=None, comm=None, kernel=None, progress=None) -> GuestTask:
+    """The guest process with this pid, or the one process called `comm`. NoSuchProcess or
+    AmbiguousProcess (exit 2) otherwise; a kernel thread has no page-table root of its own:
+    also NoSuchProcess, said so."""
+    if (pid is None) == (comm is None):
+        from ..errors import UsageError
+        raise UsageError("name a guest process by --guest-pid or by --guest-comm (one)")
+    found = processes(vm, kernel, progress=progress)
+    hits = found.find(pid=pid, comm=comm)
+    what = f"pid {pid}" if pid is not None else f"comm {comm!r}"
+    if not hits:
+        cut = f" (the task list was read only in part: {found.cut})" if found.cut else ""
+        raise NoSuchProcess(f"no guest process with {what} among {len(found.tasks)} "
+                            f"processes{cut}; `qintrospect ps` lists them")
+    if len(hits) > 1:
+        listed = ", ".join(f"{t.pid} ({t.comm})" for t in hits[:20])
+        raise AmbiguousProcess(f"{len(hits)} guest processes have {what}: {listed}; "
+                               "choose one with --guest-pid")
+    task = hits[0]
+    if task.root is None:
+        why = "a kernel thread" if task.kthread else (task.note or "no mm")
+        raise NoSuchProcess(f"guest process {task.pid} ({task.comm}) has no page tables of "
+                            f"its own ({why})")
+    return task
