@@ -122,6 +122,18 @@ def test_kpti_pairs_and_the_root_for_an_address():
     assert probe.root_for(0xFFFF888000000000) == probe.root
 
 
+def test_kernel_reads_go_through_the_kernels_own_table():
+    """A running VM: the process whose root the vCPU held may exit and its table be freed and
+    reused; the kernel is read through init_top_pgt, found once through the vCPU's root."""
+    ram, lx, _ = small_linux()
+    vm = vm_of(ram, lx)
+    kernel = guestos.open_kernel(vm)
+    assert kernel.mem.root == lx.gpa(lx.init_top_pgt)
+    probe_root = lx.tasks[-1]["root"]
+    ram.put(probe_root + 2048, bytes(2048))               # the vCPU's table, freed
+    assert [t.pid for t in guestos.processes(vm, kernel).tasks] == [1, 2, 3, 50, 51]
+
+
 def test_the_second_command_uses_what_the_first_kept():
     ram, lx, note = small_linux()
     vm = vm_of(ram, lx)
