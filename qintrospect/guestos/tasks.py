@@ -5,7 +5,8 @@ task: pid, tgid, ppid (real_parent's tgid, as /proc/PID/status's PPid), comm, st
 letter /proc shows, computed as fs/proc/array.c's task_state_index does), uid (real_cred's),
 a kernel thread or not (PF_KTHREAD), and its page-table root: mm->pgd as a guest-physical
 address, and under KPTI the user copy 4 KiB above it. Which vCPU runs it now comes from each
-CPU's current task (per-CPU current_task, or pcpu_hot.current_task since 6.2); which vCPUs
+CPU's current task (per-CPU current_task, or pcpu_hot.current_task since 6.2; Linux's CPU n
+taken as QEMU's vCPU n, the order of the firmware's processor list under -smp); which vCPUs
 have its root loaded from their CR3 (Linux keeps the last process's tables loaded while a
 kernel thread or the idle task runs: a loaded root is not a running task).
 
