@@ -282,7 +282,7 @@ def cmd_vmmap(args) -> int:
             out.write("".join(line + "\n" for line in lines))
         skipped = vm.unreadable_tables
         if task is not None:
-            vmmap_vmas(vm, args, task, cr3, start, end, pictures)
+            vmmap_vmas(vm, args, task, cr3, leaves, start, end, pictures)
     if skipped:
         print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
               f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)

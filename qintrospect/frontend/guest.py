@@ -92,13 +92,15 @@ def guest_candidates(vm, args, gva, expect):
     return finder.check(vm.cached_memory().read, vm.cpu, cands, gva, expect)
 
 
-def vmmap_vmas(vm, args, task, root, start, end, pictures) -> None:
-    """vmmap --guest-pid: the process's VMAs (as /proc/PID/maps) beside its page tables."""
+def vmmap_vmas(vm, args, task, root, leaves, start, end, pictures) -> None:
+    """vmmap --guest-pid: the process's VMAs (as /proc/PID/maps) beside its page tables
+    (`leaves`: the map's own leaf arrays, over its --range [start, end): the VMAs that
+    overlap it)."""
     from ..commands import guest
     from ..present import guest as view
     listed = vm.guest_vmas(task)
-    user = vm.leaf_arrays(root, start, end)
-    covered, outside = guest.coverage(listed.vmas, user)
+    shown = [v for v in listed.vmas if v.end > start and (end is None or v.start < end)]
+    covered, outside = guest.coverage(shown, leaves)
     vm.check_live()
     pictures.guest_vmas(task, covered, outside)
     if args.json:
