@@ -15,6 +15,9 @@ Measured (each in a fresh child process, so that each peak RSS is its own):
 4. the find-cr3 scan rate (`vm.find_cr3()`, direct path) on the 256 MiB guest and on a 2 GiB guest
    (as booted, and after the guest filled its RAM so that it is present on the host).
 5. the peak RSS (ru_maxrss) of every measurement's process.
+6. the guest's own processes on a 1 GiB guest (issue 22): the first `qintrospect ps` (the
+   guest kernel's note, kallsyms and BTF found), a later one (what was kept), and
+   `translate --guest-pid` beside `translate --cr3` with the same root.
 
 The VM is paused with QMP `stop` for all measurements, so both sides see a still VM (attaching gdb
 would stop it anyway; qintrospect leaves a VM it found paused paused). Targets are printed beside
@@ -27,7 +30,7 @@ Progress goes to stderr, the table (or, with --json, one JSON object) to stdout.
 `bench` (parameters, targets, guests), `rows` (the table: each row's `result` text, `peak_rss_mb`,
 `target`, and `met`: true / false / null where there is no target), `checks` (qintrospect against
 QEMU in the same run: name -> true / false), `notes` and `measurements` (every figure measured).
---quick boots only the 256 MiB guest (no 2 GiB scans) with smaller N: about 15-60 s.
+--quick boots the 256 MiB and 1 GiB guests (no 2 GiB scans) with smaller N: about 1-3 min.
 Internal: `bench.py --one NAME --ctx FILE [--profile-out FILE]` runs one measurement and prints
 one `BENCH-RESULT {json}` line.
 """
@@ -1454,7 +1457,7 @@ def parse_args(argv):
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the "
                                                         "table")
     ap.add_argument("--quick", action="store_true",
-                    help="smaller N (batch of 20,000), no 2 GiB guest; well under a minute")
+                    help="smaller N (batch of 20,000), no 2 GiB guest; a few minutes")
     ap.add_argument("--cpu", choices=("max", "qemu64"), default="max",
                     help="QEMU -cpu model of the guests (max: 5-level paging; qemu64: 4-level)")
     ap.add_argument("--profile", default="",

@@ -217,6 +217,9 @@ class Linux:
         for i in range(self.span >> 21):
             self.ram.put(pd + 8 * i, struct.pack("<Q", (i << 21) | P | RW | A | D | PS | NX))
         self.kernel_half = self.ram.read(self.pml4 + 2048, 2048)
+        # init_mm's own table (init_top_pgt): the kernel half alone
+        self.init_top_pgt = self.alloc(4096, 4096)
+        self.put(self.init_top_pgt + 2048, self.kernel_half)
 
     # ---- objects -----------------------------------------------------------------------
     def new_cred(self, uid: int) -> int:
@@ -420,7 +423,8 @@ class Linux:
         from tests.unit.test_kallsyms import build_tables
         lines = [f"OSRELEASE={self.release}", "PAGESIZE=4096",
                  f"SYMBOL(init_uts_ns)={self.uts:x}", "OFFSET(uts_namespace.name)=0",
-                 f"SYMBOL(_stext)={DIRECT + 0x100000:x}"]
+                 f"SYMBOL(_stext)={DIRECT + 0x100000:x}",
+                 f"SYMBOL(init_top_pgt)={self.init_top_pgt:x}"]
         if kallsyms:
             mode = "absolute_percpu"
             base = self.alloc(0, 4096)

@@ -13,73 +13,10 @@ from ..present import render
 from ..present.output import grow_stdout_pipe, lines_writer
 from .addresses import parse_number, read_addresses
 from .attaching import attached, checked, slat_progress
+from .guest import guest_candidates, guest_named, guest_root, vmmap_vmas
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_ATTACH, EXIT_BUG = 0, 1, 2, 3, 4
 MASK64 = (1 << 64) - 1
-
-
-def guest_named(args) -> bool:
-    """Whether --guest-pid or --guest-comm names a guest process (UsageError for both, or
-    for either with --cr3)."""
-    pid, comm = getattr(args, "guest_pid", None), getattr(args, "guest_comm", None)
-    if pid is not None and comm is not None:
-        raise UsageError("--guest-pid and --guest-comm exclude each other")
-    named = pid is not None or comm is not None
-    if named and getattr(args, "cr3", None):
-        raise UsageError("--cr3 and --guest-pid/--guest-comm exclude each other")
-    return named
-
-
-def guest_root(vm, args, addresses=()):
-    """(root, task) of the guest process --guest-pid/--guest-comm names: its root for these
-    addresses (commands.guest.root_for), said on stderr with -v; (None, None) if none named."""
-    if not guest_named(args):
-        return None, None
-    from ..commands.guest import root_for
-    with _kernel_progress(vm) as progress:
-        task = vm.guest_process(pid=args.guest_pid, comm=args.guest_comm, progress=progress)
-    root, which = root_for(task, addresses)
-    if getattr(args, "verbose", False):
-        print(f"# guest process {task.pid} ({task.comm}): root {root:#x} ({which})",
-              file=sys.stderr)
-    return root, task
-
-
-def _kernel_progress(vm):
-    """Progress over guest RAM, drawn (on a terminal) only while the guest kernel's note is
-    looked for: the first command of a guest boot."""
-    import contextlib
-    from ..present.progress import Progress
-
-    @contextlib.contextmanager
-    def shown():
-        progress = Progress("looking for the guest kernel in its RAM", vm.ram_map.ram_bytes)
-        try:
-            yield progress
-        finally:
-            progress.close()
-    return shown()
-
-
-def cmd_ps(args) -> int:
-    """The guest's processes, from its kernel's own memory."""
-    from ..present import guest as view
-    from ..guestos import open_kernel
-    with attached(args) as vm:
-        with _kernel_progress(vm) as progress:
-            kernel = open_kernel(vm, progress=progress)
-        found = vm.processes(threads=args.threads)
-        vm.check_live(final=True)
-        described = kernel.describe()
-    if args.json:
-        sys.stdout.write("".join(render.json_line(t.to_dict()) + "\n" for t in found.tasks))
-    else:
-        print(view.ps_header(described, found))
-        print(view.ps_text(found))
-    for note in found.notes + ([f"the task list was read only in part: {found.cut}"]
-                               if found.cut else []):
-        print(f"qintrospect: note: {note}", file=sys.stderr)
-    return EXIT_OK if found.complete else EXIT_FAULT
 
 
 def cmd_translate(args) -> int:
@@ -271,22 +208,6 @@ def _find_cr3(vm, gva, expect, label="find-cr3"):
         progress.close()
 
 
-def _guest_candidates(vm, args, gva, expect):
-    """find-cr3 --guest-pid: that process's roots (both copies under KPTI), checked as the
-    finder checks its candidates, with no scan."""
-    from ..commands import finder
-    _, task = guest_root(vm, args)
-    how = f"mm->pgd of guest process {task.pid} ({task.comm})"
-    current = {v.root for v in vm.vcpu_info}
-    cands = [finder.Candidate(task.root, how, is_current=task.root in current,
-                              kpti_user_copy=task.user_root)]
-    if task.user_root is not None:
-        cands.append(finder.Candidate(task.user_root, f"KPTI user copy of {how}",
-                                      is_current=task.user_root in current,
-                                      kpti_kernel_copy=task.root))
-    return finder.check(vm.cached_memory().read, vm.cpu, cands, gva, expect)
-
-
 def cmd_find_cr3(args) -> int:
     gva = parse_number(args.gva, "--gva") if args.gva else None
     expect = parse_number(args.expect, "--expect") if args.expect else None
@@ -294,7 +215,7 @@ def cmd_find_cr3(args) -> int:
         raise UsageError("--expect VALUE needs --gva ADDR (the address whose 8 bytes to check)")
     with attached(args) as vm:
         if guest_named(args):
-            candidates = _guest_candidates(vm, args, gva, expect)
+            candidates = guest_candidates(vm, args, gva, expect)
         else:
             candidates = _find_cr3(vm, gva, expect)
     if expect is not None:
@@ -363,34 +284,12 @@ def cmd_vmmap(args) -> int:
             out.write("".join(line + "\n" for line in lines))
         skipped = vm.unreadable_tables
         if task is not None:
-            _vmmap_vmas(vm, args, task, cr3, start, end, pictures)
+            vmmap_vmas(vm, args, task, cr3, leaves, start, end, pictures)
     if skipped:
         print(f"qintrospect: {len(skipped)} page table(s) could not be read (not RAM) and were "
               f"skipped, e.g. {skipped[0][0]} table at {skipped[0][1]:#x}", file=sys.stderr)
     pictures.finish()
     return EXIT_OK
-
-
-def _vmmap_vmas(vm, args, task, root, start, end, pictures) -> None:
-    """vmmap --guest-pid: the process's VMAs (as /proc/PID/maps) beside its page tables."""
-    from ..commands import guest
-    from ..present import guest as view
-    listed = vm.guest_vmas(task)
-    user = vm.leaf_arrays(root, start, end)
-    covered, outside = guest.coverage(listed.vmas, user)
-    vm.check_live()
-    pictures.guest_vmas(task, covered, outside)
-    if args.json:
-        sys.stdout.write("".join(render.json_line(dict(c.to_dict(), pid=task.pid)) + "\n"
-                                 for c in covered))
-        sys.stdout.write("".join(render.json_line(dict(o.to_dict(), pid=task.pid)) + "\n"
-                                 for o in outside))
-    else:
-        which = guest.root_for(task)[1]
-        print()
-        print(view.vma_text(task, root, which, covered, outside))
-    for note in listed.notes + ([listed.cut] if listed.cut else []):
-        print(f"qintrospect: note: {note}", file=sys.stderr)
 
 
 MAX_READ = 64 << 20

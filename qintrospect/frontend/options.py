@@ -9,6 +9,7 @@ import sys
 from typing import Optional
 
 from . import actions
+from . import guest as guest_actions
 
 ATTACHING = "attaching"
 
@@ -185,7 +186,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                         help="every thread too, after its process (pid = the thread's id, "
                              "tgid = its process's), as /proc/PID/task lists them")
         session_options(ps)
-        ps.set_defaults(func=actions.cmd_ps)
+        ps.set_defaults(func=guest_actions.cmd_ps)
 
     f = command("find-cr3", help="find page-table roots in guest RAM (no symbols needed)",
                 description="Scan guest RAM for top-level page tables that share the "

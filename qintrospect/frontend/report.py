@@ -57,7 +57,7 @@ def collect(args) -> Report:
     for path in args.log:        # offline first: a bad log is said before attaching
         log = modlog.parse_log_file(path)
         entries.append(LogEntry(path, log, modlog.check_log(log), _read(path)))
-    from .actions import guest_named, guest_root
+    from .guest import guest_named, guest_root
     named = guest_named(args)
     with attached(args) as vm:
         facts = vm.describe()

@@ -14,7 +14,7 @@ __all__ = ["GuestKernel", "open_kernel", "KernelMemory", "KernelFault", "GuestTa
 
 
 def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False,
-              progress=None) -> TaskList:
+              progress=None, want=None) -> TaskList:
     """Every process of an attached VM's guest (and with threads, each one's other threads),
     each with its roots and vCPU. progress: for the first look for the kernel (a RAM scan)."""
     import time
@@ -23,7 +23,7 @@ def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False
     roots = {v.index: (v.root, v.pcid) for v in vm.vcpu_info}
     current = current_tasks(kernel, len(vm.vcpu_info))
     out = walk_tasks(kernel, vm.cached_memory().read, roots, current,
-                     include_idle=include_idle, threads=threads)
+                     include_idle=include_idle, threads=threads, want=want)
     if not current:
         out.notes.append("which vCPU runs what is not known: the kernel's per-CPU current "
                          "task was not found")
@@ -40,13 +40,21 @@ def find_process(vm, pid=None, comm=None, kernel=None, progress=None) -> GuestTa
     if (pid is None) == (comm is None):
         from ..errors import UsageError
         raise UsageError("name a guest process by --guest-pid or by --guest-comm (one)")
-    found = processes(vm, kernel, progress=progress)
+    # only the tasks that may be it are read whole: by pid, or by a comm the name may
+    # begin with (a kernel thread's full name is longer than its 15-byte comm)
+    if pid is not None:
+        def want(p, c):
+            return p == pid
+    else:
+        def want(p, c):
+            return c == comm or (len(c) >= 15 and comm.startswith(c))
+    found = processes(vm, kernel, progress=progress, want=want)
     hits = found.find(pid=pid, comm=comm)
     what = f"pid {pid}" if pid is not None else f"comm {comm!r}"
     if not hits:
         cut = f" (the task list was read only in part: {found.cut})" if found.cut else ""
-        raise NoSuchProcess(f"no guest process with {what} among {len(found.tasks)} "
-                            f"processes{cut}; `qintrospect ps` lists them")
+        raise NoSuchProcess(f"no guest process with {what}{cut}; `qintrospect ps` lists "
+                            "them")
     if len(hits) > 1:
         listed = ", ".join(f"{t.pid} ({t.comm})" for t in hits[:20])
         raise AmbiguousProcess(f"{len(hits)} guest processes have {what}: {listed}; "

@@ -6,7 +6,8 @@
 2. kallsyms, decoded from the tables the note names (Linux 6.0 and later).
 3. The kernel's BTF, between __start_BTF and __stop_BTF, parsed; from it the layout of what
    this room reads (guestos.layout), nothing written in code.
-4. Kernel virtual reads: guestos.kmem over the vCPU's root (its kernel copy under KPTI).
+4. Kernel virtual reads: guestos.kmem over the kernel's own table (init_top_pgt, found
+   through the vCPU's root: a process's table may be freed while a running VM is read).
 
 What 2 and 3 give (a few symbols and the offsets) is kept per guest boot (connect.runstate's
 cache: key the note's hash and where the kernel's text is loaded), with where the note lies:
@@ -121,10 +122,32 @@ def kernel_memory(read_phys, cpu, roots: List[int], vi: Vmcoreinfo
             why = f"init_uts_ns ({uts:#x}) unreadable through root {root:#x}: {e}"
             continue
         if got == want:
-            return mem, None
+            return _on_swapper(read_phys, cpu, vi, mem, uts, want), None
         why = (f"init_uts_ns says {got[:64]!r}, the note {vi.osrelease!r}: another "
                "kernel's note")
     return None, why
+
+
+def _on_swapper(read_phys, cpu, vi: Vmcoreinfo, mem: KernelMemory, uts: int,
+                want: bytes) -> KernelMemory:
+    """Kernel reads through the kernel's own top-level table (init_mm's: SYMBOL(init_top_pgt)
+    or SYMBOL(swapper_pg_dir)) rather than a process's: a process may exit while a running VM
+    is read, and its table be freed and used again; the kernel's never is. `mem` itself when
+    the note names neither or its table does not read the kernel as `mem` does."""
+    for name in ("init_top_pgt", "swapper_pg_dir"):
+        va = vi.symbols.get(name)
+        if va is None:
+            continue
+        try:
+            pa = mem.translate(va)
+            if pa % 4096:
+                continue
+            own = KernelMemory(read_phys, kernel_cpu(cpu, pa))
+            if own.read(uts + UTS_RELEASE, 65).split(b"\0", 1)[0] == want:
+                return own
+        except MemoryReadError:
+            continue
+    return mem
 
 
 # ---- opening ------------------------------------------------------------------------------

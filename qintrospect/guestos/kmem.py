@@ -95,5 +95,6 @@ def kernel_cpu(cpu: paging.CpuState, root: Optional[int] = None) -> paging.CpuSt
     """A CpuState like `cpu` whose root is `root` (no PCID bits), or `cpu` itself."""
     if root is None:
         return cpu
+    from ..paging.modes import CR4_PCIDE
     from ..record import replace
-    return replace(cpu, cr3=root, cr4=cpu.cr4 & ~(1 << 17), pdptes=None)
+    return replace(cpu, cr3=root, cr4=cpu.cr4 & ~CR4_PCIDE, pdptes=None)

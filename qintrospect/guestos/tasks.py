@@ -5,7 +5,8 @@ task: pid, tgid, ppid (real_parent's tgid, as /proc/PID/status's PPid), comm, st
 letter /proc shows, computed as fs/proc/array.c's task_state_index does), uid (real_cred's),
 a kernel thread or not (PF_KTHREAD), and its page-table root: mm->pgd as a guest-physical
 address, and under KPTI the user copy 4 KiB above it. Which vCPU runs it now comes from each
-CPU's current task (per-CPU current_task, or pcpu_hot.current_task since 6.2); which vCPUs
+CPU's current task (per-CPU current_task, or pcpu_hot.current_task since 6.2; Linux's CPU n
+taken as QEMU's vCPU n, the order of the firmware's processor list under -smp); which vCPUs
 have its root loaded from their CR3 (Linux keeps the last process's tables loaded while a
 kernel thread or the idle task runs: a loaded root is not a running task).
 
@@ -17,7 +18,7 @@ is a broken link like any other.
 from __future__ import annotations
 
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import MemoryReadError, QIError
 from ..record import field, record
@@ -162,11 +163,13 @@ def current_tasks(kernel, ncpus: int) -> Dict[int, int]:
 
 def walk_tasks(kernel, read_phys, vcpu_roots: Dict[int, Tuple[int, Optional[int]]],
                current: Dict[int, int], max_tasks: int = MAX_TASKS,
-               include_idle: bool = False, threads: bool = False) -> TaskList:
+               include_idle: bool = False, threads: bool = False,
+               want: Optional[Callable[[int, str], bool]] = None) -> TaskList:
     """Every process on the guest's task list, in list order (init_task itself, pid 0, only
     with include_idle); with threads, each process's other threads after it (its signal's
     thread_head list). vcpu_roots: {vCPU: (its CR3's root, its PCID or None)}; current:
-    {vCPU: task address}."""
+    {vCPU: task address}. want(pid, comm): keep only the tasks it takes (the others' pid and
+    comm only are read: a look-up by pid or name walks the list at a fraction of the cost)."""
     f = kernel.fields
     out = TaskList(osrelease=kernel.osrelease)
     head = kernel.symbol("init_task")
@@ -180,7 +183,10 @@ def walk_tasks(kernel, read_phys, vcpu_roots: Dict[int, Tuple[int, Optional[int]
     try:
         while True:
             if addr != head or include_idle:
-                out.tasks.append(_task(kernel, read_phys, addr, lo, hi, vcpu_roots, running))
+                s = Snapshot(f, addr, lo, hi)
+                if want is None or want(s.get("task.pid", signed=True), _comm(s)):
+                    out.tasks.append(_task(kernel, read_phys, addr, lo, hi, vcpu_roots,
+                                           running, s))
                 if threads and addr != head:
                     _threads(kernel, read_phys, addr, lo, hi, vcpu_roots, running, out,
                              max_tasks)
@@ -231,11 +237,16 @@ def _threads(kernel, read_phys, leader: int, lo: int, hi: int, vcpu_roots, runni
         out.notes.append(f"the threads of task {leader:#x} could not be read: {e}")
 
 
-def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots, running) -> GuestTask:
+def _comm(s: Snapshot) -> str:
+    return s.raw("task.comm").split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots, running,
+          s: Optional[Snapshot] = None) -> GuestTask:
     f = kernel.fields
-    s = Snapshot(f, addr, lo, hi)
+    s = s or Snapshot(f, addr, lo, hi)
     pid, tgid = s.get("task.pid", signed=True), s.get("task.tgid", signed=True)
-    comm = s.raw("task.comm").split(b"\0", 1)[0].decode("utf-8", "replace")
+    comm = _comm(s)
     state = state_letter(s.get("task.state"), s.get("task.exit_state"))
     flags = s.get("task.flags")
     notes = []

@@ -243,8 +243,13 @@ def test_ps_on_a_running_vm_whose_processes_come_and_go():
             assert rc == 0, err
             on = [t for t in tasks if t["vcpu"] is not None]
             assert len({t["vcpu"] for t in on}) == len(on) <= 2, on
+            shell = next(t["ppid"] for t in tasks if t["pid"] == g.probe["pid"])
             for t in on:
-                if not t["kthread"]:       # a user task running: its root is in that CR3
+                # a user task running has its root in that vCPU's CR3; but the loop's own
+                # children fork and exit all the time: one caught in do_exit after exit_mm
+                # (mm gone, or not yet switched away from) may not
+                churn = t["ppid"] == shell and t["comm"] == "sh"
+                if not t["kthread"] and t["root"] and not churn:
                     assert t["vcpu"] in t["loaded_on"], t
             print(f"exit statuses of 12 ps on a running VM: {statuses}")
         finally:

@@ -122,6 +122,18 @@ def test_kpti_pairs_and_the_root_for_an_address():
     assert probe.root_for(0xFFFF888000000000) == probe.root
 
 
+def test_kernel_reads_go_through_the_kernels_own_table():
+    """A running VM: the process whose root the vCPU held may exit and its table be freed and
+    reused; the kernel is read through init_top_pgt, found once through the vCPU's root."""
+    ram, lx, _ = small_linux()
+    vm = vm_of(ram, lx)
+    kernel = guestos.open_kernel(vm)
+    assert kernel.mem.root == lx.gpa(lx.init_top_pgt)
+    probe_root = lx.tasks[-1]["root"]
+    ram.put(probe_root + 2048, bytes(2048))               # the vCPU's table, freed
+    assert [t.pid for t in guestos.processes(vm, kernel).tasks] == [1, 2, 3, 50, 51]
+
+
 def test_the_second_command_uses_what_the_first_kept():
     ram, lx, note = small_linux()
     vm = vm_of(ram, lx)
@@ -355,3 +367,25 @@ def test_the_scan_goes_from_the_top_down_and_stops_at_the_note():
     vm.memory = SimpleNamespace(inner=Adapter(), read=ram.read)
     assert guestos.open_kernel(vm, use_cache=False).note_gpa == note
     assert scanned and scanned[0] == (SIZE - WINDOW, SIZE)
+
+
+def test_names_from_the_guest_are_printed_escaped():
+    from qintrospect.present.guest import ps_text, vma_text
+    ram, lx, _ = small_linux(finish=False)
+    lx.new_task(66, "\x1b]0;pwn\x07\u202e", parent=lx.tasks[1]["task"],
+                vmas=[(0x400000, 0x401000, VM_READ, 0, "/evil\x1b[2J")])
+    lx.finish()
+    vm = vm_of(ram, lx)
+    found = guestos.processes(vm)
+    text = ps_text(found)
+    assert "\x1b" not in text and "\x07" not in text and "\\x1b]0;pwn" in text
+    evil = guestos.find_process(vm, pid=66)
+    listed = guest_vmas.vmas(guestos.open_kernel(vm), evil)
+    from qintrospect.commands.guest import coverage
+    import numpy as np
+    empty = SimpleNamespace(va=np.zeros(0, np.uint64), size=np.zeros(0, np.uint64),
+                            user=np.zeros(0, bool), writable=np.zeros(0, bool),
+                            executable=np.zeros(0, bool))
+    covered, outside = coverage(listed.vmas, empty)
+    shown = vma_text(evil, evil.root, "mm->pgd", covered, outside)
+    assert "\x1b" not in shown and "/evil\\x1b[2J" in shown
