@@ -122,6 +122,8 @@ def name_processes(vm, results) -> None:
     stay unnamed."""
     from ..guestos import GuestOSUnavailable
     from ..errors import QIError
+    if not any(w.reaches for w in results):
+        return      # no mapping to name: the guest kernel is not looked for (a scan of its RAM)
     try:
         task_list = processes(vm)
     except GuestOSUnavailable as exc:
