@@ -10,7 +10,8 @@ The work is done a level at a time: every table needed at a level is read once (
 read_phys(table, size) call per distinct table and call, cached by address), the tables are
 stacked in a 2-D array, and present / leaf / reserved / rights / frame are computed for all
 entries (leaf_arrays) or all addresses (walk_array) of that level at once. Python loops only
-over distinct tables. Only the x86 guest modes are covered (not EPT/NPT).
+over distinct tables. walk_second_level_array() is walk_ept()/walk_npt() for a batch of
+guest-physical addresses, with the same level loop.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import numpy as np
 
 from ..errors import MemoryReadError
 from ..record import record
-from .formats import PS, RW, US, XD, X86Format
+from .formats import (EPT_BAD_MEMORY_TYPES, EPT_PS, EPT_R, EPT_W, EPT_XU, PS, RW, US, XD,
+                      EptFormat, X86Format)
 from .model import (
-    NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED, RESERVED_BIT, UNREADABLE, CpuState, Mapping,
+    EPT_MISCONFIGURATION, EPT_VIOLATION, NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED,
+    RESERVED_BIT, UNREADABLE, CpuState, Mapping,
     PagingMode, ReadPhys, Walk,
 )
 from .modes import paging_mode
@@ -33,7 +36,8 @@ from .x86 import FLAG_BITS, raw_bounds, cr3_root, pdpte_registers, walk, x86_for
 __all__ = [
     "LeafArrays", "BatchWalk", "leaf_arrays", "walk_array", "FAULT_REASONS",
     "FAULT_NONE", "FAULT_NOT_PRESENT", "FAULT_RESERVED_BIT", "FAULT_NON_CANONICAL",
-    "FAULT_UNREADABLE", "FAULT_PAGING_DISABLED",
+    "FAULT_UNREADABLE", "FAULT_PAGING_DISABLED", "FAULT_EPT_VIOLATION",
+    "FAULT_EPT_MISCONFIGURATION", "walk_second_level_array", "all_faulted",
 ]
 
 U64 = np.uint64   # every entry and address is uint64; constants too (no int64/float promotion)
@@ -41,13 +45,17 @@ U64 = np.uint64   # every entry and address is uint64; constants too (no int64/f
 #: BatchWalk.fault_reason codes; FAULT_REASONS[code] is the scalar Fault.reason (None for 0).
 FAULT_NONE, FAULT_NOT_PRESENT, FAULT_RESERVED_BIT, FAULT_NON_CANONICAL = 0, 1, 2, 3
 FAULT_UNREADABLE, FAULT_PAGING_DISABLED = 4, 5
-FAULT_REASONS = (None, NOT_PRESENT, RESERVED_BIT, NON_CANONICAL, UNREADABLE, PAGING_DISABLED)
+FAULT_EPT_VIOLATION, FAULT_EPT_MISCONFIGURATION = 6, 7
+FAULT_REASONS = (None, NOT_PRESENT, RESERVED_BIT, NON_CANONICAL, UNREADABLE, PAGING_DISABLED,
+                 EPT_VIOLATION, EPT_MISCONFIGURATION)
 
 OnUnreadable = Callable[[str, int, Exception], None]
 
 
 class _Level:
     """One level's rules as numpy constants, all taken from the entry format."""
+
+    not_present, invalid = FAULT_NOT_PRESENT, FAULT_RESERVED_BIT
 
     def __init__(self, mode: PagingMode, fmt: X86Format, i: int):
         spec = mode.levels[i]
@@ -61,9 +69,14 @@ class _Level:
         self.table_addr = U64(fmt.table_addr[i])
         self.leaf_addr = U64(fmt.leaf_addr[i])
         self.page_size = fmt.page_size(i, True) or 0    # 0: entries here are never leaves
-        self.pse36 = fmt.kind == "32-bit" and i == 0    # X86Format.frame's special case
-        self.no_rights = fmt.kind == "pae" and i == 0   # PDPTEs: no R/W, U/S or XD
-        self.xd = U64(XD if fmt.nxe else 0)
+        kind = getattr(fmt, "kind", None)
+        self.pse36 = kind == "32-bit" and i == 0    # X86Format.frame's special case
+        self.no_rights = kind == "pae" and i == 0   # PDPTEs: no R/W, U/S or XD
+        self.xd = U64(XD if getattr(fmt, "nxe", False) else 0)
+
+    @staticmethod
+    def present(e: np.ndarray) -> np.ndarray:
+        return (e & U64(1)) != 0
 
     def is_leaf(self, e: np.ndarray) -> np.ndarray:
         if self.last:
@@ -88,6 +101,11 @@ class _Level:
         if self.no_rights:
             return np.ones(e.shape, bool), np.ones(e.shape, bool), np.zeros(e.shape, bool)
         return (e & U64(RW)) != 0, (e & U64(US)) != 0, (e & self.xd) != 0
+
+    def allowed(self, e: np.ndarray) -> Tuple[np.ndarray, ...]:
+        """What each entry allows: (write, user, execute); a walk allows what all its levels do."""
+        rw, us, xd = self.rights(e)
+        return rw, us, ~xd
 
 
 class _Tables:
@@ -307,6 +325,8 @@ class BatchWalk:
     entries: Optional[np.ndarray] = None
     tables: Optional[np.ndarray] = None
     leaf_level: Optional[np.ndarray] = None   # int8, -1 where not ok
+    # an EPT walk's (read, write, execute, user-execute), each allowed by every level
+    ept_rights: Optional[Tuple[np.ndarray, ...]] = None
 
     def __len__(self) -> int:
         return len(self.va)
@@ -361,47 +381,76 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
     for what it reads. What walk() adds per address (the levels, the per-access table with
     SMEP/SMAP/protection keys and #PF error codes, messages, notes) is left to BatchWalk.walk."""
     va = _addresses(vas)
-    n = len(va)
-    ok, pa, page_size = np.zeros(n, bool), np.zeros(n, U64), np.zeros(n, U64)
-    writable, user, executable = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
-    reason, level = np.zeros(n, np.uint8), np.full(n, -1, np.int8)
     mode = paging_mode(cpu)
     if mode is None:
-        reason[:] = FAULT_PAGING_DISABLED
-        return BatchWalk(va, ok, pa, page_size, writable, user, executable, reason, level,
-                         None, 0)
+        return all_faulted(va, FAULT_PAGING_DISABLED)
     root, _ = cr3_root(cpu, mode)
     fmt = x86_format(cpu, mode)
-    canonical = _canonical(mode, va)
-    reason[~canonical] = FAULT_NON_CANONICAL
+    tables = _Tables(read_phys, mode.entry_size, mode, root, pdpte_registers(cpu, mode))
+    levels = [_Level(mode, fmt, i) for i in range(len(mode.levels))]
+    w = _walk_levels(tables, mode, levels, root, va, _canonical(mode, va), FAULT_NON_CANONICAL)
+    writable, user, executable = w.rights
+    return BatchWalk(va, w.ok, w.pa, w.page_size, writable, user, executable, w.reason,
+                     w.level, mode, root, w.entries, w.tables_read, w.leaf_level)
 
-    depth = len(mode.levels)
+
+def all_faulted(addresses, code: int, mode: Optional[PagingMode] = None,
+                root: int = 0) -> BatchWalk:
+    """A batch every element of which faults with `code` before any level (CR0.PG=0, an
+    invalid EPTP)."""
+    va = _addresses(addresses)
+    n = len(va)
+    return BatchWalk(va, np.zeros(n, bool), np.zeros(n, U64), np.zeros(n, U64),
+                     np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool),
+                     np.full(n, code, np.uint8), np.full(n, -1, np.int8), mode, root)
+
+
+@record(eq=False)
+class _Walked:
+    ok: np.ndarray
+    pa: np.ndarray
+    page_size: np.ndarray
+    rights: Tuple[np.ndarray, ...]   # each right allowed by every level, as the levels say
+    reason: np.ndarray
+    level: np.ndarray
+    entries: np.ndarray
+    tables_read: np.ndarray
+    leaf_level: np.ndarray
+
+
+def _walk_levels(tables: _Tables, mode: PagingMode, levels, root: int, va: np.ndarray,
+                 in_range: np.ndarray, out_of_range: int) -> _Walked:
+    """The level loop shared by the guest's and the second-level walks: levels[i] says what an
+    entry at level i means (present, leaf, valid, frame, rights and the fault codes)."""
+    n, depth = len(va), len(mode.levels)
+    ok, pa, page_size = np.zeros(n, bool), np.zeros(n, U64), np.zeros(n, U64)
+    reason, level = np.zeros(n, np.uint8), np.full(n, -1, np.int8)
+    reason[~in_range] = out_of_range
     entries, tables_read = np.zeros((n, depth), U64), np.zeros((n, depth), U64)
     leaf_level = np.full(n, -1, np.int8)
-    todo = np.nonzero(canonical)[0]            # the elements still walking
+    todo = np.nonzero(in_range)[0]             # the elements still walking
     table = np.full(len(todo), root, U64)      # and the table each reads at this level
-    rw, us, xd = np.ones(len(todo), bool), np.ones(len(todo), bool), np.zeros(len(todo), bool)
-    tables = _Tables(read_phys, mode.entry_size, mode, root, pdpte_registers(cpu, mode))
-    for i in range(len(mode.levels)):
+    kinds = len(levels[0].allowed(np.zeros(0, U64)))
+    allowed = [np.ones(len(todo), bool) for _ in range(kinds)]
+    rights = [np.zeros(n, bool) for _ in range(kinds)]
+    for i, lv in enumerate(levels):
         if not len(todo):
             break
-        lv = _Level(mode, fmt, i)
         index = (va[todo] >> lv.shift) & U64(lv.count - 1)
         e, readable = tables.entries(table, index, lv.count)
         entries[todo, i], tables_read[todo, i] = e, table
-        present = (e & U64(1)) != 0
+        present = lv.present(e)
         leaf = lv.is_leaf(e)
         valid = lv.valid(e, leaf)
 
         code = np.where(~readable, FAULT_UNREADABLE,
-                        np.where(~present, FAULT_NOT_PRESENT,
-                                 np.where(~valid, FAULT_RESERVED_BIT, FAULT_NONE)))
+                        np.where(~present, lv.not_present,
+                                 np.where(~valid, lv.invalid, FAULT_NONE)))
         stop = code != FAULT_NONE
         reason[todo[stop]] = code[stop]
         level[todo[stop]] = i
 
-        r_rw, r_us, r_xd = lv.rights(e)
-        rw, us, xd = rw & r_rw, us & r_us, xd | r_xd
+        allowed = [a & r for a, r in zip(allowed, lv.allowed(e))]
         done = ~stop & leaf
         if done.any():
             k = todo[done]
@@ -409,9 +458,70 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
             pa[k] = lv.frame(e[done]) | (va[k] & U64(lv.page_size - 1))
             page_size[k] = lv.page_size
             leaf_level[k] = i
-            writable[k], user[k], executable[k] = rw[done], us[done], ~xd[done]
+            for r, a in zip(rights, allowed):
+                r[k] = a[done]
         down = ~stop & ~leaf
         todo, table = todo[down], e[down] & lv.table_addr
-        rw, us, xd = rw[down], us[down], xd[down]
-    return BatchWalk(va, ok, pa, page_size, writable, user, executable, reason, level, mode, root,
-                     entries, tables_read, leaf_level)
+        allowed = [a[down] for a in allowed]
+    return _Walked(ok, pa, page_size, tuple(rights), reason, level, entries, tables_read,
+                   leaf_level)
+
+
+class _EptLevel(_Level):
+    """One EPT level's rules (EptFormat's): present is any of R/W/X (and XU with mode-based
+    execute control); W without R, or a reserved memory type at a leaf, is a misconfiguration."""
+
+    not_present, invalid = FAULT_EPT_VIOLATION, FAULT_EPT_MISCONFIGURATION
+
+    def __init__(self, mode: PagingMode, fmt: EptFormat, i: int):
+        super().__init__(mode, fmt, i)
+        self.mbec = fmt.mbec
+
+    def present(self, e: np.ndarray) -> np.ndarray:
+        return (e & U64(7 | (EPT_XU if self.mbec else 0))) != 0
+
+    def is_leaf(self, e: np.ndarray) -> np.ndarray:
+        if self.last:
+            return np.ones(e.shape, bool)
+        if self.large:
+            return (e & U64(EPT_PS)) != 0
+        return np.zeros(e.shape, bool)
+
+    def valid(self, e: np.ndarray, leaf: np.ndarray) -> np.ndarray:
+        good = super().valid(e, leaf) & ((e & U64(EPT_R | EPT_W)) != U64(EPT_W))
+        memory_type = (e >> U64(3)) & U64(7)
+        bad_type = np.isin(memory_type, np.array(EPT_BAD_MEMORY_TYPES, U64))
+        return good & ~(leaf & bad_type)
+
+    def frame(self, e: np.ndarray) -> np.ndarray:
+        return e & self.leaf_addr
+
+    def allowed(self, e: np.ndarray) -> Tuple[np.ndarray, ...]:
+        """(read, write, execute, user-execute) as EptFormat.rights."""
+        x = (e & U64(4)) != 0
+        return ((e & U64(EPT_R)) != 0, (e & U64(EPT_W)) != 0, x,
+                (e & U64(EPT_XU)) != 0 if self.mbec else x)
+
+
+def walk_second_level_array(read_phys: ReadPhys, mode: PagingMode, fmt, root: int,
+                            gpas: Union[np.ndarray, Sequence[int]]) -> BatchWalk:
+    """walk_ept / walk_npt for every guest-physical address of `gpas` at once, through the
+    table at `root` read in `mode` (MODE_EPT4/5, MODE_NPT4/5) with entry format `fmt`
+    (ept.ept_format / npt_format: the same the scalar walks use). A GPA beyond the mode's bits
+    faults as non-canonical, as there. Rights: EPT's (read, write, execute, user-execute) in
+    BatchWalk.rights; NPT's as a guest walk's (writable, user, executable) columns. Validating
+    an EPTP is the caller's (walk_ept refuses an invalid one before any walk)."""
+    gpa = _addresses(gpas)
+    tables = _Tables(read_phys, mode.entry_size, mode, root)
+    ept = isinstance(fmt, EptFormat)
+    levels = [(_EptLevel if ept else _Level)(mode, fmt, i) for i in range(len(mode.levels))]
+    w = _walk_levels(tables, mode, levels, root, gpa, gpa < U64(1 << mode.va_bits),
+                     FAULT_NON_CANONICAL)
+    if ept:        # no U/S in EPT: `user` is left False, the four rights are in ept_rights
+        _, write, execute, _ = w.rights
+        return BatchWalk(gpa, w.ok, w.pa, w.page_size, write, np.zeros(len(gpa), bool),
+                         execute, w.reason, w.level, mode, root, w.entries, w.tables_read,
+                         w.leaf_level, w.rights)
+    writable, user, executable = w.rights
+    return BatchWalk(gpa, w.ok, w.pa, w.page_size, writable, user, executable, w.reason,
+                     w.level, mode, root, w.entries, w.tables_read, w.leaf_level)

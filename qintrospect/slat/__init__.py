@@ -86,6 +86,26 @@ def walk(read_phys, spec: SlatSpec, gpa: int, maxphyaddr: int = 52,
     return paging.walk_npt(read_phys, spec.root, gpa, spec.depth, maxphyaddr, page1gb=page1gb)
 
 
+def walk_batch(read_phys, spec: SlatSpec, gpas, maxphyaddr: int = 52,
+               page1gb: Optional[bool] = None) -> "paging.BatchWalk":
+    """walk() for many guest-physical addresses at once, as arrays (paging.vector): each
+    table read once, whole; the same answers, element by element."""
+    from ..paging import vector
+    from ..paging.ept import ept_format, npt_format
+    if spec.format == "ept":
+        info = paging.decode_eptp(spec.eptp, maxphyaddr)
+        mode = paging.MODE_EPT5 if info["walk_length"] == 5 else paging.MODE_EPT4
+        if info["problems"]:            # walk_ept: VM entry would fail, no level is read
+            return vector.all_faulted(gpas, vector.FAULT_EPT_MISCONFIGURATION, mode,
+                                      info["root"])
+        fmt = ept_format(mode, maxphyaddr, False, page1gb)
+        root = info["root"]
+    else:
+        mode = paging.MODE_NPT5 if spec.depth == 5 else paging.MODE_NPT4
+        fmt, root = npt_format(mode, maxphyaddr, True, page1gb), spec.root & ADDR_51_12
+    return vector.walk_second_level_array(read_phys, mode, fmt, root, gpas)
+
+
 # ---- finding the root ----------------------------------------------------------------------
 
 def _present(fmt: str, e: np.ndarray) -> np.ndarray:
@@ -441,6 +461,10 @@ class SecondLevel:
                            "as the pagemap path does (the others are not in the table now)")
         how["chosen"] = best.to_dict()
         return cls(memory, best.spec, how)
+
+    def walk_batch(self, gpas) -> "paging.BatchWalk":
+        """Many GPAs through the table at once (walk_batch); the table must be known."""
+        return walk_batch(self.memory.read, self.spec, gpas, self.maxphyaddr, self.page1gb)
 
     def result(self, gpa: int, expected: Optional[int]) -> SlatResult:
         if self.spec is None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from qintrospect import slat
 from qintrospect.errors import MemoryReadError
 from qintrospect.paging import (
     FAULT_REASONS, CpuState, iter_mappings, leaf_arrays, paging_mode, walk, walk_array,
@@ -24,7 +25,7 @@ from tests.unit.test_paging import (
     small_address_space,
 )
 from tests.unit.test_paging_property import (
-    CR0, LA57, LMA, LME, NXE, PAE, PAGES, PSE, SLOTS4, SLOTS8, entries4, entries8,
+    CR0, LA57, LMA, LME, NXE, PAE, PAGES, PSE, SLOTS4, SLOTS8, ept_entries, entries4, entries8,
     pdpt_entries,
 )
 
@@ -67,9 +68,9 @@ class Buf(bytearray):
                                for a, w in enumerate(words) if w) + "}"
 
 
-def draw_tables(draw, size, slots):
+def draw_tables(draw, size, slots, entry=None):
     """PAGES pages, each with 1 to 5 entries at `slots`, drawn like test_paging_property's."""
-    entry = entries8 if size == 8 else entries4
+    entry = entry if entry is not None else entries8 if size == 8 else entries4
     buf = Buf(PAGES * 4096, size)
     for page in range(PAGES):
         buf.slots[page] = draw(st.lists(st.sampled_from(slots), min_size=1, max_size=5,
@@ -445,3 +446,72 @@ def test_large_batch_reads_each_table_once():
     la = leaf_arrays(mem, cpu64())
     assert len(la) == 4 * 512 + 60
     assert list(la.mappings()) == list(iter_mappings(mem, cpu64()))
+
+
+# ---------------------------------------------------------------- second-level batches
+
+@st.composite
+def second_level_spaces(draw):
+    """(memory, SlatSpec, MAXPHYADDR, Page1GB) of a random EPT or NPT, 4 or 5 levels; EPTPs
+    mostly valid (WB or UC), sometimes not (reserved memory type, bits 11:8)."""
+    ept = draw(st.booleans())
+    # half the tables well formed (present, no reserved bit but PS now and then): deep walks
+    clean = st.builds(lambda page, ps, low: page << 12 | ps | low, st.integers(0, PAGES - 1),
+                      st.sampled_from([0, 0, 0, 0x80]),
+                      st.sampled_from([7, 7, 7, 5, 7 | 6 << 3, 7 | 3 << 3]) if ept else
+                      st.sampled_from([0x67, 0x65, 0x63, 0x67 | 1 << 63]))
+    noisy = ept_entries if ept else entries8
+    buf = draw_tables(draw, 8, SLOTS8, draw(st.sampled_from([clean, noisy])))
+    five = draw(st.booleans())
+    root = draw(st.integers(0, PAGES)) << 12
+    if ept:
+        low = draw(st.sampled_from([6, 6, 6, 0, 0, 6, 2, 6 | 1 << 8])) | (4 if five else 3) << 3
+        spec = slat.SlatSpec("ept", root, 5 if five else 4, root | low | draw(st.booleans()) << 6)
+    else:
+        spec = slat.SlatSpec("npt", root, 5 if five else 4)
+    return (buf, spec, draw(st.sampled_from([36, 46, 52, 52])),
+            draw(st.sampled_from([None, False, True])))
+
+
+@st.composite
+def guest_physical(draw, buf, spec):
+    """Mostly GPAs whose every index is a slot used in the table the walk reaches there, so
+    that walks go deep; sometimes any index, or any address (beyond the table's bits too)."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.integers(0, (1 << 64) - 1))
+    table, gpa = spec.root, 0
+    for _ in range(spec.depth):
+        slots = buf.slots.get(table >> 12, []) if table < len(buf) else []
+        index = draw(st.sampled_from(slots) if slots and draw(st.integers(0, 7))
+                     else st.integers(0, 511))
+        gpa = gpa << 9 | index
+        at = table + index * 8
+        table = int.from_bytes(buf[at:at + 8], "little") & 0x000FFFFFFFFFF000 \
+            if at < len(buf) else 1 << 40
+    return gpa << 12 | draw(st.integers(0, 0xFFF))
+
+
+@settings(SPACE, max_examples=400)
+@given(data=st.data(), space=second_level_spaces())
+def test_second_level_batch_matches_the_scalar_walk(data, space):
+    """slat.walk_batch answers for each GPA what slat.walk (walk_ept / walk_npt) answers:
+    translated or not, where to, the page size, the fault and its level, every right."""
+    buf, spec, m, page1gb = space
+    gpas = data.draw(st.lists(guest_physical(buf, spec), min_size=1, max_size=48), label="gpas")
+    read = Reads(buf)
+    out = slat.walk_batch(read, spec, np.array(gpas, np.uint64), m, page1gb)
+    assert len(set(read.reads)) == len(read.reads)          # each table read once
+    for k, gpa in enumerate(gpas):
+        w = slat.walk(read, spec, gpa, m, page1gb)
+        answer = scalar_answer(w)
+        if spec.format == "ept":   # no U/S: the four rights are EPT's own
+            answer = answer[:4] + (False,) + answer[5:]
+            if w.ok:
+                assert [bool(r[k]) for r in out.ept_rights[:3]] == [
+                    w.access[a].allowed for a in ("read", "write", "execute")]
+        assert batch_answer(out, k) == answer, (hex(gpa), w.fault)
+        assert out.level_name(k) == (w.fault.level if w.fault else None)
+        event(f"some element: {w.fault.reason if w.fault else 'translated'}")
+        if w.fault and w.fault.level and "memory type" in w.fault.message:
+            event("some element: a leaf of a reserved memory type")
+    assert (out.mode, out.root) == (w.mode, w.root)
