@@ -37,6 +37,9 @@ class BatchTranslation:
     has_value: np.ndarray     # bool
     ram_blocks: tuple         # block names, indexed by region
     host_entry: Optional[np.ndarray] = None   # uint64 pagemap entry of each HVA, 0 unknown
+    # translate --slat: every GPA walked through the hypervisor's second-level table
+    # (paging.BatchWalk, same length; an element whose guest walk faulted is not looked at)
+    slat: Optional[paging.BatchWalk] = None
 
     def __len__(self) -> int:
         return len(self.walk_result)
@@ -51,7 +54,9 @@ class BatchTranslation:
 
     def to_dicts(self) -> Iterator[dict]:
         """One JSON-ready dict per address: the chain's summary keys (no levels), or the
-        fault. Addresses and values are "0x..." strings."""
+        fault; with a second-level walk (slat), where it ends (slat_out, slat_page_size),
+        whether that is the pagemap path's host address (slat_agrees), or its fault
+        (slat_fault). Addresses and values are "0x..." strings."""
         return map(self.row_dict, range(len(self.walk_result)))
 
     def row_dict(self, i: int) -> dict:
@@ -62,14 +67,35 @@ class BatchTranslation:
             return {"gva": h(w.va[i]), "fault": {"level": w.level_name(i),
                                                   "reason": w.reason(i)}}
         status = HOST_STATUS[self.host_status[i]] or None
-        return {"gva": h(w.va[i]), "gpa": h(w.pa[i]), "page_size": int(w.page_size[i]),
-                "ram_block": self.ram_blocks[self.region[i]] if self.region[i] >= 0 else None,
-                "hva": h(self.hva[i]) if self.has_hva[i] else None,
-                "hpa": h(self.hpa[i]) if status == "present" else None,
-                "host": status,
-                "writable": bool(w.writable[i]), "user": bool(w.user[i]),
-                "executable": bool(w.executable[i]),
-                "value": h(self.value[i]) if self.has_value[i] else None}
+        row = {"gva": h(w.va[i]), "gpa": h(w.pa[i]), "page_size": int(w.page_size[i]),
+               "ram_block": self.ram_blocks[self.region[i]] if self.region[i] >= 0 else None,
+               "hva": h(self.hva[i]) if self.has_hva[i] else None,
+               "hpa": h(self.hpa[i]) if status == "present" else None,
+               "host": status,
+               "writable": bool(w.writable[i]), "user": bool(w.user[i]),
+               "executable": bool(w.executable[i]),
+               "value": h(self.value[i]) if self.has_value[i] else None}
+        s = self.slat
+        if s is not None:
+            ok = bool(s.ok[i])
+            row.update({"slat_out": h(s.pa[i]) if ok else None,
+                        "slat_page_size": int(s.page_size[i]) if ok else None,
+                        "slat_agrees": bool(self.slat_agrees[i]) if ok and status == "present"
+                        else None,
+                        "slat_fault": None if ok else {"level": s.level_name(i),
+                                                       "reason": s.reason(i)}})
+        return row
+
+    @property
+    def slat_agrees(self) -> np.ndarray:
+        """Where the second-level walk ends at the host address the pagemap path gives."""
+        return self.slat.ok & (self.host_status == HOST_PRESENT) & (self.slat.pa == self.hpa)
+
+    @property
+    def slat_disagrees(self) -> np.ndarray:
+        """Where both paths give a host address, and not the same one."""
+        return (self.walk_result.ok & self.slat.ok & (self.host_status == HOST_PRESENT)
+                & (self.slat.pa != self.hpa))
 
     def walk(self, i: int, session) -> paging.Walk:
         """The full scalar walk (levels, flags, access rules) of element i."""

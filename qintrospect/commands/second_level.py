@@ -16,10 +16,11 @@ TIE_PROBES = 64           # more probes for second-level roots that tie
 CHUNK = 4096              # translations taken at a time by with_second_level
 
 
-def second_level(vm, spec, translations=(), progress=None) -> slat.SecondLevel:
+def second_level(vm, spec, translations=(), progress=None, pairs=()) -> slat.SecondLevel:
     """This VM's second-level table: the root given; or (auto) the root KVM's own vCPU holds,
     else, saying why, one found by a scan keyed by the pagemap path's answers for the vCPU's
-    page-table root and the translations given. spec: a SlatSpec or its text ("auto", ...)."""
+    page-table root and the translations given (and the (GPA, host address) pairs given).
+    spec: a SlatSpec or its text ("auto", ...)."""
     from ..memory.kcore import KcoreMemory
     vm.check_open()
     if isinstance(spec, str):      # "auto", "npt:0x...", "ept:0x..." as on the command line
@@ -34,6 +35,7 @@ def second_level(vm, spec, translations=(), progress=None) -> slat.SecondLevel:
     memory = KcoreMemory()
     probes = [host_probe(vm, vm.vcpu_info[vm.vcpu].root)]
     probes += [(t.gpa, t.hpa) for t in translations if t.ok and t.hpa is not None]
+    probes += list(pairs)
     second = why = None
     if spec.auto and spec.source in ("auto", "kvm"):
         second, why = _from_kvm(vm, memory, probes)

@@ -37,8 +37,6 @@ def cmd_translate(args) -> int:
     elif args.expect:
         raise UsageError("--expect goes with --find-cr3")
     slat_spec = _slat_spec(args)
-    if slat_spec is not None and args.brief:
-        raise UsageError("--slat does not go with --brief (the brief rows have no levels)")
     if args.outer:
         if args.brief:
             raise UsageError("--brief does not go with --outer")
@@ -63,7 +61,7 @@ def cmd_translate(args) -> int:
             if args.verbose:
                 print(f"# root {cr3:#x} found by scanning ({found[0].how})", file=sys.stderr)
         if args.brief:
-            return _translate_brief(vm, addresses, cr3)
+            return _translate_brief(vm, addresses, cr3, slat_spec)
         kvm_facts = vm.kvm_facts() if args.json and vm.process and vm.kvm_enabled else None
         if args.json and slat_spec is None and not pictures.wanted:
             # every level and flag of many addresses at once, the same lines, streamed
@@ -106,9 +104,7 @@ def cmd_translate(args) -> int:
 
 
 BRIEF_CHUNK = 65536
-
-
-SLAT_CHUNK = 4096
+SLAT_PROBES = 64          # (GPA, host address) pairs the second-level table is found with
 
 
 def _slat_spec(args):
@@ -128,24 +124,56 @@ def _slat_failed(t) -> bool:
     return t.slat is not None and (t.slat.agrees is False or t.slat.spec.root is None)
 
 
-def _translate_brief(vm, addresses, cr3) -> int:
-    """The fast batch path: the chain's summary per address (no levels), JSON Lines."""
+def _translate_brief(vm, addresses, cr3, slat_spec=None) -> int:
+    """The fast batch path: the chain's summary per address (no levels), JSON Lines; with
+    --slat, each GPA also walked through the second-level table, all at once (slat_* keys)."""
     import itertools
     from ..present.brieflines import brief_lines
     status = EXIT_OK
     grow_stdout_pipe()
     write = lines_writer()
     it = iter(addresses)
+    second = None
     while True:
         chunk = list(itertools.islice(it, BRIEF_CHUNK))
         if not chunk:
             return status
         result = vm.translate_batch(chunk, cr3)
+        if slat_spec is not None:
+            if second is None:
+                second = _brief_second_level(vm, slat_spec, result)
+                if second is None:
+                    return EXIT_FAULT
+            result.slat = second.walk_batch(result.gpa)
+            if result.slat_disagrees.any():
+                status = EXIT_FAULT          # the table and the pagemap path disagree
         vm.check_live()
         if not result.ok.all():
             status = EXIT_FAULT
         for lines in brief_lines(result):
             write(lines)
+
+
+def _brief_second_level(vm, spec, result):
+    """The second-level table for translate --brief --slat, found once with the first chunk's
+    (GPA, host address) pairs as keys; said on stderr. None (and why, said) if none is."""
+    from .. import slat
+    from ..commands.second_level import second_level
+    from ..memory.host import HOST_PRESENT
+    ok = result.ok & (result.host_status == HOST_PRESENT)
+    pairs = list(zip(result.gpa[ok].tolist(), result.hpa[ok].tolist()))[:SLAT_PROBES]
+    progress = slat_progress()
+    try:
+        second = second_level(vm, spec, progress=progress, pairs=pairs)
+    finally:
+        progress.close()
+    if second.spec is None:
+        print(f"qintrospect: --slat: {second.how.get('note', 'no second-level table')}",
+              file=sys.stderr)
+        return None
+    print(f"# second level: {second.spec.format.upper()} root {second.spec.root:#x}"
+          f"{slat.found_how(second.how)}", file=sys.stderr)
+    return second
 
 
 def _translate_nested(args, addresses, cr3, slat_spec) -> int:

@@ -152,8 +152,9 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         t.add_argument("--no-bits", action="store_true", help="omit the binary view of entries")
         t.add_argument("--brief", action="store_true",
                        help="JSON Lines with the chain only (gva, gpa, page_size, ram_block, hva, "
-                            "hpa, host, writable, user, executable, value; or fault), computed for "
-                            "all addresses at once: the fast way for large batches")
+                            "hpa, host, writable, user, executable, value; or fault; with --slat "
+                            "slat_out, slat_page_size, slat_agrees, slat_fault), computed for all "
+                            "addresses at once: the fast way for large batches")
         from ..present.picture import translate_options
         translate_options(t)                    # --html FILE, --svg FILE, --mermaid
         session_options(t)

@@ -10,6 +10,7 @@ from .render import json_line
 from .rowlines import fill_rows, parse_templates, row_template, with_rows_made_alone
 
 PLACES = (("gva", "x"), ("gpa", "x"), ("hva", "x"), ("hpa", "x"), ("value", "x"))
+SLAT_PLACES = (("slat_out", "x"),)
 
 
 def brief_lines(b, size: int = 4096):
@@ -19,13 +20,18 @@ def brief_lines(b, size: int = 4096):
     n = len(w)
     if not n:
         return
-    first, group = group_rows([
-        w.ok, np.where(w.ok, w.page_size, w.fault_level.astype(np.int64)),
-        np.where(w.ok, b.region, w.fault_reason.astype(np.int64)), b.has_hva, b.host_status,
-        w.writable, w.user, w.executable, b.has_value])
-    templates = [row_template(b.row_dict(int(r)), PLACES) for r in first.tolist()]
+    keys = [w.ok, np.where(w.ok, w.page_size, w.fault_level.astype(np.int64)),
+            np.where(w.ok, b.region, w.fault_reason.astype(np.int64)), b.has_hva, b.host_status,
+            w.writable, w.user, w.executable, b.has_value]
+    places, numbers = PLACES, (w.va, w.pa, b.hva, b.hpa, b.value)
+    s = b.slat
+    if s is not None:     # the second level's answer: where it ends and if that agrees, or why not
+        keys += [w.ok & s.ok, np.where(w.ok & s.ok, s.page_size, s.fault_level.astype(np.int64)),
+                 np.where(w.ok & s.ok, b.slat_agrees, s.fault_reason.astype(np.int64))]
+        places, numbers = PLACES + SLAT_PLACES, numbers + (s.pa,)
+    first, group = group_rows(keys)
+    templates = [row_template(b.row_dict(int(r)), places) for r in first.tolist()]
     which = np.array([-1 if t is None else k for k, t in enumerate(templates)], np.int64)[group]
-    numbers = (w.va, w.pa, b.hva, b.hpa, b.value)
     parsed = parse_templates(templates)
     for start in range(0, n, size):
         chosen = which[start:start + size] >= 0

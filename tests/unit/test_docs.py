@@ -538,6 +538,9 @@ def emitted(m):
         add("who-maps", m.run("who-maps", *q, "--hpa", hex(hpa), "--slat", "auto",
                               "--json")[1])
     add("brief", m.run("translate", *q, "--brief", *addresses)[1])
+    if m.frames:
+        add("brief", m.run("translate", *q, "--brief", "--slat", f"npt:{m.kcore.root:#x}",
+                           *addresses)[1])
     add("cpus", m.run("cpus", *q, "--json")[1])
     add("find-cr3", m.run("find-cr3", *q, "--json", "--gva", hex(USER_VA), "--expect",
                           hex(VALUE))[1])

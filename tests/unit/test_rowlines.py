@@ -60,6 +60,25 @@ def test_the_lines_are_the_dicts_lines(monkeypatch, in_c):
     assert got == want
 
 
+@pytest.mark.parametrize("in_c", [True, False])
+def test_the_lines_with_a_second_level_are_the_dicts_lines(monkeypatch, in_c):
+    """translate --brief --slat: the slat_* keys (where the walk ends and whether that is the
+    host address, or its fault) made from the columns as from each row's dict."""
+    if not in_c:
+        monkeypatch.setattr(rowlines, "_rowformat", None)
+    b = _batch(3000, ["pc.ram", "pc.bios"], seed=5)
+    s = _batch(3000, ["-"], seed=6).walk_result       # the second level's walk of each GPA
+    same = np.array([k % 3 == 0 for k in range(len(b))])
+    s.pa = np.where(same, b.hpa, s.pa)                  # a third end where the pagemap path does
+    b.slat = s
+    assert b.slat_agrees.any() and b.slat_disagrees.any()
+    got = [line for block in brieflines.brief_lines(b, size=256) for line in block]
+    want = [(json_line(b.row_dict(i)) + "\n").encode() for i in range(len(b))]
+    assert got == want
+    assert any(b'"slat_agrees":true' in line for line in got)
+    assert any(b'"slat_fault":{' in line for line in got)
+
+
 def test_a_name_that_prints_as_a_stand_in_is_made_one_by_one():
     """A RAM block named exactly like a stand-in would be taken for a number's place: such a
     row's format is refused, and its line made from its dict."""

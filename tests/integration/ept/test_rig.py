@@ -189,3 +189,29 @@ def test_the_scan_finds_the_root_kvm_holds(rig, seed):
     assert s["how"]["method"] == "scan" and s["agrees"] is True, s["how"]
     assert (s["root"], s["depth"]) == (seed["heap"]["slat"]["root"], seed["heap"]["slat"]["depth"])
     print(f"\nthe scan found {s['root']} in {s['how'].get('seconds')} s (in L1, under Bochs)")
+
+
+def test_brief_walks_the_ept_for_every_address_at_once(rig, seed):
+    """translate --brief --slat auto: every probe address's GPA walked through KVM's EPT at
+    once (slat.walk_batch): the heap and the THP region end where the seed's one-by-one walks
+    did; every page the host holds agrees with the pagemap path; the untouched page faults in
+    the guest and has no second-level keys. No row ever disagrees."""
+    regions = rig.probe["regions"]
+    r = rig.run_qi("translate", *inside(rig, gdb=False), "--slat", "auto", "--brief",
+                   *[hex(x["gva"]) for x in regions.values()])
+    print(f"\ntranslate --brief --slat auto ({len(regions)} addresses) in L1: {r.seconds:.1f} s")
+    assert r.rc == 1, r.stderr           # the untouched page faults
+    root = seed["heap"]["slat"]["root"]
+    assert f"# second level: EPT root {root}, read from KVM's vCPU 0" in r.stderr, r.stderr
+    rows = dict(zip(regions, r.json))
+    for name in ("heap", "thp"):
+        one = seed[name]["slat"]
+        assert (rows[name]["slat_out"], rows[name]["slat_page_size"]) == (
+            one["out"], one["page_size"]), (name, rows[name], one)
+    for name, row in rows.items():
+        if regions[name]["gpa"] is None:
+            assert "fault" in row and "slat_out" not in row, row
+        elif row["slat_out"] is not None:
+            assert row["slat_agrees"] is True and row["slat_out"] == row["hpa"], (name, row)
+        else:   # not in the EPT now (KVM maps a page at the guest's first touch)
+            assert row["slat_fault"]["reason"] == "ept-violation", (name, row)

@@ -341,6 +341,30 @@ def test_every_present_page_agrees_and_untouched_ones_are_not_in_the_npt(rig, di
     print(f"\n{agree} present 2 MiB steps agree, {absent} are in neither table")
 
 
+def test_brief_walks_the_npt_for_all_addresses_at_once_as_one_by_one(rig, probe_slat,
+                                                                     direct_map):
+    """translate --brief --slat: the same 2 MiB steps, every GPA walked through the NPT at once
+    (slat.walk_batch): row by row what the one-by-one walks said (where each ends, its page
+    size, whether that is the pagemap path's host address, or the fault)."""
+    s = probe_slat[1].json[0]["slat"]
+    given = f"{'npt5' if s['depth'] == 5 else 'npt'}:{s['root']}"
+    addresses = [t["gva"] for t in direct_map.json]
+    r = rig.run_qi("translate", *inside_args(rig), "--slat", given, "--brief", *addresses)
+    assert r.rc == 0, r.stderr
+    assert f"# second level: NPT root {s['root']} (given)" in r.stderr, r.stderr
+    assert len(r.json) == len(direct_map.json)
+    for row, t in zip(r.json, direct_map.json):
+        one = t["slat"]
+        assert (row["gva"], row["gpa"], row["hpa"]) == (t["gva"], t["gpa"], t["hpa"]), row
+        assert (row["slat_out"], row["slat_page_size"], row["slat_agrees"]) == (
+            one["out"], one["page_size"], one["agrees"]), (row, one)
+        want = None if one["fault"] is None else {"level": one["fault"]["level"],
+                                                   "reason": one["fault"]["reason"]}
+        assert row["slat_fault"] == want, (row, one)
+    print(f"\n{len(r.json)} addresses through the NPT with --brief in {r.seconds:.1f} s "
+          f"(one by one with --json: {direct_map.seconds:.1f} s)")
+
+
 def test_three_page_sizes_and_the_walk_in_text(rig, probe_slat):
     """The text view prints the walk as the seed's ept_dump does, and one line of page sizes.
     The root is given this time (no scan): --slat npt5:ROOT."""
