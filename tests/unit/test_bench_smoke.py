@@ -115,20 +115,24 @@ MEASUREMENTS = {
     "slat_256M": {"ram_bytes": count, "times": times, "probes": count, "found_root": count,
                   "cr3_root": count, "depth": count, "found_is_cr3": flag, "candidates": count,
                   "s_per_gib": positive, "slat_walk_us": positive, "table_walk_us": positive,
-                  "walk_ratio": positive, **RSS},
+                  "walk_ratio": positive, "batch_n": count, "batch_gpas": count,
+                  "batch_guest_s": positive, "batch_ept_s": positive,
+                  "batch_ept_ratio": positive, **RSS},
 }
 # Table rows by key; those with a target carry met: true/false.
 ROWS = {"single_gdb", "single_direct", "single_hmp", "cli_translate", "batch", "batch_hmp",
         "batch_arrays", "batch_ratio", "batch_many_ratio", "map_tlb", "map_arrays",
         "map_arrays_ratio", "map_direct", "map_direct_ratio", "map_gdb", "map_gdb_ratio",
         "map_cli", "map_cli_ratio", "scan_256M", "scan_2G_booted", "scan_2G_filled", "baseline",
-        "slat_256M", "slat_walk_ratio", "slat_2G_filled", "cli_help", "gdb_bare",
+        "slat_256M", "slat_walk_ratio", "slat_batch_ratio", "slat_2G_filled", "cli_help",
+        "gdb_bare",
         "translate_vs_gdb", "cli_json_batch", "json_batch_ratio", "cli_brief_batch",
         "brief_batch_ratio", "map_cli_extra_ratio", "ptdump", "who_maps", "search",
         "shell_translate", "shell_vs_gva2gpa", "ps_first", "ps_later", "guest_pid_extra",
         "guest_open"}
 TARGETED = {"single_gdb", "batch_ratio", "map_arrays_ratio", "scan_256M", "slat_256M",
-            "slat_walk_ratio", "cli_help", "translate_vs_gdb", "json_batch_ratio",
+            "slat_walk_ratio", "slat_batch_ratio", "cli_help", "translate_vs_gdb",
+            "json_batch_ratio",
             "brief_batch_ratio", "map_cli_extra_ratio", "who_maps", "search",
             "shell_vs_gva2gpa", "ps_first", "ps_later", "guest_pid_extra"}
 CHECKS = {"single_cr3_same", "single_gpa_agree", "single_gdb_value_ok", "single_direct_value_ok",
@@ -280,7 +284,8 @@ def measured():
                       "found_root": 0x2992000, "cr3_root": 0x2992000, "depth": 5,
                       "found_is_cr3": True, "candidates": 1, "s_per_gib": 0.5,
                       "slat_walk_us": 68.0, "table_walk_us": 78.0, "walk_ratio": 0.87,
-                      "maxrss_kb": 63000},
+                      "batch_n": 100000, "batch_gpas": 95000, "batch_guest_s": 0.05,
+                      "batch_ept_s": 0.03, "batch_ept_ratio": 0.6, "maxrss_kb": 63000},
     }
 
 
