@@ -331,3 +331,26 @@ def test_report_of_a_run_whose_measurements_failed(capsys):
     assert obj["checks"]["batch_agrees_with_gva2gpa"] is False
     with pytest.raises(AssertionError, match="checks"):
         check_bench_json(obj)
+
+
+# ------------------------------------------------------------------- scripts/bench_rig.py
+
+def test_the_rig_bench_table_says_flat_or_not():
+    """scripts/bench_rig.py's table (its real run boots the KVM rig twice: a benchmark, not
+    a test): the vCPU read judged against 0.1 s and flatness between the sizes."""
+    spec = importlib.util.spec_from_file_location(
+        "qi_bench_rig", os.path.join(REPO, "scripts", "bench_rig.py"))
+    rig_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rig_bench)
+    row = {"same_root": True, "scan_s_per_gib": 6.0}
+    flat = [{**row, "l1_ram_gib": 1.0, "kvm_vcpu_s": 0.02, "scan_s": 6.0},
+            {**row, "l1_ram_gib": 3.0, "kvm_vcpu_s": 0.021, "scan_s": 18.0}]
+    text = rig_bench.table(flat)
+    assert "21.0 ms at 3.00 GiB (target <= 100 ms: met); 1.05x" in text, text
+    assert "(flat: target <= 1.5x: met)" in text and "scan: 3.00x" in text, text
+    grows = [flat[0], {**flat[1], "kvm_vcpu_s": 0.2}]
+    text = rig_bench.table(grows)
+    assert "target <= 100 ms: not met" in text and "(flat: target <= 1.5x: not met)" in text
+    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_rig.py"),
+                        "--memory", "1G"], capture_output=True, text=True)
+    assert r.returncode == 2 and "two sizes" in r.stderr, r.stderr
