@@ -53,8 +53,11 @@ def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
                          f"{mode.name if mode else 'no paging'} mode")
     root, _ = paging.cr3_root(cpu, mode)
     table = read(root, PAGE)
-    if not any(table[HALF:]) and root % (2 * PAGE) == PAGE:
-        # CR3 holds a KPTI user copy (stopped in user mode): the kernel copy is just below it
+    if root % (2 * PAGE) == PAGE and (not any(table[HALF:])
+                                      or _user_halves_match(read, root - PAGE)):
+        # CR3 holds a KPTI user copy (stopped in user mode): the kernel copy is just below it.
+        # The user copy's kernel half is not empty (Linux maps the entry code and the CPU
+        # entry area there), but it is not the kernel's: every other user copy shares it
         root -= PAGE
         table = read(root, PAGE)
     kernel_half = table[HALF:]

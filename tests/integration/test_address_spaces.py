@@ -226,3 +226,23 @@ def test_find_cr3_pairs_kpti_copies():
         assert kernel_bytes[user] * 20 < kernel_bytes[k]
         rc, allroots, err = run_json("find-cr3", *attach_args(g))
         assert sum(1 for c in allroots if c["kpti_user_copy"]) >= 3
+        # stopped in user mode, CR3 holds a user copy, whose kernel half is not empty (entry
+        # code, CPU entry area) but not the kernel's: the finder still keys on the kernel copy
+        # below it, so find-cr3 pairs as before and who-maps finds the kernel's own mappings
+        # (the IOAPIC's fixmap page; before, it searched user copies only and found none)
+        g.run("(while :; do :; done) & echo $! > /tmp/spin")
+        try:
+            for _ in range(20):
+                rc, cpus, err = run_json("cpus", *attach_args(g))
+                if cpus[0]["cpl"] == 3 and int(cpus[0]["root"], 16) % 0x2000 == 0x1000:
+                    break
+            else:
+                pytest.fail(f"the vCPU never stopped in user mode on a user copy: {cpus[0]}")
+            rc, found, err = run_json("find-cr3", *attach_args(g))
+            assert rc == 0 and sum(1 for c in found if c["kpti_user_copy"]) >= 3, found
+            rc, who, err = run_json("who-maps", *attach_args(g), "--gpa", "0xfec00000",
+                                    "--no-names")
+            assert rc == 0 and who[0]["mappings"], (err, who)
+            assert who[0]["mappings"][0]["half"] == "kernel"
+        finally:
+            g.run("kill $(cat /tmp/spin)")

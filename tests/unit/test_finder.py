@@ -67,3 +67,26 @@ def test_current_cr3_on_the_user_copy_uses_the_kernel_copy():
     cands = {c.root: c for c in finder.scan(ram, ram.ram_map, cpu)}
     assert set(cands) == {0x20000, 0x40000, 0x41000}
     assert cands[0x41000].is_current and not cands[0x40000].is_current
+
+
+def test_a_user_copy_with_its_own_kernel_entries_leads_to_the_kernel_copies():
+    """Linux's KPTI user copy is not empty above the user half: it maps the entry code and the
+    CPU entry area. Stopped in user mode (CR3 on the user copy), the finder must still key on
+    the kernel copy's half (found just below: the same user half), so that it finds the
+    kernel copies and their pairs, not only the user copies (which map none of the kernel)."""
+    ram = build()
+    trampoline = 0x50000
+    ram.put(0x41000 + 510 * 8, trampoline | P | RW)      # the user copy's own kernel entry
+    ram.put(trampoline, 0x91000 | P | RW)
+    cpu = paging.CpuState(CR0, 0x41000, CR4, EFER, 40)
+    root, half = finder.fingerprint_root(ram.read, cpu)
+    assert root == 0x40000 and half == ram.read(0x40000 + 2048, 2048)
+    cands = {c.root: c for c in finder.scan(ram, ram.ram_map, cpu)}
+    assert set(cands) == {0x20000, 0x40000, 0x41000}
+    assert cands[0x40000].kpti_user_copy == 0x41000 and cands[0x41000].is_current
+    # an odd page with a kernel half of its own, where the page below is no kernel copy
+    # (another user half): no KPTI, it is its own root
+    ram.put(0x61000 + 511 * 8, 0x10000 | P | RW)
+    ram.put(0x61000, 0x31000 | P | RW | US)
+    cpu = paging.CpuState(CR0, 0x61000, CR4, EFER, 40)
+    assert finder.fingerprint_root(ram.read, cpu)[0] == 0x61000
