@@ -189,15 +189,23 @@ def slat_lines(r, show_bits: bool = True) -> List[str]:
            f"{r.spec.depth} levels{eptp}{found_how(how)}"]
     w = r.walk
     out.extend("  " + line for line in index_lines(w))
-    for s in w.levels:
+    marker = r.marker
+    for k, s in enumerate(w.levels):
         nxt = "-" if s.next_addr is None else f"{s.next_addr:#x}"
         if s.leaf:
             nxt += f" ({size_name(s.page_size)} leaf)"
+        flags = " ".join(s.flags)
+        fields = entry_fields(r.spec.format, s.entry, s.leaf)
+        if marker and k == len(w.levels) - 1:       # its bits are KVM's, not the CPU's flags
+            nxt, flags = "none: KVM's MMIO marker", ""
+            fields = (f"KVM's MMIO marker, not flags: {marker['why']}; GPA {marker['gpa']} "
+                      f"kept in bits {marker['bits']}; the other bits: the access KVM allows "
+                      "and its memslot generation")
         out.append(f"    {s.index:>3}: {s.name:<5} entry {s.entry:#018x} at {s.entry_addr:#x}"
-                   f"  -> {nxt}  {' '.join(s.flags)}")
+                   f"  -> {nxt}  {flags}".rstrip())
         if show_bits:
             out.append(f"         {binary_split(s.entry, 8)}")
-            out.append(f"         {entry_fields(r.spec.format, s.entry, s.leaf)}")
+            out.append(f"         {fields}")
     if w.ok and w.page_size > 4096 and show_bits:
         out.extend("    " + line for line in huge_page_block(w.levels[-1], w.va, w.pa,
                                                            w.page_size))
@@ -206,7 +214,8 @@ def slat_lines(r, show_bits: bool = True) -> List[str]:
                    False: "DISAGREES with the pagemap path"}[r.agrees]
         out.append(f"    => host {w.pa:#x} in a {size_name(w.page_size)} {kind} page: {verdict}")
     else:
-        out.append(f"    => {w.fault.reason} at {w.fault.level}")
+        out.append(f"    => {w.fault.reason} at {w.fault.level}"
+                   + (": KVM's MMIO marker, not a mapping" if marker else ""))
     if r.note:
         out.append(f"    note: {r.note}")
     return out

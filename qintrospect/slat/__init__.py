@@ -304,17 +304,18 @@ def entry_fields(fmt: str, entry: int, leaf: bool) -> str:
 def kvm_mmio_marker(spec: "SlatSpec", w: paging.Walk, maxphyaddr: int) -> Optional[str]:
     """Why the entry that stopped walk w is one of KVM's MMIO markers (an entry KVM makes
     invalid on purpose, so that a guest access to an emulated device exits to it), or None.
-    EPT: write and execute without read (a misconfiguration); NPT: present with every bit
-    from MAXPHYADDR to 51 set (reserved bits)."""
+    EPT: write and execute without read (a misconfiguration: KVM's value 110b under the RWX
+    mask). NPT: present with bit 51 set where it is reserved (MAXPHYADDR below 52): KVM's value
+    since Linux 5.13 is BIT(51) | present; before, and with SME, every bit from MAXPHYADDR (or
+    the C-bit) to 51, which holds bit 51 too."""
     if w.ok or not w.levels or w.fault is None:
         return None
     e = w.levels[-1].entry
     if spec.format == "ept" and w.fault.reason == "ept-misconfiguration" and e & 7 == 6:
         return "W=1 X=1 with R=0: an EPT misconfiguration"
-    high = ((1 << 52) - 1) & ~((1 << maxphyaddr) - 1)
-    if spec.format == "npt" and w.fault.reason == "reserved-bit" and e & 1 and high \
-            and e & high == high:
-        return f"present with reserved bits {maxphyaddr}-51 all set"
+    if spec.format == "npt" and w.fault.reason == "reserved-bit" and e & 1 \
+            and maxphyaddr < 52 and e >> 51 & 1:
+        return f"present with bit 51 set, reserved above MAXPHYADDR {maxphyaddr}"
     return None
 
 
@@ -374,7 +375,11 @@ def translate(read_phys, spec: SlatSpec, how: dict, gpa: int, expected: Optional
         why = kvm_mmio_marker(spec, w, maxphyaddr)
         if why:
             step = w.levels[-1]
+            # KVM keeps the GFN in the marker (bits 12 up to MAXPHYADDR); the low bits are the
+            # access it allows and its memslot generation, not flags
+            kept = step.entry & ((1 << maxphyaddr) - 1) & ~0xFFF
             r.marker = {"level": step.name, "entry": f"{step.entry:#x}", "why": why,
+                        "gpa": f"{kept:#x}", "bits": f"12-{maxphyaddr - 1}",
                         "device": region}
             r.note = (f"KVM's MMIO marker, not a mapping: the {name} {step.name} entry "
                       f"{step.entry:#x} is {why} on purpose, so that a guest access to GPA "
@@ -410,7 +415,7 @@ class SecondLevel:
         # 1 GiB leaves: the host CPU's Page1GB for NPT, the EPT capability for EPT (None:
         # unknown, accepted with a note)
         self.page1gb: Optional[bool] = None
-        # the host's physical address width: KVM's NPT MMIO markers set the bits above it
+        # the host's physical address width: KVM's NPT MMIO markers set bit 51, reserved above it
         self.maxphyaddr = 52
         self.device = None          # device(gpa): a GPA's device region, when not RAM
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qintrospect import slat
+from qintrospect.present import render
 from qintrospect.errors import UsageError
 from qintrospect.memory.kcore import ram_segments
 
@@ -260,11 +261,16 @@ def test_an_ept_entry_in_words_with_kvms_own_bits():
 
 def test_kvms_mmio_markers_are_named_never_mappings():
     """KVM makes an entry invalid on purpose for a GPA its device model emulates: EPT W+X
-    without R (a misconfiguration), NPT present with the bits above MAXPHYADDR set. The walk
-    says so, with the GPA's device region, and gives no host address."""
+    without R (a misconfiguration), NPT present with bit 51 set above MAXPHYADDR (today's
+    BIT(51) | present with the GFN and generation bits; before Linux 5.13 every bit from
+    MAXPHYADDR to 51). The walk says so, with the GPA's device region, and gives no host
+    address."""
     host = Host()
-    for fmt, marker, maxphy in (("ept", 0x6 | (0x3 << 54), 52),
-                                ("npt", 0x1 | (((1 << 52) - 1) & ~((1 << 40) - 1)), 40)):
+    # each as KVM makes it for GPA 0xfec00000: the GFN kept in it, generation bits about
+    for fmt, marker, maxphy in (("ept", 0x6 | 0xFEC00000 | 0x5 << 3 | (0x3 << 54), 52),
+                                ("npt", 1 << 51 | 0xFEC00000 | 0x7 << 3 | 1 << 54 | 1, 40),
+                                ("npt", 0x1 | 0xFEC00000 | (((1 << 52) - 1) & ~((1 << 40) - 1)),
+                                 40)):
         root = build(host, fmt, 4, [(0x5000, 0x600000, PAGE)])
         t = root
         for shift in slat.SHIFTS[1:-1]:                    # down to the PT of GPA 0xfec00000
@@ -285,9 +291,21 @@ def test_kvms_mmio_markers_are_named_never_mappings():
         assert r.note.startswith("KVM's MMIO marker, not a mapping") and "ioapic" in r.note
         d = r.to_dict()
         assert d["kvm_mmio_marker"]["device"].startswith("0xfec00000 is in device region")
+        # the marker's bits are KVM's (the GFN it keeps, access, generation): never flags
+        assert d["kvm_mmio_marker"]["gpa"] == "0xfec00000", d
+        text = render.slat_lines(r)
+        leaf = [x for x in text if " PT " in x and "entry" in x][0]
+        assert leaf.endswith("-> none: KVM's MMIO marker"), leaf
+        assert any("KVM's MMIO marker, not flags: " in x for x in text), text
+        assert text[-2].endswith("at PT: KVM's MMIO marker, not a mapping"), text
         # the same bits on RAM that merely is not in the table: not a marker
         plain = second.result(0x9000, 0x700000)
         assert plain.marker is None and "not in the" in plain.note
+    # an NPT entry with another reserved bit (45, above MAXPHYADDR 40) but not 51: a broken
+    # entry, said as that, not a marker
+    host.set(t, (0xFEC00000 >> 12) & 511, 1 << 45 | 0xFEC00000 | 1)
+    r = second.result(0xFEC00000, None)
+    assert r.marker is None and r.walk.fault.reason == "reserved-bit", r.note
 
 
 def test_the_huge_page_block_is_the_seeds():

@@ -365,6 +365,33 @@ def test_brief_walks_the_npt_for_all_addresses_at_once_as_one_by_one(rig, probe_
           f"(one by one with --json: {direct_map.seconds:.1f} s)")
 
 
+def test_kvms_mmio_markers_in_the_real_npt_are_named_never_mappings(rig, probe_slat):
+    """L2's kernel maps its IOAPIC and HPET (fixmap pages) and touched them at boot: KVM left
+    MMIO markers for them in the NPT (today's value: present with bit 51 set, reserved above
+    L1's MAXPHYADDR; the GFN kept in the entry). Each is named as that, with the GPA QEMU's
+    memory map gives the device, and never as a mapping: no host address, no flags."""
+    given = probe_slat[1].json[0]["slat"]
+    for gpa, device in ((0xFEC00000, "ioapic"), (0xFED00000, "hpet")):
+        w = rig.run_qi("who-maps", *inside_args(rig), "--gpa", hex(gpa), "--json", "--no-names")
+        assert w.rc == 0 and w.json[0]["mappings"], (gpa, w.stderr, w.stdout)
+        gva = w.json[0]["mappings"][0]["gva"]
+        r = rig.run_qi("translate", *inside_args(rig), "--slat", "kvm", "--json", gva)
+        assert r.rc == 0, r.stderr
+        t, s = r.json[0], r.json[0]["slat"]
+        assert t["gpa"] == hex(gpa) and t["hpa"] is None and s["root"] == given["root"], t
+        m = s["kvm_mmio_marker"]
+        assert m is not None, (f"no MMIO marker for {device} at GPA {gpa:#x}: {s['fault']}, "
+                               f"{s['note']}")
+        entry = int(m["entry"], 16)
+        assert entry & 1 and entry >> 51 & 1 and m["gpa"] == hex(gpa), m
+        assert device in m["device"] and s["out"] is None and s["agrees"] is None, s
+        assert s["fault"]["reason"] == "reserved-bit" and s["note"].startswith("KVM's MMIO marker")
+        text = rig.run_qi("translate", *inside_args(rig), "--slat", "kvm", gva).stdout
+        assert "-> none: KVM's MMIO marker" in text and ": KVM's MMIO marker, not a mapping" \
+            in text, text
+    print(f"\nMMIO markers: {device} entry {m['entry']} ({m['why']})")
+
+
 def test_three_page_sizes_and_the_walk_in_text(rig, probe_slat):
     """The text view prints the walk as the seed's ept_dump does, and one line of page sizes.
     The root is given this time (no scan): --slat npt5:ROOT."""
