@@ -319,6 +319,25 @@ def kvm_mmio_marker(spec: "SlatSpec", w: paging.Walk, maxphyaddr: int) -> Option
     return None
 
 
+L1TF_SHIFT = 5       # KVM's SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
+
+
+def marker_gpa(entry: int, maxphyaddr: int) -> Tuple[int, str]:
+    """The guest-physical page KVM keeps in an MMIO marker, and where: bits 12 up to
+    MAXPHYADDR; on a host with the L1TF mitigation, KVM also sets the top 5 of those bits in
+    every marker and keeps the GFN's own top bits 5 higher, above MAXPHYADDR (so that the
+    entry never points at cacheable memory). That layout is read where those 5 bits are all
+    set (a GPA of its own there, in the top 1/32 of the space, would read wrong)."""
+    frame = entry & ((1 << maxphyaddr) - 1) & ~0xFFF
+    low = maxphyaddr - L1TF_SHIFT
+    top = ((1 << maxphyaddr) - 1) & ~((1 << low) - 1)
+    if maxphyaddr < 52 - L1TF_SHIFT and low > 12 and entry & top == top:
+        moved = (entry >> L1TF_SHIFT) & top
+        return (frame & ~top) | moved, (f"12-{low - 1} and {maxphyaddr}-{maxphyaddr + 4} "
+                                        f"(L1TF: bits {low}-{maxphyaddr - 1} set)")
+    return frame, f"12-{maxphyaddr - 1}"
+
+
 # ---- one address through the table ----------------------------------------------------------
 
 @record
@@ -375,12 +394,9 @@ def translate(read_phys, spec: SlatSpec, how: dict, gpa: int, expected: Optional
         why = kvm_mmio_marker(spec, w, maxphyaddr)
         if why:
             step = w.levels[-1]
-            # KVM keeps the GFN in the marker (bits 12 up to MAXPHYADDR); the low bits are the
-            # access it allows and its memslot generation, not flags
-            kept = step.entry & ((1 << maxphyaddr) - 1) & ~0xFFF
+            kept, bits = marker_gpa(step.entry, maxphyaddr)
             r.marker = {"level": step.name, "entry": f"{step.entry:#x}", "why": why,
-                        "gpa": f"{kept:#x}", "bits": f"12-{maxphyaddr - 1}",
-                        "device": region}
+                        "gpa": f"{kept:#x}", "bits": bits, "device": region}
             r.note = (f"KVM's MMIO marker, not a mapping: the {name} {step.name} entry "
                       f"{step.entry:#x} is {why} on purpose, so that a guest access to GPA "
                       f"{gpa:#x} exits to KVM, which hands it to QEMU's device model"

@@ -322,3 +322,17 @@ def test_the_huge_page_block_is_the_seeds():
     hpa = lines[i + 10].split()
     assert hpa[0] == "HPA" and int("".join(hpa[1:]), 2) == r.out == 0x10800000 | (gpa & 0x1FFFFF)
     assert any("memtype=6 (WB)" in x for x in lines)
+
+
+def test_the_gpa_kept_in_a_marker_with_and_without_l1tf():
+    """KVM keeps the GFN in an MMIO marker; with the L1TF mitigation (an Intel host: the Bochs
+    rig's EPT showed 0xf8fec002b6 for GPA 0xfec00000 at MAXPHYADDR 40) it also sets the top 5
+    bits below MAXPHYADDR and moves the GFN's own top bits 5 higher."""
+    top = 0x1F << 35
+    assert slat.marker_gpa(0xF8FEC002B6, 40) == (
+        0xFEC00000, "12-34 and 40-44 (L1TF: bits 35-39 set)")
+    gpa = (1 << 35) | 0xFEC00000                    # a GFN bit under the mask: moved to bit 40
+    entry = 0x6 | 0xFEC00000 | top | (1 << 40)
+    assert slat.marker_gpa(entry, 40)[0] == gpa
+    assert slat.marker_gpa(1 << 51 | 0xFEC002A7, 40) == (0xFEC00000, "12-39")      # AMD's
+    assert slat.marker_gpa(0xFEC00006 | 0x3 << 54, 52) == (0xFEC00000, "12-51")

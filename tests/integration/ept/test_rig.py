@@ -215,3 +215,27 @@ def test_brief_walks_the_ept_for_every_address_at_once(rig, seed):
             assert row["slat_agrees"] is True and row["slat_out"] == row["hpa"], (name, row)
         else:   # not in the EPT now (KVM maps a page at the guest's first touch)
             assert row["slat_fault"]["reason"] == "ept-violation", (name, row)
+
+
+def test_kvms_mmio_markers_in_the_real_ept_are_named_never_mappings(rig, seed):
+    """L2's kernel maps its IOAPIC (a fixmap page) and touched it at boot: KVM left an MMIO
+    marker for it in the EPT (W+X without R: a deliberate EPT misconfiguration; Bochs's log
+    says `EPT misconfig for guest paddr 0xfec00000`). It is named as that, with the GPA QEMU's
+    memory map gives the device, and never as a mapping."""
+    gpa = 0xFEC00000
+    w = rig.run_qi("who-maps", *inside(rig, gdb=False), "--gpa", hex(gpa), "--json",
+                   "--no-names")
+    assert w.rc == 0 and w.json[0]["mappings"], (w.stderr, w.stdout)
+    # through the root that maps it (the vCPU may be on a KPTI user copy, which does not)
+    gva, root = (w.json[0]["mappings"][0][k] for k in ("gva", "root"))
+    r = rig.run_qi("translate", *inside(rig, gdb=False), "--cr3", root, "--slat", "auto",
+                   "--json", gva)
+    assert r.rc == 0, r.stderr
+    t, s = r.json[0], r.json[0]["slat"]
+    assert t["gpa"] == hex(gpa) and t["hpa"] is None, t
+    assert s["root"] == seed["heap"]["slat"]["root"], s
+    m = s["kvm_mmio_marker"]
+    assert m is not None, f"no MMIO marker at GPA {gpa:#x}: {s['fault']}, {s['note']}"
+    assert int(m["entry"], 16) & 7 == 6 and m["gpa"] == hex(gpa) and "ioapic" in m["device"], m
+    assert s["fault"]["reason"] == "ept-misconfiguration" and s["out"] is None, s
+    print(f"\nEPT MMIO marker for the IOAPIC: entry {m['entry']} at {m['level']} ({m['why']})")

@@ -374,8 +374,10 @@ def test_kvms_mmio_markers_in_the_real_npt_are_named_never_mappings(rig, probe_s
     for gpa, device in ((0xFEC00000, "ioapic"), (0xFED00000, "hpet")):
         w = rig.run_qi("who-maps", *inside_args(rig), "--gpa", hex(gpa), "--json", "--no-names")
         assert w.rc == 0 and w.json[0]["mappings"], (gpa, w.stderr, w.stdout)
-        gva = w.json[0]["mappings"][0]["gva"]
-        r = rig.run_qi("translate", *inside_args(rig), "--slat", "kvm", "--json", gva)
+        # through the root that maps it (the vCPU may be on a root that does not)
+        gva, root = (w.json[0]["mappings"][0][k] for k in ("gva", "root"))
+        r = rig.run_qi("translate", *inside_args(rig), "--cr3", root, "--slat", "kvm",
+                       "--json", gva)
         assert r.rc == 0, r.stderr
         t, s = r.json[0], r.json[0]["slat"]
         assert t["gpa"] == hex(gpa) and t["hpa"] is None and s["root"] == given["root"], t
@@ -386,7 +388,8 @@ def test_kvms_mmio_markers_in_the_real_npt_are_named_never_mappings(rig, probe_s
         assert entry & 1 and entry >> 51 & 1 and m["gpa"] == hex(gpa), m
         assert device in m["device"] and s["out"] is None and s["agrees"] is None, s
         assert s["fault"]["reason"] == "reserved-bit" and s["note"].startswith("KVM's MMIO marker")
-        text = rig.run_qi("translate", *inside_args(rig), "--slat", "kvm", gva).stdout
+        text = rig.run_qi("translate", *inside_args(rig), "--cr3", root, "--slat", "kvm",
+                          gva).stdout
         assert "-> none: KVM's MMIO marker" in text and ": KVM's MMIO marker, not a mapping" \
             in text, text
     print(f"\nMMIO markers: {device} entry {m['entry']} ({m['why']})")
