@@ -40,6 +40,7 @@ class BatchTranslation:
     # translate --slat: every GPA walked through the hypervisor's second-level table
     # (paging.BatchWalk, same length; an element whose guest walk faulted is not looked at)
     slat: Optional[paging.BatchWalk] = None
+    slat_marker: Optional[np.ndarray] = None  # bool: where that walk stopped at a KVM MMIO marker
 
     def __len__(self) -> int:
         return len(self.walk_result)
@@ -82,9 +83,15 @@ class BatchTranslation:
                         "slat_page_size": int(s.page_size[i]) if ok else None,
                         "slat_agrees": bool(self.slat_agrees[i]) if ok and status == "present"
                         else None,
-                        "slat_fault": None if ok else {"level": s.level_name(i),
-                                                       "reason": s.reason(i)}})
+                        "slat_fault": None if ok else self._slat_fault(i)})
         return row
+
+    def _slat_fault(self, i: int) -> dict:
+        s = self.slat
+        fault = {"level": s.level_name(i), "reason": s.reason(i)}
+        if self.slat_marker is not None and self.slat_marker[i]:
+            fault["kvm_mmio_marker"] = True
+        return fault
 
     @property
     def slat_agrees(self) -> np.ndarray:

@@ -145,6 +145,7 @@ def _translate_brief(vm, addresses, cr3, slat_spec=None) -> int:
                 if second is None:
                     return EXIT_FAULT
             result.slat = second.walk_batch(result.gpa)
+            result.slat_marker = second.markers(result.slat)
             if result.slat_disagrees.any():
                 status = EXIT_FAULT          # the table and the pagemap path disagree
         vm.check_live()

@@ -28,6 +28,8 @@ def brief_lines(b, size: int = 4096):
     if s is not None:     # the second level's answer: where it ends and if that agrees, or why not
         keys += [w.ok & s.ok, np.where(w.ok & s.ok, s.page_size, s.fault_level.astype(np.int64)),
                  np.where(w.ok & s.ok, b.slat_agrees, s.fault_reason.astype(np.int64))]
+        if b.slat_marker is not None:
+            keys.append(b.slat_marker)
         places, numbers = PLACES + SLAT_PLACES, numbers + (s.pa,)
     first, group = group_rows(keys)
     templates = [row_template(b.row_dict(int(r)), places) for r in first.tolist()]

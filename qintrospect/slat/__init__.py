@@ -319,6 +319,27 @@ def kvm_mmio_marker(spec: "SlatSpec", w: paging.Walk, maxphyaddr: int) -> Option
     return None
 
 
+def kvm_mmio_markers(spec: "SlatSpec", w: "paging.BatchWalk", maxphyaddr: int) -> np.ndarray:
+    """kvm_mmio_marker() for every element of a batch walk (walk_batch) at once: where the
+    entry that stopped the walk is one of KVM's MMIO markers."""
+    from ..paging import vector
+    n = len(w)
+    if w.entries is None:                   # stopped before any level (an invalid EPTP)
+        return np.zeros(n, bool)
+    level = w.fault_level.astype(np.int64)
+    stopped = ~w.ok & (level >= 0)
+    e = np.zeros(n, np.uint64)
+    at = np.nonzero(stopped)[0]
+    e[at] = w.entries[at, level[at]]
+    if spec.format == "ept":
+        return stopped & (w.fault_reason == vector.FAULT_EPT_MISCONFIGURATION) & \
+            (e & np.uint64(7) == np.uint64(6))
+    if maxphyaddr >= 52:
+        return np.zeros(n, bool)
+    return stopped & (w.fault_reason == vector.FAULT_RESERVED_BIT) & \
+        (e & np.uint64(1) == np.uint64(1)) & (e >> np.uint64(51) & np.uint64(1) == np.uint64(1))
+
+
 L1TF_SHIFT = 5       # KVM's SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
 
 
@@ -486,6 +507,10 @@ class SecondLevel:
     def walk_batch(self, gpas) -> "paging.BatchWalk":
         """Many GPAs through the table at once (walk_batch); the table must be known."""
         return walk_batch(self.memory.read, self.spec, gpas, self.maxphyaddr, self.page1gb)
+
+    def markers(self, w: "paging.BatchWalk") -> np.ndarray:
+        """Where each walk of walk_batch stopped at one of KVM's MMIO markers."""
+        return kvm_mmio_markers(self.spec, w, self.maxphyaddr)
 
     def result(self, gpa: int, expected: Optional[int]) -> SlatResult:
         if self.spec is None:

@@ -71,12 +71,14 @@ def test_the_lines_with_a_second_level_are_the_dicts_lines(monkeypatch, in_c):
     same = np.array([k % 3 == 0 for k in range(len(b))])
     s.pa = np.where(same, b.hpa, s.pa)                  # a third end where the pagemap path does
     b.slat = s
+    b.slat_marker = ~s.ok & np.array([k % 5 == 0 for k in range(len(b))])
     assert b.slat_agrees.any() and b.slat_disagrees.any()
     got = [line for block in brieflines.brief_lines(b, size=256) for line in block]
     want = [(json_line(b.row_dict(i)) + "\n").encode() for i in range(len(b))]
     assert got == want
     assert any(b'"slat_agrees":true' in line for line in got)
-    assert any(b'"slat_fault":{' in line for line in got)
+    assert any(b'"slat_fault":{' in line and b'kvm_mmio_marker' not in line for line in got)
+    assert any(b'"kvm_mmio_marker":true}' in line for line in got)
 
 
 def test_a_name_that_prints_as_a_stand_in_is_made_one_by_one():

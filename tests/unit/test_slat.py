@@ -301,11 +301,15 @@ def test_kvms_mmio_markers_are_named_never_mappings():
         # the same bits on RAM that merely is not in the table: not a marker
         plain = second.result(0x9000, 0x700000)
         assert plain.marker is None and "not in the" in plain.note
+        # the batch walk (translate --brief --slat) finds the same marker, and only it
+        batch = second.walk_batch([0xFEC00000, 0x9000, 0x5000])
+        assert second.markers(batch).tolist() == [True, False, False], fmt
     # an NPT entry with another reserved bit (45, above MAXPHYADDR 40) but not 51: a broken
     # entry, said as that, not a marker
     host.set(t, (0xFEC00000 >> 12) & 511, 1 << 45 | 0xFEC00000 | 1)
     r = second.result(0xFEC00000, None)
     assert r.marker is None and r.walk.fault.reason == "reserved-bit", r.note
+    assert not second.markers(second.walk_batch([0xFEC00000])).any()
 
 
 def test_the_huge_page_block_is_the_seeds():

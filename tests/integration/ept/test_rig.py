@@ -238,4 +238,8 @@ def test_kvms_mmio_markers_in_the_real_ept_are_named_never_mappings(rig, seed):
     assert m is not None, f"no MMIO marker at GPA {gpa:#x}: {s['fault']}, {s['note']}"
     assert int(m["entry"], 16) & 7 == 6 and m["gpa"] == hex(gpa) and "ioapic" in m["device"], m
     assert s["fault"]["reason"] == "ept-misconfiguration" and s["out"] is None, s
+    b = rig.run_qi("translate", *inside(rig, gdb=False), "--cr3", root, "--slat", "auto",
+                   "--brief", gva)                     # the batch walk names it too
+    assert b.json[0]["slat_fault"] == {"level": m["level"], "reason": "ept-misconfiguration",
+                                       "kvm_mmio_marker": True}, (b.json, b.stderr)
     print(f"\nEPT MMIO marker for the IOAPIC: entry {m['entry']} at {m['level']} ({m['why']})")

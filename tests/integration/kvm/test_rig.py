@@ -392,6 +392,11 @@ def test_kvms_mmio_markers_in_the_real_npt_are_named_never_mappings(rig, probe_s
                           gva).stdout
         assert "-> none: KVM's MMIO marker" in text and ": KVM's MMIO marker, not a mapping" \
             in text, text
+        # --brief --slat (the batch walk) names it too
+        b = rig.run_qi("translate", *inside_args(rig), "--cr3", root, "--slat", "kvm",
+                       "--brief", gva)
+        assert b.json[0]["slat_fault"] == {"level": m["level"], "reason": "reserved-bit",
+                                           "kvm_mmio_marker": True}, (b.json, b.stderr)
     print(f"\nMMIO markers: {device} entry {m['entry']} ({m['why']})")
 
 
