@@ -56,6 +56,7 @@ class _Level:
     """One level's rules as numpy constants, all taken from the entry format."""
 
     not_present, invalid = FAULT_NOT_PRESENT, FAULT_RESERVED_BIT
+    large_bit = U64(PS)          # where a large-page level says its entry is a leaf
 
     def __init__(self, mode: PagingMode, fmt: X86Format, i: int):
         spec = mode.levels[i]
@@ -82,7 +83,7 @@ class _Level:
         if self.last:
             return np.ones(e.shape, bool)
         if self.large:
-            return (e & U64(PS)) != 0
+            return (e & self.large_bit) != 0
         return np.zeros(e.shape, bool)
 
     def valid(self, e: np.ndarray, leaf: np.ndarray) -> np.ndarray:
@@ -472,6 +473,7 @@ class _EptLevel(_Level):
     execute control); W without R, or a reserved memory type at a leaf, is a misconfiguration."""
 
     not_present, invalid = FAULT_EPT_VIOLATION, FAULT_EPT_MISCONFIGURATION
+    large_bit = U64(EPT_PS)
 
     def __init__(self, mode: PagingMode, fmt: EptFormat, i: int):
         super().__init__(mode, fmt, i)
@@ -479,13 +481,6 @@ class _EptLevel(_Level):
 
     def present(self, e: np.ndarray) -> np.ndarray:
         return (e & U64(7 | (EPT_XU if self.mbec else 0))) != 0
-
-    def is_leaf(self, e: np.ndarray) -> np.ndarray:
-        if self.last:
-            return np.ones(e.shape, bool)
-        if self.large:
-            return (e & U64(EPT_PS)) != 0
-        return np.zeros(e.shape, bool)
 
     def valid(self, e: np.ndarray, leaf: np.ndarray) -> np.ndarray:
         good = super().valid(e, leaf) & ((e & U64(EPT_R | EPT_W)) != U64(EPT_W))
