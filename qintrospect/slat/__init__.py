@@ -301,22 +301,29 @@ def entry_fields(fmt: str, entry: int, leaf: bool) -> str:
     return "; ".join(words)
 
 
+# KVM's MMIO markers: the fault each stops a walk with, and what it is in words
+_MARKER_FAULT = {"ept": "ept-misconfiguration", "npt": "reserved-bit"}
+
+
+def _marker_bits(fmt: str, e, maxphyaddr: int):
+    """Whether entry e (an int, or a uint64 array) has a marker's bits. EPT: write and execute
+    without read (KVM's value 110b under the RWX mask). NPT: present with bit 51 set where it
+    is reserved (MAXPHYADDR below 52): KVM's value since Linux 5.13 is BIT(51) | present;
+    before, and with SME, every bit from MAXPHYADDR (or the C-bit) to 51, which holds bit 51."""
+    if fmt == "ept":
+        return (e & 7) == 6
+    return ((e & 1) == 1) & ((e >> 51 & 1) == 1) & (maxphyaddr < 52)
+
+
 def kvm_mmio_marker(spec: "SlatSpec", w: paging.Walk, maxphyaddr: int) -> Optional[str]:
     """Why the entry that stopped walk w is one of KVM's MMIO markers (an entry KVM makes
-    invalid on purpose, so that a guest access to an emulated device exits to it), or None.
-    EPT: write and execute without read (a misconfiguration: KVM's value 110b under the RWX
-    mask). NPT: present with bit 51 set where it is reserved (MAXPHYADDR below 52): KVM's value
-    since Linux 5.13 is BIT(51) | present; before, and with SME, every bit from MAXPHYADDR (or
-    the C-bit) to 51, which holds bit 51 too."""
-    if w.ok or not w.levels or w.fault is None:
+    invalid on purpose, so that a guest access to an emulated device exits to it), or None."""
+    if w.ok or not w.levels or w.fault is None or w.fault.reason != _MARKER_FAULT[spec.format] \
+            or not _marker_bits(spec.format, w.levels[-1].entry, maxphyaddr):
         return None
-    e = w.levels[-1].entry
-    if spec.format == "ept" and w.fault.reason == "ept-misconfiguration" and e & 7 == 6:
+    if spec.format == "ept":
         return "W=1 X=1 with R=0: an EPT misconfiguration"
-    if spec.format == "npt" and w.fault.reason == "reserved-bit" and e & 1 \
-            and maxphyaddr < 52 and e >> 51 & 1:
-        return f"present with bit 51 set, reserved above MAXPHYADDR {maxphyaddr}"
-    return None
+    return f"present with bit 51 set, reserved above MAXPHYADDR {maxphyaddr}"
 
 
 def kvm_mmio_markers(spec: "SlatSpec", w: "paging.BatchWalk", maxphyaddr: int) -> np.ndarray:
@@ -331,13 +338,8 @@ def kvm_mmio_markers(spec: "SlatSpec", w: "paging.BatchWalk", maxphyaddr: int) -
     e = np.zeros(n, np.uint64)
     at = np.nonzero(stopped)[0]
     e[at] = w.entries[at, level[at]]
-    if spec.format == "ept":
-        return stopped & (w.fault_reason == vector.FAULT_EPT_MISCONFIGURATION) & \
-            (e & np.uint64(7) == np.uint64(6))
-    if maxphyaddr >= 52:
-        return np.zeros(n, bool)
-    return stopped & (w.fault_reason == vector.FAULT_RESERVED_BIT) & \
-        (e & np.uint64(1) == np.uint64(1)) & (e >> np.uint64(51) & np.uint64(1) == np.uint64(1))
+    fault = vector.FAULT_REASONS.index(_MARKER_FAULT[spec.format])
+    return stopped & (w.fault_reason == fault) & _marker_bits(spec.format, e, maxphyaddr)
 
 
 L1TF_SHIFT = 5       # KVM's SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
