@@ -81,7 +81,7 @@ class BatchTranslation:
             ok = bool(s.ok[i])
             row.update({"slat_out": h(s.pa[i]) if ok else None,
                         "slat_page_size": int(s.page_size[i]) if ok else None,
-                        "slat_agrees": bool(self.slat_agrees[i]) if ok and status == "present"
+                        "slat_agrees": bool(s.pa[i] == self.hpa[i]) if ok and status == "present"
                         else None,
                         "slat_fault": None if ok else self._slat_fault(i)})
         return row
