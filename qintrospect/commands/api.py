@@ -6,10 +6,21 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import paging
+from ..errors import UsageError
+
+# What works on an aarch64 guest so far; the rest reads x86 structures (CR3 roots, Linux
+# x86-64's task layout, EPT/NPT) and says so.
+ARM64_COMMANDS = "translate, vmmap, read and cpus"
 
 
 class Commands:
     """Mixed into connect.session.Session."""
+
+    def require_x86(self, what: str) -> None:
+        """UsageError (exit 2) for a command that does not read an aarch64 guest yet."""
+        if self.cpu is not None and not paging.is_x86(self.cpu):
+            raise UsageError(f"{what} reads x86 guests only so far; this guest is aarch64 "
+                             f"({ARM64_COMMANDS} work on it)")
 
     def translate(self, gva: int, cr3: Optional[int] = None):
         """commands.translate.translate: one address down the chain."""
@@ -45,6 +56,7 @@ class Commands:
                  progress=None):
         """commands.finder.find_cr3: candidate page-table roots in guest RAM (no symbols)."""
         from .finder import find_cr3
+        self.require_x86("find-cr3")
         return find_cr3(self, gva, expect, progress)
 
     def search(self, pattern: bytes, cr3: Optional[int] = None, start: int = 0,
@@ -54,6 +66,7 @@ class Commands:
         """commands.search.search_virtual: where pattern starts in one address space."""
         from .search import search_virtual
         self.check_open()
+        self.require_x86("search")
         return search_virtual(self, pattern, cr3, start, end, user, kernel, writable,
                               executable, align, limit, progress)
 
@@ -62,6 +75,7 @@ class Commands:
         """commands.search.search_physical: where pattern starts in guest-physical RAM."""
         from .search import search_physical
         self.check_open()
+        self.require_x86("search")
         return search_physical(self, pattern, align, limit, progress)
 
     def leaf_arrays(self, cr3: Optional[int] = None, start: int = 0,
@@ -87,6 +101,7 @@ class Commands:
         from . import whomaps
         from ..slat import parse_slat
         self.check_open()
+        self.require_x86("who-maps")
         spec = parse_slat(slat) if isinstance(slat, str) else slat
         results = whomaps.who_maps(self, gpa, hva, hpa, progress, spec, roots)
         if names:
@@ -111,6 +126,7 @@ class Commands:
         """commands.guest.processes: the guest's processes (guestos.TaskList), read from its
         kernel's task list with offsets from its own BTF (threads=True: every thread too)."""
         from .guest import processes
+        self.require_x86("reading the guest's processes")
         return processes(self, include_idle, threads, progress)
 
     def guest_process(self, pid: Optional[int] = None, comm: Optional[str] = None,
@@ -118,6 +134,7 @@ class Commands:
         """commands.guest.process: the one guest process with this pid or comm
         (guestos.GuestTask: its roots, .root_for(address))."""
         from .guest import process
+        self.require_x86("reading the guest's processes")
         return process(self, pid, comm, progress)
 
     def guest_vmas(self, task):

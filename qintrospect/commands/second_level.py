@@ -22,6 +22,7 @@ def second_level(vm, spec, translations=(), progress=None, pairs=()) -> slat.Sec
     page-table root and the translations given (and the (GPA, host address) pairs given).
     spec: a SlatSpec or its text ("auto", ...)."""
     from ..memory.kcore import KcoreMemory
+    vm.require_x86("--slat")
     vm.check_open()
     if isinstance(spec, str):      # "auto", "npt:0x...", "ept:0x..." as on the command line
         spec = slat.parse_slat(spec)

@@ -107,7 +107,7 @@ def translate(vm, gva: int, cr3: Optional[int] = None) -> Translation:
         raise UsageError(f"address {gva:#x} does not fit in 64 bits")
     cpu = vm.cpu_state(cr3)
     walk = paging.walk(vm.memory.read, cpu, gva)
-    t = Translation(gva=gva, vcpu=vm.vcpu, cr3=cpu.cr3, walk=walk,
+    t = Translation(gva=gva, vcpu=vm.vcpu, cr3=paging.root_register(cpu, gva), walk=walk,
                     memory_path=vm.memory.name,
                     qemu_pid=vm.process.pid if vm.process else None,
                     cr3_source="vcpu" if cr3 is None else "given")

@@ -100,11 +100,19 @@ def _die_with_parent() -> None:
         pass
 
 
+# The gdb that knows each target's registers: Debian's `gdb` is built for the host (x86)
+# only; `gdb-multiarch` reads any target's description.
+GDB_FOR = {"x86_64": "gdb", "aarch64": "gdb-multiarch"}
+PACKAGE_OF = {"gdb": "gdb", "gdb-multiarch": "gdb-multiarch"}
+
+
 class GdbStub:
-    def __init__(self, address: SocketAddress, timeout: float = 10.0, gdb_path: str = "gdb"):
+    def __init__(self, address: SocketAddress, timeout: float = 10.0,
+                 gdb_path: Optional[str] = None, arch: str = "x86_64"):
         self.address = address
         self.timeout = timeout
-        self.gdb_path = gdb_path
+        self.arch = arch
+        self.gdb_path = gdb_path or GDB_FOR.get(arch, "gdb-multiarch")
         self._controller = None
         self._proc = None
         self._buffer = bytearray()
@@ -120,7 +128,9 @@ class GdbStub:
         """Start gdb and `target remote` the stub. Connecting stops the VM (QEMU does that)."""
         import shutil
         if shutil.which(self.gdb_path) is None:
-            raise AttachError(f"{self.gdb_path} not found; install gdb (apt-get install gdb)")
+            package = PACKAGE_OF.get(self.gdb_path, "gdb")
+            raise AttachError(f"{self.gdb_path} not found; install it (apt-get install "
+                              f"{package})")
         self._controller = _controller([self.gdb_path, "--nx", "--quiet", "--interpreter=mi3"])
         self._proc = self._controller.gdb_process
         try:
@@ -156,9 +166,11 @@ class GdbStub:
         names = self.mi("-data-list-register-names").get("register-names", [])
         self._register_numbers = {n: i for i, n in enumerate(names) if n}
         missing = [r for r in CONTROL_REGISTERS if r not in self._register_numbers]
+        if self.arch == "aarch64":
+            missing = [] if "TTBR0_EL1" in self._register_numbers else ["TTBR0_EL1"]
         if missing:
             raise AttachError(f"the gdbstub at {where} does not expose {', '.join(missing)}; "
-                              "qintrospect needs qemu-system-x86_64's gdbstub")
+                              f"qintrospect needs qemu-system-{self.arch}'s gdbstub")
 
     def close(self) -> None:
         """Put the stub's memory mode back and disconnect, leaving the VM stopped: the session

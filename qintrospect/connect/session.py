@@ -80,7 +80,7 @@ class Session(Commands):
             self.source.attach(self)         # vCPUs, registers, RAM map, process, memory
             vcpu = self.vcpu_info[self.vcpu]
             page1gb, self.page1gb_source = self.facts.page1gb(vcpu, self.process is not None)
-            self.cpu = replace(self.cpu, page1gb=page1gb)
+            self.cpu = _with_page1gb(self.cpu, page1gb)
             # from here, what is read relies on the VM staying paused (ours or found so), or,
             # for a VM that runs while we read, on its not resetting: the guard watches
             self.guard.begin()
@@ -138,8 +138,8 @@ class Session(Commands):
         changed: the source says when). Table pages are never cached across commands."""
         self.check_open()
         self.source.refresh(self)
-        page1gb = self.cpu.page1gb if self.cpu else None
-        self.cpu = replace(self.facts.cpu_state(self.vcpu_info[self.vcpu]), page1gb=page1gb)
+        page1gb = getattr(self.cpu, "page1gb", None)
+        self.cpu = _with_page1gb(self.facts.cpu_state(self.vcpu_info[self.vcpu]), page1gb)
 
     def select_vcpu(self, index: int) -> None:
         """Use vCPU `index`'s registers from now on."""
@@ -152,7 +152,7 @@ class Session(Commands):
             self.gdb.select_vcpu(index)
         page1gb, self.page1gb_source = self.facts.page1gb(self.vcpu_info[index],
                                                           self.process is not None)
-        self.cpu = replace(self.facts.cpu_state(self.vcpu_info[index]), page1gb=page1gb)
+        self.cpu = _with_page1gb(self.facts.cpu_state(self.vcpu_info[index]), page1gb)
 
     # ---- what the commands read through ----------------------------------------------------
 
@@ -189,8 +189,7 @@ class Session(Commands):
         self.check_open()
         if cr3 is None:
             return self.cpu
-        # the PAE PDPTE registers belong to the vCPU's own CR3 only
-        return replace(self.cpu, cr3=cr3, pdptes=None)
+        return paging.with_root(self.cpu, cr3)
 
     def read_phys(self, gpa: int, length: int) -> bytes:
         self.check_open()
@@ -240,7 +239,7 @@ class Session(Commands):
                 "qemu_pid": self.process.pid if self.process else None,
                 "process_note": self.process_note, "memory_path": self.memory.name
                 if self.memory else None,
-                "page1gb": self.cpu.page1gb if self.cpu else None,
+                "page1gb": getattr(self.cpu, "page1gb", None),
                 "page1gb_source": self.page1gb_source or None}
 
 def attach(qmp: str, gdb: Optional[str] = None, **options) -> Session:
@@ -256,6 +255,11 @@ def attach(qmp: str, gdb: Optional[str] = None, **options) -> Session:
     way it is left as found on exit.
     """
     return Session(qmp, gdb, **options).open()
+
+
+def _with_page1gb(cpu, page1gb):
+    """An x86 state with Page1GB as the walking processor applies it (aarch64: unchanged)."""
+    return replace(cpu, page1gb=page1gb) if paging.is_x86(cpu) else cpu
 
 
 def _block_signal(signum):

@@ -78,7 +78,7 @@ class SocketSource:
             return
         if self.gdb_address is not None:
             from .gdbstub import GdbStub  # (loaded only where a gdbstub is used)
-            vm.gdb = GdbStub(self.gdb_address, self.timeout).connect()
+            vm.gdb = GdbStub(self.gdb_address, self.timeout, arch=vm.facts.arch).connect()
             vm.guard.debugger_attached()          # connecting stopped the VM
             # Registers of every vCPU first: selecting a gdb thread makes gdb read memory at
             # its PC, which must happen before memory packets become physical.
@@ -109,8 +109,9 @@ class SocketSource:
         the walk needs neither gdb nor the stub. The VM is paused through QMP for the command
         (as --freeze does: one consistent view), the registers come from `info registers`, and
         memory from the QEMU process, once it has proved it holds this VM's RAM. Otherwise
-        gdb is the way (remote QEMU, another user's, a monitor behind a serial line)."""
-        if self.via != "auto" or vm.process is None:
+        gdb is the way (remote QEMU, another user's, a monitor behind a serial line), and
+        for an aarch64 guest's registers, which the monitor does not show."""
+        if self.via != "auto" or vm.process is None or vm.facts.arch != "x86_64":
             return False
         vm.guard.pause(vm.found_status)     # close() resumes it
         vm.vcpu_info = vm.facts.from_monitor()
@@ -129,7 +130,7 @@ class SocketSource:
             return
         try:
             from .gdbstub import GdbStub
-            gdb = GdbStub(self.gdb_address, self.timeout).connect()
+            gdb = GdbStub(self.gdb_address, self.timeout, arch=vm.facts.arch).connect()
         except QIError as exc:
             vm.warnings.append(f"could not put the gdbstub's memory mode back to "
                                f"{mode} ({exc}); it stays noted")

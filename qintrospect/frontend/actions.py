@@ -219,6 +219,9 @@ def cmd_cpus(args) -> int:
         if args.json:
             print(render.json_line(v.to_dict()))
             continue
+        if not hasattr(v, "cr0"):                  # aarch64 (machine.arm64.Arm64Vcpu)
+            print(arm64_cpu_text(v))
+            continue
         pcid = f" PCID {v.pcid:#x}" if v.pcid is not None else ""
         print(f"vCPU {v.index}  host thread {v.thread_id}  CPL {v.cpl}  {v.mode} paging  "
               f"CR3 {v.cr3:#x} (root {v.root:#x}{pcid})")
@@ -226,6 +229,17 @@ def cmd_cpus(args) -> int:
         print(f"  CR4  {v.cr4:#018x}  {' '.join(bit_names(v.cr4, CR4_BITS))}")
         print(f"  EFER {v.efer:#018x}  {' '.join(bit_names(v.efer, EFER_BITS))}")
     return EXIT_OK
+
+
+def arm64_cpu_text(v) -> str:
+    d = v.to_dict()
+    pan = ", PAN" if d["pan"] else ""
+    return "\n".join([
+        f"vCPU {v.index}  host thread {v.thread_id}  EL{v.cpl}{pan}  {v.mode}  "
+        f"ASID {v.pcid:#x}",
+        f"  TTBR0_EL1 {v.ttbr0:#018x}   TTBR1_EL1 {v.ttbr1:#018x}",
+        f"  TCR_EL1   {v.tcr:#018x}   MAIR_EL1  {v.mair:#018x}",
+        f"  SCTLR_EL1 {v.sctlr:#018x}  {' '.join(d['sctlr_bits'])}"])
 
 
 def _find_cr3(vm, gva, expect, label="find-cr3"):

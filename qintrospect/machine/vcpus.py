@@ -1,14 +1,15 @@
-"""The VM's vCPUs as QEMU gives them: the list (QMP query-cpus-fast), each one's control
-registers (from a gdbstub, or QMP's `info registers`), its MAXPHYADDR and CPUID facts (QOM),
-and Page1GB as the processor that walks the guest's tables applies it."""
+"""The VM's vCPUs as QEMU gives them: the target (x86 or aarch64), the list
+(QMP query-cpus-fast), each one's control registers (from a gdbstub, or QMP's `info
+registers` on x86), its MAXPHYADDR and CPUID facts (QOM), and Page1GB as the processor that
+walks the guest's tables applies it."""
 
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 from .. import paging
-from ..errors import QIError, UsageError
-from . import hostcpu
+from ..errors import AttachError, QIError, UsageError
+from . import arm64, hostcpu
 from .cpu import Vcpu
 from .monitor_text import parse_registers
 
@@ -22,6 +23,9 @@ class Vcpus:
         self.listing = listing                 # query-cpus-fast
         self._phys_bits: dict = {}
         self._kvm: Optional[dict] = None
+        # query-cpus-fast names the target in every entry (QEMU 7.2 to 10: "target")
+        first = listing[0] if listing and isinstance(listing[0], dict) else {}
+        self.arch = "aarch64" if first.get("target") == "aarch64" else "x86_64"
 
     @classmethod
     def of(cls, monitor, wanted: int) -> "Vcpus":
@@ -32,9 +36,11 @@ class Vcpus:
                              f"0-{len(listing) - 1}")
         return cls(monitor, listing)
 
-    def from_gdbstub(self, gdb, selected: int) -> List[Vcpu]:
+    def from_gdbstub(self, gdb, selected: int) -> list:
         """Every vCPU's registers through a gdbstub (each selected in turn, `selected` last)."""
         from ..connect import gdbstub
+        if self.arch == "aarch64":
+            return self._arm64_from_gdbstub(gdb, selected)
         out = []
         for i, info in enumerate(self.listing):
             gdb.select_vcpu(i)
@@ -48,8 +54,26 @@ class Vcpus:
         gdb.select_vcpu(selected)
         return out
 
+    def _arm64_from_gdbstub(self, gdb, selected: int) -> list:
+        names = arm64.names_in(gdb.has_register)
+        missing = [arm64.REQUIRED[f][0] for f in arm64.REQUIRED if f not in names]
+        if missing:
+            raise AttachError(f"the gdbstub does not expose {', '.join(missing)}: qintrospect "
+                              "needs qemu-system-aarch64's gdbstub with its system registers")
+        out = []
+        for i, info in enumerate(self.listing):
+            gdb.select_vcpu(i)
+            regs = gdb.registers(tuple(names.values()))
+            out.append(arm64.Arm64Vcpu(i, info.get("thread-id"), info.get("qom-path"),
+                                       **{f: regs[name] for f, name in names.items()}))
+        gdb.select_vcpu(selected)
+        return out
+
     def from_monitor(self) -> List[Vcpu]:
-        """Without a gdbstub: every vCPU's registers from HMP `info registers`."""
+        """Without a gdbstub: every vCPU's registers from HMP `info registers` (x86 only)."""
+        if self.arch == "aarch64":
+            raise AttachError("an aarch64 guest's translation registers (TTBR0_EL1, TCR_EL1, "
+                              "...) are not in QEMU's monitor: pass --gdb (QEMU's -gdb/-s)")
         out = []
         for i, info in enumerate(self.listing):
             regs = parse_registers(self.monitor.hmp("info registers",
@@ -61,7 +85,10 @@ class Vcpus:
 
     def cpu_state(self, vcpu: Vcpu) -> paging.CpuState:
         """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
-        need; None (the walker then assumes 52 and says so) when QEMU will not tell."""
+        need; None (the walker then assumes 52 and says so) when QEMU will not tell.
+        An aarch64 vCPU's state is its registers (the ID registers say the sizes)."""
+        if isinstance(vcpu, arm64.Arm64Vcpu):
+            return vcpu.state
         phys_bits = self._phys_bits.get(vcpu.index)
         if phys_bits is None:         # fixed for the VM's life: asked once per vCPU
             phys_bits = self._phys_bits[vcpu.index] = self.qom(vcpu, "phys-bits")
@@ -93,6 +120,8 @@ class Vcpus:
         vCPU. Under TCG and under KVM without two-dimensional paging, the guest's CPUID says
         (QOM "pdpe1gb"); under KVM with EPT/NPT the processor walks the guest's tables itself,
         so the host CPU's Page1GB decides, known only when QEMU runs on this host (local)."""
+        if self.arch != "x86_64":
+            return None, "not x86"
         kvm = self.kvm_enabled
         cpuid = self.qom(vcpu, "pdpe1gb")
         cpuid = cpuid if isinstance(cpuid, bool) else None

@@ -1,9 +1,14 @@
-"""Pure x86 page-table walkers over a `read_phys(addr, length) -> bytes` function.
+"""Pure page-table walkers over a `read_phys(addr, length) -> bytes` function: x86 (x86.py,
+with EPT/NPT in ept.py) and aarch64 stage 1 (arm64.py).
 
 Nothing here knows about QEMU, sockets or files: the same code walks a guest's page tables,
 EPT/NPT tables, or tables a test built in a bytearray. A walk never raises for what it finds in
 memory (not-present, reserved bits, unreadable tables): it returns a Walk whose `fault` says so.
+walk() and iter_mappings() take either architecture's register state (CpuState for x86,
+arm64.Arm64State) and dispatch on it.
 """
+
+from typing import Iterator, Optional
 
 from .model import (
     EPT_ACCESS_KINDS, X86_ACCESS_KINDS, AccessResult, CpuState, Fault, LevelSpec, LevelStep,
@@ -13,13 +18,14 @@ from .modes import (
     ALL_MODES, MODE_4LEVEL, MODE_5LEVEL, MODE_32BIT, MODE_32BIT_PSE, MODE_EPT4, MODE_EPT5,
     MODE_NPT4, MODE_NPT5, MODE_PAE, paging_mode,
 )
-from .x86 import cr3_root, iter_mappings, walk
+from . import x86 as _x86
+from .x86 import cr3_root
 from .ept import decode_eptp, walk_ept, walk_npt
 
 __all__ = [
     "ReadPhys", "CpuState", "LevelSpec", "PagingMode", "LevelStep", "Fault", "AccessResult",
     "Walk", "Mapping", "X86_ACCESS_KINDS", "EPT_ACCESS_KINDS",
-    "paging_mode", "walk", "iter_mappings", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
+    "paging_mode", "walk", "iter_mappings", "is_x86", "root_register", "with_root", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
     "ALL_MODES", "MODE_32BIT", "MODE_32BIT_PSE", "MODE_PAE", "MODE_4LEVEL", "MODE_5LEVEL",
     "MODE_EPT4", "MODE_EPT5", "MODE_NPT4", "MODE_NPT5",
 ]
@@ -35,3 +41,43 @@ def __getattr__(name):
         from . import vector
         return getattr(vector, name)
     raise AttributeError(f"module 'qintrospect.paging' has no attribute {name!r}")
+
+
+def is_x86(cpu) -> bool:
+    return isinstance(cpu, CpuState)
+
+
+def walk(read_phys: ReadPhys, cpu, va: int, access: Optional[str] = None) -> Walk:
+    """Translate `va` as the vCPU in state `cpu` would (x86.walk or arm64.walk_arm64);
+    `access` is the kind whose fault code Fault.error_code gives (default: a kernel read)."""
+    if is_x86(cpu):
+        return _x86.walk(read_phys, cpu, va, access or "supervisor-read")
+    from .arm64 import walk_arm64
+    return walk_arm64(read_phys, cpu, va, access or "el1-read")
+
+
+def iter_mappings(read_phys: ReadPhys, cpu, start: int = 0, end: Optional[int] = None,
+                  on_unreadable=None) -> Iterator[Mapping]:
+    """Every present, valid leaf overlapping [start, end), in address order (x86's
+    iter_mappings, or arm64's over both TTBR ranges)."""
+    if is_x86(cpu):
+        return _x86.iter_mappings(read_phys, cpu, start, end, on_unreadable)
+    from .arm64 import iter_mappings_arm64
+    return iter_mappings_arm64(read_phys, cpu, start, end, on_unreadable)
+
+
+def root_register(cpu, va: int) -> int:
+    """The register whose tables translate `va`: CR3; on aarch64 TTBR1_EL1 for the upper
+    range (bit 55 selects it, with or without a top byte ignored), else TTBR0_EL1."""
+    if is_x86(cpu):
+        return cpu.cr3
+    return cpu.ttbr1 if va >> 55 & 1 else cpu.ttbr0
+
+
+def with_root(cpu, root: int):
+    """The state with another process's root: CR3 (the PAE PDPTE registers belong to the
+    vCPU's own CR3 only), or TTBR0_EL1 (a process's half; TTBR1_EL1 is the kernel's)."""
+    from ..record import replace
+    if is_x86(cpu):
+        return replace(cpu, cr3=root, pdptes=None)
+    return replace(cpu, ttbr0=root)

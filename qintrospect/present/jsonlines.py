@@ -55,7 +55,9 @@ def json_blocks(session, addresses, cr3: Optional[int] = None, kvm: Optional[dic
         if not chunk:
             return
         cpu = session.cpu_state(cr3)
-        if len(chunk) < MIN_ARRAYS or paging.paging_mode(cpu) is None or \
+        # (the arrays know x86 paging; an aarch64 guest's lines come one walk at a time)
+        if len(chunk) < MIN_ARRAYS or not paging.is_x86(cpu) or \
+                paging.paging_mode(cpu) is None or \
                 not isinstance(session.memory, DirectMemory) or session.process is None:
             for start in range(0, len(chunk), size):
                 oks, lines = [], []

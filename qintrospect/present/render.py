@@ -21,6 +21,10 @@ def binary_split(entry: int, entry_size: int) -> str:
     return f"{bits[:20]} {bits[20:]}"
 
 
+def is_arm64(walk) -> bool:
+    return walk.mode is not None and walk.mode.name.startswith("aarch64")
+
+
 def index_lines(walk) -> List[str]:
     """The GVA split into its level indexes and offset, in binary, as gpt_dump shows it."""
     mode = walk.mode
@@ -46,6 +50,7 @@ def access_lines(access) -> List[str]:
     if not access:
         return []
     reasons: List[str] = []
+    arm = "el1-read" in access
 
     def cell(result):
         if result.allowed:
@@ -59,11 +64,17 @@ def access_lines(access) -> List[str]:
         mark = f"[{reasons.index(result.reason) + 1}]"
         if result.error_code is None:
             return f"denied {mark}"
+        if arm:                                # the fault status code an ESR would carry
+            return f"FSC {result.error_code:#04x} {mark}"
         return f"#PF {result.error_code:#x} {mark}"
 
     lines = [f"  {'access':<12}{'read':<16}{'write':<16}execute"]
-    rows = [("supervisor", "supervisor-"), ("user", "user-")] \
-        if "user-read" in access else [("guest", "")]
+    if "user-read" in access:
+        rows = [("supervisor", "supervisor-"), ("user", "user-")]
+    elif "el0-read" in access:
+        rows = [("EL1", "el1-"), ("EL0", "el0-")]
+    else:
+        rows = [("guest", "")]
     for label, prefix in rows:
         cells = [cell(access[prefix + k]) if prefix + k in access else "-"
                  for k in ("read", "write", "execute")]
@@ -86,9 +97,15 @@ def translation_text(t, show_bits: bool = True) -> str:
     out = []
     mode = w.mode.name if w.mode else "no paging"
     pcid = f" PCID {w.pcid:#x}" if w.pcid is not None else ""
-    maxphy = f"MAXPHYADDR {w.maxphyaddr}" + (" (assumed)" if w.assumed_maxphyaddr else "")
-    out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, CR3 {t.cr3:#x} ({t.cr3_source}){pcid}, "
-               f"{mode} paging, {maxphy}")
+    assumed = " (assumed)" if w.assumed_maxphyaddr else ""
+    if is_arm64(w):
+        register = "TTBR1_EL1" if t.gva >> 63 else "TTBR0_EL1"
+        out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, {register} {t.cr3:#x} "
+                   f"({t.cr3_source}), {mode} translation, {w.maxphyaddr}-bit output "
+                   f"addresses{assumed}")
+    else:
+        out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, CR3 {t.cr3:#x} ({t.cr3_source})"
+                   f"{pcid}, {mode} paging, MAXPHYADDR {w.maxphyaddr}{assumed}")
     out.extend(index_lines(w))
     if w.levels:
         out.append("")
@@ -107,13 +124,15 @@ def translation_text(t, show_bits: bool = True) -> str:
     if not w.ok:
         f = w.fault
         where = f" at {f.level}" if f and f.level else ""
-        code = f" (#PF error code {f.error_code:#x})" if f and f.error_code is not None else ""
+        code = "" if not f or f.error_code is None else \
+            f" (FSC {f.error_code:#04x} for an EL1 read)" if is_arm64(w) else \
+            f" (#PF error code {f.error_code:#x})"
         out.append(f"  FAULT{where}: {f.reason if f else 'unknown'}{code}")
         if f and f.message:
             out.append(f"  {f.message}")
         return "\n".join(out)
     perms = ", ".join([("writable" if w.writable else "read-only"),
-                       ("user" if w.user else "supervisor-only"),
+                       ("user" if w.user else "EL1-only" if is_arm64(w) else "supervisor-only"),
                        ("executable" if w.executable else "no-execute")])
     out.append(f"  => GPA {w.pa:#x} in a {size_name(w.page_size)} page; {perms}")
     out.extend(access_lines(w.access))
