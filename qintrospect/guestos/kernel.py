@@ -180,6 +180,7 @@ def open_kernel(vm, use_cache: bool = True, progress=None) -> GuestKernel:
     progress: advanced over the RAM scanned, when the note must be looked for."""
     from ..connect import runstate
     vm.check_open()
+    vm.require_x86("reading the guest's processes")    # its task layout is x86-64 Linux's
     t0 = time.perf_counter()
     read = vm.cached_memory().read
     cpu = vm.cpu_state()

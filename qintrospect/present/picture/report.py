@@ -65,13 +65,26 @@ FACT_NAMES = (("qmp", "QMP socket"), ("gdb", "gdbstub"), ("status_found", "run s
               ("guest_process", "guest process (--guest-pid/--guest-comm)"))
 
 
+def _registers(vcpus: List[dict]) -> tuple:
+    """(the column names for CPL, the root register, PCID and the three control registers,
+    each vCPU's three control-register cells): x86's CR0/CR4/EFER, or aarch64's
+    TCR_EL1/SCTLR_EL1/MAIR_EL1 (cpus --json of either)."""
+    if vcpus and "tcr_el1" in vcpus[0]:
+        return (["EL", "TTBR0_EL1", "ASID", "TCR_EL1", "SCTLR_EL1", "MAIR_EL1"],
+                [(v["tcr_el1"], f"{v['sctlr_el1']} {' '.join(v['sctlr_bits'])}", v["mair_el1"])
+                 for v in vcpus])
+    return (["CPL", "CR3", "PCID", "CR0", "CR4", "EFER"],
+            [(f"{v['cr0']} {' '.join(v['cr0_bits'])}", f"{v['cr4']} {' '.join(v['cr4_bits'])}",
+              f"{v['efer']} {' '.join(v['efer_bits'])}") for v in vcpus])
+
+
 def _vm_section(rep: Report) -> str:
     facts = H.table(["fact", "value"], ((name, rep.facts.get(key)) for key, name in FACT_NAMES))
+    names, regs = _registers(rep.vcpus)
     cpus = H.table(
-        ["vCPU", "host thread", "CPL", "paging", "CR3", "root", "PCID", "CR0", "CR4", "EFER"],
+        ["vCPU", "host thread", names[0], "paging", names[1], "root", names[2]] + names[3:],
         ([v["index"], v["thread_id"], v["cpl"], v["mode"], v["cr3"], v["root"], v["pcid"] or "-",
-          f"{v['cr0']} {' '.join(v['cr0_bits'])}", f"{v['cr4']} {' '.join(v['cr4_bits'])}",
-          f"{v['efer']} {' '.join(v['efer_bits'])}"] for v in rep.vcpus))
+          *r] for v, r in zip(rep.vcpus, regs)))
     return f'<h2 id="vm">1. The VM and its vCPUs</h2>{facts}{cpus}'
 
 
@@ -166,10 +179,11 @@ def markdown(rep: Report, svg_names: List[str]) -> str:
     out = [f"# {_md_cell(rep.title)}", "", H.stamp(), "", "## The VM and its vCPUs", "",
            "| fact | value |", "|---|---|"]
     out += [f"| {name} | {_md_cell(rep.facts.get(key))} |" for key, name in FACT_NAMES]
-    out += ["", "| vCPU | CPL | paging | CR3 | CR0 | CR4 | EFER |", "|---|---|---|---|---|---|---|"]
+    names, regs = _registers(rep.vcpus)
+    out += ["", f"| vCPU | {names[0]} | paging | {names[1]} | {' | '.join(names[3:])} |",
+            "|---|---|---|---|---|---|---|"]
     out += [f"| {v['index']} | {v['cpl']} | {v['mode']} | {v['cr3']} | "
-            f"{_md_cell(' '.join(v['cr0_bits']))} | {_md_cell(' '.join(v['cr4_bits']))} | "
-            f"{_md_cell(' '.join(v['efer_bits']))} |" for v in rep.vcpus]
+            + " | ".join(_md_cell(c) for c in r) + " |" for v, r in zip(rep.vcpus, regs)]
     if rep.results:
         out += ["", "## Translations"]
     for k, (r, name) in enumerate(zip(rep.results, svg_names), 1):

@@ -40,10 +40,13 @@ def bytes_text(b: Optional[bytes]) -> str:
 
 
 def kind_of(mode) -> str:
-    """'32-bit', 'pae', 'long', 'ept' or 'npt' (npt entries are long-mode entries)."""
+    """'32-bit', 'pae', 'long', 'ept', 'npt' (npt entries are long-mode entries) or
+    'aarch64'."""
     if mode is None:
         return "none"
     name = mode.name
+    if name.startswith("aarch64"):
+        return "aarch64"
     if name.startswith("ept"):
         return "ept"
     if name.startswith("npt"):
@@ -65,6 +68,8 @@ def entry_fields(mode, i: int, step) -> List[Field]:
     leaf = bool(step.leaf)
     size = step.page_size or 0
     present = step.next_addr is not None or leaf
+    if kind == "aarch64":
+        return arm64_entry_fields(mode, step)
     if kind == "ept":
         if not present:
             return [(63, 3, "ignored (no R/W/X: not present)", "ign")] + _flags(
@@ -124,6 +129,46 @@ def entry_fields(mode, i: int, step) -> List[Field]:
     return out + low_flags
 
 
+def arm64_entry_fields(mode, step) -> List[Field]:
+    """An AArch64 stage-1 descriptor's fields (Arm ARM D8.3: table, block and page
+    descriptors). The output address runs from the granule's (or the block's) low bit to 47;
+    with 52-bit output addresses its top bits sit in 15:12 (64 KiB granule) or, with
+    TCR_EL1.DS=1, in 9:8 and 49:48 (then SH comes from TCR_EL1)."""
+    if not step.entry & 1:
+        return [(63, 1, "ignored (bit 0 = 0: invalid)", "ign")] + _flags((0, "V"))
+    granule = 1 << mode.levels[-1].shift
+    ds = granule != 1 << 16 and mode.va_bits > 48          # LPA2: the only way past 48 bits
+    lo = (step.page_size or granule).bit_length() - 1 if step.leaf else \
+        granule.bit_length() - 1
+    top = 49 if ds else 47
+    if step.leaf:
+        out = [(63, 55, "ignored", "ign"), (54, 54, "UXN", "flag"), (53, 53, "PXN", "flag"),
+               (52, 52, "Cont", "flag"), (51, 51, "DBM", "flag"), (50, 50, "GP", "flag")]
+        if not ds:
+            out.append((49, 48, "rsvd", "rsvd"))
+    else:
+        out = [(63, 63, "NSTable", "flag"), (62, 61, "APTable", "value"),
+               (60, 60, "UXNTable", "flag"), (59, 59, "PXNTable", "flag"),
+               (58, 51 if not ds else 50, "ignored", "ign")]
+        if not ds:
+            out.append((50, 48, "rsvd", "rsvd"))
+    out.append((top, lo, "page frame" if step.leaf else "next table", "addr"))
+    if granule == 1 << 16 and lo > 16:
+        out.append((lo - 1, 16, "rsvd", "rsvd"))
+    if granule == 1 << 16:
+        out.append((15, 12, "OA 51:48", "hiaddr"))
+    elif lo > 12:
+        out.append((lo - 1, 12, "rsvd", "rsvd"))
+    if not step.leaf:
+        out.append((11, 2, "ignored", "ign"))
+        return out + _flags((1, "table"), (0, "V"))
+    out += _flags((11, "nG"), (10, "AF"))
+    out.append((9, 8, "OA 51:50", "hiaddr") if ds else (9, 8, "SH", "value"))
+    out += [(7, 6, "AP", "value")] + _flags((5, "NS")) + [(4, 2, "AttrIndx", "value")]
+    return out + _flags((1, "page" if step.name == mode.levels[-1].name else "table=0"),
+                        (0, "V"))
+
+
 def address_fields(walk, what: str = "GVA") -> Tuple[int, List[Field]]:
     """(bits shown, fields) of the translated address: the bits above the mode's (sign
     extension for a GVA, must-be-0 for a GPA), one index per level (gpt_dump's [PGD IDX] ...),
@@ -135,8 +180,9 @@ def address_fields(walk, what: str = "GVA") -> Tuple[int, List[Field]]:
     out: List[Field] = []
     top = mode.levels[0].shift + mode.levels[0].index_bits - 1
     if top < nbits - 1:   # bits above the first index: copies of its top bit, or zeros
-        name = "sign extension" if what == "GVA" and kind_of(mode) not in ("ept", "npt") \
-            else "must be 0"
+        name = ("TTBR select: all 0 or all 1" if kind_of(mode) == "aarch64"
+                else "sign extension" if what == "GVA" and kind_of(mode) not in ("ept", "npt")
+                else "must be 0")
         out.append((nbits - 1, top + 1, name, "sign"))
     leaf_at = next((k for k, s in enumerate(walk.levels) if s.leaf), None)
     for k, spec in enumerate(mode.levels):
@@ -268,7 +314,8 @@ def draw_walk(svg: Svg, y: float, walk, what: str = "GVA", title: str = "",
         bad = ((1 << 64) - 1) ^ ((1 << (fields[0][1])) - 1)
     pcid = f", PCID {walk.pcid:#x}" if walk.pcid is not None else ""
     left = [f"{what} {walk.va:#x}",
-            f"{mode.name} paging, {mode.va_bits} bits translated" if mode else "paging off",
+            f"{mode.name} {'translation' if kind_of(mode) == 'aarch64' else 'paging'}, "
+            f"{mode.va_bits} bits translated" if mode else "paging off",
             f"root {walk.root:#x}{pcid}"]
     text_box(svg, 10, y + 8, BOX_W, left, cls="box", head="the address, split")
     bottom = bit_bar(svg, BAR_X, y, walk.va, nbits, fields, bad_bits=bad)
@@ -353,7 +400,7 @@ def draw_chain(svg: Svg, y: float, t) -> float:
     gap = (W - 20 - 4 * bw) / 3
     xs = [10 + k * (bw + gap) for k in range(4)]
     value = value_text(t.value)
-    gva = [f"{t.gva:#x}", f"vCPU {t.vcpu}, CR3 {t.cr3:#x}",
+    gva = [f"{t.gva:#x}", f"vCPU {t.vcpu}, {root_register_name(t)} {t.cr3:#x}",
            f"{w.mode.name if w.mode else 'no'} paging, {size_name(w.page_size)} guest page",
            f"8 bytes: {value}"]
     if t.ram is not None:
@@ -421,16 +468,28 @@ def _estimate_height(t) -> float:
     return 200 + n * LEVEL_H + 400
 
 
+def root_register_name(t) -> str:
+    """CR3, or the TTBR of the aarch64 range the address lies in."""
+    if kind_of(t.walk.mode) != "aarch64":
+        return "CR3"
+    return "TTBR1_EL1" if t.gva >> 55 & 1 else "TTBR0_EL1"
+
+
 def translation_svg(t, title: Optional[str] = None) -> Svg:
     """The figure of one Translation (commands.translate.Translation)."""
     w = t.walk
     svg = Svg(W, _estimate_height(t), title=title or f"GVA {t.gva:#x}",
               label=f"translation {t.gva:#x}")
     mode = w.mode.name if w.mode else "no"
-    maxphy = f"MAXPHYADDR {w.maxphyaddr}" + (" (assumed)" if w.assumed_maxphyaddr else "")
+    assumed = " (assumed)" if w.assumed_maxphyaddr else ""
     svg.text(10, 22, f"GVA {t.gva:#x}", cls="t-title")
-    svg.text(10, 40, f"vCPU {t.vcpu}, CR3 {t.cr3:#x} ({t.cr3_source}), {mode} paging, {maxphy}",
-             cls="t-small")
+    if kind_of(w.mode) == "aarch64":
+        line = (f"vCPU {t.vcpu}, {root_register_name(t)} {t.cr3:#x} ({t.cr3_source}), {mode} "
+                f"translation, {w.maxphyaddr}-bit output addresses{assumed}")
+    else:
+        line = (f"vCPU {t.vcpu}, CR3 {t.cr3:#x} ({t.cr3_source}), {mode} paging, "
+                f"MAXPHYADDR {w.maxphyaddr}{assumed}")
+    svg.text(10, 40, line, cls="t-small")
     y, _ = draw_walk(svg, 50, w, "GVA", title="guest page walk (as gpt_dump prints it)")
     if w.ok:
         if t.slat is not None:
