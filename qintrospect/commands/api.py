@@ -10,7 +10,7 @@ from ..errors import UsageError
 
 # What works on an aarch64 guest so far; the rest reads x86 structures (CR3 roots, Linux
 # x86-64's task layout, EPT/NPT) and says so.
-ARM64_COMMANDS = "translate, vmmap, read and cpus"
+ARM64_COMMANDS = "translate, vmmap, read, search and cpus"
 
 
 class Commands:
@@ -66,7 +66,6 @@ class Commands:
         """commands.search.search_virtual: where pattern starts in one address space."""
         from .search import search_virtual
         self.check_open()
-        self.require_x86("search")
         return search_virtual(self, pattern, cr3, start, end, user, kernel, writable,
                               executable, align, limit, progress)
 
@@ -75,7 +74,6 @@ class Commands:
         """commands.search.search_physical: where pattern starts in guest-physical RAM."""
         from .search import search_physical
         self.check_open()
-        self.require_x86("search")
         return search_physical(self, pattern, align, limit, progress)
 
     def leaf_arrays(self, cr3: Optional[int] = None, start: int = 0,

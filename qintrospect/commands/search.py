@@ -11,6 +11,7 @@ import bisect
 import time
 from typing import List, Optional
 
+from .. import paging
 from ..errors import MemoryReadError, UsageError
 from ..record import record
 
@@ -174,7 +175,9 @@ def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: in
             break
     session.check_live()
     matches = _virtual_matches(session, leaves, finder.found, cr3)
-    root = session.cpu_state(cr3).cr3 & ~0xFFF
+    cpu = session.cpu_state(cr3)
+    # the root said with the result: CR3's table, or TTBR0_EL1's (the process's half)
+    root = cpu.cr3 & ~0xFFF if paging.is_x86(cpu) else cpu.ttbr0 & ((1 << 48) - 2)
     return SearchResult(pattern, matches, "virtual", root, scanned, finder.full, not_ram,
                         unreadable, time.monotonic() - t0)
 

@@ -57,8 +57,12 @@ class Arm64Guest(Guest):
 
     def start_spinner(self, timeout=30) -> dict:
         """A busy user process (busybox sh in a loop) in the background: the vCPU is mostly
-        in it, so a stop lands in its address space (TTBR0). {"pid", "maps"}."""
-        out = self.run("sh -c 'while :; do :; done' & echo SPIN=$!", timeout=timeout)
+        in it, so a stop lands in its address space (TTBR0). {"pid", "maps"}. It runs in a
+        session of its own, not as a job of the console's shell: that shell, told of its job's
+        end (kill) just before the VM is paused and resumed, was seen to exit."""
+        out = self.run("setsid sh -c 'echo $$ >/tmp/spin.pid; while :; do :; done' "
+                       "</dev/null >/dev/null 2>&1 & sleep 0.3; echo SPIN=$(cat /tmp/spin.pid)",
+                       timeout=timeout)
         m = re.search(r"SPIN=(\d+)", out)
         if not m:
             raise GuestError(f"the spinner did not start:\n{out}")
