@@ -187,6 +187,7 @@ class MapRow:
 def iter_rows(rows: Rows, fmt=None) -> Iterator[MapRow]:
     """The rows as MapRow objects; leaf flags named by the entry format when given."""
     flags_of = {}
+    flag_bits = getattr(fmt, "flag_bits", FLAG_BITS)   # the bits the format's flags() read
     columns = (rows.start, rows.size, rows.page_size, rows.writable, rows.user,
                rows.executable, rows.gpa, rows.hpa, rows.host, rows.leaves, rows.level,
                rows.entry)
@@ -194,7 +195,7 @@ def iter_rows(rows: Rows, fmt=None) -> Iterator[MapRow]:
             zip(*(c.tolist() for c in columns)):
         flags = ()
         if fmt is not None:
-            key = (level, entry & FLAG_BITS)
+            key = (level, entry & flag_bits)
             flags = flags_of.get(key)
             if flags is None:
                 flags = flags_of[key] = fmt.flags(level, entry, True)

@@ -30,6 +30,7 @@ from .model import (
     RESERVED_BIT, UNREADABLE, CpuState, Mapping,
     PagingMode, ReadPhys, Walk,
 )
+from .arm64 import ACCESS_FLAG, ADDRESS_SIZE, PERMISSION, TRANSLATION
 from .modes import paging_mode
 from .x86 import FLAG_BITS, raw_bounds, cr3_root, pdpte_registers, walk, x86_format
 
@@ -38,6 +39,7 @@ __all__ = [
     "FAULT_NONE", "FAULT_NOT_PRESENT", "FAULT_RESERVED_BIT", "FAULT_NON_CANONICAL",
     "FAULT_UNREADABLE", "FAULT_PAGING_DISABLED", "FAULT_EPT_VIOLATION",
     "FAULT_EPT_MISCONFIGURATION", "walk_second_level_array", "all_faulted",
+    "FAULT_TRANSLATION", "FAULT_ACCESS_FLAG", "FAULT_ADDRESS_SIZE", "FAULT_PERMISSION",
 ]
 
 U64 = np.uint64   # every entry and address is uint64; constants too (no int64/float promotion)
@@ -46,8 +48,12 @@ U64 = np.uint64   # every entry and address is uint64; constants too (no int64/f
 FAULT_NONE, FAULT_NOT_PRESENT, FAULT_RESERVED_BIT, FAULT_NON_CANONICAL = 0, 1, 2, 3
 FAULT_UNREADABLE, FAULT_PAGING_DISABLED = 4, 5
 FAULT_EPT_VIOLATION, FAULT_EPT_MISCONFIGURATION = 6, 7
+# AArch64 stage 1 (arm64_vector.py; a permission denial is never a walk's fault, the code is
+# there for completeness)
+FAULT_TRANSLATION, FAULT_ACCESS_FLAG, FAULT_ADDRESS_SIZE, FAULT_PERMISSION = 8, 9, 10, 11
 FAULT_REASONS = (None, NOT_PRESENT, RESERVED_BIT, NON_CANONICAL, UNREADABLE, PAGING_DISABLED,
-                 EPT_VIOLATION, EPT_MISCONFIGURATION)
+                 EPT_VIOLATION, EPT_MISCONFIGURATION, TRANSLATION, ACCESS_FLAG, ADDRESS_SIZE,
+                 PERMISSION)
 
 OnUnreadable = Callable[[str, int, Exception], None]
 
@@ -217,7 +223,11 @@ def leaf_arrays(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optiona
     read once with one read_phys(table, 4096) call (32 bytes for the PAE PDPT); unreadable
     tables are skipped and passed to on_unreadable(level name, address, error), in the order
     iter_mappings would; the PAE PDPT is not read when cpu.pdptes holds the PDPTE registers.
-    Nothing when CR0.PG=0."""
+    Nothing when CR0.PG=0. An AArch64 state (arm64.Arm64State) goes to
+    arm64_vector.leaf_arrays_arm64."""
+    if not isinstance(cpu, CpuState):
+        from .arm64_vector import leaf_arrays_arm64
+        return leaf_arrays_arm64(read_phys, cpu, start, end, on_unreadable)
     mode = paging_mode(cpu)
     if mode is None:
         return _no_leaves(None, None)
@@ -380,7 +390,11 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
     for the whole batch. Each distinct table is read once per call, whole; where a whole table
     does not read, the needed entries are read one by one, as walk() reads them. Never raises
     for what it reads. What walk() adds per address (the levels, the per-access table with
-    SMEP/SMAP/protection keys and #PF error codes, messages, notes) is left to BatchWalk.walk."""
+    SMEP/SMAP/protection keys and #PF error codes, messages, notes) is left to BatchWalk.walk.
+    An AArch64 state (arm64.Arm64State) goes to arm64_vector.walk_array_arm64."""
+    if not isinstance(cpu, CpuState):
+        from .arm64_vector import walk_array_arm64
+        return walk_array_arm64(read_phys, cpu, vas)
     va = _addresses(vas)
     mode = paging_mode(cpu)
     if mode is None:

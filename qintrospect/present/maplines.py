@@ -26,7 +26,7 @@ def map_lines(rows, fmt=None, leaf: bool = False) -> list:
     end = rows.start + rows.size
     key = [rows.page_size, rows.writable, rows.user, rows.executable, rows.host]
     if leaf:
-        key += [rows.level, rows.entry & u64(FLAG_BITS)]
+        key += [rows.level, rows.entry & u64(getattr(fmt, "flag_bits", FLAG_BITS))]
     first, group = group_rows(key)
 
     def row(r):

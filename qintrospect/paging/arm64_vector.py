@@ -1,0 +1,429 @@
+"""numpy twins of the AArch64 stage 1 walkers (arm64.py), for address batches and whole address
+spaces: walk_array_arm64() answers for every address of a batch what walk_arm64() answers for an
+EL1 read, leaf_arrays_arm64() lists exactly what iter_mappings_arm64() lists.
+
+Both ask the same walk parameters (arm64_format.range_params: granule, VA size, TBI, EPD, DS,
+FEAT_LPA, output size, HPD, HA/HD) and descriptor masks (Arm64Format) as the scalar walkers, and
+work as paging.vector does: a level at a time, for one VA range at a time (TTBR0_EL1 and
+TTBR1_EL1 may differ in granule and VA size), every table needed at a level read once, whole, in
+one read_phys call (paging.vector._Tables, shared by both ranges), the descriptors of all
+addresses (or all entries) of that level decoded at once. Python loops only over distinct
+tables. The property tests (tests/unit/test_arm64_vector.py) hold them to the scalar walkers.
+
+Levels in a batch walk: the two ranges may start at different levels, and a walk that cannot
+start (VA out of range, EPDn, TnSZ out of bounds, TTBRn beyond the output size) faults "at
+level 0" even where the range's first level is L1 or L-1. So Arm64BatchWalk.fault_level and
+leaf_level are codes into LEVEL_NAMES ("L-1" .. "L3", code = Arm level + 1), the same in both
+ranges, and entries/tables have one column per code; not indexes into BatchWalk.mode.levels
+as for x86. A leaf list's `level` is, as x86's, the index into its own range's mode (what
+iter_mappings_arm64's Mapping.levels_entries says); its `select` column names the range.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .arm64 import _reader, walk_arm64
+from .arm64_format import (
+    AF, DBM, FLAG_BITS, PXN, PXN_TABLE, SCTLR_M, SCTLR_WXN, TABLE, UXN, UXN_TABLE,
+    Arm64Format, Arm64State, RangeParams, arm64_format, bits, range_params, ttbr_base,
+)
+from .model import Mapping, PagingMode, ReadPhys, Walk
+from .vector import (
+    FAULT_ACCESS_FLAG, FAULT_ADDRESS_SIZE, FAULT_NONE, FAULT_PAGING_DISABLED, FAULT_TRANSLATION,
+    FAULT_UNREADABLE, BatchWalk, LeafArrays, OnUnreadable, _addresses, _report_unreadable,
+    _Tables,
+)
+
+__all__ = ["walk_array_arm64", "leaf_arrays_arm64", "Arm64BatchWalk", "Arm64LeafArrays",
+           "Arm64Formats", "LEVEL_NAMES"]
+
+U64 = np.uint64
+#: The level names of AArch64 walks; Arm64BatchWalk.fault_level / leaf_level index them.
+LEVEL_NAMES = ("L-1", "L0", "L1", "L2", "L3")
+L0 = LEVEL_NAMES.index("L0")
+TABLE_ATTRS = bits(62, 59)          # APTable, UXNTable, PXNTable (what table_attrs keeps)
+APTABLE0, APTABLE1 = 1 << 61, 1 << 62
+
+
+class _Range:
+    """One VA range's walk as numpy constants, from its RangeParams and Arm64Format."""
+
+    def __init__(self, p: RangeParams, mair: int):
+        self.p = p
+        self.mode = p.mode
+        self.fmt = arm64_format(p, mair)
+        self.depth = len(p.mode.levels)
+        self.first = len(LEVEL_NAMES) - self.depth     # the code of mode.levels[0]
+        self.root = ttbr_base(p)
+        # what stops every walk of the range before its first read (after the range check)
+        self.start_fault = (FAULT_TRANSLATION if p.epd or p.tsz_fault else
+                            FAULT_ADDRESS_SIZE if self.root >> p.oa_bits else FAULT_NONE)
+        self.table_mask = U64(self.fmt.table_mask)
+        self.oa_bits = U64(p.oa_bits)
+        self.tattr_mask = U64(0 if p.hpd else TABLE_ATTRS)
+
+    def level(self, i: int):
+        """(shift, entry count, last?, blocks allowed?, leaf OA mask, page size) of level i."""
+        spec = self.mode.levels[i]
+        last = i == self.depth - 1
+        return (U64(spec.shift), 1 << spec.index_bits, last,
+                last or self.fmt.sizes[i] is not None, U64(self.fmt.masks[i]),
+                self.fmt.sizes[i] or 0)
+
+    def out_of_range(self, va: np.ndarray) -> np.ndarray:
+        """arm64._out_of_range for a data access: bits[top:64-TnSZ] not all `select`."""
+        p = self.p
+        top = 55 if p.tbi else 63
+        low = 64 - p.tsz
+        ones = (1 << (top + 1 - low)) - 1
+        field = (va >> U64(low)) & U64(ones)
+        return field != U64(ones if p.select else 0)
+
+    def frame(self, e: np.ndarray, mask) -> np.ndarray:
+        """Arm64Format.frame: the masked OA, with OA[51:50] from bits[9:8] (DS) or OA[51:48]
+        from bits[15:12] (64K, FEAT_LPA)."""
+        oa = e & mask
+        if self.p.ds:
+            oa |= ((e >> U64(8)) & U64(3)) << U64(50)
+        elif self.p.lpa:
+            oa |= ((e >> U64(12)) & U64(0xF)) << U64(48)
+        return oa
+
+
+def _rights(e: np.ndarray, t: np.ndarray, wxn: bool, hd: bool
+            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(writable, user, executable) of leaf entries e under table attributes t (bits 62:59
+    ORed over the tables above, 0 with HPD), as arm64._summary and permissions() say."""
+    no_el0 = (t & U64(APTABLE0)) != 0
+    no_write = (t & U64(APTABLE1)) != 0
+
+    def view(ap):                      # AP[2:1] -> (EL1 write, EL0 read, EL0 write), APTable
+        pw = ((ap & U64(2)) == 0) & ~no_write
+        ur = ((ap & U64(1)) != 0) & ~no_el0
+        uw = (ap == U64(1)) & ~no_el0 & ~no_write
+        return pw, ur, uw
+
+    ap = (e >> U64(6)) & U64(3)
+    pw, ur, uw = view(ap)
+    px = ((e & U64(PXN)) == 0) & ((t & U64(PXN_TABLE)) == 0) & ~uw
+    ux = ((e & U64(UXN)) == 0) & ((t & U64(UXN_TABLE)) == 0)
+    if wxn:
+        px &= ~pw
+        ux &= ~uw
+    if hd:          # a write with hardware dirty state clears AP[2] of a DBM=1 descriptor
+        wpw, _, wuw = view(np.where((e & U64(DBM)) != 0, ap & U64(1), ap))
+        writable = wpw | wuw
+    else:
+        writable = pw | uw
+    return writable, ur, np.where(ur | ux, ux, px)
+
+
+# ---------------------------------------------------------------- address batches
+
+class Arm64BatchWalk(BatchWalk):
+    """BatchWalk of an AArch64 batch. fault_level and leaf_level are codes into LEVEL_NAMES
+    (Arm level + 1), the same for both ranges; entries and tables have one column per code
+    (zeros where the walk read nothing). select is each address's range (VA bit 55), modes and
+    roots the two ranges' (what Walk.mode and Walk.root say for an address of that range);
+    mode and root are the ranges' common ones (mode None when they differ or the MMU is off)."""
+
+    level_names = LEVEL_NAMES
+
+    def __init__(self, *fields, select: Optional[np.ndarray] = None,
+                 modes: Tuple[Optional[PagingMode], Optional[PagingMode]] = (None, None),
+                 roots: Tuple[int, int] = (0, 0)):
+        super().__init__(*fields)
+        self.select = select
+        self.modes = modes
+        self.roots = roots
+
+    def level_name(self, i: int) -> Optional[str]:
+        k = int(self.fault_level[i])
+        return None if k < 0 else LEVEL_NAMES[k]
+
+    def mode_of(self, i: int) -> Optional[PagingMode]:
+        """Walk.mode of element i (its range's mode; None with the MMU off)."""
+        return None if self.select is None else self.modes[int(self.select[i])]
+
+    def root_of(self, i: int) -> int:
+        return 0 if self.select is None else self.roots[int(self.select[i])]
+
+    def walk(self, i: int, read_phys: ReadPhys, cpu: Arm64State,  # type: ignore[override]
+             access: str = "el1-read") -> Walk:
+        """The full scalar walk of element i (levels, access table, messages, notes)."""
+        return walk_arm64(read_phys, cpu, int(self.va[i]), access)
+
+
+def walk_array_arm64(read_phys: ReadPhys, state: Arm64State,
+                     vas: Union[np.ndarray, Sequence[int]]) -> Arm64BatchWalk:
+    """Translate every address of `vas` (integers 0 .. 2**64-1) as walk_arm64(read_phys,
+    state, va) would for an EL1 read, for the whole batch at once. Each distinct table is read
+    once per call, whole; where a whole table does not read, the needed descriptors are read
+    one by one, as walk_arm64 reads them. Never raises for what it reads. Permission denials
+    are not faults (as there); what walk_arm64 adds per address (levels, access table, fault
+    status codes, messages, notes) is left to Arm64BatchWalk.walk."""
+    va = _addresses(vas)
+    n = len(va)
+    if not state.sctlr & SCTLR_M:
+        return Arm64BatchWalk(
+            va, np.zeros(n, bool), np.zeros(n, U64), np.zeros(n, U64), np.zeros(n, bool),
+            np.zeros(n, bool), np.zeros(n, bool), np.full(n, FAULT_PAGING_DISABLED, np.uint8),
+            np.full(n, -1, np.int8), None, 0)
+    ranges = [_Range(range_params(state, s), state.mair) for s in (0, 1)]
+    out = _Out(n)
+    select = ((va >> U64(55)) & U64(1)).astype(np.uint8)
+    tables = _Tables(_reader(read_phys, state), 8, None, 0)
+    wxn = bool(state.sctlr & SCTLR_WXN)
+    for s, r in enumerate(ranges):
+        idx = np.flatnonzero(select == s)
+        if not len(idx):
+            continue
+        outside = r.out_of_range(va[idx])
+        if r.start_fault != FAULT_NONE:
+            out.reason[idx] = np.where(outside, FAULT_TRANSLATION, r.start_fault)
+            out.level[idx] = L0
+            continue
+        out.reason[idx[outside]] = FAULT_TRANSLATION
+        out.level[idx[outside]] = L0
+        _walk_range(tables, r, va, idx[~outside], out, wxn)
+    modes = (ranges[0].mode, ranges[1].mode)
+    roots = (ranges[0].root, ranges[1].root)
+    return Arm64BatchWalk(
+        va, out.ok, out.pa, out.page_size, out.writable, out.user, out.executable, out.reason,
+        out.level, modes[0] if modes[0] == modes[1] else None, roots[0] if roots[0] == roots[1]
+        else 0, out.entries, out.tables, out.leaf_level, select=select, modes=modes,
+        roots=roots)
+
+
+class _Out:
+    """The batch's columns, filled range by range."""
+
+    def __init__(self, n: int):
+        self.ok, self.pa, self.page_size = np.zeros(n, bool), np.zeros(n, U64), np.zeros(n, U64)
+        self.writable, self.user = np.zeros(n, bool), np.zeros(n, bool)
+        self.executable = np.zeros(n, bool)
+        self.reason, self.level = np.zeros(n, np.uint8), np.full(n, -1, np.int8)
+        self.leaf_level = np.full(n, -1, np.int8)
+        self.entries = np.zeros((n, len(LEVEL_NAMES)), U64)
+        self.tables = np.zeros((n, len(LEVEL_NAMES)), U64)
+
+
+def _walk_range(tables: _Tables, r: _Range, va: np.ndarray, todo: np.ndarray, out: _Out,
+                wxn: bool) -> None:
+    """AArch64.S1Walk for the elements `todo` of one range, a level at a time: one descriptor
+    per element and level until a leaf or a fault (arm64._walk_tables), then the Access flag
+    and the rights (walk_arm64, _summary)."""
+    table = np.full(len(todo), r.root, U64)
+    tattrs = np.zeros(len(todo), U64)          # bits 62:59 ORed over the tables above
+    for i in range(r.depth):
+        if not len(todo):
+            break
+        shift, count, last, blocks, leaf_mask, size = r.level(i)
+        code = r.first + i
+        v = va[todo]
+        index = (v >> shift) & U64(count - 1)
+        e, readable = tables.entries(table, index, count)
+        out.entries[todo, code], out.tables[todo, code] = e, table
+        t = (e & U64(TABLE)) != 0
+        good = readable & ((e & U64(1)) != 0)
+        if last:                               # page (11) or reserved (01)
+            good &= t
+            leaf = np.ones(len(e), bool)
+            oa = r.frame(e, leaf_mask)
+        else:                                  # table (11), block (01) where allowed
+            if not blocks:
+                good &= t
+            leaf = ~t
+            oa = r.frame(e, np.where(t, r.table_mask, leaf_mask))
+        fault = np.where(~readable, FAULT_UNREADABLE,
+                         np.where(~good, FAULT_TRANSLATION,
+                                  np.where((oa >> r.oa_bits) != 0, FAULT_ADDRESS_SIZE,
+                                           FAULT_NONE)))
+        if not r.p.ha:                         # AF=0 at a leaf: an Access flag fault
+            fault = np.where((fault == FAULT_NONE) & leaf & ((e & U64(AF)) == 0),
+                             FAULT_ACCESS_FLAG, fault)
+        stop = fault != FAULT_NONE
+        if stop.any():
+            k = todo[stop]
+            out.reason[k] = fault[stop]
+            out.level[k] = code
+        done = ~stop & leaf
+        if done.any():
+            k = todo[done]
+            out.ok[k] = True
+            out.pa[k] = oa[done] | (v[done] & U64(size - 1))
+            out.page_size[k] = size
+            out.leaf_level[k] = code
+            out.writable[k], out.user[k], out.executable[k] = _rights(
+                e[done], tattrs[done], wxn, r.p.hd)
+        down = ~stop & ~leaf
+        todo, table = todo[down], oa[down]
+        tattrs = tattrs[down] | (e[down] & r.tattr_mask)
+
+
+# ---------------------------------------------------------------- whole address spaces
+
+class Arm64Formats:
+    """The leaf lists' format: each range's Arm64Format (formats[select]), and flags() /
+    flag_bits as LeafArrays.mappings and vmmap ask them. flag_bits are the bits flags() reads
+    of a valid leaf (arm64_format.FLAG_BITS and the type bit, which tells a page from a
+    block whatever the level). A leaf's flags depend on its range only through SH when
+    TCR_EL1.DS=1 (TCR_EL1.SHn, not the descriptor): flags() without `select` picks the range
+    whose mode can hold such a leaf at level i, TTBR1's when both can."""
+
+    flag_bits = FLAG_BITS | TABLE
+
+    def __init__(self, formats: Tuple[Optional[Arm64Format], Optional[Arm64Format]]):
+        self.formats = formats
+
+    def flags(self, i: int, e: int, leaf: bool, select: Optional[int] = None
+              ) -> Tuple[str, ...]:
+        if select is None:
+            fits = [s for s, f in enumerate(self.formats)
+                    if f is not None and i <= f.last
+                    and (not leaf or (i == f.last) == bool(e & TABLE))]
+            select = fits[-1] if fits else max(
+                (s for s, f in enumerate(self.formats) if f is not None),
+                key=lambda s: self.formats[s].last)
+        return self.formats[select].flags(i, e, leaf)
+
+
+class Arm64LeafArrays(LeafArrays):
+    """LeafArrays of an AArch64 address space, both ranges: level is the index into the leaf's
+    own range's mode (modes[select]), path is zero-padded to the deeper range's depth; mode is
+    the ranges' common mode (None when they differ), format an Arm64Formats."""
+
+    def __init__(self, *fields, select: np.ndarray,
+                 modes: Tuple[Optional[PagingMode], Optional[PagingMode]] = (None, None)):
+        super().__init__(*fields)
+        self.select = select
+        self.modes = modes
+
+    def mappings(self) -> Iterator[Mapping]:
+        """The leaves as paging.Mapping objects, equal to iter_mappings_arm64's ones."""
+        flags_of: Dict[Tuple[int, int, int], Tuple[str, ...]] = {}
+        mask = Arm64Formats.flag_bits
+        formats = self.format.formats if self.format is not None else ()
+        columns = (self.va, self.pa, self.size, self.writable, self.user, self.executable,
+                   self.level, self.entry, self.path, self.select)
+        for va, pa, size, w, u, x, i, e, path, s in zip(*(c.tolist() for c in columns)):
+            key = (s, i, e & mask)
+            flags = flags_of.get(key)
+            if flags is None:
+                flags = flags_of[key] = formats[s].flags(i, e, True)
+            yield Mapping(va, pa, size, w, u, x, tuple(path[:i + 1]), flags)
+
+
+def _no_leaves(depth: int, modes, fmt) -> Arm64LeafArrays:
+    u64, flag = np.zeros(0, U64), np.zeros(0, bool)
+    mode = modes[0] if modes[0] == modes[1] else None
+    return Arm64LeafArrays(u64, u64.copy(), u64.copy(), u64.copy(), flag, flag.copy(),
+                           flag.copy(), np.zeros(0, np.int8), np.zeros((0, depth), U64), mode,
+                           fmt, select=np.zeros(0, np.uint8), modes=modes)
+
+
+def leaf_arrays_arm64(read_phys: ReadPhys, state: Arm64State, start: int = 0,
+                      end: Optional[int] = None, on_unreadable: Optional[OnUnreadable] = None
+                      ) -> Arm64LeafArrays:
+    """Every valid leaf overlapping [start, end) (end exclusive, None = to 2**64) of both VA
+    ranges, in VA order, TTBR1 addresses sign-extended, as arrays: what iter_mappings_arm64
+    yields (leaves with AF=0 included). Each table is read once, whole, with one read_phys
+    call (the granule, or the smaller first table), shared by the two ranges; unreadable
+    tables are skipped and passed to on_unreadable(level name, address, error) in the order
+    iter_mappings_arm64 would (each range on its own: a table both ranges reach is reported
+    for each). Ranges whose walks cannot start (EPDn=1, TnSZ out of bounds, TTBRn beyond the
+    output size) are skipped. Nothing when the MMU is off."""
+    if not state.sctlr & SCTLR_M:
+        return _no_leaves(0, (None, None), None)
+    ps = [range_params(state, s) for s in (0, 1)]
+    modes = (ps[0].mode, ps[1].mode)
+    fmt = Arm64Formats((arm64_format(ps[0], state.mair), arm64_format(ps[1], state.mair)))
+    tables = _Tables(_reader(read_phys, state), 8, None, 0)
+    wxn = bool(state.sctlr & SCTLR_WXN)
+    top = 1 << 64
+    end = top if end is None else min(end, top)
+    parts: List[tuple] = []
+    for s, p in enumerate(ps):
+        r = _Range(p, state.mair)
+        if r.start_fault != FAULT_NONE:
+            continue
+        span = 1 << p.mode.va_bits
+        base = top - span if s else 0
+        lo, hi = max(start, base) - base, min(end, base + span) - base
+        if lo >= hi:
+            continue
+        cols, lost = _range_leaves(tables, r, lo, hi, wxn)
+        if on_unreadable is not None and lost:
+            _report_unreadable(p.mode, tables, lost, on_unreadable)
+        if cols is not None:
+            parts.append((s, base, r.depth, cols))
+    depth = max([r_depth for _, _, r_depth, _ in parts], default=0)
+    if not parts:
+        return _no_leaves(max(len(m.levels) for m in modes), modes, fmt)
+    columns = []
+    for s, base, r_depth, (raw, pa, size, entry, w, u, x, level, path) in parts:
+        order = np.argsort(raw, kind="stable")    # raw VAs are distinct: leaves never overlap
+        if r_depth < depth:
+            path = np.concatenate((path, np.zeros((len(path), depth - r_depth), U64)), axis=1)
+        columns.append((raw[order] + U64(base), pa[order], size[order], entry[order],
+                        w[order], u[order], x[order], level[order], path[order],
+                        np.full(len(raw), s, np.uint8)))
+    va, pa, size, entry, w, u, x, level, path, select = (np.concatenate(c)
+                                                         for c in zip(*columns))
+    return Arm64LeafArrays(va, pa, size, entry, w, u, x, level, path,
+                           modes[0] if modes[0] == modes[1] else None, fmt, select=select,
+                           modes=modes)
+
+
+def _range_leaves(tables: _Tables, r: _Range, lo: int, hi: int, wxn: bool):
+    """The leaves of one range overlapping raw VAs [lo, hi), as iter_leaves finds them with
+    Arm64Format's present / is_leaf / valid / frame: (columns or None, unreadable visits)."""
+    whole = lo == 0 and hi == 1 << r.mode.va_bits
+    addr = np.array([r.root], U64)
+    base = np.zeros(1, U64)
+    tattrs = np.zeros(1, U64)
+    path = np.zeros((1, r.depth), U64)
+    leaves: List[tuple] = []
+    lost: List[tuple] = []                     # unreadable visits: (base, level, address)
+    for i in range(r.depth):
+        if not len(addr):
+            break
+        shift, count, last, blocks, leaf_mask, size = r.level(i)
+        rows, row, readable = tables.stack(addr, count)
+        gone = ~readable[row]
+        if gone.any():
+            lost.append((base[gone], np.full(int(gone.sum()), i), addr[gone]))
+            keep = ~gone
+            row, base, tattrs, path = row[keep], base[keep], tattrs[keep], path[keep]
+        e = rows[row]                                            # (visits, count)
+        kind = (e & U64(3)) == U64(3) if last or not blocks else (e & U64(1)) != 0
+        v, k = np.nonzero(kind)                  # row-major: address order per visit
+        e = e[v, k]
+        va = base[v] + (k.astype(U64) << shift)
+        keep = np.ones(len(e), bool)
+        if not whole:                            # entries overlapping [lo, hi) only
+            keep &= (va < U64(hi)) & (va + (U64(1) << shift) > U64(lo))
+        t = (e & U64(TABLE)) != 0
+        leaf = np.ones(len(e), bool) if last else ~t
+        oa = r.frame(e, leaf_mask if last else np.where(t, r.table_mask, leaf_mask))
+        keep &= (oa >> r.oa_bits) == 0           # within the output address size
+        if not keep.all():
+            v, e, va, leaf, oa = v[keep], e[keep], va[keep], leaf[keep], oa[keep]
+        above = tattrs[v]
+        path = path[v]
+        path[:, i] = e
+        found = int(leaf.sum())
+        if found:
+            le = e[leaf]
+            wr, us, ex = _rights(le, above[leaf], wxn, r.p.hd)
+            leaves.append((va[leaf], oa[leaf], np.full(found, size, U64), le, wr, us, ex,
+                           np.full(found, i, np.int8), path[leaf]))
+        down = ~leaf
+        addr, base, path = oa[down], va[down], path[down]
+        tattrs = above[down] | (e[down] & r.tattr_mask)
+    if not leaves:
+        return None, lost
+    return tuple(np.concatenate(c) for c in zip(*leaves)), lost
