@@ -6,11 +6,6 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import paging
-from ..errors import UsageError
-
-# What works on an aarch64 guest so far; the rest reads x86 structures (CR3 roots, Linux
-# x86-64's task layout, EPT/NPT) and says so.
-ARM64_COMMANDS = "translate, vmmap, read, search and cpus"
 
 
 class Commands:
@@ -18,9 +13,7 @@ class Commands:
 
     def require_x86(self, what: str) -> None:
         """UsageError (exit 2) for a command that does not read an aarch64 guest yet."""
-        if self.cpu is not None and not paging.is_x86(self.cpu):
-            raise UsageError(f"{what} reads x86 guests only so far; this guest is aarch64 "
-                             f"({ARM64_COMMANDS} work on it)")
+        paging.require_x86(self.cpu, what)
 
     def translate(self, gva: int, cr3: Optional[int] = None):
         """commands.translate.translate: one address down the chain."""

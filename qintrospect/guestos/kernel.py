@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional, Tuple
 
+from .. import paging
 from ..btf import Vmcoreinfo
 from ..btf.errors import BtfError, KallsymsError, VmcoreinfoError
 from ..errors import MemoryReadError
@@ -180,10 +181,10 @@ def open_kernel(vm, use_cache: bool = True, progress=None) -> GuestKernel:
     progress: advanced over the RAM scanned, when the note must be looked for."""
     from ..connect import runstate
     vm.check_open()
-    vm.require_x86("reading the guest's processes")    # its task layout is x86-64 Linux's
     t0 = time.perf_counter()
     read = vm.cached_memory().read
     cpu = vm.cpu_state()
+    paging.require_x86(cpu, "reading the guest's processes")   # x86-64 Linux's task layout
     roots = _roots(vm)
     purpose, ident = _identity(vm)
     if use_cache:

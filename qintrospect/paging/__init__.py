@@ -25,7 +25,8 @@ from .ept import decode_eptp, walk_ept, walk_npt
 __all__ = [
     "ReadPhys", "CpuState", "LevelSpec", "PagingMode", "LevelStep", "Fault", "AccessResult",
     "Walk", "Mapping", "X86_ACCESS_KINDS", "EPT_ACCESS_KINDS",
-    "paging_mode", "walk", "iter_mappings", "is_x86", "root_register", "with_root", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
+    "paging_mode", "walk", "iter_mappings", "is_x86", "require_x86", "root_register",
+    "with_root", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
     "ALL_MODES", "MODE_32BIT", "MODE_32BIT_PSE", "MODE_PAE", "MODE_4LEVEL", "MODE_5LEVEL",
     "MODE_EPT4", "MODE_EPT5", "MODE_NPT4", "MODE_NPT5",
 ]
@@ -45,6 +46,19 @@ def __getattr__(name):
 
 def is_x86(cpu) -> bool:
     return isinstance(cpu, CpuState)
+
+
+# What works on an aarch64 guest so far; the rest reads x86 structures (CR3 roots, Linux
+# x86-64's task layout, EPT/NPT) and says so.
+ARM64_COMMANDS = "translate, vmmap, read, search and cpus"
+
+
+def require_x86(cpu, what: str) -> None:
+    """UsageError (exit 2) for a command that does not read an aarch64 guest yet."""
+    if cpu is not None and not is_x86(cpu):
+        from ..errors import UsageError
+        raise UsageError(f"{what} reads x86 guests only so far; this guest is aarch64 "
+                         f"({ARM64_COMMANDS} work on it)")
 
 
 def walk(read_phys: ReadPhys, cpu, va: int, access: Optional[str] = None) -> Walk:

@@ -20,6 +20,7 @@ import os
 import sys
 from typing import List
 
+from ... import paging
 from ...errors import UsageError
 
 MAX_PICTURES = 256       # addresses drawn in one translate --html / --svg
@@ -147,9 +148,15 @@ class VmmapPictures:
         a = self.args
         mode = leaves.mode
         self.va_bits = mode.va_bits if mode is not None else 64
-        cr3 = vm.cpu_state(None).cr3
-        self.facts = {"vCPU": vm.vcpu, "CR3": a.cr3 or f"{cr3:#x}",
-                      "paging": mode.name if mode is not None else "off",
+        cpu = vm.cpu_state(None)
+        if paging.is_x86(cpu):
+            root = {"CR3": a.cr3 or f"{cpu.cr3:#x}"}
+        else:                   # both halves; --cr3 replaces TTBR0_EL1's
+            root = {"TTBR0_EL1": a.cr3 or f"{cpu.ttbr0:#x}", "TTBR1_EL1": f"{cpu.ttbr1:#x}"}
+        modes = getattr(leaves, "modes", None)      # aarch64: each range's, when they differ
+        self.facts = {"vCPU": vm.vcpu, **root,
+                      "paging": mode.name if mode is not None else
+                      " / ".join(m.name for m in modes if m) if modes and any(modes) else "off",
                       "range": a.range,
                       "only": " ".join(k for k in ("user", "kernel", "writable", "exec")
                                        if getattr(a, k, False)) or None}
