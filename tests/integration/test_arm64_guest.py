@@ -3,6 +3,7 @@ the outside the way an x86 one is: its registers through the gdbstub, its tables
 qintrospect, every answer held to independent sources on the same paused vCPU: QEMU's own
 `gva2gpa` (its walker, as an EL1 read) and the guest kernel's own /proc/PID/pagemap."""
 
+import json
 import re
 
 import pytest
@@ -173,6 +174,31 @@ def test_vmmap_leaves_agree_with_qemu(arm64_guest):
         assert q == (int(r["gpa"], 16) if w["access"][kind]["allowed"] else None), (r, kind)
     assert all(int(r["start"], 16) >> 63 for r in kernel)
     assert all(not int(r["start"], 16) >> 63 for r in user)
+
+
+def test_brief_batch_agrees_with_the_one_address_walks(arm64_guest):
+    """translate --brief (the numpy batch walk, both ranges) line for line against --json."""
+    g = arm64_guest
+    addresses = spinner_addresses(g) + [g.kallsyms["_stext"], g.kallsyms["schedule"],
+                                        0xffff000040000000, 0x0000800000000000, 0x10]
+    with paused(g):
+        rc, full, err = run_json("translate", *attach_args(g), *map(hex, addresses))
+        rc_brief, out, err_brief = run_cli("translate", *attach_args(g), "--brief",
+                                           *map(hex, addresses))
+    brief = [json.loads(line) for line in out.splitlines()]
+    assert rc == rc_brief == 1, err + err_brief          # some addresses fault
+    assert len(brief) == len(full) == len(addresses)
+    for b, f in zip(brief, full):
+        if "fault" in f:
+            assert b["fault"] == {"level": f["fault"]["level"],
+                                  "reason": f["fault"]["reason"]}, (b, f["fault"])
+        else:
+            assert (b["gpa"], b["page_size"], b["hpa"], b["value"], b["user"],
+                    b["writable"], b["executable"]) == \
+                (f["gpa"], f["page_size"], f["hpa"], f["value"], f["user"], f["writable"],
+                 f["executable"])
+    reasons = {b["fault"]["reason"] for b in brief if "fault" in b}
+    assert "translation" in reasons
 
 
 def test_search_finds_what_a_plain_scan_of_the_user_pages_finds(arm64_guest):
