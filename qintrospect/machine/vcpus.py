@@ -14,6 +14,26 @@ from .cpu import Vcpu
 from .monitor_text import parse_registers
 
 
+# query-cpus-fast's "target" (QEMU's SysEmuTarget) -> the walker that reads its tables
+ARCH_OF_TARGET = {"x86_64": "x86_64", "i386": "x86_64", "aarch64": "aarch64"}
+
+
+def target_of(listing) -> str:
+    """"x86_64" or "aarch64", from query-cpus-fast (every entry names the target, QEMU 3.0
+    on); a listing without it is taken as x86 (as before targets were told apart); another
+    target is an AttachError that names it."""
+    first = listing[0] if isinstance(listing, list) and listing and \
+        isinstance(listing[0], dict) else {}
+    target = first.get("target")
+    if target is None:
+        return "x86_64"
+    if target not in ARCH_OF_TARGET:
+        from ..present.textsafe import printable
+        raise AttachError(f"this QEMU emulates {printable(str(target))[:40]}: qintrospect "
+                          "reads x86 and aarch64 guests")
+    return ARCH_OF_TARGET[target]
+
+
 class Vcpus:
     """What a session asks about its VM's vCPUs, through its monitor: answers that cannot
     change while the VM lives (phys-bits, query-kvm) are asked once."""
@@ -23,9 +43,7 @@ class Vcpus:
         self.listing = listing                 # query-cpus-fast
         self._phys_bits: dict = {}
         self._kvm: Optional[dict] = None
-        # query-cpus-fast names the target in every entry (QEMU 7.2 to 10: "target")
-        first = listing[0] if listing and isinstance(listing[0], dict) else {}
-        self.arch = "aarch64" if first.get("target") == "aarch64" else "x86_64"
+        self.arch = target_of(listing)
 
     @classmethod
     def of(cls, monitor, wanted: int) -> "Vcpus":
