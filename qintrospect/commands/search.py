@@ -177,7 +177,11 @@ def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: in
     matches = _virtual_matches(session, leaves, finder.found, cr3)
     cpu = session.cpu_state(cr3)
     # the root said with the result: CR3's table, or TTBR0_EL1's (the process's half)
-    root = cpu.cr3 & ~0xFFF if paging.is_x86(cpu) else cpu.ttbr0 & ((1 << 48) - 2)
+    if paging.is_x86(cpu):
+        root = cpu.cr3 & ~0xFFF
+    else:
+        from ..paging.arm64_format import range_params, ttbr_base
+        root = ttbr_base(range_params(cpu, 0))
     return SearchResult(pattern, matches, "virtual", root, scanned, finder.full, not_ram,
                         unreadable, time.monotonic() - t0)
 

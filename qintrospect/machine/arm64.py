@@ -19,7 +19,6 @@ OPTIONAL: Dict[str, Tuple[str, ...]] = {
     "id_aa64mmfr2": ("ID_AA64MMFR2_EL1",),
 }
 SCTLR_BITS = {0: "M", 1: "A", 2: "C", 12: "I", 19: "WXN", 23: "SPAN", 25: "EE"}
-TTBR_BADDR = ((1 << 48) - 1) & ~1     # BADDR[47:1]; bit 0 is CnP
 
 
 def names_in(has_register) -> Dict[str, str]:
@@ -83,16 +82,21 @@ class Arm64Vcpu:
         """The ASID: in TTBR1_EL1 when TCR_EL1.A1=1 (Linux's choice), else TTBR0_EL1."""
         return (self.ttbr1 if self.tcr >> 22 & 1 else self.ttbr0) >> 48
 
+    def table(self, select: int) -> int:
+        """TTBR0's (select 0) or TTBR1's (1) first table, as the walk takes it."""
+        from ..paging.arm64_format import range_params, ttbr_base
+        return ttbr_base(range_params(self.state, select))
+
     @property
     def root(self) -> int:
         """A table this vCPU surely uses: TTBR1's (the kernel's), else TTBR0's."""
-        return (self.ttbr1 & TTBR_BADDR) or (self.ttbr0 & TTBR_BADDR)
+        return self.table(1) or self.table(0)
 
     def to_dict(self) -> dict:
         h = lambda v: None if v is None else f"{v:#x}"   # noqa: E731
         return {"index": self.index, "thread_id": self.thread_id, "qom_path": self.qom_path,
                 "cpl": self.cpl, "mode": self.mode, "cr3": h(self.ttbr0),
-                "root": h(self.ttbr0 & TTBR_BADDR), "pcid": h(self.pcid),
+                "root": h(self.table(0)), "pcid": h(self.pcid),
                 "ttbr0_el1": h(self.ttbr0), "ttbr1_el1": h(self.ttbr1), "tcr_el1": h(self.tcr),
                 "sctlr_el1": h(self.sctlr),
                 "sctlr_bits": [n for b, n in sorted(SCTLR_BITS.items()) if self.sctlr >> b & 1],
