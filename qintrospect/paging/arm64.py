@@ -20,8 +20,8 @@ from .arm64_format import (
 )
 from .formats import bits, size_name
 from .model import (
-    PAGING_DISABLED, UNREADABLE, AccessResult, Fault, LevelStep, Mapping, PagingMode, ReadPhys,
-    Walk,
+    ACCESS_FLAG, ADDRESS_SIZE, PAGING_DISABLED, PERMISSION, TRANSLATION, UNREADABLE,
+    AccessResult, Fault, LevelStep, Mapping, PagingMode, ReadPhys, Walk,
 )
 from .walker import iter_leaves
 
@@ -33,11 +33,8 @@ __all__ = ["Arm64State", "arm64_mode", "walk_arm64", "iter_mappings_arm64",
 ARM64_ACCESS_KINDS = ("el1-read", "el1-write", "el1-execute", "el0-read", "el0-write",
                       "el0-execute")
 
-#: Fault reasons (the Arm ARM's fault types; model.UNREADABLE and PAGING_DISABLED too).
-TRANSLATION = "translation"
-ACCESS_FLAG = "access-flag"
-ADDRESS_SIZE = "address-size"
-PERMISSION = "permission"
+#: Fault reasons: the Arm ARM's fault types (model.TRANSLATION, ACCESS_FLAG, ADDRESS_SIZE,
+#: PERMISSION, imported above), and model.UNREADABLE and PAGING_DISABLED.
 
 # ESR_EL1.ISS DFSC/IFSC (Data/Instruction Abort): 0bTTTTLL with LL the level; level -1 has
 # its own codes (FEAT_LPA2) and never holds a leaf, so no Access flag or Permission fault.

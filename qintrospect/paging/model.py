@@ -28,6 +28,11 @@ UNREADABLE = "unreadable"
 PAGING_DISABLED = "paging-disabled"
 EPT_VIOLATION = "ept-violation"
 EPT_MISCONFIGURATION = "ept-misconfiguration"
+# AArch64 stage 1 (the Arm ARM's fault types; arm64.py)
+TRANSLATION = "translation"
+ACCESS_FLAG = "access-flag"
+ADDRESS_SIZE = "address-size"
+PERMISSION = "permission"
 
 #: #PF error-code bits (Intel SDM Vol 3, 4.7).
 PF_P = 1 << 0

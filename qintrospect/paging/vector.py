@@ -26,11 +26,10 @@ from ..record import record
 from .formats import (EPT_BAD_MEMORY_TYPES, EPT_PS, EPT_R, EPT_W, EPT_XU, PS, RW, US, XD,
                       EptFormat, X86Format)
 from .model import (
-    EPT_MISCONFIGURATION, EPT_VIOLATION, NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED,
-    RESERVED_BIT, UNREADABLE, CpuState, Mapping,
+    ACCESS_FLAG, ADDRESS_SIZE, EPT_MISCONFIGURATION, EPT_VIOLATION, NON_CANONICAL, NOT_PRESENT,
+    PAGING_DISABLED, PERMISSION, RESERVED_BIT, TRANSLATION, UNREADABLE, CpuState, Mapping,
     PagingMode, ReadPhys, Walk,
 )
-from .arm64 import ACCESS_FLAG, ADDRESS_SIZE, PERMISSION, TRANSLATION
 from .modes import paging_mode
 from .x86 import FLAG_BITS, raw_bounds, cr3_root, pdpte_registers, walk, x86_format
 
