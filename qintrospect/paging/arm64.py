@@ -16,7 +16,7 @@ from .arm64_format import (
     AF, CONT, CPSR_PAN, DBM, FLAG_BITS, GRANULES, NG, PXN, PXN_TABLE, SCTLR_EE, SCTLR_EPAN,
     SCTLR_M, SCTLR_SPAN, SCTLR_WXN, TCR_A1, TCR_AS, UXN, UXN_TABLE, Arm64Format, Arm64State,
     RangeParams, arm64_format, contiguous_note, id_field, pamax, permissions, range_params,
-    table_attrs, ttbr_base,
+    range_window, table_attrs, ttbr_base,
 )
 from .formats import bits, size_name
 from .model import (
@@ -415,18 +415,13 @@ def iter_mappings_arm64(read_phys: ReadPhys, state: Arm64State, start: int = 0,
         return
     read = _reader(read_phys, state)
     wxn = bool(state.sctlr & SCTLR_WXN)
-    top = 1 << 64
-    end = top if end is None else min(end, top)
     for n in (0, 1):
         p = range_params(state, n)
         root = ttbr_base(p)
-        if p.epd or p.tsz_fault or root >> p.oa_bits:
+        window = range_window(p, start, end)
+        if p.epd or p.tsz_fault or root >> p.oa_bits or window is None:
             continue
-        span = 1 << p.mode.va_bits
-        base = top - span if n else 0
-        lo, hi = max(start, base) - base, min(end, base + span) - base
-        if lo >= hi:
-            continue
+        base, lo, hi = window
         fmt = arm64_format(p, state.mair)
         known: Dict[tuple, tuple] = {}           # leaves repeat a few attribute sets
         for raw, i, path in iter_leaves(read, p.mode, fmt, root, lo, hi, on_unreadable):

@@ -233,6 +233,19 @@ def range_params(state: Arm64State, select: int) -> RangeParams:
         mode=mode, notes=tuple(notes))
 
 
+def range_window(p: RangeParams, start: int, end: Optional[int]
+                 ) -> Optional[Tuple[int, int, int]]:
+    """(base, lo, hi): where [start, end) (end None = 2**64) meets range p, as offsets [lo, hi)
+    from the range's first address `base` (0 for TTBR0, 2**64 - 2**va_bits for TTBR1); None
+    when they do not meet."""
+    top = 1 << 64
+    end = top if end is None else min(end, top)
+    span = 1 << p.mode.va_bits
+    base = top - span if p.select else 0
+    lo, hi = max(start, base) - base, min(end, base + span) - base
+    return (base, lo, hi) if lo < hi else None
+
+
 def ttbr_base(p: RangeParams) -> int:
     """The first table's base (AArch64.TTBaseAddress): BADDR aligned to the table's size, at
     least 64 bytes when bits[5:2] hold BADDR[51:48]; bit 0 (CnP) and the ASID dropped."""

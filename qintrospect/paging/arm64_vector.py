@@ -28,7 +28,8 @@ import numpy as np
 from .arm64 import _reader, walk_arm64
 from .arm64_format import (
     AF, DBM, FLAG_BITS, PXN, PXN_TABLE, SCTLR_M, SCTLR_WXN, TABLE, UXN, UXN_TABLE,
-    Arm64Format, Arm64State, RangeParams, arm64_format, bits, range_params, ttbr_base,
+    Arm64Format, Arm64State, RangeParams, arm64_format, bits, range_params, range_window,
+    ttbr_base,
 )
 from .model import Mapping, PagingMode, ReadPhys, Walk
 from .vector import (
@@ -343,18 +344,13 @@ def leaf_arrays_arm64(read_phys: ReadPhys, state: Arm64State, start: int = 0,
     fmt = Arm64Formats((arm64_format(ps[0], state.mair), arm64_format(ps[1], state.mair)))
     tables = _Tables(_reader(read_phys, state), 8, None, 0)
     wxn = bool(state.sctlr & SCTLR_WXN)
-    top = 1 << 64
-    end = top if end is None else min(end, top)
     parts: List[tuple] = []
     for s, p in enumerate(ps):
         r = _Range(p, state.mair)
-        if r.start_fault != FAULT_NONE:
+        window = range_window(p, start, end)
+        if r.start_fault != FAULT_NONE or window is None:
             continue
-        span = 1 << p.mode.va_bits
-        base = top - span if s else 0
-        lo, hi = max(start, base) - base, min(end, base + span) - base
-        if lo >= hi:
-            continue
+        base, lo, hi = window
         cols, lost = _range_leaves(tables, r, lo, hi, wxn)
         if on_unreadable is not None and lost:
             _report_unreadable(p.mode, tables, lost, on_unreadable)
