@@ -117,7 +117,6 @@ class Commands:
         """commands.guest.processes: the guest's processes (guestos.TaskList), read from its
         kernel's task list with offsets from its own BTF (threads=True: every thread too)."""
         from .guest import processes
-        self.require_x86("reading the guest's processes")
         return processes(self, include_idle, threads, progress)
 
     def guest_process(self, pid: Optional[int] = None, comm: Optional[str] = None,
@@ -125,7 +124,6 @@ class Commands:
         """commands.guest.process: the one guest process with this pid or comm
         (guestos.GuestTask: its roots, .root_for(address))."""
         from .guest import process
-        self.require_x86("reading the guest's processes")
         return process(self, pid, comm, progress)
 
     def guest_vmas(self, task):
