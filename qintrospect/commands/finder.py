@@ -67,12 +67,16 @@ def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
     return root, kernel_half
 
 
-def scan(memory, ram_map, cpu: paging.CpuState, progress=None) -> List[Candidate]:
-    """Every RAM page whose upper half equals the current table's, streamed in CHUNK pieces.
+def scan(memory, ram_map, cpu, progress=None) -> List[Candidate]:
+    """Every RAM page whose upper half equals the current table's, streamed in CHUNK pieces
+    (aarch64: roots_arm64.scan, by the tables' shape).
 
     Only page-aligned slots can hold a table: one 8-byte word of the kernel half is checked at
     every page of a chunk at once (numpy), and the full 2 KiB compare runs only where it
     matches. Memory adapters that can skip pages the host never touched do so."""
+    if not paging.is_x86(cpu):
+        from . import roots_arm64
+        return roots_arm64.scan(memory, ram_map, cpu, progress)
     import numpy as np
     _, kernel_half = fingerprint_root(memory.read, cpu)
     words = np.frombuffer(kernel_half, dtype="<u8")
@@ -144,15 +148,14 @@ def _user_halves_match(read, root: int) -> bool:
     return all(x & nx_off == y & nx_off for x, y in zip(a, b))
 
 
-def check(read, cpu: paging.CpuState, candidates: List[Candidate], gva: Optional[int],
+def check(read, cpu, candidates: List[Candidate], gva: Optional[int],
           expect: Optional[int]) -> List[Candidate]:
     """Walk gva with each candidate; record whether it maps and what 8 bytes it finds."""
     if gva is None:
         return sorted(candidates, key=lambda c: c.rank)
     out = []
     for c in candidates:
-        # the candidate's own root, no PCID bits, and no PAE PDPTE registers of the vCPU's
-        state = replace(cpu, cr3=c.root, cr4=cpu.cr4 & ~(1 << 17), pdptes=None)
+        state = _with_root(cpu, c.root)
         walk = paging.walk(read, state, gva)
         if not walk.ok:
             out.append(replace(c, maps_gva=False))
@@ -165,6 +168,14 @@ def check(read, cpu: paging.CpuState, candidates: List[Candidate], gva: Optional
         out.append(replace(c, maps_gva=True, gpa=walk.pa, value=value,
                            value_matches=None if expect is None else value == expect))
     return sorted(out, key=lambda c: c.rank)
+
+
+def _with_root(cpu, root: int):
+    """The vCPU's state with a candidate's root: on x86 with no PCID bits and no PAE PDPTE
+    registers of the vCPU's own; on aarch64 as TTBR0_EL1."""
+    if paging.is_x86(cpu):
+        return replace(cpu, cr3=root, cr4=cpu.cr4 & ~(1 << 17), pdptes=None)
+    return paging.with_root(cpu, root)
 
 
 def find_cr3(vm, gva: Optional[int] = None, expect: Optional[int] = None, progress=None,

@@ -122,15 +122,17 @@ class WhoMaps:
 # ---- the roots ---------------------------------------------------------------------------
 
 def guest_roots(session, progress=None) -> Tuple[List[int], List[str]]:
-    """Every page-table root qintrospect can find: each vCPU's, and (4/5-level paging) the
-    finder's scan of guest RAM with KPTI copies paired."""
+    """Every page-table root qintrospect can find: each vCPU's, and (4/5-level paging, or
+    aarch64's TTBR0_EL1 tables) the finder's scan of guest RAM with KPTI copies paired."""
     notes: List[str] = []
     roots = []
+    x86 = paging.is_x86(session.cpu)
     for v in session.vcpu_info:
-        if v.root not in roots:
-            roots.append(v.root)
-    mode = paging.paging_mode(session.cpu)
-    if mode is not None and mode.name in ("4-level", "5-level"):
+        root = v.root if x86 else v.table(0)
+        if root not in roots:
+            roots.append(root)
+    mode = paging.paging_mode(session.cpu) if x86 else None
+    if not x86 or (mode is not None and mode.name in ("4-level", "5-level")):
         try:
             for c in finder.scan(session.memory, session.ram_map, session.cpu, progress):
                 if c.root not in roots:
@@ -161,6 +163,10 @@ def who_maps_gpa(session, gpa: int, roots: Optional[List[int]] = None,
         roots, notes = guest_roots(session, progress)
         result.notes += notes
     result.roots = roots
+    if not paging.is_x86(session.cpu):
+        _search_arm64(session, roots, gpa, result)
+        result.seconds = time.perf_counter() - t0
+        return result
     mode = paging.paging_mode(session.cpu)
     if mode is None:
         result.notes.append("paging is off: the GPA is the linear address")
@@ -224,6 +230,53 @@ def _collect(la, mode, root: int, gpa: int, half: str, result: WhoMaps) -> None:
             continue
         tables = la.path[rows, k] & U64(fmt.table_addr[k])
         if (tables == U64(page)).any():
+            result.tables.append(TableUse(root, mode.levels[k + 1].name, half))
+
+
+def _search_arm64(session, roots: List[int], gpa: int, result: WhoMaps) -> None:
+    """aarch64: each root as TTBR0_EL1 (the processes' range), and TTBR1_EL1's range (the
+    kernel's, every process's) once."""
+    from ..paging.arm64_format import SCTLR_M, range_params, ttbr_base
+    cpu = session.cpu
+    if not cpu.sctlr & SCTLR_M:
+        result.notes.append("the MMU is off (SCTLR_EL1.M=0): the GPA is the virtual address")
+        return
+    read = session.memory.read
+    low, high = range_params(cpu, 0), range_params(cpu, 1)
+    kernel = ttbr_base(high)
+    la = paging.leaf_arrays(read, cpu, (1 << 64) - (1 << high.mode.va_bits), None)
+    _collect_arm64(la, kernel, gpa, "kernel", result)
+    for root in roots:
+        state = paging.with_root(cpu, root)
+        la = paging.leaf_arrays(read, state, 0, 1 << low.mode.va_bits)
+        _collect_arm64(la, root, gpa, "user", result)
+    for r in result.reaches + result.tables:
+        r.roots = (r.root,)
+
+
+def _collect_arm64(la, root: int, gpa: int, half: str, result: WhoMaps) -> None:
+    """Leaves of one range holding gpa, and whether gpa's granule is one of its tables."""
+    if la.format is None:
+        return
+    select = 1 if half == "kernel" else 0
+    fmt, mode = la.format.formats[select], la.modes[select]
+    if fmt is None:
+        return
+    granule = 1 << fmt.p.granule
+    table = gpa - gpa % granule
+    if table == root - root % granule:
+        result.tables.append(TableUse(root, mode.levels[0].name, half))
+    if not len(la):
+        return
+    hit = np.flatnonzero((la.pa <= U64(gpa)) & (U64(gpa) < la.pa + la.size))
+    for i in hit.tolist():
+        result.reaches.append(Reach(
+            root, int(la.va[i]) + (gpa - int(la.pa[i])), int(la.size[i]),
+            mode.levels[int(la.level[i])].name, bool(la.writable[i]), bool(la.user[i]),
+            bool(la.executable[i]), half))
+    for k in range(len(mode.levels) - 1):       # the tables below the root
+        entries = np.unique(la.path[la.level > k, k]).tolist()
+        if any(fmt.frame(k, e, False) == table for e in entries):
             result.tables.append(TableUse(root, mode.levels[k + 1].name, half))
 
 

@@ -8,6 +8,7 @@ Exit status: 0 success; 1 an address faulted or a comparison disagreed; 2 bad us
 
 import sys
 
+from .. import paging
 from ..errors import UsageError
 from ..present import render
 from ..present.output import grow_stdout_pipe, lines_writer
@@ -261,6 +262,7 @@ def cmd_find_cr3(args) -> int:
             candidates = guest_candidates(vm, args, gva, expect)
         else:
             candidates = _find_cr3(vm, gva, expect)
+        reg = "CR3" if paging.is_x86(vm.cpu) else "TTBR0"     # the per-process root register
     if expect is not None:
         shown = [c for c in candidates if c.value_matches]
     elif gva is not None:
@@ -281,8 +283,8 @@ def cmd_find_cr3(args) -> int:
                     else f"  maps it: GPA {c.gpa:#x}"
             elif c.maps_gva is False:
                 extra = "  does not map it"
-            current = "  [current CR3]" if c.is_current else ""
-            print(f"  CR3 {c.root:#014x}  {c.how}{current}{extra}")
+            current = f"  [current {reg}]" if c.is_current else ""
+            print(f"  {reg} {c.root:#014x}  {c.how}{current}{extra}")
     return EXIT_OK if shown else EXIT_FAULT
 
 

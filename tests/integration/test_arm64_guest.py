@@ -224,7 +224,70 @@ def test_search_finds_what_a_plain_scan_of_the_user_pages_finds(arm64_guest):
     assert 0x400000 in plain and all(r["user"] for r in rows)
 
 
+def stack_word(g, pid):
+    """An address near the top of the process's stack (its argv/environment: no other
+    process holds the same bytes at the same address, ASLR placed them) and its 8 bytes."""
+    (line,) = [m for m in g.proc_maps(pid) if m.endswith("[stack]")]
+    va = int(line.split("-")[1].split()[0], 16) - 0x40
+    return va, g.read_user(pid, va)
+
+
+def test_find_cr3_finds_every_process_by_a_value_only_it_holds(arm64_guest):
+    """Each user process's TTBR0 table, found in RAM by its shape with no symbols, and picked
+    out by a value of its own stack: the GPA it gives is the guest kernel's own pagemap
+    answer, and the spinner's is the TTBR0_EL1 the vCPU runs it with."""
+    g = arm64_guest
+    pids = g.user_pids()
+    words = {pid: stack_word(g, pid) for pid in pids}
+    frames = {pid: g.pagemap(pid, va) & ((1 << 55) - 1) for pid, (va, _) in words.items()}
+    with paused(g):
+        rc, (cpu,), err = run_json("cpus", *attach_args(g))
+        rc, everything, err = run_json("find-cr3", *attach_args(g))
+        assert rc == 0, err
+        found = {}
+        for pid, (va, value) in words.items():
+            rc, rows, err = run_json("find-cr3", *attach_args(g), "--gva", hex(va),
+                                     "--expect", hex(value))
+            assert rc == 0 and len(rows) == 1, (pid, rows, err)
+            found[pid] = rows[0]
+    roots = [r["cr3"] for r in found.values()]
+    assert len(set(roots)) == len(pids) >= 3             # init, the console's shell, spinner
+    assert set(roots) <= {r["cr3"] for r in everything}
+    for pid, row in found.items():
+        assert int(row["gpa"], 16) >> 12 == frames[pid], pid
+    if cpu["cpl"] == 0:                                    # stopped in the spinner
+        assert found[g.probe["pid"]]["cr3"] == cpu["root"]
+        assert found[g.probe["pid"]]["is_current"] is True
+    rc, text, err = run_cli("find-cr3", *attach_args(g))
+    assert rc == 0 and "TTBR0 0x" in text and "current TTBR0" in text, err
+
+
+def test_who_maps_names_each_mapping_of_a_stack_page(arm64_guest):
+    """who-maps from the spinner's stack frame: the spinner's own user page (its root found
+    by value) and the kernel's linear map; from its TTBR0 table's frame: that it is a page
+    table."""
+    g = arm64_guest
+    pid = g.probe["pid"]
+    va, value = stack_word(g, pid)
+    gpa = (g.pagemap(pid, va) & ((1 << 55) - 1)) << 12 | va % PAGE
+    with paused(g):
+        rc, (root,), err = run_json("find-cr3", *attach_args(g), "--gva", hex(va),
+                                    "--expect", hex(value))
+        rc, (w,), err = run_json("who-maps", *attach_args(g), "--gpa", hex(gpa))
+        assert rc == 0, err
+        rc, (t,), err = run_json("who-maps", *attach_args(g), "--gpa", root["cr3"])
+    user = [m for m in w["mappings"] if m["half"] == "user"]
+    assert [(m["root"], m["gva"], m["user"]) for m in user] == [(root["cr3"], hex(va), True)]
+    kernel = [m for m in w["mappings"] if m["half"] == "kernel"]
+    assert kernel and all(int(m["gva"], 16) >> 63 and not m["user"] for m in kernel)
+    assert {"root": root["cr3"], "level": "L0", "half": "user",
+            "roots": [root["cr3"]]} in t["page_table_of"]
+    rc, text, err = run_cli("who-maps", *attach_args(g), "--gpa", hex(gpa))
+    assert rc == 0 and f"GVA {va:#018x}" in text, err + text
+
+
 def test_x86_only_commands_say_so(arm64_guest):
     g = arm64_guest
-    rc, out, err = run_cli("find-cr3", *attach_args(g))
-    assert rc == 2 and "aarch64" in err and "Traceback" not in err, err
+    for argv in (("ps",), ("translate", "--slat", "auto", "0x400000")):
+        rc, out, err = run_cli(*argv, *attach_args(g))
+        assert rc == 2 and "aarch64" in err and "Traceback" not in err, (argv, err)

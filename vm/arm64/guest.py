@@ -81,6 +81,24 @@ class Arm64Guest(Guest):
         return int(words[0], 16)
 
 
+    def read_user(self, pid: int, va: int, timeout=30) -> int:
+        """The 8 bytes at `va` in process `pid`, as the guest kernel reads them
+        (/proc/PID/mem), little-endian."""
+        out = self.run(f"dd if=/proc/{int(pid)}/mem bs=8 skip={va // 8} count=1 "
+                       f"2>/dev/null | od -A n -t x8", timeout=timeout)
+        words = out.split()
+        if len(words) != 1 or va % 8:
+            raise GuestError(f"/proc/{pid}/mem at {va:#x}: {out!r}")
+        return int(words[0], 16)
+
+    def user_pids(self, timeout=30) -> List[int]:
+        """The guest's processes with an address space of their own (kernel threads have
+        none: their /proc/PID/maps is empty)."""
+        out = self.run("for p in /proc/[0-9]*; do grep -q . $p/maps 2>/dev/null && "
+                       "echo PID=${p#/proc/}; done", timeout=timeout)
+        return sorted(int(m) for m in re.findall(r"PID=(\d+)", out))
+
+
 def main(argv: Optional[Iterable[str]] = None) -> int:
     import argparse
     from vm.guest import hold
