@@ -13,7 +13,7 @@ from ..record import field, record
 #: Reads `length` bytes of physical memory at `addr`; raises qintrospect.errors.MemoryReadError.
 ReadPhys = Callable[[int, int], bytes]
 
-#: The keys of Walk.access for x86 walks, and for EPT walks.
+#: The keys of Walk.access for x86 walks, and for EPT walks (arm64.py and riscv.py have theirs).
 X86_ACCESS_KINDS = (
     "supervisor-read", "supervisor-write", "supervisor-execute",
     "user-read", "user-write", "user-execute",
@@ -33,6 +33,10 @@ TRANSLATION = "translation"
 ACCESS_FLAG = "access-flag"
 ADDRESS_SIZE = "address-size"
 PERMISSION = "permission"
+# RISC-V page faults with no x86 or Arm name (riscv.py): a leaf whose PPN is not aligned to its
+# superpage size, and a pointer PTE (R=W=X=0) at level 0
+MISALIGNED_SUPERPAGE = "misaligned-superpage"
+NO_LEAF = "no-leaf"
 
 #: #PF error-code bits (Intel SDM Vol 3, 4.7).
 PF_P = 1 << 0

@@ -26,11 +26,12 @@ from ..record import record
 from .formats import (EPT_BAD_MEMORY_TYPES, EPT_PS, EPT_R, EPT_W, EPT_XU, PS, RW, US, XD,
                       EptFormat, X86Format)
 from .model import (
-    ACCESS_FLAG, ADDRESS_SIZE, EPT_MISCONFIGURATION, EPT_VIOLATION, NON_CANONICAL, NOT_PRESENT,
-    PAGING_DISABLED, PERMISSION, RESERVED_BIT, TRANSLATION, UNREADABLE, CpuState, Mapping,
-    PagingMode, ReadPhys, Walk,
+    ACCESS_FLAG, ADDRESS_SIZE, EPT_MISCONFIGURATION, EPT_VIOLATION, MISALIGNED_SUPERPAGE, NO_LEAF,
+    NON_CANONICAL, NOT_PRESENT, PAGING_DISABLED, PERMISSION, RESERVED_BIT, TRANSLATION,
+    UNREADABLE, CpuState, Mapping, PagingMode, ReadPhys, Walk,
 )
 from .modes import paging_mode
+from .riscv_format import RiscvState
 from .x86 import FLAG_BITS, raw_bounds, cr3_root, pdpte_registers, walk, x86_format
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "FAULT_UNREADABLE", "FAULT_PAGING_DISABLED", "FAULT_EPT_VIOLATION",
     "FAULT_EPT_MISCONFIGURATION", "walk_second_level_array", "all_faulted",
     "FAULT_TRANSLATION", "FAULT_ACCESS_FLAG", "FAULT_ADDRESS_SIZE", "FAULT_PERMISSION",
+    "FAULT_MISALIGNED_SUPERPAGE", "FAULT_NO_LEAF",
 ]
 
 U64 = np.uint64   # every entry and address is uint64; constants too (no int64/float promotion)
@@ -50,11 +52,23 @@ FAULT_EPT_VIOLATION, FAULT_EPT_MISCONFIGURATION = 6, 7
 # AArch64 stage 1 (arm64_vector.py; a permission denial is never a walk's fault, the code is
 # there for completeness)
 FAULT_TRANSLATION, FAULT_ACCESS_FLAG, FAULT_ADDRESS_SIZE, FAULT_PERMISSION = 8, 9, 10, 11
+# RISC-V (riscv_vector.py; it uses NOT_PRESENT, RESERVED_BIT, NON_CANONICAL, ACCESS_FLAG too)
+FAULT_MISALIGNED_SUPERPAGE, FAULT_NO_LEAF = 12, 13
 FAULT_REASONS = (None, NOT_PRESENT, RESERVED_BIT, NON_CANONICAL, UNREADABLE, PAGING_DISABLED,
                  EPT_VIOLATION, EPT_MISCONFIGURATION, TRANSLATION, ACCESS_FLAG, ADDRESS_SIZE,
-                 PERMISSION)
+                 PERMISSION, MISALIGNED_SUPERPAGE, NO_LEAF)
 
 OnUnreadable = Callable[[str, int, Exception], None]
+
+
+def _other_arch(cpu):
+    """The numpy walkers of a state that is not x86's: riscv_vector's or arm64_vector's
+    (imported on first use, as the scalar walkers are)."""
+    if isinstance(cpu, RiscvState):
+        from . import riscv_vector
+        return riscv_vector.walk_array_riscv, riscv_vector.leaf_arrays_riscv
+    from . import arm64_vector
+    return arm64_vector.walk_array_arm64, arm64_vector.leaf_arrays_arm64
 
 
 class _Level:
@@ -223,10 +237,10 @@ def leaf_arrays(read_phys: ReadPhys, cpu: CpuState, start: int = 0, end: Optiona
     tables are skipped and passed to on_unreadable(level name, address, error), in the order
     iter_mappings would; the PAE PDPT is not read when cpu.pdptes holds the PDPTE registers.
     Nothing when CR0.PG=0. An AArch64 state (arm64.Arm64State) goes to
-    arm64_vector.leaf_arrays_arm64."""
+    arm64_vector.leaf_arrays_arm64, a RISC-V one (riscv_format.RiscvState) to
+    riscv_vector.leaf_arrays_riscv."""
     if not isinstance(cpu, CpuState):
-        from .arm64_vector import leaf_arrays_arm64
-        return leaf_arrays_arm64(read_phys, cpu, start, end, on_unreadable)
+        return _other_arch(cpu)[1](read_phys, cpu, start, end, on_unreadable)
     mode = paging_mode(cpu)
     if mode is None:
         return _no_leaves(None, None)
@@ -390,10 +404,10 @@ def walk_array(read_phys: ReadPhys, cpu: CpuState,
     does not read, the needed entries are read one by one, as walk() reads them. Never raises
     for what it reads. What walk() adds per address (the levels, the per-access table with
     SMEP/SMAP/protection keys and #PF error codes, messages, notes) is left to BatchWalk.walk.
-    An AArch64 state (arm64.Arm64State) goes to arm64_vector.walk_array_arm64."""
+    An AArch64 state (arm64.Arm64State) goes to arm64_vector.walk_array_arm64, a RISC-V one
+    (riscv_format.RiscvState) to riscv_vector.walk_array_riscv."""
     if not isinstance(cpu, CpuState):
-        from .arm64_vector import walk_array_arm64
-        return walk_array_arm64(read_phys, cpu, vas)
+        return _other_arch(cpu)[0](read_phys, cpu, vas)
     va = _addresses(vas)
     mode = paging_mode(cpu)
     if mode is None:
