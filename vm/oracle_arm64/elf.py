@@ -1,4 +1,5 @@
-"""A minimal ELF64 (AArch64, little-endian, ET_EXEC) with one PT_LOAD segment.
+"""A minimal ELF64 (little-endian, ET_EXEC) with one PT_LOAD segment: AArch64 by default, any
+other machine (vm/oracle_riscv: EM_RISCV) through `machine`.
 
 That is all `qemu-system-aarch64 -M virt -kernel image.elf` needs: QEMU's ELF loader copies the
 segment to its physical address (p_paddr) and starts vCPU 0 at e_entry (a non-Linux image: no
@@ -13,6 +14,7 @@ import struct
 from typing import NamedTuple
 
 EM_AARCH64 = 183
+EM_RISCV = 243
 ET_EXEC = 2
 PT_LOAD = 1
 PF_X, PF_W, PF_R = 1, 2, 4
@@ -22,7 +24,7 @@ SEGMENT_OFFSET = 0x10000     # file offset of the segment: congruent to its addr
 ALIGN = 0x10000
 
 
-def elf_bytes(load_addr: int, entry: int, image: bytes) -> bytes:
+def elf_bytes(load_addr: int, entry: int, image: bytes, machine: int = EM_AARCH64) -> bytes:
     """The ELF file: header, one program header, then `image` at SEGMENT_OFFSET, loaded at
     `load_addr` (virtual = physical) and entered at `entry`."""
     assert load_addr % ALIGN == 0 and load_addr <= entry < load_addr + len(image)
@@ -30,7 +32,7 @@ def elf_bytes(load_addr: int, entry: int, image: bytes) -> bytes:
     ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
     ehdr = ident + struct.pack(
         "<HHIQQQIHHHHHH",
-        ET_EXEC, EM_AARCH64, 1,          # e_type, e_machine, e_version
+        ET_EXEC, machine, 1,             # e_type, e_machine, e_version
         entry, EHDR_SIZE, 0,             # e_entry, e_phoff, e_shoff (no sections)
         0, EHDR_SIZE, PHDR_SIZE, 1,      # e_flags, e_ehsize, e_phentsize, e_phnum
         64, 0, 0)                        # e_shentsize, e_shnum, e_shstrndx
@@ -53,13 +55,13 @@ class Segment(NamedTuple):
     memsz: int
 
 
-def parse_elf(data: bytes) -> Segment:
+def parse_elf(data: bytes, machine: int = EM_AARCH64) -> Segment:
     """Read back what elf_bytes wrote (checks the fields QEMU's loader looks at)."""
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise ValueError("not a little-endian ELF64")
     (e_type, e_machine, _ver, entry, phoff, _shoff, _flags, _ehsize, phentsize,
      phnum) = struct.unpack_from("<HHIQQQIHHH", data, 16)
-    if e_type != ET_EXEC or e_machine != EM_AARCH64 or phnum != 1 or phentsize != PHDR_SIZE:
+    if e_type != ET_EXEC or e_machine != machine or phnum != 1 or phentsize != PHDR_SIZE:
         raise ValueError(f"unexpected ELF header: type={e_type} machine={e_machine} phnum={phnum}")
     (p_type, p_flags, off, vaddr, paddr, filesz, memsz, _align) = struct.unpack_from(
         "<IIQQQQQQ", data, phoff)
@@ -68,7 +70,8 @@ def parse_elf(data: bytes) -> Segment:
     return Segment(entry, paddr, vaddr, p_flags, data[off:off + filesz], memsz)
 
 
-def write_elf(path: str, load_addr: int, entry: int, image: bytes) -> str:
+def write_elf(path: str, load_addr: int, entry: int, image: bytes,
+              machine: int = EM_AARCH64) -> str:
     with open(path, "wb") as f:
-        f.write(elf_bytes(load_addr, entry, image))
+        f.write(elf_bytes(load_addr, entry, image, machine))
     return path
