@@ -102,7 +102,7 @@ def _die_with_parent() -> None:
 
 # The gdb that knows each target's registers: Debian's `gdb` is built for the host (x86)
 # only; `gdb-multiarch` reads any target's description.
-GDB_FOR = {"x86_64": "gdb", "aarch64": "gdb-multiarch"}
+GDB_FOR = {"x86_64": "gdb", "aarch64": "gdb-multiarch", "riscv64": "gdb-multiarch"}
 PACKAGE_OF = {"gdb": "gdb", "gdb-multiarch": "gdb-multiarch"}
 
 
@@ -166,8 +166,9 @@ class GdbStub:
         names = self.mi("-data-list-register-names").get("register-names", [])
         self._register_numbers = {n: i for i, n in enumerate(names) if n}
         missing = [r for r in CONTROL_REGISTERS if r not in self._register_numbers]
-        if self.arch == "aarch64":
-            missing = [] if "TTBR0_EL1" in self._register_numbers else ["TTBR0_EL1"]
+        first = {"aarch64": "TTBR0_EL1", "riscv64": "satp"}.get(self.arch)
+        if first is not None:
+            missing = [] if first in self._register_numbers else [first]
         if missing:
             raise AttachError(f"the gdbstub at {where} does not expose {', '.join(missing)}; "
                               f"qintrospect needs qemu-system-{self.arch}'s gdbstub")

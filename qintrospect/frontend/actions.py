@@ -220,6 +220,9 @@ def cmd_cpus(args) -> int:
         if args.json:
             print(render.json_line(v.to_dict()))
             continue
+        if hasattr(v, "satp"):                     # riscv64 (machine.riscv.RiscvVcpu)
+            print(riscv_cpu_text(v))
+            continue
         if not hasattr(v, "cr0"):                  # aarch64 (machine.arm64.Arm64Vcpu)
             print(arm64_cpu_text(v))
             continue
@@ -230,6 +233,18 @@ def cmd_cpus(args) -> int:
         print(f"  CR4  {v.cr4:#018x}  {' '.join(bit_names(v.cr4, CR4_BITS))}")
         print(f"  EFER {v.efer:#018x}  {' '.join(bit_names(v.efer, EFER_BITS))}")
     return EXIT_OK
+
+
+def riscv_cpu_text(v) -> str:
+    d = v.to_dict()
+    extensions = ", ".join(f"{e} {'on' if d[e] else 'off'}" for e in ("svnapot", "svpbmt")
+                           if d[e] is not None) or "extensions unknown"
+    return "\n".join([
+        f"vCPU {v.index}  host thread {v.thread_id}  {d['privilege']}-mode  {v.mode}  "
+        f"ASID {v.pcid:#x}  ({extensions})",
+        f"  satp    {v.satp:#018x}   root {v.root:#x}",
+        f"  mstatus {v.mstatus:#018x}  {' '.join(d['mstatus_bits'])}",
+        f"  menvcfg {'-' if v.menvcfg is None else f'{v.menvcfg:#018x}'}"])
 
 
 def arm64_cpu_text(v) -> str:

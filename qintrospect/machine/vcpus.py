@@ -1,4 +1,4 @@
-"""The VM's vCPUs as QEMU gives them: the target (x86 or aarch64), the list
+"""The VM's vCPUs as QEMU gives them: the target (x86, aarch64 or riscv64), the list
 (QMP query-cpus-fast), each one's control registers (from a gdbstub, or QMP's `info
 registers` on x86), its MAXPHYADDR and CPUID facts (QOM), and Page1GB as the processor that
 walks the guest's tables applies it."""
@@ -8,18 +8,20 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from .. import paging
+from ..record import replace
 from ..errors import AttachError, QIError, UsageError
-from . import arm64, hostcpu
+from . import arm64, hostcpu, riscv
 from .cpu import Vcpu
 from .monitor_text import parse_registers
 
 
 # query-cpus-fast's "target" (QEMU's SysEmuTarget) -> the walker that reads its tables
-ARCH_OF_TARGET = {"x86_64": "x86_64", "i386": "x86_64", "aarch64": "aarch64"}
+ARCH_OF_TARGET = {"x86_64": "x86_64", "i386": "x86_64", "aarch64": "aarch64",
+                  "riscv64": "riscv64"}
 
 
 def target_of(listing) -> str:
-    """"x86_64" or "aarch64", from query-cpus-fast (every entry names the target, QEMU 3.0
+    """"x86_64", "aarch64" or "riscv64", from query-cpus-fast (every entry names the target, QEMU 3.0
     on); a listing without it is taken as x86 (as before targets were told apart); another
     target is an AttachError that names it."""
     first = listing[0] if isinstance(listing, list) and listing and \
@@ -30,7 +32,7 @@ def target_of(listing) -> str:
     if target not in ARCH_OF_TARGET:
         from ..present.textsafe import printable
         raise AttachError(f"this QEMU emulates {printable(str(target))[:40]}: qintrospect "
-                          "reads x86 and aarch64 guests")
+                          "reads x86, aarch64 and riscv64 guests")
     return ARCH_OF_TARGET[target]
 
 
@@ -59,6 +61,8 @@ class Vcpus:
         from ..connect import gdbstub
         if self.arch == "aarch64":
             return self._arm64_from_gdbstub(gdb, selected)
+        if self.arch == "riscv64":
+            return self._riscv_from_gdbstub(gdb, selected)
         out = []
         for i, info in enumerate(self.listing):
             gdb.select_vcpu(i)
@@ -87,11 +91,32 @@ class Vcpus:
         gdb.select_vcpu(selected)
         return out
 
+    def _riscv_from_gdbstub(self, gdb, selected: int) -> list:
+        names = riscv.names_in(gdb.has_register)
+        missing = [riscv.REQUIRED[f][0] for f in riscv.REQUIRED if f not in names]
+        if missing:
+            raise AttachError(f"the gdbstub does not expose {', '.join(missing)}: qintrospect "
+                              "needs qemu-system-riscv64's gdbstub with its CSRs")
+        out = []
+        for i, info in enumerate(self.listing):
+            gdb.select_vcpu(i)
+            regs = gdb.registers(tuple(names.values()))
+            v = riscv.RiscvVcpu(i, info.get("thread-id"), info.get("qom-path"),
+                                **{f: regs[name] for f, name in names.items()})
+            # the extensions that give PTE bits 63:61 a meaning (QOM: fixed for the VM's life)
+            known = {e: self.qom(v, e) for e in riscv.EXTENSIONS}
+            out.append(replace(v, **{e: x for e, x in known.items() if isinstance(x, bool)}))
+        gdb.select_vcpu(selected)
+        return out
+
     def from_monitor(self) -> List[Vcpu]:
         """Without a gdbstub: every vCPU's registers from HMP `info registers` (x86 only)."""
         if self.arch == "aarch64":
             raise AttachError("an aarch64 guest's translation registers (TTBR0_EL1, TCR_EL1, "
                               "...) are not in QEMU's monitor: pass --gdb (QEMU's -gdb/-s)")
+        if self.arch == "riscv64":
+            raise AttachError("a riscv64 guest's privilege level and translation registers "
+                              "(satp, mstatus) come from the gdbstub: pass --gdb (QEMU's -gdb/-s)")
         out = []
         for i, info in enumerate(self.listing):
             regs = parse_registers(self.monitor.hmp("info registers",
@@ -105,7 +130,7 @@ class Vcpus:
         """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
         need; None (the walker then assumes 52 and says so) when QEMU will not tell.
         An aarch64 vCPU's state is its registers (the ID registers say the sizes)."""
-        if isinstance(vcpu, arm64.Arm64Vcpu):
+        if isinstance(vcpu, (arm64.Arm64Vcpu, riscv.RiscvVcpu)):
             return vcpu.state
         phys_bits = self._phys_bits.get(vcpu.index)
         if phys_bits is None:         # fixed for the VM's life: asked once per vCPU

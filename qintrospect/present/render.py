@@ -25,6 +25,10 @@ def is_arm64(walk) -> bool:
     return walk.mode is not None and walk.mode.name.startswith("aarch64")
 
 
+def is_riscv(walk) -> bool:
+    return walk.mode is not None and walk.mode.name.startswith("sv")
+
+
 def index_lines(walk) -> List[str]:
     """The GVA split into its level indexes and offset, in binary, as gpt_dump shows it."""
     mode = walk.mode
@@ -51,6 +55,7 @@ def access_lines(access) -> List[str]:
         return []
     reasons: List[str] = []
     arm = "el1-read" in access
+    riscv = "s-read" in access
 
     def cell(result):
         if result.allowed:
@@ -66,6 +71,8 @@ def access_lines(access) -> List[str]:
             return f"denied {mark}"
         if arm:                                # the fault status code an ESR would carry
             return f"FSC {result.error_code:#04x} {mark}"
+        if riscv:                              # the exception code scause would carry
+            return f"cause {result.error_code} {mark}"
         return f"#PF {result.error_code:#x} {mark}"
 
     lines = [f"  {'access':<12}{'read':<16}{'write':<16}execute"]
@@ -73,6 +80,8 @@ def access_lines(access) -> List[str]:
         rows = [("supervisor", "supervisor-"), ("user", "user-")]
     elif "el0-read" in access:
         rows = [("EL1", "el1-"), ("EL0", "el0-")]
+    elif riscv:
+        rows = [("S-mode", "s-"), ("U-mode", "u-")]
     else:
         rows = [("guest", "")]
     for label, prefix in rows:
@@ -103,6 +112,9 @@ def translation_text(t, show_bits: bool = True) -> str:
         out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, {register} {t.cr3:#x} "
                    f"({t.cr3_source}), {mode} translation, {w.maxphyaddr}-bit output "
                    f"addresses{assumed}")
+    elif is_riscv(w):
+        out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, satp {t.cr3:#x} ({t.cr3_source}), "
+                   f"{mode.capitalize()} translation{'' if w.pcid is None else f', ASID {w.pcid:#x}'}")
     else:
         out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, CR3 {t.cr3:#x} ({t.cr3_source})"
                    f"{pcid}, {mode} paging, MAXPHYADDR {w.maxphyaddr}{assumed}")
@@ -126,13 +138,15 @@ def translation_text(t, show_bits: bool = True) -> str:
         where = f" at {f.level}" if f and f.level else ""
         code = "" if not f or f.error_code is None else \
             f" (FSC {f.error_code:#04x} for an EL1 read)" if is_arm64(w) else \
+            f" (scause {f.error_code} for an S-mode load)" if is_riscv(w) else \
             f" (#PF error code {f.error_code:#x})"
         out.append(f"  FAULT{where}: {f.reason if f else 'unknown'}{code}")
         if f and f.message:
             out.append(f"  {f.message}")
         return "\n".join(out)
     perms = ", ".join([("writable" if w.writable else "read-only"),
-                       ("user" if w.user else "EL1-only" if is_arm64(w) else "supervisor-only"),
+                       ("user" if w.user else "EL1-only" if is_arm64(w) else
+                        "S-mode only" if is_riscv(w) else "supervisor-only"),
                        ("executable" if w.executable else "no-execute")])
     out.append(f"  => GPA {w.pa:#x} in a {size_name(w.page_size)} page; {perms}")
     out.extend(access_lines(w.access))

@@ -21,6 +21,7 @@ LINUX = dict(ttbr0=0x48069001, ttbr1=0x004200004158F001, tcr=0x015001F5B5503510,
     ([{"cpu-index": 0, "target": "i386"}], "x86_64"),
     ([{"cpu-index": 0, "target": "aarch64"}, {"cpu-index": 1, "target": "aarch64"}],
      "aarch64"),
+    ([{"cpu-index": 0, "target": "riscv64"}], "riscv64"),
     ([{"cpu-index": 0}], "x86_64"),             # before QEMU named targets
     ([], "x86_64"), ("not a list", "x86_64"), ([["odd"]], "x86_64"),
 ])
@@ -28,9 +29,9 @@ def test_the_target_picks_the_walker(listing, arch):
     assert target_of(listing) == arch
 
 
-@pytest.mark.parametrize("target", ["riscv64", "arm", "\x1b]0;owned\x07", 5])
+@pytest.mark.parametrize("target", ["riscv32", "arm", "\x1b]0;owned\x07", 5])
 def test_another_target_is_refused_by_name(target):
-    with pytest.raises(AttachError, match="reads x86 and aarch64 guests") as e:
+    with pytest.raises(AttachError, match="reads x86, aarch64 and riscv64 guests") as e:
         target_of([{"target": target}])
     assert "\x1b" not in str(e.value)
 
