@@ -176,12 +176,8 @@ def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: in
     session.check_live()
     matches = _virtual_matches(session, leaves, finder.found, cr3)
     cpu = session.cpu_state(cr3)
-    # the root said with the result: CR3's table, or TTBR0_EL1's (the process's half)
-    if paging.is_x86(cpu):
-        root = cpu.cr3 & ~0xFFF
-    else:
-        from ..paging.arm64_format import range_params, ttbr_base
-        root = ttbr_base(range_params(cpu, 0))
+    # the root said with the result: CR3's table, TTBR0_EL1's (the process's half) or satp's
+    root = paging.process_root(cpu)
     return SearchResult(pattern, matches, "virtual", root, scanned, finder.full, not_ram,
                         unreadable, time.monotonic() - t0)
 

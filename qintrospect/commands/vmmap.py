@@ -34,6 +34,7 @@ class Rows:
     leaves: np.ndarray       # int64: leaves that begin in this row
     level: np.ndarray        # int8: the leaf's level (for flags)
     entry: np.ndarray        # uint64: the leaf entry (for flags)
+    readable: np.ndarray     # bool: a kernel load works (riscv: R=1; execute-only pages exist)
 
     def __len__(self) -> int:
         return len(self.start)
@@ -44,9 +45,10 @@ class Rows:
 
 def from_leaves(la) -> Rows:
     n = len(la)
+    readable = getattr(la, "readable", None)
     return Rows(la.va, la.size, la.size, la.writable, la.user, la.executable, la.pa,
                 np.zeros(n, U64), np.zeros(n, np.uint8), np.ones(n, np.int64), la.level,
-                la.entry)
+                la.entry, np.ones(n, bool) if readable is None else readable)
 
 
 def keep(rows: Rows, user=False, kernel=False, writable=False, executable=False) -> Rows:
@@ -133,7 +135,8 @@ def merge(rows: Rows, physical: bool = False) -> Rows:
     prev_end = rows.start[:-1] + rows.size[:-1]   # wraps to 0 after the top page: no match
     joins = ((rows.start[1:] == prev_end) & (rows.page_size[1:] == rows.page_size[:-1])
              & (rows.writable[1:] == rows.writable[:-1]) & (rows.user[1:] == rows.user[:-1])
-             & (rows.executable[1:] == rows.executable[:-1]))
+             & (rows.executable[1:] == rows.executable[:-1])
+             & (rows.readable[1:] == rows.readable[:-1]))
     if physical:
         joins &= rows.gpa[1:] == rows.gpa[:-1] + rows.size[:-1]
         joins &= rows.host[1:] == rows.host[:-1]
@@ -160,6 +163,7 @@ class MapRow:
     host_status: str
     leaves: int
     flags: tuple
+    readable: bool = True
 
     @property
     def size(self) -> int:
@@ -167,7 +171,8 @@ class MapRow:
 
     @property
     def perms(self) -> str:
-        return "r" + ("w" if self.writable else "-") + ("x" if self.executable else "-")
+        return ("r" if self.readable else "-") + ("w" if self.writable else "-") + \
+            ("x" if self.executable else "-")
 
     def to_dict(self, leaf: bool = False) -> dict:
         h = lambda v: None if v is None else f"{v:#x}"  # noqa: E731
@@ -190,8 +195,8 @@ def iter_rows(rows: Rows, fmt=None) -> Iterator[MapRow]:
     flag_bits = getattr(fmt, "flag_bits", FLAG_BITS)   # the bits the format's flags() read
     columns = (rows.start, rows.size, rows.page_size, rows.writable, rows.user,
                rows.executable, rows.gpa, rows.hpa, rows.host, rows.leaves, rows.level,
-               rows.entry)
-    for start, size, psize, w, u, x, gpa, hpa, host, leaves, level, entry in \
+               rows.entry, rows.readable)
+    for start, size, psize, w, u, x, gpa, hpa, host, leaves, level, entry, r in \
             zip(*(c.tolist() for c in columns)):
         flags = ()
         if fmt is not None:
@@ -201,7 +206,7 @@ def iter_rows(rows: Rows, fmt=None) -> Iterator[MapRow]:
                 flags = flags_of[key] = fmt.flags(level, entry, True)
         status = HOST_STATUS[host]
         yield MapRow(start, start + size, psize, w, u, x, gpa,
-                     hpa if status == "present" else None, status, leaves, flags)
+                     hpa if status == "present" else None, status, leaves, flags, r)
 
 
 def row_text(row: MapRow, show_gpa: bool, show_hpa: bool, leaf: bool) -> str:

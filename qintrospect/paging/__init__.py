@@ -26,8 +26,8 @@ from .riscv_format import RiscvState
 __all__ = [
     "ReadPhys", "CpuState", "LevelSpec", "PagingMode", "LevelStep", "Fault", "AccessResult",
     "Walk", "Mapping", "X86_ACCESS_KINDS", "EPT_ACCESS_KINDS",
-    "paging_mode", "walk", "iter_mappings", "is_x86", "arch_of", "require_x86",
-    "root_register", "with_root", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
+    "paging_mode", "walk", "iter_mappings", "is_x86", "arch_of", "require_x86", "require",
+    "root_register", "process_root", "with_root", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
     "ALL_MODES", "MODE_32BIT", "MODE_32BIT_PSE", "MODE_PAE", "MODE_4LEVEL", "MODE_5LEVEL",
     "MODE_EPT4", "MODE_EPT5", "MODE_NPT4", "MODE_NPT5", "RiscvState",
 ]
@@ -58,18 +58,37 @@ def arch_of(cpu) -> str:
 
 # What works on a guest of another architecture so far; the rest reads x86 structures (CR3
 # roots, Linux x86-64's task layout, EPT/NPT) and says so.
-ARM64_COMMANDS = "translate, vmmap, read, search and cpus"
+ARM64_COMMANDS = "translate, vmmap, read, search, find-cr3, who-maps and cpus"
 RISCV64_COMMANDS = "translate, vmmap, read, search and cpus"
 ARCH_COMMANDS = {"aarch64": ARM64_COMMANDS, "riscv64": RISCV64_COMMANDS}
 
 
 def require_x86(cpu, what: str) -> None:
     """UsageError (exit 2) for a command that does not read this architecture's guests yet."""
-    if cpu is not None and not is_x86(cpu):
-        from ..errors import UsageError
-        arch = arch_of(cpu)
-        raise UsageError(f"{what} reads x86 guests only so far; this guest is {arch} "
-                         f"({ARCH_COMMANDS[arch]} work on it)")
+    require(cpu, what, "x86_64")
+
+
+def require(cpu, what: str, *archs: str) -> None:
+    """UsageError (exit 2) unless the guest is of one of `archs`."""
+    if cpu is None or arch_of(cpu) in archs:
+        return
+    from ..errors import UsageError
+    arch = arch_of(cpu)
+    names = " and ".join(a.replace("x86_64", "x86") for a in archs)
+    raise UsageError(f"{what} reads {names} guests only so far; this guest is {arch} "
+                     f"({ARCH_COMMANDS[arch]} work on it)")
+
+
+def process_root(cpu) -> int:
+    """The physical base of the per-process table: CR3's, TTBR0_EL1's or satp's."""
+    arch = arch_of(cpu)
+    if arch == "x86_64":
+        return cpu.cr3 & ~0xFFF
+    if arch == "riscv64":
+        from .riscv_format import satp_root
+        return satp_root(cpu.satp)
+    from .arm64_format import range_params, ttbr_base
+    return ttbr_base(range_params(cpu, 0))
 
 
 def walk(read_phys: ReadPhys, cpu, va: int, access: Optional[str] = None) -> Walk:

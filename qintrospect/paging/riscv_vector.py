@@ -19,7 +19,7 @@ import numpy as np
 from .model import Mapping, PagingMode, ReadPhys, Walk
 from .riscv import walk_riscv
 from .riscv_format import (
-    A, FLAG_BITS, N, NAPOT_SIZE, PBMT, PPN_MASK, RWX, U, V, W, X, RiscvFormat, RiscvState,
+    A, FLAG_BITS, N, NAPOT_SIZE, PBMT, PPN_MASK, R, RWX, U, V, W, X, RiscvFormat, RiscvState,
     riscv_format, riscv_mode, satp_root,
 )
 from .vector import (
@@ -161,6 +161,11 @@ def walk_array_riscv(read_phys: ReadPhys, state: RiscvState,
 
 class RiscvLeafArrays(LeafArrays):
     """LeafArrays of a RISC-V address space (format: the RiscvFormat, with flag_bits)."""
+
+    @property
+    def readable(self) -> np.ndarray:
+        """R=1: a load works (execute-only pages, R=0 X=1, need mstatus.MXR)."""
+        return (self.entry & U64(R)) != 0
 
     def mappings(self) -> Iterator[Mapping]:
         """The leaves as paging.Mapping objects, equal to iter_mappings_riscv's ones."""

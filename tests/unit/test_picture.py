@@ -294,7 +294,7 @@ def rows_of(starts, sizes, page_sizes=None, writable=None, user=None, executable
     return vmmap.Rows(u64(starts), u64(sizes), u64(page_sizes or sizes), flag(writable, True),
                       flag(user, True), flag(executable, False), u64(starts), u64([0] * n),
                       np.zeros(n, np.uint8), np.ones(n, np.int64), np.zeros(n, np.int8),
-                      u64([0] * n))
+                      u64([0] * n), np.ones(n, bool))
 
 
 def big_rows(n=60_000, seed=3):

@@ -33,7 +33,7 @@ def rows_of(leaves):
     size = np.array(sizes, U64)
     return Rows(np.array(starts, U64), size, size, np.ones(n, bool), np.zeros(n, bool),
                 np.ones(n, bool), np.array(gpas, U64), np.zeros(n, U64), np.zeros(n, np.uint8),
-                np.ones(n, np.int64), np.zeros(n, np.int8), np.zeros(n, U64))
+                np.ones(n, np.int64), np.zeros(n, np.int8), np.zeros(n, U64), np.ones(n, bool))
 
 
 def flat(chunks):

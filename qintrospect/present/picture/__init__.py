@@ -151,6 +151,8 @@ class VmmapPictures:
         cpu = vm.cpu_state(None)
         if paging.is_x86(cpu):
             root = {"CR3": a.cr3 or f"{cpu.cr3:#x}"}
+        elif paging.arch_of(cpu) == "riscv64":
+            root = {"satp": a.cr3 or f"{cpu.satp:#x}"}
         else:                   # both halves; --cr3 replaces TTBR0_EL1's
             root = {"TTBR0_EL1": a.cr3 or f"{cpu.ttbr0:#x}", "TTBR1_EL1": f"{cpu.ttbr1:#x}"}
         modes = getattr(leaves, "modes", None)      # aarch64: each range's, when they differ
@@ -192,7 +194,8 @@ class VmmapPictures:
             import numpy as np
             z = np.zeros(0, np.uint64)
             rows = Rows(z, z, z, np.zeros(0, bool), np.zeros(0, bool), np.zeros(0, bool), z, z,
-                        np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int8), z)
+                        np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int8), z,
+                        np.zeros(0, bool))
         a = self.args
         facts = dict(self.facts)
         smap = SpaceMap(rows, self.va_bits, show_gpa=bool(a.gpa or a.hpa or a.leaf),

@@ -69,6 +69,10 @@ def _registers(vcpus: List[dict]) -> tuple:
     """(the column names for CPL, the root register, PCID and the three control registers,
     each vCPU's three control-register cells): x86's CR0/CR4/EFER, or aarch64's
     TCR_EL1/SCTLR_EL1/MAIR_EL1 (cpus --json of either)."""
+    if vcpus and "satp" in vcpus[0]:
+        return (["privilege", "satp", "ASID", "mstatus", "menvcfg", "extensions"],
+                [(f"{v['mstatus']} {' '.join(v['mstatus_bits'])}", v["menvcfg"] or "-",
+                  " ".join(e for e in ("svnapot", "svpbmt") if v[e]) or "-") for v in vcpus])
     if vcpus and "tcr_el1" in vcpus[0]:
         return (["EL", "TTBR0_EL1", "ASID", "TCR_EL1", "SCTLR_EL1", "MAIR_EL1"],
                 [(v["tcr_el1"], f"{v['sctlr_el1']} {' '.join(v['sctlr_bits'])}", v["mair_el1"])

@@ -40,13 +40,15 @@ def bytes_text(b: Optional[bytes]) -> str:
 
 
 def kind_of(mode) -> str:
-    """'32-bit', 'pae', 'long', 'ept', 'npt' (npt entries are long-mode entries) or
-    'aarch64'."""
+    """'32-bit', 'pae', 'long', 'ept', 'npt' (npt entries are long-mode entries), 'aarch64'
+    or 'riscv'."""
     if mode is None:
         return "none"
     name = mode.name
     if name.startswith("aarch64"):
         return "aarch64"
+    if name in ("sv39", "sv48", "sv57"):
+        return "riscv"
     if name.startswith("ept"):
         return "ept"
     if name.startswith("npt"):
@@ -70,6 +72,8 @@ def entry_fields(mode, i: int, step) -> List[Field]:
     present = step.next_addr is not None or leaf
     if kind == "aarch64":
         return arm64_entry_fields(mode, step)
+    if kind == "riscv":
+        return riscv_entry_fields(step)
     if kind == "ept":
         if not present:
             return [(63, 3, "ignored (no R/W/X: not present)", "ign")] + _flags(
@@ -167,6 +171,18 @@ def arm64_entry_fields(mode, step) -> List[Field]:
     out += [(7, 6, "AP", "value")] + _flags((5, "NS")) + [(4, 2, "AttrIndx", "value")]
     return out + _flags((1, "page" if step.name == mode.levels[-1].name else "table=0"),
                         (0, "V"))
+
+
+def riscv_entry_fields(step) -> List[Field]:
+    """An Sv39/48/57 PTE's fields (privileged spec 4.4.1, with Svpbmt's PBMT and Svnapot's N):
+    one layout for pointers and leaves (R=W=X=0 makes a pointer)."""
+    if not step.entry & 1:
+        return [(63, 1, "ignored (V = 0: invalid)", "ign")] + _flags((0, "V"))
+    return ([(63, 63, "N", "flag"), (62, 61, "PBMT", "value"), (60, 54, "rsvd", "rsvd"),
+             (53, 10, "page frame" if step.leaf else "next table", "addr"),
+             (9, 8, "RSW", "ign")]
+            + _flags((7, "D"), (6, "A"), (5, "G"), (4, "U"), (3, "X"), (2, "W"), (1, "R"),
+                     (0, "V")))
 
 
 def address_fields(walk, what: str = "GVA") -> Tuple[int, List[Field]]:
@@ -469,7 +485,9 @@ def _estimate_height(t) -> float:
 
 
 def root_register_name(t) -> str:
-    """CR3, or the TTBR of the aarch64 range the address lies in."""
+    """CR3, satp, or the TTBR of the aarch64 range the address lies in."""
+    if kind_of(t.walk.mode) == "riscv":
+        return "satp"
     if kind_of(t.walk.mode) != "aarch64":
         return "CR3"
     return "TTBR1_EL1" if t.gva >> 55 & 1 else "TTBR0_EL1"
@@ -486,6 +504,8 @@ def translation_svg(t, title: Optional[str] = None) -> Svg:
     if kind_of(w.mode) == "aarch64":
         line = (f"vCPU {t.vcpu}, {root_register_name(t)} {t.cr3:#x} ({t.cr3_source}), {mode} "
                 f"translation, {w.maxphyaddr}-bit output addresses{assumed}")
+    elif kind_of(w.mode) == "riscv":
+        line = f"vCPU {t.vcpu}, satp {t.cr3:#x} ({t.cr3_source}), {mode.capitalize()} translation"
     else:
         line = (f"vCPU {t.vcpu}, CR3 {t.cr3:#x} ({t.cr3_source}), {mode} paging, "
                 f"MAXPHYADDR {w.maxphyaddr}{assumed}")
