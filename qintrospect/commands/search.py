@@ -7,7 +7,6 @@ wherever their frames are: the end of each piece is carried into the next. Match
 leaf that points elsewhere is counted, not read.
 """
 
-import bisect
 import time
 from typing import List, Optional
 
@@ -184,31 +183,53 @@ def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: in
 
 def _virtual_pieces(leaves, kept, ram, start, end):
     """(va, gpa, length, leaf index) pieces to read, in VA order: each kept leaf clipped to
-    [start, end), in RAM only, neighbours contiguous in both VA and GPA joined up to PIECE."""
-    pieces, not_ram = [], 0
-    stop = (1 << 64) if end is None else end
-    starts = [r.start for r in ram]
-    for i in kept.tolist():
-        va, pa, size = int(leaves.va[i]), int(leaves.pa[i]), int(leaves.size[i])
-        lo, hi = max(va, start), min(va + size, stop)
-        if lo >= hi:
-            continue
-        gpa = pa + (lo - va)
-        k = bisect.bisect_right(starts, gpa) - 1
-        region = ram[k] if k >= 0 and gpa + (hi - lo) - 1 <= ram[k].end else None
-        if region is None:
-            not_ram += 1
-            continue
-        while lo < hi:
-            n = min(hi - lo, PIECE)
-            last = pieces[-1] if pieces else None
-            if last and last[0] + last[2] == lo and last[1] + last[2] == gpa and \
-                    last[2] + n <= PIECE and last[3][1] is region:
-                pieces[-1] = (last[0], last[1], last[2] + n, last[3])
-            else:
-                pieces.append((lo, gpa, n, (i, region)))
-            lo, gpa = lo + n, gpa + n
-    return [(va, gpa, n, tag[0]) for va, gpa, n, tag in pieces], not_ram
+    [start, end), in RAM only, runs of neighbours contiguous in both VA and GPA (and in one
+    RAM region) cut into pieces of at most PIECE bytes; the leaf index is the piece's first
+    byte's. Computed on the leaf columns (a kernel's linear map has 10^5 leaves)."""
+    import numpy as np
+    u64 = np.uint64
+    if not len(kept):
+        return [], 0
+    if end is not None and end >= 1 << 64:
+        end = None
+    va, pa, size = leaves.va[kept], leaves.pa[kept], leaves.size[kept]
+    last = va + (size - u64(1))                      # inclusive: no overflow at the top
+    lo = np.maximum(va, u64(start))
+    if end is not None:
+        last = np.minimum(last, u64(end - 1))
+    inside = (lo <= last) & (va <= last)
+    if end is not None:
+        inside &= va < u64(end)
+    kept, va, pa, lo, last = kept[inside], va[inside], pa[inside], lo[inside], last[inside]
+    gpa = pa + (lo - va)
+    length = last - lo + u64(1)                    # a leaf is at most 1 GiB: never 2**64
+    starts = np.array([r.start for r in ram], u64)
+    ends = np.array([r.end for r in ram], u64)
+    k = np.searchsorted(starts, gpa, side="right").astype(np.int64) - 1
+    in_ram = k >= 0
+    kk = np.maximum(k, 0)
+    in_ram &= (gpa + length - u64(1)) <= ends[kk]
+    not_ram = int((~in_ram).sum())
+    kept, lo, gpa, length, k = kept[in_ram], lo[in_ram], gpa[in_ram], length[in_ram], k[in_ram]
+    if not len(kept):
+        return [], not_ram
+    # runs: a leaf continues the previous one in VA, GPA and RAM region
+    joins = (lo[1:] == lo[:-1] + length[:-1]) & (gpa[1:] == gpa[:-1] + length[:-1]) & \
+        (k[1:] == k[:-1])
+    heads = np.concatenate(([0], np.flatnonzero(~joins) + 1))
+    run_len = np.add.reduceat(length, heads)
+    # each run cut into PIECE-sized pieces from its start
+    counts = ((run_len + u64(PIECE - 1)) // u64(PIECE)).astype(np.int64)
+    run = np.repeat(np.arange(len(heads)), counts)
+    nth = (np.arange(len(run)) - np.repeat(np.cumsum(counts) - counts, counts)).astype(u64)
+    offset = nth * u64(PIECE)
+    piece_va = lo[heads][run] + offset
+    piece_gpa = gpa[heads][run] + offset
+    piece_len = np.minimum(u64(PIECE), run_len[run] - offset)
+    # the leaf holding each piece's first byte: the last leaf of its run starting at or before
+    first = np.searchsorted(lo, piece_va, side="right") - 1
+    return list(zip(piece_va.tolist(), piece_gpa.tolist(), piece_len.tolist(),
+                    kept[first].tolist())), not_ram
 
 
 def _virtual_matches(session, leaves, found, cr3) -> List[Match]:

@@ -177,8 +177,9 @@ class MapRow:
     def to_dict(self, leaf: bool = False) -> dict:
         h = lambda v: None if v is None else f"{v:#x}"  # noqa: E731
         out = {"start": h(self.start), "end": h(self.end), "size": self.size,
-               "page_size": self.page_size, "writable": self.writable, "user": self.user,
-               "executable": self.executable, "gpa": h(self.gpa)}
+               "page_size": self.page_size, "readable": self.readable,
+               "writable": self.writable, "user": self.user, "executable": self.executable,
+               "gpa": h(self.gpa)}
         if self.host_status:
             out["hpa"] = h(self.hpa)
             out["host_status"] = self.host_status

@@ -1,5 +1,5 @@
 """vmmap --json's lines made from the map's columns: json_line(row.to_dict(leaf)) for every
-row, byte for byte. Rows alike in page size, rights, host status and (with --leaf) the
+row, byte for byte. Rows alike in page size, rights (readable too), host status and (with --leaf) the
 leaf's flags share one %-format, filled with each row's start, end, size, GPA, HPA and leaf
 count (rowlines); a row that reaches the top of the address space (its end is 2**64) is made
 from its own MapRow."""
@@ -24,7 +24,7 @@ def map_lines(rows, fmt=None, leaf: bool = False) -> list:
         return []
     u64 = np.uint64
     end = rows.start + rows.size
-    key = [rows.page_size, rows.writable, rows.user, rows.executable, rows.host]
+    key = [rows.page_size, rows.readable, rows.writable, rows.user, rows.executable, rows.host]
     if leaf:
         key += [rows.level, rows.entry & u64(getattr(fmt, "flag_bits", FLAG_BITS))]
     first, group = group_rows(key)

@@ -123,7 +123,7 @@ def test_the_map_lines_are_the_rows_lines(monkeypatch, leaf, in_c):
                 col(lambda: rnd.random() < .5, bool), col(lambda: rnd.getrandbits(40), U64),
                 col(lambda: rnd.getrandbits(40), U64), col(lambda: rnd.randrange(0, 7), np.uint8),
                 col(lambda: rnd.randrange(1, 600), np.int64), col(lambda: rnd.randrange(0, 4), np.int8),
-                col(lambda: rnd.getrandbits(64), U64), np.ones(n, bool))
+                col(lambda: rnd.getrandbits(64), U64), col(lambda: rnd.random() < .8, bool))
     fmt = _FlagNames() if leaf else None
     got = map_lines(rows, fmt, leaf)
     want = [(json_line(r.to_dict(leaf=leaf)) + "\n").encode() for r in iter_rows(rows, fmt)]

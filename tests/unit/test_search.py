@@ -65,3 +65,65 @@ def test_the_limit_stops_the_finder():
     f = _Finder(b"a", 1, 3)
     f.feed(0, b"aaaaaa", None)
     assert len(f.found) == 3 and f.full
+
+
+def _runs(pieces):
+    """(va, gpa, length) pieces with neighbours contiguous in both joined."""
+    out = []
+    for v, g, n in pieces:
+        if out and out[-1][0] + out[-1][2] == v and out[-1][1] + out[-1][2] == g:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+        else:
+            out.append((v, g, n))
+    return out
+
+
+def _plain_pieces(leaves, kept, ram, start, end):
+    """The byte ranges the pieces must cover: every kept leaf clipped to [start, end), the
+    ones wholly in one RAM region (a plain loop, one leaf at a time)."""
+    out, not_ram = [], 0
+    stop = (1 << 64) if end is None else end
+    for i in kept.tolist():
+        va, pa, size = int(leaves.va[i]), int(leaves.pa[i]), int(leaves.size[i])
+        lo, hi = max(va, start), min(va + size, stop)
+        if lo >= hi:
+            continue
+        gpa = pa + (lo - va)
+        if not any(r.start <= gpa and gpa + (hi - lo) - 1 <= r.end for r in ram):
+            not_ram += 1
+            continue
+        out.append((i, lo, gpa, hi - lo))
+    return out, not_ram
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_virtual_pieces_cover_what_a_plain_loop_reads(seed):
+    import random
+    import types
+    import numpy as np
+    from qintrospect.commands.search import PIECE, _virtual_pieces
+    rnd = random.Random(seed)
+    va, pa, size = [], [], []
+    at, frame = rnd.choice((0, (1 << 64) - (1 << 40))), 0x4000_0000
+    for _ in range(rnd.randrange(1, 300)):
+        s = rnd.choice((1 << 12, 1 << 12, 1 << 21, 1 << 30 if rnd.random() < .05 else 1 << 12))
+        at = (at + s - 1) // s * s + (0 if rnd.random() < .7 else s * rnd.randrange(1, 4))
+        frame = (frame + s - 1) // s * s + (0 if rnd.random() < .7 else s)
+        if at + s > 1 << 64:
+            break
+        va.append(at), pa.append(frame), size.append(s)
+        at, frame = at + s, frame + s
+    u64 = lambda v: np.array(v, np.uint64)  # noqa: E731
+    leaves = types.SimpleNamespace(va=u64(va), pa=u64(pa), size=u64(size))
+    ram = [types.SimpleNamespace(start=0x4000_0000, end=0x4000_0000 + rnd.choice(
+        (1 << 28, 1 << 34)) - 1), types.SimpleNamespace(start=1 << 40, end=(1 << 41) - 1)]
+    kept = np.flatnonzero(np.array([rnd.random() < .9 for _ in va], bool))
+    start = rnd.choice((0, va[len(va) // 2] + 0x123 if va else 0))
+    end = rnd.choice((None, (va[-1] + size[-1] - 0x77) if va else None, 1 << 64))
+    pieces, not_ram = _virtual_pieces(leaves, kept, ram, start, end)
+    want, want_not_ram = _plain_pieces(leaves, kept, ram, start, end)
+    assert not_ram == want_not_ram
+    assert _runs((v, g, n) for v, g, n, _ in pieces) == _runs((v, g, n) for _, v, g, n in want)
+    for v, g, n, leaf in pieces:
+        assert 0 < n <= PIECE
+        assert va[leaf] <= v < va[leaf] + size[leaf]
