@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
+
+from .budget import examples
 
 from qintrospect import paging
 from qintrospect.commands import vmmap
@@ -43,8 +45,7 @@ SLOT = 64 * K                 # one slot holds a table of any granule
 SLOTS = 12
 MEMORY = SLOT * SLOTS
 
-SPACE = settings(max_examples=500, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SPACE = examples(250)   # tests/unit/budget.py: QI_FUZZ_SCALE draws more
 
 
 class Reads:

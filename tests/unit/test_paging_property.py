@@ -11,13 +11,14 @@ frames, reserved bits and raw noise; pages past the end are unreadable.
 import bisect
 import random
 
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
+
+from .budget import examples
 
 from qintrospect.errors import MemoryReadError
 from qintrospect.paging import CpuState, iter_mappings, walk, walk_ept, walk_npt
 
-BUDGET = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+BUDGET = examples(800)   # tests/unit/budget.py: QI_FUZZ_SCALE draws more
 PAGES = 8                                  # readable physical memory: 32 KiB
 ADDR = 0x000FFFFFFFFFF000
 

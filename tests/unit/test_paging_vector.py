@@ -12,7 +12,9 @@ from qintrospect.record import replace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
+
+from .budget import SCALE, examples
 
 from qintrospect import slat
 from qintrospect.errors import MemoryReadError
@@ -29,8 +31,7 @@ from tests.unit.test_paging_property import (
     pdpt_entries,
 )
 
-SPACE = settings(max_examples=800, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SPACE = examples(400)   # tests/unit/budget.py: QI_FUZZ_SCALE draws more
 
 
 class Reads:
@@ -491,7 +492,7 @@ def guest_physical(draw, buf, spec):
     return gpa << 12 | draw(st.integers(0, 0xFFF))
 
 
-@settings(SPACE, max_examples=400)
+@settings(SPACE, max_examples=200 * SCALE)
 @given(data=st.data(), space=second_level_spaces())
 def test_second_level_batch_matches_the_scalar_walk(data, space):
     """slat.walk_batch answers for each GPA what slat.walk (walk_ept / walk_npt) answers:

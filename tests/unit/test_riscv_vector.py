@@ -12,7 +12,9 @@ follow the PTEs in memory, so that many walks go deep and many translate.
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
+
+from .budget import examples
 
 from qintrospect import paging
 from qintrospect.commands import vmmap
@@ -32,8 +34,7 @@ TOP = 1 << 64
 SLOTS = 16
 MEMORY = SLOTS * 4096
 
-SPACE = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SPACE = examples(200)   # tests/unit/budget.py: QI_FUZZ_SCALE draws more
 
 
 class Reads:
