@@ -210,18 +210,23 @@ def _search(session, mode, roots: List[int], gpa: int, result: WhoMaps) -> None:
         r.roots = tuple(shared.get(r.root, [r.root])) if r.half == "kernel" else (r.root,)
 
 
-def _collect(la, mode, root: int, gpa: int, half: str, result: WhoMaps) -> None:
-    page = gpa - gpa % PAGE
-    if half != "kernel" and page == root:
-        result.tables.append(TableUse(root, mode.levels[0].name, half))
-    if not len(la):
-        return
+def _reaches(la, mode, root: int, gpa: int, half: str, result: WhoMaps) -> None:
+    """The leaves whose frame holds gpa, as Reach records."""
     hit = np.flatnonzero((la.pa <= U64(gpa)) & (U64(gpa) < la.pa + la.size))
     for i in hit.tolist():
         result.reaches.append(Reach(
             root, int(la.va[i]) + (gpa - int(la.pa[i])), int(la.size[i]),
             mode.levels[int(la.level[i])].name, bool(la.writable[i]), bool(la.user[i]),
             bool(la.executable[i]), half))
+
+
+def _collect(la, mode, root: int, gpa: int, half: str, result: WhoMaps) -> None:
+    page = gpa - gpa % PAGE
+    if half != "kernel" and page == root:
+        result.tables.append(TableUse(root, mode.levels[0].name, half))
+    if not len(la):
+        return
+    _reaches(la, mode, root, gpa, half, result)
     # the tables below the root: what every non-leaf entry on a leaf's path points to
     fmt = la.format
     for k in range(len(mode.levels) - 1):
@@ -268,12 +273,7 @@ def _collect_arm64(la, root: int, gpa: int, half: str, result: WhoMaps) -> None:
         result.tables.append(TableUse(root, mode.levels[0].name, half))
     if not len(la):
         return
-    hit = np.flatnonzero((la.pa <= U64(gpa)) & (U64(gpa) < la.pa + la.size))
-    for i in hit.tolist():
-        result.reaches.append(Reach(
-            root, int(la.va[i]) + (gpa - int(la.pa[i])), int(la.size[i]),
-            mode.levels[int(la.level[i])].name, bool(la.writable[i]), bool(la.user[i]),
-            bool(la.executable[i]), half))
+    _reaches(la, mode, root, gpa, half, result)
     for k in range(len(mode.levels) - 1):       # the tables below the root
         entries = np.unique(la.path[la.level > k, k]).tolist()
         if any(fmt.frame(k, e, False) == table for e in entries):

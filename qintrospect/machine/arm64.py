@@ -21,18 +21,6 @@ OPTIONAL: Dict[str, Tuple[str, ...]] = {
 SCTLR_BITS = {0: "M", 1: "A", 2: "C", 12: "I", 19: "WXN", 23: "SPAN", 25: "EE"}
 
 
-def names_in(has_register) -> Dict[str, str]:
-    """{field: register name} for the registers this stub has; AttachError-worthy fields
-    missing are simply absent (the caller says which)."""
-    out = {}
-    for field, names in list(REQUIRED.items()) + list(OPTIONAL.items()):
-        for name in names:
-            if has_register(name):
-                out[field] = name
-                break
-    return out
-
-
 @record(frozen=True)
 class Arm64Vcpu:
     index: int
@@ -105,3 +93,6 @@ class Arm64Vcpu:
                 "id_aa64mmfr0_el1": h(self.id_aa64mmfr0),
                 "id_aa64mmfr1_el1": h(self.id_aa64mmfr1),
                 "id_aa64mmfr2_el1": h(self.id_aa64mmfr2)}
+
+
+VCPU = Arm64Vcpu     # what vcpus.Vcpus makes of these registers

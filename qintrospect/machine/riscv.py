@@ -18,17 +18,6 @@ EXTENSIONS = ("svnapot", "svpbmt")
 MSTATUS_BITS = {17: "MPRV", 18: "SUM", 19: "MXR"}
 
 
-def names_in(has_register) -> Dict[str, str]:
-    """{field: register name} for the registers this stub has."""
-    out = {}
-    for field, names in list(REQUIRED.items()) + list(OPTIONAL.items()):
-        for name in names:
-            if has_register(name):
-                out[field] = name
-                break
-    return out
-
-
 @record(frozen=True)
 class RiscvVcpu:
     index: int
@@ -83,3 +72,6 @@ class RiscvVcpu:
                 "mstatus_bits": [n for b, n in sorted(MSTATUS_BITS.items())
                                  if self.mstatus >> b & 1],
                 "menvcfg": h(self.menvcfg), "svnapot": self.svnapot, "svpbmt": self.svpbmt}
+
+
+VCPU = RiscvVcpu     # what vcpus.Vcpus makes of these registers

@@ -76,37 +76,38 @@ class Vcpus:
         gdb.select_vcpu(selected)
         return out
 
-    def _arm64_from_gdbstub(self, gdb, selected: int) -> list:
-        names = arm64.names_in(gdb.has_register)
-        missing = [arm64.REQUIRED[f][0] for f in arm64.REQUIRED if f not in names]
+    def _registers_by_name(self, gdb, selected: int, kind, what: str) -> list:
+        """Every vCPU as `kind` (machine.arm64 or machine.riscv: REQUIRED/OPTIONAL register
+        names and the vCPU record) from the gdbstub's registers of those names."""
+        names = {}
+        for field, options in list(kind.REQUIRED.items()) + list(kind.OPTIONAL.items()):
+            found = next((n for n in options if gdb.has_register(n)), None)
+            if found is not None:
+                names[field] = found
+        missing = [options[0] for f, options in kind.REQUIRED.items() if f not in names]
         if missing:
             raise AttachError(f"the gdbstub does not expose {', '.join(missing)}: qintrospect "
-                              "needs qemu-system-aarch64's gdbstub with its system registers")
+                              f"needs {what}")
         out = []
         for i, info in enumerate(self.listing):
             gdb.select_vcpu(i)
             regs = gdb.registers(tuple(names.values()))
-            out.append(arm64.Arm64Vcpu(i, info.get("thread-id"), info.get("qom-path"),
-                                       **{f: regs[name] for f, name in names.items()}))
+            out.append(kind.VCPU(i, info.get("thread-id"), info.get("qom-path"),
+                                 **{f: regs[name] for f, name in names.items()}))
         gdb.select_vcpu(selected)
         return out
 
+    def _arm64_from_gdbstub(self, gdb, selected: int) -> list:
+        return self._registers_by_name(gdb, selected, arm64, "qemu-system-aarch64's gdbstub "
+                                       "with its system registers")
+
     def _riscv_from_gdbstub(self, gdb, selected: int) -> list:
-        names = riscv.names_in(gdb.has_register)
-        missing = [riscv.REQUIRED[f][0] for f in riscv.REQUIRED if f not in names]
-        if missing:
-            raise AttachError(f"the gdbstub does not expose {', '.join(missing)}: qintrospect "
-                              "needs qemu-system-riscv64's gdbstub with its CSRs")
-        out = []
-        for i, info in enumerate(self.listing):
-            gdb.select_vcpu(i)
-            regs = gdb.registers(tuple(names.values()))
-            v = riscv.RiscvVcpu(i, info.get("thread-id"), info.get("qom-path"),
-                                **{f: regs[name] for f, name in names.items()})
-            # the extensions that give PTE bits 63:61 a meaning (QOM: fixed for the VM's life)
+        out = self._registers_by_name(gdb, selected, riscv, "qemu-system-riscv64's gdbstub "
+                                      "with its CSRs")
+        # the extensions that give PTE bits 63:61 a meaning (QOM: fixed for the VM's life)
+        for k, v in enumerate(out):
             known = {e: self.qom(v, e) for e in riscv.EXTENSIONS}
-            out.append(replace(v, **{e: x for e, x in known.items() if isinstance(x, bool)}))
-        gdb.select_vcpu(selected)
+            out[k] = replace(v, **{e: x for e, x in known.items() if isinstance(x, bool)})
         return out
 
     def from_monitor(self) -> List[Vcpu]:

@@ -25,10 +25,38 @@ def test_bare_and_machine_mode():
     assert v.mode == "bare" and v.to_dict()["privilege"] == "M"
 
 
-def test_the_register_names_a_stub_must_have():
-    have = {"satp", "priv", "mstatus"}
-    assert riscv.names_in(have.__contains__) == {n: n for n in have}
-    assert "satp" not in riscv.names_in({"priv"}.__contains__)
+class FakeStub:
+    """A gdbstub that has some registers (pure logic: what the attach asks of it)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def has_register(self, name):
+        return name in self.values
+
+    def select_vcpu(self, i):
+        pass
+
+    def registers(self, names):
+        return {n: self.values[n] for n in names}
+
+
+def test_the_registers_come_by_name_and_missing_ones_are_named():
+    import pytest
+    from qintrospect.errors import AttachError
+    from qintrospect.machine.vcpus import Vcpus
+
+    class Monitor:
+        def command(self, name, **args):
+            return {"svnapot": True, "svpbmt": "odd"}[args["property"]]
+
+    listing = [{"cpu-index": 0, "target": "riscv64", "thread-id": 7, "qom-path": "/cpu0"}]
+    vcpus = Vcpus(Monitor(), listing)
+    (v,) = vcpus.from_gdbstub(FakeStub({"satp": SV39, "priv": 1, "mstatus": 0}), 0)
+    assert (v.satp, v.priv, v.menvcfg, v.thread_id) == (SV39, 1, None, 7)
+    assert v.svnapot is True and v.svpbmt is None          # not a bool: unknown
+    with pytest.raises(AttachError, match="does not expose satp.*riscv64"):
+        vcpus.from_gdbstub(FakeStub({"priv": 1, "mstatus": 0}), 0)
 
 
 def test_commands_that_read_other_structures_say_so():

@@ -105,3 +105,22 @@ def test_without_ttbr0_walks_it_says_why():
         assert "EPD0" in str(exc) and type(exc).__name__ == "UsageError"
     else:
         raise AssertionError("no error")
+
+
+def test_who_maps_names_the_process_page_the_kernels_linear_map_and_the_tables():
+    import types
+    from qintrospect.commands import whomaps
+    ram, kernel = build()
+    state = Arm64State(ttbr0=page(100), ttbr1=kernel, **STATE)
+    session = types.SimpleNamespace(cpu=state, memory=ram, ram_map=ram.ram_map, process=None)
+    roots = [c.root for c in finder.scan(ram, ram.ram_map, state)]
+    w = whomaps.who_maps_gpa(session, page(114) + 0x10, roots)
+    user = [(r.root, r.gva, r.level, r.half) for r in w.reaches if r.half == "user"]
+    assert user == [(page(110), 0x400010, "L3", "user")]
+    kernel_hits = [r for r in w.reaches if r.half == "kernel"]
+    linear = 0xFFFF_8000_0000_0000 + 114 * 0x1000 + 0x10    # the kernel's L0 entry 256
+    assert [(r.root, r.gva) for r in kernel_hits] == [(kernel, linear)]
+    t = whomaps.who_maps_gpa(session, page(112), roots)      # process 2's L2 table
+    assert [(u.root, u.level, u.half) for u in t.tables] == [(page(110), "L2", "user")]
+    t = whomaps.who_maps_gpa(session, page(110), roots)      # its first table
+    assert (page(110), "L0", "user") in [(u.root, u.level, u.half) for u in t.tables]
