@@ -90,6 +90,8 @@ def scan(memory, ram_map, state: Arm64State, progress=None) -> list:
     p = _ttbr0_params(state)
     fmt = arm64_format(p, state.mair)
     ram = sorted((r.start, r.end + 1) for r in ram_map.ram if r.kind == "ram")
+    if not ram:
+        raise UsageError("find-cr3 found no RAM in QEMU's memory map to scan")
     shape = _Shape(p, fmt, ram)
     granule = 1 << p.granule
     first = 1 << p.mode.levels[0].index_bits               # entries in the first table
@@ -166,9 +168,12 @@ def _tree_leaves(read, state: Arm64State, root: int) -> int:
     p = range_params(paging.with_root(state, root), 0)
     fmt = arm64_format(p, state.mair)
     todo = [(0, root)]
-    seen, found = 0, 0
+    seen, found, visited = 0, 0, set()
     while todo and seen < TABLE_MAX:
         level, addr = todo.pop()
+        if (level, addr) in visited:        # a crafted tree may point back at itself
+            continue
+        visited.add((level, addr))
         try:
             entries = np.frombuffer(read(addr, 8 << p.mode.levels[level].index_bits), "<u8")
         except MemoryReadError:

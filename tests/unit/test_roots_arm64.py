@@ -124,3 +124,19 @@ def test_who_maps_names_the_process_page_the_kernels_linear_map_and_the_tables()
     assert [(u.root, u.level, u.half) for u in t.tables] == [(page(110), "L2", "user")]
     t = whomaps.who_maps_gpa(session, page(110), roots)      # its first table
     assert (page(110), "L0", "user") in [(u.root, u.level, u.half) for u in t.tables]
+
+
+def test_crafted_memory_neither_hangs_nor_crashes():
+    """A table that points at itself at every entry, and a RAM map with no RAM."""
+    import pytest
+    from qintrospect.errors import UsageError
+    ram, kernel = build()
+    for i in range(512):
+        ram.put(page(150) + 8 * i, page(150) | TABLE)
+    state = Arm64State(ttbr0=page(100), ttbr1=kernel, **STATE)
+    found = {c.root: c for c in finder.scan(ram, ram.ram_map, state)}
+    assert page(150) not in found                 # no leaf below it
+    empty = Ram()
+    empty.ram_map.ram = []
+    with pytest.raises(UsageError, match="no RAM"):
+        roots_arm64.scan(empty, empty.ram_map, state)
