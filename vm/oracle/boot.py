@@ -11,8 +11,12 @@ vm.qmp_path is left free for the tool under test (a QMP socket takes one client 
 vm.own_qmp_path is the one this helper talks to. Everything here reads the VM through QMP only, with read-only commands (`xp`, `info registers`,
 `info tlb`, `gva2gpa`, `qom-get`): never `gpa2hpa`, which writes to the guest page.
 
+QemuVM holds what every oracle VM shares (starting and stopping QEMU, HMP, read_phys through
+`xp`): OracleVM here, and vm/oracle_ram.py's RamOracleVM under vm/oracle_arm64 and vm/oracle_riscv.
+
 Also a command line for trying it by hand:
-    python -m vm.oracle.boot pae        # boots, prints the serial output and QEMU's `info tlb`
+    python -m vm.oracle.boot pae [--wait]   # boots, prints the serial output and QEMU's `info tlb`
+                                            # --wait: keeps QEMU up until SIGINT/SIGTERM
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODES = ("32bit", "pse", "pae", "4level", "5level")
@@ -262,36 +267,192 @@ def tlb_letters(entry: int, leaf_level: int) -> str:
     return "".join(out)
 
 
-class OracleVM:
-    """One QEMU running the oracle guest in one paging mode."""
+class QemuVM:
+    """What the oracle VMs share (OracleVM here, vm/oracle_ram.py's RamOracleVM): one QEMU
+    (self.proc, its output in self.log_path) with the gdbstub on 127.0.0.1:<free port>
+    (gdb_address) and two QMP monitors on Unix sockets in `workdir`: qmp_path is left free for
+    the tool under test (a QMP socket takes one client at a time), own_qmp_path is the one this
+    helper talks to (self.qmp), with read-only commands only. A subclass starts QEMU with
+    _launch() and sets `error`, the OracleError it raises."""
+
+    error = OracleError
+
+    def __init__(self, tag: str, name: str, workdir: str, cpu: Optional[str], memory: str,
+                 timeout: float, extra_args: Optional[List[str]], elf: Optional[str]):
+        self.workdir = workdir
+        self.cpu = cpu
+        self.memory = memory
+        self.timeout = timeout
+        self.elf = elf
+        self.extra_args = extra_args or []
+        self.proc: Optional[subprocess.Popen] = None
+        self.qmp: Optional[QMP] = None
+        self.qmp_path = os.path.join(workdir, f"qmp-{tag}{name}.sock")
+        self.own_qmp_path = os.path.join(workdir, f"qmp-{tag}oracle-{name}.sock")
+        self.log_path = os.path.join(workdir, f"qemu-{tag}{name}.log")
+        self.gdb_port: Optional[int] = None
+        self.boot_seconds: Optional[float] = None
+        self._page_cache: Dict[int, bytes] = {}
+
+    @property
+    def gdb_address(self) -> str:
+        return f"127.0.0.1:{self.gdb_port}"
+
+    def _launch(self, qemu: str, machine: Sequence[str], ready: Callable[[float], None],
+                files: Sequence[str] = ()) -> float:
+        """Run `qemu -nodefaults ... <machine> <the monitors, the gdbstub> <extra_args>` and
+        ready(t0) until it returns; t0 (when QEMU started) then. `files` (the QMP sockets and
+        these) are removed first. If ready() raises an OracleError QEMU is stopped, and started
+        again on a new port if the gdbstub's was taken between free_port() and QEMU's bind;
+        else _refused(the log) may raise a plainer error, and ready()'s is raised."""
+        attempt = 0
+        while True:
+            attempt += 1
+            self.gdb_port = free_port()
+            for p in (self.qmp_path, self.own_qmp_path, *files):
+                if os.path.exists(p):
+                    os.unlink(p)
+            args = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                    *machine,
+                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+                    "-chardev", f"socket,id=oracleqmp,path={self.own_qmp_path},server=on,wait=off",
+                    "-mon", "chardev=oracleqmp,mode=control",
+                    "-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] + self.extra_args
+            t0 = time.monotonic()
+            with open(self.log_path, "w") as log:
+                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT)
+            try:
+                ready(t0)
+                return t0
+            except OracleError:
+                err = self._log()
+                self.close()
+                if "Address already in use" in err and attempt < 3:
+                    continue
+                self._refused(err)
+                raise
+
+    def _refused(self, log: str):
+        """After QEMU failed to come up (not for a taken port): raise a clearer error, if any."""
+
+    def _log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def close(self):
+        if self.qmp is not None:
+            try:
+                self.qmp.cmd("quit")
+            except (OracleError, OSError):
+                pass
+            self.qmp.close()
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    # -- QMP / HMP (read-only) --
+    def hmp(self, command: str) -> str:
+        return self.qmp.cmd("human-monitor-command", **{"command-line": command})
+
+    def gva2gpa(self, va: int) -> Optional[int]:
+        """QEMU's debug translation of `va` (how each target walks: its class's docstring).
+        None if it says Unmapped."""
+        text = self.hmp(f"gva2gpa {va:#x}").strip()
+        if text.startswith("gpa:"):
+            return int(text.split()[1], 16)
+        if "Unmapped" in text:
+            return None
+        raise self.error(f"unexpected gva2gpa answer for {va:#x}: {text!r}")
+
+    @staticmethod
+    def _xp_values(text: str) -> List[int]:
+        """The numbers of an `xp` answer (lines `address: value value ...`)."""
+        values = []
+        for line in text.splitlines():
+            if ":" in line:
+                values += [int(w, 16) for w in line.split(":", 1)[1].split()]
+        return values
+
+    def _xp_page(self, page: int) -> bytes:
+        if page not in self._page_cache:
+            text = self.hmp(f"xp /512gx {page:#x}")
+            if "Cannot access memory" in text:
+                try:
+                    from qintrospect.errors import MemoryReadError
+                except ImportError:                  # pragma: no cover
+                    raise self.error(f"no RAM at {page:#x}") from None
+                raise MemoryReadError(f"xp: no RAM at {page:#x}", page)
+            words = self._xp_values(text)
+            if len(words) != 512:
+                raise self.error(f"xp /512gx {page:#x}: got {len(words)} words:\n{text[:500]}")
+            self._page_cache[page] = b"".join(w.to_bytes(8, "little") for w in words)
+        return self._page_cache[page]
+
+    def read_phys(self, addr: int, length: int) -> bytes:
+        """Guest-physical memory through HMP `xp` (read-only), one 4 KiB page per command,
+        cached: call forget() if the guest may have written since. Outside RAM it raises
+        qintrospect.errors.MemoryReadError, as a qintrospect ReadPhys must."""
+        out = b""
+        while length > 0:
+            page = addr & ~0xFFF
+            off = addr - page
+            n = min(length, 0x1000 - off)
+            out += self._xp_page(page)[off:off + n]
+            addr += n
+            length -= n
+        return out
+
+    def forget(self):
+        self._page_cache.clear()
+
+
+class _Stop(Exception):
+    pass
+
+
+def wait_for_signal(message: str = "# VM running; Ctrl-C or SIGTERM quits") -> None:
+    """Print `message` and return on SIGINT or SIGTERM (the `--wait` of the command lines), so
+    that the caller's `with` blocks stop QEMU and remove its files. stdin is not read: under
+    nohup or a service it is closed or not a terminal."""
+    def stop(signum, frame):
+        raise _Stop
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)
+           if signal.getsignal(sig) is not signal.SIG_IGN}    # `cmd &` in a script ignores SIGINT
+    try:
+        print(message, flush=True)
+        while True:
+            signal.pause()
+    except _Stop:
+        pass
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+class OracleVM(QemuVM):
+    """One QEMU running the oracle guest in one paging mode. Its gva2gpa is QEMU's debug
+    walk, which ignores reserved bits."""
 
     def __init__(self, mode: str, workdir: str, cpu: Optional[str] = None,
                  memory: str = MEMORY, timeout: float = 60.0, elf: Optional[str] = None,
                  extra_args: Optional[List[str]] = None, access: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        super().__init__("", mode, workdir, cpu or CPU[mode], memory, timeout, extra_args, elf)
         self.mode = mode
-        self.workdir = workdir
-        self.cpu = cpu or CPU[mode]
-        self.memory = memory
-        self.timeout = timeout
-        self.elf = elf
-        self.extra_args = extra_args or []
         self.access = access          # access=on: the guest runs its access checks (ACCESS lines)
-        self.proc: Optional[subprocess.Popen] = None
-        self.qmp: Optional[QMP] = None
-        self.qmp_path = os.path.join(workdir, f"qmp-{mode}.sock")
-        self.own_qmp_path = os.path.join(workdir, f"qmp-oracle-{mode}.sock")
         self.serial_path = os.path.join(workdir, f"serial-{mode}.txt")
-        self.log_path = os.path.join(workdir, f"qemu-{mode}.log")
-        self.gdb_port: Optional[int] = None
-        self.boot_seconds: Optional[float] = None
         self.output: Optional[OracleOutput] = None
-        self._page_cache: Dict[int, bytes] = {}
-
-    @property
-    def gdb_address(self) -> str:
-        return f"127.0.0.1:{self.gdb_port}"
 
     # -- life cycle --
     def __enter__(self) -> "OracleVM":
@@ -305,43 +466,13 @@ class OracleVM:
         if shutil.which(QEMU) is None:
             raise OracleError(f"{QEMU} not found")
         elf = self.elf or build()
-        for attempt in range(3):      # the free port may be taken between probe and bind
-            self.gdb_port = free_port()
-            for p in (self.qmp_path, self.own_qmp_path, self.serial_path):
-                if os.path.exists(p):
-                    os.unlink(p)
-            args = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                    "-accel", "tcg", "-m", self.memory, "-cpu", self.cpu,
-                    "-kernel", elf, "-append",
-                    f"mode={self.mode} access={'on' if self.access else 'off'}",
-                    "-serial", f"file:{self.serial_path}",
-                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                    "-chardev", f"socket,id=oracleqmp,path={self.own_qmp_path},server=on,wait=off",
-                    "-mon", "chardev=oracleqmp,mode=control",
-                    "-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] + self.extra_args
-            t0 = time.monotonic()
-            log = open(self.log_path, "w")
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
-            log.close()
-            try:
-                self._wait_ready(t0)
-                break
-            except OracleError:
-                err = self._log()
-                self.close()
-                if "Address already in use" in err and attempt < 2:
-                    continue
-                raise
+        self._launch(QEMU, ["-accel", "tcg", "-m", self.memory, "-cpu", self.cpu,
+                            "-kernel", elf, "-append",
+                            f"mode={self.mode} access={'on' if self.access else 'off'}",
+                            "-serial", f"file:{self.serial_path}"],
+                     self._wait_ready, files=[self.serial_path])
         self.qmp = QMP(self.own_qmp_path)
         return self
-
-    def _log(self) -> str:
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except OSError:
-            return ""
 
     def serial_text(self) -> str:
         try:
@@ -376,35 +507,7 @@ class OracleVM:
                 raise OracleError("the guest printed READY but did not reach hlt")
             time.sleep(0.01)
 
-    def close(self):
-        if self.qmp is not None:
-            try:
-                self.qmp.cmd("quit")
-            except (OracleError, OSError):
-                pass
-            self.qmp.close()
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-    # -- QMP / HMP --
-    def hmp(self, command: str) -> str:
-        return self.qmp.cmd("human-monitor-command", **{"command-line": command})
-
-    def gva2gpa(self, va: int) -> Optional[int]:
-        """QEMU's debug translation (ignores reserved bits). None if it says Unmapped."""
-        text = self.hmp(f"gva2gpa {va:#x}").strip()
-        if text.startswith("gpa:"):
-            return int(text.split()[1], 16)
-        if "Unmapped" in text:
-            return None
-        raise OracleError(f"unexpected gva2gpa answer for {va:#x}: {text!r}")
-
+    # -- QMP / HMP (close, hmp, gva2gpa, read_phys, forget: QemuVM) --
     def info_tlb(self) -> List[TlbLine]:
         return parse_info_tlb(self.hmp("info tlb"))
 
@@ -435,42 +538,6 @@ class OracleVM:
         return CpuState(cr0=r["CR0"], cr3=r["CR3"], cr4=r["CR4"], efer=r["EFER"],
                         maxphyaddr=self.phys_bits())
 
-    def _xp_page(self, page: int) -> bytes:
-        if page not in self._page_cache:
-            text = self.hmp(f"xp /512gx {page:#x}")
-            if "Cannot access memory" in text:
-                try:
-                    from qintrospect.errors import MemoryReadError
-                except ImportError:                  # pragma: no cover
-                    raise OracleError(f"no RAM at {page:#x}") from None
-                raise MemoryReadError(f"xp: no RAM at {page:#x}", page)
-            words = []
-            for line in text.splitlines():
-                if ":" not in line:
-                    continue
-                words += [int(w, 16) for w in line.split(":", 1)[1].split()]
-            if len(words) != 512:
-                raise OracleError(f"xp /512gx {page:#x}: got {len(words)} words:\n{text[:500]}")
-            self._page_cache[page] = b"".join(w.to_bytes(8, "little") for w in words)
-        return self._page_cache[page]
-
-    def read_phys(self, addr: int, length: int) -> bytes:
-        """Guest-physical memory through HMP `xp` (read-only), one 4 KiB page per command,
-        cached: call forget() if the guest may have written since. Outside RAM it raises
-        qintrospect.errors.MemoryReadError, as a qintrospect ReadPhys must."""
-        out = b""
-        while length > 0:
-            page = addr & ~0xFFF
-            off = addr - page
-            n = min(length, 0x1000 - off)
-            out += self._xp_page(page)[off:off + n]
-            addr += n
-            length -= n
-        return out
-
-    def forget(self):
-        self._page_cache.clear()
-
 
 def main(argv=None) -> int:
     import tempfile
@@ -481,7 +548,7 @@ def main(argv=None) -> int:
         print(f"# booted in {vm.boot_seconds:.3f}s; qmp {vm.qmp_path}; gdb {vm.gdb_address}")
         print(vm.hmp("info tlb"), end="")
         if "--wait" in argv:
-            input("# VM running; press Enter to quit ")
+            wait_for_signal()
     return 0
 
 

@@ -12,30 +12,28 @@ in `workdir`: vm.qmp_path is left free for the tool under test (a QMP socket tak
 a time), vm.own_qmp_path is the one this helper talks to. Only read-only monitor commands are
 used (`xp`, `info registers`, `gva2gpa`, `query-*`).
 
-The guest writes its answers to RAM (vm/oracle_arm64/image.py): this helper polls the magic word
-with HMP `xp` until DONE (raises OracleArm64Error on EXCEPTION, with ESR/FAR/ELR, or on timeout;
-FeatureMissing when the guest found its CPU lacking a scenario's requirement), then decodes
-PAR_EL1 / ESR_EL1 values into AtResult records.
+The guest writes its answers to RAM (vm/oracle_arm64/image.py): vm/oracle_ram.py's RamOracleVM,
+the base of OracleArm64VM, polls the magic word with HMP `xp` until DONE (raises
+OracleArm64Error on EXCEPTION, with ESR/FAR/ELR, or on timeout; FeatureMissing when the guest
+found its CPU lacking a scenario's requirement), then decodes PAR_EL1 / ESR_EL1 values into
+AtResult records.
 
-By hand:  python -m vm.oracle_arm64.boot 4k-48 [--wait]
+By hand:  python -m vm.oracle_arm64.boot 4k-48 [--wait]    (--wait: until SIGINT or SIGTERM)
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
-from vm.oracle.boot import QMP, OracleError, free_port
+from vm.oracle.boot import OracleError
+from vm.oracle_ram import RamOracleVM, by_hand, u64
 
 from . import image as I
-from .layout import AT_KINDS, EXEC_KINDS, KINDS, SCENARIOS, Probe, Scenario
+from .layout import AT_KINDS, EXEC_KINDS, KINDS, SCENARIOS, Scenario
 
 QEMU = os.environ.get("QI_QEMU_AARCH64", "qemu-system-aarch64")
 CPU = "max"
@@ -132,164 +130,58 @@ def decode_exec(name: str, va: int, kind: str, esr: int) -> AtResult:
 # ---------------------------------------------------------------------------------------------
 # The VM
 
-def _u64(buf: bytes, off: int) -> int:
-    return int.from_bytes(buf[off:off + 8], "little")
+#: vm.header: name -> offset from image.DATA.
+HEADER = {
+    "magic": I.MAGIC, "progress": I.PROGRESS, "id_aa64mmfr0_el1": I.MMFR0,
+    "id_aa64mmfr1_el1": I.MMFR1, "id_aa64mmfr2_el1": I.MMFR2, "id_aa64pfr0_el1": I.PFR0,
+    "currentel": I.CURRENTEL, "midr_el1": I.MIDR, "sctlr_el1": I.SCTLR_RB, "tcr_el1": I.TCR_RB,
+    "ttbr0_el1": I.TTBR0_RB, "ttbr1_el1": I.TTBR1_RB, "mair_el1": I.MAIR_RB, "pan": I.PAN_RB,
+    "esr": I.EXC_ESR, "far": I.EXC_FAR, "elr": I.EXC_ELR, "spsr": I.EXC_SPSR,
+    "vector": I.EXC_VECTOR, "skip_index": I.SKIP_INDEX, "nprobes": I.NPROBES, "pan2": I.PAN2}
 
 
-class OracleArm64VM:
-    """One QEMU running the AArch64 oracle guest in one scenario."""
+class OracleArm64VM(RamOracleVM):
+    """One QEMU running the AArch64 oracle guest in one scenario. Its gva2gpa is an EL1 data
+    read with the CPU's PSTATE.PAN, as QEMU 7.2 does it; registers() reads `info registers`."""
+
+    qemu = QEMU
+    qemu_hint = " (apt-get install qemu-system-arm; scripts/setup does)"
+    tag = "a64-"
+    scenarios = SCENARIOS
+    error = OracleArm64Error
+    missing = FeatureMissing
+    data = I.DATA
+    header_size = I.HEADER_SIZE
+    header_layout = HEADER
+    magic_done, magic_exception, magic_skip = I.MAGIC_DONE, I.MAGIC_EXCEPTION, I.MAGIC_SKIP
 
     def __init__(self, scenario: Union[str, Scenario], workdir: str, cpu: str = CPU,
                  memory: str = MEMORY, timeout: float = 30.0,
                  extra_args: Optional[List[str]] = None, elf: Optional[str] = None):
-        self.scenario = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
-        self.name = self.scenario.name
-        self.workdir = workdir
-        self.cpu = cpu
-        self.memory = memory
-        self.timeout = timeout
-        self.extra_args = extra_args or []
-        self.proc: Optional[subprocess.Popen] = None
-        self.qmp: Optional[QMP] = None
-        self.qmp_path = os.path.join(workdir, f"qmp-a64-{self.name}.sock")
-        self.own_qmp_path = os.path.join(workdir, f"qmp-a64-oracle-{self.name}.sock")
-        self.log_path = os.path.join(workdir, f"qemu-a64-{self.name}.log")
-        self.elf = elf                # None: build the scenario's image into workdir
-        self.gdb_port: Optional[int] = None
-        self.boot_seconds: Optional[float] = None
-        self.header: Dict[str, int] = {}
-        self.results: List[AtResult] = []
+        super().__init__(scenario, workdir, cpu, memory, timeout, extra_args, elf)
         self.pan2: bool = False
-        self._page_cache: Dict[int, bytes] = {}
 
-    @property
-    def gdb_address(self) -> str:
-        return f"127.0.0.1:{self.gdb_port}"
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def probes(self) -> tuple:
-        return self.scenario.all_probes()
-
-    # -- life cycle --
-    def __enter__(self) -> "OracleArm64VM":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def start(self) -> "OracleArm64VM":
-        if shutil.which(QEMU) is None:
-            raise OracleArm64Error(f"{QEMU} not found (apt-get install qemu-system-arm; scripts/setup does)")
-        if self.elf is None:
+    def _build(self):
+        if self.elf is None:          # None: build the scenario's image into workdir
             self.elf = I.build_elf(self.scenario, self.workdir)
-        for attempt in range(3):       # the free port may be taken between probe and bind
-            self.gdb_port = free_port()
-            for p in (self.qmp_path, self.own_qmp_path):
-                if os.path.exists(p):
-                    os.unlink(p)
-            args = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                    "-M", "virt", "-accel", "tcg", "-cpu", self.cpu, "-m", self.memory,
-                    "-kernel", self.elf, "-serial", "none", "-monitor", "none",
-                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                    "-chardev", f"socket,id=oracleqmp,path={self.own_qmp_path},server=on,wait=off",
-                    "-mon", "chardev=oracleqmp,mode=control",
-                    "-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] + self.extra_args
-            t0 = time.monotonic()
-            with open(self.log_path, "w") as log:
-                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT)
-            try:
-                self._connect(t0)
-                break
-            except OracleArm64Error:
-                err = self._log()
-                self.close()
-                if "Address already in use" in err and attempt < 2:
-                    continue
-                raise
-        try:
-            self._wait_done(t0)
-        except BaseException:
-            self.close()
-            raise
-        return self
 
-    def _log(self) -> str:
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except OSError:
-            return ""
+    def _progress(self, word: int) -> str:
+        return f"probe {word}"
 
-    def _connect(self, t0: float):
-        deadline = t0 + self.timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise OracleArm64Error(f"QEMU exited ({self.proc.returncode}):\n{self._log()}")
-            if os.path.exists(self.own_qmp_path):
-                try:
-                    self.qmp = QMP(self.own_qmp_path)
-                    return
-                except (OSError, OracleError):
-                    pass
-            if time.monotonic() > deadline:
-                raise OracleArm64Error(f"no QMP socket within {self.timeout}s:\n{self._log()}")
-            time.sleep(0.005)
-
-    def _wait_done(self, t0: float):
-        deadline = t0 + self.timeout
-        while True:
-            magic = int.from_bytes(self._xp(I.DATA + I.MAGIC, 8), "little")
-            if magic in (I.MAGIC_DONE, I.MAGIC_EXCEPTION, I.MAGIC_SKIP):
-                break
-            if self.proc.poll() is not None:
-                raise OracleArm64Error(f"QEMU exited ({self.proc.returncode}) before DONE:\n"
-                                       f"{self._log()}")
-            if time.monotonic() > deadline:
-                raise OracleArm64Error(
-                    f"{self.name}: the guest did not finish within {self.timeout}s (magic "
-                    f"{magic:#x}, probe {self._header_word(I.PROGRESS)}); registers:\n"
-                    f"{self.hmp('info registers')}")
-            time.sleep(0.005)
-        self.boot_seconds = time.monotonic() - t0
-        head = self.read_phys(I.DATA, I.HEADER_SIZE)
-        self.header = {name: _u64(head, off) for name, off in (
-            ("magic", I.MAGIC), ("progress", I.PROGRESS), ("id_aa64mmfr0_el1", I.MMFR0),
-            ("id_aa64mmfr1_el1", I.MMFR1), ("id_aa64mmfr2_el1", I.MMFR2),
-            ("id_aa64pfr0_el1", I.PFR0), ("currentel", I.CURRENTEL), ("midr_el1", I.MIDR),
-            ("sctlr_el1", I.SCTLR_RB), ("tcr_el1", I.TCR_RB), ("ttbr0_el1", I.TTBR0_RB),
-            ("ttbr1_el1", I.TTBR1_RB), ("mair_el1", I.MAIR_RB), ("pan", I.PAN_RB),
-            ("esr", I.EXC_ESR), ("far", I.EXC_FAR), ("elr", I.EXC_ELR), ("spsr", I.EXC_SPSR),
-            ("vector", I.EXC_VECTOR), ("skip_index", I.SKIP_INDEX), ("nprobes", I.NPROBES),
-            ("pan2", I.PAN2))}
-        h = self.header
-        if magic == I.MAGIC_SKIP:
-            req = self.scenario.requires[h["skip_index"]]
-            reg = h[req.reg]
-            raise FeatureMissing(
-                f"{self.name}: the CPU lacks {req.what}: {req.reg}[{req.shift + 3}:{req.shift}] "
+    def _skip_reason(self) -> str:
+        req = self.scenario.requires[self.header["skip_index"]]
+        reg = self.header[req.reg]
+        return (f"{self.name}: the CPU lacks {req.what}: {req.reg}[{req.shift + 3}:{req.shift}] "
                 f"= {reg >> req.shift & 0xF:#x} ({req.reg} = {reg:#x})")
-        if magic == I.MAGIC_EXCEPTION:
-            raise OracleArm64Error(
-                f"{self.name}: unexpected exception in the guest at probe {h['progress']}: "
+
+    def _exception_report(self) -> str:
+        h = self.header
+        return (f"{self.name}: unexpected exception in the guest at probe {h['progress']}: "
                 f"vector {h['vector'] * 0x80:#x} ESR={h['esr']:#x} (EC {h['esr'] >> 26:#x}) "
                 f"FAR={h['far']:#x} ELR={h['elr']:#x} SPSR={h['spsr']:#x}")
-        self.pan2 = bool(h["pan2"])
-        self.results = self._decode()
 
-    def _header_word(self, off: int) -> int:
-        return int.from_bytes(self._xp(I.DATA + off, 8), "little")
-
-    def _decode(self) -> List[AtResult]:
+    def _decode(self):
+        self.pan2 = bool(self.header["pan2"])
         probes = self.probes
         raw = self.read_phys(I.DATA + I.RESULTS, I.RESULT_SIZE * len(probes))
         out = []
@@ -299,55 +191,15 @@ class OracleArm64VM:
                     continue
                 if short in EXEC_KINDS and not p.exec:
                     continue
-                value = _u64(raw, I.RESULT_SIZE * i + 8 * slot)
+                value = u64(raw, I.RESULT_SIZE * i + 8 * slot)
                 kind = KINDS[short]
                 out.append(decode_par(p.name, p.va, kind, value) if short in AT_KINDS
                            else decode_exec(p.name, p.va, kind, value))
-        return out
+        self.results = out
 
     def result(self, probe: str, kind: str) -> AtResult:
         """The answer for probe `probe` (its name) and `kind` (s1e1r... or R, W, r, ...)."""
-        kind = KINDS.get(kind, kind)
-        for r in self.results:
-            if r.name == probe and r.kind == kind:
-                return r
-        raise KeyError((probe, kind))
-
-    def probe(self, name: str) -> Probe:
-        for p in self.probes:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-    def close(self):
-        if self.qmp is not None:
-            try:
-                self.qmp.cmd("quit")
-            except (OracleError, OSError):
-                pass
-            self.qmp.close()
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-    # -- QMP / HMP (read-only) --
-    def hmp(self, command: str) -> str:
-        return self.qmp.cmd("human-monitor-command", **{"command-line": command})
-
-    def gva2gpa(self, va: int) -> Optional[int]:
-        """QEMU's debug translation of `va` (an EL1 data read with the CPU's PSTATE.PAN, as
-        QEMU 7.2 does it). None if it says Unmapped."""
-        text = self.hmp(f"gva2gpa {va:#x}").strip()
-        if text.startswith("gpa:"):
-            return int(text.split()[1], 16)
-        if "Unmapped" in text:
-            return None
-        raise OracleArm64Error(f"unexpected gva2gpa answer for {va:#x}: {text!r}")
+        return super().result(probe, KINDS.get(kind, kind))
 
     def registers(self) -> Dict[str, int]:
         """`info registers` as NAME -> value (PC, SP, X0.., PSTATE)."""
@@ -357,70 +209,24 @@ class OracleArm64VM:
             regs.setdefault(name, int(value, 16))
         return regs
 
-    def _xp(self, addr: int, length: int) -> bytes:
-        """Uncached read through `xp /Nbx` (for the magic word while the guest runs)."""
-        text = self.hmp(f"xp /{length}bx {addr:#x}")
-        vals = []
-        for line in text.splitlines():
-            if ":" in line:
-                vals += [int(w, 16) for w in line.split(":", 1)[1].split()]
-        if len(vals) != length:
-            raise OracleArm64Error(f"xp {addr:#x}: {text!r}")
-        return bytes(vals)
 
-    def _xp_page(self, page: int) -> bytes:
-        if page not in self._page_cache:
-            text = self.hmp(f"xp /512gx {page:#x}")
-            if "Cannot access memory" in text:
-                try:
-                    from qintrospect.errors import MemoryReadError
-                except ImportError:                  # pragma: no cover
-                    raise OracleArm64Error(f"no RAM at {page:#x}") from None
-                raise MemoryReadError(f"xp: no RAM at {page:#x}", page)
-            words = []
-            for line in text.splitlines():
-                if ":" in line:
-                    words += [int(w, 16) for w in line.split(":", 1)[1].split()]
-            if len(words) != 512:
-                raise OracleArm64Error(f"xp /512gx {page:#x}: got {len(words)} words")
-            self._page_cache[page] = b"".join(w.to_bytes(8, "little") for w in words)
-        return self._page_cache[page]
-
-    def read_phys(self, addr: int, length: int) -> bytes:
-        """Guest-physical memory through HMP `xp` (read-only), 4 KiB at a time, cached (the
-        guest writes nothing after DONE). Outside RAM: qintrospect.errors.MemoryReadError."""
-        out = b""
-        while length > 0:
-            page = addr & ~0xFFF
-            off = addr - page
-            n = min(length, 0x1000 - off)
-            out += self._xp_page(page)[off:off + n]
-            addr += n
-            length -= n
-        return out
-
-    def forget(self):
-        self._page_cache.clear()
+def _show(vm: OracleArm64VM):
+    """Every answer, marked where it differs from the Arm ARM."""
+    print(f"# {vm.name}: done in {vm.boot_seconds:.3f}s; qmp {vm.qmp_path}; gdb {vm.gdb_address}")
+    for k in ("id_aa64mmfr0_el1", "id_aa64mmfr1_el1", "id_aa64mmfr2_el1", "sctlr_el1",
+              "tcr_el1", "ttbr0_el1", "ttbr1_el1", "mair_el1", "pan"):
+        print(f"# {k} = {vm.header[k]:#x}")
+    for r in vm.results:
+        p = vm.probe(r.name)
+        want = p.expected(r.short, bool(vm.scenario.pan))
+        mark = "" if r.outcome == want else f"   <-- Arm ARM: {want}"
+        extra = (f" pa={r.pa:#x} attr={r.attr:#04x} sh={r.sh}" if r.ok and r.pa is not None
+                 else "")
+        print(f"{r.name:22} {r.va:#20x} {r.kind:9} {r.outcome:16}{extra} raw={r.raw:#x}{mark}")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    name = argv[0] if argv else "4k-48"
-    with tempfile.TemporaryDirectory() as d, OracleArm64VM(name, d) as vm:
-        print(f"# {name}: done in {vm.boot_seconds:.3f}s; qmp {vm.qmp_path}; gdb {vm.gdb_address}")
-        for k in ("id_aa64mmfr0_el1", "id_aa64mmfr1_el1", "id_aa64mmfr2_el1", "sctlr_el1",
-                  "tcr_el1", "ttbr0_el1", "ttbr1_el1", "mair_el1", "pan"):
-            print(f"# {k} = {vm.header[k]:#x}")
-        for r in vm.results:
-            p = vm.probe(r.name)
-            want = p.expected(r.short, bool(vm.scenario.pan))
-            mark = "" if r.outcome == want else f"   <-- Arm ARM: {want}"
-            extra = (f" pa={r.pa:#x} attr={r.attr:#04x} sh={r.sh}" if r.ok and r.pa is not None
-                     else "")
-            print(f"{r.name:22} {r.va:#20x} {r.kind:9} {r.outcome:16}{extra} raw={r.raw:#x}{mark}")
-        if "--wait" in argv:
-            input("# VM running; press Enter to quit ")
-    return 0
+    return by_hand(OracleArm64VM, "4k-48", _show, argv)
 
 
 if __name__ == "__main__":

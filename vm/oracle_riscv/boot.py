@@ -14,30 +14,28 @@ socket takes one client at a time), vm.own_qmp_path is the one this helper talks
 read-only monitor commands are used (`xp`, `info registers`, `info mem`, `gva2gpa`), though
 QEMU 7.2's gva2gpa may set A bits (README.md).
 
-The guest writes its answers to RAM (vm/oracle_riscv/image.py): this helper polls the magic word
-with HMP `xp` until DONE (raises OracleRiscvError on EXCEPTION, with mcause/mepc/mtval, or on
-timeout; FeatureMissing when QEMU refuses the scenario's -cpu or the guest's satp/menvcfg write
-did not stick), then decodes the slots into AccessResult records.
+The guest writes its answers to RAM (vm/oracle_riscv/image.py): vm/oracle_ram.py's RamOracleVM,
+the base of OracleRiscvVM, polls the magic word with HMP `xp` until DONE (raises
+OracleRiscvError on EXCEPTION, with mcause/mepc/mtval, or on timeout; FeatureMissing when QEMU
+refuses the scenario's -cpu or the guest's satp/menvcfg write did not stick), then decodes the
+slots into AccessResult records.
 
-By hand:  python -m vm.oracle_riscv.boot sv39 [--wait]
+By hand:  python -m vm.oracle_riscv.boot sv39 [--wait]     (--wait: until SIGINT or SIGTERM)
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
-from vm.oracle.boot import QMP, OracleError, free_port
+from vm.oracle.boot import OracleError
+from vm.oracle_ram import RamOracleVM, by_hand, u64
 
 from . import image as I
-from .layout import ECALL, FRAMES, FRAMES_SIZE, KINDS, PTE_A, PTE_D, SLOT, Probe, Scenario
+from .layout import ECALL, FRAMES, FRAMES_SIZE, KINDS, PTE_A, PTE_D, SLOT, Scenario
 from .scenarios import SCENARIOS
 
 QEMU = os.environ.get("QI_QEMU_RISCV64", "qemu-system-riscv64")
@@ -120,159 +118,53 @@ class PteChange:
         return ("A" if self.after & PTE_A else "") + ("D" if self.after & PTE_D else "")
 
 
-def _u64(buf: bytes, off: int) -> int:
-    return int.from_bytes(buf[off:off + 8], "little")
+class OracleRiscvVM(RamOracleVM):
+    """One QEMU running the RISC-V oracle guest in one scenario. Its gva2gpa is a load at the
+    hart's privilege (S after DONE); QEMU 7.2's may set A bits (forget() then)."""
 
-
-class OracleRiscvVM:
-    """One QEMU running the RISC-V oracle guest in one scenario."""
+    qemu = QEMU
+    qemu_hint = " (apt-get install qemu-system-misc)"
+    machine = ("-bios", "none")
+    tag = "rv-"
+    scenarios = SCENARIOS
+    error = OracleRiscvError
+    missing = FeatureMissing
+    data = I.DATA
+    header_size = I.HEADER_SIZE
+    header_layout = I.HEADER
+    magic_done, magic_exception, magic_skip = I.MAGIC_DONE, I.MAGIC_EXCEPTION, I.MAGIC_SKIP
 
     def __init__(self, scenario: Union[str, Scenario], workdir: str, cpu: Optional[str] = None,
                  memory: str = MEMORY, timeout: float = 30.0,
                  extra_args: Optional[List[str]] = None, elf: Optional[str] = None):
-        self.scenario = SCENARIOS[scenario] if isinstance(scenario, str) else scenario
-        self.name = self.scenario.name
-        self.workdir = workdir
+        super().__init__(scenario, workdir, cpu, memory, timeout, extra_args, elf)
         self.cpu = cpu or self.scenario.cpu
-        self.memory = memory
-        self.timeout = timeout
-        self.extra_args = extra_args or []
-        self.proc: Optional[subprocess.Popen] = None
-        self.qmp: Optional[QMP] = None
-        self.qmp_path = os.path.join(workdir, f"qmp-rv-{self.name}.sock")
-        self.own_qmp_path = os.path.join(workdir, f"qmp-rv-oracle-{self.name}.sock")
-        self.log_path = os.path.join(workdir, f"qemu-rv-{self.name}.log")
-        self.elf = elf                # None: build the scenario's image into workdir
         self.image: Optional[I.Image] = None
-        self.gdb_port: Optional[int] = None
-        self.boot_seconds: Optional[float] = None
-        self.header: Dict[str, int] = {}
-        self.results: List[AccessResult] = []
         self.ptes: Dict[str, PteChange] = {}
-        self._page_cache: Dict[int, bytes] = {}
 
-    @property
-    def gdb_address(self) -> str:
-        return f"127.0.0.1:{self.gdb_port}"
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def probes(self) -> tuple:
-        return self.scenario.all_probes()
-
-    # -- life cycle --
-    def __enter__(self) -> "OracleRiscvVM":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def start(self) -> "OracleRiscvVM":
-        if shutil.which(QEMU) is None:
-            raise OracleRiscvError(f"{QEMU} not found (apt-get install qemu-system-misc)")
+    def _build(self):
         self.image = I.build(self.scenario)
-        if self.elf is None:
+        if self.elf is None:          # None: build the scenario's image into workdir
             os.makedirs(self.workdir, exist_ok=True)
             self.elf = self.image.write_elf(
                 os.path.join(self.workdir, f"oracle-riscv-{self.name}.elf"))
-        for attempt in range(3):       # the free port may be taken between probe and bind
-            self.gdb_port = free_port()
-            for p in (self.qmp_path, self.own_qmp_path):
-                if os.path.exists(p):
-                    os.unlink(p)
-            args = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                    "-M", "virt", "-accel", "tcg", "-cpu", self.cpu, "-m", self.memory,
-                    "-bios", "none", "-kernel", self.elf, "-serial", "none", "-monitor", "none",
-                    "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                    "-chardev", f"socket,id=oracleqmp,path={self.own_qmp_path},server=on,wait=off",
-                    "-mon", "chardev=oracleqmp,mode=control",
-                    "-gdb", f"tcp:127.0.0.1:{self.gdb_port}"] + self.extra_args
-            t0 = time.monotonic()
-            with open(self.log_path, "w") as log:
-                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT)
-            try:
-                self._connect(t0)
-                break
-            except OracleRiscvError:
-                err = self._log()
-                self.close()
-                if "Address already in use" in err and attempt < 2:
-                    continue
-                if re.search(r"Property '[^']*' not found|can't apply global", err):
-                    raise FeatureMissing(f"{self.name}: QEMU refuses -cpu {self.cpu}: "
-                                         f"{err.strip()}") from None
-                raise
-        try:
-            self._wait_done(t0)
-        except BaseException:
-            self.close()
-            raise
-        return self
 
-    def _log(self) -> str:
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except OSError:
-            return ""
+    def _refused(self, log: str):
+        if re.search(r"Property '[^']*' not found|can't apply global", log):
+            raise FeatureMissing(f"{self.name}: QEMU refuses -cpu {self.cpu}: "
+                                 f"{log.strip()}") from None
 
-    def _connect(self, t0: float):
-        deadline = t0 + self.timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise OracleRiscvError(f"QEMU exited ({self.proc.returncode}):\n{self._log()}")
-            if os.path.exists(self.own_qmp_path):
-                try:
-                    self.qmp = QMP(self.own_qmp_path)
-                    return
-                except (OSError, OracleError):
-                    pass
-            if time.monotonic() > deadline:
-                raise OracleRiscvError(f"no QMP socket within {self.timeout}s:\n{self._log()}")
-            time.sleep(0.005)
-
-    def _wait_done(self, t0: float):
-        deadline = t0 + self.timeout
-        while True:
-            magic = self._header_word(I.MAGIC)
-            if magic in (I.MAGIC_DONE, I.MAGIC_EXCEPTION, I.MAGIC_SKIP):
-                break
-            if self.proc.poll() is not None:
-                raise OracleRiscvError(f"QEMU exited ({self.proc.returncode}) before DONE:\n"
-                                       f"{self._log()}")
-            if time.monotonic() > deadline:
-                raise OracleRiscvError(
-                    f"{self.name}: the guest did not finish within {self.timeout}s (magic "
-                    f"{magic:#x}, progress {self._header_word(I.PROGRESS):#x}); registers:\n"
-                    f"{self.hmp('info registers')}")
-            time.sleep(0.005)
-        self.boot_seconds = time.monotonic() - t0
-        head = self.read_phys(I.DATA, I.HEADER_SIZE)
-        self.header = {name: _u64(head, off) for name, off in I.HEADER.items()}
+    def _skip_reason(self) -> str:
         h = self.header
-        if magic == I.MAGIC_SKIP:
-            what = I.SKIP_REASONS.get(h["skip"], h["skip"])
-            want = self.image.built.satp if what == "satp" else self.scenario.menvcfg
-            raise FeatureMissing(f"{self.name}: the hart did not take {what} = {want:#x} "
-                                 f"(reads back {h[what]:#x})")
-        if magic == I.MAGIC_EXCEPTION:
-            p = h["progress"]
-            raise OracleRiscvError(
-                f"{self.name}: unexpected trap in the guest at probe {p >> 8} slot {p & 0xFF}: "
-                f"mcause={h['mcause']:#x} mepc={h['mepc']:#x} mtval={h['mtval']:#x}")
-        self._decode()
+        what = I.SKIP_REASONS.get(h["skip"], h["skip"])
+        want = self.image.built.satp if what == "satp" else self.scenario.menvcfg
+        return f"{self.name}: the hart did not take {what} = {want:#x} (reads back {h[what]:#x})"
 
-    def _header_word(self, off: int) -> int:
-        return int.from_bytes(self._xp(I.DATA + off, 8), "little")
+    def _exception_report(self) -> str:
+        h = self.header
+        p = h["progress"]
+        return (f"{self.name}: unexpected trap in the guest at probe {p >> 8} slot {p & 0xFF}: "
+                f"mcause={h['mcause']:#x} mepc={h['mepc']:#x} mtval={h['mtval']:#x}")
 
     def _decode(self):
         probes = self.probes
@@ -284,57 +176,14 @@ class OracleRiscvVM:
                 if KINDS[kind].access == "fetch" and not p.exec:
                     continue
                 off = base + 16 * SLOT[kind]
-                out.append(decode(p.name, p.va, kind, _u64(raw, off), _u64(raw, off + 8)))
+                out.append(decode(p.name, p.va, kind, u64(raw, off), u64(raw, off + 8)))
             self.ptes[p.name] = PteChange(self.image.built.pte_address(p.va),
-                                          _u64(raw, base + I.PTE_BEFORE),
-                                          _u64(raw, base + I.PTE_AFTER))
+                                          u64(raw, base + I.PTE_BEFORE),
+                                          u64(raw, base + I.PTE_AFTER))
         self.results = out
-
-    def result(self, probe: str, kind: str) -> AccessResult:
-        """The answer for probe `probe` (its name) and `kind` (R, W, X, r, w, x, R+sum, ...)."""
-        for r in self.results:
-            if r.name == probe and r.kind == kind:
-                return r
-        raise KeyError((probe, kind))
-
-    def probe(self, name: str) -> Probe:
-        for p in self.probes:
-            if p.name == name:
-                return p
-        raise KeyError(name)
 
     def pte(self, name: str) -> PteChange:
         return self.ptes[name]
-
-    def close(self):
-        if self.qmp is not None:
-            try:
-                self.qmp.cmd("quit")
-            except (OracleError, OSError):
-                pass
-            self.qmp.close()
-            self.qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-    # -- QMP / HMP --
-    def hmp(self, command: str) -> str:
-        return self.qmp.cmd("human-monitor-command", **{"command-line": command})
-
-    def gva2gpa(self, va: int) -> Optional[int]:
-        """QEMU's debug translation of `va` (a load at the hart's privilege: S after DONE).
-        None if it says Unmapped."""
-        text = self.hmp(f"gva2gpa {va:#x}").strip()
-        if text.startswith("gpa:"):
-            return int(text.split()[1], 16)
-        if "Unmapped" in text:
-            return None
-        raise OracleRiscvError(f"unexpected gva2gpa answer for {va:#x}: {text!r}")
 
     def info_mem(self) -> List[Tuple[int, int, int, str]]:
         """HMP `info mem` as (vaddr, paddr, size, attrs) rows (attrs: QEMU's `rwxugad`)."""
@@ -356,75 +205,29 @@ class OracleRiscvVM:
                 regs.setdefault(n, int(value, 16))
         return regs
 
-    def _xp(self, addr: int, length: int) -> bytes:
-        """Uncached read through `xp /Nbx` (for the magic word while the guest runs)."""
-        text = self.hmp(f"xp /{length}bx {addr:#x}")
-        vals = []
-        for line in text.splitlines():
-            if ":" in line:
-                vals += [int(w, 16) for w in line.split(":", 1)[1].split()]
-        if len(vals) != length:
-            raise OracleRiscvError(f"xp {addr:#x}: {text!r}")
-        return bytes(vals)
 
-    def _xp_page(self, page: int) -> bytes:
-        if page not in self._page_cache:
-            text = self.hmp(f"xp /512gx {page:#x}")
-            if "Cannot access memory" in text:
-                try:
-                    from qintrospect.errors import MemoryReadError
-                except ImportError:                  # pragma: no cover
-                    raise OracleRiscvError(f"no RAM at {page:#x}") from None
-                raise MemoryReadError(f"xp: no RAM at {page:#x}", page)
-            words = []
-            for line in text.splitlines():
-                if ":" in line:
-                    words += [int(w, 16) for w in line.split(":", 1)[1].split()]
-            if len(words) != 512:
-                raise OracleRiscvError(f"xp /512gx {page:#x}: got {len(words)} words")
-            self._page_cache[page] = b"".join(w.to_bytes(8, "little") for w in words)
-        return self._page_cache[page]
-
-    def read_phys(self, addr: int, length: int) -> bytes:
-        """Guest-physical memory through HMP `xp` (read-only), 4 KiB at a time, cached (the
-        guest writes nothing after DONE; gva2gpa may: forget())."""
-        out = b""
-        while length > 0:
-            page = addr & ~0xFFF
-            off = addr - page
-            n = min(length, 0x1000 - off)
-            out += self._xp_page(page)[off:off + n]
-            addr += n
-            length -= n
-        return out
-
-    def forget(self):
-        self._page_cache.clear()
+def _show(vm: OracleRiscvVM):
+    """Every answer, marked where it differs from the spec, and the PTEs around the probes."""
+    print(f"# {vm.name}: done in {vm.boot_seconds:.3f}s; -cpu {vm.cpu}; qmp {vm.qmp_path}; "
+          f"gdb {vm.gdb_address}")
+    for k in ("misa", "mstatus", "satp", "menvcfg", "pmpaddr0", "pmpcfg0", "a1"):
+        print(f"# {k} = {vm.header[k]:#x}")
+    for r in vm.results:
+        p = vm.probe(r.name)
+        want, qemu = p.expected(r.kind), p.qemu_expected(r.kind)
+        mark = "" if r.outcome == want else (
+            "   <-- spec: " + want + ("" if r.outcome == qemu else " (not the recorded QEMU"
+                                     f" answer {qemu})"))
+        extra = f" pa={r.pa:#x}" if r.pa is not None else ""
+        print(f"{r.name:24} {r.va:#20x} {r.kind:10} {r.outcome:13}{extra} "
+              f"raw=({r.raw[0]:#x}, {r.raw[1]:#x}){mark}")
+    for n, c in vm.ptes.items():
+        if c.address:
+            print(f"# pte {n:24} @{c.address:#x} {c.before:#018x} -> {c.after:#018x}")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    name = argv[0] if argv else "sv39"
-    with tempfile.TemporaryDirectory() as d, OracleRiscvVM(name, d) as vm:
-        print(f"# {name}: done in {vm.boot_seconds:.3f}s; -cpu {vm.cpu}; qmp {vm.qmp_path}; "
-              f"gdb {vm.gdb_address}")
-        for k in ("misa", "mstatus", "satp", "menvcfg", "pmpaddr0", "pmpcfg0", "a1"):
-            print(f"# {k} = {vm.header[k]:#x}")
-        for r in vm.results:
-            p = vm.probe(r.name)
-            want, qemu = p.expected(r.kind), p.qemu_expected(r.kind)
-            mark = "" if r.outcome == want else (
-                "   <-- spec: " + want + ("" if r.outcome == qemu else " (not the recorded QEMU"
-                                         f" answer {qemu})"))
-            extra = f" pa={r.pa:#x}" if r.pa is not None else ""
-            print(f"{r.name:24} {r.va:#20x} {r.kind:10} {r.outcome:13}{extra} "
-                  f"raw=({r.raw[0]:#x}, {r.raw[1]:#x}){mark}")
-        for n, c in vm.ptes.items():
-            if c.address:
-                print(f"# pte {n:24} @{c.address:#x} {c.before:#018x} -> {c.after:#018x}")
-        if "--wait" in argv:
-            input("# VM running; press Enter to quit ")
-    return 0
+    return by_hand(OracleRiscvVM, "sv39", _show, argv)
 
 
 if __name__ == "__main__":
