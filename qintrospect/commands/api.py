@@ -49,7 +49,6 @@ class Commands:
                  progress=None):
         """commands.finder.find_cr3: candidate page-table roots in guest RAM (no symbols)."""
         from .finder import find_cr3
-        paging.require(self.cpu, "find-cr3", "x86_64", "aarch64")
         return find_cr3(self, gva, expect, progress)
 
     def search(self, pattern: bytes, cr3: Optional[int] = None, start: int = 0,
@@ -92,7 +91,6 @@ class Commands:
         from . import whomaps
         from ..slat import parse_slat
         self.check_open()
-        paging.require(self.cpu, "who-maps", "x86_64", "aarch64")
         spec = parse_slat(slat) if isinstance(slat, str) else slat
         results = whomaps.who_maps(self, gpa, hva, hpa, progress, spec, roots)
         if names:

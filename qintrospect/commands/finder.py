@@ -1,8 +1,10 @@
 """Find page-table roots in guest RAM without symbols.
 
-Every process's top-level table shares the kernel half (entries 256-511) with every other, so
-a 4 KiB page whose upper 2 KiB equal those of the current CR3's table is a candidate root
-(FACTS.md, "The guest's view"). With KPTI each process has a pair: the kernel copy at an 8 KiB
+Every process's top-level table shares the kernel half (entries 256-511) with every other (x86
+4/5-level paging and riscv64 Sv39/48/57: Linux copies the kernel's entries into each), so a
+4 KiB page whose upper 2 KiB equal those of the current table (CR3's, satp's) is a candidate
+root (FACTS.md, "The guest's view"); aarch64's roots are found by their shape instead
+(roots_arm64.py). With KPTI each process has a pair: the kernel copy at an 8 KiB
 aligned address and the user copy 4 KiB above it, whose user half is the same. Candidates are
 then filtered by "maps GVA" and "the 8 bytes at GVA equal VALUE" with the ordinary walker.
 """
@@ -45,16 +47,29 @@ class Candidate:
                 "gpa": h(self.gpa), "value": h(self.value), "value_matches": self.value_matches}
 
 
-def fingerprint_root(read: Callable[[int, int], bytes], cpu: paging.CpuState):
-    """The current top-level table (its kernel copy, under KPTI) and its upper half."""
+def _top_table(cpu):
+    """(the current top-level table's address, the mode) where every process's top table
+    holds the kernel's half: x86 4/5-level paging, riscv64 Sv39/48/57 (Linux copies the
+    kernel's entries into each process's table on both)."""
+    if paging.arch_of(cpu) == "riscv64":
+        from ..paging.riscv_format import riscv_mode, satp_root
+        mode = riscv_mode(cpu)
+        if mode is None:
+            raise UsageError("find-cr3 needs translation on (satp.MODE is Bare)")
+        return satp_root(cpu.satp), mode
     mode = paging.paging_mode(cpu)
     if mode is None or mode.name not in ("4-level", "5-level"):
         raise UsageError(f"find-cr3 needs 4- or 5-level paging; this vCPU is in "
                          f"{mode.name if mode else 'no paging'} mode")
-    root, _ = paging.cr3_root(cpu, mode)
+    return paging.cr3_root(cpu, mode)[0], mode
+
+
+def fingerprint_root(read: Callable[[int, int], bytes], cpu):
+    """The current top-level table (its kernel copy, under KPTI) and its upper half."""
+    root, _ = _top_table(cpu)
     table = read(root, PAGE)
-    if root % (2 * PAGE) == PAGE and (not any(table[HALF:])
-                                      or _user_halves_match(read, root - PAGE)):
+    if paging.is_x86(cpu) and root % (2 * PAGE) == PAGE and (
+            not any(table[HALF:]) or _user_halves_match(read, root - PAGE)):
         # CR3 holds a KPTI user copy (stopped in user mode): the kernel copy is just below it.
         # The user copy's kernel half is not empty (Linux maps the entry code and the CPU
         # entry area there), but it is not the kernel's: every other user copy shares it
@@ -74,7 +89,7 @@ def scan(memory, ram_map, cpu, progress=None) -> List[Candidate]:
     Only page-aligned slots can hold a table: one 8-byte word of the kernel half is checked at
     every page of a chunk at once (numpy), and the full 2 KiB compare runs only where it
     matches. Memory adapters that can skip pages the host never touched do so."""
-    if not paging.is_x86(cpu):
+    if paging.arch_of(cpu) == "aarch64":
         from . import roots_arm64
         return roots_arm64.scan(memory, ram_map, cpu, progress)
     import numpy as np
@@ -89,7 +104,12 @@ def scan(memory, ram_map, cpu, progress=None) -> List[Candidate]:
             off = int(page) * PAGE
             if data[off + HALF:off + PAGE] == kernel_half:
                 found.append(gpa + off)
-    return pair_kpti(memory.read, found, paging.cr3_root(cpu, paging.paging_mode(cpu))[0])
+    current = _top_table(cpu)[0]
+    if not paging.is_x86(cpu):          # no KPTI pairs on riscv64
+        return [Candidate(r, "the current satp's table" if r == current else
+                          "kernel half equals the current satp's table",
+                          is_current=r == current) for r in sorted(set(found))]
+    return pair_kpti(memory.read, found, current)
 
 
 def ram_chunks(memory, ram_map, progress=None):
@@ -172,7 +192,7 @@ def check(read, cpu, candidates: List[Candidate], gva: Optional[int],
 
 def _with_root(cpu, root: int):
     """The vCPU's state with a candidate's root: on x86 with no PCID bits and no PAE PDPTE
-    registers of the vCPU's own; on aarch64 as TTBR0_EL1."""
+    registers of the vCPU's own; on aarch64 as TTBR0_EL1; on riscv64 in satp (ASID 0)."""
     if paging.is_x86(cpu):
         return replace(cpu, cr3=root, cr4=cpu.cr4 & ~(1 << 17), pdptes=None)
     return paging.with_root(cpu, root)

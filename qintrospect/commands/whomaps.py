@@ -122,17 +122,18 @@ class WhoMaps:
 # ---- the roots ---------------------------------------------------------------------------
 
 def guest_roots(session, progress=None) -> Tuple[List[int], List[str]]:
-    """Every page-table root qintrospect can find: each vCPU's, and (4/5-level paging, or
-    aarch64's TTBR0_EL1 tables) the finder's scan of guest RAM with KPTI copies paired."""
+    """Every page-table root qintrospect can find: each vCPU's, and (4/5-level paging,
+    Sv39/48/57, or aarch64's TTBR0_EL1 tables) the finder's scan of guest RAM with KPTI
+    copies paired."""
     notes: List[str] = []
     roots = []
-    x86 = paging.is_x86(session.cpu)
+    arch = paging.arch_of(session.cpu)
     for v in session.vcpu_info:
-        root = v.root if x86 else v.table(0)
+        root = v.table(0) if arch == "aarch64" else v.root
         if root not in roots:
             roots.append(root)
-    mode = paging.paging_mode(session.cpu) if x86 else None
-    if not x86 or (mode is not None and mode.name in ("4-level", "5-level")):
+    mode = _mode(session.cpu) if arch != "aarch64" else None
+    if arch == "aarch64" or (mode is not None and mode.name in SHARED_KERNEL_HALF):
         try:
             for c in finder.scan(session.memory, session.ram_map, session.cpu, progress):
                 if c.root not in roots:
@@ -163,11 +164,11 @@ def who_maps_gpa(session, gpa: int, roots: Optional[List[int]] = None,
         roots, notes = guest_roots(session, progress)
         result.notes += notes
     result.roots = roots
-    if not paging.is_x86(session.cpu):
+    if paging.arch_of(session.cpu) == "aarch64":
         _search_arm64(session, roots, gpa, result)
         result.seconds = time.perf_counter() - t0
         return result
-    mode = paging.paging_mode(session.cpu)
+    mode = _mode(session.cpu)
     if mode is None:
         result.notes.append("paging is off: the GPA is the linear address")
         return result
@@ -176,8 +177,20 @@ def who_maps_gpa(session, gpa: int, roots: Optional[List[int]] = None,
     return result
 
 
+# modes whose every process table holds the kernel's half (Linux copies it in)
+SHARED_KERNEL_HALF = ("4-level", "5-level", "sv39", "sv48", "sv57")
+
+
+def _mode(cpu):
+    """The paging mode of an x86 or riscv64 vCPU (None: paging off)."""
+    if paging.arch_of(cpu) == "riscv64":
+        from ..paging.riscv_format import riscv_mode
+        return riscv_mode(cpu)
+    return paging.paging_mode(cpu)
+
+
 def _halves(mode) -> List[Tuple[int, Optional[int], str]]:
-    if mode.name in ("4-level", "5-level"):
+    if mode.name in SHARED_KERNEL_HALF:
         half = 1 << (mode.va_bits - 1)
         return [(0, half, "user"), ((1 << 64) - half, None, "kernel")]
     return [(0, None, "all")]
@@ -233,7 +246,10 @@ def _collect(la, mode, root: int, gpa: int, half: str, result: WhoMaps) -> None:
         rows = la.level > k
         if not rows.any():
             continue
-        tables = la.path[rows, k] & U64(fmt.table_addr[k])
+        if hasattr(fmt, "table_addr"):
+            tables = la.path[rows, k] & U64(fmt.table_addr[k])
+        else:                                   # riscv64: PPN[53:10] << 12
+            tables = ((la.path[rows, k] >> U64(10)) & U64((1 << 44) - 1)) << U64(12)
         if (tables == U64(page)).any():
             result.tables.append(TableUse(root, mode.levels[k + 1].name, half))
 

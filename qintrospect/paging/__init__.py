@@ -59,7 +59,7 @@ def arch_of(cpu) -> str:
 # What works on a guest of another architecture so far; the rest reads x86 structures (CR3
 # roots, Linux x86-64's task layout, EPT/NPT) and says so.
 ARM64_COMMANDS = "translate, vmmap, read, search, find-cr3, who-maps and cpus"
-RISCV64_COMMANDS = "translate, vmmap, read, search and cpus"
+RISCV64_COMMANDS = "translate, vmmap, read, search, find-cr3, who-maps and cpus"
 ARCH_COMMANDS = {"aarch64": ARM64_COMMANDS, "riscv64": RISCV64_COMMANDS}
 
 
@@ -146,7 +146,8 @@ def with_root(cpu, root: int):
         if root >> SATP_MODE_SHIFT:
             return replace(cpu, satp=root)
         if root & 0xFFF or root >> 56:
-            raise ValueError(f"{root:#x} is neither a satp value (MODE in bits 63:60) nor a "
+            from ..errors import UsageError
+            raise UsageError(f"{root:#x} is neither a satp value (MODE in bits 63:60) nor a "
                              f"page-aligned 56-bit root table address")
         return replace(cpu, satp=(cpu.satp >> SATP_MODE_SHIFT) << SATP_MODE_SHIFT
                        | (root >> 12 & SATP_PPN))

@@ -90,3 +90,27 @@ def test_a_user_copy_with_its_own_kernel_entries_leads_to_the_kernel_copies():
     ram.put(0x61000, 0x31000 | P | RW | US)
     cpu = paging.CpuState(CR0, 0x61000, CR4, EFER, 40)
     assert finder.fingerprint_root(ram.read, cpu)[0] == 0x61000
+
+
+def test_riscv64_roots_share_the_kernel_half_without_kpti_pairs():
+    """Sv39: every process's root holds the kernel's entries 256-511 (Linux copies them in);
+    two roots 4 KiB apart are two processes, never a KPTI pair."""
+    from qintrospect.paging.riscv_format import RiscvState
+    V = 1
+    ram = Ram()
+    kernel_l1 = 0x10000
+    for root in (0x20000, 0x21000):                       # adjacent, as a KPTI pair would be
+        ram.put(root + 300 * 8, (kernel_l1 >> 12) << 10 | V)
+    for root, l1, l0, data, value in ((0x20000, 0x30000, 0x31000, 0x32000, 111),
+                                      (0x21000, 0x40000, 0x41000, 0x42000, 222)):
+        ram.put(root + 1 * 8, (l1 >> 12) << 10 | V)         # VA 0x40000000 ...
+        ram.put(l1, (l0 >> 12) << 10 | V)
+        ram.put(l0, (data >> 12) << 10 | 0xC7 | 1 << 4)     # V R W A D U
+        ram.put(data, value)
+    cpu = RiscvState(satp=8 << 60 | 0x20, priv=0)
+    cands = {c.root: c for c in finder.scan(ram, ram.ram_map, cpu)}
+    assert set(cands) == {0x20000, 0x21000}
+    assert cands[0x20000].is_current and not cands[0x21000].is_current
+    assert all(c.kpti_user_copy is None and c.kpti_kernel_copy is None for c in cands.values())
+    checked = finder.check(ram.read, cpu, list(cands.values()), 0x40000000, 222)
+    assert checked[0].root == 0x21000 and checked[0].value_matches and checked[0].gpa == 0x42000
