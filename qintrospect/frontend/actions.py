@@ -277,7 +277,8 @@ def cmd_find_cr3(args) -> int:
             candidates = guest_candidates(vm, args, gva, expect)
         else:
             candidates = _find_cr3(vm, gva, expect)
-        reg = "CR3" if paging.is_x86(vm.cpu) else "TTBR0"     # the per-process root register
+        # what --cr3 takes there: CR3, TTBR0_EL1, or (riscv64) the root table's address
+        reg = {"x86_64": "CR3", "aarch64": "TTBR0"}.get(paging.arch_of(vm.cpu), "root")
     if expect is not None:
         shown = [c for c in candidates if c.value_matches]
     elif gva is not None:
@@ -298,7 +299,7 @@ def cmd_find_cr3(args) -> int:
                     else f"  maps it: GPA {c.gpa:#x}"
             elif c.maps_gva is False:
                 extra = "  does not map it"
-            current = f"  [current {reg}]" if c.is_current else ""
+            current = f"  [current {'satp' if reg == 'root' else reg}]" if c.is_current else ""
             print(f"  {reg} {c.root:#014x}  {c.how}{current}{extra}")
     return EXIT_OK if shown else EXIT_FAULT
 
