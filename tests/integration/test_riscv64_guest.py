@@ -20,7 +20,7 @@ PFN = (1 << 55) - 1
 @pytest.fixture(scope="module")
 def riscv_guest():
     Riscv64Guest.check_built()      # fails (not skips) when vm/riscv64/build.sh was not run
-    with Riscv64Guest() as g:
+    with Riscv64Guest(memory="256M") as g:      # a smaller RAM to scan for roots
         g.start_spinner()
         g.kallsyms = {}
         wanted = ("_stext", "schedule", "vfs_read", "do_idle")
