@@ -21,9 +21,9 @@ ARCH_OF_TARGET = {"x86_64": "x86_64", "i386": "x86_64", "aarch64": "aarch64",
 
 
 def target_of(listing) -> str:
-    """"x86_64", "aarch64" or "riscv64", from query-cpus-fast (every entry names the target, QEMU 3.0
-    on); a listing without it is taken as x86 (as before targets were told apart); another
-    target is an AttachError that names it."""
+    """"x86_64", "aarch64" or "riscv64", from query-cpus-fast (every entry names the target,
+    QEMU 3.0 on); a listing without it is taken as x86 (as before targets were told apart);
+    another target is an AttachError that names it."""
     first = listing[0] if isinstance(listing, list) and listing and \
         isinstance(listing[0], dict) else {}
     target = first.get("target")

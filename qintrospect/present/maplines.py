@@ -1,8 +1,8 @@
 """vmmap --json's lines made from the map's columns: json_line(row.to_dict(leaf)) for every
-row, byte for byte. Rows alike in page size, rights (readable too), host status and (with --leaf) the
-leaf's flags share one %-format, filled with each row's start, end, size, GPA, HPA and leaf
-count (rowlines); a row that reaches the top of the address space (its end is 2**64) is made
-from its own MapRow."""
+row, byte for byte. Rows alike in page size, rights (readable too), host status and (with
+--leaf) the leaf's flags share one %-format, filled with each row's start, end, size, GPA, HPA
+and leaf count (rowlines); a row that reaches the top of the address space (its end is 2**64)
+is made from its own MapRow."""
 
 import numpy as np
 

@@ -114,7 +114,7 @@ def translation_text(t, show_bits: bool = True) -> str:
                    f"addresses{assumed}")
     elif is_riscv(w):
         out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, satp {t.cr3:#x} ({t.cr3_source}), "
-                   f"{mode.capitalize()} translation{'' if w.pcid is None else f', ASID {w.pcid:#x}'}")
+                   f"{mode.capitalize()} translation")
     else:
         out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, CR3 {t.cr3:#x} ({t.cr3_source})"
                    f"{pcid}, {mode} paging, MAXPHYADDR {w.maxphyaddr}{assumed}")
