@@ -7,7 +7,7 @@ empty or table descriptors pointing into RAM, that no other table points to, and
 below holds only descriptors and reaches at least one valid leaf. Linux fills a table it hands
 out with zeros and writes only valid descriptors into the upper levels (swap and PROT_NONE
 entries live at the last level only), so live roots pass; freed ones whose content survives
-pass too, as the x86 finder's stale copies do: `--gva`/`--value` tell them apart.
+pass too, as the x86 finder's stale copies do: `--gva`/`--expect` tell them apart.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..errors import MemoryReadError, UsageError
 from ..paging.arm64_format import SCTLR_M, Arm64State, arm64_format, range_params, ttbr_base
 
 U64 = np.uint64
-TABLE_MAX = 4096          # tables walked per candidate before it is taken as a real tree
+TABLE_MAX = 4096          # tables read per candidate at most (a bound on crafted trees)
 
 
 def _ttbr0_params(state: Arm64State):
