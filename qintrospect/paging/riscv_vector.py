@@ -12,14 +12,14 @@ once. Python loops only over distinct tables. The property tests
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .model import Mapping, PagingMode, ReadPhys, Walk
+from .model import PagingMode, ReadPhys, Walk
 from .riscv import walk_riscv
 from .riscv_format import (
-    A, FLAG_BITS, N, NAPOT_SIZE, PBMT, PPN_MASK, R, RWX, U, V, W, X, RiscvFormat, RiscvState,
+    A, N, NAPOT_SIZE, PBMT, PPN_MASK, R, RWX, U, V, W, X, RiscvFormat, RiscvState,
     riscv_format, riscv_mode, satp_root,
 )
 from .vector import (
@@ -160,24 +160,13 @@ def walk_array_riscv(read_phys: ReadPhys, state: RiscvState,
 # ---------------------------------------------------------------- whole address spaces
 
 class RiscvLeafArrays(LeafArrays):
-    """LeafArrays of a RISC-V address space (format: the RiscvFormat, with flag_bits)."""
+    """LeafArrays of a RISC-V address space (format: the RiscvFormat, whose flag_bits
+    LeafArrays.mappings keys its flag cache on)."""
 
     @property
     def readable(self) -> np.ndarray:
         """R=1: a load works (execute-only pages, R=0 X=1, need mstatus.MXR)."""
         return (self.entry & U64(R)) != 0
-
-    def mappings(self) -> Iterator[Mapping]:
-        """The leaves as paging.Mapping objects, equal to iter_mappings_riscv's ones."""
-        flags_of: Dict[Tuple[int, int], Tuple[str, ...]] = {}
-        columns = (self.va, self.pa, self.size, self.writable, self.user, self.executable,
-                   self.level, self.entry, self.path)
-        for va, pa, size, w, u, x, i, e, path in zip(*(c.tolist() for c in columns)):
-            key = (i, e & FLAG_BITS)
-            flags = flags_of.get(key)
-            if flags is None:
-                flags = flags_of[key] = self.format.flags(i, e, True)
-            yield Mapping(va, pa, size, w, u, x, tuple(path[:i + 1]), flags)
 
 
 def _no_leaves(mode: Optional[PagingMode], fmt: Optional[RiscvFormat]) -> RiscvLeafArrays:

@@ -212,10 +212,11 @@ class LeafArrays:
     def mappings(self) -> Iterator[Mapping]:
         """The leaves as paging.Mapping objects, equal to iter_mappings' ones."""
         flags_of: Dict[Tuple[int, int], Tuple[str, ...]] = {}   # leaves repeat a few flag sets
+        mask = getattr(self.format, "flag_bits", FLAG_BITS)     # the bits flags() reads
         columns = (self.va, self.pa, self.size, self.writable, self.user, self.executable,
                    self.level, self.entry, self.path)
         for va, pa, size, w, u, x, i, e, path in zip(*(c.tolist() for c in columns)):
-            key = (i, e & FLAG_BITS)
+            key = (i, e & mask)
             flags = flags_of.get(key)
             if flags is None:
                 flags = flags_of[key] = self.format.flags(i, e, True)
