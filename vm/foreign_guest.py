@@ -95,6 +95,13 @@ class ForeignGuest(Guest):
             raise GuestError(f"/proc/{pid}/mem at {va:#x}: {out!r}")
         return int(words[0], 16)
 
+    def stack_word(self, pid: int, timeout=30):
+        """(va, its 8 bytes) near the top of the process's stack: its argv and environment,
+        placed by ASLR, so no other process holds the same bytes at the same address."""
+        (line,) = [m for m in self.proc_maps(pid, timeout) if m.endswith("[stack]")]
+        va = int(line.split("-")[1].split()[0], 16) - 0x40
+        return va, self.read_user(pid, va, timeout)
+
     def user_pids(self, timeout=30) -> List[int]:
         """The guest's processes with an address space of their own (kernel threads have
         none: their /proc/PID/maps is empty)."""

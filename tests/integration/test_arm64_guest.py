@@ -224,21 +224,13 @@ def test_search_finds_what_a_plain_scan_of_the_user_pages_finds(arm64_guest):
     assert 0x400000 in plain and all(r["user"] for r in rows)
 
 
-def stack_word(g, pid):
-    """An address near the top of the process's stack (its argv/environment: no other
-    process holds the same bytes at the same address, ASLR placed them) and its 8 bytes."""
-    (line,) = [m for m in g.proc_maps(pid) if m.endswith("[stack]")]
-    va = int(line.split("-")[1].split()[0], 16) - 0x40
-    return va, g.read_user(pid, va)
-
-
 def test_find_cr3_finds_every_process_by_a_value_only_it_holds(arm64_guest):
     """Each user process's TTBR0 table, found in RAM by its shape with no symbols, and picked
     out by a value of its own stack; for the spinner the GPA it gives is the guest kernel's own
     pagemap answer, and its root the TTBR0_EL1 the vCPU runs it with."""
     g = arm64_guest
     pids = g.user_pids()
-    words = {pid: stack_word(g, pid) for pid in pids}
+    words = {pid: g.stack_word(pid) for pid in pids}
     # the spinner's stack frame stays put; a shell that forks a command (the console's, which
     # runs these) gets a new copy of its stack page at the next write after each fork
     spinner = g.probe["pid"]
@@ -270,7 +262,7 @@ def test_who_maps_names_each_mapping_of_a_stack_page(arm64_guest):
     table."""
     g = arm64_guest
     pid = g.probe["pid"]
-    va, value = stack_word(g, pid)
+    va, value = g.stack_word(pid)
     gpa = (g.pagemap(pid, va) & ((1 << 55) - 1)) << 12 | va % PAGE
     with paused(g):
         rc, (root,), err = run_json("find-cr3", *attach_args(g), "--gva", hex(va),

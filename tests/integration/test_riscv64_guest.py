@@ -168,21 +168,13 @@ def test_brief_batch_agrees_with_the_one_address_walks(riscv_guest):
     assert "non-canonical" in {b["fault"]["reason"] for b in brief if "fault" in b}
 
 
-def stack_word(g, pid):
-    """An address near the top of the process's stack (its argv/environment, placed by ASLR:
-    no other process holds the same bytes there) and its 8 bytes."""
-    (line,) = [m for m in g.proc_maps(pid) if m.endswith("[stack]")]
-    va = int(line.split("-")[1].split()[0], 16) - 0x40
-    return va, g.read_user(pid, va)
-
-
 def test_find_cr3_finds_every_process_by_a_value_only_it_holds(riscv_guest):
     """Each user process's root table, found in RAM by the kernel half it shares with the
     current satp's (no symbols), and picked out by a value of its own stack; for the spinner
     the GPA it gives is the guest kernel's own pagemap answer."""
     g = riscv_guest
     pids = g.user_pids()
-    words = {pid: stack_word(g, pid) for pid in pids}
+    words = {pid: g.stack_word(pid) for pid in pids}
     # the spinner's stack frame stays put; a shell that forks a command gets a new copy of
     # its stack page at its next write
     spinner = g.probe["pid"]
@@ -210,7 +202,7 @@ def test_who_maps_names_the_spinners_stack_page(riscv_guest):
     and the kernel's linear map (in the shared half); from that root's frame: a page table."""
     g = riscv_guest
     pid = g.probe["pid"]
-    va, value = stack_word(g, pid)
+    va, value = g.stack_word(pid)
     gpa = (g.pagemap(pid, va) & PFN) << 12 | va % PAGE
     with paused(g):
         rc, (root,), err = run_json("find-cr3", *attach_args(g), "--gva", hex(va),

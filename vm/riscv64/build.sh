@@ -66,7 +66,9 @@ else
     say "kernel: $KREL -> $CACHE/vmlinuz ($(du -h "$CACHE/vmlinuz" | cut -f1))"
 fi
 
-STAMP_IN=$(sha256sum "$HERE/init" "${BASH_SOURCE[0]}" | awk '{print $1}' | sha256sum | cut -d' ' -f1)
+# shellcheck source=../busybox_initramfs.sh
+source "$HERE/../busybox_initramfs.sh"
+STAMP_IN=$(sha256sum "$HERE/init" "${BASH_SOURCE[0]}" "$HERE/../busybox_initramfs.sh" | awk '{print $1}' | sha256sum | cut -d' ' -f1)
 if [[ -s $CACHE/initramfs.cpio.gz && -f $CACHE/initramfs.stamp && $(cat "$CACHE/initramfs.stamp") == "$STAMP_IN" ]]; then
     say "initramfs: up to date"
 else
@@ -74,21 +76,7 @@ else
     BB=$DL/x/usr/bin/busybox                  # trixie moved it from /bin (usrmerge)
     [[ -s $BB ]] || BB=$DL/x/bin/busybox
     [[ -s $BB ]] || die "no busybox in busybox-static:riscv64"
-    ROOT=$DL/root
-    mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc}
-    cp "$BB" "$ROOT/bin/busybox"
-    # applet links: the host's busybox-static lists them; without it, the few init uses
-    applets=$( (busybox --list-full 2>/dev/null) || printf '%s\n' bin/sh bin/mount bin/mkdir bin/cat bin/dd bin/od bin/sleep bin/setsid bin/stty bin/dmesg bin/echo bin/grep)
-    for a in $applets; do
-        [[ -e $ROOT/$a || -L $ROOT/$a ]] && continue
-        mkdir -p "$ROOT/$(dirname "$a")"; ln -s /bin/busybox "$ROOT/$a"
-    done
-    install -m 755 "$HERE/init" "$ROOT/init"
-    mknod -m 600 "$ROOT/dev/console" c 5 1 2>/dev/null || true
-    mknod -m 666 "$ROOT/dev/null" c 1 3 2>/dev/null || true
-    (cd "$ROOT" && find . -print0 | LC_ALL=C sort -z |
-        cpio --null -o -H newc --owner=0:0 --quiet | gzip -6 > "$CACHE/initramfs.cpio.gz.new")
-    mv "$CACHE/initramfs.cpio.gz.new" "$CACHE/initramfs.cpio.gz"
+    pack_initramfs "$BB" "$HERE/init" "$DL"
     echo "$STAMP_IN" > "$CACHE/initramfs.stamp"
     say "initramfs: built $CACHE/initramfs.cpio.gz ($(du -h "$CACHE/initramfs.cpio.gz" | cut -f1))"
 fi
