@@ -15,6 +15,22 @@ class Commands:
         """UsageError (exit 2) for a command that does not read an aarch64 guest yet."""
         paging.require_x86(self.cpu, what)
 
+    @property
+    def stage2(self):
+        """The stage 2 the selected vCPU's accesses go through now (machine.arm64.Stage2Regs:
+        an aarch64 vCPU that runs a guest of its hypervisor), or None."""
+        return getattr(self.vcpu_info[self.vcpu], "stage2", None)
+
+    def require_one_stage(self, what: str) -> None:
+        """UsageError (exit 2) for a command that walks one stage only, on a vCPU whose
+        accesses go through two (or whose regime is not walked)."""
+        paging.require_walkable(self.cpu)
+        if self.stage2 is not None:
+            from ..errors import UsageError
+            raise UsageError(f"{what}: vCPU {self.vcpu} runs a guest of its hypervisor "
+                             "(HCR_EL2.VM=1: its tables are at IPAs, behind stage 2), and "
+                             f"{what} walks one stage so far; translate follows both")
+
     def translate(self, gva: int, cr3: Optional[int] = None):
         """commands.translate.translate: one address down the chain."""
         from .translate import translate
@@ -73,6 +89,7 @@ class Commands:
         """Every present leaf of the address space as numpy columns (paging.leaf_arrays);
         tables that cannot be read (not RAM) are skipped and listed in unreadable_tables."""
         self.check_open()
+        self.require_one_stage("a whole address space (vmmap, search)")
         self.unreadable_tables = []
         return paging.leaf_arrays(self.memory.read, self.cpu_state(cr3), start, end,
                                   lambda level, addr, exc: self.unreadable_tables.append(

@@ -204,6 +204,7 @@ def find_cr3(vm, gva: Optional[int] = None, expect: Optional[int] = None, progre
     those that map gva, and hold expect there, first. label: show progress on a terminal,
     under this name."""
     vm.check_open()
+    vm.require_one_stage("find-cr3")
     if label is not None and progress is None:
         from ..present.progress import Progress
         progress = Progress(f"{label}: scanning guest RAM", vm.ram_map.ram_bytes)

@@ -36,6 +36,8 @@ def read_pieces(vm, address: int, length: int, physical: bool = False,
                 cr3: Optional[int] = None):
     """MemoryPieces of [address, address + length), lazily."""
     vm.check_open()
+    if not physical:
+        vm.require_one_stage("read (a virtual address; --phys reads physical memory)")
     memory = vm.cached_memory()
     cpu = vm.cpu_state(cr3)
     end = address + length

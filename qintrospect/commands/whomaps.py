@@ -379,6 +379,7 @@ def who_maps(session, gpa: Optional[int] = None, hva: Optional[int] = None,
     table too: the GPAs whose leaf holds the host frame, and whether the frame is one of the
     table's own pages. roots: search only these (one guest process's), not every root
     found."""
+    session.require_one_stage("who-maps")
     given = [(k, v) for k, v in (("gpa", gpa), ("hva", hva), ("hpa", hpa)) if v is not None]
     if len(given) != 1:
         raise UsageError("give exactly one of --gpa, --hva, --hpa")

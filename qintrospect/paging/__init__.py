@@ -27,7 +27,8 @@ __all__ = [
     "ReadPhys", "CpuState", "LevelSpec", "PagingMode", "LevelStep", "Fault", "AccessResult",
     "Walk", "Mapping", "X86_ACCESS_KINDS", "EPT_ACCESS_KINDS",
     "paging_mode", "walk", "iter_mappings", "is_x86", "arch_of", "require_x86", "require",
-    "root_register", "process_root", "with_root", "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
+    "root_register", "root_register_name", "require_walkable", "process_root", "with_root",
+    "walk_ept", "decode_eptp", "walk_npt", "cr3_root",
     "ALL_MODES", "MODE_32BIT", "MODE_32BIT_PSE", "MODE_PAE", "MODE_4LEVEL", "MODE_5LEVEL",
     "MODE_EPT4", "MODE_EPT5", "MODE_NPT4", "MODE_NPT5", "RiscvState",
 ]
@@ -119,6 +120,17 @@ def iter_mappings(read_phys: ReadPhys, cpu, start: int = 0, end: Optional[int] =
     return iter_mappings_arm64(read_phys, cpu, start, end, on_unreadable)
 
 
+def require_walkable(cpu) -> None:
+    """UsageError (exit 2) for a vCPU whose translation regime is not walked: an aarch64 vCPU
+    at EL2 without VHE (EL2's own regime: one TTBR0_EL2, TCR_EL2 in its own layout)."""
+    if arch_of(cpu) == "aarch64" and cpu.regime == "EL2":
+        from ..errors import UsageError
+        raise UsageError("the vCPU is at EL2 in the EL2 translation regime (HCR_EL2.E2H=0, "
+                         "or the gdbstub does not show TTBR0_EL2/TCR_EL2): qintrospect walks "
+                         "the EL1&0 regime (with its stage 2) and a VHE host's EL2&0 one; "
+                         "stop the vCPU elsewhere or pick another with --vcpu")
+
+
 def root_register(cpu, va: int) -> int:
     """The register whose tables translate `va`: CR3; on aarch64 TTBR1_EL1 for the upper
     range (bit 55 selects it, with or without a top byte ignored), else TTBR0_EL1; satp on
@@ -129,6 +141,15 @@ def root_register(cpu, va: int) -> int:
     if arch == "riscv64":
         return cpu.satp
     return cpu.ttbr1 if va >> 55 & 1 else cpu.ttbr0
+
+
+def root_register_name(cpu, va: int) -> str:
+    """root_register()'s name: CR3, satp, or TTBR0/TTBR1 of the vCPU's regime (_EL1, or
+    _EL2 on a VHE host at EL2)."""
+    arch = arch_of(cpu)
+    if arch != "aarch64":
+        return "CR3" if arch == "x86_64" else "satp"
+    return ("TTBR1" if va >> 55 & 1 else "TTBR0") + cpu.register_suffix
 
 
 def with_root(cpu, root: int):

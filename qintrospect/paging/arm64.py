@@ -293,6 +293,18 @@ def _access_table(steps, p: RangeParams, level: int, r: tuple, w: tuple, pan: bo
     return table
 
 
+def stage1_off_output(state: Arm64State, va: int) -> Optional[int]:
+    """With stage 1 off (SCTLR.M=0): the address an access to `va` goes out with
+    (AArch64.S1DisabledOutput: the VA itself, top byte dropped where TBI ignores it), or
+    None when VA bits above PAMax are set (an address size fault)."""
+    top, _ = pamax(state)
+    tbi = state.tcr >> (37 + ((va >> 55) & 1)) & 1
+    width = 56 if tbi else 64
+    if va >> top & ((1 << (width - top)) - 1):
+        return None
+    return va & ((1 << top) - 1)
+
+
 def walk_arm64(read_phys: ReadPhys, state: Arm64State, va: int, access: str = "el1-read"
                ) -> Walk:
     """Translate `va` as stage 1 of the EL1&0 regime would; never raises for what it reads.
@@ -316,11 +328,9 @@ def walk_arm64(read_phys: ReadPhys, state: Arm64State, va: int, access: str = "e
                     {k: denied for k in ARM64_ACCESS_KINDS}, assumed, oa_bits, tuple(notes))
 
     if not state.sctlr & SCTLR_M:
-        # AArch64.S1DisabledOutput: VA = PA, but VA bits above PAMax are an address size fault
-        tbi = state.tcr >> (37 + ((va >> 55) & 1)) & 1
-        high = va >> top & ((1 << ((56 if tbi else 64) - top)) - 1)
-        extra = (f"; bits above PAMax ({top}) are set, so an access takes an address size "
-                 f"fault at level 0" if high else "")
+        extra = ("" if stage1_off_output(state, va) is not None else
+                 f"; bits above PAMax ({top}) are set, so an access takes an address size "
+                 f"fault at level 0")
         return failed(Fault(None, PAGING_DISABLED, f"SCTLR_EL1.M=0: stage 1 translation is off, "
                                                    f"so the VA is the PA{extra}"))
     p = range_params(state, (va >> 55) & 1)

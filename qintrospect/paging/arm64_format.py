@@ -67,6 +67,14 @@ class Arm64State:
                                          # TGran4[31:28]; None = unknown
     id_aa64mmfr1: Optional[int] = None   # HAFDBS[3:0], PAN[23:20]
     id_aa64mmfr2: Optional[int] = None   # VARange[19:16], ST[31:28], E0PD[63:60]
+    # whose registers these are: "EL1&0", or "EL2&0" (a VHE host, HCR_EL2.E2H=1: its
+    # TTBR0/1_EL2, TCR_EL2 (TCR_EL1's layout then), SCTLR_EL2, MAIR_EL2, walked the same way)
+    regime: str = "EL1&0"
+
+    @property
+    def register_suffix(self) -> str:
+        """"_EL1" or "_EL2": how the registers of this regime are named."""
+        return "_EL2" if self.regime == "EL2&0" else "_EL1"
 
 
 def id_field(reg: Optional[int], shift: int) -> Optional[int]:

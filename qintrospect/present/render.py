@@ -76,17 +76,21 @@ def access_lines(access) -> List[str]:
         return f"#PF {result.error_code:#x} {mark}"
 
     lines = [f"  {'access':<12}{'read':<16}{'write':<16}execute"]
+    kinds = ("read", "write", "execute")
     if "user-read" in access:
-        rows = [("supervisor", "supervisor-"), ("user", "user-")]
+        rows = [("supervisor", [f"supervisor-{k}" for k in kinds]),
+                ("user", [f"user-{k}" for k in kinds])]
     elif "el0-read" in access:
-        rows = [("EL1", "el1-"), ("EL0", "el0-")]
+        rows = [("EL1", [f"el1-{k}" for k in kinds]), ("EL0", [f"el0-{k}" for k in kinds])]
+    elif "execute-el1" in access:       # aarch64 stage 2: one data right, execution per EL
+        rows = [("EL1", ["read", "write", "execute-el1"]),
+                ("EL0", ["read", "write", "execute-el0"])]
     elif riscv:
-        rows = [("S-mode", "s-"), ("U-mode", "u-")]
+        rows = [("S-mode", [f"s-{k}" for k in kinds]), ("U-mode", [f"u-{k}" for k in kinds])]
     else:
-        rows = [("guest", "")]
-    for label, prefix in rows:
-        cells = [cell(access[prefix + k]) if prefix + k in access else "-"
-                 for k in ("read", "write", "execute")]
+        rows = [("guest", list(kinds))]
+    for label, names in rows:
+        cells = [cell(access[k]) if k in access else "-" for k in names]
         lines.append(f"  {label:<12}{cells[0]:<16}{cells[1]:<16}{cells[2]}")
     lines += [f"    [{i}] {reason}" for i, reason in enumerate(reasons, 1)]
     return lines
@@ -107,11 +111,11 @@ def translation_text(t, show_bits: bool = True) -> str:
     mode = w.mode.name if w.mode else "no paging"
     pcid = f" PCID {w.pcid:#x}" if w.pcid is not None else ""
     assumed = " (assumed)" if w.assumed_maxphyaddr else ""
-    if is_arm64(w):
-        register = "TTBR1_EL1" if t.gva >> 63 else "TTBR0_EL1"
-        out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, {register} {t.cr3:#x} "
-                   f"({t.cr3_source}), {mode} translation, {w.maxphyaddr}-bit output "
-                   f"addresses{assumed}")
+    if is_arm64(w) or t.root_name.startswith("TTBR"):
+        what = (f"{mode} translation, {w.maxphyaddr}-bit output addresses{assumed}"
+                if w.mode else "stage 1 off")
+        out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, {t.root_name} {t.cr3:#x} "
+                   f"({t.cr3_source}), {what}")
     elif is_riscv(w):
         out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, satp {t.cr3:#x} ({t.cr3_source}), "
                    f"{mode.capitalize()} translation")
@@ -133,7 +137,10 @@ def translation_text(t, show_bits: bool = True) -> str:
             if show_bits:
                 out.append(f"  {'':<11}{s.linux_name.upper():<5}{binary_split(s.entry, entry_size)}")
     out.append("")
-    if not w.ok:
+    s2 = t.stage2
+    if s2 is not None and s2.stage1_off:
+        out.append(f"  stage 1 off (SCTLR_EL1.M=0): the IPA is the VA, {s2.ipa:#x}")
+    elif not w.ok:
         f = w.fault
         where = f" at {f.level}" if f and f.level else ""
         code = "" if not f or f.error_code is None else \
@@ -144,21 +151,31 @@ def translation_text(t, show_bits: bool = True) -> str:
         if f and f.message:
             out.append(f"  {f.message}")
         return "\n".join(out)
-    perms = ", ".join([("writable" if w.writable else "read-only"),
-                       ("user" if w.user else "EL1-only" if is_arm64(w) else
-                        "S-mode only" if is_riscv(w) else "supervisor-only"),
-                       ("executable" if w.executable else "no-execute")])
-    out.append(f"  => GPA {w.pa:#x} in a {size_name(w.page_size)} page; {perms}")
-    out.extend(access_lines(w.access))
-    why = explain_indexes(t.gva, w.pa, w.page_size)
-    if why:
-        out.append(f"  why: {why}")
+    else:
+        perms = ", ".join([("writable" if w.writable else "read-only"),
+                           ("user" if w.user else "EL1-only" if is_arm64(w) else
+                            "S-mode only" if is_riscv(w) else "supervisor-only"),
+                           ("executable" if w.executable else "no-execute")])
+        out.append(f"  => {'IPA' if s2 else 'GPA'} {w.pa:#x} in a {size_name(w.page_size)} "
+                   f"page; {perms}")
+        out.extend(access_lines(w.access))
+        why = explain_indexes(t.gva, w.pa, w.page_size)
+        if why:
+            out.append(f"  why: {why}")
+    if s2 is not None:
+        out.append("")
+        out.extend(stage2_lines(s2, show_bits))
+        if not s2.walk.ok:
+            return "\n".join(out)
+    gpa = t.gpa
     out.append("")
     out.append("  chain")
     out.append(f"    GVA  {t.gva:#018x}")
-    block = (f"RAM block {t.ram.block} +{t.ram.block_offset + (w.pa - t.ram.start):#x}"
+    if s2 is not None:
+        out.append(f"    IPA  {s2.ipa:#018x}   the guest's physical address (stage 1's output)")
+    block = (f"RAM block {t.ram.block} +{t.ram.block_offset + (gpa - t.ram.start):#x}"
              if t.ram else t.gpa_note)
-    out.append(f"    GPA  {w.pa:#018x}   {block}")
+    out.append(f"    {'PA ' if s2 else 'GPA'}  {gpa:#018x}   {block}")
     if t.hva is not None:
         pid = f"QEMU pid {t.qemu_pid}" if t.qemu_pid else ""
         out.append(f"    HVA  {t.hva:#018x}   {pid}")
@@ -191,9 +208,47 @@ def translation_text(t, show_bits: bool = True) -> str:
     return "\n".join(out)
 
 
+def stage2_lines(s2, show_bits: bool = True) -> List[str]:
+    """The vCPU's own stage 2 (commands.translate.Stage2Step): the registers, each level's
+    descriptor with its fields, and where the IPA ends (or the fault EL2 would take)."""
+    from ..paging.arm64_stage2 import descriptor_words
+    d = s2.regs.to_dict()
+    v = d["vtcr"]
+    roots = f" ({v['root_tables']} concatenated tables)" if v.get("root_tables", 1) > 1 else ""
+    out = [f"  stage 2 (the hypervisor's table for its guest): VTTBR_EL2 {s2.regs.vttbr:#x} "
+           f"(root {d['root']}, VMID {d['vmid']})",
+           f"    VTCR_EL2 {s2.regs.vtcr:#x}: {v['ia_bits']}-bit IPA, {v['granule']} granule, "
+           f"start level {v['start_level']}{roots}"]
+    w = s2.walk
+    for st in w.levels:
+        nxt = "-" if st.next_addr is None else f"{st.next_addr:#x}"
+        if st.leaf:
+            nxt += f" ({size_name(st.page_size)} {'page' if st.page_size <= 65536 else 'block'})"
+        out.append(f"    {st.index:>4}: {st.name:<4} entry {st.entry:#018x} at "
+                   f"{st.entry_addr:#x}  -> {nxt}  {' '.join(st.flags)}".rstrip())
+        if show_bits:
+            out.append(f"          {binary_split(st.entry, 8)}")
+            out.append(f"          {descriptor_words(st.entry, st.leaf)}")
+    if w.ok:
+        out.append(f"    => PA {w.pa:#x} in a {size_name(w.page_size)} stage 2 "
+                   f"{'page' if w.page_size <= 65536 else 'block'}")
+        out.extend("  " + line for line in access_lines(w.access))
+    else:
+        f = w.fault
+        code = "" if f.error_code is None else f" (FSC {f.error_code:#04x})"
+        out.append(f"    => stage 2 {f.reason} fault at {f.level}{code}: EL2 would take it")
+        if f.message:
+            out.append(f"    {f.message}")
+    out.extend(f"    note: {n}" for n in w.notes)
+    return out
+
+
 def page_sizes_line(t) -> str:
     """The page size on every layer, one line: guest tables, second-level table, host."""
-    parts = [f"guest {size_name(t.walk.page_size)}"]
+    parts = [f"guest {size_name(t.walk.page_size)}" if t.walk.ok else "guest -"]
+    if t.stage2 is not None:
+        w = t.stage2.walk
+        parts.append(f"stage 2 {size_name(w.page_size) if w.ok else '-'}")
     if t.slat is not None:
         kind = (t.slat.spec.format or "second-level").upper()
         w = t.slat.walk

@@ -1,0 +1,125 @@
+"""The arm64 KVM rig (vm/kvm_arm64): L1 (Debian's arm64 kernel under qemu-system-aarch64 -M
+virt,virtualization=on, TCG) runs KVM at EL2 in VHE mode, and a tiny VMM runs L2 under it, so
+L2's memory goes through a real stage 2 table that L1's KVM built. qintrospect attaches to L1's
+QEMU from outside. Stopped while the vCPU runs L2, translate walks L2's addresses through both
+stages of the vCPU's own regime; every answer is held to QEMU's own gva2gpa on the same paused
+vCPU (it walks both stages), to the values L2 wrote, and to L1's own /proc/VMM_PID/pagemap.
+Stopped in L1's kernel (the EL2&0 regime of a VHE host), the VMM's own address of the same
+bytes leads to the same physical page through L1's tables."""
+
+import re
+
+import pytest
+
+from vm.kvm_arm64.rig import KvmArm64Rig
+
+from .conftest import run_cli, run_json
+
+CODE_IPA = 0x40000000          # the payload's code (the VMM maps it executable)
+
+
+@pytest.fixture(scope="module")
+def rig():
+    r = KvmArm64Rig()
+    r.check_built()                 # fails (not skips) when vm/kvm_arm64/build.sh was not run
+    with r:
+        # L1's own view, read while it runs: the physical page behind each marker's HVA
+        r.l1_pas = {ipa: r.l1_pa_of_ipa(ipa) for ipa in r.ready["markers"]}
+        yield r
+
+
+def attach_args(r):
+    return ("--qmp", r.qmp_path, "--gdb", r.gdb_address)
+
+
+def stop_in(r, regime, stage2, tries=80):
+    """Pause L1 (QMP stop) at a moment its vCPU is in `regime` with stage 2 live or not; the
+    cpus row of that moment. The vCPU moves between L2 and L1's kernel all the time."""
+    for _ in range(tries):
+        r.qmp("stop")
+        rc, cpus, err = run_json("cpus", *attach_args(r))
+        assert rc == 0, err
+        (cpu,) = cpus
+        if cpu["regime"] == regime and cpu["el2"]["stage2_live"] == stage2:
+            return cpu
+        r.qmp("cont")
+    pytest.fail(f"the vCPU was never stopped in {regime} (stage 2 live: {stage2})")
+
+
+def qemu_gva2gpa(r, va):
+    out = r.hmp(f"gva2gpa {va:#x}")
+    m = re.search(r"gpa: (0x[0-9a-f]+)", out)
+    return int(m.group(1), 16) if m else None
+
+
+@pytest.fixture
+def in_l2(rig):
+    cpu = stop_in(rig, "EL1&0", True)
+    yield cpu
+    rig.qmp("cont")
+
+
+def test_cpus_shows_the_live_stage2_and_its_layout(rig, in_l2):
+    el2 = in_l2["el2"]
+    assert "VM" in el2["hcr_bits"] and "E2H" in el2["hcr_bits"] and "TGE" not in el2["hcr_bits"]
+    s2 = el2["stage2"]
+    v = s2["vtcr"]
+    # KVM's default VM: a 40-bit IPA, 4 KiB granule, two concatenated level 1 tables
+    assert (v["ia_bits"], v["granule"], v["start_level"], v["root_tables"]) == (40, "4k", 1, 2)
+    assert v["valid"] and not s2["vttbr_problems"] and s2["vmid"] >= 1
+    rc, text, err = run_cli("cpus", *attach_args(rig))
+    assert rc == 0 and "stage 2 live" in text and "40-bit IPA" in text, err + text
+
+
+def test_l2s_addresses_through_both_stages_agree_with_qemu_l1_and_the_bytes(rig, in_l2):
+    markers = rig.ready["markers"]
+    rc, rows, err = run_json("translate", *attach_args(rig), *map(hex, markers))
+    assert rc == 0, err
+    for row in rows:
+        ipa = int(row["gva"], 16)          # L2 runs with its MMU off: its VA is its IPA
+        assert row["stage2"]["stage1_off"] and row["ipa"] == row["gva"]
+        pa = int(row["gpa"], 16)
+        assert pa == qemu_gva2gpa(rig, ipa), row["gva"]          # QEMU: both stages
+        assert pa == rig.l1_pas[ipa], row["gva"]                 # L1's own pagemap
+        assert int(row["value"], 16) == markers[ipa]             # the bytes L2 wrote
+        assert row["value_matches"]
+        slot = next(s for s in rig.ready["slots"] if s["ipa"] <= ipa < s["ipa"] + s["size"])
+        # slot 0 is 4 KiB pages in L1 (MADV_NOHUGEPAGE), slot 1 a THP: KVM maps them so
+        assert row["stage2"]["page_size"] == (4096 if slot["backing"] == "4k" else 2 << 20)
+        assert row["writable"] and not row["executable"]   # data: XN=0b10 at stage 2
+
+
+def test_the_code_page_is_executable_and_an_unmapped_ipa_is_a_stage2_fault(rig, in_l2):
+    rc, (row,), err = run_json("translate", *attach_args(rig), hex(CODE_IPA))
+    assert rc == 0 and row["executable"], err
+    assert row["stage2"]["access"]["execute-el1"]["allowed"]
+    untouched = rig.ready["untouched"][0]       # present in L1, never touched by L2
+    rc, (row,), err = run_json("translate", *attach_args(rig), hex(untouched))
+    assert rc == 1, err
+    assert row["fault"]["stage"] == 2 and row["fault"]["reason"] == "translation"
+    assert qemu_gva2gpa(rig, untouched) is None
+    rc, text, err = run_cli("translate", *attach_args(rig), hex(untouched))
+    assert rc == 1 and "stage 2 translation fault" in text, err + text
+
+
+def test_one_stage_commands_say_why_not(rig, in_l2):
+    for args in (("vmmap",), ("translate", "--brief", hex(CODE_IPA)), ("find-cr3",)):
+        rc, out, err = run_cli(*args, *attach_args(rig))
+        assert rc == 2 and "stage 2" in err and "Traceback" not in err, (args, err)
+
+
+def test_l1s_own_tables_take_the_vmms_address_to_the_same_page(rig):
+    """Stopped in L1's kernel while the VMM's vCPU thread is current (the EL2&0 regime of a
+    VHE host: TTBR0_EL2 is the VMM's table), the VMM's HVA of a marker leads through L1's
+    own stage 1 to the page stage 2 gave for the marker's IPA."""
+    ipa = next(iter(rig.ready["markers"]))
+    hva = rig.slot_hva(ipa)
+    for _ in range(80):
+        stop_in(rig, "EL2&0", False)
+        rc, rows, err = run_json("translate", *attach_args(rig), hex(hva))
+        rig.qmp("cont")
+        if rc == 0 and int(rows[0]["value"], 16) == rig.ready["markers"][ipa]:
+            assert rows[0]["root"] and int(rows[0]["gpa"], 16) == rig.l1_pas[ipa]
+            assert rows[0]["user"]                       # the VMM's own page, at EL0
+            return
+    pytest.fail("never stopped in L1 with the VMM's address space current")
