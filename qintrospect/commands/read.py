@@ -35,21 +35,20 @@ class MemoryPiece:
 def read_pieces(vm, address: int, length: int, physical: bool = False,
                 cr3: Optional[int] = None):
     """MemoryPieces of [address, address + length), lazily."""
+    from .translate import physical as walk_to
     vm.check_open()
-    if not physical:
-        vm.require_one_stage("read (a virtual address; --phys reads physical memory)")
     memory = vm.cached_memory()
     cpu = vm.cpu_state(cr3)
+    if not physical:
+        paging.require_walkable(cpu)
     end = address + length
     while address < end:
         n = min(end - address, PAGE - address % PAGE)
         gpa, note = address, ""
         if not physical:
-            walk = paging.walk(memory.read, cpu, address)
-            gpa = walk.pa if walk.ok else None
-            if not walk.ok:
-                note = f"unmapped: {walk.fault.reason}" + (
-                    f" at {walk.fault.level}" if walk.fault.level else "")
+            gpa, why = walk_to(vm, cpu, address, memory)
+            if gpa is None:
+                note = f"unmapped: {why}"
         data = None
         if gpa is not None:
             try:

@@ -179,14 +179,16 @@ def translate(vm, gva: int, cr3: Optional[int] = None) -> Translation:
     return t
 
 
-def _walk(vm, cpu, gva: int):
-    """(stage 1 walk, Stage2Step or None): the vCPU's whole translation of `gva`."""
+def _walk(vm, cpu, gva: int, memory=None):
+    """(stage 1 walk, Stage2Step or None): the vCPU's whole translation of `gva`, reading
+    `memory` (the session's by default)."""
     regs = vm.stage2
+    memory = memory or vm.memory
     if regs is None:
-        return paging.walk(vm.memory.read, cpu, gva), None
+        return paging.walk(memory.read, cpu, gva), None
     from ..memory.stage2 import Stage2Memory
     from ..paging.arm64 import stage1_off_output
-    walk = paging.walk(Stage2Memory(vm.memory, regs).read, cpu, gva)
+    walk = paging.walk(Stage2Memory(memory, regs).read, cpu, gva)
     ipa = walk.pa if walk.ok else None
     off = not walk.ok and not cpu.sctlr & 1
     if off:
@@ -194,7 +196,20 @@ def _walk(vm, cpu, gva: int):
         off = ipa is not None
     if ipa is None:           # stage 1 faulted (a stage 2 fault on its tables included)
         return walk, None
-    return walk, Stage2Step(ipa, regs.walk(vm.memory.read, ipa), regs, off)
+    return walk, Stage2Step(ipa, regs.walk(memory.read, ipa), regs, off)
+
+
+def physical(vm, cpu, va: int, memory=None):
+    """(the physical address `va` reaches, None) or (None, why not): both stages on a vCPU
+    inside a guest of its hypervisor, else the one walk."""
+    walk, s2 = _walk(vm, cpu, va, memory)
+    t = Translation(gva=va, vcpu=vm.vcpu, cr3=0, walk=walk, stage2=s2)
+    if t.ok:
+        return t.gpa, None
+    stage2 = s2 is not None and s2.walk.fault is not None
+    f = s2.walk.fault if stage2 else walk.fault
+    return None, (f"{'stage 2 ' if stage2 else ''}{f.reason}"
+                  + (f" at {f.level}" if f.level else ""))
 
 
 def translate_many(vm, addresses: Iterable[int], cr3: Optional[int] = None):

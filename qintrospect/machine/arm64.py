@@ -85,8 +85,10 @@ class Arm64Vcpu:
     def regime(self) -> str:
         """The translation regime the vCPU's accesses use now (Arm ARM D8.1): "EL1&0"; on a
         VHE host (HCR_EL2.E2H=1) "EL2&0" at EL2, and at EL0 when HCR_EL2.TGE=1 (the host's
-        own processes); "EL2" at EL2 without VHE (its own one-range regime)."""
+        own processes); "EL2" at EL2 without VHE (its own one-range regime); "EL3"."""
         hcr = self.hcr or 0
+        if self.cpl == 3:
+            return "EL3"
         if self.cpl == 2 or (self.cpl == 0 and hcr & HCR_E2H and hcr & HCR_TGE):
             return "EL2&0" if hcr & HCR_E2H else "EL2"
         return "EL1&0"
@@ -117,16 +119,16 @@ class Arm64Vcpu:
                                                     self.mair_el2):
             return Arm64State(ttbr0=self.ttbr0_el2, ttbr1=self.ttbr1_el2, tcr=self.tcr_el2,
                               sctlr=self.sctlr_el2, mair=self.mair_el2, regime="EL2&0", **ids)
+        regime = self.regime if self.regime in ("EL1&0", "EL3") else "EL2"
         return Arm64State(ttbr0=self.ttbr0, ttbr1=self.ttbr1, tcr=self.tcr, sctlr=self.sctlr,
-                          mair=self.mair, regime="EL1&0" if self.regime == "EL1&0" else "EL2",
-                          **ids)
+                          mair=self.mair, regime=regime, **ids)
 
     @property
     def mode(self) -> str:
         """'aarch64-4k-48' (the TTBR0 range's; the TTBR1 range's too when it differs)."""
         from ..paging.arm64 import arm64_mode
-        if self.state.regime == "EL2":
-            return "EL2 regime (not walked)"
+        if self.state.regime in ("EL2", "EL3"):
+            return f"{self.state.regime} regime (not walked)"
         low = arm64_mode(self.state, 0)
         if low is None:
             return "MMU off"

@@ -122,13 +122,16 @@ def iter_mappings(read_phys: ReadPhys, cpu, start: int = 0, end: Optional[int] =
 
 def require_walkable(cpu) -> None:
     """UsageError (exit 2) for a vCPU whose translation regime is not walked: an aarch64 vCPU
-    at EL2 without VHE (EL2's own regime: one TTBR0_EL2, TCR_EL2 in its own layout)."""
-    if arch_of(cpu) == "aarch64" and cpu.regime == "EL2":
+    at EL2 without VHE (EL2's own regime: one TTBR0_EL2, TCR_EL2 in its own layout), or at
+    EL3."""
+    if arch_of(cpu) == "aarch64" and cpu.regime in ("EL2", "EL3"):
         from ..errors import UsageError
-        raise UsageError("the vCPU is at EL2 in the EL2 translation regime (HCR_EL2.E2H=0, "
-                         "or the gdbstub does not show TTBR0_EL2/TCR_EL2): qintrospect walks "
-                         "the EL1&0 regime (with its stage 2) and a VHE host's EL2&0 one; "
-                         "stop the vCPU elsewhere or pick another with --vcpu")
+        why = ("at EL3" if cpu.regime == "EL3" else
+               "at EL2 in the EL2 translation regime (HCR_EL2.E2H=0, or the gdbstub does not "
+               "show TTBR0_EL2/TCR_EL2)")
+        raise UsageError(f"the vCPU is {why}: qintrospect walks the EL1&0 regime (with its "
+                         "stage 2) and a VHE host's EL2&0 one; stop the vCPU elsewhere or "
+                         "pick another with --vcpu")
 
 
 def root_register(cpu, va: int) -> int:

@@ -102,10 +102,20 @@ def test_the_code_page_is_executable_and_an_unmapped_ipa_is_a_stage2_fault(rig, 
     assert rc == 1 and "stage 2 translation fault" in text, err + text
 
 
+def test_read_goes_through_both_stages(rig, in_l2):
+    ipa, value = next(iter(rig.ready["markers"].items()))
+    rc, pieces, err = run_json("read", *attach_args(rig), hex(ipa), "8")
+    assert rc == 0, err
+    assert int.from_bytes(bytes.fromhex(pieces[0]["data"]), "little") == value
+    assert int(pieces[0]["gpa"], 16) == rig.l1_pas[ipa]
+
+
 def test_one_stage_commands_say_why_not(rig, in_l2):
     for args in (("vmmap",), ("translate", "--brief", hex(CODE_IPA)), ("find-cr3",)):
         rc, out, err = run_cli(*args, *attach_args(rig))
         assert rc == 2 and "stage 2" in err and "Traceback" not in err, (args, err)
+    rc, out, err = run_cli("translate", "--mermaid", hex(CODE_IPA), *attach_args(rig))
+    assert rc == 2 and "two-stage" in err and "Traceback" not in err, err
 
 
 def test_l1s_own_tables_take_the_vmms_address_to_the_same_page(rig):

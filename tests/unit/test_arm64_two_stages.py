@@ -41,6 +41,7 @@ def vcpu(el=1, hcr=GUEST_HCR, **kw):
     (2, HOST_HCR, "EL2&0", False),          # a VHE host's kernel
     (0, HOST_HCR, "EL2&0", False),          # a VHE host's process (TGE routes EL0 there)
     (2, 1 << 31, "EL2", False),             # a non-VHE hypervisor at EL2
+    (3, GUEST_HCR, "EL3", False),           # the secure monitor's own regime
     (1, 1 << 31, "EL1&0", False),           # EL2 present, no guest (VM=0)
     (1, GUEST_HCR | HCR_TGE, "EL1&0", False),   # TGE: stage 2 off for EL1&0
     (1, None, "EL1&0", False),              # no EL2 shown
@@ -56,8 +57,8 @@ def test_the_regime_and_a_live_stage2_from_cpsr_and_hcr(el, hcr, regime, stage2)
     else:
         assert (state.ttbr0, state.ttbr1) == (0x11000, 0x12000)
         assert paging.root_register_name(state, 0xffff << 48) == "TTBR1_EL1"
-    if regime == "EL2":
-        with pytest.raises(UsageError, match="EL2 translation regime"):
+    if regime in ("EL2", "EL3"):
+        with pytest.raises(UsageError, match=f"at {regime}"):
             paging.require_walkable(state)
         assert "not walked" in v.mode
     else:
@@ -139,3 +140,26 @@ def test_stage1_off_makes_the_va_the_ipa():
     walk, s2 = _walk(FakeVm(mem, v.stage2), v.state, 0x40900000)
     t = Translation(gva=0x40900000, vcpu=0, cr3=0, walk=walk, stage2=s2)
     assert not t.ok and t.to_dict()["fault"]["stage"] == 2
+
+
+@pytest.mark.parametrize("vttbr, vtcr", [
+    ((1 << 64) - 1, (1 << 64) - 1),          # every bit set
+    (0, 0),                                  # T0SZ 0: a 64-bit IPA, SL0 0
+    (1 << 48 | 0x7fff_ffff_f000, VTCR),      # a root far beyond RAM
+    (1 << 48 | S2_ROOT | 0xff0, VTCR),       # BADDR's low bits set (misaligned)
+])
+def test_crafted_stage2_registers_give_a_fault_or_an_answer_never_an_exception(vttbr, vtcr):
+    from qintrospect.present.render import translation_text
+    mem, _ = two_stage_tables()
+    v = vcpu(1, GUEST_HCR, sctlr=0, vttbr=vttbr, vtcr=vtcr)
+    walk, s2 = _walk(FakeVm(mem, v.stage2), v.state, 0x40005010)
+    t = Translation(gva=0x40005010, vcpu=0, cr3=0, walk=walk, stage2=s2,
+                    root_name="TTBR0_EL1")
+    d = t.to_dict()
+    assert d["stage2"]["vttbr_el2"] == hex(vttbr)
+    text = translation_text(t)
+    assert "stage 2" in text
+    if not t.ok:
+        assert d["fault"]["stage"] == 2 and "stage 2" in text
+    from qintrospect.frontend.actions import arm64_cpu_text
+    assert "HCR_EL2" in arm64_cpu_text(v)

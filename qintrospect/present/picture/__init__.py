@@ -96,6 +96,10 @@ class TranslatePictures:
             if len(self.results) >= MAX_PICTURES:
                 raise UsageError(f"--html/--svg/--mermaid draw at most {MAX_PICTURES} addresses "
                                  "at a time")
+            if getattr(result, "stage2", None) is not None:
+                raise UsageError("--html/--svg/--mermaid do not draw a two-stage translation "
+                                 "(a guest of the vCPU's hypervisor) yet: the text and --json "
+                                 "show both stages")
             self.results.append(result)
         return self.mermaid
 
