@@ -149,15 +149,20 @@ def _qemu_ttbr_base(p: RangeParams) -> int:
     return base & ~((1 << (p.mode.levels[0].index_bits + 3)) - 1)
 
 
-def _walk_tables(read: ReadPhys, p: RangeParams, fmt: Arm64Format, state: Arm64State,
-                 root: int, va: int, notes: List[str]
-                 ) -> Tuple[Tuple[LevelStep, ...], Optional[Fault]]:
-    """AArch64.S1Walk: one descriptor per level, one read each, until a leaf or a fault."""
+def descriptor_walk(read: ReadPhys, mode: PagingMode, fmt, granule: int, oa_bits: int,
+                    root: int, address: int, notes: List[str], *, stage: str = "",
+                    block_need: Callable[[int], str] = lambda level: "",
+                    high_bits_note: Callable[[int, int, bool], Optional[str]]
+                    = lambda i, e, leaf: None, oa_why: str = "") -> Tuple[Tuple[LevelStep, ...], Optional[Fault]]:
+    """AArch64.S1Walk / S2Walk: one descriptor per level, one read each, until a leaf or a
+    fault. `fmt` is the stage's descriptor format (level, kind, flags, frame, page_size);
+    `stage` prefixes the messages ("stage 2 "); block_need(level) says what a block at that
+    level would need, high_bits_note(i, entry, leaf) what QEMU 7.2 makes of OA[51:48]."""
     steps: List[LevelStep] = []
     table = root
-    for i, spec in enumerate(p.mode.levels):
+    for i, spec in enumerate(mode.levels):
         level = fmt.level(i)
-        index = (va >> spec.shift) & ((1 << spec.index_bits) - 1)
+        index = (address >> spec.shift) & ((1 << spec.index_bits) - 1)
         entry_addr = table + 8 * index
         try:
             raw = read(entry_addr, 8)
@@ -169,7 +174,7 @@ def _walk_tables(read: ReadPhys, p: RangeParams, fmt: Arm64Format, state: Arm64S
                                        f"at {entry_addr:#x}: {exc}")
         e = int.from_bytes(raw, "little")
         kind = fmt.kind(i, e)
-        head = f"{spec.name} descriptor {e:#x} (index {index} at {entry_addr:#x})"
+        head = f"{stage}{spec.name} descriptor {e:#x} (index {index} at {entry_addr:#x})"
         if kind in ("invalid", "reserved", "block!"):
             steps.append(LevelStep(spec.name, spec.linux_name, index, table, entry_addr, e,
                                    fmt.flags(i, e, False), None, False, None))
@@ -178,11 +183,9 @@ def _walk_tables(read: ReadPhys, p: RangeParams, fmt: Arm64Format, state: Arm64S
             elif kind == "reserved":
                 why = "has bits[1:0] = 01, reserved at level 3 (AArch64.DecodeDescriptorType)"
             else:
-                g = GRANULES[p.granule].upper()
-                need = {12: " without TCR_EL1.DS=1", 14: " without TCR_EL1.DS=1",
-                        16: " unless PARange is 52 bits"}[p.granule] if level >= 0 else ""
+                g = GRANULES[granule].upper()
                 why = (f"is a block descriptor (bits[1:0] = 01) at level {level}, where the {g} "
-                       f"granule has no blocks{need} (AArch64.BlockDescSupported)")
+                       f"granule has no blocks{block_need(level)} (AArch64.BlockDescSupported)")
                 notes.append(f"QEMU 7.2 does not check the level of a block descriptor and "
                              f"would map a {size_name(1 << spec.shift)} block here")
             return tuple(steps), Fault(spec.name, TRANSLATION, f"{head} {why}",
@@ -191,22 +194,37 @@ def _walk_tables(read: ReadPhys, p: RangeParams, fmt: Arm64Format, state: Arm64S
         addr = fmt.frame(i, e, leaf)
         steps.append(LevelStep(spec.name, spec.linux_name, index, table, entry_addr, e,
                                fmt.flags(i, e, leaf), addr, leaf, fmt.page_size(i, leaf)))
-        if addr >> p.oa_bits:
+        if addr >> oa_bits:
             what = "output" if leaf else "next-table"
-            hi = ("descriptor bits[9:8]" if p.ds else "descriptor bits[15:12]"
-                  if p.lpa else None)
-            note = hi and _qemu_high_bits_note(hi, e & (fmt.masks[i] if leaf
-                                                        else fmt.table_mask), p)
+            note = high_bits_note(i, e, leaf)
             if note:
                 notes.append(note)
             return tuple(steps), Fault(spec.name, ADDRESS_SIZE,
                                        f"{head} gives {what} address {addr:#x}, beyond the "
-                                       f"{p.oa_bits}-bit output address size ({_oa_why(p, state)})",
+                                       f"{oa_bits}-bit output address size ({oa_why})",
                                        fault_status(ADDRESS_SIZE, level))
         if leaf:
             return tuple(steps), None
         table = addr
     raise AssertionError("the last level always ends the walk")  # pragma: no cover
+
+
+def _walk_tables(read: ReadPhys, p: RangeParams, fmt: Arm64Format, state: Arm64State,
+                 root: int, va: int, notes: List[str]
+                 ) -> Tuple[Tuple[LevelStep, ...], Optional[Fault]]:
+    """Stage 1's walk (descriptor_walk with TCR_EL1's sizes)."""
+    def block_need(level: int) -> str:
+        return {12: " without TCR_EL1.DS=1", 14: " without TCR_EL1.DS=1",
+                16: " unless PARange is 52 bits"}[p.granule] if level >= 0 else ""
+
+    def high_bits_note(i: int, e: int, leaf: bool) -> Optional[str]:
+        hi = ("descriptor bits[9:8]" if p.ds else "descriptor bits[15:12]" if p.lpa else None)
+        return hi and _qemu_high_bits_note(hi, e & (fmt.masks[i] if leaf else fmt.table_mask),
+                                           p)
+
+    return descriptor_walk(read, p.mode, fmt, p.granule, p.oa_bits, root, va, notes,
+                           block_need=block_need, high_bits_note=high_bits_note,
+                           oa_why=_oa_why(p, state))
 
 
 def _summary(p: RangeParams, wxn: bool, path) -> Tuple[tuple, tuple, bool, bool, bool]:

@@ -68,7 +68,8 @@ class Arm64State:
     id_aa64mmfr1: Optional[int] = None   # HAFDBS[3:0], PAN[23:20]
     id_aa64mmfr2: Optional[int] = None   # VARange[19:16], ST[31:28], E0PD[63:60]
     # whose registers these are: "EL1&0", or "EL2&0" (a VHE host, HCR_EL2.E2H=1: its
-    # TTBR0/1_EL2, TCR_EL2 (TCR_EL1's layout then), SCTLR_EL2, MAIR_EL2, walked the same way)
+    # TTBR0/1_EL2, TCR_EL2 (TCR_EL1's layout then), SCTLR_EL2, MAIR_EL2, walked the same way);
+    # "EL2"/"EL3" for a regime not walked (the EL1 registers are here, unused)
     regime: str = "EL1&0"
 
     @property
@@ -325,15 +326,15 @@ def table_attrs(path, hpd: bool) -> int:
     return acc & bits(62, 59)
 
 
-class Arm64Format:
-    """What a descriptor says in one range's mode: the questions walker.iter_leaves asks
-    (present, is_leaf, valid, frame) and those the scalar walk and renderers ask."""
+class DescriptorGeometry:
+    """What any VMSAv8-64 descriptor's type and output address are, stage 1 or stage 2: the
+    questions walker.iter_leaves asks (present, is_leaf, valid, frame) and the walks' kind.
+    `p` holds the walk's mode, granule, ds, lpa and oa_bits."""
 
-    def __init__(self, p: RangeParams, mair: int):
+    def __init__(self, p):
         self.p = p
         self.mode = p.mode
         self.last = len(p.mode.levels) - 1
-        self.mair = mair
         high = 49 if p.ds else 47
         self.masks = [bits(high, spec.shift) for spec in p.mode.levels]   # leaf OA field
         self.table_mask = bits(high, p.granule)
@@ -378,6 +379,15 @@ class Arm64Format:
 
     def page_size(self, i: int, leaf: bool) -> Optional[int]:
         return self.sizes[i] if leaf else None
+
+
+class Arm64Format(DescriptorGeometry):
+    """What a stage 1 descriptor says in one range's mode: its geometry, and the attributes
+    and rights the scalar walk and renderers ask about."""
+
+    def __init__(self, p: RangeParams, mair: int):
+        super().__init__(p)
+        self.mair = mair
 
     def shareability(self, e: int) -> int:
         return self.p.sh if self.p.ds else (e >> 8) & 3

@@ -14,15 +14,16 @@ from __future__ import annotations
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from ..errors import MemoryReadError
-from .arm64 import fault_status
+from .arm64 import descriptor_walk, fault_status
 from .arm64_format import GRANULES, SHAREABILITY, contiguous_entries
 from .arm64_stage2_format import (
     AF, CACHEABILITY, CONT, DBM, HCR_DC, HCR_VM, VTCR_DS, VTCR_HA, VTCR_HD, VTCR_NSA,
     VTCR_NSW, VTCR_VS, S2Params, memattr_device, qemu72_root, s2_params, stage2_format,
 )
 from .formats import bits, size_name
+from .walker import iter_leaves
 from .model import (
-    ACCESS_FLAG, ADDRESS_SIZE, PAGING_DISABLED, PERMISSION, TRANSLATION, UNREADABLE,
+    ACCESS_FLAG, ADDRESS_SIZE, PAGING_DISABLED, PERMISSION, TRANSLATION,
     AccessResult, Fault, LevelStep, Mapping, ReadPhys, Walk,
 )
 
@@ -101,59 +102,18 @@ def decode_vttbr(vttbr: int, vtcr: int, id_aa64mmfr0: Optional[int] = None,
 
 def _walk_tables(read: ReadPhys, p: S2Params, ipa: int, notes: List[str]
                  ) -> Tuple[Tuple[LevelStep, ...], Optional[Fault]]:
-    """AArch64.S2Walk: one descriptor per level, one read each, until a leaf or a fault."""
-    fmt = stage2_format(p)
-    steps: List[LevelStep] = []
-    table = p.root
-    for i, spec in enumerate(p.mode.levels):
-        level = fmt.level(i)
-        index = (ipa >> spec.shift) & ((1 << spec.index_bits) - 1)
-        entry_addr = table + 8 * index
-        try:
-            raw = read(entry_addr, 8)
-            if len(raw) != 8:
-                raise MemoryReadError(f"read returned {len(raw)} bytes, not 8", entry_addr)
-        except MemoryReadError as exc:
-            return tuple(steps), Fault(spec.name, UNREADABLE,
-                                       f"cannot read the {spec.name} descriptor (index {index}) "
-                                       f"at {entry_addr:#x}: {exc}")
-        e = int.from_bytes(raw, "little")
-        kind = fmt.kind(i, e)
-        head = f"stage 2 {spec.name} descriptor {e:#x} (index {index} at {entry_addr:#x})"
-        if kind in ("invalid", "reserved", "block!"):
-            steps.append(LevelStep(spec.name, spec.linux_name, index, table, entry_addr, e,
-                                   fmt.flags(i, e, False), None, False, None))
-            if kind == "invalid":
-                why = "is invalid (bit 0 = 0)"
-            elif kind == "reserved":
-                why = "has bits[1:0] = 01, reserved at level 3 (AArch64.DecodeDescriptorType)"
-            else:
-                g = GRANULES[p.granule].upper()
-                why = (f"is a block descriptor (bits[1:0] = 01) at level {level}, where the {g} "
-                       f"granule has no blocks (AArch64.BlockDescSupported)")
-                notes.append(f"QEMU 7.2 does not check the level of a block descriptor and "
-                             f"would map a {size_name(1 << spec.shift)} block here")
-            return tuple(steps), Fault(spec.name, TRANSLATION, f"{head} {why}",
-                                       fault_status(TRANSLATION, level))
-        leaf = kind != "table"
-        addr = fmt.frame(i, e, leaf)
-        steps.append(LevelStep(spec.name, spec.linux_name, index, table, entry_addr, e,
-                               fmt.flags(i, e, leaf), addr, leaf, fmt.page_size(i, leaf)))
-        if addr >> p.oa_bits:
-            what = "output" if leaf else "next-table"
-            seen_by_qemu = e & bits(49 if p.ds else 47, p.granule)
-            if (p.ds or p.lpa) and p.oa_bits <= 48 and not seen_by_qemu >> p.oa_bits:
-                notes.append(f"QEMU 7.2 reads OA[51:48] from descriptor bits "
-                             f"{'[9:8]' if p.ds else '[15:12]'} only with a 52-bit output "
-                             f"size and would ignore them here (and not fault)")
-            return tuple(steps), Fault(spec.name, ADDRESS_SIZE,
-                                       f"{head} gives {what} address {addr:#x}, beyond the "
-                                       f"{p.oa_bits}-bit output size ({_oa_why(p)})",
-                                       fault_status(ADDRESS_SIZE, level))
-        if leaf:
-            return tuple(steps), None
-        table = addr
-    raise AssertionError("the last level always ends the walk")  # pragma: no cover
+    """AArch64.S2Walk (arm64.descriptor_walk with VTCR_EL2's sizes)."""
+    def high_bits_note(i: int, e: int, leaf: bool) -> Optional[str]:
+        seen_by_qemu = e & bits(49 if p.ds else 47, p.granule)
+        if (p.ds or p.lpa) and p.oa_bits <= 48 and not seen_by_qemu >> p.oa_bits:
+            return (f"QEMU 7.2 reads OA[51:48] from descriptor bits "
+                    f"{'[9:8]' if p.ds else '[15:12]'} only with a 52-bit output size and "
+                    f"would ignore them here (and not fault)")
+        return None
+
+    return descriptor_walk(read, p.mode, stage2_format(p), p.granule, p.oa_bits, p.root, ipa,
+                           notes, stage="stage 2 ", high_bits_note=high_bits_note,
+                           oa_why=_oa_why(p))
 
 
 def _oa_why(p: S2Params) -> str:
@@ -337,58 +297,16 @@ def iter_mappings_stage2(read_phys: ReadPhys, vttbr: int, vtcr: int, start: int 
     if lo >= hi:
         return
     fmt = stage2_format(p)
-    levels = p.mode.levels
-    cache: Dict[Tuple[int, int], Optional[Tuple[int, ...]]] = {}
-    seen: Set[Tuple[int, int]] = set()
     known: Dict[Tuple[int, int], tuple] = {}
+    for ipa, i, path in iter_leaves(read_phys, p.mode, fmt, p.root, lo, hi, on_unreadable,
+                                    on_repeat=on_repeat or (lambda *_: None)):
+        e = path[-1]
+        key = (i, e & FLAG_BITS)
+        got = known.get(key)
+        if got is None:
+            r = _rights(p, e)
+            got = known[key] = (r["write"], r["execute-el1"] or r["execute-el0"],
+                                fmt.flags(i, e, True))
+        yield Mapping(ipa, fmt.frame(i, e, True), fmt.sizes[i], got[0], True, got[1], path,
+                      got[2])
 
-    def table(i: int, addr: int) -> Optional[Tuple[int, ...]]:
-        count = 1 << levels[i].index_bits
-        key = (addr, count)
-        if key not in cache:
-            try:
-                data = read_phys(addr, count * 8)
-                if len(data) != count * 8:
-                    raise MemoryReadError(f"read returned {len(data)} bytes, not {count * 8}",
-                                          addr)
-                cache[key] = tuple(int.from_bytes(data[k:k + 8], "little")
-                                   for k in range(0, len(data), 8))
-            except MemoryReadError as exc:
-                cache[key] = None
-                if on_unreadable is not None:
-                    on_unreadable(levels[i].name, addr, exc)
-        return cache[key]
-
-    def visit(i: int, addr: int, base: int, path: Tuple[int, ...]) -> Iterator[Mapping]:
-        if (i, addr) in seen:
-            if on_repeat is not None:
-                on_repeat(levels[i].name, addr, base)
-            return
-        seen.add((i, addr))
-        entries = table(i, addr)
-        if entries is None:
-            return
-        shift = levels[i].shift
-        first = (lo - base) >> shift if lo > base else 0
-        last = min(len(entries) - 1, (hi - 1 - base) >> shift)
-        for index in range(first, last + 1):
-            e = entries[index]
-            if not e & 1:
-                continue
-            leaf = fmt.is_leaf(i, e)
-            if not fmt.valid(i, e, leaf):
-                continue
-            ipa = base + (index << shift)
-            if not leaf:
-                yield from visit(i + 1, fmt.frame(i, e, False), ipa, path + (e,))
-                continue
-            key = (i, e & FLAG_BITS)
-            got = known.get(key)
-            if got is None:
-                r = _rights(p, e)
-                got = known[key] = (r["write"], r["execute-el1"] or r["execute-el0"],
-                                    fmt.flags(i, e, True))
-            yield Mapping(ipa, fmt.frame(i, e, True), fmt.sizes[i], got[0], True, got[1],
-                          path + (e,), got[2])
-
-    yield from visit(0, p.root, 0, ())

@@ -15,7 +15,9 @@ from functools import lru_cache
 from typing import List, Optional, Tuple
 
 from ..record import record
-from .arm64_format import GRANULES, LINUX_NAMES, PA_SIZES, SHAREABILITY, block_size, id_field
+from .arm64_format import (
+    GRANULES, LINUX_NAMES, PA_SIZES, SHAREABILITY, DescriptorGeometry, block_size, id_field,
+)
 from .formats import bits
 from .model import LevelSpec, PagingMode
 
@@ -28,8 +30,8 @@ HCR_VM, HCR_DC, HCR_FWB = 1 << 0, 1 << 12, 1 << 46
 
 # Stage 2 descriptor fields ("Stage 2 translation table descriptor formats"). Stage 2 table
 # descriptors carry no attributes: bits[63:59] (NSTable, APTable, UXN/PXNTable at stage 1)
-# are RES0 there, so nothing is inherited down the walk (no hierarchical permissions).
-VALID, TABLE = 1 << 0, 1 << 1
+# are RES0 there, so nothing is inherited down the walk (no hierarchical permissions). Bits
+# 1:0 (valid, table/page) mean what they mean at stage 1 (arm64_format.DescriptorGeometry).
 AF, FNXS, NT = 1 << 10, 1 << 11, 1 << 16
 DBM, CONT, XN0, XN1 = 1 << 51, 1 << 52, 1 << 53, 1 << 54
 SW_BITS = bits(58, 55)                        # IGNORED, for software (KVM keeps state there)
@@ -330,53 +332,12 @@ def qemu72_root(p: S2Params) -> int:
     return base & ~((1 << (p.mode.levels[0].index_bits + 3)) - 1)
 
 
-class Stage2Format:
-    """What a stage 2 descriptor says in one walk's mode."""
-
-    def __init__(self, p: S2Params):
-        self.p = p
-        self.mode = p.mode
-        self.last = len(p.mode.levels) - 1
-        high = 49 if p.ds else 47
-        self.masks = [bits(high, spec.shift) for spec in p.mode.levels]
-        self.table_mask = bits(high, p.granule)
-        self.sizes = [1 << spec.shift if i == self.last else spec.large_page
-                      for i, spec in enumerate(p.mode.levels)]
+class Stage2Format(DescriptorGeometry):
+    """What a stage 2 descriptor says in one walk's mode: its geometry (shared with stage 1)
+    and its attributes."""
 
     def level(self, i: int) -> int:
         return self.p.start + i
-
-    def present(self, e: int) -> bool:
-        return bool(e & VALID)
-
-    def is_leaf(self, i: int, e: int) -> bool:
-        return i == self.last or not e & TABLE
-
-    def kind(self, i: int, e: int) -> str:
-        """invalid, reserved (01 at level 3), block! (a block where the granule has none),
-        block, table or page (AArch64.DecodeDescriptorType)."""
-        if not e & VALID:
-            return "invalid"
-        if i == self.last:
-            return "page" if e & TABLE else "reserved"
-        if e & TABLE:
-            return "table"
-        return "block" if self.sizes[i] else "block!"
-
-    def frame(self, i: int, e: int, leaf: bool) -> int:
-        oa = e & (self.masks[i] if leaf else self.table_mask)
-        if self.p.ds:
-            oa |= ((e >> 8) & 3) << 50
-        elif self.p.lpa:
-            oa |= ((e >> 12) & 0xF) << 48
-        return oa
-
-    def valid(self, i: int, e: int, leaf: bool) -> bool:
-        return self.kind(i, e) in ("table", "block", "page") \
-            and not self.frame(i, e, leaf) >> self.p.oa_bits
-
-    def page_size(self, i: int, leaf: bool) -> Optional[int]:
-        return self.sizes[i] if leaf else None
 
     def flags(self, i: int, e: int, leaf: bool) -> Tuple[str, ...]:
         kind = self.kind(i, e)

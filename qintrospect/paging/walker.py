@@ -90,7 +90,8 @@ def walk_tables(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: i
 
 def iter_leaves(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: int, lo: int,
                 hi: int, on_unreadable: Optional[Callable[[str, int, Exception], None]] = None,
-                root_entries: Optional[Sequence[int]] = None
+                root_entries: Optional[Sequence[int]] = None,
+                on_repeat: Optional[Callable[[str, int, int], None]] = None
                 ) -> Iterator[Tuple[int, int, Tuple[int, ...]]]:
     """Every valid present leaf overlapping [lo, hi) of the mode's address space (no sign
     extension), in address order, as (address, level index, raw entries root first).
@@ -100,6 +101,10 @@ def iter_leaves(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: i
     entries are skipped; an unreadable table is skipped and reported to on_unreadable.
     Recursion is bounded by the mode's depth, so tables that point at themselves are fine.
     root_entries, when given, is the first table itself (the PAE PDPTE registers), not read.
+    on_repeat, when given, makes each table walked once per level: a table met again there (a
+    shared table, or one pointing at itself) is passed to on_repeat(level name, table address,
+    address it was met at) and its leaves are not listed again (hostile tables then cost one
+    pass over each distinct table, whatever points at what).
     """
     levels = mode.levels
     code = "I" if mode.entry_size == 4 else "Q"
@@ -122,7 +127,14 @@ def iter_leaves(read_phys: ReadPhys, mode: PagingMode, fmt: EntryFormat, root: i
                     on_unreadable(levels[i].name, addr, exc)
         return cache[key]
 
+    seen: set = set()
+
     def visit(i: int, addr: int, base: int, path: Tuple[int, ...]):
+        if on_repeat is not None:
+            if (i, addr) in seen:
+                on_repeat(levels[i].name, addr, base)
+                return
+            seen.add((i, addr))
         entries = table(i, addr)
         if entries is None:
             return

@@ -497,7 +497,7 @@ def test_output_address_beyond_output_size():
     build(mem, R40, IPA, 1 << 45)
     w = walk(mem, IPA)
     assert w.fault.reason == ADDRESS_SIZE and w.fault.level == "L3"
-    assert w.fault.error_code == FSC_ADDRESS | 3 and "40-bit output size" in w.fault.message
+    assert w.fault.error_code == FSC_ADDRESS | 3 and "40-bit output address size" in w.fault.message
 
 
 def test_52_bit_output_addresses_with_ds():
