@@ -3,6 +3,7 @@ guest RAM), kallsyms (decoded from the tables the note names), BTF (between __st
 __stop_BTF), and what they let us read: the task list (tasks.py) and a process's VMAs
 (vmas.py). Read-only, bounded, offsets from BTF only; kept per guest boot (kernel.py)."""
 
+from ..errors import QIError
 from .errors import AmbiguousProcess, GuestOSUnavailable, NoSuchProcess
 from .kernel import GuestKernel, open_kernel
 from .kmem import KernelFault, KernelMemory
@@ -19,18 +20,39 @@ def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False
     each with its roots and vCPU. progress: for the first look for the kernel (a RAM scan)."""
     import time
     t0 = time.perf_counter()
+    from . import arm64
     kernel = kernel or open_kernel(vm, progress=progress)
-    roots = {v.index: (v.root, v.pcid) for v in vm.vcpu_info}
-    current = current_tasks(kernel, len(vm.vcpu_info))
+    on_arm64 = arm64.is_arm64(vm.cpu_state())
+    if on_arm64:        # TTBR0's table and ASID; `current` in SP_EL0 while in the kernel
+        roots = arm64.process_roots(vm)
+        current = arm64.sp_el0(vm)
+    else:
+        roots = {v.index: (v.root, v.pcid) for v in vm.vcpu_info}
+        current = current_tasks(kernel, len(vm.vcpu_info))
     out = walk_tasks(kernel, vm.cached_memory().read, roots, current,
                      include_idle=include_idle, threads=threads, want=want)
-    if not current:
+    if on_arm64:
+        out.notes += arm64.place_by_root(out, roots, set(current), threads,
+                                         lambda t: _nr_threads(kernel, t))
+    elif not current:
         out.notes.append("which vCPU runs what is not known: the kernel's per-CPU current "
                          "task was not found")
     if vm.live:
         out.notes.append("the VM ran while the list was read: it may have changed meanwhile")
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _nr_threads(kernel, task):
+    """signal->nr_threads of a task (None: not known)."""
+    f = kernel.fields
+    if not f.has("task.signal", "signal.nr_threads"):
+        return None
+    try:
+        signal = f.get(task.task, "task.signal")
+        return f.get(signal, "signal.nr_threads", signed=True) if signal else None
+    except (QIError, OSError):
+        return None
 
 
 def find_process(vm, pid=None, comm=None, kernel=None, progress=None) -> GuestTask:

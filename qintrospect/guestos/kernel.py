@@ -9,6 +9,9 @@
 4. Kernel virtual reads: guestos.kmem over the kernel's own table (init_top_pgt, found
    through the vCPU's root: a process's table may be freed while a running VM is read).
 
+x86-64 and aarch64 guests; what differs on aarch64 (TTBR1's tables, the BTF and init_task
+found in the kernel image when kallsyms names functions only) is guestos.arm64.
+
 What 2 and 3 give (a few symbols and the offsets) is kept per guest boot (connect.runstate's
 cache: key the note's hash and where the kernel's text is loaded), with where the note lies:
 a second command reads that page, finds the same bytes, and pays neither the scan, the
@@ -78,10 +81,13 @@ class GuestKernel:
         return self.facts.get("maple")
 
     def describe(self) -> dict:
-        return {"osrelease": self.osrelease, "kerneloffset": _hex(self.kaslr_offset),
-                "vmcoreinfo_gpa": _hex(self.note_gpa), "kernel_root": _hex(self.mem.root),
-                "how": self.how, "kallsyms": self.facts.get("kallsyms"),
-                "btf_bytes": self.facts.get("btf_bytes"), "seconds": round(self.seconds, 4)}
+        out = {"osrelease": self.osrelease, "kerneloffset": _hex(self.kaslr_offset),
+               "vmcoreinfo_gpa": _hex(self.note_gpa), "kernel_root": _hex(self.mem.root),
+               "how": self.how, "kallsyms": self.facts.get("kallsyms"),
+               "btf_bytes": self.facts.get("btf_bytes"), "seconds": round(self.seconds, 4)}
+        if self.facts.get("located"):        # aarch64: what kallsyms did not name
+            out["located"] = self.facts["located"]
+        return out
 
 
 def _hex(v):
@@ -90,9 +96,13 @@ def _hex(v):
 
 # ---- the kernel's root and the proof the note is the running kernel's ---------------------
 
-def _roots(vm) -> List[int]:
+def _roots(vm, vi: Optional[Vmcoreinfo] = None, cpu=None) -> List[int]:
     """Page-table roots to read the kernel through: each vCPU's (the session's first), and
-    under KPTI the kernel copy 4 KiB below a user copy."""
+    under KPTI the kernel copy 4 KiB below a user copy; on aarch64 swapper_pg_dir (from the
+    note `vi`) and each vCPU's TTBR1 (guestos.arm64.kernel_roots)."""
+    from . import arm64
+    if arm64.is_arm64(cpu):
+        return arm64.kernel_roots(vm, vi)
     out: List[int] = []
     order = [vm.vcpu] + [i for i in range(len(vm.vcpu_info)) if i != vm.vcpu]
     for i in order:
@@ -184,15 +194,17 @@ def open_kernel(vm, use_cache: bool = True, progress=None) -> GuestKernel:
     t0 = time.perf_counter()
     read = vm.cached_memory().read
     cpu = vm.cpu_state()
-    paging.require_x86(cpu, "reading the guest's processes")   # x86-64 Linux's task layout
-    roots = _roots(vm)
+    # x86-64's and arm64's Linux (what differs on arm64: guestos.arm64)
+    paging.require(cpu, "reading the guest's processes", "x86_64", "aarch64")
+    if getattr(vm, "stage2", None) is not None:      # a vCPU inside its hypervisor's guest
+        vm.require_one_stage("reading the guest's processes (ps, --guest-pid)")
     purpose, ident = _identity(vm)
     if use_cache:
         try:
             kept = runstate.cached(purpose, ident)
         except (runstate.RunStateError, OSError):
             kept = None
-        kernel = _from_cache(kept, read, cpu, roots)
+        kernel = _from_cache(kept, read, cpu, lambda vi: _roots(vm, vi, cpu))
         if kernel is not None:
             kernel.seconds = time.perf_counter() - t0
             return kernel
@@ -204,7 +216,7 @@ def open_kernel(vm, use_cache: bool = True, progress=None) -> GuestKernel:
             vi = Vmcoreinfo.parse(text, source=f"vmcoreinfo note at {gpa:#x}")
         except VmcoreinfoError as e:
             return str(e)
-        mem, why = kernel_memory(read, cpu, roots, vi)
+        mem, why = kernel_memory(read, cpu, _roots(vm, vi, cpu), vi)
         if mem is not None:
             chosen.update(vi=vi, mem=mem)
         return why
@@ -219,7 +231,7 @@ def open_kernel(vm, use_cache: bool = True, progress=None) -> GuestKernel:
             "CONFIG_VMCORE_INFO/CRASH_CORE. Use --cr3 or --find-cr3 instead")
     gpa, text = found.note
     vi, mem = chosen["vi"], chosen["mem"]
-    facts = _facts(vi, mem)
+    facts = _facts(vi, mem, paging.arch_of(cpu))
     facts.update(version=CACHE_VERSION, note_gpa=gpa, boot=_boot(text, mem, vi))
     kernel = GuestKernel(vi, gpa, facts, mem, f"scan ({found.scanned >> 20} MiB read)")
     try:
@@ -243,14 +255,15 @@ def _from_cache(kept, read, cpu, roots) -> Optional[GuestKernel]:
         vi = Vmcoreinfo.parse(text)
     except VmcoreinfoError:
         return None
-    mem, _ = kernel_memory(read, cpu, roots, vi)
+    mem, _ = kernel_memory(read, cpu, roots(vi), vi)
     if mem is None or _boot(text, mem, vi) != kept.get("boot"):
         return None
     return GuestKernel(vi, kept["note_gpa"], kept, mem, "cached for this boot")
 
 
-def _facts(vi: Vmcoreinfo, mem: KernelMemory) -> dict:
-    """kallsyms decoded and BTF parsed: the symbols and layout this room needs."""
+def _facts(vi: Vmcoreinfo, mem: KernelMemory, arch: str = "x86_64") -> dict:
+    """kallsyms decoded and BTF parsed: the symbols and layout this room needs (on aarch64,
+    what kallsyms does not name is looked for in the kernel image: guestos.arm64.locate)."""
     release = vi.osrelease or "?"
     if not vi.kallsyms_tables():
         raise GuestOSUnavailable(
@@ -267,6 +280,10 @@ def _facts(vi: Vmcoreinfo, mem: KernelMemory) -> dict:
         hits = {s.address for s in ks.lookup(name)}
         if len(hits) == 1:
             symbols[name] = hits.pop()
+    located, btf = {}, None
+    if arch == "aarch64" and ("init_task" not in symbols or "__start_BTF" not in symbols
+                              or "__stop_BTF" not in symbols):
+        symbols, btf, located = _locate_arm64(mem, ks, symbols, release)
     if "init_task" not in symbols:
         raise GuestOSUnavailable(f"the guest kernel {release}'s kallsyms has no init_task")
     start, stop = symbols.get("__start_BTF"), symbols.get("__stop_BTF")
@@ -280,8 +297,9 @@ def _facts(vi: Vmcoreinfo, mem: KernelMemory) -> dict:
                                  f"({start:#x}..{stop:#x}): not plausible")
     from ..btf import Btf, MapleTree
     try:
-        blob = mem.read(start, stop - start)
-        btf = Btf.parse(blob, name=f"the guest kernel's BTF ({start:#x}..{stop:#x})")
+        if btf is None:
+            blob = mem.read(start, stop - start)
+            btf = Btf.parse(blob, name=f"the guest kernel's BTF ({start:#x}..{stop:#x})")
     except MemoryReadError as e:
         raise GuestOSUnavailable(f"the guest kernel's BTF ({start:#x}..{stop:#x}) cannot be "
                                  f"read: {e}") from None
@@ -292,5 +310,28 @@ def _facts(vi: Vmcoreinfo, mem: KernelMemory) -> dict:
             maple = MapleTree.facts(btf)
         except BtfError:
             maple = None
-    return {"symbols": symbols, "fields": fields, "maple": maple, "osrelease": release,
-            "kallsyms": {"mode": ks.mode, "count": len(ks)}, "btf_bytes": stop - start}
+    out = {"symbols": symbols, "fields": fields, "maple": maple, "osrelease": release,
+           "kallsyms": {"mode": ks.mode, "count": len(ks)}, "btf_bytes": stop - start}
+    if located:
+        out["located"] = located
+    return out
+
+
+def _locate_arm64(mem: KernelMemory, ks, symbols: dict, release: str):
+    """(symbols, BTF or None, how): an arm64 kernel whose kallsyms names functions only
+    (no CONFIG_KALLSYMS_ALL, as Debian's): its BTF and init_task found in its image."""
+    from ..btf import Btf
+    from . import arm64
+
+    def parse(blob, name):
+        return Btf.parse(blob, name=name)
+    try:
+        return arm64.locate(mem, ks, symbols, parse, layout)
+    except LookupError as e:
+        raise GuestOSUnavailable(
+            f"the guest kernel {release}'s kallsyms names functions only (built without "
+            f"CONFIG_KALLSYMS_ALL) and the kernel image did not give the rest: {e}. Use "
+            "--cr3 or --find-cr3 instead") from None
+    except (BtfError, MemoryReadError) as e:
+        raise GuestOSUnavailable(f"the guest kernel {release}'s BTF, found by a scan of its "
+                                 f"image, cannot be read: {e}") from None

@@ -34,6 +34,9 @@ class KernelMemory:
 
     @property
     def root(self) -> int:
+        from .arm64 import is_arm64, kernel_root
+        if is_arm64(self.cpu):
+            return kernel_root(self.cpu)
         mode = paging.paging_mode(self.cpu)
         return paging.cr3_root(self.cpu, mode)[0] if mode else self.cpu.cr3
 
@@ -92,7 +95,11 @@ class KernelMemory:
 
 
 def kernel_cpu(cpu: paging.CpuState, root: Optional[int] = None) -> paging.CpuState:
-    """A CpuState like `cpu` whose root is `root` (no PCID bits), or `cpu` itself."""
+    """A CpuState like `cpu` whose root is `root` (no PCID bits), or `cpu` itself; on
+    aarch64 the state with TTBR1 = root (guestos.arm64.kernel_state)."""
+    from .arm64 import is_arm64, kernel_state
+    if is_arm64(cpu):
+        return kernel_state(cpu, root)
     if root is None:
         return cpu
     from ..paging.modes import CR4_PCIDE

@@ -18,6 +18,7 @@ Read = Callable[[int, int], bytes]
 # name: (struct, member paths tried in order)
 FIELDS = {
     "list.next": ("list_head", ("next",)),
+    "list.prev": ("list_head", ("prev",)),
     "task.tasks": ("task_struct", ("tasks",)),
     "task.pid": ("task_struct", ("pid",)),
     "task.tgid": ("task_struct", ("tgid",)),
@@ -37,6 +38,7 @@ FIELDS = {
     "worker.current_work": ("worker", ("current_work",)),
     "worker.pool": ("worker", ("pool",)),
     "signal.thread_head": ("signal_struct", ("thread_head",)),
+    "signal.nr_threads": ("signal_struct", ("nr_threads",)),
     "cred.uid": ("cred", ("uid.val", "uid")),
     "cred.gid": ("cred", ("gid.val", "gid")),
     "mm.pgd": ("mm_struct", ("pgd",)),
@@ -44,6 +46,7 @@ FIELDS = {
     "mm.start_brk": ("mm_struct", ("start_brk",)),
     "mm.brk": ("mm_struct", ("brk",)),
     "mm.start_stack": ("mm_struct", ("start_stack",)),
+    "mm.context_vdso": ("mm_struct", ("context.vdso",)),
     "uts.release": ("uts_namespace", ("name.release",)),
     "vma.vm_start": ("vm_area_struct", ("vm_start",)),
     "vma.vm_end": ("vm_area_struct", ("vm_end",)),
@@ -71,6 +74,7 @@ FIELDS = {
 # the rest are needed for ps; these only for what they add (threads, VMAs, the vCPU, names)
 OPTIONAL = frozenset({
     "task.signal", "task.thread_node", "signal.thread_head", "cred.gid", "mm.mm_mt",
+    "list.prev", "signal.nr_threads", "mm.context_vdso",
     "task.worker_private", "kthread.full_name", "kthread.data", "worker.desc",
     "worker.current_work", "worker.pool",
     "mm.start_brk", "mm.brk", "mm.start_stack", "uts.release",

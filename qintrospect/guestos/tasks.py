@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import MemoryReadError, QIError
 from ..record import field, record
+from .arm64 import is_arm64
 from .layout import Snapshot
 
 MAX_TASKS = 1 << 16
@@ -267,7 +268,8 @@ def _task(kernel, read_phys, addr: int, lo: int, hi: int, vcpu_roots, running,
         try:
             pgd = f.get(mm, "mm.pgd")
             root = kernel.mem.translate(pgd)
-            user = user_copy(read_phys, root)
+            # aarch64: the root is what TTBR0 holds; KPTI there swaps TTBR1, not TTBR0
+            user = None if is_arm64(kernel.mem.cpu) else user_copy(read_phys, root)
         except (QIError, OSError) as e:
             notes.append(f"mm {mm:#x} unreadable: {e}")
     loaded = tuple(sorted(cpu for cpu, (r, _) in vcpu_roots.items()

@@ -94,6 +94,8 @@ def vmas(kernel, task, max_vmas: int = MAX_VMAS) -> VmaList:
         out.notes.append(f"mm {mm:#x}: brk and stack unreadable ({e})")
     lo, hi = f.span(VMA_FIELDS)
     special = kernel.symbols.get("special_mapping_vmops")
+    if special is None:
+        special = _special_ops(kernel, mm, items)
     for first, last, entry in items:
         try:
             out.vmas.append(_vma(kernel, entry, lo, hi, special, brk, stack))
@@ -132,6 +134,23 @@ def _vma(kernel, addr: int, lo: int, hi: int, special, brk, stack) -> GuestVma:
         if not path and stack is not None and start <= stack <= end:
             path = "[stack]"
     return GuestVma(start, end, perms(flags), offset, dev, ino, path, flags, addr)
+
+
+def _special_ops(kernel, mm: int, items) -> Optional[int]:
+    """special_mapping_vmops when kallsyms does not name it (a kernel without
+    CONFIG_KALLSYMS_ALL, such as Debian's arm64 ones): the vm_ops of the VMA that begins at
+    mm->context.vdso (the [vdso], installed by _install_special_mapping as [vvar] is)."""
+    f = kernel.fields
+    if not f.has("mm.context_vdso", "vma.vm_ops", "vma.vm_file"):
+        return None
+    try:
+        vdso = f.get(mm, "mm.context_vdso")
+        for first, _, entry in items:
+            if vdso and first == vdso and not f.get(entry, "vma.vm_file"):
+                return f.get(entry, "vma.vm_ops") or None
+    except (QIError, OSError):
+        return None
+    return None
 
 
 def d_path(kernel, filp: int) -> str:

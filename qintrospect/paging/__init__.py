@@ -59,7 +59,8 @@ def arch_of(cpu) -> str:
 
 # What works on a guest of another architecture so far; the rest reads x86 structures (CR3
 # roots, Linux x86-64's task layout, EPT/NPT) and says so.
-ARM64_COMMANDS = "translate, vmmap, read, search, find-cr3, who-maps and cpus"
+ARM64_COMMANDS = ("translate, vmmap, read, search, find-cr3, who-maps, cpus and ps (and "
+                  "--guest-pid/--guest-comm)")
 RISCV64_COMMANDS = "translate, vmmap, read, search, find-cr3, who-maps and cpus"
 ARCH_COMMANDS = {"aarch64": ARM64_COMMANDS, "riscv64": RISCV64_COMMANDS}
 

@@ -111,7 +111,7 @@ def test_read_goes_through_both_stages(rig, in_l2):
 
 
 def test_one_stage_commands_say_why_not(rig, in_l2):
-    for args in (("vmmap",), ("translate", "--brief", hex(CODE_IPA)), ("find-cr3",)):
+    for args in (("vmmap",), ("translate", "--brief", hex(CODE_IPA)), ("find-cr3",), ("ps",)):
         rc, out, err = run_cli(*args, *attach_args(rig))
         assert rc == 2 and "stage 2" in err and "Traceback" not in err, (args, err)
     rc, out, err = run_cli("translate", "--mermaid", hex(CODE_IPA), *attach_args(rig))
