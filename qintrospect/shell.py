@@ -330,17 +330,17 @@ class Shell:
             if not rest:
                 self._print(f"root: {self.root:#x} (set by `cr3`)" if self.root is not None
                             else f"root: guest process {self.guest[1]}'s" if self.guest
-                            else f"root: vCPU {self.vm.vcpu}'s CR3")
+                            else f"root: vCPU {self.vm.vcpu}'s {self._root_register()}")
                 return 0
             if len(rest) == 2 and rest[0] in ("pid", "comm"):
                 return self._guest_root(rest[0], rest[1])
             if len(rest) != 1:
                 raise UsageError("cr3 HEX sets the root for translate/vmmap/read; `cr3 pid N` "
                                  "or `cr3 comm NAME` a guest process's; `cr3 vcpu` goes back "
-                                 "to the vCPU's CR3")
+                                 f"to the vCPU's {self._root_register()}")
             if rest[0] == "vcpu":
                 self.root = self.guest = None
-                self._print(f"root: vCPU {self.vm.vcpu}'s CR3")
+                self._print(f"root: vCPU {self.vm.vcpu}'s {self._root_register()}")
             else:
                 self.root, self.guest = parse_number(rest[0], "cr3"), None
                 self._print(f"root: {self.root:#x} for translate, vmmap and read without --cr3")
@@ -358,6 +358,13 @@ class Shell:
             return 0
         raise UsageError(f"unknown command {name!r}")
 
+    def _root_register(self) -> str:
+        """The register `cr3 HEX` stands in for (what --cr3 replaces): CR3, satp, or the
+        process half's TTBR0 of the vCPU's regime (TTBR0_EL1; TTBR0_EL2 on a VHE host at
+        EL2), from the registers the shell last read."""
+        from . import paging
+        return paging.root_register_name(self.vm.cpu, 0)
+
     def _help(self, rest) -> int:
         if rest:
             if rest[0] in self.parsers:
@@ -373,7 +380,8 @@ class Shell:
         lines += ["",
                   "  cr3 HEX          translate/vmmap/read use this root when given no --cr3",
                   "  cr3 pid N        ... this guest process's root (`cr3 comm NAME` by name)",
-                  "  cr3 vcpu         back to the vCPU's CR3 (`cr3` alone says which)",
+                  "  cr3 vcpu         back to the vCPU's own root register (`cr3` alone says "
+                  "which)",
                   "  vcpu N           use vCPU N's registers (`vcpu` alone says which)",
                   "  help [COMMAND]   this, or a command's options",
                   "  quit, exit, EOF  leave: the VM is put back as found"]

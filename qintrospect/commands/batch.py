@@ -54,10 +54,11 @@ class BatchTranslation:
         return self.walk_result.pa
 
     def to_dicts(self) -> Iterator[dict]:
-        """One JSON-ready dict per address: the chain's summary keys (no levels), or the
-        fault; with a second-level walk (slat), where it ends (slat_out, slat_page_size),
-        whether that is the pagemap path's host address (slat_agrees), or its fault
-        (slat_fault). Addresses and values are "0x..." strings."""
+        """One JSON-ready dict per address: the chain's summary keys (no levels; readable
+        only where the walk has it: riscv64), or the fault; with a second-level walk (slat),
+        where it ends (slat_out, slat_page_size), whether that is the pagemap path's host
+        address (slat_agrees), or its fault (slat_fault). Addresses and values are "0x..."
+        strings."""
         return map(self.row_dict, range(len(self.walk_result)))
 
     def row_dict(self, i: int) -> dict:
@@ -72,10 +73,13 @@ class BatchTranslation:
                "ram_block": self.ram_blocks[self.region[i]] if self.region[i] >= 0 else None,
                "hva": h(self.hva[i]) if self.has_hva[i] else None,
                "hpa": h(self.hpa[i]) if status == "present" else None,
-               "host": status,
-               "writable": bool(w.writable[i]), "user": bool(w.user[i]),
-               "executable": bool(w.executable[i]),
-               "value": h(self.value[i]) if self.has_value[i] else None}
+               "host": status}
+        readable = getattr(w, "readable", None)    # riscv64 only: execute-only pages exist
+        if readable is not None:
+            row["readable"] = bool(readable[i])
+        row.update(writable=bool(w.writable[i]), user=bool(w.user[i]),
+                   executable=bool(w.executable[i]),
+                   value=h(self.value[i]) if self.has_value[i] else None)
         s = self.slat
         if s is not None:
             ok = bool(s.ok[i])

@@ -62,6 +62,7 @@ class Match:
     hpa: Optional[int] = None
     host: Optional[str] = None      # the host page: present, not-present, swapped, ...
     page_size: Optional[int] = None
+    readable: Optional[bool] = None  # a load works (false: a riscv64 execute-only page)
     writable: Optional[bool] = None
     user: Optional[bool] = None
     executable: Optional[bool] = None
@@ -73,8 +74,8 @@ class Match:
         out.update(gpa=h(self.gpa), ram_block=self.ram_block, hva=h(self.hva), hpa=h(self.hpa),
                    host=self.host)
         if self.gva is not None:
-            out.update(page_size=self.page_size, writable=self.writable, user=self.user,
-                       executable=self.executable)
+            out.update(page_size=self.page_size, readable=self.readable,
+                       writable=self.writable, user=self.user, executable=self.executable)
         out["bytes"] = self.context.hex()
         return out
 
@@ -246,7 +247,9 @@ def _virtual_matches(session, leaves, found, cr3) -> List[Match]:
         out.append(Match(int(w.pa[k]), where, d["ram_block"],
                          int(b.hva[k]) if b.has_hva[k] else None,
                          int(b.hpa[k]) if d["hpa"] else None, d["host"], d["page_size"],
-                         d["writable"], d["user"], d["executable"], context))
+                         # row_dict says readable where it can be false (riscv64), as vmmap
+                         readable=d.get("readable", True), writable=d["writable"],
+                         user=d["user"], executable=d["executable"], context=context))
     return out
 
 
@@ -306,7 +309,8 @@ def text(result: SearchResult) -> str:
         gpa = f"{m.gpa:#014x}" if m.gpa is not None else f"{'-':>14}"
         row = (f"{m.gva:#018x} " if virtual else "") + f"{gpa} {hpa} "
         if virtual:
-            rights = "r" + ("w" if m.writable else "-") + ("x" if m.executable else "-")
+            rights = ("r" if m.readable else "-") + ("w" if m.writable else "-") + \
+                ("x" if m.executable else "-")
             row += f"{rights if m.gpa is not None else '?  '}  {'user' if m.user else 'kernel':<6} "
         else:
             row += f"{printable(m.ram_block or '-'):<10} "

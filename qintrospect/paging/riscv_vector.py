@@ -12,6 +12,7 @@ once. Python loops only over distinct tables. The property tests
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -90,7 +91,18 @@ def _rights(e: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- address batches
 
 class RiscvBatchWalk(BatchWalk):
-    """BatchWalk of a RISC-V batch: fault_level and leaf_level index mode.levels, as x86's."""
+    """BatchWalk of a RISC-V batch: fault_level and leaf_level index mode.levels, as x86's;
+    with readable, which an x86 or aarch64 BatchWalk has not (a page they map is readable)."""
+
+    @cached_property
+    def readable(self) -> np.ndarray:
+        """R=1 in the leaf, as RiscvLeafArrays.readable: a load works (an execute-only page,
+        R=0 X=1, needs mstatus.MXR); False where the address did not translate."""
+        n = len(self.va)
+        if self.entries is None or not n or not self.ok.any():
+            return np.zeros(n, bool)
+        leaf = self.entries[np.arange(n), np.maximum(self.leaf_level, 0)]
+        return self.ok & ((leaf & U64(R)) != 0)
 
     def walk(self, i: int, read_phys: ReadPhys, cpu: RiscvState,  # type: ignore[override]
              access: str = "s-read") -> Walk:

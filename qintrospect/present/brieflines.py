@@ -1,7 +1,8 @@
 """translate --brief for many addresses: each address's summary line (json_line of
 BatchTranslation.row_dict, byte for byte), made from the batch's arrays: rows alike in page
-size, RAM block, host status, rights and which values exist (or a fault's level and reason)
-share one %-format, filled with each row's GVA, GPA, HVA, HPA and value (rowlines)."""
+size, RAM block, host status, rights (readable too, on riscv64) and which values exist (or a
+fault's level and reason) share one %-format, filled with each row's GVA, GPA, HVA, HPA and
+value (rowlines)."""
 
 import numpy as np
 
@@ -23,6 +24,9 @@ def brief_lines(b, size: int = 4096):
     keys = [w.ok, np.where(w.ok, w.page_size, w.fault_level.astype(np.int64)),
             np.where(w.ok, b.region, w.fault_reason.astype(np.int64)), b.has_hva, b.host_status,
             w.writable, w.user, w.executable, b.has_value]
+    readable = getattr(w, "readable", None)       # riscv64 only (as row_dict)
+    if readable is not None:
+        keys.append(readable)
     places, numbers = PLACES, (w.va, w.pa, b.hva, b.hpa, b.value)
     s = b.slat
     if s is not None:     # the second level's answer: where it ends and if that agrees, or why not

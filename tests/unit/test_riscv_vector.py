@@ -219,6 +219,8 @@ def check_batch(read, s, vas):
             assert out.leaf_level[k] == len(w.levels) - 1
         else:
             assert out.leaf_level[k] == -1
+        # readable: the leaf's R bit (vmmap's readable), False where it did not translate
+        assert out.readable[k] == bool(w.ok and w.levels[-1].entry & R)
     return out
 
 
@@ -380,3 +382,51 @@ def test_scalar_dispatch():
     with pytest.raises(UsageError, match="this guest is riscv64"):
         paging.require_x86(s, "find-cr3")
     assert paging.arch_of(paging.CpuState(0x80000011, 0x1000, 0x20, 0x500)) == "x86_64"
+
+
+@pytest.mark.parametrize("in_c", [True, False])
+def test_brief_lines_say_readable(monkeypatch, in_c):
+    """translate --brief on riscv64: every line that translates has readable (the leaf's R
+    bit, between host and writable; false for an execute-only page), the lines made from the
+    arrays are json_line(row_dict) byte for byte, and a fault's line has no readable."""
+    import json
+    import types
+    from qintrospect.commands.batch import translate_batch
+    from qintrospect.present import brieflines, rowlines
+    from qintrospect.present.render import json_line
+    if not in_c:
+        monkeypatch.setattr(rowlines, "_rowformat", None)
+    mem = Mem()
+    l0 = ROOT + 0x2000
+    mem.put(ROOT, pte(ROOT + 0x1000, V))
+    mem.put(ROOT + 0x1000, pte(l0, V))
+    rights = (V | X | A | U, V | R | X | A | U, LEAF | U, V | X | A)       # --x r-x rw- --x
+    for j in range(512):
+        if j % 7:                                   # every 7th page is not present
+            mem.put(l0 + 8 * j, pte(0x90000000 + j * 4096, rights[j % 4]))
+    s = state()
+    ram = types.SimpleNamespace(start=0x90000000, end=0x901FFFFF, kind="ram", hva=None,
+                                block="ram")
+    session = types.SimpleNamespace(ram_map=types.SimpleNamespace(ram=[ram]), process=None,
+                                    memory=types.SimpleNamespace(read=mem, name="test"),
+                                    cpu_state=lambda cr3=None: s)
+    # (a value that runs into the next page takes the one-address path: none here)
+    session.translate = lambda va, cr3=None: types.SimpleNamespace(value=None)
+    vas = np.random.default_rng(2).integers(0, 512 * 4096, 5000, dtype=np.uint64)
+    b = translate_batch(session, vas)
+    assert isinstance(b.walk_result, RiscvBatchWalk)
+    got = [line for block in brieflines.brief_lines(b, size=512) for line in block]
+    assert got == [(json_line(b.row_dict(i)) + "\n").encode() for i in range(len(b))]
+    seen = set()
+    for va, line in zip(vas.tolist(), got):
+        d = json.loads(line)
+        j = va >> 12
+        if not j % 7:
+            assert "fault" in d and "readable" not in d
+            continue
+        keys = list(d)
+        assert keys[keys.index("host") + 1:keys.index("writable")] == ["readable"]
+        assert d["readable"] == bool(rights[j % 4] & R)
+        assert d["readable"] == bool(walk_riscv(mem, s, va).levels[-1].entry & R)
+        seen.add((d["readable"], d["writable"], d["executable"]))
+    assert seen == {(False, False, True), (True, False, True), (True, True, False)}

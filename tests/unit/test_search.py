@@ -127,3 +127,62 @@ def test_virtual_pieces_cover_what_a_plain_loop_reads(seed):
     for v, g, n, leaf in pieces:
         assert 0 < n <= PIECE
         assert va[leaf] <= v < va[leaf] + size[leaf]
+
+
+class _RiscvSession:
+    """What search_virtual asks of a session, over RISC-V tables in a test_riscv_walk.Mem: the
+    leaf arrays (riscv_vector), the batch walk (commands.batch), one RAM region (no host)."""
+
+    def __init__(self, mem, state, ram):
+        import types
+        self.mem, self.state = mem, state
+        self.ram_map = types.SimpleNamespace(ram=[ram])
+        self.memory = types.SimpleNamespace(read=mem, name="test")
+        self.process = None
+
+    def leaf_arrays(self, cr3, start, end):
+        from qintrospect import paging
+        return paging.leaf_arrays(self.mem, self.state, start, end)
+
+    def cpu_state(self, cr3=None):
+        return self.state
+
+    def translate_batch(self, addresses, cr3=None):
+        from qintrospect.commands.batch import translate_batch
+        return translate_batch(self, addresses, cr3)
+
+    def check_live(self):
+        pass
+
+
+def test_riscv_execute_only_pages_are_not_readable_in_search():
+    """search on riscv64 says read as vmmap does: `-` for an execute-only page (R=0, X=1), in
+    the text's prm column and as `readable` in the JSON; the other pages read `r`."""
+    import types
+    from qintrospect.commands import vmmap
+    from qintrospect.commands.search import search_virtual, text
+    from tests.unit.test_riscv_walk import A, D, Mem, R, U, V, W, X, build, pte, state
+    mem = Mem()
+    frames = {0x10000: (0x90001000, V | X | A | U),             # execute-only
+              0x11000: (0x90002000, V | R | X | A | U),         # r-x
+              0x12000: (0x90003000, V | R | W | A | D | U)}     # rw-
+    for va, (frame, bits) in frames.items():
+        build(mem, va, pte(frame, bits))
+        mem.put(frame + 0x40, int.from_bytes(b"QINTMARK", "little"))
+    s = state()
+    ram = types.SimpleNamespace(start=0x90000000, end=0x90FFFFFF, kind="ram", hva=None,
+                                block="ram")
+    session = _RiscvSession(mem, s, ram)
+    result = search_virtual(session, b"QINTMARK")
+    assert [m.gva for m in result.matches] == [va + 0x40 for va in frames]
+    assert [(m.readable, m.writable, m.executable) for m in result.matches] == [
+        (False, False, True), (True, False, True), (True, True, False)]
+    dicts = [m.to_dict() for m in result.matches]
+    assert [d["readable"] for d in dicts] == [False, True, True]
+    assert list(dicts[0])[list(dicts[0]).index("page_size") + 1] == "readable"
+    rows = text(result).splitlines()[1:4]
+    assert [r.split()[3] for r in rows] == ["--x", "r-x", "rw-"]
+    # the same rights as vmmap's rows of those pages
+    la = session.leaf_arrays(None, 0, None)
+    perms = {r.start: r.perms for r in vmmap.iter_rows(vmmap.from_leaves(la), la.format)}
+    assert [perms[va] for va in frames] == ["--x", "r-x", "rw-"]

@@ -97,6 +97,8 @@ class FakeSession:
         self.live = False
         self.process = None
         self.warnings = []
+        from qintrospect import paging      # the registers last read (Session.cpu): x86 here
+        self.cpu = paging.CpuState(0x80050033, 0x1000, 0x20, 0xd01)
 
     @property
     def vcpu_info(self):
@@ -349,6 +351,26 @@ def test_cr3_and_vcpu_builtins(monkeypatch):
     sent = vm.qmp.sent
     i = sent.index("select 0")
     assert sent[i + 2] == "select 1"
+
+
+@pytest.mark.parametrize("arch, register", [
+    ("aarch64", "TTBR0_EL1"), ("aarch64-vhe", "TTBR0_EL2"), ("riscv64", "satp")])
+def test_cr3_names_the_root_register_of_the_guest(arch, register):
+    """`cr3` on aarch64 and riscv64 names the register `cr3 HEX` stands in for: TTBR0_EL1
+    (TTBR0_EL2 on a VHE host at EL2, the EL2&0 regime) or satp, never CR3."""
+    from qintrospect.paging.arm64_format import Arm64State
+    from qintrospect.paging.riscv_format import RiscvState
+    sh, vm, out, err = make()
+    vm.cpu = (RiscvState(satp=8 << 60 | 0x80000) if arch == "riscv64" else
+              Arm64State(0x41000, 0x42000, 0x35, 1, 0, cpsr=0x3c9 if arch != "aarch64" else
+                         0x3c5, regime="EL2&0" if arch != "aarch64" else "EL1&0"))
+    for line in ("cr3", "cr3 0x5000", "cr3 vcpu", "cr3"):
+        assert sh.execute(line) and sh.status == 0, err.getvalue()
+    assert out.getvalue().splitlines() == [
+        f"root: vCPU 0's {register}", "root: 0x5000 for translate, vmmap and read without --cr3",
+        f"root: vCPU 0's {register}", f"root: vCPU 0's {register}"]
+    with pytest.raises(UsageError, match=f"back to the vCPU's {register}$"):
+        sh._builtin("cr3", ["a", "b"])
 
 
 def test_prompt_shows_the_root():
