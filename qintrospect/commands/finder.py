@@ -82,16 +82,22 @@ def fingerprint_root(read: Callable[[int, int], bytes], cpu):
     return root, kernel_half
 
 
-def scan(memory, ram_map, cpu, progress=None) -> List[Candidate]:
+def stage2_roots(vm) -> set:
+    """The pages of every vCPU's stage 2 first level (aarch64 with EL2; empty elsewhere)."""
+    return {p for v in vm.vcpu_info for p in getattr(v, "stage2_root_pages", tuple)()}
+
+
+def scan(memory, ram_map, cpu, progress=None, not_roots=()) -> List[Candidate]:
     """Every RAM page whose upper half equals the current table's, streamed in CHUNK pieces
     (aarch64: roots_arm64.scan, by the tables' shape).
 
     Only page-aligned slots can hold a table: one 8-byte word of the kernel half is checked at
     every page of a chunk at once (numpy), and the full 2 KiB compare runs only where it
-    matches. Memory adapters that can skip pages the host never touched do so."""
+    matches. Memory adapters that can skip pages the host never touched do so. not_roots:
+    tables known to be something else (aarch64: KVM's stage 2 roots, shaped like roots)."""
     if paging.arch_of(cpu) == "aarch64":
         from . import roots_arm64
-        return roots_arm64.scan(memory, ram_map, cpu, progress)
+        return roots_arm64.scan(memory, ram_map, cpu, progress, not_roots)
     import numpy as np
     _, kernel_half = fingerprint_root(memory.read, cpu)
     words = np.frombuffer(kernel_half, dtype="<u8")
@@ -212,5 +218,5 @@ def find_cr3(vm, gva: Optional[int] = None, expect: Optional[int] = None, progre
             return find_cr3(vm, gva, expect, progress)
         finally:
             progress.close()
-    candidates = scan(vm.memory, vm.ram_map, vm.cpu, progress)
+    candidates = scan(vm.memory, vm.ram_map, vm.cpu, progress, stage2_roots(vm))
     return check(vm.cached_memory().read, vm.cpu, candidates, gva, expect)

@@ -83,9 +83,10 @@ class _Shape:
         return ((rows == U64(0)) | ((rows & U64(1)) == U64(1))).all(axis=1)
 
 
-def scan(memory, ram_map, state: Arm64State, progress=None) -> list:
+def scan(memory, ram_map, state: Arm64State, progress=None, not_roots=()) -> list:
     """finder.Candidate for every TTBR0_EL1 root found in the VM's RAM, the current one
-    marked; TTBR1_EL1's own table is left out (it is the kernel's)."""
+    marked; TTBR1_EL1's own table is left out (it is the kernel's), and so are `not_roots`
+    (KVM's stage 2 first level: table descriptors into RAM, unreferenced, as a root is)."""
     from .finder import Candidate, ram_chunks
     p = _ttbr0_params(state)
     fmt = arm64_format(p, state.mair)
@@ -120,8 +121,11 @@ def scan(memory, ram_map, state: Arm64State, progress=None) -> list:
         pointed = np.unique(np.concatenate(referenced))
         roots = roots[~np.isin(roots & ~U64(granule - 1), pointed)]
     roots = roots[~np.isin(roots & ~U64(granule - 1), kernel_tables)]
+    if len(not_roots):
+        roots = roots[~np.isin(roots & ~U64(granule - 1), np.array(sorted(not_roots), U64))]
     kernel = ttbr_base(range_params(state, 1))
-    out = [Candidate(current, "the current TTBR0_EL1's table", is_current=True)]
+    out = [Candidate(current, f"the current TTBR0{state.register_suffix}'s table",
+                     is_current=True)]
     for root in roots.tolist():
         if root in (current, kernel):
             continue

@@ -106,6 +106,21 @@ class Arm64Vcpu:
         return Stage2Regs(self.vttbr, self.vtcr, hcr, self.id_aa64mmfr0, self.id_aa64mmfr1,
                           self.id_aa64mmfr2)
 
+    def stage2_root_pages(self) -> Tuple[int, ...]:
+        """The pages of the stage 2 first level VTTBR_EL2 names (live or the last loaded):
+        KVM's table, never a process's, though shaped like one."""
+        if not self.vttbr or self.vtcr is None:
+            return ()
+        from ..paging.arm64_stage2 import decode_vtcr, decode_vttbr
+        ids = dict(id_aa64mmfr0=self.id_aa64mmfr0, id_aa64mmfr1=self.id_aa64mmfr1,
+                   id_aa64mmfr2=self.id_aa64mmfr2)
+        root = decode_vttbr(self.vttbr, self.vtcr, **ids).get("root")
+        v = decode_vtcr(self.vtcr, **ids)
+        size = {"4k": 1 << 12, "16k": 1 << 14, "64k": 1 << 16}.get(v.get("granule"))
+        if root is None or size is None:
+            return ()
+        return tuple(root + k * size for k in range(v.get("root_tables") or 1))
+
     @property
     def state(self):
         """The registers of the regime in effect, for the stage 1 walk: the EL1 ones, or a

@@ -133,3 +133,24 @@ def test_l1s_own_tables_take_the_vmms_address_to_the_same_page(rig):
             assert rows[0]["user"]                       # the VMM's own page, at EL0
             return
     pytest.fail("never stopped in L1 with the VMM's address space current")
+
+
+def test_in_l1_find_cr3_leaves_kvms_stage2_out_and_who_maps_names_the_vmm(rig):
+    """Stopped in L1's kernel: KVM's stage 2 first level (unreferenced table descriptors into
+    RAM: a root's shape) is not offered as a process's root; who-maps of the physical page
+    behind an L2 marker finds the VMM's own mapping of it, at the slot's HVA, named."""
+    cpu = stop_in(rig, "EL2&0", False)
+    try:
+        rc, candidates, err = run_json("find-cr3", *attach_args(rig))
+        assert rc == 0, err
+        roots = {int(c["cr3"], 16) for c in candidates}
+        stage2 = int(cpu["el2"]["vttbr_el2"], 16) & ((1 << 48) - 1) & ~0xFFF
+        assert not {stage2, stage2 + 0x1000} & roots, (hex(stage2), candidates)
+        assert any("TTBR0_EL2" in c["how"] for c in candidates if c["is_current"])
+        ipa = next(iter(rig.ready["markers"]))
+        rc, (w,), err = run_json("who-maps", *attach_args(rig), "--gpa", hex(rig.l1_pas[ipa]))
+        assert rc == 0, err
+        vmm = [m for m in w["mappings"] if int(m["gva"], 16) == rig.slot_hva(ipa) & ~0xFFF]
+        assert vmm and {"pid": rig.vmm_pid, "comm": "vmm"} in vmm[0]["processes"], w
+    finally:
+        rig.qmp("cont")

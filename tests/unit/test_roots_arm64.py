@@ -77,6 +77,14 @@ def test_finds_the_process_roots_and_leaves_the_kernels_tables_out():
     assert "EL1 pages only" in found[page(120)].how
 
 
+def test_tables_known_to_be_something_else_are_not_offered():
+    """KVM's stage 2 first level is shaped like a root (finder.stage2_roots passes it)."""
+    ram, kernel = build()
+    state = Arm64State(ttbr0=page(100), ttbr1=kernel, **STATE)
+    found = {c.root for c in finder.scan(ram, ram.ram_map, state, not_roots={page(110)})}
+    assert found == {page(100), page(120)}
+
+
 def test_candidates_are_checked_by_value():
     ram, kernel = build()
     state = Arm64State(ttbr0=page(100), ttbr1=kernel, **STATE)
