@@ -456,7 +456,11 @@ def test_npt_root_found_from_l0_in_l1s_ram(rig, probe_slat):
                               *QI_TIMEOUT, "--slat", "auto", "--json", hex(heap["gva"]))
     finally:
         rig.l2_gdb_to("unix")
-    assert rc == 0, err
+    # (failed once in CI with exit 1 and nothing on stderr, never alone: the hops' notes and
+    # the second level's `how` say which part did not answer)
+    assert rc == 0, (err, [(h.get("level"), h.get("note"), h.get("fault"), (h.get("slat") or
+                                                                        {}).get("how"))
+                           for h in json.loads(out.splitlines()[0])["hops"]] if out else out)
     o = json.loads(out.splitlines()[0])
     s = o["hops"][0]["slat"]
     assert s == o["slat"]                     # the innermost hop's keys are at the top
