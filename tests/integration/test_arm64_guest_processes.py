@@ -138,8 +138,9 @@ def test_an_idle_vcpu_gives_no_process_its_lazy_ttbr0(g):
             rc, tasks, err = run_json("ps", *args(g))
         assert rc == 0, err
         if cpu["cpl"] == 1:
+            # at most the task SP_EL0 names (the console's shell may be current, about to
+            # sleep: state S while still on the CPU); never one for a lazy TTBR0 alone
             running = [t for t in tasks if t["vcpu"] == 0]
-            assert all(t["state"] == "R" for t in running), running
-            assert len(running) <= 1
+            assert len(running) <= 1, running
     finally:
         g.start_spinner()
