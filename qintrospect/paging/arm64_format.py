@@ -121,16 +121,24 @@ def make_mode(g: int, va_bits: int, ds: bool = False, pa52: bool = False) -> Pag
     """Levels for granule 2**g and a va_bits-bit range. The walk starts at level
     4 - RoundUp((va_bits - g) / stride) (AArch64.S1StartLevel, stride = g - 3); every level
     below the first indexes `stride` bits, the first the rest."""
+    start = 4 - -(-(va_bits - g) // (g - 3))
+    return PagingMode(f"aarch64-{GRANULES[g]}-{va_bits}", level_specs(g, va_bits, start, ds,
+                                                                      pa52), 8, va_bits)
+
+
+def level_specs(g: int, in_bits: int, start: int, ds: bool, pa52: bool
+                ) -> Tuple[LevelSpec, ...]:
+    """Levels start..3 for granule 2**g over an `in_bits`-bit input (stage 1's VA, stage 2's
+    IPA): every level below the first indexes g - 3 bits, the first the rest."""
     stride = g - 3
-    start = 4 - -(-(va_bits - g) // stride)
     names = LINUX_NAMES[4 - start]
     levels = []
     for k, level in enumerate(range(start, 4)):
         shift = g + stride * (3 - level)
-        width = va_bits - shift if level == start else stride
+        width = in_bits - shift if level == start else stride
         levels.append(LevelSpec(f"L{level}", names[k], shift, width,
                                 block_size(g, level, ds, pa52) if level < 3 else None))
-    return PagingMode(f"aarch64-{GRANULES[g]}-{va_bits}", tuple(levels), 8, va_bits)
+    return tuple(levels)
 
 
 def level_number(mode: PagingMode, i: int) -> int:

@@ -16,10 +16,10 @@ from typing import List, Optional, Tuple
 
 from ..record import record
 from .arm64_format import (
-    GRANULES, LINUX_NAMES, PA_SIZES, SHAREABILITY, DescriptorGeometry, block_size, id_field,
+    GRANULES, PA_SIZES, SHAREABILITY, DescriptorGeometry, id_field, level_specs,
 )
 from .formats import bits
-from .model import LevelSpec, PagingMode
+from .model import PagingMode
 
 # VTCR_EL2 fields.
 VTCR_VS, VTCR_HA, VTCR_HD = 1 << 19, 1 << 21, 1 << 22
@@ -195,15 +195,8 @@ def qemu72_start_level(g: int, sl0: int, sl2: int, ds: bool, ia_bits: int, oa_bi
 def make_s2_mode(g: int, ia_bits: int, start: int, ds: bool, pa52: bool) -> PagingMode:
     """Levels start..3 for granule 2**g: each level below the first indexes g - 3 bits, the
     first the rest of the IPA (up to 4 more bits: its concatenated tables)."""
-    stride = g - 3
-    names = LINUX_NAMES[4 - start]
-    levels = []
-    for k, level in enumerate(range(start, 4)):
-        shift = g + stride * (3 - level)
-        width = ia_bits - shift if level == start else stride
-        levels.append(LevelSpec(f"L{level}", names[k], shift, width,
-                                block_size(g, level, ds, pa52) if level < 3 else None))
-    return PagingMode(f"aarch64-s2-{GRANULES[g]}-{ia_bits}", tuple(levels), 8, ia_bits)
+    return PagingMode(f"aarch64-s2-{GRANULES[g]}-{ia_bits}",
+                      level_specs(g, ia_bits, start, ds, pa52), 8, ia_bits)
 
 
 @lru_cache(maxsize=64)
