@@ -161,5 +161,5 @@ def test_crafted_stage2_registers_give_a_fault_or_an_answer_never_an_exception(v
     assert "stage 2" in text
     if not t.ok:
         assert d["fault"]["stage"] == 2 and "stage 2" in text
-    from qintrospect.frontend.actions import arm64_cpu_text
+    from qintrospect.present.cpus import arm64_cpu_text
     assert "HCR_EL2" in arm64_cpu_text(v)
