@@ -11,6 +11,7 @@ import pytest
 from vm.arm64.guest import Arm64Guest
 
 from .conftest import run_cli, run_json
+from .test_arm64_guest import paused
 
 pytestmark = pytest.mark.vm
 
@@ -57,16 +58,6 @@ def test_ps_agrees_with_the_guests_own_proc(g):
     assert set(spin) == {"pid", "tgid", "ppid", "comm", "name", "state", "uid", "kthread",
                          "task", "mm", "pgd", "root", "user_root", "vcpu", "loaded_on",
                          "pcids", "note"}
-
-
-def paused(g):
-    class Pause:
-        def __enter__(self):
-            g.qmp("stop")
-
-        def __exit__(self, *exc):
-            g.qmp("cont")
-    return Pause()
 
 
 def test_the_spinner_is_on_vcpu_0_with_its_root_in_ttbr0(g):
