@@ -59,6 +59,16 @@ def kernel_state(cpu, root: Optional[int] = None):
     return replace(cpu, ttbr1=cpu.ttbr1 if root is None else root, regime=regime)
 
 
+def reading_state(v):
+    """The registers that read this vCPU's own kernel: its regime's (Arm64Vcpu.state), or,
+    while it runs a guest of a VHE host (a live stage 2), the host's EL2&0 ones (TTBR1_EL2
+    keeps the host kernel's table, TTBR0_EL2 the VMM's). None: a guest of a host without VHE
+    (the host's tables are not in any register then)."""
+    if getattr(v, "stage2", None) is None:
+        return v.state
+    return v.host_state
+
+
 def kernel_root(cpu) -> int:
     """The first table of TTBR1's range, as the walk takes it."""
     from ..paging.arm64_format import range_params, ttbr_base
@@ -86,7 +96,7 @@ def kernel_roots(vm, vi) -> List[int]:
     order = [vm.vcpu] + [i for i in range(len(vm.vcpu_info)) if i != vm.vcpu]
     for i in order:
         try:
-            r = kernel_root(vm.vcpu_info[i].state)
+            r = kernel_root(reading_state(vm.vcpu_info[i]))
         except (QIError, ValueError, AttributeError):
             continue
         if r and r not in out:
@@ -95,11 +105,18 @@ def kernel_roots(vm, vi) -> List[int]:
 
 
 def process_roots(vm) -> Dict[int, Tuple[int, Optional[int]]]:
-    """{vCPU: (TTBR0's table, the ASID)}: which process's tables each vCPU holds."""
+    """{vCPU: (TTBR0's table, the ASID)}: which process's tables each vCPU holds (a vCPU
+    inside a guest of a VHE host: the host's TTBR0_EL2, the VMM that runs that guest)."""
+    from ..paging.arm64_format import range_params, ttbr_base
     out = {}
     for v in vm.vcpu_info:
         try:
-            out[v.index] = (v.table(0), v.pcid)
+            if getattr(v, "stage2", None) is None:
+                out[v.index] = (v.table(0), v.pcid)
+            elif v.host_state is not None:
+                host = v.host_state
+                asid = (host.ttbr1 if host.tcr >> 22 & 1 else host.ttbr0) >> 48
+                out[v.index] = (ttbr_base(range_params(host, 0)), asid)
         except (QIError, ValueError):
             continue
     return out
@@ -263,8 +280,8 @@ def sp_el0(vm) -> Dict[int, int]:
     out = {}
     try:
         for v in vm.vcpu_info:
-            if v.cpl not in (1, 2):
-                continue
+            if v.cpl not in (1, 2) or getattr(v, "stage2", None) is not None:
+                continue            # (inside a guest, SP_EL0 is the guest's)
             gdb.select_vcpu(v.index)
             value = gdb.registers(("SP_EL0",))["SP_EL0"]
             if value >> 63:                 # a kernel address (the user stack pointer not)

@@ -33,7 +33,7 @@ from .kmem import KernelMemory, kernel_cpu
 from .layout import Fields, layout
 
 CACHE = "guest-kernel"
-CACHE_VERSION = 1
+CACHE_VERSION = 2               # 2: the layout has KVM/arm64's fields
 # the kernel's symbols this room uses (init_uts_ns comes from vmcoreinfo itself)
 SYMBOLS = ("init_task", "special_mapping_vmops", "gate_vma", "vsyscall_mode",
            "current_task", "pcpu_hot", "__per_cpu_offset")
@@ -197,7 +197,10 @@ def open_kernel(vm, use_cache: bool = True, progress=None) -> GuestKernel:
     # x86-64's and arm64's Linux (what differs on arm64: guestos.arm64)
     paging.require(cpu, "reading the guest's processes", "x86_64", "aarch64")
     if getattr(vm, "stage2", None) is not None:      # a vCPU inside its hypervisor's guest
-        vm.require_one_stage("reading the guest's processes (ps, --guest-pid)")
+        from .arm64 import reading_state
+        cpu = reading_state(vm.vcpu_info[vm.vcpu])    # a VHE host's kernel: TTBR1_EL2
+        if cpu is None:
+            vm.require_one_stage("reading the guest's processes (ps, --guest-pid)")
     purpose, ident = _identity(vm)
     if use_cache:
         try:

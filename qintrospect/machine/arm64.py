@@ -39,6 +39,7 @@ class Stage2Regs:
     id_aa64mmfr0: Optional[int] = None
     id_aa64mmfr1: Optional[int] = None
     id_aa64mmfr2: Optional[int] = None
+    source: Optional[str] = None        # None: the vCPU's own VTTBR_EL2; else where from
 
     def walk(self, read_phys, ipa: int):
         from ..paging.arm64_stage2 import walk_stage2
@@ -55,6 +56,7 @@ class Stage2Regs:
         return {"vttbr_el2": f"{self.vttbr:#x}", "vtcr_el2": f"{self.vtcr:#x}",
                 "hcr_el2": f"{self.hcr:#x}", "root": None if root is None else f"{root:#x}",
                 "vmid": vttbr.get("vmid"), "vttbr_problems": vttbr.get("problems", []),
+                "source": self.source or "the vCPU's VTTBR_EL2",
                 "vtcr": decode_vtcr(self.vtcr, **ids)}
 
 
@@ -80,6 +82,9 @@ class Arm64Vcpu:
     tcr_el2: Optional[int] = None
     sctlr_el2: Optional[int] = None
     mair_el2: Optional[int] = None
+    # where VTTBR/VTCR came from when not the vCPU's own registers (guestos.kvm_arm64: a VM
+    # the guest's KVM holds, its vCPU's registers as KVM keeps them)
+    stage2_source: Optional[str] = None
 
     @property
     def regime(self) -> str:
@@ -104,7 +109,7 @@ class Arm64Vcpu:
                 self.regime != "EL1&0" or hcr & HCR_TGE or not hcr & (HCR_VM | HCR_DC):
             return None
         return Stage2Regs(self.vttbr, self.vtcr, hcr, self.id_aa64mmfr0, self.id_aa64mmfr1,
-                          self.id_aa64mmfr2)
+                          self.id_aa64mmfr2, self.stage2_source)
 
     def stage2_root_pages(self) -> Tuple[int, ...]:
         """The pages of the stage 2 first level VTTBR_EL2 names (live or the last loaded):
@@ -129,14 +134,26 @@ class Arm64Vcpu:
         from ..paging.arm64 import Arm64State
         ids = dict(cpsr=self.cpsr, id_aa64mmfr0=self.id_aa64mmfr0,
                    id_aa64mmfr1=self.id_aa64mmfr1, id_aa64mmfr2=self.id_aa64mmfr2)
-        if self.regime == "EL2&0" and None not in (self.ttbr0_el2, self.ttbr1_el2,
-                                                    self.tcr_el2, self.sctlr_el2,
-                                                    self.mair_el2):
-            return Arm64State(ttbr0=self.ttbr0_el2, ttbr1=self.ttbr1_el2, tcr=self.tcr_el2,
-                              sctlr=self.sctlr_el2, mair=self.mair_el2, regime="EL2&0", **ids)
+        if self.regime == "EL2&0" and self.host_state is not None:
+            return self.host_state
         regime = self.regime if self.regime in ("EL1&0", "EL3") else "EL2"
         return Arm64State(ttbr0=self.ttbr0, ttbr1=self.ttbr1, tcr=self.tcr, sctlr=self.sctlr,
                           mair=self.mair, regime=regime, **ids)
+
+    @property
+    def host_state(self):
+        """A VHE host's own EL2&0 registers (TTBR1_EL2: its kernel; TTBR0_EL2: its process
+        that ran last, the VMM while a guest runs) whatever the vCPU runs now; None without
+        VHE (HCR_EL2.E2H clear) or when the stub does not show them."""
+        from ..paging.arm64 import Arm64State
+        if not (self.hcr or 0) & HCR_E2H or None in (self.ttbr0_el2, self.ttbr1_el2,
+                                                      self.tcr_el2, self.sctlr_el2,
+                                                      self.mair_el2):
+            return None
+        return Arm64State(ttbr0=self.ttbr0_el2, ttbr1=self.ttbr1_el2, tcr=self.tcr_el2,
+                          sctlr=self.sctlr_el2, mair=self.mair_el2, regime="EL2&0",
+                          cpsr=self.cpsr, id_aa64mmfr0=self.id_aa64mmfr0,
+                          id_aa64mmfr1=self.id_aa64mmfr1, id_aa64mmfr2=self.id_aa64mmfr2)
 
     @property
     def mode(self) -> str:
