@@ -146,3 +146,25 @@ def name_processes(vm, results) -> None:
         if task_list.cut:
             w.notes.append(f"processes named from a task list read only in part: "
                            f"{task_list.cut}")
+
+
+def kvm_vms(vm, task):
+    """guestos.kvm_arm64.GuestKvmVm of each VM the guest process `task` holds by descriptor
+    (a guest that is itself a KVM/arm64 host)."""
+    from .. import guestos
+    from ..guestos import kvm_arm64
+    vm.check_open()
+    return kvm_arm64.vms_of(guestos.open_kernel(vm), task)
+
+
+def use_kvm_vcpu(vm, pid: int, index: int = 0, progress=None):
+    """From now on translate as vCPU `index` of the KVM VM guest process `pid` runs (its
+    VMM): that vCPU's EL1 registers and its VM's stage 2, from the guest kernel's memory
+    (guestos.kvm_arm64.registers). Returns (GuestKvmVm, GuestKvmVcpu, where its EL1
+    registers came from)."""
+    from ..guestos import kvm_arm64
+    task = process(vm, pid=pid, progress=progress)
+    guest_vm, vcpu = kvm_arm64.find_vcpu(kvm_vms(vm, task), pid, index)
+    registers, where = kvm_arm64.registers(vm, guest_vm, vcpu)
+    vm.use_registers(registers)
+    return guest_vm, vcpu, where

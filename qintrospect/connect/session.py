@@ -154,6 +154,13 @@ class Session(Commands):
                                                           self.process is not None)
         self.cpu = _with_page1gb(self.facts.cpu_state(self.vcpu_info[index]), page1gb)
 
+    def use_registers(self, registers) -> None:
+        """Translate with these registers in place of the selected vCPU's, for this command:
+        a vCPU the guest's own KVM holds (guestos.kvm_arm64.registers)."""
+        self.check_open()
+        self.vcpu_info[self.vcpu] = registers
+        self.cpu = self.facts.cpu_state(registers)
+
     # ---- what the commands read through ----------------------------------------------------
 
     @property

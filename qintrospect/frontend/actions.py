@@ -14,7 +14,8 @@ from ..present import render
 from ..present.output import grow_stdout_pipe, lines_writer
 from .addresses import parse_number, read_addresses
 from .attaching import attached, checked, slat_progress
-from .guest import guest_candidates, guest_named, guest_root, vmmap_vmas
+from .guest import (guest_candidates, guest_named, guest_root, kvm_vcpu_named,
+                    use_kvm_vcpu, vmmap_vmas)
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_ATTACH, EXIT_BUG = 0, 1, 2, 3, 4
 MASK64 = (1 << 64) - 1
@@ -38,6 +39,10 @@ def cmd_translate(args) -> int:
     elif args.expect:
         raise UsageError("--expect goes with --find-cr3")
     slat_spec = _slat_spec(args)
+    if kvm_vcpu_named(args) is not None and (args.find_cr3 or args.outer or slat_spec
+                                             or args.brief):
+        raise UsageError("--kvm-vcpu takes its VM's stage 2 from KVM itself: --find-cr3, "
+                         "--outer and --slat do not apply, and --brief walks one stage")
     if args.outer:
         if args.brief:
             raise UsageError("--brief does not go with --outer")
@@ -51,6 +56,7 @@ def cmd_translate(args) -> int:
     with attached(args) as vm:
         if named:
             cr3, _ = guest_root(vm, args, addresses if isinstance(addresses, list) else ())
+        use_kvm_vcpu(vm, args)
         if args.find_cr3:
             expect = parse_number(args.expect, "--expect")
             found = [c for c in _find_cr3(vm, addresses[0], expect) if c.value_matches]
@@ -342,12 +348,14 @@ def cmd_read(args) -> int:
     if address + length - 1 > MASK64:
         raise UsageError(f"{address:#x}+{length} runs past the top of the address space")
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
-    if args.phys and (cr3 is not None or guest_named(args)):
-        raise UsageError("--phys and --cr3/--guest-pid/--guest-comm exclude each other")
+    if args.phys and (cr3 is not None or guest_named(args) or kvm_vcpu_named(args)):
+        raise UsageError("--phys and --cr3/--guest-pid/--guest-comm/--kvm-vcpu exclude each "
+                         "other")
     status = EXIT_OK
     with attached(args) as vm:
         if guest_named(args):
             cr3, _ = guest_root(vm, args, [address])
+        use_kvm_vcpu(vm, args)
         for piece in checked(vm, vm.read_pieces(address, length, physical=args.phys, cr3=cr3)):
             if piece.data is None:
                 status = EXIT_FAULT

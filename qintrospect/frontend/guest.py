@@ -29,6 +29,8 @@ def guest_root(vm, args, addresses=()):
     addresses (commands.guest.root_for), said on stderr with -v; (None, None) if none named."""
     if not guest_named(args):
         return None, None
+    if vm.stage2 is not None:       # (a host process's root is no table of the guest's)
+        vm.require_one_stage("--guest-pid/--guest-comm")
     from ..commands.guest import root_for
     with kernel_progress(vm) as progress:
         task = vm.guest_process(pid=args.guest_pid, comm=args.guest_comm, progress=progress)
@@ -37,6 +39,33 @@ def guest_root(vm, args, addresses=()):
         print(f"# guest process {task.pid} ({task.comm}): root {root:#x} ({which})",
               file=sys.stderr)
     return root, task
+
+
+def kvm_vcpu_named(args):
+    """(pid, vCPU index) that --kvm-vcpu PID[:N] names, or None; UsageError for a bad one or
+    one given with --cr3/--guest-pid/--guest-comm."""
+    spec = getattr(args, "kvm_vcpu", None)
+    if spec is None:
+        return None
+    pid, colon, index = spec.partition(":")
+    if not pid.isdigit() or (colon and not index.isdigit()):
+        raise UsageError(f"--kvm-vcpu {spec!r}: give PID or PID:N (a guest process that runs "
+                         "a KVM VM, and its vCPU index; `qintrospect ps` lists processes)")
+    if getattr(args, "cr3", None) or guest_named(args):
+        raise UsageError("--kvm-vcpu and --cr3/--guest-pid/--guest-comm exclude each other")
+    return int(pid), int(index or 0)
+
+
+def use_kvm_vcpu(vm, args) -> None:
+    """--kvm-vcpu: translate as that vCPU of the guest's own KVM (commands.guest)."""
+    named = kvm_vcpu_named(args)
+    if named is None:
+        return
+    from ..commands.guest import use_kvm_vcpu as use
+    with kernel_progress(vm) as progress:
+        use(vm, *named, progress=progress)
+    if getattr(args, "verbose", False):
+        print(f"# {vm.stage2.source}", file=sys.stderr)
 
 
 def kernel_progress(vm):
@@ -63,6 +92,8 @@ def cmd_ps(args) -> int:
         with kernel_progress(vm) as progress:
             kernel = open_kernel(vm, progress=progress)
         found = vm.processes(threads=args.threads)
+        if getattr(args, "kvm", False):
+            return _ps_kvm(vm, args, found)
         vm.check_live(final=True)
         described = kernel.describe()
     if args.json:
@@ -74,6 +105,23 @@ def cmd_ps(args) -> int:
                                if found.cut else []):
         print(f"qintrospect: note: {note}", file=sys.stderr)
     return EXIT_OK if found.complete else EXIT_FAULT
+
+
+def _ps_kvm(vm, args, found) -> int:
+    """ps --kvm: the KVM VMs the guest's processes hold (guestos.kvm_arm64), one per line
+    (JSON) or a paragraph each; exit 1 when none does."""
+    from ..commands.guest import kvm_vms
+    from ..present import guest as view
+    vms = [v for t in found.tasks if t.mm and not t.kthread for v in kvm_vms(vm, t)]
+    vm.check_live(final=True)
+    if args.json:
+        sys.stdout.write("".join(render.json_line(v.to_dict()) + "\n" for v in vms))
+    elif vms:
+        print(view.kvm_vms_text(vms))
+    if not vms:
+        print("qintrospect: no guest process holds a KVM VM (no kvm-vm descriptor)",
+              file=sys.stderr)
+    return EXIT_OK if vms else EXIT_FAULT
 
 
 def guest_candidates(vm, args, gva, expect):

@@ -72,6 +72,16 @@ def guest_options(p: argparse.ArgumentParser, what: str = "translate with") -> N
                         "listing them)")
 
 
+def kvm_vcpu_option(p: argparse.ArgumentParser, what: str = "translate") -> None:
+    """--kvm-vcpu PID[:N]: an aarch64 guest that runs KVM itself; its VM's vCPU instead of
+    the vCPU's own registers (guestos.kvm_arm64)."""
+    p.add_argument("--kvm-vcpu", metavar="PID[:N]",
+                   help=f"aarch64 guest running KVM: {what} as vCPU N (0) of the VM that guest "
+                        "process PID (its VMM) runs: that vCPU's EL1 registers and its VM's "
+                        "stage 2 root (kvm_s2_mmu.pgd_phys), read in the guest kernel's memory. "
+                        "ADDR is then an address of that VM (an IPA while its MMU is off)")
+
+
 def session_dests(sub) -> tuple:
     """The attaching options' names of a command's parser (session_options)."""
     return getattr(sub, "qi_session_dests", ())
@@ -132,6 +142,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         t.add_argument("addresses", nargs="+", metavar="ADDR", help="0x-prefixed hex or decimal")
         t.add_argument("--cr3", help="use this page-table root instead of the vCPU's CR3")
         guest_options(t)
+        kvm_vcpu_option(t)
         t.add_argument("--find-cr3", action="store_true",
                        help="find the root that maps the (single) ADDR holding --expect VALUE")
         t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
@@ -183,6 +194,10 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     if ps is not None:
         ps.add_argument("--json", action="store_true", help="one JSON object per process "
                                                             "(JSON Lines)")
+        ps.add_argument("--kvm", action="store_true",
+                        help="aarch64 guest running KVM: the VMs its processes hold (their "
+                             "kvm-vm and kvm-vcpu descriptors): stage 2 root, VMID, VTCR_EL2, "
+                             "each vCPU and where its registers are (--kvm-vcpu takes one)")
         ps.add_argument("--threads", action="store_true",
                         help="every thread too, after its process (pid = the thread's id, "
                              "tgid = its process's), as /proc/PID/task lists them")
@@ -257,6 +272,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         r.add_argument("--phys", action="store_true", help="ADDR is guest-physical")
         r.add_argument("--cr3", help="translate with this page-table root")
         guest_options(r)
+        kvm_vcpu_option(r, "read")
         r.add_argument("--json", action="store_true", help="one JSON object per page piece")
         session_options(r)
         r.set_defaults(func=actions.cmd_read)

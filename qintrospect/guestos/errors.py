@@ -23,3 +23,8 @@ class NoSuchProcess(UsageError):
 
 class AmbiguousProcess(UsageError):
     """A name (comm) that several guest processes share; the message lists them."""
+
+
+class NoSuchKvmVcpu(UsageError):
+    """--kvm-vcpu names a guest process that holds no KVM VM, or a vCPU its VM does not
+    have; the message says what there is."""

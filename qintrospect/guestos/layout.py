@@ -70,7 +70,32 @@ FIELDS = {
     "inode.sb": ("inode", ("i_sb",)),
     "sb.dev": ("super_block", ("s_dev",)),
     "pcpu_hot.current_task": ("pcpu_hot", ("current_task",)),
+    # a process's open files (guestos.kvm_arm64: the VMs a VMM holds by file descriptor)
+    "task.files": ("task_struct", ("files",)),
+    "files.fdt": ("files_struct", ("fdt",)),
+    "fdt.max_fds": ("fdtable", ("max_fds",)),
+    "fdt.fd": ("fdtable", ("fd",)),
+    "file.private_data": ("file", ("private_data",)),
+    # KVM/arm64's VM and vCPU (arch/arm64/include/asm/kvm_host.h)
+    "kvm.mmu": ("kvm", ("arch.mmu",)),
+    "kvm.vtcr": ("kvm", ("arch.vtcr",)),                 # before 6.8; then kvm_s2_mmu.vtcr
+    "kvm.pid": ("kvm", ("userspace_pid",)),
+    "s2mmu.vmid": ("kvm_s2_mmu", ("vmid.id.counter", "vmid.id")),
+    "s2mmu.pgd_phys": ("kvm_s2_mmu", ("pgd_phys",)),
+    "s2mmu.vtcr": ("kvm_s2_mmu", ("vtcr",)),
+    "kvm_vcpu.kvm": ("kvm_vcpu", ("kvm",)),
+    "kvm_vcpu.cpu": ("kvm_vcpu", ("cpu",)),
+    "kvm_vcpu.id": ("kvm_vcpu", ("vcpu_id",)),
+    "kvm_vcpu.idx": ("kvm_vcpu", ("vcpu_idx",)),
+    "kvm_vcpu.hw_mmu": ("kvm_vcpu", ("arch.hw_mmu",)),
+    "kvm_vcpu.hcr": ("kvm_vcpu", ("arch.hcr_el2",)),
+    "kvm_vcpu.pc": ("kvm_vcpu", ("arch.ctxt.regs.pc",)),
+    "kvm_vcpu.pstate": ("kvm_vcpu", ("arch.ctxt.regs.pstate",)),
+    "kvm_vcpu.sys_regs": ("kvm_vcpu", ("arch.ctxt.sys_regs",)),
 }
+# enum vcpu_sysreg: where in kvm_vcpu.arch.ctxt.sys_regs[] KVM saves each of a guest's
+# EL1 registers (the indices, like the offsets, from BTF)
+SYSREGS = ("TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "SCTLR_EL1", "MAIR_EL1")
 # the rest are needed for ps; these only for what they add (threads, VMAs, the vCPU, names)
 OPTIONAL = frozenset({
     "task.signal", "task.thread_node", "signal.thread_head", "cred.gid", "mm.mm_mt",
@@ -83,6 +108,10 @@ OPTIONAL = frozenset({
     "file.inode", "dentry.name", "dentry.len", "dentry.parent", "mount.mnt", "mount.parent",
     "mount.mountpoint", "vfsmount.root", "inode.ino", "inode.sb", "sb.dev",
     "pcpu_hot.current_task",
+    "task.files", "files.fdt", "fdt.max_fds", "fdt.fd", "file.private_data",
+    "kvm.mmu", "kvm.vtcr", "kvm.pid", "s2mmu.vmid", "s2mmu.pgd_phys", "s2mmu.vtcr",
+    "kvm_vcpu.kvm", "kvm_vcpu.cpu", "kvm_vcpu.id", "kvm_vcpu.idx", "kvm_vcpu.hw_mmu",
+    "kvm_vcpu.hcr", "kvm_vcpu.pc", "kvm_vcpu.pstate", "kvm_vcpu.sys_regs",
 })
 VMA_FIELDS = ("vma.vm_start", "vma.vm_end", "vma.vm_flags", "vma.vm_pgoff", "vma.vm_file",
               "mm.mm_mt")
@@ -108,6 +137,16 @@ def layout(btf) -> Dict[str, List[int]]:
                 raise GuestOSUnavailable(
                     f"the guest kernel's BTF has no {struct}.{' or '.join(paths)}: a kernel "
                     "this reader does not know")
+    if "kvm_vcpu.sys_regs" in out:
+        try:
+            index = btf.enum("vcpu_sysreg")
+        except BtfError:
+            index = {}
+        regs_at, regs_size = out["kvm_vcpu.sys_regs"]
+        for reg in SYSREGS:
+            i = index.get(reg)
+            if i is not None and 0 <= i and 8 * (i + 1) <= regs_size:
+                out[f"kvm_vcpu.{reg}"] = [regs_at + 8 * i, 8]
     return out
 
 

@@ -33,6 +33,31 @@ def ps_text(task_list) -> str:
     return "\n".join(lines)
 
 
+def kvm_vms_text(vms) -> str:
+    """ps --kvm: each VM a guest process holds (guestos.kvm_arm64.GuestKvmVm): its stage 2
+    and its vCPUs, and the command that translates as one of them."""
+    from ..paging.arm64_stage2 import decode_vtcr
+    out: List[str] = []
+    for vm in vms:
+        v = decode_vtcr(vm.vtcr) if vm.vtcr is not None else {}
+        layout = (f"VTCR_EL2 {vm.vtcr:#x}: {v.get('ia_bits')}-bit IPA, {v.get('granule')} "
+                  f"granule, start level {v.get('start_level')}") if v else "VTCR_EL2 unknown"
+        out.append(f"guest process {vm.pid} ({printable(vm.comm)}): VM fd {vm.fd}, struct kvm "
+                   f"{vm.address:#x}")
+        out.append(f"  stage 2 root {vm.pgd_phys:#x} (kvm_s2_mmu.pgd_phys), VMID {vm.vmid}; "
+                   f"{layout}")
+        for c in vm.vcpus:
+            where = f"loaded on CPU {c.cpu}" if c.cpu >= 0 else "put (registers saved)"
+            out.append(f"  vCPU {c.vcpu_id if c.index is None else c.index}: fd {c.fd}, struct "
+                       f"kvm_vcpu {c.address:#x}, {where}, pc {c.pc:#x}, HCR_EL2 {c.hcr:#x}")
+        out.extend(f"  note: {printable(n)}" for n in vm.notes)
+        if vm.vcpus:
+            first = vm.vcpus[0]
+            out.append(f"  translate its addresses: qintrospect translate --kvm-vcpu "
+                       f"{vm.pid}:{first.vcpu_id if first.index is None else first.index} ADDR")
+    return "\n".join(out)
+
+
 def vma_text(task, root: int, which: str, covered, outside) -> str:
     """The VMAs as /proc/PID/maps shows them, each with how much of it the page tables map,
     and what differs."""

@@ -219,6 +219,10 @@ def stage2_lines(s2, show_bits: bool = True) -> List[str]:
            f"(root {d['root']}, VMID {d['vmid']})",
            f"    VTCR_EL2 {s2.regs.vtcr:#x}: {v['ia_bits']}-bit IPA, {v['granule']} granule, "
            f"start level {v['start_level']}{roots}"]
+    if s2.regs.source:               # not the vCPU's own VTTBR_EL2 (--kvm-vcpu)
+        first, *more = s2.regs.source.split("; ")
+        out.append(f"    from {first}")
+        out.extend(f"      {part}" for part in more)
     w = s2.walk
     for st in w.levels:
         nxt = "-" if st.next_addr is None else f"{st.next_addr:#x}"
