@@ -111,7 +111,8 @@ def test_read_goes_through_both_stages(rig, in_l2):
 
 
 def test_one_stage_commands_say_why_not(rig, in_l2):
-    for args in (("vmmap",), ("translate", "--brief", hex(CODE_IPA)), ("find-cr3",), ("ps",)):
+    for args in (("vmmap",), ("translate", "--brief", hex(CODE_IPA)), ("find-cr3",),
+                 ("translate", "--guest-pid", str(rig.vmm_pid), hex(CODE_IPA))):
         rc, out, err = run_cli(*args, *attach_args(rig))
         assert rc == 2 and "stage 2" in err and "Traceback" not in err, (args, err)
     rc, out, err = run_cli("translate", "--mermaid", hex(CODE_IPA), *attach_args(rig))
@@ -154,3 +155,116 @@ def test_in_l1_find_cr3_leaves_kvms_stage2_out_and_who_maps_names_the_vmm(rig):
         assert vmm and {"pid": rig.vmm_pid, "comm": "vmm"} in vmm[0]["processes"], w
     finally:
         rig.qmp("cont")
+
+
+def test_ps_inside_l2_reads_l1s_kernel_and_gives_the_vcpu_to_the_vmm(rig, in_l2):
+    """Stopped inside L2, L1's kernel is still read (a VHE host keeps it in TTBR1_EL2) and
+    the vCPU is the VMM's (its TTBR0_EL2 holds the VMM's table), not L2's SP_EL0's."""
+    rc, tasks, err = run_json("ps", *attach_args(rig))
+    assert rc == 0, err
+    (vmm,) = [t for t in tasks if t["pid"] == rig.vmm_pid]
+    assert vmm["comm"] == "vmm" and vmm["vcpu"] == 0, vmm
+    assert int(vmm["root"], 16) == int(in_l2["el2"]["ttbr0_el2"], 16) & ((1 << 48) - 2)
+
+
+def kvm_vcpu_translate(rig, *extra):
+    """translate --kvm-vcpu VMM_PID of every marker IPA, -v: (rows, the source line)."""
+    markers = rig.ready["markers"]
+    rc, rows, err = run_json("translate", *attach_args(rig), "--kvm-vcpu", str(rig.vmm_pid),
+                             "-v", *extra, *map(hex, markers))
+    assert rc == 0, err
+    return rows, err
+
+
+def check_kvm_vcpu_rows(rig, rows, vttbr):
+    """Each marker through both stages with KVM's own root: L1's pagemap page, the bytes L2
+    wrote, the page size its memslot's backing gives, the root the vCPU's VTTBR_EL2 names."""
+    markers = rig.ready["markers"]
+    for row in rows:
+        ipa = int(row["gva"], 16)
+        s2 = row["stage2"]
+        assert "kvm_s2_mmu.pgd_phys" in s2["source"] and s2["stage1_off"], s2["source"]
+        assert int(s2["root"], 16) == vttbr & ((1 << 48) - 2), (s2["root"], hex(vttbr))
+        assert int(row["gpa"], 16) == rig.l1_pas[ipa], row["gva"]
+        assert int(row["value"], 16) == markers[ipa]
+        slot = next(s for s in rig.ready["slots"] if s["ipa"] <= ipa < s["ipa"] + s["size"])
+        assert s2["page_size"] == (4096 if slot["backing"] == "4k" else 2 << 20)
+
+
+def test_kvm_vcpu_from_l1s_memory_inside_l2_and_in_l1(rig):
+    """--kvm-vcpu: L2's vCPU and its VM's stage 2 read in L1's memory (the VMM's kvm-vm and
+    kvm-vcpu descriptors, struct kvm, kvm_s2_mmu.pgd_phys, at offsets from L1's BTF). Inside
+    L2 it must agree with the live VTTBR_EL2 and walk; stopped in L1's kernel, where no
+    register names L2's stage 2, it still translates L2's addresses the same way."""
+    for regime, live in (("EL1&0", True), ("EL2&0", False)):
+        cpu = stop_in(rig, regime, live)
+        try:
+            rows, err = kvm_vcpu_translate(rig)
+            rc, (fault,), ferr = run_json("translate", *attach_args(rig), "--kvm-vcpu",
+                                          f"{rig.vmm_pid}:0", hex(rig.ready["untouched"][0]))
+            ipa, value = list(rig.ready["markers"].items())[-1]
+            rrc, pieces, rerr = run_json("read", *attach_args(rig), "--kvm-vcpu",
+                                         str(rig.vmm_pid), hex(ipa), "8")
+        finally:
+            rig.qmp("cont")
+        check_kvm_vcpu_rows(rig, rows, int(cpu["el2"]["vttbr_el2"], 16))
+        if live:
+            assert "it runs this VM now: its VTTBR_EL2" in err and "agrees" in err, err
+        assert rc == 1 and fault["fault"]["stage"] == 2, ferr
+        assert fault["fault"]["reason"] == "translation"
+        assert rrc == 0 and int(pieces[0]["gpa"], 16) == rig.l1_pas[ipa], rerr
+        assert int.from_bytes(bytes.fromhex(pieces[0]["data"]), "little") == value
+    rc, text, err = run_cli("translate", *attach_args(rig), "--kvm-vcpu", str(rig.vmm_pid),
+                            hex(CODE_IPA))
+    assert rc == 0 and "from KVM in the guest: VM of process" in text, err + text
+
+
+def test_kvm_vcpu_as_kvm_saved_it_when_the_vmm_is_preempted(rig):
+    """With a busy process beside the VMM on L1's one CPU, a stop often finds the VMM
+    scheduled out: KVM has put its vCPU (kvm_vcpu.cpu = -1) and saved L2's EL1 registers in
+    kvm_vcpu.arch.ctxt. Those are read then, and give the same answers."""
+    spinner = rig.start_spinner()["pid"]
+    try:
+        for _ in range(60):
+            rig.qmp("stop")
+            try:
+                rows, err = kvm_vcpu_translate(rig)
+                rc, cpus, cerr = run_json("cpus", *attach_args(rig))
+            finally:
+                rig.qmp("cont")
+            if "not loaded: its EL1 registers as KVM saved them" in err:
+                assert rc == 0, cerr
+                check_kvm_vcpu_rows(rig, rows, int(cpus[0]["el2"]["vttbr_el2"], 16))
+                return
+        pytest.fail("never stopped with the VMM's vCPU put (the spinner current)")
+    finally:
+        rig.run(f"kill {spinner}")
+
+
+def test_ps_kvm_lists_the_vm_the_vmm_holds(rig):
+    """ps --kvm: the VMM's VM, its stage 2 root (KVM's pgd_phys, the root VTTBR_EL2 names)
+    and vCPU 0, and the command that translates as it."""
+    cpu = stop_in(rig, "EL2&0", False)
+    try:
+        rc, vms, err = run_json("ps", "--kvm", *attach_args(rig))
+        trc, text, terr = run_cli("ps", "--kvm", *attach_args(rig))
+    finally:
+        rig.qmp("cont")
+    assert rc == 0, err
+    (vm,) = vms
+    assert vm["pid"] == rig.vmm_pid and vm["comm"] == "vmm" and vm["vmid"] >= 1
+    vttbr = int(cpu["el2"]["vttbr_el2"], 16)
+    assert int(vm["pgd_phys"], 16) == vttbr & ((1 << 48) - 2)
+    assert vm["vtcr_el2"] == cpu["el2"]["vtcr_el2"]            # what KVM loads for it
+    assert [c["vcpu_id"] for c in vm["vcpus"]] == [0]
+    assert trc == 0 and f"translate --kvm-vcpu {rig.vmm_pid}:0 ADDR" in text, terr + text
+
+
+def test_kvm_vcpu_says_what_is_wrong(rig):
+    for spec, why in ((f"{rig.vmm_pid}:7", "has no KVM vCPU 7 (VM fd"),
+                      ("1", "holds no KVM VM"), ("x:1", "give PID or PID:N")):
+        rc, out, err = run_cli("translate", *attach_args(rig), "--kvm-vcpu", spec, "0x40001000")
+        assert rc == 2 and why in err and "Traceback" not in err, (spec, err)
+    rc, out, err = run_cli("translate", *attach_args(rig), "--kvm-vcpu", str(rig.vmm_pid),
+                           "--cr3", "0x1000", "0x40001000")
+    assert rc == 2 and "exclude each other" in err, err
