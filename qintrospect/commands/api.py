@@ -89,11 +89,26 @@ class Commands:
         """Every present leaf of the address space as numpy columns (paging.leaf_arrays);
         tables that cannot be read (not RAM) are skipped and listed in unreadable_tables."""
         self.check_open()
-        self.require_one_stage("a whole address space (vmmap, search)")
         self.unreadable_tables = []
-        return paging.leaf_arrays(self.memory.read, self.cpu_state(cr3), start, end,
-                                  lambda level, addr, exc: self.unreadable_tables.append(
-                                      (level, addr, str(exc))))
+
+        def unreadable(level, addr, exc):
+            self.unreadable_tables.append((level, addr, str(exc)))
+        s2 = self.stage2
+        if s2 is None:
+            paging.require_walkable(self.cpu)
+            return paging.leaf_arrays(self.memory.read, self.cpu_state(cr3), start, end,
+                                      unreadable)
+        # a guest of the hypervisor (aarch64): with its MMU off its addresses are its IPAs
+        # and its map is stage 2's; else its stage 1 (tables at IPAs, read through stage 2)
+        # composed with stage 2
+        paging.require_walkable(self.cpu)
+        if cr3 is None and not self.cpu.sctlr & 1:
+            return s2.leaf_arrays(self.memory.read, start, end, unreadable)
+        from ..memory.stage2 import Stage2Memory
+        from ..paging.arm64_vector import compose_stages
+        s1 = paging.leaf_arrays(Stage2Memory(self.memory, s2).read, self.cpu_state(cr3),
+                                start, end, unreadable)
+        return compose_stages(s1, s2.leaf_arrays(self.memory.read, 0, None, unreadable))
 
     def mappings(self, cr3: Optional[int] = None, start: int = 0, end: Optional[int] = None):
         """Every present leaf of the address space as paging.Mapping objects, in VA order."""

@@ -176,8 +176,14 @@ def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: in
     session.check_live()
     matches = _virtual_matches(session, leaves, finder.found, cr3)
     cpu = session.cpu_state(cr3)
-    # the root said with the result: CR3's table, TTBR0_EL1's (the process's half) or satp's
-    root = paging.process_root(cpu)
+    # the root said with the result: CR3's table, TTBR0_EL1's (the process's half) or satp's;
+    # a guest with its MMU off (its addresses its IPAs): the stage 2 root
+    s2 = getattr(session, "stage2", None)
+    if s2 is not None and cr3 is None and not cpu.sctlr & 1:
+        root = s2.to_dict()["root"]
+        root = None if root is None else int(root, 16)
+    else:
+        root = paging.process_root(cpu)
     return SearchResult(pattern, matches, "virtual", root, scanned, finder.full, not_ram,
                         unreadable, time.monotonic() - t0)
 
@@ -236,6 +242,8 @@ def _virtual_pieces(leaves, kept, ram, start, end):
 def _virtual_matches(session, leaves, found, cr3) -> List[Match]:
     if not found:
         return []
+    if getattr(session, "stage2", None) is not None:
+        return _two_stage_matches(session, leaves, found, cr3)
     b = session.translate_batch([where for where, *_ in found], cr3)
     w = b.walk_result
     out = []
@@ -250,6 +258,27 @@ def _virtual_matches(session, leaves, found, cr3) -> List[Match]:
                          # row_dict says readable where it can be false (riscv64), as vmmap
                          readable=d.get("readable", True), writable=d["writable"],
                          user=d["user"], executable=d["executable"], context=context))
+    return out
+
+
+def _two_stage_matches(session, leaves, found, cr3) -> List[Match]:
+    """The matches of a guest of the vCPU's hypervisor (aarch64, stage 2 live): each address
+    translated through both stages (the batch walk takes one), `user` as the leaf says (stage
+    2's map: EL0 and EL1 alike)."""
+    import numpy as np
+    readable = getattr(leaves, "readable", None)
+    out = []
+    for where, _, _, context in found:
+        t = session.translate(where, cr3)
+        if not t.ok:
+            out.append(Match(None, where, context=context))
+            continue
+        k = int(np.searchsorted(leaves.va, np.uint64(where), side="right")) - 1
+        out.append(Match(t.gpa, where, t.ram.block if t.ram else None, t.hva, t.hpa,
+                         t.host.status if t.host else None, t.page_size,
+                         readable=True if readable is None else bool(readable[k]),
+                         writable=t.writable, user=bool(leaves.user[k]),
+                         executable=t.executable, context=context))
     return out
 
 
@@ -318,8 +347,8 @@ def text(result: SearchResult) -> str:
         row += " ".join(f"{b:02x}" for b in shown) + "  |" + \
             "".join(chr(b) if 32 <= b < 127 else "." for b in shown) + "|"
         lines.append(row)
-    where = (f"the address space of root {result.root:#x}" if virtual
-             else "guest-physical RAM")
+    where = ("guest-physical RAM" if not virtual else "the address space" if result.root is None
+             else f"the address space of root {result.root:#x}")
     more = " (stopped at --max: there may be more)" if result.truncated else ""
     skipped = f"; {result.not_ram} leaves not RAM, not read" if result.not_ram else ""
     failed = f"; {result.unreadable} pieces could not be read" if result.unreadable else ""

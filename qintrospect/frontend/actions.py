@@ -302,6 +302,7 @@ def cmd_vmmap(args) -> int:
         task = None
         if named:
             cr3, task = guest_root(vm, args)
+        use_kvm_vcpu(vm, args)
         leaves = vm.leaf_arrays(cr3, start, end)
         pictures.begin(vm, leaves)
         rows = vmmap.keep(vmmap.from_leaves(leaves), args.user, args.kernel, args.writable,
@@ -377,14 +378,15 @@ def cmd_search(args) -> int:
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
     start, end = _range(args.range)
     if args.phys and (cr3 is not None or guest_named(args) or args.range or args.user or
-                      args.kernel or args.writable or args.exec):
-        raise UsageError("--phys searches guest RAM: --cr3, --guest-pid/--guest-comm, --range "
-                         "and the page filters are for an address space")
+                      args.kernel or args.writable or args.exec or kvm_vcpu_named(args)):
+        raise UsageError("--phys searches guest RAM: --cr3, --guest-pid/--guest-comm, "
+                         "--kvm-vcpu, --range and the page filters are for an address space")
     with attached(args) as vm:
         if guest_named(args):
             # under KPTI: the user copy when the search stays in user space, else the kernel
             # copy (both halves)
             cr3, _ = guest_root(vm, args, [0] if args.user else [1 << 63])
+        use_kvm_vcpu(vm, args)
         progress = Progress("search", None)
         try:
             if args.phys:

@@ -72,14 +72,14 @@ def guest_options(p: argparse.ArgumentParser, what: str = "translate with") -> N
                         "listing them)")
 
 
-def kvm_vcpu_option(p: argparse.ArgumentParser, what: str = "translate") -> None:
+def kvm_vcpu_option(p: argparse.ArgumentParser, what: str = "translate as") -> None:
     """--kvm-vcpu PID[:N]: an aarch64 guest that runs KVM itself; its VM's vCPU instead of
     the vCPU's own registers (guestos.kvm_arm64)."""
     p.add_argument("--kvm-vcpu", metavar="PID[:N]",
-                   help=f"aarch64 guest running KVM: {what} as vCPU N (0) of the VM that guest "
+                   help=f"aarch64 guest running KVM: {what} vCPU N (0) of the VM that guest "
                         "process PID (its VMM) runs: that vCPU's EL1 registers and its VM's "
                         "stage 2 root (kvm_s2_mmu.pgd_phys), read in the guest kernel's memory. "
-                        "ADDR is then an address of that VM (an IPA while its MMU is off)")
+                        "Addresses are then that VM's (its IPAs while its MMU is off)")
 
 
 def session_dests(sub) -> tuple:
@@ -221,6 +221,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     if m is not None:
         m.add_argument("--cr3", help="map this page-table root instead of the vCPU's")
         guest_options(m, "map (and list its VMAs, as /proc/PID/maps does, beside) ")
+        kvm_vcpu_option(m, "map the address space of")
         m.add_argument("--leaf", action="store_true", help="one row per mapped page, with its GPA")
         m.add_argument("--user", action="store_true", help="only user-accessible ranges")
         m.add_argument("--kernel", action="store_true", help="only supervisor-only ranges")
@@ -253,6 +254,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         se.add_argument("--phys", action="store_true", help="search guest-physical RAM")
         se.add_argument("--cr3", help="search this page-table root's address space")
         guest_options(se, "search the address space of")
+        kvm_vcpu_option(se, "search the address space of")
         se.add_argument("--user", action="store_true", help="only user-accessible pages")
         se.add_argument("--kernel", action="store_true", help="only supervisor-only pages")
         se.add_argument("--writable", action="store_true", help="only writable pages")
@@ -272,7 +274,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         r.add_argument("--phys", action="store_true", help="ADDR is guest-physical")
         r.add_argument("--cr3", help="translate with this page-table root")
         guest_options(r)
-        kvm_vcpu_option(r, "read")
+        kvm_vcpu_option(r, "read as")
         r.add_argument("--json", action="store_true", help="one JSON object per page piece")
         session_options(r)
         r.set_defaults(func=actions.cmd_read)

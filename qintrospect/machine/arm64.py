@@ -47,6 +47,15 @@ class Stage2Regs:
                            id_aa64mmfr0=self.id_aa64mmfr0, id_aa64mmfr1=self.id_aa64mmfr1,
                            id_aa64mmfr2=self.id_aa64mmfr2, hcr=self.hcr)
 
+    def leaf_arrays(self, read_phys, start: int = 0, end: Optional[int] = None,
+                    on_unreadable=None):
+        """Every valid leaf of the IPA space in [start, end), as vector.LeafArrays."""
+        from ..paging.arm64_vector import leaf_arrays_stage2
+        return leaf_arrays_stage2(read_phys, self.vttbr, self.vtcr, start, end,
+                                  id_aa64mmfr0=self.id_aa64mmfr0, id_aa64mmfr1=self.id_aa64mmfr1,
+                                  id_aa64mmfr2=self.id_aa64mmfr2, hcr=self.hcr,
+                                  on_unreadable=on_unreadable)
+
     def to_dict(self) -> dict:
         from ..paging.arm64_stage2 import decode_vtcr, decode_vttbr
         ids = dict(id_aa64mmfr0=self.id_aa64mmfr0, id_aa64mmfr1=self.id_aa64mmfr1,

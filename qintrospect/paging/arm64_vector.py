@@ -423,3 +423,90 @@ def _range_leaves(tables: _Tables, r: _Range, lo: int, hi: int, wxn: bool):
     if not leaves:
         return None, lost
     return tuple(np.concatenate(c) for c in zip(*leaves)), lost
+
+
+# ---------------------------------------------------------------- stage 2's map
+
+class Stage2LeafArrays(LeafArrays):
+    """LeafArrays of a stage 2 IPA space (format: arm64_stage2_format.Stage2Format)."""
+
+    @property
+    def readable(self) -> np.ndarray:
+        """S2AP[0]: stage 2 lets data be read (S2AP=00/10 map pages that only fault)."""
+        return (self.entry >> np.uint64(6) & np.uint64(1)).astype(bool)
+
+
+def leaf_arrays_stage2(read_phys: ReadPhys, vttbr: int, vtcr: int, start: int = 0,
+                       end: Optional[int] = None, *, id_aa64mmfr0: Optional[int] = None,
+                       id_aa64mmfr1: Optional[int] = None, id_aa64mmfr2: Optional[int] = None,
+                       hcr: Optional[int] = None,
+                       on_unreadable: Optional[OnUnreadable] = None):
+    """iter_mappings_stage2's leaves as vector.LeafArrays (va = the IPA), for the commands that
+    take a whole address space (vmmap, search): the map of a guest whose stage 1 is off, where
+    its addresses are its IPAs. `user` is True (stage 2 gives EL0 and EL1 the same data
+    rights); `readable` is S2AP[0]."""
+    from .arm64_stage2 import iter_mappings_stage2
+    from .arm64_stage2_format import s2_params, stage2_format
+    ids = dict(id_aa64mmfr0=id_aa64mmfr0, id_aa64mmfr1=id_aa64mmfr1, id_aa64mmfr2=id_aa64mmfr2)
+    p = s2_params(vtcr, vttbr, id_aa64mmfr0, id_aa64mmfr1, id_aa64mmfr2, hcr)
+    found = list(iter_mappings_stage2(read_phys, vttbr, vtcr, start, end, hcr=hcr,
+                                      on_unreadable=on_unreadable, **ids))
+    depth = len(p.mode.levels) if p.mode else 0
+    u64 = np.uint64
+    path = np.zeros((len(found), depth), u64)
+    for k, m in enumerate(found):
+        path[k, :len(m.levels_entries)] = m.levels_entries
+    return Stage2LeafArrays(
+        np.array([m.va for m in found], u64), np.array([m.pa for m in found], u64),
+        np.array([m.size for m in found], u64),
+        np.array([m.levels_entries[-1] for m in found], u64),
+        np.array([m.writable for m in found], bool), np.ones(len(found), bool),
+        np.array([m.executable for m in found], bool),
+        np.array([len(m.levels_entries) - 1 for m in found], np.int8),   # mode.levels' index
+        path, p.mode, stage2_format(p) if p.mode else None)
+
+
+class TwoStageLeafArrays(Arm64LeafArrays):
+    """LeafArrays of a guest's address space through both stages (compose_stages): va, pa
+    (the machine's physical address), size (the piece both stages map alike), stage 1's
+    entry, level, path and format (its flags); `ipa` the IPA of each piece, `readable` what
+    both stages let be read."""
+    ipa = None
+    readable = None
+
+
+def compose_stages(s1: Arm64LeafArrays, s2: LeafArrays) -> TwoStageLeafArrays:
+    """Stage 1's leaves (va -> IPA) through stage 2's (IPA -> PA, in IPA order, as
+    leaf_arrays_stage2 gives them): each piece of a stage 1 leaf that one stage 2 leaf maps,
+    in VA order, as a leaf va -> PA the size of the piece (the smaller of the two pages,
+    where they are aligned as pages are), writable and executable where both stages allow
+    it, user as stage 1 says. The parts of a stage 1 leaf stage 2 does not map are left out
+    (an access there takes a stage 2 fault)."""
+    u64 = np.uint64
+    lo = s1.pa.astype(u64)
+    hi = lo + s1.size.astype(u64)
+    s2_lo = s2.va.astype(u64)
+    s2_hi = s2_lo + s2.size.astype(u64)
+    first = np.searchsorted(s2_hi, lo, side="right")      # the first stage 2 leaf past lo
+    stop = np.searchsorted(s2_lo, hi, side="left")        # ... and the first at or past hi
+    count = np.maximum(stop - first, 0)
+    i = np.repeat(np.arange(len(s1)), count)              # stage 1 leaf of each piece
+    starts = np.cumsum(count) - count
+    j = first[i] + (np.arange(int(count.sum())) - starts[i])   # its stage 2 leaf
+    piece_lo = np.maximum(lo[i], s2_lo[j])
+    piece_hi = np.minimum(hi[i], s2_hi[j])
+    s1_readable = getattr(s1, "readable", None)
+    s2_readable = getattr(s2, "readable", None)
+    readable = np.ones(len(i), bool)
+    if s1_readable is not None:
+        readable &= np.asarray(s1_readable)[i]
+    if s2_readable is not None:
+        readable &= np.asarray(s2_readable)[j]
+    out = TwoStageLeafArrays(
+        s1.va[i] + (piece_lo - lo[i]), s2.pa[j] + (piece_lo - s2_lo[j]), piece_hi - piece_lo,
+        s1.entry[i], s1.writable[i] & s2.writable[j], s1.user[i],
+        s1.executable[i] & s2.executable[j], s1.level[i], s1.path[i], s1.mode, s1.format,
+        select=s1.select[i], modes=s1.modes)
+    out.ipa = piece_lo
+    out.readable = readable
+    return out

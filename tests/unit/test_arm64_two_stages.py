@@ -163,3 +163,76 @@ def test_crafted_stage2_registers_give_a_fault_or_an_answer_never_an_exception(v
         assert d["fault"]["stage"] == 2 and "stage 2" in text
     from qintrospect.present.cpus import arm64_cpu_text
     assert "HCR_EL2" in arm64_cpu_text(v)
+
+
+def test_a_guest_with_its_mmu_off_maps_what_stage2_maps():
+    """vmmap/search of a guest whose stage 1 is off: its addresses are its IPAs, its leaves
+    stage 2's (paging.arm64_vector.leaf_arrays_stage2), equal to iter_mappings_stage2's; a
+    guest with stage 1 on is still refused (one stage at a time)."""
+    from qintrospect.commands.api import Commands
+    from qintrospect.commands.vmmap import from_leaves, iter_rows
+    from qintrospect.paging.arm64_stage2 import iter_mappings_stage2
+    mem, _ = two_stage_tables()
+    # IPA 2 GiB: a 1 GiB block, read-only (S2AP=01)
+    mem.put(S2_ROOT + 8 * 2, 0x80000000 | (S2_LEAF & ~(3 << 6) & ~3) | 1 << 6 | 1)
+    v = vcpu(1, GUEST_HCR, sctlr=0)
+
+    class Vm(Commands):
+        vcpu, vcpu_info, cpu = 0, [v], v.state
+        memory = type("M", (), {"read": staticmethod(mem), "name": "test"})()
+
+        def check_open(self):
+            pass
+
+        def cpu_state(self, cr3=None):
+            return self.cpu if cr3 is None else paging.with_root(self.cpu, cr3)
+    la = Vm().leaf_arrays()
+    want = list(iter_mappings_stage2(mem, v.vttbr, v.vtcr, hcr=v.hcr))
+    assert [(m.va, m.pa, m.size, m.writable) for m in la.mappings()] == \
+        [(m.va, m.pa, m.size, m.writable) for m in want]
+    assert len(la) == 9 and la.va[0] == IPA_BASE and la.pa[0] == PA_BASE
+    assert la.readable.all() and not la.writable[-1] and la.size[-1] == 1 << 30
+    rows = list(iter_rows(from_leaves(la), la.format))
+    assert rows[-1].perms == "r-x" and "S2AP=01" in rows[-1].flags     # XN=00
+    assert Vm().leaf_arrays(start=IPA_BASE + 0x3000, end=IPA_BASE + 0x5000).va.tolist() == \
+        [IPA_BASE + 0x3000, IPA_BASE + 0x4000]
+    # stage 1 on: its leaves (tables at IPAs) through stage 2
+    _, root = two_stage_tables()
+    on = vcpu(1, GUEST_HCR, ttbr0=root)
+    Vm.vcpu_info, Vm.cpu = [on], on.state
+    la = Vm().leaf_arrays()
+    assert [(m.va, m.pa, m.size) for m in la.mappings()] == [(0x1000, PA_BASE + 0x5000, 4096)]
+    assert la.ipa.tolist() == [0x40005000] and la.writable.all()
+
+
+def test_stage1_pieces_through_stage2_leaves():
+    """compose_stages: a 1 GiB stage 1 block over stage 2 pages, a block and holes; a 4 KiB
+    stage 1 page inside a 2 MiB stage 2 block; rights as both stages give them."""
+    import numpy as np
+    from qintrospect.paging.arm64_vector import Arm64LeafArrays, compose_stages
+    from qintrospect.paging.vector import LeafArrays
+    u64, G, M2 = np.uint64, 1 << 30, 2 << 20
+
+    def arrays(cls, rows, **kw):          # rows: (va, pa, size, writable, executable)
+        n = len(rows)
+        col = lambda k, t: np.array([r[k] for r in rows], t)      # noqa: E731
+        return cls(col(0, u64), col(1, u64), col(2, u64), np.arange(n, dtype=u64),
+                   col(3, bool), np.ones(n, bool), col(4, bool), np.zeros(n, np.int8),
+                   np.zeros((n, 4), u64), None, None, **kw)
+    s1 = arrays(Arm64LeafArrays, [(0x4000_0000, 0x4000_0000, G, True, True),     # identity
+                                  (0x1000, 0x4020_3000, 4096, True, False)],    # into a block
+                select=np.zeros(2, np.uint8))
+    s2 = arrays(LeafArrays, [(0x4000_0000, 0x900_0000, 4096, True, False),
+                             (0x4000_2000, 0x900_2000, 4096, False, True),
+                             (0x4020_0000, 0xA00_0000, M2, True, True),
+                             (0x8000_0000, 0xB00_0000, 4096, True, True)])   # outside both
+    c = compose_stages(s1, s2)
+    got = list(zip(c.va.tolist(), c.pa.tolist(), c.size.tolist(), c.writable.tolist(),
+                   c.executable.tolist(), c.ipa.tolist()))
+    assert got == [(0x4000_0000, 0x900_0000, 4096, True, False, 0x4000_0000),
+                   (0x4000_2000, 0x900_2000, 4096, False, True, 0x4000_2000),
+                   (0x4020_0000, 0xA00_0000, M2, True, True, 0x4020_0000),
+                   (0x1000, 0xA00_3000, 4096, True, False, 0x4020_3000)]
+    assert c.select.tolist() == [0, 0, 0, 0] and c.entry.tolist() == [0, 0, 0, 1]
+    empty = compose_stages(s1, arrays(LeafArrays, []))
+    assert len(empty) == 0 and empty.ipa.tolist() == []

@@ -153,7 +153,9 @@ class VmmapPictures:
         mode = leaves.mode
         self.va_bits = mode.va_bits if mode is not None else 64
         cpu = vm.cpu_state(None)
-        if paging.is_x86(cpu):
+        if getattr(vm, "stage2", None) is not None:     # a guest with its MMU off: stage 2's map
+            root = {"VTTBR_EL2": f"{vm.stage2.vttbr:#x}", "stage 1": "off (addresses are IPAs)"}
+        elif paging.is_x86(cpu):
             root = {"CR3": a.cr3 or f"{cpu.cr3:#x}"}
         elif paging.arch_of(cpu) == "riscv64":
             root = {"satp": a.cr3 or f"{cpu.satp:#x}"}
