@@ -211,10 +211,6 @@ def registers(vm, guest_vm: GuestKvmVm, vcpu: GuestKvmVcpu):
         where = (f"loaded on the guest's CPU {vcpu.cpu}: its EL1 registers are that vCPU's "
                  "own (VHE keeps them there)")
         cpsr = live.cpsr if live.stage2 is not None else vcpu.pstate
-        if live.stage2 is not None:         # that CPU runs a guest now: this one?
-            same = live.vttbr & ~(1 << 0) == guest_vm.vttbr   # (bit 0: CnP)
-            where += (f"; it runs this VM now: its VTTBR_EL2 {live.vttbr:#x} "
-                      f"{'agrees' if same else 'DIFFERS'}")
     else:
         missing = [SYSREG_FIELDS[k] for k in SYSREG_FIELDS if k not in vcpu.saved]
         if missing:
@@ -223,6 +219,16 @@ def registers(vm, guest_vm: GuestKvmVm, vcpu: GuestKvmVcpu):
         regs = dict(vcpu.saved)
         where = "not loaded: its EL1 registers as KVM saved them (kvm_vcpu.arch.ctxt)"
         cpsr = vcpu.pstate
+    if here.stage2 is not None:            # the selected vCPU runs a guest now: this VM?
+        same = here.vttbr & ~1 == guest_vm.vttbr          # (bit 0: CnP)
+        loaded_here = vcpu.cpu == vm.vcpu
+        if same:
+            where += f"; vCPU {vm.vcpu} runs this VM now: its VTTBR_EL2 {here.vttbr:#x} agrees"
+        elif loaded_here:                   # KVM says this vCPU is there: it must agree
+            where += (f"; vCPU {vm.vcpu} runs it, but its VTTBR_EL2 {here.vttbr:#x} DIFFERS "
+                      "from the VM's")
+        else:
+            where += f"; vCPU {vm.vcpu} runs another VM now (VTTBR_EL2 {here.vttbr:#x})"
     view = replace(here, ttbr0=regs["ttbr0"], ttbr1=regs["ttbr1"], tcr=regs["tcr"],
                    sctlr=regs["sctlr"], mair=regs["mair"], cpsr=cpsr & 0xFFFFFFFF,
                    hcr=vcpu.hcr, vttbr=guest_vm.vttbr, vtcr=guest_vm.vtcr,

@@ -167,6 +167,14 @@ def test_a_loaded_vcpu_is_read_from_the_cpu_it_is_loaded_on():
     assert "DIFFERS" in where
 
 
+def test_a_put_vcpu_while_the_cpu_runs_another_vm_says_so():
+    (gvm,) = kvm_arm64.vms_of(kernel(cpu=-1), TASK_OBJ)
+    other = host_vcpu(cpsr=0x3c5, hcr=HCR_GUEST, vttbr=0x2000055555000)
+    view, where = kvm_arm64.registers(vm_of(other), gvm, gvm.vcpus[0])
+    assert "runs another VM now" in where and "DIFFERS" not in where
+    assert view.stage2.vttbr == PGD | 1 << 48           # the VM's, not the live register's
+
+
 def test_a_cpu_number_beyond_the_machine_falls_back_to_the_saved_context():
     k = kernel(cpu=7)
     (gvm,) = kvm_arm64.vms_of(k, TASK_OBJ)
