@@ -32,18 +32,21 @@ def attach_args(r):
     return ("--qmp", r.qmp_path, "--gdb", r.gdb_address)
 
 
-def stop_in(r, regime, stage2, tries=80):
-    """Pause L1 (QMP stop) at a moment its vCPU is in `regime` with stage 2 live or not; the
-    cpus row of that moment. The vCPU moves between L2 and L1's kernel all the time."""
+def stop_in(r, regime, stage2, mmu=None, tries=80):
+    """Pause L1 (QMP stop) at a moment its vCPU is in `regime` with stage 2 live or not (and
+    inside L2, on the L2 vCPU whose MMU is off, vCPU 0, or on, vCPU 1, when `mmu` says); the
+    cpus row of that moment. The vCPU moves between L2's two vCPUs and L1's kernel all the
+    time."""
     for _ in range(tries):
         r.qmp("stop")
         rc, cpus, err = run_json("cpus", *attach_args(r))
         assert rc == 0, err
         (cpu,) = cpus
-        if cpu["regime"] == regime and cpu["el2"]["stage2_live"] == stage2:
+        if cpu["regime"] == regime and cpu["el2"]["stage2_live"] == stage2 and \
+                (mmu is None or ("M" in cpu["sctlr_bits"]) == mmu):
             return cpu
         r.qmp("cont")
-    pytest.fail(f"the vCPU was never stopped in {regime} (stage 2 live: {stage2})")
+    pytest.fail(f"the vCPU was never stopped in {regime} (stage 2 live: {stage2}, MMU {mmu})")
 
 
 def qemu_gva2gpa(r, va):
@@ -54,7 +57,7 @@ def qemu_gva2gpa(r, va):
 
 @pytest.fixture
 def in_l2(rig):
-    cpu = stop_in(rig, "EL1&0", True)
+    cpu = stop_in(rig, "EL1&0", True, mmu=False)
     yield cpu
     rig.qmp("cont")
 
@@ -111,7 +114,8 @@ def test_read_goes_through_both_stages(rig, in_l2):
 
 
 def test_one_stage_commands_say_why_not(rig, in_l2):
-    for args in (("vmmap",), ("translate", "--brief", hex(CODE_IPA)), ("find-cr3",),
+    for args in (("who-maps", "--gpa", "0x40000000"), ("translate", "--brief", hex(CODE_IPA)),
+                 ("find-cr3",),
                  ("translate", "--guest-pid", str(rig.vmm_pid), hex(CODE_IPA))):
         rc, out, err = run_cli(*args, *attach_args(rig))
         assert rc == 2 and "stage 2" in err and "Traceback" not in err, (args, err)
@@ -159,12 +163,15 @@ def test_in_l1_find_cr3_leaves_kvms_stage2_out_and_who_maps_names_the_vmm(rig):
 
 def test_ps_inside_l2_reads_l1s_kernel_and_gives_the_vcpu_to_the_vmm(rig, in_l2):
     """Stopped inside L2, L1's kernel is still read (a VHE host keeps it in TTBR1_EL2) and
-    the vCPU is the VMM's (its TTBR0_EL2 holds the VMM's table), not L2's SP_EL0's."""
+    the vCPU holds the VMM's table (TTBR0_EL2), not L2's SP_EL0's task. The VMM runs a
+    thread per L2 vCPU: which of them runs is said to be unknown."""
     rc, tasks, err = run_json("ps", *attach_args(rig))
     assert rc == 0, err
     (vmm,) = [t for t in tasks if t["pid"] == rig.vmm_pid]
-    assert vmm["comm"] == "vmm" and vmm["vcpu"] == 0, vmm
+    assert vmm["comm"] == "vmm" and vmm["loaded_on"] == [0], vmm
     assert int(vmm["root"], 16) == int(in_l2["el2"]["ttbr0_el2"], 16) & ((1 << 48) - 2)
+    assert f"runs a thread of {rig.vmm_pid} (vmm), 2 threads" in err, err
+    assert not [t for t in tasks if t["vcpu"] == 0 and t["pid"] != rig.vmm_pid], tasks
 
 
 def kvm_vcpu_translate(rig, *extra):
@@ -209,7 +216,7 @@ def test_kvm_vcpu_from_l1s_memory_inside_l2_and_in_l1(rig):
             rig.qmp("cont")
         check_kvm_vcpu_rows(rig, rows, int(cpu["el2"]["vttbr_el2"], 16))
         if live:
-            assert "it runs this VM now: its VTTBR_EL2" in err and "agrees" in err, err
+            assert "runs this VM now: its VTTBR_EL2" in err and "agrees" in err, err
         assert rc == 1 and fault["fault"]["stage"] == 2, ferr
         assert fault["fault"]["reason"] == "translation"
         assert rrc == 0 and int(pieces[0]["gpa"], 16) == rig.l1_pas[ipa], rerr
@@ -219,26 +226,22 @@ def test_kvm_vcpu_from_l1s_memory_inside_l2_and_in_l1(rig):
     assert rc == 0 and "from KVM in the guest: VM of process" in text, err + text
 
 
-def test_kvm_vcpu_as_kvm_saved_it_when_the_vmm_is_preempted(rig):
-    """With a busy process beside the VMM on L1's one CPU, a stop often finds the VMM
-    scheduled out: KVM has put its vCPU (kvm_vcpu.cpu = -1) and saved L2's EL1 registers in
-    kvm_vcpu.arch.ctxt. Those are read then, and give the same answers."""
-    spinner = rig.start_spinner()["pid"]
-    try:
-        for _ in range(60):
-            rig.qmp("stop")
-            try:
-                rows, err = kvm_vcpu_translate(rig)
-                rc, cpus, cerr = run_json("cpus", *attach_args(rig))
-            finally:
-                rig.qmp("cont")
-            if "not loaded: its EL1 registers as KVM saved them" in err:
-                assert rc == 0, cerr
-                check_kvm_vcpu_rows(rig, rows, int(cpus[0]["el2"]["vttbr_el2"], 16))
-                return
-        pytest.fail("never stopped with the VMM's vCPU put (the spinner current)")
-    finally:
-        rig.run(f"kill {spinner}")
+def test_kvm_vcpu_as_kvm_saved_it_when_put(rig):
+    """L2's two vCPUs take turns on L1's one CPU: at most one is loaded, the other put (KVM
+    saved its EL1 registers in kvm_vcpu.arch.ctxt, kvm_vcpu.cpu = -1). Those are read then,
+    and give the same answers."""
+    for _ in range(60):
+        rig.qmp("stop")
+        try:
+            rows, err = kvm_vcpu_translate(rig)
+            rc, cpus, cerr = run_json("cpus", *attach_args(rig))
+        finally:
+            rig.qmp("cont")
+        if "not loaded: its EL1 registers as KVM saved them" in err:
+            assert rc == 0, cerr
+            check_kvm_vcpu_rows(rig, rows, int(cpus[0]["el2"]["vttbr_el2"], 16))
+            return
+    pytest.fail("never stopped with L2's vCPU 0 put")
 
 
 def test_ps_kvm_lists_the_vm_the_vmm_holds(rig):
@@ -256,8 +259,145 @@ def test_ps_kvm_lists_the_vm_the_vmm_holds(rig):
     vttbr = int(cpu["el2"]["vttbr_el2"], 16)
     assert int(vm["pgd_phys"], 16) == vttbr & ((1 << 48) - 2)
     assert vm["vtcr_el2"] == cpu["el2"]["vtcr_el2"]            # what KVM loads for it
-    assert [c["vcpu_id"] for c in vm["vcpus"]] == [0]
+    assert [c["vcpu_id"] for c in vm["vcpus"]] == [0, 1]
+    assert [c["loaded_on_cpu"] for c in vm["vcpus"]].count(None) >= 1     # one CPU for two
     assert trc == 0 and f"translate --kvm-vcpu {rig.vmm_pid}:0 ADDR" in text, terr + text
+
+
+def test_vmmap_and_search_of_l2_are_its_stage2_map(rig):
+    """L2 runs with its MMU off: its addresses are its IPAs and its whole address space is
+    what stage 2 maps. vmmap --leaf lists it (inside L2 from VTTBR_EL2, in L1's kernel with
+    --kvm-vcpu from KVM): every marker is in a leaf whose PA is L1's own pagemap page for it,
+    the page sizes are the memslots' backings, an IPA L2 never touched is in none, and every
+    leaf lies in a memslot. search finds each marker's value at its IPA."""
+    markers, slots = rig.ready["markers"], rig.ready["slots"]
+    maps = []
+    for regime, live, extra in (("EL1&0", True, ()),
+                                ("EL2&0", False, ("--kvm-vcpu", str(rig.vmm_pid)))):
+        stop_in(rig, regime, live, mmu=False if live else None)
+        try:
+            rc, rows, err = run_json("vmmap", "--leaf", *extra, *attach_args(rig))
+            src, found, serr = run_json("search", "--u64", hex(markers[0x40001000]), *extra,
+                                        *attach_args(rig))
+            trc, text, terr = run_cli("vmmap", "--hpa", *extra, *attach_args(rig))
+        finally:
+            rig.qmp("cont")
+        assert rc == 0 and rows, err
+        for ipa, value in markers.items():
+            (row,) = [r for r in rows if int(r["start"], 16) <= ipa < int(r["end"], 16)]
+            assert int(row["gpa"], 16) + ipa - int(row["start"], 16) == rig.l1_pas[ipa], row
+            slot = next(s for s in slots if s["ipa"] <= ipa < s["ipa"] + s["size"])
+            assert row["page_size"] == (4096 if slot["backing"] == "4k" else 2 << 20), row
+            assert row["readable"] and row["writable"] and "AF" in row["flags"], row
+        for ipa in rig.ready["untouched"]:
+            assert not [r for r in rows if int(r["start"], 16) <= ipa < int(r["end"], 16)]
+        for r in rows:
+            assert any(s["ipa"] <= int(r["start"], 16) and int(r["end"], 16) <= s["ipa"] +
+                       s["size"] for s in slots), r
+        # the VMM's table (L2 read the markers from it) holds the value too, right after n
+        # and the first IPA
+        table = rig.ready["table"] + 16
+        assert src == 0 and [int(m["gva"], 16) for m in found] == [table, 0x40001000], serr
+        assert int(found[1]["gpa"], 16) == rig.l1_pas[0x40001000]
+        assert trc == 0 and "hpa" in text.splitlines()[0], terr
+        maps.append({(r["start"], r["gpa"], r["page_size"]) for r in rows})
+    assert maps[0] == maps[1]               # the register's stage 2 and KVM's are one
+
+
+# vCPU 1's stage 1 (vmm.c's s1_tables): the rights of each kind of mapping, as both stages
+# give them: (user, writable, executable). Stage 2 keeps every data page XN (KVM maps a page
+# executable only once the guest fetches from it): the identity block's stage 1 "rwx" is
+# executable on the code page alone.
+S1_RIGHTS = {"user-rw": (True, True, False), "user-ro": (True, False, False),
+             "kernel-ro": (False, False, False), "kernel-rw": (False, True, False),
+             "kernel-rwx": (False, True, False)}
+
+
+def check_stage1_rows(rig, rows, rc):
+    """Each of vCPU 1's mappings (its MMU on: tables at IPAs, read through stage 2): the IPA
+    its stage 1 gives, the rights it says, and for a marker's IPA L1's own pagemap page and
+    the value L2 wrote; an IPA stage 2 does not map is a stage 2 fault."""
+    markers = rig.ready["markers"]
+    assert rc == 1                                   # the s2-unmapped one
+    for m, row in zip(rig.ready["s1"], rows):
+        assert int(row["gva"], 16) == m["va"], row
+        if m["kind"] == "s2-unmapped":
+            assert row["fault"]["stage"] == 2 and row["fault"]["reason"] == "translation", row
+            assert row["ipa"] == hex(m["ipa"])
+            continue
+        assert not row["stage2"]["stage1_off"] and row["ipa"] == hex(m["ipa"]), row
+        assert (row["user"], row["writable"], row["executable"]) == S1_RIGHTS[m["kind"]], \
+            (m, row["user"], row["writable"], row["executable"])
+        pa = int(row["gpa"], 16)
+        page = m["ipa"] & ~0xFFF
+        known = {ipa & ~0xFFF: ipa for ipa in markers}
+        if page in known:
+            assert pa - (m["ipa"] - known[page]) == rig.l1_pas[known[page]], (m, row)
+            if m["ipa"] in markers:
+                assert int(row["value"], 16) == markers[m["ipa"]], (m, row)
+
+
+def test_l2_vcpu1_stage1_through_stage2_agrees_with_qemu_and_l1(rig):
+    """Stopped inside L2 on vCPU 1 (its MMU on), translate walks its stage 1 (tables at IPAs,
+    read through stage 2) and then stage 2: every mapping as QEMU's own gva2gpa on the same
+    paused vCPU gives it, L1's pagemap, the values L2 wrote, stage 1's rights. Stopped in
+    L1's kernel, --kvm-vcpu PID:1 gives the same (vCPU 1's EL1 registers from KVM)."""
+    vas = [hex(m["va"]) for m in rig.ready["s1"]]
+    stop_in(rig, "EL1&0", True, mmu=True)
+    try:
+        rc, rows, err = run_json("translate", *attach_args(rig), *vas)
+        qemu = [qemu_gva2gpa(rig, m["va"]) for m in rig.ready["s1"]]
+    finally:
+        rig.qmp("cont")
+    check_stage1_rows(rig, rows, rc)
+    for m, row, q in zip(rig.ready["s1"], rows, qemu):
+        assert q == (None if m["kind"] == "s2-unmapped" else int(row["gpa"], 16)), (m, q, row)
+    stop_in(rig, "EL2&0", False)
+    try:
+        krc, krows, kerr = run_json("translate", *attach_args(rig), "--kvm-vcpu",
+                                    f"{rig.vmm_pid}:1", "-v", *vas)
+    finally:
+        rig.qmp("cont")
+    check_stage1_rows(rig, krows, krc)
+    assert [r.get("gpa") for r in krows] == [r.get("gpa") for r in rows], kerr
+    assert "vCPU 1" in kerr, kerr
+
+
+def test_vmmap_and_search_of_vcpu1_compose_both_stages(rig):
+    """vmmap --leaf of vCPU 1 (--kvm-vcpu PID:1): each stage 1 leaf cut into the pieces stage
+    2 maps, VA -> PA; the piece of a marker's page has L1's pagemap page, an IPA stage 2 does
+    not map is in no row, the identity block's pieces are the stage 2 map's own. search
+    finds marker 1 twice: through VA 0x1000 and through the identity block."""
+    stop_in(rig, "EL2&0", False)
+    spec = f"{rig.vmm_pid}:1"
+    try:
+        rc, rows, err = run_json("vmmap", "--leaf", "--kvm-vcpu", spec, *attach_args(rig))
+        src, found, serr = run_json("search", "--u64", hex(rig.ready["markers"][0x40001000]),
+                                    "--kvm-vcpu", spec, *attach_args(rig))
+    finally:
+        rig.qmp("cont")
+    assert rc == 0 and rows, err
+    by_va = {int(r["start"], 16): r for r in rows}
+    for m in rig.ready["s1"]:
+        page = m["va"] & ~0xFFF
+        row = next((r for r in rows if int(r["start"], 16) <= page < int(r["end"], 16)), None)
+        if m["kind"] == "s2-unmapped":
+            assert row is None, row
+            continue
+        assert row is not None, (m, sorted(by_va))
+        user, writable, executable = S1_RIGHTS[m["kind"]]
+        assert (row["user"], row["writable"], row["executable"]) == (user, writable, executable)
+        if m["ipa"] in rig.ready["markers"]:
+            pa = int(row["gpa"], 16) + m["va"] - int(row["start"], 16)
+            assert pa == rig.l1_pas[m["ipa"]], (m, row)
+    code = next(r for r in rows if int(r["start"], 16) == CODE_IPA)   # identity, fetched
+    assert code["executable"] and not code["user"], code
+    table = rig.ready["table"] + 16               # (the VMM's table holds the value too)
+    assert src == 0 and sorted(int(f["gva"], 16) for f in found) == \
+        [0x1000, table, 0x40001000], serr
+    assert [f["gpa"] for f in found if int(f["gva"], 16) != table] == \
+        [hex(rig.l1_pas[0x40001000])] * 2
+    assert [f["user"] for f in found] == [True, False, False]
 
 
 def test_kvm_vcpu_says_what_is_wrong(rig):

@@ -6,7 +6,7 @@
 # L1's KVM, so L2's memory goes through a real stage-2 table (VTTBR_EL2/VTCR_EL2).
 #
 # Cached in ${QI_VM_CACHE:-$HOME/.cache/qintrospect/vm}/kvm-arm64/:
-#   vmm                 vmm.c, aarch64-linux-gnu-gcc -static -O2
+#   vmm                 vmm.c, aarch64-linux-gnu-gcc -static -O2 -pthread
 #   payload.bin         payload.S, assembled and linked at 0x40000000, .text only (raw code)
 #   initramfs.cpio.gz   busybox (arm64, taken from vm/arm64's initramfs), /vmm, /payload.bin,
 #                       vm/kvm_arm64/init as /init
@@ -67,7 +67,7 @@ fi
 WORK=$(mktemp -d "$OUT/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-$CC -static -O2 -Wall -Wextra -Werror -o "$WORK/vmm" "$HERE/vmm.c"
+$CC -static -O2 -pthread -Wall -Wextra -Werror -o "$WORK/vmm" "$HERE/vmm.c"
 $CC -nostdlib -static -no-pie -ffreestanding -Wl,-Ttext=0x40000000 -Wl,--build-id=none \
     -o "$WORK/payload.elf" "$HERE/payload.S"
 $OBJCOPY -O binary -j .text "$WORK/payload.elf" "$WORK/payload.bin"

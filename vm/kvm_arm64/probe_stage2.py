@@ -255,7 +255,8 @@ def walk_stage2(u64, vttbr: int, vtcr: int, ipa: int) -> dict:
 
 def parse_ready(line: str) -> dict:
     """The VMM's KVMARM-READY line -> {"pid", "ipa_bits", "slots": [{name, ipa, size, hva,
-    backing}], "markers": {ipa: value}, "untouched": [...], "counter", "mmio", ...}"""
+    backing}], "markers": {ipa: value}, "untouched": [...], "counter", "mmio", "vcpus",
+    "s1root", "s1": [{va, ipa, kind}], "counter1", ...}"""
     m = re.search(r"KVMARM-READY (.*)", line)
     if not m:
         raise ValueError(f"not a KVMARM-READY line: {line!r}")
@@ -274,6 +275,13 @@ def parse_ready(line: str) -> dict:
     for item in kv["markers"].split(","):
         ipa, value = item.split(":")
         out["markers"][int(ipa, 16)] = int(value, 16)
+    # vCPU 1's stage 1 (MMU on): its root, and what it maps: [{va, ipa, kind}]
+    out["vcpus"] = int(kv.get("vcpus", "1"))
+    if "s1root" in kv:
+        out["s1root"] = int(kv["s1root"], 16)
+        out["counter1"] = int(kv["counter1"], 16)
+        out["s1"] = [{"va": int(va, 16), "ipa": int(ipa, 16), "kind": kind}
+                     for va, ipa, kind in (item.split(":") for item in kv["s1"].split(","))]
     if "bad" in kv:
         out["bad"] = int(kv["bad"])
     return out

@@ -10,15 +10,22 @@
  *           MADV_HUGEPAGE (a THP, so KVM may map it with a 2 MiB stage-2 block)
  *   payload (raw A64 code, payload.bin) at the start of slot 0, entered at EL1h, DAIF masked,
  *   MMU off (stage 1 off: L2's addresses are IPAs).
+ *   Two vCPUs, each on a thread of its own: vCPU 0 keeps its MMU off; vCPU 1 (x1 = 1 at entry)
+ *   turns its MMU on with stage 1 tables the VMM wrote at IPA 0x40800000 (s1_tables below), so
+ *   L2 has both: addresses that are IPAs, and virtual addresses whose tables are at IPAs.
  *
  * The VMM writes a table at IPA 0x40000800 (x0 at entry points at it):
  *   u64 n, then n x {u64 ipa, u64 value}: L2 stores each value at its IPA,
- *   u64 mmio (the IPA of the "ready" doorbell), u64 counter (an IPA L2 increments forever).
+ *   u64 mmio (the IPA of the "ready" doorbell), u64 counter (an IPA L2 increments forever),
+ *   then for vCPU 1: u64 TTBR0_EL1, TCR_EL1, MAIR_EL1, and the VA of its own counter.
  * After the stores L2 writes 1 to the doorbell (not in any memslot: KVM_EXIT_MMIO); the VMM
  * then checks each marker through its own mapping (HVA), prints ONE line
  *   KVMARM-READY pid=... ipa_bits=... slot0=IPA+SIZE@HVA:4k slot1=IPA+SIZE@HVA:thp entry=...
  *     table=... mmio=... counter=... untouched=IPA,... markers=IPA:VALUE,...
- * and re-enters KVM_RUN forever (L2 spins incrementing the counter at EL1).
+ *     vcpus=2 s1root=IPA s1=VA:IPA:KIND,... counter1=IPA
+ * and re-enters KVM_RUN forever (L2 spins incrementing the counter at EL1; vCPU 1 its own,
+ * through its VA). KIND says the stage 1 rights: user-rw, user-ro, kernel-rw, kernel-ro,
+ * kernel-rwx; s2-unmapped: an IPA stage 2 never maps (L2 never touches it).
  *
  * Usage: vmm PAYLOAD [--ipa-bits N] [--slot0-mib N] [--slot1-mib N] [--no-slot1]
  * Build: aarch64-linux-gnu-gcc -static -O2 -o vmm vmm.c   (vm/kvm_arm64/build.sh)
@@ -26,6 +33,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,6 +52,22 @@
 #define MMIO_IPA    0x10000000ULL      /* the doorbell: no memslot there */
 #define MAGIC       0x4b564d4100000000ULL  /* "KVMA": marker i = MAGIC | (i+1)<<28 | IPA>>12 */
 #define HUGE_2M     (2ULL << 20)
+#define S1_OFF      0x800000ULL        /* vCPU 1's stage 1 tables: slot0 + 8 MiB, 3 pages */
+#define COUNTER1_OFF 0x4000ULL         /* vCPU 1's counter: slot0 + 0x4000, at VA 0x3000 */
+
+/* VMSAv8-64 stage 1 descriptors, 4 KiB granule; AttrIndx 0 (MAIR attr0: Normal WB) */
+#define S1_TABLE    3ULL
+#define S1_BLOCK    1ULL
+#define S1_PAGE     3ULL
+#define S1_NORMAL   ((1ULL << 10) | (3ULL << 8))  /* AF, inner shareable */
+#define S1_EL0      (1ULL << 6)                    /* AP[1]: EL0 may access */
+#define S1_RO       (1ULL << 7)                    /* AP[2]: read-only */
+#define S1_XN       ((1ULL << 53) | (1ULL << 54))  /* PXN, UXN */
+#define S1_UXN      (1ULL << 54)
+/* TCR_EL1: T0SZ 25 (39-bit VA: levels 1-3), IRGN0/ORGN0 WBWA, SH0 inner, TG0 4 KiB, EPD1
+   (no TTBR1 walks), IPS 40 bits */
+#define S1_TCR      (25ULL | 1ULL << 8 | 1ULL << 10 | 3ULL << 12 | 1ULL << 23 | 2ULL << 32)
+#define S1_MAIR     0xffULL
 
 static void die(const char *what)
 {
@@ -88,6 +112,89 @@ static void add_slot(int vm, uint32_t slot, uint64_t ipa, uint64_t size, void *h
     };
     if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &r) < 0)
         die("KVM_SET_USER_MEMORY_REGION");
+}
+
+/* vCPU 1's stage 1 (VA -> IPA): an L1 table at slot0 + S1_OFF, an L2 and an L3 table after it.
+   Fills `maps` with "VA:IPA:KIND" items for the READY line; returns the L1 table's IPA. */
+static uint64_t s1_tables(uint8_t *ram0, uint64_t slot0_size, int slot1, uint64_t untouched,
+                          char *maps, size_t len)
+{
+    uint64_t *l1 = (uint64_t *)(ram0 + S1_OFF), *l2 = l1 + 512, *l3 = l2 + 512;
+    uint64_t l1_ipa = SLOT0_IPA + S1_OFF;
+    memset(l1, 0, 3 * 4096);
+    l1[0] = (l1_ipa + 0x1000) | S1_TABLE;                           /* VA 0-1 GiB: below */
+    l1[1] = SLOT0_IPA | S1_BLOCK | S1_NORMAL | S1_UXN;              /* identity, the code */
+    if (slot1)
+        l1[2] = SLOT1_IPA | S1_BLOCK | S1_NORMAL | S1_XN;           /* VA 2 GiB -> slot 1 */
+    l2[0] = (l1_ipa + 0x2000) | S1_TABLE;
+    l2[1] = (SLOT0_IPA + 0x200000) | S1_BLOCK | S1_NORMAL | S1_RO | S1_XN;   /* 2 MiB, RO */
+    l3[1] = (SLOT0_IPA + 0x1000) | S1_PAGE | S1_NORMAL | S1_EL0 | S1_XN;
+    l3[2] = (SLOT0_IPA + slot0_size - 0x1000) | S1_PAGE | S1_NORMAL | S1_EL0 | S1_RO | S1_XN;
+    l3[3] = (SLOT0_IPA + COUNTER1_OFF) | S1_PAGE | S1_NORMAL | S1_XN;
+    l3[4] = untouched | S1_PAGE | S1_NORMAL | S1_XN;
+    int o = snprintf(maps, len,
+                     "0x1000:%#llx:user-rw,0x2000:%#llx:user-ro,0x2005a8:%#llx:kernel-ro,"
+                     "0x3000:%#llx:kernel-rw,0x4000:%#llx:s2-unmapped,%#llx:%#llx:kernel-rwx",
+                     SLOT0_IPA + 0x1000, (unsigned long long)(SLOT0_IPA + slot0_size - 0x1000),
+                     SLOT0_IPA + 0x2005a8, SLOT0_IPA + COUNTER1_OFF,
+                     (unsigned long long)untouched, SLOT0_IPA + 0x1000, SLOT0_IPA + 0x1000);
+    if (slot1)
+        snprintf(maps + o, len - o, ",0x80101000:%#llx:kernel-rw", SLOT1_IPA + 0x101000);
+    return l1_ipa;
+}
+
+struct vcpu_thread {
+    int fd;
+    struct kvm_run *run;
+    int index;
+};
+
+/* vCPU 1's KVM_RUN loop (it makes no exits of its own: MMIO there is only logged) */
+static void *run_vcpu1(void *arg)
+{
+    struct vcpu_thread *t = arg;
+    for (;;) {
+        if (ioctl(t->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            die("KVM_RUN (vCPU 1)");
+        }
+        if (t->run->exit_reason == KVM_EXIT_MMIO) {
+            fprintf(stderr, "KVMARM-MMIO vcpu1 %s %#llx\n",
+                    t->run->mmio.is_write ? "write" : "read",
+                    (unsigned long long)t->run->mmio.phys_addr);
+            if (!t->run->mmio.is_write)
+                memset(t->run->mmio.data, 0, sizeof t->run->mmio.data);
+        } else if (t->run->exit_reason != KVM_EXIT_INTR) {
+            fprintf(stderr, "KVMARM-EXIT vcpu1 reason %u\n", t->run->exit_reason);
+            exit(1);
+        }
+    }
+    return NULL;
+}
+
+static int make_vcpu(int kvm, int vm, int index, struct kvm_run **run)
+{
+    int vcpu = ioctl(vm, KVM_CREATE_VCPU, index);
+    if (vcpu < 0)
+        die("KVM_CREATE_VCPU");
+    int run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    if (run_size <= 0)
+        die("KVM_GET_VCPU_MMAP_SIZE");
+    *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+    if (*run == MAP_FAILED)
+        die("mmap kvm_run");
+    struct kvm_vcpu_init init;
+    memset(&init, 0, sizeof init);
+    if (ioctl(vm, KVM_ARM_PREFERRED_TARGET, &init) < 0)
+        die("KVM_ARM_PREFERRED_TARGET");
+    if (ioctl(vcpu, KVM_ARM_VCPU_INIT, &init) < 0)
+        die("KVM_ARM_VCPU_INIT");
+    set_reg(vcpu, CORE_REG(regs.pc), SLOT0_IPA);
+    set_reg(vcpu, CORE_REG(regs.pstate), 0x3c5);     /* EL1h, D A I F masked */
+    set_reg(vcpu, CORE_REG(regs.regs[0]), SLOT0_IPA + TABLE_OFF);
+    set_reg(vcpu, CORE_REG(regs.regs[1]), index);    /* the payload's path */
+    return vcpu;
 }
 
 int main(int argc, char **argv)
@@ -180,30 +287,26 @@ int main(int argc, char **argv)
     /* IPAs L2 never touches, in 2 MiB regions it never touches (slot 1's first two 2 MiB
        regions may be single stage-2 blocks): no stage-2 mapping, though present in L1 */
     uint64_t untouched[2] = { SLOT0_IPA + 0x400000, slot1 ? SLOT1_IPA + slot1_size - 0x1000 : 0 };
-    (void)untouched;
+    char s1_maps[512];
+    uint64_t s1_root = s1_tables(ram0, slot0_size, slot1, untouched[0], s1_maps,
+                                 sizeof s1_maps);
+    table[3 + 2 * n] = s1_root;                 /* vCPU 1: TTBR0_EL1 (ASID 0) */
+    table[4 + 2 * n] = S1_TCR;
+    table[5 + 2 * n] = S1_MAIR;
+    table[6 + 2 * n] = 0x3000;                  /* its counter's VA */
 
-    /* vCPU */
-    int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
-    if (vcpu < 0)
-        die("KVM_CREATE_VCPU");
-    int run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-    if (run_size <= 0)
-        die("KVM_GET_VCPU_MMAP_SIZE");
-    struct kvm_run *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
-    if (run == MAP_FAILED)
-        die("mmap kvm_run");
-    struct kvm_vcpu_init init;
-    memset(&init, 0, sizeof init);
-    if (ioctl(vm, KVM_ARM_PREFERRED_TARGET, &init) < 0)
-        die("KVM_ARM_PREFERRED_TARGET");
-    if (ioctl(vcpu, KVM_ARM_VCPU_INIT, &init) < 0)
-        die("KVM_ARM_VCPU_INIT");
-    set_reg(vcpu, CORE_REG(regs.pc), SLOT0_IPA);
-    set_reg(vcpu, CORE_REG(regs.pstate), 0x3c5);     /* EL1h, D A I F masked */
-    set_reg(vcpu, CORE_REG(regs.regs[0]), SLOT0_IPA + TABLE_OFF);
+    /* vCPUs: 0 on this thread (MMU off), 1 on a thread of its own (MMU on) */
+    struct kvm_run *run;
+    int vcpu = make_vcpu(kvm, vm, 0, &run);
+    static struct vcpu_thread second;
+    second.index = 1;
+    second.fd = make_vcpu(kvm, vm, 1, &second.run);
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, run_vcpu1, &second) != 0)
+        die("pthread_create");
 
-    fprintf(stderr, "KVMARM-START pid=%d max_ipa_bits=%d ipa_bits=%d target=%u payload=%zd\n",
-            getpid(), max_ipa, eff_ipa, init.target, plen);
+    fprintf(stderr, "KVMARM-START pid=%d max_ipa_bits=%d ipa_bits=%d vcpus=2 payload=%zd\n",
+            getpid(), max_ipa, eff_ipa, plen);
     fflush(stderr);
 
     int ready = 0;
@@ -246,6 +349,9 @@ int main(int argc, char **argv)
                     o += snprintf(buf + o, sizeof buf - o, "%s%#llx:%#llx", i ? "," : "",
                                   (unsigned long long)ipa, (unsigned long long)values[i]);
                 }
+                o += snprintf(buf + o, sizeof buf - o, " vcpus=2 s1root=%#llx s1=%s counter1=%#llx",
+                              (unsigned long long)s1_root, s1_maps,
+                              SLOT0_IPA + COUNTER1_OFF);
                 if (bad)
                     o += snprintf(buf + o, sizeof buf - o, " bad=%d", bad);
                 printf("%s\n", buf);
