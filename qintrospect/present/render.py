@@ -159,7 +159,9 @@ def translation_text(t, show_bits: bool = True) -> str:
         out.append(f"  => {'IPA' if s2 else 'GPA'} {w.pa:#x} in a {size_name(w.page_size)} "
                    f"page; {perms}")
         out.extend(access_lines(w.access))
-        why = explain_indexes(t.gva, w.pa, w.page_size)
+        # (x86-64 Linux's direct map and index names: not said of aarch64 or riscv64 tables)
+        why = None if is_arm64(w) or is_riscv(w) else explain_indexes(t.gva, w.pa,
+                                                                      w.page_size)
         if why:
             out.append(f"  why: {why}")
     if s2 is not None:
