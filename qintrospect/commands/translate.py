@@ -157,6 +157,12 @@ class Translation:
         return out
 
 
+def _root_source(vm, cr3: Optional[int]) -> str:
+    """Translation.cr3_source: "given" (a root given), "vcpu", or "kvm-vcpu" (registers a
+    guest's own KVM holds for a vCPU of its VM: --kvm-vcpu)."""
+    return "given" if cr3 is not None else getattr(vm, "registers_source", "vcpu")
+
+
 def translate(vm, gva: int, cr3: Optional[int] = None) -> Translation:
     """Follow one guest virtual address down to the host (with the vCPU's CR3, or `cr3`).
     On an aarch64 vCPU that runs a guest of its hypervisor, the guest's stage 1 is walked
@@ -170,7 +176,7 @@ def translate(vm, gva: int, cr3: Optional[int] = None) -> Translation:
     t = Translation(gva=gva, vcpu=vm.vcpu, cr3=paging.root_register(cpu, gva), walk=walk,
                     memory_path=vm.memory.name,
                     qemu_pid=vm.process.pid if vm.process else None,
-                    cr3_source="vcpu" if cr3 is None else "given", stage2=stage2,
+                    cr3_source=_root_source(vm, cr3), stage2=stage2,
                     root_name=paging.root_register_name(cpu, gva))
     if not t.ok:
         return t

@@ -51,6 +51,7 @@ class Session(Commands):
         self.guard = None                    # the run state: pause, resume, lock, marker
         self.facts = None                    # machine.vcpus.Vcpus: the vCPUs, QOM, query-kvm
         self.vcpu_info: list = []            # registers of each vCPU (machine.cpu.Vcpu)
+        self.registers_source = "vcpu"       # "kvm-vcpu": the selected one's, from KVM's
         self.cpu: Optional[paging.CpuState] = None
         self.page1gb_source = ""             # where CpuState.page1gb came from
         self.ram_map: Optional[RamMap] = None
@@ -138,6 +139,7 @@ class Session(Commands):
         changed: the source says when). Table pages are never cached across commands."""
         self.check_open()
         self.source.refresh(self)
+        self.registers_source = "vcpu"
         page1gb = getattr(self.cpu, "page1gb", None)
         self.cpu = _with_page1gb(self.facts.cpu_state(self.vcpu_info[self.vcpu]), page1gb)
 
@@ -160,6 +162,7 @@ class Session(Commands):
         self.check_open()
         self.vcpu_info[self.vcpu] = registers
         self.cpu = self.facts.cpu_state(registers)
+        self.registers_source = "kvm-vcpu"
 
     # ---- what the commands read through ----------------------------------------------------
 

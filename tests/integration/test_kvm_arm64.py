@@ -191,6 +191,7 @@ def check_kvm_vcpu_rows(rig, rows, vttbr):
         ipa = int(row["gva"], 16)
         s2 = row["stage2"]
         assert "kvm_s2_mmu.pgd_phys" in s2["source"] and s2["stage1_off"], s2["source"]
+        assert row["cr3_source"] == "kvm-vcpu"
         assert int(s2["root"], 16) == vttbr & ((1 << 48) - 2), (s2["root"], hex(vttbr))
         assert int(row["gpa"], 16) == rig.l1_pas[ipa], row["gva"]
         assert int(row["value"], 16) == markers[ipa]
