@@ -32,7 +32,9 @@ def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False
     out = walk_tasks(kernel, vm.cached_memory().read, roots, current,
                      include_idle=include_idle, threads=threads, want=want)
     if on_arm64:
-        out.notes += arm64.place_by_root(out, roots, set(current), threads,
+        known = set(current)
+        out.notes += _place_guest_runners(kernel, vm, out, known)
+        out.notes += arm64.place_by_root(out, roots, known, threads,
                                          lambda t: _nr_threads(kernel, t))
     elif not current:
         out.notes.append("which vCPU runs what is not known: the kernel's per-CPU current "
@@ -41,6 +43,30 @@ def processes(vm, kernel=None, include_idle: bool = False, threads: bool = False
         out.notes.append("the VM ran while the list was read: it may have changed meanwhile")
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _place_guest_runners(kernel, vm, task_list, known: set) -> list:
+    """The vCPUs that run a guest of the guest's own KVM (aarch64): the VMM thread whose KVM
+    vCPU is loaded there (guestos.kvm_arm64.guest_runners) gets the vCPU when it is listed
+    (ps --threads, or the process's first thread); said in a note either way. Adds the
+    vCPUs placed so to `known`."""
+    from ..record import replace
+    from . import kvm_arm64
+    notes = []
+    for cpu, (thread, gvm, v) in sorted(kvm_arm64.guest_runners(kernel, vm.vcpu_info,
+                                                                task_list.tasks).items()):
+        try:
+            tid = kernel.fields.get(thread, "task.pid", signed=True)
+        except (QIError, OSError):
+            continue
+        hits = [i for i, t in enumerate(task_list.tasks) if t.task == thread]
+        if hits:
+            task_list.tasks[hits[0]] = replace(task_list.tasks[hits[0]], vcpu=cpu)
+        notes.append(f"vCPU {cpu} runs a guest of {gvm.pid} ({gvm.comm}): its KVM vCPU "
+                     f"{v.vcpu_id}, on thread {tid}"
+                     + ("" if hits else " (ps --threads lists it)"))
+        known.add(cpu)
+    return notes
 
 
 def _nr_threads(kernel, task):

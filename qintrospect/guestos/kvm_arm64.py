@@ -166,7 +166,8 @@ def _vm(kernel, task, fd: int, kvm: int) -> GuestKvmVm:
     vtcr = f.get(mmu, "s2mmu.vtcr") if f.has("s2mmu.vtcr") else f.maybe(kvm, "kvm.vtcr")
     vmid_bits = 16 if vtcr is not None and vtcr & VTCR_VS else 8
     vmid = f.get(mmu, "s2mmu.vmid") & ((1 << vmid_bits) - 1)
-    return GuestKvmVm(pid=task.pid, comm=task.comm, fd=fd, address=kvm, mmu=mmu,
+    return GuestKvmVm(pid=getattr(task, "tgid", task.pid), comm=task.comm, fd=fd, address=kvm,
+                      mmu=mmu,
                       pgd_phys=f.get(mmu, "s2mmu.pgd_phys"), vmid=vmid, vtcr=vtcr)
 
 
@@ -181,6 +182,44 @@ def _vcpu(kernel, fd: int, vcpu: int):
                      pc=f.get(vcpu, "kvm_vcpu.pc"), pstate=f.get(vcpu, "kvm_vcpu.pstate"),
                      saved=saved)
     return v, f.get(vcpu, "kvm_vcpu.kvm")
+
+
+def vcpu_thread(kernel, vcpu: GuestKvmVcpu) -> Optional[int]:
+    """The task_struct of the thread that runs `vcpu` (kvm_vcpu.pid, the thread of its last
+    KVM_RUN: pid->tasks[PIDTYPE_PID].first is that task's pid_links[PIDTYPE_PID]), or None."""
+    f = kernel.fields
+    if not f.has("kvm_vcpu.pid", "pid.tasks", "task.pid_links"):
+        return None
+    pid = f.get(vcpu.address, "kvm_vcpu.pid")
+    node = kernel.mem.u64(pid + f.offset("pid.tasks")) if pid else 0
+    return node - f.offset("task.pid_links") if node else None
+
+
+def guest_runners(kernel, vcpu_info, tasks) -> Dict[int, tuple]:
+    """{vCPU: (thread's task_struct, GuestKvmVm, GuestKvmVcpu)} for each vCPU that runs a
+    guest now (a live stage 2): the KVM vCPU loaded on it in a VM whose VTTBR_EL2 is the live
+    one, among the VMs of the processes (`tasks`, guestos.GuestTask) whose table that vCPU's
+    TTBR0_EL2 holds (the VMM). Nothing for what does not read."""
+    from .arm64 import process_roots
+    inside = {v.index: v for v in vcpu_info if getattr(v, "stage2", None) is not None}
+    if not inside:
+        return {}
+    roots = process_roots(type("V", (), {"vcpu_info": list(inside.values())})())
+    out: Dict[int, tuple] = {}
+    for cpu, (root, _) in roots.items():
+        for task in (t for t in tasks if t.root == root and not t.kthread
+                     and getattr(t, "tgid", t.pid) == t.pid):    # processes (threads share)
+            try:
+                for vm in vms_of(kernel, task):
+                    if vm.vttbr != inside[cpu].vttbr & ~1:
+                        continue
+                    for v in vm.vcpus:
+                        thread = vcpu_thread(kernel, v) if v.cpu == cpu else None
+                        if thread:
+                            out[cpu] = (thread, vm, v)
+            except (QIError, OSError):
+                continue
+    return out
 
 
 def registers(vm, guest_vm: GuestKvmVm, vcpu: GuestKvmVcpu):

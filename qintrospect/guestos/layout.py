@@ -92,6 +92,9 @@ FIELDS = {
     "kvm_vcpu.pc": ("kvm_vcpu", ("arch.ctxt.regs.pc",)),
     "kvm_vcpu.pstate": ("kvm_vcpu", ("arch.ctxt.regs.pstate",)),
     "kvm_vcpu.sys_regs": ("kvm_vcpu", ("arch.ctxt.sys_regs",)),
+    "kvm_vcpu.pid": ("kvm_vcpu", ("pid",)),             # the thread that runs KVM_RUN
+    "pid.tasks": ("pid", ("tasks",)),                   # tasks[PIDTYPE_PID].first
+    "task.pid_links": ("task_struct", ("pid_links",)),
 }
 # enum vcpu_sysreg: where in kvm_vcpu.arch.ctxt.sys_regs[] KVM saves each of a guest's
 # EL1 registers (the indices, like the offsets, from BTF)
@@ -111,7 +114,8 @@ OPTIONAL = frozenset({
     "task.files", "files.fdt", "fdt.max_fds", "fdt.fd", "file.private_data",
     "kvm.mmu", "kvm.vtcr", "kvm.pid", "s2mmu.vmid", "s2mmu.pgd_phys", "s2mmu.vtcr",
     "kvm_vcpu.kvm", "kvm_vcpu.cpu", "kvm_vcpu.id", "kvm_vcpu.idx", "kvm_vcpu.hw_mmu",
-    "kvm_vcpu.hcr", "kvm_vcpu.pc", "kvm_vcpu.pstate", "kvm_vcpu.sys_regs",
+    "kvm_vcpu.hcr", "kvm_vcpu.pc", "kvm_vcpu.pstate", "kvm_vcpu.sys_regs", "kvm_vcpu.pid",
+    "pid.tasks", "task.pid_links",
 })
 VMA_FIELDS = ("vma.vm_start", "vma.vm_end", "vma.vm_flags", "vma.vm_pgoff", "vma.vm_file",
               "mm.mm_mt")

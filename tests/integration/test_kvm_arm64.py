@@ -161,17 +161,23 @@ def test_in_l1_find_cr3_leaves_kvms_stage2_out_and_who_maps_names_the_vmm(rig):
         rig.qmp("cont")
 
 
-def test_ps_inside_l2_reads_l1s_kernel_and_gives_the_vcpu_to_the_vmm(rig, in_l2):
-    """Stopped inside L2, L1's kernel is still read (a VHE host keeps it in TTBR1_EL2) and
-    the vCPU holds the VMM's table (TTBR0_EL2), not L2's SP_EL0's task. The VMM runs a
-    thread per L2 vCPU: which of them runs is said to be unknown."""
-    rc, tasks, err = run_json("ps", *attach_args(rig))
+def test_ps_inside_l2_reads_l1s_kernel_and_gives_the_vcpu_to_the_vmm_thread(rig, in_l2):
+    """Stopped inside L2 (on its vCPU 0), L1's kernel is still read (a VHE host keeps it in
+    TTBR1_EL2); the vCPU holds the VMM's table (TTBR0_EL2), and KVM's own structures say
+    which VMM thread runs it: the one whose KVM vCPU is loaded there (vCPU 0 runs on the
+    VMM's main thread), not L2's SP_EL0."""
+    ttbr0_el2 = int(in_l2["el2"]["ttbr0_el2"], 16) & ((1 << 48) - 2)
+    rc, tasks, err = run_json("ps", "--threads", *attach_args(rig))
     assert rc == 0, err
-    (vmm,) = [t for t in tasks if t["pid"] == rig.vmm_pid]
-    assert vmm["comm"] == "vmm" and vmm["loaded_on"] == [0], vmm
-    assert int(vmm["root"], 16) == int(in_l2["el2"]["ttbr0_el2"], 16) & ((1 << 48) - 2)
-    assert f"runs a thread of {rig.vmm_pid} (vmm), 2 threads" in err, err
-    assert not [t for t in tasks if t["vcpu"] == 0 and t["pid"] != rig.vmm_pid], tasks
+    vmm = [t for t in tasks if t["tgid"] == rig.vmm_pid]
+    assert len(vmm) == 2 and {int(t["root"], 16) for t in vmm} == {ttbr0_el2}, vmm
+    assert [t["pid"] for t in vmm if t["vcpu"] == 0] == [rig.vmm_pid], vmm
+    assert not [t for t in tasks if t["vcpu"] == 0 and t["tgid"] != rig.vmm_pid]
+    m = re.search(rf"vCPU 0 runs a guest of {rig.vmm_pid} \(vmm\): its KVM vCPU (\d+), on "
+                  r"thread (\d+)", err)
+    assert m and (m.group(1), int(m.group(2))) == ("0", rig.vmm_pid), err
+    rc, tasks, err = run_json("ps", *attach_args(rig))        # the process: its main thread
+    assert rc == 0 and [t["vcpu"] for t in tasks if t["pid"] == rig.vmm_pid] == [0], err
 
 
 def kvm_vcpu_translate(rig, *extra):

@@ -21,12 +21,13 @@ LAYOUT = {
     "s2mmu.vmid": [0, 8], "s2mmu.pgd_phys": [8, 8],
     "kvm_vcpu.kvm": [0, 8], "kvm_vcpu.cpu": [0x20, 4], "kvm_vcpu.id": [0x24, 4],
     "kvm_vcpu.idx": [0x28, 4], "kvm_vcpu.hw_mmu": [0x30, 8], "kvm_vcpu.hcr": [0x38, 8],
-    "kvm_vcpu.pc": [0x40, 8], "kvm_vcpu.pstate": [0x48, 8],
+    "kvm_vcpu.pc": [0x40, 8], "kvm_vcpu.pstate": [0x48, 8], "kvm_vcpu.pid": [0x50, 8],
+    "pid.tasks": [0x10, 8], "task.pid_links": [0x300, 16],
     **{f"kvm_vcpu.{r}": [0x100 + 8 * i, 8] for i, r in
        enumerate(("TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "SCTLR_EL1", "MAIR_EL1"))},
 }
 TASK, FILES, FDT, FDS = 0x1000, 0x2000, 0x3000, 0x4000
-KVM, VCPU = 0x10000, 0x20000
+KVM, VCPU, PID, THREAD = 0x10000, 0x20000, 0x30000, 0x40000
 PGD = 0x42814000
 VTCR_16BIT = 0x802d3558             # KVM's: 40-bit IPA, 4k, SL0=1, VS=1
 HCR_GUEST = 0x0000403c807c263f      # KVM's HCR_EL2 for its guest (VM, E2H, ...)
@@ -50,6 +51,9 @@ class Mem:
             return bytes(self.bytes[va + i] for i in range(n))
         except KeyError:
             raise MemoryReadError(f"{va:#x}+{n} not mapped") from None
+
+    def u64(self, va):
+        return int.from_bytes(self.read(va, 8), "little")
 
     def string(self, va, limit=256):
         out = bytearray()
@@ -93,6 +97,8 @@ def kernel(vtcr=VTCR_16BIT, vmid_counter=(1 << 16) | 1, cpu=-1, hw_mmu=None, hcr
     mem.u(VCPU + 0x38, hcr)
     mem.u(VCPU + 0x40, 0x4000002c)
     mem.u(VCPU + 0x48, 0x3c5)
+    mem.u(VCPU + 0x50, PID)                     # struct pid of the vCPU's thread
+    mem.u(PID + 0x10, THREAD + 0x300)           # its tasks[PIDTYPE_PID].first
     for i, v in enumerate((0x1111000, 0x2222000, 0x35103510, 0xc50838, 0xff)):
         mem.u(VCPU + 0x100 + 8 * i, v)
     k = types.SimpleNamespace(mem=mem, fields=Fields(mem.read, layout), osrelease="6.1-test")
@@ -236,3 +242,22 @@ def test_a_vcpu_inside_a_guest_reads_its_hosts_kernel_with_the_el2_registers():
     assert arm64.process_roots(vm_of(no_vhe)) == {}
     host = host_vcpu()                                   # in the host's kernel: its own
     assert arm64.reading_state(host) == host.state and host.state.regime == "EL2&0"
+
+
+def test_the_thread_that_runs_a_guest_is_kvms_loaded_vcpus():
+    """guest_runners: a vCPU inside a guest runs the VMM thread whose KVM vCPU is loaded on
+    it, in the VM whose VTTBR_EL2 is live (kvm_vcpu.pid -> pid->tasks -> the task)."""
+    k = kernel(cpu=0)
+    vmm = types.SimpleNamespace(task=TASK, pid=109, comm="vmm", root=0x42851000,
+                                kthread=False)
+    inside = host_vcpu(cpsr=0x3c5, hcr=HCR_GUEST, vttbr=PGD | 1 << 48 | 1)   # (CnP set)
+    assert kvm_arm64.vcpu_thread(k, kvm_arm64.vms_of(k, TASK_OBJ)[0].vcpus[0]) == THREAD
+    ((cpu, (thread, vm, v)),) = kvm_arm64.guest_runners(k, [inside], [vmm]).items()
+    assert (cpu, thread, vm.pid, v.vcpu_id) == (0, THREAD, 109, 0)
+    # another VM live there, the vCPU put, the CPU in its host, another process's table: none
+    other = host_vcpu(cpsr=0x3c5, hcr=HCR_GUEST, vttbr=0x2000055555000)
+    assert kvm_arm64.guest_runners(k, [other], [vmm]) == {}
+    assert kvm_arm64.guest_runners(kernel(cpu=-1), [inside], [vmm]) == {}
+    assert kvm_arm64.guest_runners(k, [host_vcpu()], [vmm]) == {}
+    stranger = types.SimpleNamespace(**dict(vars(vmm), root=0x7000))
+    assert kvm_arm64.guest_runners(k, [inside], [stranger]) == {}
