@@ -33,7 +33,7 @@ from .kmem import KernelMemory, kernel_cpu
 from .layout import Fields, layout
 
 CACHE = "guest-kernel"
-CACHE_VERSION = 3               # 2, 3: the layout has KVM/arm64's fields
+CACHE_VERSION = 4               # 2-4: the layout has KVM/arm64's fields
 # the kernel's symbols this room uses (init_uts_ns comes from vmcoreinfo itself)
 SYMBOLS = ("init_task", "special_mapping_vmops", "gate_vma", "vsyscall_mode",
            "current_task", "pcpu_hot", "__per_cpu_offset")

@@ -97,7 +97,9 @@ def _hex(v):
 
 def open_files(kernel, task: int, limit: int = MAX_FDS):
     """(fd, struct file, dentry name) of each open descriptor of the task at `task` (a
-    process's table: its threads share it), the first `limit`."""
+    process's table: its threads share it), the first `limit`. The name of a file that is
+    not an anonymous inode's (its dentry has a parent other than itself: a file anyone can
+    name "kvm-vm" on a real file system) is given with a leading "/"."""
     f = kernel.fields
     files = f.get(task, "task.files")
     if not files:
@@ -116,6 +118,8 @@ def open_files(kernel, task: int, limit: int = MAX_FDS):
         try:
             dentry = f.get(file, "file.dentry")
             name = kernel.mem.string(f.get(dentry, "dentry.name"), 64) if dentry else ""
+            if dentry and f.has("dentry.parent") and f.get(dentry, "dentry.parent") != dentry:
+                name = "/" + name           # (anon_inode_getfile's dentries are their own root)
         except (QIError, OSError):
             name = ""
         out.append((fd, file, name))
@@ -137,7 +141,7 @@ def vms_of(kernel, task) -> List[GuestKvmVm]:
         raise GuestOSUnavailable(f"guest process {task.pid}'s file table does not read: "
                                  f"{e}") from None
     vms: Dict[int, GuestKvmVm] = {}
-    vcpus = []
+    vcpus, notes = [], []
     for fd, file, name in files:
         if name != VM_FILE and not name.startswith(VCPU_FILE):
             continue
@@ -147,22 +151,26 @@ def vms_of(kernel, task) -> List[GuestKvmVm]:
                 vms[data] = _vm(kernel, task, fd, data)
             elif len(vcpus) < MAX_VCPUS:
                 vcpus.append(_vcpu(kernel, fd, data))
-        except (QIError, OSError) as e:
-            note = f"descriptor {fd} ({name}) does not read: {e}"
-            if vms:
-                next(iter(vms.values())).notes.append(note)
+        except (QIError, OSError, ValueError) as e:
+            notes.append(f"descriptor {fd} ({name}) does not read as KVM's: {e}")
+    if notes and not vms:
+        raise GuestOSUnavailable(f"guest process {task.pid}: {'; '.join(notes[:3])}")
     for v, kvm in vcpus:
         owner = vms.get(kvm)
         if owner is not None:
             owner.vcpus.append(v)
     for vm in vms.values():
         vm.vcpus.sort(key=lambda v: (v.index if v.index is not None else v.vcpu_id))
+        vm.notes.extend(notes)
     return sorted(vms.values(), key=lambda vm: vm.fd)
 
 
 def _vm(kernel, task, fd: int, kvm: int) -> GuestKvmVm:
     f = kernel.fields
     mmu = kvm + f.offset("kvm.mmu")
+    if f.has("s2mmu.arch", "kvm.arch") and f.get(mmu, "s2mmu.arch") != kvm + f.offset("kvm.arch"):
+        raise ValueError(f"{kvm:#x} is no struct kvm (its arch.mmu.arch does not point back "
+                         "at its arch)")
     vtcr = f.get(mmu, "s2mmu.vtcr") if f.has("s2mmu.vtcr") else f.maybe(kvm, "kvm.vtcr")
     vmid_bits = 16 if vtcr is not None and vtcr & VTCR_VS else 8
     vmid = f.get(mmu, "s2mmu.vmid") & ((1 << vmid_bits) - 1)

@@ -83,6 +83,8 @@ FIELDS = {
     "s2mmu.vmid": ("kvm_s2_mmu", ("vmid.id.counter", "vmid.id")),
     "s2mmu.pgd_phys": ("kvm_s2_mmu", ("pgd_phys",)),
     "s2mmu.vtcr": ("kvm_s2_mmu", ("vtcr",)),
+    "s2mmu.arch": ("kvm_s2_mmu", ("arch",)),            # back to its kvm->arch
+    "kvm.arch": ("kvm", ("arch",)),
     "kvm_vcpu.kvm": ("kvm_vcpu", ("kvm",)),
     "kvm_vcpu.cpu": ("kvm_vcpu", ("cpu",)),
     "kvm_vcpu.id": ("kvm_vcpu", ("vcpu_id",)),
@@ -113,6 +115,7 @@ OPTIONAL = frozenset({
     "pcpu_hot.current_task",
     "task.files", "files.fdt", "fdt.max_fds", "fdt.fd", "file.private_data",
     "kvm.mmu", "kvm.vtcr", "kvm.pid", "s2mmu.vmid", "s2mmu.pgd_phys", "s2mmu.vtcr",
+    "s2mmu.arch", "kvm.arch",
     "kvm_vcpu.kvm", "kvm_vcpu.cpu", "kvm_vcpu.id", "kvm_vcpu.idx", "kvm_vcpu.hw_mmu",
     "kvm_vcpu.hcr", "kvm_vcpu.pc", "kvm_vcpu.pstate", "kvm_vcpu.sys_regs", "kvm_vcpu.pid",
     "pid.tasks", "task.pid_links",

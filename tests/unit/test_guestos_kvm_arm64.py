@@ -17,8 +17,10 @@ from qintrospect.machine.arm64 import Arm64Vcpu
 LAYOUT = {
     "task.files": [0x10, 8], "files.fdt": [0x20, 8], "fdt.max_fds": [0, 4], "fdt.fd": [8, 8],
     "file.dentry": [0x18, 8], "file.private_data": [0x30, 8], "dentry.name": [0x28, 8],
-    "kvm.mmu": [0x100, 40], "kvm.vtcr": [0x128, 8], "kvm.pid": [0x200, 4],
-    "s2mmu.vmid": [0, 8], "s2mmu.pgd_phys": [8, 8],
+    "dentry.parent": [0x30, 8],
+    "kvm.arch": [0xF8, 0x40], "kvm.mmu": [0x100, 40], "kvm.vtcr": [0x128, 8],
+    "kvm.pid": [0x200, 4], "s2mmu.vmid": [0, 8], "s2mmu.pgd_phys": [8, 8],
+    "s2mmu.arch": [0x20, 8],
     "kvm_vcpu.kvm": [0, 8], "kvm_vcpu.cpu": [0x20, 4], "kvm_vcpu.id": [0x24, 4],
     "kvm_vcpu.idx": [0x28, 4], "kvm_vcpu.hw_mmu": [0x30, 8], "kvm_vcpu.hcr": [0x38, 8],
     "kvm_vcpu.pc": [0x40, 8], "kvm_vcpu.pstate": [0x48, 8], "kvm_vcpu.pid": [0x50, 8],
@@ -65,11 +67,13 @@ class Mem:
         return out.decode()
 
 
-def file_at(mem, addr, name, data):
+def file_at(mem, addr, name, data, parent=None):
+    """A file whose dentry is its own parent (an anonymous inode's), or under `parent`."""
     dentry, text = addr + 0x800, addr + 0xc00
     mem.u(addr + 0x18, dentry)
     mem.u(addr + 0x30, data)
     mem.u(dentry + 0x28, text)
+    mem.u(dentry + 0x30, dentry if parent is None else parent)
     mem.put(text, name.encode() + b"\0")
 
 
@@ -89,6 +93,7 @@ def kernel(vtcr=VTCR_16BIT, vmid_counter=(1 << 16) | 1, cpu=-1, hw_mmu=None, hcr
     mem.u(KVM + 0x100, vmid_counter)
     mem.u(KVM + 0x108, PGD)
     mem.u(KVM + 0x128, vtcr)
+    mem.u(KVM + 0x120, KVM + 0xF8)              # arch.mmu.arch: back at its arch
     mem.u(VCPU, KVM)
     mem.u(VCPU + 0x20, cpu, 4)
     mem.u(VCPU + 0x24, 0, 4)
@@ -261,3 +266,15 @@ def test_the_thread_that_runs_a_guest_is_kvms_loaded_vcpus():
     assert kvm_arm64.guest_runners(k, [host_vcpu()], [vmm]) == {}
     stranger = types.SimpleNamespace(**dict(vars(vmm), root=0x7000))
     assert kvm_arm64.guest_runners(k, [inside], [stranger]) == {}
+
+
+def test_a_file_named_kvm_vm_is_not_a_vm_and_a_kvm_must_point_back_at_itself():
+    """A real file anyone may call "kvm-vm" (its dentry has a parent) is not taken for one;
+    a struct kvm whose arch.mmu.arch does not point back at its arch is refused, saying so."""
+    k = kernel()
+    file_at(k.mem, 0x6000, "kvm-vm", KVM, parent=0x99000)       # fd 4 on a real file system
+    assert kvm_arm64.vms_of(k, TASK_OBJ) == []
+    k = kernel()
+    k.mem.u(KVM + 0x120, 0xdead)
+    with pytest.raises(GuestOSUnavailable, match="no struct kvm"):
+        kvm_arm64.vms_of(k, TASK_OBJ)
