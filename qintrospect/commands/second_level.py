@@ -44,11 +44,15 @@ def second_level(vm, spec, translations=(), progress=None, pairs=()) -> slat.Sec
             from ..slat.kvm_vcpu import Unavailable
             raise Unavailable(f"--slat kvm: {why}")
     if second is None:
+        # the VM's own RAM (its QEMU's pages) holds none of the hypervisor's tables: not read
+        skip = guest_frames(vm) if spec.auto else []
         if progress is not None and spec.auto:
-            progress.total = memory.ram_bytes
-        second = slat.SecondLevel.resolve(memory, memory.scan_chunks(), spec, probes,
-                                          hostcpu.slat_formats(), progress,
+            progress.total = memory.scan_bytes(skip)
+        second = slat.SecondLevel.resolve(memory, memory.scan_chunks(skip=skip), spec,
+                                          probes, hostcpu.slat_formats(), progress,
                                           lambda: spread_probes(vm))
+        if spec.auto:
+            second.how["guest_ram_skipped"] = sum(b - a for a, b in skip)
         if why is not None:
             second.how["fell_back"] = why
     if second.spec is not None and second.spec.format == "npt":
@@ -56,6 +60,41 @@ def second_level(vm, spec, translations=(), progress=None, pairs=()) -> slat.Sec
     second.maxphyaddr = hostcpu.phys_bits()
     second.device = vm.device_region
     return second
+
+
+GUEST_FRAMES_CHUNK = 1 << 16      # pagemap entries read at a time
+
+
+def guest_frames(vm):
+    """The host-physical ranges [start, end) of the VM's RAM that its QEMU process holds now
+    (its pagemap), sorted and merged: KVM's second-level tables are kernel pages, never the
+    guest's own, so a scan for them need not read these. [] when the pagemap does not read
+    (frames hidden: not root)."""
+    import numpy as np
+    from ..memory.host import PAGE
+    pfns = []
+    try:
+        for r in vm.ram_map.ram:
+            if r.kind != "ram" or r.hva is None:
+                continue
+            pages = (r.end + 1 - r.start) // PAGE
+            for at in range(0, pages, GUEST_FRAMES_CHUNK):
+                n = min(GUEST_FRAMES_CHUNK, pages - at)
+                e = np.array(vm.process.pagemap_entries(r.hva + at * PAGE, n), np.uint64)
+                present = (e >> np.uint64(63)) & np.uint64(1) == 1
+                pfns.append(e[present] & np.uint64((1 << 55) - 1))
+    except OSError:
+        return []
+    if not pfns:
+        return []
+    pfn = np.unique(np.concatenate(pfns))
+    pfn = pfn[pfn != 0]                          # (hidden frames read as 0)
+    if not len(pfn):
+        return []
+    breaks = np.flatnonzero(np.diff(pfn) != 1) + 1
+    starts = np.concatenate(([pfn[0]], pfn[breaks]))
+    ends = np.concatenate((pfn[breaks - 1], [pfn[-1]])) + np.uint64(1)
+    return [(int(a) * PAGE, int(b) * PAGE) for a, b in zip(starts, ends)]
 
 
 def _from_kvm(vm, memory, probes):

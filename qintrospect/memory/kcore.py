@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 from ..errors import AttachError, MemoryReadError
 
@@ -125,16 +125,40 @@ class KcoreMemory:
         """Whether kcore shows kernel virtual address va at all."""
         return any(start <= va < end for start, end, _ in self.virtual)
 
-    def scan_chunks(self, chunk: int = 4 << 20) -> Iterator[Tuple[int, bytes]]:
-        """(physical address, bytes) over all RAM, `chunk` bytes at a time."""
+    def scan_chunks(self, chunk: int = 4 << 20, skip: Sequence[Tuple[int, int]] = ()
+                    ) -> Iterator[Tuple[int, bytes]]:
+        """(physical address, bytes) over all RAM, `chunk` bytes at a time, leaving out the
+        page-aligned [start, end) ranges of `skip` (sorted, not overlapping)."""
         for start, end, offset in self.segments:
-            pa = (start + PAGE - 1) & ~(PAGE - 1)
-            while pa < end:
-                n = min(chunk, (end - pa) & ~(PAGE - 1))
-                if n <= 0:
-                    break
-                try:
-                    yield pa, os.pread(self.fd, n, offset + pa - start)
-                except OSError:
-                    pass     # a hole the kernel will not show: nothing to find there
-                pa += n
+            first = (start + PAGE - 1) & ~(PAGE - 1)
+            for lo, hi in _without(first, end & ~(PAGE - 1), skip):
+                pa = lo
+                while pa < hi:
+                    n = min(chunk, hi - pa)
+                    try:
+                        yield pa, os.pread(self.fd, n, offset + pa - start)
+                    except OSError:
+                        pass     # a hole the kernel will not show: nothing to find there
+                    pa += n
+
+    def scan_bytes(self, skip: Sequence[Tuple[int, int]] = ()) -> int:
+        """How many bytes scan_chunks(skip=skip) reads."""
+        return sum(hi - lo for start, end, _ in self.segments
+                   for lo, hi in _without((start + PAGE - 1) & ~(PAGE - 1),
+                                          end & ~(PAGE - 1), skip))
+
+
+def _without(lo: int, hi: int, skip: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """[lo, hi) less the sorted, disjoint ranges of `skip`, as ranges."""
+    out, at = [], lo
+    for a, b in skip:
+        if b <= at or a >= hi:
+            continue
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+        if at >= hi:
+            break
+    if at < hi:
+        out.append((at, hi))
+    return out

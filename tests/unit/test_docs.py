@@ -441,9 +441,13 @@ class Kcore:
     def ram_bytes(self):
         return PAGE * (len(self.tables) + len(self.frames))
 
-    def scan_chunks(self, chunk=0):
+    def scan_chunks(self, chunk=0, skip=()):
         for base in sorted(set(self.tables) | set(self.frames)):
-            yield base, self._page(base)
+            if not any(a <= base < b for a, b in skip):
+                yield base, self._page(base)
+
+    def scan_bytes(self, skip=()):
+        return sum(len(p) for _, p in self.scan_chunks(skip=skip))
 
     def close(self):
         pass
