@@ -430,12 +430,13 @@ def cmd_who_maps(args) -> int:
         raise UsageError("give exactly one of --gpa, --hva, --hpa")
     kind, text = given[0]
     address = parse_number(text, f"--{kind}")
+    given_roots = [parse_number(c, "--cr3") for c in args.cr3 or ()]
     with attached(args) as vm:
         progress = Progress("who-maps: scanning guest RAM for page-table roots",
                             vm.ram_map.ram_bytes)
         try:
             root, task = guest_root(vm, args)
-            roots = None if task is None else \
+            roots = given_roots or None if task is None else \
                 [r for r in (task.root, task.user_root) if r is not None]
             results = vm.who_maps(**{kind: address}, progress=progress,
                                   slat=_slat_spec(args), roots=roots,

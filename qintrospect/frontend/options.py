@@ -316,6 +316,9 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                             "whose leaf holds the host frame, and whether the frame is a page of "
                             "the table)")
         w.add_argument("--json", action="store_true", help="one JSON object per frame")
+        w.add_argument("--cr3", action="append", metavar="HEX",
+                       help="only the mappings of this page-table root (repeat for several), "
+                            "with no scan of guest RAM for the others")
         guest_options(w, "keep only the mappings of")
         w.add_argument("--no-names", action="store_true",
                        help="do not name the guest processes behind each root (ps's reading "

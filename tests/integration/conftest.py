@@ -59,6 +59,14 @@ def guest(request):
         yield g
 
 
+def kernel_half_roots(root: str) -> list:
+    """who-maps --cr3 arguments that reach an x86 guest's kernel half from a process's root:
+    the root, and under KPTI (a user copy: bit 12 set) the kernel copy 4 KiB below it."""
+    r = int(root, 16)
+    out = ["--cr3", hex(r)]
+    return out + (["--cr3", hex(r - 0x1000)] if r & 0x1000 else [])
+
+
 def attach_args(g):
     return ["--qmp", g.qmp_path, "--gdb", g.gdb_address]
 

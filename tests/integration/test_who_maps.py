@@ -90,3 +90,22 @@ def test_nothing_maps_the_bios_rom(two):
 def test_usage(two):
     rc, out, err = run_json("who-maps", *attach_args(two), "--gpa", "0x1000", "--hpa", "0x1000")
     assert rc == 2 and "exactly one" in err
+
+
+def test_given_roots_are_the_only_ones_searched(two):
+    """--cr3: only that root's mappings (no scan of guest RAM for the others): the heap page
+    through its own process's root, and nothing through the other probe's; a root that is no
+    table (beyond RAM, or a device page) maps nothing, said so, never a traceback."""
+    heap = two.probes[0]["regions"]["heap"]
+    rc, out, err = run_json("translate", *attach_args(two), hex(heap["gva"]))
+    root = out[0]["root"]
+    w = who(two, "--gpa", hex(heap["gpa"]), "--cr3", root)
+    assert w["roots"] == [root] and heap["gva"] in [int(m["gva"], 16) for m in w["mappings"]]
+    assert {m["root"] for m in w["mappings"]} == {root}
+    for bogus in ("0xfffff000", hex(1 << 40)):
+        rc, out, err = run_json("who-maps", *attach_args(two), "--gpa", hex(heap["gpa"]),
+                                "--cr3", bogus)
+        assert rc in (0, 1) and "Traceback" not in err, err
+        assert not [m for m in out[0]["mappings"] if m["root"] == bogus], out
+    rc, out, err = run_json("who-maps", *attach_args(two), "--gpa", "0x1000", "--cr3", "x1")
+    assert rc == 2 and "--cr3" in err
