@@ -83,8 +83,40 @@ def fingerprint_root(read: Callable[[int, int], bytes], cpu):
 
 
 def stage2_roots(vm) -> set:
-    """The pages of every vCPU's stage 2 first level (aarch64 with EL2; empty elsewhere)."""
-    return {p for v in vm.vcpu_info for p in getattr(v, "stage2_root_pages", tuple)()}
+    """The pages of every vCPU's stage 2 first level (aarch64 with EL2; empty elsewhere), and
+    of every VM the guest's own KVM holds (guestos.kvm_arm64: VTTBR_EL2 keeps only the last
+    guest's root, and was seen 0 in the host's kernel)."""
+    pages = {p for v in vm.vcpu_info for p in getattr(v, "stage2_root_pages", tuple)()}
+    if any(getattr(v, "hcr", None) is not None for v in vm.vcpu_info):
+        pages |= _kvm_stage2_roots(vm)
+    return pages
+
+
+def _kvm_stage2_roots(vm) -> set:
+    """The stage 2 first-level pages of the VMs KVM holds in the guest's kernel; nothing when
+    that kernel cannot be read so (no note, no BTF, no KVM)."""
+    from ..errors import QIError
+    from ..record import replace
+    try:
+        from ..guestos import kvm_arm64, open_kernel, processes
+        kernel = open_kernel(vm)
+        here = vm.vcpu_info[vm.vcpu]
+        out = set()
+        for task in processes(vm, kernel).tasks:
+            if task.mm and not task.kthread and task.pid == task.tgid:
+                try:
+                    vms = kvm_arm64.vms_of(kernel, task)
+                except kvm_arm64.NoKvmStructures:
+                    return out
+                except QIError:
+                    continue
+                for gvm in vms:
+                    if gvm.vtcr is not None:
+                        out |= set(replace(here, vttbr=gvm.vttbr,
+                                           vtcr=gvm.vtcr).stage2_root_pages())
+        return out
+    except (QIError, OSError, ValueError):
+        return set()
 
 
 def scan(memory, ram_map, cpu, progress=None, not_roots=()) -> List[Candidate]:

@@ -111,9 +111,21 @@ def _ps_kvm(vm, args, found) -> int:
     """ps --kvm: the KVM VMs the guest's processes hold (guestos.kvm_arm64), one per line
     (JSON) or a paragraph each; exit 1 when none does."""
     from ..commands.guest import kvm_vms
+    from ..guestos.errors import GuestOSUnavailable, NoKvmStructures
     from ..present import guest as view
-    vms = [v for t in found.tasks if t.mm and not t.kthread for v in kvm_vms(vm, t)]
+    vms, notes = [], []
+    for t in found.tasks:
+        if not t.mm or t.kthread or t.pid != t.tgid:     # (threads share the fd table)
+            continue
+        try:
+            vms += kvm_vms(vm, t)
+        except NoKvmStructures:
+            raise
+        except GuestOSUnavailable as e:         # one process that does not read: said
+            notes.append(str(e))
     vm.check_live(final=True)
+    for note in notes:
+        print(f"qintrospect: note: {note}", file=sys.stderr)
     if args.json:
         sys.stdout.write("".join(render.json_line(v.to_dict()) + "\n" for v in vms))
     elif vms:

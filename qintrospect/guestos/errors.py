@@ -28,3 +28,7 @@ class AmbiguousProcess(UsageError):
 class NoSuchKvmVcpu(UsageError):
     """--kvm-vcpu names a guest process that holds no KVM VM, or a vCPU its VM does not
     have; the message says what there is."""
+
+
+class NoKvmStructures(GuestOSUnavailable):
+    """The guest kernel's BTF has no KVM/arm64 structures (built without KVM, or not arm64)."""

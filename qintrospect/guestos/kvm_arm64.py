@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 from ..errors import QIError
 from ..record import field, record
-from .errors import GuestOSUnavailable, NoSuchKvmVcpu
+from .errors import GuestOSUnavailable, NoKvmStructures, NoSuchKvmVcpu
 
 MAX_FDS = 4096
 MAX_VCPUS = 512
@@ -132,7 +132,7 @@ def vms_of(kernel, task) -> List[GuestKvmVm]:
     f = kernel.fields
     missing = [n for n in NEEDED if not f.has(n)]
     if missing:
-        raise GuestOSUnavailable(
+        raise NoKvmStructures(
             f"the guest kernel {kernel.osrelease} has no KVM/arm64 structures in its BTF "
             f"(no {', '.join(missing[:4])}): built without KVM, or not arm64")
     try:
@@ -258,6 +258,13 @@ def registers(vm, guest_vm: GuestKvmVm, vcpu: GuestKvmVcpu):
         where = (f"loaded on the guest's CPU {vcpu.cpu}: its EL1 registers are that vCPU's "
                  "own (VHE keeps them there)")
         cpsr = live.cpsr if live.stage2 is not None else vcpu.pstate
+        if live.stage2 is None and set(vcpu.saved) == set(SYSREG_FIELDS) and \
+                any(regs[k] != vcpu.saved[k] for k in SYSREG_FIELDS):
+            # the CPU is in its host: KVM may be loading this vCPU's registers into it (it
+            # marks the vCPU loaded first) or the guest changed them since it was last put
+            where += ("; but that CPU's EL1 registers and KVM's saved copy differ: stopped "
+                      "while KVM loads them, or changed since the vCPU was last put (the "
+                      "CPU's are used)")
     else:
         missing = [SYSREG_FIELDS[k] for k in SYSREG_FIELDS if k not in vcpu.saved]
         if missing:

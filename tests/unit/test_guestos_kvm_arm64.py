@@ -168,6 +168,10 @@ def test_a_loaded_vcpu_is_read_from_the_cpu_it_is_loaded_on():
     assert "loaded on the guest's CPU 0" in where and (view.ttbr0, view.ttbr1) == (0xaaa000,
                                                                                    0xbbb000)
     assert view.cpsr == 0x3c5                   # the host CPU is at EL2: the saved pstate
+    assert "differ" in where                    # (the CPU's EL1 registers are not the saved)
+    same = host_vcpu(ttbr0=0x1111000, ttbr1=0x2222000, tcr=0x35103510, sctlr=0xc50838,
+                     mair=0xff)
+    assert "differ" not in kvm_arm64.registers(vm_of(same), gvm, gvm.vcpus[0])[1]
     # the CPU runs the guest now: its live VTTBR must be the VM's (CnP aside)
     inside = host_vcpu(cpsr=0x3c5, hcr=HCR_GUEST)
     assert inside.stage2 is not None
