@@ -7,6 +7,7 @@ import sys
 
 from ..errors import UsageError
 from ..present import render
+from ..present.textsafe import printable
 from .attaching import attached
 
 EXIT_OK, EXIT_FAULT = 0, 1          # as frontend.actions
@@ -65,7 +66,7 @@ def use_kvm_vcpu(vm, args) -> None:
     with kernel_progress(vm) as progress:
         use(vm, *named, progress=progress)
     if getattr(args, "verbose", False):
-        print(f"# {vm.stage2.source}", file=sys.stderr)
+        print(f"# {printable(vm.stage2.source)}", file=sys.stderr)
 
 
 def kernel_progress(vm):
@@ -103,7 +104,7 @@ def cmd_ps(args) -> int:
         print(view.ps_text(found))
     for note in found.notes + ([f"the task list was read only in part: {found.cut}"]
                                if found.cut else []):
-        print(f"qintrospect: note: {note}", file=sys.stderr)
+        print(f"qintrospect: note: {printable(note)}", file=sys.stderr)   # (task names)
     return EXIT_OK if found.complete else EXIT_FAULT
 
 
@@ -124,8 +125,8 @@ def _ps_kvm(vm, args, found) -> int:
         except GuestOSUnavailable as e:         # one process that does not read: said
             notes.append(str(e))
     vm.check_live(final=True)
-    for note in notes:
-        print(f"qintrospect: note: {note}", file=sys.stderr)
+    for note in notes:                  # (names read in guest memory: made printable)
+        print(f"qintrospect: note: {printable(note)}", file=sys.stderr)
     if args.json:
         sys.stdout.write("".join(render.json_line(v.to_dict()) + "\n" for v in vms))
     elif vms:
@@ -173,4 +174,4 @@ def vmmap_vmas(vm, args, task, root, leaves, start, end, pictures) -> None:
         print()
         print(view.vma_text(task, root, which, covered, outside))
     for note in listed.notes + ([listed.cut] if listed.cut else []):
-        print(f"qintrospect: note: {note}", file=sys.stderr)
+        print(f"qintrospect: note: {printable(note)}", file=sys.stderr)

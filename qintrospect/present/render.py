@@ -222,7 +222,8 @@ def stage2_lines(s2, show_bits: bool = True) -> List[str]:
            f"    VTCR_EL2 {s2.regs.vtcr:#x}: {v['ia_bits']}-bit IPA, {v['granule']} granule, "
            f"start level {v['start_level']}{roots}"]
     if s2.regs.source:               # not the vCPU's own VTTBR_EL2 (--kvm-vcpu)
-        first, *more = s2.regs.source.split("; ")
+        from .textsafe import printable      # (a process name from guest memory is in it)
+        first, *more = printable(s2.regs.source).split("; ")
         out.append(f"    from {first}")
         out.extend(f"      {part}" for part in more)
     w = s2.walk

@@ -282,3 +282,16 @@ def test_a_file_named_kvm_vm_is_not_a_vm_and_a_kvm_must_point_back_at_itself():
     k.mem.u(KVM + 0x120, 0xdead)
     with pytest.raises(GuestOSUnavailable, match="no struct kvm"):
         kvm_arm64.vms_of(k, TASK_OBJ)
+
+
+def test_a_hostile_process_name_is_printed_escaped():
+    """A VMM may name itself anything (prctl PR_SET_NAME): its name reaches the stage 2
+    block's source line, which the text view prints with its controls escaped."""
+    from qintrospect.present.render import stage2_lines
+    (gvm,) = kvm_arm64.vms_of(kernel(cpu=-1), types.SimpleNamespace(
+        task=TASK, pid=109, comm="vm\x1b[2Jm"))
+    view, _ = kvm_arm64.registers(vm_of(host_vcpu()), gvm, gvm.vcpus[0])
+    walk = types.SimpleNamespace(levels=[], ok=False, fault=types.SimpleNamespace(
+        error_code=None, reason="translation", level="L1", message=""), notes=())
+    lines = stage2_lines(types.SimpleNamespace(regs=view.stage2, walk=walk), False)
+    assert not any("\x1b" in ln for ln in lines) and any("vm\\x1b[2Jm" in ln for ln in lines)
