@@ -53,7 +53,7 @@ def _place_guest_runners(kernel, vm, task_list, known: set) -> list:
     from ..record import replace
     from . import kvm_arm64
     notes = []
-    for cpu, (thread, gvm, v) in sorted(kvm_arm64.guest_runners(kernel, vm.vcpu_info,
+    for cpu, (thread, gvm, v) in sorted(kvm_arm64.guest_runners(kernel, vm,
                                                                 task_list.tasks).items()):
         try:
             tid = kernel.fields.get(thread, "task.pid", signed=True)

@@ -55,6 +55,11 @@ class GuestKvmVcpu:
     pstate: int
     saved: Dict[str, int] = field(default_factory=dict)   # arch.ctxt.sys_regs[]: ttbr0, ...
 
+    @property
+    def number(self) -> int:
+        """What --kvm-vcpu PID:N takes: vcpu_idx, or the vcpu_id when KVM has no index."""
+        return self.vcpu_id if self.index is None else self.index
+
     def to_dict(self) -> dict:
         h = _hex
         return {"fd": self.fd, "struct_kvm_vcpu": h(self.address), "vcpu_id": self.vcpu_id,
@@ -160,7 +165,7 @@ def vms_of(kernel, task) -> List[GuestKvmVm]:
         if owner is not None:
             owner.vcpus.append(v)
     for vm in vms.values():
-        vm.vcpus.sort(key=lambda v: (v.index if v.index is not None else v.vcpu_id))
+        vm.vcpus.sort(key=lambda v: v.number)
         vm.notes.extend(notes)
     return sorted(vms.values(), key=lambda vm: vm.fd)
 
@@ -203,28 +208,29 @@ def vcpu_thread(kernel, vcpu: GuestKvmVcpu) -> Optional[int]:
     return node - f.offset("task.pid_links") if node else None
 
 
-def guest_runners(kernel, vcpu_info, tasks) -> Dict[int, tuple]:
+def guest_runners(kernel, vm, tasks) -> Dict[int, tuple]:
     """{vCPU: (thread's task_struct, GuestKvmVm, GuestKvmVcpu)} for each vCPU that runs a
     guest now (a live stage 2): the KVM vCPU loaded on it in a VM whose VTTBR_EL2 is the live
     one, among the VMs of the processes (`tasks`, guestos.GuestTask) whose table that vCPU's
     TTBR0_EL2 holds (the VMM). Nothing for what does not read."""
     from .arm64 import process_roots
-    inside = {v.index: v for v in vcpu_info if getattr(v, "stage2", None) is not None}
+    inside = {v.index: v for v in vm.vcpu_info if getattr(v, "stage2", None) is not None}
     if not inside:
         return {}
-    roots = process_roots(type("V", (), {"vcpu_info": list(inside.values())})())
     out: Dict[int, tuple] = {}
-    for cpu, (root, _) in roots.items():
+    for cpu, (root, _) in process_roots(vm).items():
+        if cpu not in inside:
+            continue
         for task in (t for t in tasks if t.root == root and not t.kthread
                      and getattr(t, "tgid", t.pid) == t.pid):    # processes (threads share)
             try:
-                for vm in vms_of(kernel, task):
-                    if vm.vttbr != inside[cpu].vttbr & ~1:
+                for gvm in vms_of(kernel, task):
+                    if gvm.vttbr != inside[cpu].vttbr & ~1:
                         continue
-                    for v in vm.vcpus:
+                    for v in gvm.vcpus:
                         thread = vcpu_thread(kernel, v) if v.cpu == cpu else None
                         if thread:
-                            out[cpu] = (thread, vm, v)
+                            out[cpu] = (thread, gvm, v)
             except (QIError, OSError):
                 continue
     return out
@@ -298,10 +304,10 @@ def find_vcpu(vms: List[GuestKvmVm], pid: int, index: int):
                                  "its descriptors)")
     for vm in vms:
         for v in vm.vcpus:
-            if (v.index if v.index is not None else v.vcpu_id) == index:
+            if v.number == index:
                 return vm, v
     have = ", ".join(f"VM fd {vm.fd}: vCPUs " + (", ".join(
-        str(v.index if v.index is not None else v.vcpu_id) for v in vm.vcpus) or "none")
+        str(v.number) for v in vm.vcpus) or "none")
         for vm in vms)
     raise NoSuchKvmVcpu(f"guest process {pid} has no KVM vCPU {index} ({have})")
 

@@ -48,13 +48,13 @@ def kvm_vms_text(vms) -> str:
                    f"{layout}")
         for c in vm.vcpus:
             where = f"loaded on CPU {c.cpu}" if c.cpu >= 0 else "put (registers saved)"
-            out.append(f"  vCPU {c.vcpu_id if c.index is None else c.index}: fd {c.fd}, struct "
+            out.append(f"  vCPU {c.number}: fd {c.fd}, struct "
                        f"kvm_vcpu {c.address:#x}, {where}, pc {c.pc:#x}, HCR_EL2 {c.hcr:#x}")
         out.extend(f"  note: {printable(n)}" for n in vm.notes)
         if vm.vcpus:
             first = vm.vcpus[0]
             out.append(f"  translate its addresses: qintrospect translate --kvm-vcpu "
-                       f"{vm.pid}:{first.vcpu_id if first.index is None else first.index} ADDR")
+                       f"{vm.pid}:{first.number} ADDR")
     return "\n".join(out)
 
 

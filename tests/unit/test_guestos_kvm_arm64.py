@@ -261,15 +261,15 @@ def test_the_thread_that_runs_a_guest_is_kvms_loaded_vcpus():
                                 kthread=False)
     inside = host_vcpu(cpsr=0x3c5, hcr=HCR_GUEST, vttbr=PGD | 1 << 48 | 1)   # (CnP set)
     assert kvm_arm64.vcpu_thread(k, kvm_arm64.vms_of(k, TASK_OBJ)[0].vcpus[0]) == THREAD
-    ((cpu, (thread, vm, v)),) = kvm_arm64.guest_runners(k, [inside], [vmm]).items()
+    ((cpu, (thread, vm, v)),) = kvm_arm64.guest_runners(k, vm_of(inside), [vmm]).items()
     assert (cpu, thread, vm.pid, v.vcpu_id) == (0, THREAD, 109, 0)
     # another VM live there, the vCPU put, the CPU in its host, another process's table: none
     other = host_vcpu(cpsr=0x3c5, hcr=HCR_GUEST, vttbr=0x2000055555000)
-    assert kvm_arm64.guest_runners(k, [other], [vmm]) == {}
-    assert kvm_arm64.guest_runners(kernel(cpu=-1), [inside], [vmm]) == {}
-    assert kvm_arm64.guest_runners(k, [host_vcpu()], [vmm]) == {}
+    assert kvm_arm64.guest_runners(k, vm_of(other), [vmm]) == {}
+    assert kvm_arm64.guest_runners(kernel(cpu=-1), vm_of(inside), [vmm]) == {}
+    assert kvm_arm64.guest_runners(k, vm_of(host_vcpu()), [vmm]) == {}
     stranger = types.SimpleNamespace(**dict(vars(vmm), root=0x7000))
-    assert kvm_arm64.guest_runners(k, [inside], [stranger]) == {}
+    assert kvm_arm64.guest_runners(k, vm_of(inside), [stranger]) == {}
 
 
 def test_a_file_named_kvm_vm_is_not_a_vm_and_a_kvm_must_point_back_at_itself():
