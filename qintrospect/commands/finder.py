@@ -101,21 +101,10 @@ def _kvm_stage2_roots(vm) -> set:
         from ..guestos import kvm_arm64, open_kernel, processes
         kernel = open_kernel(vm)
         here = vm.vcpu_info[vm.vcpu]
-        out = set()
-        for task in processes(vm, kernel).tasks:
-            if task.mm and not task.kthread and task.pid == task.tgid:
-                try:
-                    vms = kvm_arm64.vms_of(kernel, task)
-                except kvm_arm64.NoKvmStructures:
-                    return out
-                except QIError:
-                    continue
-                for gvm in vms:
-                    if gvm.vtcr is not None:
-                        out |= set(replace(here, vttbr=gvm.vttbr,
-                                           vtcr=gvm.vtcr).stage2_root_pages())
-        return out
-    except (QIError, OSError, ValueError):
+        vms, _ = kvm_arm64.all_vms(kernel, processes(vm, kernel).tasks)
+        return {p for gvm in vms if gvm.vtcr is not None
+                for p in replace(here, vttbr=gvm.vttbr, vtcr=gvm.vtcr).stage2_root_pages()}
+    except (QIError, OSError, ValueError):      # (NoKvmStructures too: nothing to leave out)
         return set()
 
 

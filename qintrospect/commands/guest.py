@@ -157,6 +157,14 @@ def kvm_vms(vm, task):
     return kvm_arm64.vms_of(guestos.open_kernel(vm), task)
 
 
+def all_kvm_vms(vm, tasks):
+    """guestos.kvm_arm64.all_vms: (every VM the processes among `tasks` hold, notes)."""
+    from .. import guestos
+    from ..guestos import kvm_arm64
+    vm.check_open()
+    return kvm_arm64.all_vms(guestos.open_kernel(vm), tasks)
+
+
 def use_kvm_vcpu(vm, pid: int, index: int = 0, progress=None):
     """From now on translate as vCPU `index` of the KVM VM guest process `pid` runs (its
     VMM): that vCPU's EL1 registers and its VM's stage 2, from the guest kernel's memory

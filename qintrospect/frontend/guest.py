@@ -111,19 +111,9 @@ def cmd_ps(args) -> int:
 def _ps_kvm(vm, args, found) -> int:
     """ps --kvm: the KVM VMs the guest's processes hold (guestos.kvm_arm64), one per line
     (JSON) or a paragraph each; exit 1 when none does."""
-    from ..commands.guest import kvm_vms
-    from ..guestos.errors import GuestOSUnavailable, NoKvmStructures
+    from ..commands.guest import all_kvm_vms
     from ..present import guest as view
-    vms, notes = [], []
-    for t in found.tasks:
-        if not t.mm or t.kthread or t.pid != t.tgid:     # (threads share the fd table)
-            continue
-        try:
-            vms += kvm_vms(vm, t)
-        except NoKvmStructures:
-            raise
-        except GuestOSUnavailable as e:         # one process that does not read: said
-            notes.append(str(e))
+    vms, notes = all_kvm_vms(vm, found.tasks)
     vm.check_live(final=True)
     for note in notes:                  # (names read in guest memory: made printable)
         print(f"qintrospect: note: {printable(note)}", file=sys.stderr)

@@ -170,6 +170,23 @@ def vms_of(kernel, task) -> List[GuestKvmVm]:
     return sorted(vms.values(), key=lambda vm: vm.fd)
 
 
+def all_vms(kernel, tasks):
+    """(every VM the processes among `tasks` hold, what did not read): each process once
+    (its threads share its fd table). NoKvmStructures when the kernel has none to read."""
+    vms: List[GuestKvmVm] = []
+    notes: List[str] = []
+    for t in tasks:
+        if not t.mm or t.kthread or getattr(t, "tgid", t.pid) != t.pid:
+            continue
+        try:
+            vms += vms_of(kernel, t)
+        except NoKvmStructures:
+            raise
+        except GuestOSUnavailable as e:         # one process that does not read: said
+            notes.append(str(e))
+    return vms, notes
+
+
 def _vm(kernel, task, fd: int, kvm: int) -> GuestKvmVm:
     f = kernel.fields
     mmu = kvm + f.offset("kvm.mmu")
