@@ -120,6 +120,23 @@ def translate_batch(session, addresses, cr3: Optional[int] = None) -> BatchTrans
     cpu = session.cpu_state(cr3)
     # walk_array reads each table it needs once per call: no page cache needed in front
     w = paging.walk_array(session.memory.read, cpu, addresses)
+    region, hva, has_hva, hpa, status, entry = _host_side(session, w)
+    n = len(w)
+    value = np.zeros(n, dtype=U64)
+    has_value = np.zeros(n, dtype=bool)
+    if session.ram_map.ram and n:
+        if isinstance(session.memory, DirectMemory):
+            _values_direct(session, cpu, w, region, hva, status, value, has_value, cr3)
+        else:
+            _values(session, session.memory, w, region, value, has_value, cr3)
+    return BatchTranslation(w, region, hva, has_hva, hpa, status, value, has_value,
+                            tuple(r.block for r in session.ram_map.ram), cr3=cr3,
+                            host_entry=entry)
+
+
+def _host_side(session, w):
+    """Each walked address's RAM region (-1: none), HVA, host status and HPA from the QEMU
+    process's pagemap, and that pagemap entry: (region, hva, has_hva, hpa, status, entry)."""
     ram = session.ram_map.ram
     n = len(w)
     region = np.full(n, -1, dtype=np.int32)
@@ -128,44 +145,43 @@ def translate_batch(session, addresses, cr3: Optional[int] = None) -> BatchTrans
     hpa = np.zeros(n, dtype=U64)
     status = np.zeros(n, dtype=np.uint8)
     entry = np.zeros(n, dtype=U64)
-    value = np.zeros(n, dtype=U64)
-    has_value = np.zeros(n, dtype=bool)
-
-    if ram and n:
-        starts = np.array([r.start for r in ram], dtype=U64)
-        ends = np.array([r.end for r in ram], dtype=U64)
-        k = np.searchsorted(starts, w.pa, side="right").astype(np.int64) - 1
-        inside = w.ok & (k >= 0)
-        kk = np.where(inside, k, 0)
-        inside &= w.pa <= ends[kk]
-        region[inside] = kk[inside]
-        for j, r in enumerate(ram):
-            sel = region == j
-            if not sel.any() or r.hva is None:
-                continue
-            hva[sel] = U64(r.hva) + (w.pa[sel] - U64(r.start))
-            has_hva[sel] = True
-            if session.process is not None:
-                try:
-                    entry[sel] = session.process.pagemap_of_pages(
-                        (hva[sel] // U64(PAGE)).astype(np.int64))
-                    status[sel], hpa[sel] = pagemap_columns(entry[sel], hva[sel])
-                except OSError:
-                    status[sel] = HOST_UNKNOWN
-        if isinstance(session.memory, DirectMemory):
-            _values_direct(session, w, region, hva, status, value, has_value, cr3)
-        else:
-            _values(session, session.memory, w, region, value, has_value, cr3)
-    return BatchTranslation(w, region, hva, has_hva, hpa, status, value, has_value,
-                            tuple(r.block for r in ram), cr3=cr3, host_entry=entry)
+    if not (ram and n):
+        return region, hva, has_hva, hpa, status, entry
+    starts = np.array([r.start for r in ram], dtype=U64)
+    ends = np.array([r.end for r in ram], dtype=U64)
+    k = np.searchsorted(starts, w.pa, side="right").astype(np.int64) - 1
+    inside = w.ok & (k >= 0)
+    kk = np.where(inside, k, 0)
+    inside &= w.pa <= ends[kk]
+    region[inside] = kk[inside]
+    for j, r in enumerate(ram):
+        sel = region == j
+        if not sel.any() or r.hva is None:
+            continue
+        hva[sel] = U64(r.hva) + (w.pa[sel] - U64(r.start))
+        has_hva[sel] = True
+        if session.process is not None:
+            try:
+                entry[sel] = session.process.pagemap_of_pages(
+                    (hva[sel] // U64(PAGE)).astype(np.int64))
+                status[sel], hpa[sel] = pagemap_columns(entry[sel], hva[sel])
+            except OSError:
+                status[sel] = HOST_UNKNOWN
+    return region, hva, has_hva, hpa, status, entry
 
 
-def _values_direct(session, w, region, hva, status, value, has_value, cr3) -> None:
+def _readable(status):
+    """Where the process's own page table holds the page (process_vm_readv reads it)."""
+    return (status == HOST_PRESENT) | (status == HOST_PFN_HIDDEN)
+
+
+def _values_direct(session, cpu, w, region, hva, status, value, has_value, cr3) -> None:
     """The direct path: exactly the 8 bytes of each address, IOV_MAX of them per
     process_vm_readv call, for pages present in QEMU's page table. An absent page is zeros
-    only where that is proven (HostProcess.zero_if_absent); every other address (swapped or
-    file-backed pages, values that run into the next virtual page, an unreadable pagemap)
-    takes the exact one-address path, which reads the bytes wherever they are."""
+    only where that is proven (HostProcess.zero_if_absent). Values that run into the next
+    4 KiB page are read in two pieces, that page walked too (all of them at once). Every other
+    address (swapped or file-backed pages, a next page not present or not RAM, an unreadable
+    pagemap) takes the exact one-address path, which reads the bytes wherever they are."""
     offset_all = (hva % U64(PAGE)).astype(np.int64)
     within = (region >= 0) & (offset_all <= PAGE - VALUE_SIZE)
     absent = np.flatnonzero(within & (status == HOST_NOT_PRESENT))
@@ -173,15 +189,43 @@ def _values_direct(session, w, region, hva, status, value, has_value, cr3) -> No
         zero = session.process.zero_if_absent((hva[absent] // U64(PAGE)).astype(np.int64))
         value[absent[zero]] = 0
         has_value[absent[zero]] = True
-    sel = np.flatnonzero(within & ((status == HOST_PRESENT) | (status == HOST_PFN_HIDDEN)))
+    sel = np.flatnonzero(within & _readable(status))
     if len(sel):
         value[sel] = np.frombuffer(session.process.read_many(hva[sel], VALUE_SIZE), "<u8")
         has_value[sel] = True
-    for i in np.flatnonzero((region >= 0) & ~has_value).tolist():
+    settled = _values_across(session, cpu, w, region, hva, status, offset_all, value, has_value)
+    for i in np.flatnonzero((region >= 0) & ~has_value & ~settled).tolist():
         t = session.translate(int(w.va[i]), cr3)
         if t.value is not None and len(t.value) == VALUE_SIZE:
             value[i] = int.from_bytes(t.value, "little")
             has_value[i] = True
+
+
+def _values_across(session, cpu, w, region, hva, status, offset_all, value, has_value):
+    """The values that run into the next 4 KiB page, where this page is present in QEMU's
+    page table: the next pages walked at once (as the one-address path walks each: the next
+    virtual address through the guest's tables), each value read in two pieces where that
+    page is present too. Returns where it is settled that there is no value: the next page
+    faults (the one-address path shows only the first bytes then)."""
+    settled = np.zeros(len(w), dtype=bool)
+    cross = np.flatnonzero((region >= 0) & (offset_all > PAGE - VALUE_SIZE) & _readable(status))
+    if not len(cross):
+        return settled
+    head = (PAGE - offset_all[cross]).astype(U64)             # bytes left in this page
+    w2 = paging.walk_array(session.memory.read, cpu, w.va[cross] + head)   # wraps as & MASK64
+    region2, hva2, _, _, status2, _ = _host_side(session, w2)
+    settled[cross[~w2.ok]] = True
+    both = np.flatnonzero(w2.ok & (region2 >= 0) & _readable(status2))
+    if len(both):
+        at = np.arange(len(both), dtype=U64) * U64(VALUE_SIZE)
+        head = head[both]
+        buf = bytearray(len(both) * VALUE_SIZE)
+        session.process.readv(buf, np.concatenate((at, at + head)),
+                              np.concatenate((hva[cross[both]], hva2[both])),
+                              np.concatenate((head, U64(VALUE_SIZE) - head)))
+        value[cross[both]] = np.frombuffer(buf, "<u8")
+        has_value[cross[both]] = True
+    return settled
 
 
 def _values(session, memory, w, region, value, has_value, cr3) -> None:
