@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 from .. import paging
 from ..record import replace
 from ..errors import AttachError, QIError, UsageError
-from . import arm64, hostcpu, riscv
+from . import hostcpu
 from .cpu import Vcpu
 from .monitor_text import parse_registers
 
@@ -98,10 +98,12 @@ class Vcpus:
         return out
 
     def _arm64_from_gdbstub(self, gdb, selected: int) -> list:
+        from . import arm64
         return self._registers_by_name(gdb, selected, arm64, "qemu-system-aarch64's gdbstub "
                                        "with its system registers")
 
     def _riscv_from_gdbstub(self, gdb, selected: int) -> list:
+        from . import riscv
         out = self._registers_by_name(gdb, selected, riscv, "qemu-system-riscv64's gdbstub "
                                       "with its CSRs")
         # the extensions that give PTE bits 63:61 a meaning (QOM: fixed for the VM's life)
@@ -131,7 +133,7 @@ class Vcpus:
         """The vCPU's registers plus its MAXPHYADDR (QOM phys-bits), which reserved-bit checks
         need; None (the walker then assumes 52 and says so) when QEMU will not tell.
         An aarch64 vCPU's state is its registers (the ID registers say the sizes)."""
-        if isinstance(vcpu, (arm64.Arm64Vcpu, riscv.RiscvVcpu)):
+        if not isinstance(vcpu, Vcpu):      # machine.arm64's or machine.riscv's
             return vcpu.state
         phys_bits = self._phys_bits.get(vcpu.index)
         if phys_bits is None:         # fixed for the VM's life: asked once per vCPU

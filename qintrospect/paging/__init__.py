@@ -21,7 +21,6 @@ from .modes import (
 from . import x86 as _x86
 from .x86 import cr3_root
 from .ept import decode_eptp, walk_ept, walk_npt
-from .riscv_format import RiscvState
 
 __all__ = [
     "ReadPhys", "CpuState", "LevelSpec", "PagingMode", "LevelStep", "Fault", "AccessResult",
@@ -43,6 +42,9 @@ def __getattr__(name):
     if name in _VECTOR:
         from . import vector
         return getattr(vector, name)
+    if name == "RiscvState":          # another architecture's: loaded when asked for
+        from .riscv_format import RiscvState
+        return RiscvState
     raise AttributeError(f"module 'qintrospect.paging' has no attribute {name!r}")
 
 
@@ -54,6 +56,7 @@ def arch_of(cpu) -> str:
     """"x86_64", "aarch64" or "riscv64": the architecture whose registers `cpu` holds."""
     if isinstance(cpu, CpuState):
         return "x86_64"
+    from .riscv_format import RiscvState
     return "riscv64" if isinstance(cpu, RiscvState) else "aarch64"
 
 
