@@ -54,6 +54,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -440,6 +441,69 @@ echo "L2-QEMU pid=$(cat {L1_RUN}/l2-qemu.pid)"
         except GuestError:
             report += "\n(L1's console does not answer)"
         return report
+
+    def l2_qemu_exit_status(self, timeout: float = 20) -> Optional[int]:
+        """L2's QEMU's exit status when it exited in L1 although the rig did not stop it (a
+        shell's: 128+N = killed by signal N); None while it runs, or when there is no L2 or
+        no answer. One short read in L1, nothing changed."""
+        if not self.l2_qemu_pid_in_l1 or self.console is None:
+            return None
+        try:
+            out = self.run_l1(f"cat {L1_RUN}/l2-qemu.exit 2>/dev/null", timeout=timeout)
+        except GuestError:
+            return None
+        m = re.match(r"\s*(\d+)", out)
+        return int(m.group(1)) if self.last_status == 0 and m else None
+
+    def l1_diagnostics(self, timeout: float = 30) -> str:
+        """What would explain a dead or failing L2, for a failed test's report: whether L2's
+        QEMU is alive (or its exit status), its stderr, L1's free memory, the tail of L1's
+        kernel log (OOM killer, segfaults, KVM errors) and of L2's console as L0 holds it.
+        Only reads (one round trip on L1's console, bounded by ``timeout``); never raises."""
+        text = [f"L2 ({self.l2}): QEMU pid in L1 as the rig knows it: "
+                f"{self.l2_qemu_pid_in_l1 or 'none (stopped or not started)'}"]
+        if self.console is None:
+            return "\n".join(text + ["L1 is not running: nothing to read in it"])
+        log, ex = L2_LOG_IN_L1, f"{L1_RUN}/l2-qemu.exit"
+        script = (
+            f"p=$(cat {L1_RUN}/l2-qemu.pid 2>/dev/null); e=$(cat {ex} 2>/dev/null);"
+            f" if [ -n \"$e\" ]; then echo \"L2's QEMU (pid $p in {L1_RUN}/l2-qemu.pid) EXITED, status $e\";"
+            f" elif [ -n \"$p\" ] && [ -d /proc/$p ]; then echo \"L2's QEMU (pid $p) is running:\""
+            f" $(grep -e ^State -e ^VmRSS /proc/$p/status);"
+            f" else echo \"L2's QEMU: no pid file or no such process (pid '$p')\"; fi;"
+            f" echo \"== L1: uptime $(cut -d' ' -f1 /proc/uptime) s, load $(cat /proc/loadavg)\";"
+            f" head -n 5 /proc/meminfo;"
+            f" echo \"== L2's QEMU's stderr ({log}), last 30 lines:\";"
+            f" if [ -s {log} ]; then tail -n 30 {log}; else echo '(empty)'; fi;"
+            # An OOM report alone can fill the tail: its key lines, from the whole buffer.
+            f" echo \"== L1's dmesg, OOM killer, crashes, KVM:\"; dmesg | grep -i -e 'out of memory'"
+            f" -e oom-kill -e oom_reaper -e 'killed process' -e segfault -e 'traps:' -e 'general protection'"
+            f" -e 'BUG:' -e lockup -e 'kvm \\[' | tail -n 20;"
+            f" echo \"== L1's dmesg, last 40 lines:\"; dmesg | tail -n 40")
+        try:
+            out = self.run_l1(script, timeout=timeout)
+        except Exception as e:             # a report of a failure must not fail in turn
+            text.append(f"L1's console did not answer within {timeout:.0f} s: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            try:
+                text.append(self._l0_view_of_l1())
+            except Exception:
+                pass
+        else:
+            m = re.search(r"EXITED, status (\d+)", out)
+            if m and int(m.group(1)) > 128:
+                try:
+                    name = signal.Signals(int(m.group(1)) - 128).name
+                except ValueError:
+                    name = f"signal {int(m.group(1)) - 128}"
+                out = out.replace(m.group(0), f"{m.group(0)} (killed by {name})", 1)
+            text.append(out.rstrip())
+        try:
+            console = self.l2_console_text()[-1500:]
+        except Exception:
+            console = ""
+        text.append("== L2's console, last lines (as L0 received them):\n" + console.rstrip())
+        return "\n".join(text)
 
     def _l2_exited(self) -> Optional[str]:
         out = self.run_l1(f"cat {L1_RUN}/l2-qemu.exit 2>/dev/null && cat {L2_LOG_IN_L1}", timeout=60)
