@@ -67,6 +67,12 @@ class Commands:
         from .finder import find_cr3
         return find_cr3(self, gva, expect, progress)
 
+    def find_stage2(self, vtcr: Optional[int] = None, progress=None):
+        """commands.stage2_scan.find_stage2: KVM/arm64 stage 2 first levels in an aarch64
+        guest's RAM (no symbols), each confirmed by its VMM's own mapping of its pages."""
+        from .stage2_scan import find_stage2
+        return find_stage2(self, vtcr, progress)
+
     def search(self, pattern: bytes, cr3: Optional[int] = None, start: int = 0,
                end: Optional[int] = None, user: bool = False, kernel: bool = False,
                writable: bool = False, executable: bool = False, align: int = 1,

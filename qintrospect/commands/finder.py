@@ -92,6 +92,18 @@ def stage2_roots(vm) -> set:
     return pages
 
 
+def without_stage2(vm, candidates: list) -> list:
+    """The candidates, less those a scan confirms are KVM/arm64 stage 2 first levels
+    (stage2_scan: stage 2 leaves that a process maps as a VMM maps its VM's memory): the
+    fallback when KVM's structures and VTTBR_EL2 do not name them."""
+    here = vm.vcpu_info[vm.vcpu]
+    if getattr(here, "hcr", None) is None or not getattr(here, "vtcr", None):
+        return candidates
+    from .stage2_scan import classify
+    kvm = {f.root for f in classify(vm, [c.root for c in candidates], here.vtcr)}
+    return [c for c in candidates if c.root not in kvm]
+
+
 def _kvm_stage2_roots(vm) -> set:
     """The stage 2 first-level pages of the VMs KVM holds in the guest's kernel; nothing when
     that kernel cannot be read so (no note, no BTF, no KVM)."""
@@ -239,5 +251,6 @@ def find_cr3(vm, gva: Optional[int] = None, expect: Optional[int] = None, progre
             return find_cr3(vm, gva, expect, progress)
         finally:
             progress.close()
-    candidates = scan(vm.memory, vm.ram_map, vm.cpu, progress, stage2_roots(vm))
+    candidates = without_stage2(vm, scan(vm.memory, vm.ram_map, vm.cpu, progress,
+                                         stage2_roots(vm)))
     return check(vm.cached_memory().read, vm.cpu, candidates, gva, expect)

@@ -87,16 +87,41 @@ def scan(memory, ram_map, state: Arm64State, progress=None, not_roots=()) -> lis
     """finder.Candidate for every TTBR0_EL1 root found in the VM's RAM, the current one
     marked; TTBR1_EL1's own table is left out (it is the kernel's), and so are `not_roots`
     (KVM's stage 2 first level: table descriptors into RAM, unreferenced, as a root is)."""
-    from .finder import Candidate, ram_chunks
+    from .finder import Candidate
+    p = _ttbr0_params(state)
+    granule = 1 << p.granule
+    roots = unreferenced_tables(memory, ram_map, state, progress)
+    if len(not_roots):
+        roots = roots[~np.isin(roots & ~U64(granule - 1), np.array(sorted(not_roots), U64))]
+    current = ttbr_base(p)
+    kernel = ttbr_base(range_params(state, 1))
+    out = [Candidate(current, f"the current TTBR0{state.register_suffix}'s table",
+                     is_current=True)]
+    for root in roots.tolist():
+        if root in (current, kernel):
+            continue
+        leaves = _tree_leaves(memory.read, state, root)
+        if leaves:
+            out.append(Candidate(root, "a table no other table points to, whose tree maps "
+                                 + ("EL0 pages" if leaves == EL0 else
+                                    "EL1 pages only (a boot or stale table, not a process's)")))
+    return sorted(out, key=lambda c: c.root)
+
+
+def unreferenced_tables(memory, ram_map, state: Arm64State, progress=None) -> np.ndarray:
+    """Every slot of RAM shaped like a first-level table (TTBR0's size, aligned to it): all
+    entries empty or table descriptors into RAM, at least one, that no other table (of the
+    kernel's tree, or any table-shaped page) points to. Process roots, and KVM's stage 2
+    first levels (of the same granule), are such tables."""
+    from .finder import ram_chunks
     p = _ttbr0_params(state)
     fmt = arm64_format(p, state.mair)
     ram = sorted((r.start, r.end + 1) for r in ram_map.ram if r.kind == "ram")
     if not ram:
-        raise UsageError("find-cr3 found no RAM in QEMU's memory map to scan")
+        raise UsageError("found no RAM in QEMU's memory map to scan")
     shape = _Shape(p, fmt, ram)
     granule = 1 << p.granule
     first = 1 << p.mode.levels[0].index_bits               # entries in the first table
-    current = ttbr_base(p)
     # The kernel's tables point at every page of RAM (its linear map, with 4 KiB pages under
     # rodata=full): what they point to says nothing about roots, so they are left out
     kernel_tables = np.array(sorted(_kernel_tables(memory.read, state)), U64)
@@ -120,21 +145,7 @@ def scan(memory, ram_map, state: Arm64State, progress=None, not_roots=()) -> lis
     if referenced:
         pointed = np.unique(np.concatenate(referenced))
         roots = roots[~np.isin(roots & ~U64(granule - 1), pointed)]
-    roots = roots[~np.isin(roots & ~U64(granule - 1), kernel_tables)]
-    if len(not_roots):
-        roots = roots[~np.isin(roots & ~U64(granule - 1), np.array(sorted(not_roots), U64))]
-    kernel = ttbr_base(range_params(state, 1))
-    out = [Candidate(current, f"the current TTBR0{state.register_suffix}'s table",
-                     is_current=True)]
-    for root in roots.tolist():
-        if root in (current, kernel):
-            continue
-        leaves = _tree_leaves(memory.read, state, root)
-        if leaves:
-            out.append(Candidate(root, "a table no other table points to, whose tree maps "
-                                 + ("EL0 pages" if leaves == EL0 else
-                                    "EL1 pages only (a boot or stale table, not a process's)")))
-    return sorted(out, key=lambda c: c.root)
+    return roots[~np.isin(roots & ~U64(granule - 1), kernel_tables)]
 
 
 def _kernel_tables(read, state: Arm64State) -> set:

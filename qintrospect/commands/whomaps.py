@@ -135,8 +135,9 @@ def guest_roots(session, progress=None) -> Tuple[List[int], List[str]]:
     mode = _mode(session.cpu) if arch != "aarch64" else None
     if arch == "aarch64" or (mode is not None and mode.name in SHARED_KERNEL_HALF):
         try:
-            for c in finder.scan(session.memory, session.ram_map, session.cpu, progress,
-                                 finder.stage2_roots(session)):
+            for c in finder.without_stage2(session, finder.scan(
+                    session.memory, session.ram_map, session.cpu, progress,
+                    finder.stage2_roots(session))):
                 if c.root not in roots:
                     roots.append(c.root)
         except QIError as exc:
