@@ -158,8 +158,9 @@ class Translation:
 
 
 def _root_source(vm, cr3: Optional[int]) -> str:
-    """Translation.cr3_source: "given" (a root given), "vcpu", or "kvm-vcpu" (registers a
-    guest's own KVM holds for a vCPU of its VM: --kvm-vcpu)."""
+    """Translation.cr3_source: "given" (a root given), "vcpu", "kvm-vcpu" (registers a
+    guest's own KVM holds for a vCPU of its VM: --kvm-vcpu), or "stage2" (a VM's stage 2
+    root given, --stage2: its IPAs, stage 1 off)."""
     return "given" if cr3 is not None else getattr(vm, "registers_source", "vcpu")
 
 

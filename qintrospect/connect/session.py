@@ -156,13 +156,14 @@ class Session(Commands):
                                                           self.process is not None)
         self.cpu = _with_page1gb(self.facts.cpu_state(self.vcpu_info[index]), page1gb)
 
-    def use_registers(self, registers) -> None:
+    def use_registers(self, registers, source: str = "kvm-vcpu") -> None:
         """Translate with these registers in place of the selected vCPU's, for this command:
-        a vCPU the guest's own KVM holds (guestos.kvm_arm64.registers)."""
+        a vCPU the guest's own KVM holds (guestos.kvm_arm64.registers, source "kvm-vcpu"), or
+        a VM's stage 2 given by its root (commands.stage2_scan.registers_for, "stage2")."""
         self.check_open()
         self.vcpu_info[self.vcpu] = registers
         self.cpu = self.facts.cpu_state(registers)
-        self.registers_source = "kvm-vcpu"
+        self.registers_source = source
 
     # ---- what the commands read through ----------------------------------------------------
 

@@ -14,8 +14,8 @@ from ..present import render
 from ..present.output import grow_stdout_pipe, lines_writer
 from .addresses import parse_number, read_addresses
 from .attaching import attached, checked, slat_progress
-from .guest import (guest_candidates, guest_named, guest_root, kvm_vcpu_named,
-                    use_kvm_vcpu, vmmap_vmas)
+from .guest import (guest_candidates, guest_named, guest_root, use_guest_vm, vm_named,
+                    vmmap_vmas)
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE, EXIT_ATTACH, EXIT_BUG = 0, 1, 2, 3, 4
 MASK64 = (1 << 64) - 1
@@ -39,10 +39,10 @@ def cmd_translate(args) -> int:
     elif args.expect:
         raise UsageError("--expect goes with --find-cr3")
     slat_spec = _slat_spec(args)
-    if kvm_vcpu_named(args) is not None and (args.find_cr3 or args.outer or slat_spec
-                                             or args.brief):
-        raise UsageError("--kvm-vcpu takes its VM's stage 2 from KVM itself: --find-cr3, "
-                         "--outer and --slat do not apply, and --brief walks one stage")
+    if vm_named(args) and (args.find_cr3 or args.outer or slat_spec or args.brief):
+        raise UsageError("--kvm-vcpu and --stage2 name their VM's stage 2 themselves: "
+                         "--find-cr3, --outer and --slat do not apply, and --brief walks one "
+                         "stage")
     if args.outer:
         if args.brief:
             raise UsageError("--brief does not go with --outer")
@@ -56,7 +56,7 @@ def cmd_translate(args) -> int:
     with attached(args) as vm:
         if named:
             cr3, _ = guest_root(vm, args, addresses if isinstance(addresses, list) else ())
-        use_kvm_vcpu(vm, args)
+        use_guest_vm(vm, args)
         if args.find_cr3:
             expect = parse_number(args.expect, "--expect")
             found = [c for c in _find_cr3(vm, addresses[0], expect) if c.value_matches]
@@ -302,7 +302,7 @@ def cmd_vmmap(args) -> int:
         task = None
         if named:
             cr3, task = guest_root(vm, args)
-        use_kvm_vcpu(vm, args)
+        use_guest_vm(vm, args)
         leaves = vm.leaf_arrays(cr3, start, end)
         pictures.begin(vm, leaves)
         rows = vmmap.keep(vmmap.from_leaves(leaves), args.user, args.kernel, args.writable,
@@ -349,14 +349,14 @@ def cmd_read(args) -> int:
     if address + length - 1 > MASK64:
         raise UsageError(f"{address:#x}+{length} runs past the top of the address space")
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
-    if args.phys and (cr3 is not None or guest_named(args) or kvm_vcpu_named(args)):
-        raise UsageError("--phys and --cr3/--guest-pid/--guest-comm/--kvm-vcpu exclude each "
-                         "other")
+    if args.phys and (cr3 is not None or guest_named(args) or vm_named(args)):
+        raise UsageError("--phys and --cr3/--guest-pid/--guest-comm/--kvm-vcpu/--stage2 "
+                         "exclude each other")
     status = EXIT_OK
     with attached(args) as vm:
         if guest_named(args):
             cr3, _ = guest_root(vm, args, [address])
-        use_kvm_vcpu(vm, args)
+        use_guest_vm(vm, args)
         for piece in checked(vm, vm.read_pieces(address, length, physical=args.phys, cr3=cr3)):
             if piece.data is None:
                 status = EXIT_FAULT
@@ -378,15 +378,16 @@ def cmd_search(args) -> int:
     cr3 = parse_number(args.cr3, "--cr3") if args.cr3 else None
     start, end = _range(args.range)
     if args.phys and (cr3 is not None or guest_named(args) or args.range or args.user or
-                      args.kernel or args.writable or args.exec or kvm_vcpu_named(args)):
+                      args.kernel or args.writable or args.exec or vm_named(args)):
         raise UsageError("--phys searches guest RAM: --cr3, --guest-pid/--guest-comm, "
-                         "--kvm-vcpu, --range and the page filters are for an address space")
+                         "--kvm-vcpu/--stage2, --range and the page filters are for an address "
+                         "space")
     with attached(args) as vm:
         if guest_named(args):
             # under KPTI: the user copy when the search stays in user space, else the kernel
             # copy (both halves)
             cr3, _ = guest_root(vm, args, [0] if args.user else [1 << 63])
-        use_kvm_vcpu(vm, args)
+        use_guest_vm(vm, args)
         progress = Progress("search", None)
         try:
             if args.phys:

@@ -57,14 +57,40 @@ def kvm_vcpu_named(args):
     return int(pid), int(index or 0)
 
 
-def use_kvm_vcpu(vm, args) -> None:
-    """--kvm-vcpu: translate as that vCPU of the guest's own KVM (commands.guest)."""
-    named = kvm_vcpu_named(args)
-    if named is None:
+def stage2_named(args):
+    """(root, VTCR_EL2 or None) that --stage2 ROOT [--vtcr HEX] names, or None; UsageError
+    for a bad one, or one given with --kvm-vcpu/--cr3/--guest-pid/--guest-comm."""
+    from .addresses import parse_number
+    spec, vtcr = getattr(args, "stage2", None), getattr(args, "vtcr", None)
+    if spec is None:
+        if vtcr is not None:
+            raise UsageError("--vtcr goes with --stage2")
+        return None
+    if getattr(args, "kvm_vcpu", None) or getattr(args, "cr3", None) or guest_named(args):
+        raise UsageError("--stage2 and --kvm-vcpu/--cr3/--guest-pid/--guest-comm exclude "
+                         "each other")
+    return (parse_number(spec, "--stage2"),
+            None if vtcr is None else parse_number(vtcr, "--vtcr"))
+
+
+def vm_named(args) -> bool:
+    """Whether --kvm-vcpu or --stage2 names a VM the guest's own KVM runs."""
+    return kvm_vcpu_named(args) is not None or stage2_named(args) is not None
+
+
+def use_guest_vm(vm, args) -> None:
+    """--kvm-vcpu: translate as that vCPU of the guest's own KVM (commands.guest); --stage2:
+    as a vCPU of the VM whose stage 2 is at ROOT, its stage 1 off (commands.stage2_scan)."""
+    named, stage2 = kvm_vcpu_named(args), stage2_named(args)
+    if stage2 is not None:
+        from ..commands.stage2_scan import registers_for
+        vm.use_registers(registers_for(vm, *stage2), source="stage2")
+    elif named is not None:
+        from ..commands.guest import use_kvm_vcpu as use
+        with kernel_progress(vm) as progress:
+            use(vm, *named, progress=progress)
+    else:
         return
-    from ..commands.guest import use_kvm_vcpu as use
-    with kernel_progress(vm) as progress:
-        use(vm, *named, progress=progress)
     if getattr(args, "verbose", False):
         print(f"# {printable(vm.stage2.source)}", file=sys.stderr)
 
@@ -165,3 +191,50 @@ def vmmap_vmas(vm, args, task, root, leaves, start, end, pictures) -> None:
         print(view.vma_text(task, root, which, covered, outside))
     for note in listed.notes + ([listed.cut] if listed.cut else []):
         print(f"qintrospect: note: {printable(note)}", file=sys.stderr)
+
+
+def cmd_find_stage2(args) -> int:
+    """KVM/arm64 stage 2 first levels in guest RAM, by a scan (commands.stage2_scan); exit 1
+    when none is confirmed."""
+    from .addresses import parse_number
+    from ..present.progress import Progress
+    vtcr = parse_number(args.vtcr, "--vtcr") if args.vtcr else None
+    with attached(args) as vm:
+        progress = Progress("find-stage2: scanning guest RAM", vm.ram_map.ram_bytes)
+        try:
+            found = vm.find_stage2(vtcr, progress)
+        finally:
+            progress.close()
+        vmms = _processes_at(vm, {f.vmm_root for f in found})
+    if args.json:
+        sys.stdout.write("".join(render.json_line(dict(f.to_dict(), vmm=vmms.get(f.vmm_root)))
+                                 + "\n" for f in found))
+        return EXIT_OK if found else EXIT_FAULT
+    print(f"{len(found)} stage 2 first level(s) in guest RAM, each confirmed by a process "
+          "that maps its pages as a VMM maps its VM's memory")
+    for f in found:
+        who = vmms.get(f.vmm_root)
+        named = f" (pid {who['pid']}, {printable(who['comm'])})" if who else ""
+        print(f"  stage 2 {f.root:#014x}  VTCR_EL2 {f.vtcr:#x}: {f.leaves} leaves, "
+              f"{f.mapped >> 10} KiB mapped; process root (TTBR0) {f.vmm_root:#x}{named} "
+              f"maps {f.matched} of {f.checked} sampled pages")
+        for delta, pages, lo, hi in f.slots:
+            print(f"    memslot: HVA = IPA + {delta:#x}  ({pages} pages sampled, "
+                  f"IPA {lo:#x}..{hi:#x})")
+        print(f"    translate as its vCPU (MMU off): qintrospect translate --stage2 "
+              f"{f.root:#x} IPA")
+    return EXIT_OK if found else EXIT_FAULT
+
+
+def _processes_at(vm, roots) -> dict:
+    """{root: {"pid", "comm"}} of the guest processes whose table is at one of `roots`, where
+    the guest kernel reads that way (BTF); {} where it does not (find-stage2 needs no symbols)."""
+    from ..errors import QIError
+    if not roots:
+        return {}
+    try:
+        tasks = vm.processes().tasks
+    except (QIError, OSError, ValueError):
+        return {}
+    return {t.root: {"pid": t.pid, "comm": t.comm} for t in tasks
+            if t.root in roots and not t.kthread}

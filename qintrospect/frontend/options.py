@@ -72,14 +72,22 @@ def guest_options(p: argparse.ArgumentParser, what: str = "translate with") -> N
                         "listing them)")
 
 
-def kvm_vcpu_option(p: argparse.ArgumentParser, what: str = "translate as") -> None:
-    """--kvm-vcpu PID[:N]: an aarch64 guest that runs KVM itself; its VM's vCPU instead of
-    the vCPU's own registers (guestos.kvm_arm64)."""
+def guest_vm_options(p: argparse.ArgumentParser, what: str = "translate as") -> None:
+    """--kvm-vcpu PID[:N], --stage2 ROOT [--vtcr HEX]: an aarch64 guest that runs KVM itself;
+    one of its VMs instead of the vCPU's own registers (guestos.kvm_arm64, or a stage 2 root
+    that find-stage2 lists)."""
     p.add_argument("--kvm-vcpu", metavar="PID[:N]",
                    help=f"aarch64 guest running KVM: {what} vCPU N (0) of the VM that guest "
                         "process PID (its VMM) runs: that vCPU's EL1 registers and its VM's "
                         "stage 2 root (kvm_s2_mmu.pgd_phys), read in the guest kernel's memory. "
                         "Addresses are then that VM's (its IPAs while its MMU is off)")
+    p.add_argument("--stage2", metavar="ROOT",
+                   help=f"aarch64 guest running KVM, no symbols needed: {what} a vCPU of the "
+                        "VM whose stage 2 first level is at guest-physical ROOT (as "
+                        "find-stage2 lists them), its MMU taken as off: addresses are that "
+                        "VM's IPAs")
+    p.add_argument("--vtcr", metavar="HEX",
+                   help="with --stage2: the stage 2 layout (VTCR_EL2); default: the vCPU's")
 
 
 def session_dests(sub) -> tuple:
@@ -142,7 +150,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         t.add_argument("addresses", nargs="+", metavar="ADDR", help="0x-prefixed hex or decimal")
         t.add_argument("--cr3", help="use this page-table root instead of the vCPU's CR3")
         guest_options(t)
-        kvm_vcpu_option(t)
+        guest_vm_options(t)
         t.add_argument("--find-cr3", action="store_true",
                        help="find the root that maps the (single) ADDR holding --expect VALUE")
         t.add_argument("--expect", help="with --find-cr3: the 8-byte value at ADDR")
@@ -217,11 +225,28 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         session_options(f)
         f.set_defaults(func=actions.cmd_find_cr3)
 
+    f2 = command("find-stage2", help="aarch64 guest running KVM: its VMs' stage 2 tables in "
+                                     "guest RAM (no symbols needed)",
+                 description="Scan guest RAM for KVM/arm64's stage 2 first levels (tables no "
+                             "other table points to, whose leaves read in VTCR_EL2's stage 2 "
+                             "format carry no nG bit), each kept only when a process's own "
+                             "table maps (nearly) all its pages at HVA = IPA + a few offsets, "
+                             "as a VMM maps its VM's memory (its memslots). The fallback when "
+                             "ps --kvm cannot read KVM's structures (no BTF). --stage2 ROOT "
+                             "then translates that VM's IPAs. Exit 1 when none is found.")
+    if f2 is not None:
+        f2.add_argument("--vtcr", metavar="HEX",
+                        help="the stage 2 layout (VTCR_EL2) to read tables in; default: the "
+                             "vCPU's (KVM writes it per VM from its IPA size)")
+        f2.add_argument("--json", action="store_true", help="one JSON object per table")
+        session_options(f2)
+        f2.set_defaults(func=guest_actions.cmd_find_stage2)
+
     m = command("vmmap", help="the whole address space as ranges (or --leaf pages)")
     if m is not None:
         m.add_argument("--cr3", help="map this page-table root instead of the vCPU's")
         guest_options(m, "map (and list its VMAs, as /proc/PID/maps does, beside) ")
-        kvm_vcpu_option(m, "map the address space of")
+        guest_vm_options(m, "map the address space of")
         m.add_argument("--leaf", action="store_true", help="one row per mapped page, with its GPA")
         m.add_argument("--user", action="store_true", help="only user-accessible ranges")
         m.add_argument("--kernel", action="store_true", help="only supervisor-only ranges")
@@ -254,7 +279,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         se.add_argument("--phys", action="store_true", help="search guest-physical RAM")
         se.add_argument("--cr3", help="search this page-table root's address space")
         guest_options(se, "search the address space of")
-        kvm_vcpu_option(se, "search the address space of")
+        guest_vm_options(se, "search the address space of")
         se.add_argument("--user", action="store_true", help="only user-accessible pages")
         se.add_argument("--kernel", action="store_true", help="only supervisor-only pages")
         se.add_argument("--writable", action="store_true", help="only writable pages")
@@ -274,7 +299,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         r.add_argument("--phys", action="store_true", help="ADDR is guest-physical")
         r.add_argument("--cr3", help="translate with this page-table root")
         guest_options(r)
-        kvm_vcpu_option(r, "read as")
+        guest_vm_options(r, "read as")
         r.add_argument("--json", action="store_true", help="one JSON object per page piece")
         session_options(r)
         r.set_defaults(func=actions.cmd_read)

@@ -298,12 +298,16 @@ def test_vmmap_and_search_of_l2_are_its_stage2_map(rig):
     leaf lies in a memslot. search finds each marker's value at its IPA."""
     markers, slots = rig.ready["markers"], rig.ready["slots"]
     maps = []
+    root = hex(rig.live_vttbr & ((1 << 48) - 1) & ~0xFFF)
     for regime, live, extra in (("EL1&0", True, ()),
-                                ("EL2&0", False, ("--kvm-vcpu", str(rig.vmm_pid)))):
+                                ("EL2&0", False, ("--kvm-vcpu", str(rig.vmm_pid))),
+                                ("EL2&0", False, ("--stage2", root))):
         if live:
             stop_in(rig, regime, live, mmu=False)
-        else:
+        elif extra[0] == "--kvm-vcpu":
             stop_in_l1_settled(rig, f"{rig.vmm_pid}:0")
+        else:
+            stop_in(rig, regime, live)
         try:
             rc, rows, err = run_json("vmmap", "--leaf", *extra, *attach_args(rig))
             src, found, serr = run_json("search", "--u64", hex(markers[0x40001000]), *extra,
@@ -332,7 +336,46 @@ def test_vmmap_and_search_of_l2_are_its_stage2_map(rig):
         assert int(found[1]["gpa"], 16) == rig.l1_pas[0x40001000]
         assert trc == 0 and "hpa" in text.splitlines()[0], terr
         maps.append({(r["start"], r["gpa"], r["page_size"]) for r in rows})
-    assert maps[0] == maps[1]               # the register's stage 2 and KVM's are one
+    assert maps[0] == maps[1] == maps[2]    # the register's stage 2, KVM's, the root given
+
+
+def test_find_stage2_by_scan_names_kvms_table_its_vmm_and_memslots(rig):
+    """Stopped in L1's kernel, with no symbol used: the scan of L1's RAM finds KVM's stage 2
+    first level (the VTTBR_EL2 read inside L2), confirmed by the VMM's own table (the root ps
+    reads in L1's kernel for the VMM's pid), which maps its pages at the memslots' offsets
+    (HVA - IPA, as the VMM set them up). --stage2 ROOT then takes each marker's IPA to L1's
+    own pagemap page and the value L2 wrote; find-cr3 and who-maps leave the table out by
+    this scan alone (no VTTBR, no KVM structures)."""
+    import qintrospect
+    from qintrospect.commands import finder
+    root = rig.live_vttbr & ((1 << 48) - 1) & ~0xFFF
+    markers = rig.ready["markers"]
+    stop_in(rig, "EL2&0", False)
+    try:
+        rc, found, err = run_json("find-stage2", *attach_args(rig))
+        prc, tasks, perr = run_json("ps", *attach_args(rig))
+        trc, rows, terr = run_json("translate", "--stage2", hex(root), *attach_args(rig),
+                                   *map(hex, markers), hex(rig.ready["untouched"][0]))
+        with qintrospect.attach(qmp=rig.qmp_path, gdb=rig.gdb_address) as vm:
+            scanned = finder.scan(vm.memory, vm.ram_map, vm.cpu)      # no roots left out
+            kept = {c.root for c in finder.without_stage2(vm, scanned)}
+    finally:
+        rig.qmp("cont")
+    assert rc == 0 and prc == 0, err + perr
+    (f,) = [f for f in found if int(f["root"], 16) == root]
+    vmm_root = next(int(t["root"], 16) for t in tasks if t["pid"] == rig.vmm_pid)
+    assert int(f["vmm_root"], 16) == vmm_root and f["vmm"] == {"pid": rig.vmm_pid,
+                                                               "comm": "vmm"}
+    assert f["pages_matched"] == f["pages_checked"] > 0
+    slots = {s["hva"] - s["ipa"] for s in rig.ready["slots"]}
+    assert {int(m["hva_minus_ipa"], 16) for m in f["memslots"]} == slots, f
+    assert trc == 1, terr                     # the untouched IPA: a stage 2 fault
+    for row, (ipa, value) in zip(rows, markers.items()):
+        assert row["cr3_source"] == "stage2" and row["stage2"]["stage1_off"], row
+        assert int(row["gpa"], 16) == rig.l1_pas[ipa] and int(row["value"], 16) == value
+    assert rows[-1]["fault"]["stage"] == 2 and rows[-1]["fault"]["reason"] == "translation"
+    assert root in {c.root for c in scanned} and root not in kept
+    assert vmm_root in kept
 
 
 # vCPU 1's stage 1 (vmm.c's s1_tables): the rights of each kind of mapping, as both stages
