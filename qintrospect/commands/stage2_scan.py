@@ -43,17 +43,18 @@ class Stage2Found:
     """A table in guest RAM that is KVM's stage 2 first level, with the evidence."""
     root: int
     vtcr: int                # the layout it was read in (VTCR_EL2 as the vCPU holds it)
-    leaves: int              # leaves read (LEAVES_MAX at most)
+    leaves: int              # leaves read
     mapped: int              # bytes those leaves map
     checked: int             # pages sampled from them
     matched: int             # of those, the pages the VMM maps at a memslot's offset
     vmm_root: int            # the process root (TTBR0) that maps them: the VMM's
     slots: tuple             # ((hva - ipa, pages matched, first IPA, last IPA), ...)
+    complete: bool = True    # every leaf read (else the first LEAVES_MAX, or TABLES_MAX tables)
 
     def to_dict(self) -> dict:
         h = lambda v: f"{v:#x}"  # noqa: E731
         return {"root": h(self.root), "vtcr_el2": h(self.vtcr), "leaves": self.leaves,
-                "mapped_bytes": self.mapped, "pages_checked": self.checked,
+                "mapped_bytes": self.mapped, "complete": self.complete, "pages_checked": self.checked,
                 "pages_matched": self.matched, "vmm_root": h(self.vmm_root),
                 "memslots": [{"hva_minus_ipa": h(d), "pages_matched": n, "first_ipa": h(lo),
                               "last_ipa": h(hi)} for d, n, lo, hi in self.slots]}
@@ -112,7 +113,7 @@ def classify(vm, tables, vtcr: int) -> List[Stage2Found]:
     kvm = {page for root in shaped for page in _first_level_pages(root, vtcr, ids)}
     processes = {r: _process_pages(read, vm.cpu, r) for r in tables if r not in kvm}
     found = []
-    for root, (ipa, pa, size) in shaped.items():
+    for root, (ipa, pa, size, complete) in shaped.items():
         sample_ipa, sample_pa = _sample(ipa, pa, size)
         best = None
         for proc, pages in processes.items():
@@ -124,7 +125,7 @@ def classify(vm, tables, vtcr: int) -> List[Stage2Found]:
         if best is not None:
             proc, (matched, slots) = best
             found.append(Stage2Found(root, vtcr, len(ipa), int(size.sum()), len(sample_ipa),
-                                     matched, proc, slots))
+                                     matched, proc, slots, complete))
     return sorted(found, key=lambda f: (-f.matched, f.root))
 
 
@@ -137,32 +138,35 @@ def _first_level_pages(root: int, vtcr: int, ids: dict) -> tuple:
 
 
 def _stage2_leaves(read, root: int, vtcr: int, ids: dict):
-    """(IPA, PA, size) arrays of the leaves of `root` read as a stage 2 first level, or None
-    when it is no such table: no leaf, a leaf unlike KVM's (module docstring), or more than
-    the bounds."""
+    """(IPA, PA, size, complete) of the leaves of `root` read as a stage 2 first level, or
+    None when it is no such table: no leaf, or a leaf unlike KVM's (module docstring). At most
+    TABLES_MAX tables and LEAVES_MAX leaves are read (complete: every leaf was): a big VM is
+    judged by its first leaves, a crafted tree costs no more."""
     from ..paging.arm64_stage2 import iter_mappings_stage2
     from ..machine.arm64 import HCR_VM
     budget = [TABLES_MAX]
 
     def bounded(addr, n):
         budget[0] -= 1
-        if budget[0] < 0:
-            raise MemoryReadError("too many tables for one candidate", addr)
+        if budget[0] < 0:      # (the walk skips what does not read: it ends with what it has)
+            raise MemoryReadError("more tables than one candidate may cost", addr)
         return read(addr, n)
     ipa, pa, size = [], [], []
-    try:
-        for m in iter_mappings_stage2(bounded, root, vtcr, hcr=HCR_VM, **ids):
-            e = m.levels_entries[-1]
-            if e & NG or not e & S2AP or not e & MEMATTR or len(ipa) >= LEAVES_MAX:
-                return None
-            ipa.append(m.va)
-            pa.append(m.pa)
-            size.append(m.size)
-    except MemoryReadError:
+    complete = True
+    for m in iter_mappings_stage2(bounded, root, vtcr, hcr=HCR_VM, **ids):
+        e = m.levels_entries[-1]
+        if e & NG or not e & S2AP or not e & MEMATTR:
+            return None
+        ipa.append(m.va)
+        pa.append(m.pa)
+        size.append(m.size)
+        if len(ipa) >= LEAVES_MAX:
+            complete = False
+            break
+    if not ipa:
         return None
-    if not ipa or budget[0] < 0:
-        return None
-    return np.array(ipa, U64), np.array(pa, U64), np.array(size, U64)
+    return (np.array(ipa, U64), np.array(pa, U64), np.array(size, U64),
+            complete and budget[0] >= 0)
 
 
 def _process_pages(read, state, root: int):

@@ -215,7 +215,8 @@ def cmd_find_stage2(args) -> int:
     for f in found:
         who = vmms.get(f.vmm_root)
         named = f" (pid {who['pid']}, {printable(who['comm'])})" if who else ""
-        print(f"  stage 2 {f.root:#014x}  VTCR_EL2 {f.vtcr:#x}: {f.leaves} leaves, "
+        read = "" if f.complete else "the first "
+        print(f"  stage 2 {f.root:#014x}  VTCR_EL2 {f.vtcr:#x}: {read}{f.leaves} leaves, "
               f"{f.mapped >> 10} KiB mapped; process root (TTBR0) {f.vmm_root:#x}{named} "
               f"maps {f.matched} of {f.checked} sampled pages")
         for delta, pages, lo, hi in f.slots:

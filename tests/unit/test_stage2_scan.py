@@ -147,3 +147,12 @@ def test_a_layout_that_walks_nothing_is_refused_before_the_scan():
     vm = FakeVm(build(), vtcr=1 << 31 | 63)
     with pytest.raises(UsageError, match="lays out no stage 2 walk"):
         stage2_scan.find_stage2(vm)
+
+
+def test_a_big_vm_is_judged_by_its_first_leaves(monkeypatch):
+    """More leaves than a candidate may cost: the scan stops reading there and judges by what
+    it read, and says so (complete: false), rather than refusing the VM."""
+    monkeypatch.setattr(stage2_scan, "LEAVES_MAX", 8)
+    (f,) = stage2_scan.find_stage2(FakeVm(build()))
+    assert (f.root, f.vmm_root, f.complete) == (S2_ROOT, VMM_ROOT, False)
+    assert f.matched == f.checked == f.leaves == 8 and f.to_dict()["complete"] is False
