@@ -212,21 +212,25 @@ class Shell:
         args.session = self.vm
         own_root = getattr(args, "cr3", None) or getattr(args, "phys", False) \
             or getattr(args, "find_cr3", False) or getattr(args, "guest_pid", None) is not None \
-            or getattr(args, "guest_comm", None) is not None
+            or getattr(args, "guest_comm", None) is not None \
+            or getattr(args, "kvm_vcpu", None) or getattr(args, "stage2", None)
         if self.root is not None and name in ROOTED and not own_root:
             args.cr3 = f"{self.root:#x}"
         elif self.guest is not None and name in ROOTED and not own_root:
             setattr(args, f"guest_{self.guest[0]}", self.guest[1])
         with self.paused():
-            vcpu = args.vcpu
-            if vcpu is None or vcpu == self.vm.vcpu:
-                return args.func(args)
-            mine = self.vm.vcpu
-            self._select_vcpu(vcpu)
             try:
-                return args.func(args)
+                vcpu = args.vcpu
+                if vcpu is None or vcpu == self.vm.vcpu:
+                    return args.func(args)
+                mine = self.vm.vcpu
+                self._select_vcpu(vcpu)
+                try:
+                    return args.func(args)
+                finally:
+                    self._select_vcpu(mine)
             finally:
-                self._select_vcpu(mine)
+                self.vm.own_registers()     # --kvm-vcpu/--stage2 were for that command only
 
     # ---- the run state ------------------------------------------------------------------------
 

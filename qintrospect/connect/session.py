@@ -52,6 +52,7 @@ class Session(Commands):
         self.facts = None                    # machine.vcpus.Vcpus: the vCPUs, QOM, query-kvm
         self.vcpu_info: list = []            # registers of each vCPU (machine.cpu.Vcpu)
         self.registers_source = "vcpu"       # "kvm-vcpu": the selected one's, from KVM's
+        self._own_registers = None           # what use_registers replaced (own_registers)
         self.cpu: Optional[paging.CpuState] = None
         self.page1gb_source = ""             # where CpuState.page1gb came from
         self.ram_map: Optional[RamMap] = None
@@ -139,7 +140,7 @@ class Session(Commands):
         changed: the source says when). Table pages are never cached across commands."""
         self.check_open()
         self.source.refresh(self)
-        self.registers_source = "vcpu"
+        self.registers_source, self._own_registers = "vcpu", None
         page1gb = getattr(self.cpu, "page1gb", None)
         self.cpu = _with_page1gb(self.facts.cpu_state(self.vcpu_info[self.vcpu]), page1gb)
 
@@ -161,9 +162,23 @@ class Session(Commands):
         a vCPU the guest's own KVM holds (guestos.kvm_arm64.registers, source "kvm-vcpu"), or
         a VM's stage 2 given by its root (commands.stage2_scan.registers_for, "stage2")."""
         self.check_open()
+        if self._own_registers is None:
+            self._own_registers = (self.vcpu, self.vcpu_info[self.vcpu], self.cpu,
+                                   self.registers_source)
         self.vcpu_info[self.vcpu] = registers
         self.cpu = self.facts.cpu_state(registers)
         self.registers_source = source
+
+    def own_registers(self) -> None:
+        """Back to the vCPU's own registers after a command that used others (use_registers):
+        a shell's next command translates as the vCPU again, even with the VM held paused
+        (its registers are then not read again)."""
+        if self._own_registers is not None:
+            index, registers, cpu, self.registers_source = self._own_registers
+            self.vcpu_info[index] = registers
+            if self.vcpu == index:
+                self.cpu = cpu
+            self._own_registers = None
 
     # ---- what the commands read through ----------------------------------------------------
 

@@ -7,6 +7,7 @@ vCPU (it walks both stages), to the values L2 wrote, and to L1's own /proc/VMM_P
 Stopped in L1's kernel (the EL2&0 regime of a VHE host), the VMM's own address of the same
 bytes leads to the same physical page through L1's tables."""
 
+import json
 import re
 
 import pytest
@@ -376,6 +377,25 @@ def test_find_stage2_by_scan_names_kvms_table_its_vmm_and_memslots(rig):
     assert rows[-1]["fault"]["stage"] == 2 and rows[-1]["fault"]["reason"] == "translation"
     assert root in {c.root for c in scanned} and root not in kept
     assert vmm_root in kept
+
+
+def test_in_the_shell_stage2_and_kvm_vcpu_are_for_one_command(rig):
+    """A shell holding the VM (gdb) does not read the registers again between commands: a
+    command with --stage2 or --kvm-vcpu must not leave the next one translating as that VM."""
+    root = rig.live_vttbr & ((1 << 48) - 1) & ~0xFFF
+    ipa = next(iter(rig.ready["markers"]))
+    stop_in_l1_settled(rig, f"{rig.vmm_pid}:0")
+    script = (f"translate --json --stage2 {root:#x} {ipa:#x}\ntranslate --json {ipa:#x}\n"
+              f"translate --json --kvm-vcpu {rig.vmm_pid} {ipa:#x}\ntranslate --json {ipa:#x}\n")
+    try:
+        rc, out, err = run_cli("shell", *attach_args(rig), input=script)
+    finally:
+        rig.qmp("cont")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["cr3_source"] for r in rows] == ["stage2", "vcpu", "kvm-vcpu", "vcpu"], err
+    assert int(rows[0]["gpa"], 16) == int(rows[2]["gpa"], 16) == rig.l1_pas[ipa]
+    own = [(r["cr3"], r.get("gpa"), r.get("fault"), r.get("stage2")) for r in rows[1::2]]
+    assert own[0] == own[1] and own[0][3] is None       # L1's own EL2&0 regime, no stage 2
 
 
 # vCPU 1's stage 1 (vmm.c's s1_tables): the rights of each kind of mapping, as both stages
