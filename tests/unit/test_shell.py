@@ -112,6 +112,9 @@ class FakeSession:
         self.refreshed += 1
         self.qmp.sent.append("refresh")
 
+    def own_registers(self):
+        """(Session.own_registers: after every command; nothing to put back here.)"""
+
     def select_vcpu(self, index):
         if not 0 <= index < len(self._vcpus):
             raise UsageError(f"vCPU {index}: this VM has {len(self._vcpus)} vCPU(s)")
