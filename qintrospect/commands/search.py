@@ -131,13 +131,50 @@ class _Finder:
         self.carry = tail[-keep:] if keep else b""
         self.carry_end = address + len(data)
 
+    def feed_sparse(self, address: int, data: bytes, zeros, tag) -> None:
+        """feed(), skipping the inside of runs of data known to be zeros (`zeros`: sorted
+        (start, end) offsets; read_sparse's): a pattern with a non-zero byte cannot start
+        more than len(pattern) - 1 bytes before such a run's end, nor lie inside it, so
+        only that much of each run's edges is searched (and CONTEXT bytes after data, for
+        the context shown). An all-zero pattern searches everything."""
+        edge = max(len(self.pattern) - 1, CONTEXT)
+        if not zeros or not any(self.pattern):
+            return self.feed(address, data, tag)
+        start = 0                               # the next byte of data still to feed
+        for a, b in _merged(zeros):
+            if b - a <= 2 * edge:
+                continue                        # a short run: searched as data
+            self.feed(address + start, data[start:a + edge], tag)
+            if self.full:
+                return
+            start = b - edge
+        self.feed(address + start, data[start:], tag)
+
     def _add(self, where: int, tag, offset: int, context: bytes) -> bool:
         """Keep one match (if aligned); True when the limit is reached."""
         if where % self.align == 0:
-            self.found.append((where, tag, offset, context))
+            self.found.append((where, tag, offset, bytes(context)))
             if len(self.found) >= self.limit:
                 self.full = True
         return self.full
+
+
+def _read_sparse(memory, gpa: int, length: int):
+    """(bytes, runs known to be zeros) from a memory that knows them (PhysicalMemory's
+    read_sparse), else (bytes, [])."""
+    sparse = getattr(memory, "read_sparse", None)
+    return sparse(gpa, length) if sparse is not None else (memory.read(gpa, length), [])
+
+
+def _merged(runs):
+    """Sorted (start, end) runs with neighbours joined."""
+    out = []
+    for a, b in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: int = 0,
@@ -162,12 +199,12 @@ def search_virtual(session, pattern: bytes, cr3: Optional[int] = None, start: in
     scanned = unreadable = 0
     for va, gpa, length, leaf in pieces:
         try:
-            data = session.memory.read(gpa, length)
+            data, zeros = _read_sparse(session.memory, gpa, length)
         except MemoryReadError:
             unreadable += 1
             finder.carry_end = None
             continue
-        finder.feed(va, data, (gpa, leaf))
+        finder.feed_sparse(va, data, zeros, (gpa, leaf))
         scanned += length
         if progress is not None:
             progress.advance(length)
@@ -297,12 +334,12 @@ def search_physical(session, pattern: bytes, align: int = 1, limit: int = 1000,
         while gpa <= r.end and not finder.full:
             n = min(r.end + 1 - gpa, PIECE)
             try:
-                data = session.memory.read(gpa, n)
+                data, zeros = _read_sparse(session.memory, gpa, n)
             except MemoryReadError:
                 unreadable += 1
                 finder.carry_end = None
             else:
-                finder.feed(gpa, data, r)
+                finder.feed_sparse(gpa, data, zeros, r)
                 scanned += n
             if progress is not None:
                 progress.advance(n)

@@ -32,6 +32,11 @@ class PhysicalMemory:
         self.ram_map.check_readable(gpa, length)
         return self._read(gpa, length)
 
+    def read_sparse(self, gpa: int, length: int):
+        """(read(gpa, length), [(start, end) offsets of runs known to be zeros without a
+        read]): what a search may skip. Only the direct path knows such runs."""
+        return self.read(gpa, length), []
+
     def _read(self, gpa: int, length: int) -> bytes:
         raise NotImplementedError
 
@@ -63,15 +68,25 @@ class DirectMemory(PhysicalMemory):
         super().__init__(ram_map)
         self.process = process
 
-    def _read(self, gpa, length):
-        parts = []
+    def _read(self, gpa, length, zeros=None):
+        parts, done = [], 0
         while length > 0:
             region = self._region(gpa)
             n = min(length, region.end - gpa + 1)
-            parts.append(self.process.read_range(region.hva_of(gpa), n))
+            runs = None if zeros is None else []
+            parts.append(self.process.read_range(region.hva_of(gpa), n, runs))
+            if runs:
+                zeros.extend((done + a, done + b) for a, b in runs)
             gpa += n
             length -= n
+            done += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_sparse(self, gpa: int, length: int):
+        """read() and the runs of absent private anonymous pages in it (zeros, not read)."""
+        self.ram_map.check_readable(gpa, length)
+        zeros: list = []
+        return self._read(gpa, length, zeros), zeros
 
     def _region(self, gpa):
         region = self.ram_map.check_readable(gpa, 1)

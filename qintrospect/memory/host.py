@@ -322,13 +322,16 @@ class HostProcess:
                     zero[i] = bool(_holes(fd, vma.offset + (hva - vma.start), 1, 0)[0])
         return zero
 
-    def read_range(self, hva: int, length: int) -> bytes:
+    def read_range(self, hva: int, length: int, zeros: Optional[list] = None) -> bytes:
         """[hva, hva+length) of QEMU's memory, as the guest sees it; bytes are never invented.
         Pages present (or swapped out) in QEMU's page table are read from the process. A page
         that is absent there is read from the file behind its mapping (memory-backend-file,
         memfd, hugetlbfs: pread, which reads holes as zeros without allocating), or, when that
         file cannot be opened, through the process (which faults it in read-only); absent pages
-        of private anonymous memory are zeros, proven without a read (see absent_zero)."""
+        of private anonymous memory are zeros, proven without a read (see absent_zero). With
+        `zeros` (a list), the (start, end) offsets of those proven-zero runs are added to it,
+        and the buffer read into is given as it is (a bytearray, not copied to bytes: a
+        search reads hundreds of MiB)."""
         first = hva // PAGE
         count = (hva + length - 1) // PAGE - first + 1
         try:
@@ -343,6 +346,8 @@ class HostProcess:
                 return self.read(hva, length)
             vma = self.vma_at(hva)
             if vma is not None and vma.absent_reads_zero:
+                if zeros is not None:
+                    zeros.append((0, length))
                 return bytes(length)              # proven zeros, as below
         import numpy as np
         entries = np.array(entries, np.uint64)
@@ -353,14 +358,16 @@ class HostProcess:
             take = mapped[i:j].copy()              # read from the process
             absent = ~take
             if absent.any():
-                if vma.absent_reads_zero:
-                    pass                           # zeros: out is zero already
+                if vma.absent_reads_zero:          # zeros: out is zero already
+                    if zeros is not None:
+                        zeros.extend((a - hva, b - hva)
+                                     for a, b in self._page_runs(lo, hi, first + i, absent))
                 elif vma.inode and self.backing_file(vma) is not None:
                     self._read_file_pages(vma, lo, hi, first + i, absent, out, hva)
                 else:
                     take[:] = True                 # no other way: fault it in, read-only
             self._read_pages(lo, hi, first + i, take, out, hva)
-        return bytes(out)
+        return out if zeros is not None else bytes(out)
 
     def _page_runs(self, lo: int, hi: int, first_page: int, sel: np.ndarray):
         """[a, b) byte ranges of [lo, hi) covering the runs of selected pages."""

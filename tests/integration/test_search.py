@@ -169,3 +169,41 @@ def test_a_guest_process_named_by_pid(g):
     rc, out, err = run_cli("search", *attach_args(g), "--guest-pid", "1", "--cr3", "0x1000",
                            "a")
     assert rc == 2 and "exclude" in err
+
+
+def test_runs_of_absent_host_pages_are_skipped_but_not_their_edges(g):
+    """Host pages QEMU never touched are zeros proven without a read (pagemap), and search
+    looks only at their edges: a pattern that ends in such a page's first zeros, or starts
+    in the last zeros before a page with data, is found where a plain scan of every byte
+    finds it, and nowhere else."""
+    with qintrospect.attach(qmp=g.qmp_path, gdb=g.gdb_address) as vm:
+        r = next(r for r in vm.ram_map.ram if r.kind == "ram" and r.end - r.start > 1 << 24)
+        pages = (r.end + 1 - r.start) // 4096
+        present = [bool(e >> 63) for e in vm.process.pagemap_entries(r.hva, pages)]
+        patterns = []            # (pattern, where it starts)
+        for k in range(1, pages - 1):
+            base = r.start + k * 4096
+            if present[k] and not present[k + 1] and len(patterns) == 0:
+                page = vm.memory.read(base, 4096)     # its last data, its zeros, 4 beyond
+                last = len(page.rstrip(bytes(1))) - 1
+                if last >= 31:
+                    patterns.append((page[last - 31:] + bytes(4), base + last - 31))
+            if not present[k - 1] and present[k] and len(patterns) == 1:
+                page = vm.memory.read(base, 4096)     # 4 zeros before, its first data
+                first = 4096 - len(page.lstrip(bytes(1)))
+                if first < 4064:
+                    patterns.append((bytes(4) + page[:first + 32], base - 4))
+        assert len(patterns) == 2, "no present page beside an absent one with data at the edge"
+        data = b"".join(vm.memory.read(a, min(1 << 20, r.end + 1 - a))
+                        for a in range(r.start, r.end + 1, 1 << 20))
+    for pattern, where in patterns:
+        rc, out, err = run_cli("search", *attach_args(g), "--phys", "--hex", pattern.hex(),
+                               "--max", "100000", "--json")
+        assert rc == 0, err
+        found = sorted(int(row["gpa"], 16) for row in map(json.loads, out.splitlines())
+                       if int(row["gpa"], 16) in range(r.start, r.end + 1))
+        want, i = [], data.find(pattern)
+        while i >= 0:
+            want.append(r.start + i)
+            i = data.find(pattern, i + 1)
+        assert where in found and found == want, (pattern.hex(), hex(where))

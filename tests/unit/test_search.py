@@ -53,6 +53,37 @@ def test_the_finder_is_a_plain_scan(seed):
     assert [where for where, *_ in f.found] == plain(pieces, pattern, align)
 
 
+@pytest.mark.parametrize("seed", range(60))
+def test_skipping_known_zeros_finds_what_a_plain_scan_finds(seed):
+    """feed_sparse (runs known to be zeros searched only at their edges) finds the same
+    addresses with the same context as feed over every byte: patterns with zeros at either
+    end, matches just before, just after and across a run, pieces joined or not, a run at a
+    piece's start or end, all-zero patterns (searched everywhere)."""
+    rnd = random.Random(seed)
+    pattern = bytes(rnd.choice(b"a\0\0") for _ in range(rnd.randint(1, 6)))
+    pieces, address = [], 0x1000
+    for _ in range(rnd.randint(1, 6)):
+        data, zeros = bytearray(), []
+        for _ in range(rnd.randint(1, 6)):
+            if rnd.random() < 0.5:
+                n = rnd.choice((1, 5, 17, 40, 90))
+                zeros.append((len(data), len(data) + n))
+                data += bytes(n)
+            else:
+                data += bytes(rnd.choice(b"a\0b") for _ in range(rnd.randint(1, 30)))
+        pieces.append((address, bytes(data), zeros))
+        address += len(data) + rnd.choice((0, 0, 7))
+    align = rnd.choice((1, 1, 2))
+    plain_f, sparse_f = _Finder(pattern, align, 10 ** 6), _Finder(pattern, align, 10 ** 6)
+    for address, data, zeros in pieces:
+        plain_f.feed(address, data, None)
+        sparse_f.feed_sparse(address, data, zeros, None)
+    assert [(w, ctx) for w, _, _, ctx in sparse_f.found] == \
+        [(w, ctx) for w, _, _, ctx in plain_f.found]
+    assert [w for w, *_ in plain_f.found] == plain([(a, d) for a, d, _ in pieces], pattern,
+                                                   align)
+
+
 def test_a_match_across_a_join_and_its_context():
     f = _Finder(b"WXYZ", 1, 100)
     f.feed(0x1000, b"....WX", "a")
