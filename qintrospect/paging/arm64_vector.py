@@ -351,7 +351,8 @@ def leaf_arrays_arm64(read_phys: ReadPhys, state: Arm64State, start: int = 0,
         if r.start_fault != FAULT_NONE or window is None:
             continue
         base, lo, hi = window
-        cols, lost = _range_leaves(tables, r, lo, hi, wxn)
+        cols, lost = _range_leaves(tables, r, lo, hi,
+                                   lambda e, t, hd=p.hd: _rights(e, t, wxn, hd))
         if on_unreadable is not None and lost:
             _report_unreadable(p.mode, tables, lost, on_unreadable)
         if cols is not None:
@@ -374,9 +375,12 @@ def leaf_arrays_arm64(read_phys: ReadPhys, state: Arm64State, start: int = 0,
                            modes=modes)
 
 
-def _range_leaves(tables: _Tables, r: _Range, lo: int, hi: int, wxn: bool):
+def _range_leaves(tables: _Tables, r: _Range, lo: int, hi: int, rights, once: bool = False):
     """The leaves of one range overlapping raw VAs [lo, hi), as iter_leaves finds them with
-    Arm64Format's present / is_leaf / valid / frame: (columns or None, unreadable visits)."""
+    the format's present / is_leaf / valid / frame: (columns or None, unreadable visits).
+    rights(leaf entries, table attributes above) -> (writable, user, executable). once: a
+    table met again at a level is walked at its first visit only (iter_leaves' on_repeat,
+    as the stage 2 lister walks)."""
     whole = lo == 0 and hi == 1 << r.mode.va_bits
     addr = np.array([r.root], U64)
     base = np.zeros(1, U64)
@@ -388,6 +392,10 @@ def _range_leaves(tables: _Tables, r: _Range, lo: int, hi: int, wxn: bool):
         if not len(addr):
             break
         shift, count, last, blocks, leaf_mask, size = r.level(i)
+        if once and len(addr) > 1:              # visits are in address order: keep the first
+            first = np.sort(np.unique(addr, return_index=True)[1])
+            if len(first) < len(addr):
+                addr, base, tattrs, path = addr[first], base[first], tattrs[first], path[first]
         rows, row, readable = tables.stack(addr, count)
         gone = ~readable[row]
         if gone.any():
@@ -414,7 +422,7 @@ def _range_leaves(tables: _Tables, r: _Range, lo: int, hi: int, wxn: bool):
         found = int(leaf.sum())
         if found:
             le = e[leaf]
-            wr, us, ex = _rights(le, above[leaf], wxn, r.p.hd)
+            wr, us, ex = rights(le, above[leaf])
             leaves.append((va[leaf], oa[leaf], np.full(found, size, U64), le, wr, us, ex,
                            np.full(found, i, np.int8), path[leaf]))
         down = ~leaf
@@ -436,6 +444,34 @@ class Stage2LeafArrays(LeafArrays):
         return (self.entry >> np.uint64(6) & np.uint64(1)).astype(bool)
 
 
+class _Stage2Range(_Range):
+    """A stage 2 IPA space as _range_leaves walks it: one range from 0, the (concatenated)
+    first level read at once, no table attributes (stage 2 tables carry none), S2AP/XN."""
+
+    def __init__(self, p):
+        from .arm64_stage2_format import stage2_format
+        self.p = p
+        self.mode = p.mode
+        self.fmt = stage2_format(p)
+        self.depth = len(p.mode.levels)
+        self.first = len(LEVEL_NAMES) - self.depth
+        self.root = p.root
+        self.start_fault = FAULT_NONE
+        self.table_mask = U64(self.fmt.table_mask)
+        self.oa_bits = U64(p.oa_bits)
+        self.tattr_mask = U64(0)
+
+    def rights(self, e: np.ndarray, _above) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(writable, user, executable) as arm64_stage2._rights: S2AP[1] (or DBM=1 with
+        hardware dirty state), every EL alike, executable at EL1 or EL0 (XN[1:0] != 10;
+        without FEAT_XNX XN[1] alone)."""
+        xn = (e >> U64(53)) & U64(3 if self.p.xnx else 2)
+        writable = (e & U64(1 << 7)) != 0
+        if self.p.hd:
+            writable |= (e & U64(DBM)) != 0
+        return writable, np.ones(len(e), bool), xn != U64(2)
+
+
 def leaf_arrays_stage2(read_phys: ReadPhys, vttbr: int, vtcr: int, start: int = 0,
                        end: Optional[int] = None, *, id_aa64mmfr0: Optional[int] = None,
                        id_aa64mmfr1: Optional[int] = None, id_aa64mmfr2: Optional[int] = None,
@@ -443,27 +479,32 @@ def leaf_arrays_stage2(read_phys: ReadPhys, vttbr: int, vtcr: int, start: int = 
                        on_unreadable: Optional[OnUnreadable] = None):
     """iter_mappings_stage2's leaves as vector.LeafArrays (va = the IPA), for the commands that
     take a whole address space (vmmap, search): the map of a guest whose stage 1 is off, where
-    its addresses are its IPAs. `user` is True (stage 2 gives EL0 and EL1 the same data
-    rights); `readable` is S2AP[0]."""
-    from .arm64_stage2 import iter_mappings_stage2
-    from .arm64_stage2_format import s2_params, stage2_format
-    ids = dict(id_aa64mmfr0=id_aa64mmfr0, id_aa64mmfr1=id_aa64mmfr1, id_aa64mmfr2=id_aa64mmfr2)
+    its addresses are its IPAs. A level at a time, as the stage 1 lister (each table read once,
+    whole; a table met again at a level walked once, as iter_mappings_stage2 walks it).
+    `user` is True (stage 2 gives EL0 and EL1 the same data rights); `readable` is S2AP[0]."""
+    from .arm64_stage2_format import HCR_DC, HCR_VM, s2_params, stage2_format
     p = s2_params(vtcr, vttbr, id_aa64mmfr0, id_aa64mmfr1, id_aa64mmfr2, hcr)
-    found = list(iter_mappings_stage2(read_phys, vttbr, vtcr, start, end, hcr=hcr,
-                                      on_unreadable=on_unreadable, **ids))
     depth = len(p.mode.levels) if p.mode else 0
-    u64 = np.uint64
-    path = np.zeros((len(found), depth), u64)
-    for k, m in enumerate(found):
-        path[k, :len(m.levels_entries)] = m.levels_entries
-    return Stage2LeafArrays(
-        np.array([m.va for m in found], u64), np.array([m.pa for m in found], u64),
-        np.array([m.size for m in found], u64),
-        np.array([m.levels_entries[-1] for m in found], u64),
-        np.array([m.writable for m in found], bool), np.ones(len(found), bool),
-        np.array([m.executable for m in found], bool),
-        np.array([len(m.levels_entries) - 1 for m in found], np.int8),   # mode.levels' index
-        path, p.mode, stage2_format(p) if p.mode else None)
+    fmt = stage2_format(p) if p.mode else None
+    lo = max(start, 0)
+    hi = min(1 << p.ia_bits, (1 << 64) if end is None else end) if p.mode else 0
+    cols = None
+    if not (p.setup_fault or p.root >> p.oa_bits or lo >= hi
+            or (hcr is not None and not hcr & (HCR_VM | HCR_DC))):
+        tables = _Tables(read_phys, 8, None, 0)
+        r = _Stage2Range(p)
+        cols, lost = _range_leaves(tables, r, lo, hi, r.rights, once=True)
+        if on_unreadable is not None and lost:
+            _report_unreadable(p.mode, tables, lost, on_unreadable)
+    if cols is None:
+        u64, flag = np.zeros(0, U64), np.zeros(0, bool)
+        return Stage2LeafArrays(u64, u64.copy(), u64.copy(), u64.copy(), flag, flag.copy(),
+                                flag.copy(), np.zeros(0, np.int8), np.zeros((0, depth), U64),
+                                p.mode, fmt)
+    ipa, pa, size, entry, w, u, x, level, path = cols
+    order = np.argsort(ipa, kind="stable")       # leaves never overlap: IPA order
+    return Stage2LeafArrays(ipa[order], pa[order], size[order], entry[order], w[order],
+                            u[order], x[order], level[order], path[order], p.mode, fmt)
 
 
 class TwoStageLeafArrays(Arm64LeafArrays):
