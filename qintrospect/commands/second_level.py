@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 
-from .. import slat
+from .. import paging, slat
 from ..errors import UsageError
 from ..machine import hostcpu
 from ..memory.identity import held_pages
@@ -22,6 +22,11 @@ def second_level(vm, spec, translations=(), progress=None, pairs=()) -> slat.Sec
     page-table root and the translations given (and the (GPA, host address) pairs given).
     spec: a SlatSpec or its text ("auto", ...)."""
     from ..memory.kcore import KcoreMemory
+    if paging.arch_of(vm.cpu) == "aarch64":
+        raise UsageError("--slat reads this host's own KVM tables for an x86 guest; on an "
+                         "aarch64 guest running KVM, its guest's stage 2 is walked without it: "
+                         "stopped inside that guest (VTTBR_EL2 live), or from the host with "
+                         "--kvm-vcpu PID (KVM's structures) or --stage2 ROOT (find-stage2)")
     vm.require_x86("--slat")
     vm.check_open()
     if isinstance(spec, str):      # "auto", "npt:0x...", "ept:0x..." as on the command line

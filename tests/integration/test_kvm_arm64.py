@@ -135,7 +135,7 @@ def test_read_goes_through_both_stages(rig, in_l2):
 
 def test_one_stage_commands_say_why_not(rig, in_l2):
     for args in (("who-maps", "--gpa", "0x40000000"), ("translate", "--brief", hex(CODE_IPA)),
-                 ("find-cr3",),
+                 ("find-cr3",), ("translate", "--slat", "auto", hex(CODE_IPA)),
                  ("translate", "--guest-pid", str(rig.vmm_pid), hex(CODE_IPA))):
         rc, out, err = run_cli(*args, *attach_args(rig))
         assert rc == 2 and "stage 2" in err and "Traceback" not in err, (args, err)
