@@ -54,8 +54,9 @@ class Stage2Found:
     def to_dict(self) -> dict:
         h = lambda v: f"{v:#x}"  # noqa: E731
         return {"root": h(self.root), "vtcr_el2": h(self.vtcr), "leaves": self.leaves,
-                "mapped_bytes": self.mapped, "complete": self.complete, "pages_checked": self.checked,
-                "pages_matched": self.matched, "vmm_root": h(self.vmm_root),
+                "mapped_bytes": self.mapped, "complete": self.complete,
+                "pages_checked": self.checked, "pages_matched": self.matched,
+                "vmm_root": h(self.vmm_root),
                 "memslots": [{"hva_minus_ipa": h(d), "pages_matched": n, "first_ipa": h(lo),
                               "last_ipa": h(hi)} for d, n, lo, hi in self.slots]}
 
@@ -110,7 +111,9 @@ def classify(vm, tables, vtcr: int) -> List[Stage2Found]:
             shaped[root] = leaves
     if not shaped:
         return []
-    kvm = {page for root in shaped for page in _first_level_pages(root, vtcr, ids)}
+    from ..record import replace        # (the pages of each first level, concatenated ones too)
+    kvm = {page for root in shaped
+           for page in replace(here, vttbr=root, vtcr=vtcr).stage2_root_pages()}
     processes = {r: _process_pages(read, vm.cpu, r) for r in tables if r not in kvm}
     found = []
     for root, (ipa, pa, size, complete) in shaped.items():
@@ -127,14 +130,6 @@ def classify(vm, tables, vtcr: int) -> List[Stage2Found]:
             found.append(Stage2Found(root, vtcr, len(ipa), int(size.sum()), len(sample_ipa),
                                      matched, proc, slots, complete))
     return sorted(found, key=lambda f: (-f.matched, f.root))
-
-
-def _first_level_pages(root: int, vtcr: int, ids: dict) -> tuple:
-    """The pages of the (concatenated) stage 2 first level at root."""
-    from ..paging.arm64_stage2 import decode_vtcr
-    v = decode_vtcr(vtcr, **ids)
-    size = {"4k": 1 << 12, "16k": 1 << 14, "64k": 1 << 16}.get(v.get("granule"), PAGE)
-    return tuple(root + k * size for k in range(v.get("root_tables") or 1))
 
 
 def _stage2_leaves(read, root: int, vtcr: int, ids: dict):
@@ -241,5 +236,6 @@ def registers_for(vm, root: int, vtcr: Optional[int] = None):
               + ("(given)" if given else "(the vCPU's)"))
     # stage 1 off: no TTBR is read (0 says so); EL1h; a stage 2 (VM=1), no TGE, no DC
     return replace(here, ttbr0=0, ttbr1=0, sctlr=here.sctlr & ~SCTLR_M,
-                   cpsr=(here.cpsr & ~0xF) | 0x5, hcr=(here.hcr | HCR_VM) & ~(HCR_TGE | HCR_DC), vttbr=root, vtcr=vtcr,
-                   stage2_source=source)
+                   cpsr=(here.cpsr & ~0xF) | 0x5,
+                   hcr=(here.hcr | HCR_VM) & ~(HCR_TGE | HCR_DC),
+                   vttbr=root, vtcr=vtcr, stage2_source=source)
