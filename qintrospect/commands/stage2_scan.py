@@ -84,6 +84,11 @@ def find_stage2(vm, vtcr: Optional[int] = None, progress=None) -> List[Stage2Fou
     """Every stage 2 first level in the attached aarch64 guest's RAM that a process's memory
     confirms (module docstring), best evidence first."""
     vm.check_open()
+    if vm.stage2 is not None:
+        live = vm.stage2.to_dict()["root"]
+        raise UsageError(f"find-stage2 reads the host's tables, and vCPU {vm.vcpu} runs a guest "
+                         f"of its hypervisor now: that guest's stage 2 root is VTTBR_EL2's "
+                         f"({live}, `cpus` shows it); stop in the host to scan for the others")
     vm.require_one_stage("find-stage2")
     if paging.arch_of(vm.cpu) != "aarch64":
         raise UsageError("find-stage2 is for aarch64 guests (KVM/arm64's stage 2 tables)")

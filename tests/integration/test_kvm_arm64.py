@@ -139,6 +139,8 @@ def test_one_stage_commands_say_why_not(rig, in_l2):
                  ("translate", "--guest-pid", str(rig.vmm_pid), hex(CODE_IPA))):
         rc, out, err = run_cli(*args, *attach_args(rig))
         assert rc == 2 and "stage 2" in err and "Traceback" not in err, (args, err)
+    rc, out, err = run_cli("find-stage2", *attach_args(rig))
+    assert rc == 2 and "VTTBR_EL2's" in err and in_l2["el2"]["stage2"]["root"] in err, err
     rc, out, err = run_cli("translate", "--mermaid", hex(CODE_IPA), *attach_args(rig))
     assert rc == 2 and "two-stage" in err and "Traceback" not in err, err
 

@@ -57,6 +57,10 @@ class FakeVm:
                                     tcr=STATE["tcr"], sctlr=1, mair=0xFF, cpsr=0x3c9,
                                     hcr=hcr, vttbr=0, vtcr=vtcr)]
 
+    @property
+    def stage2(self):            # (as Session: the stage 2 the vCPU runs under now)
+        return self.vcpu_info[0].stage2
+
     def cached_memory(self):
         return self.memory
 
@@ -135,6 +139,15 @@ def test_stage2_registers_are_a_vcpu_of_that_vm_with_its_mmu_off():
     assert "(the vCPU's)" in regs.stage2_source
     given = stage2_scan.registers_for(vm, S2_ROOT, VTCR)
     assert f"VTCR_EL2 {VTCR:#x} (given)" in given.stage2_source
+
+
+def test_inside_a_guest_the_live_root_is_named():
+    from qintrospect.record import replace
+    vm = FakeVm(build())
+    vm.vcpu_info[0] = replace(vm.vcpu_info[0], cpsr=0x3c5, hcr=1 << 34 | 1 | 1 << 31,
+                              vttbr=S2_ROOT)
+    with pytest.raises(UsageError, match=f"VTTBR_EL2's \\({S2_ROOT:#x}"):
+        stage2_scan.find_stage2(vm)
 
 
 def test_no_el2_is_said():
