@@ -112,10 +112,12 @@ def translation_text(t, show_bits: bool = True) -> str:
     pcid = f" PCID {w.pcid:#x}" if w.pcid is not None else ""
     assumed = " (assumed)" if w.assumed_maxphyaddr else ""
     if is_arm64(w) or t.root_name.startswith("TTBR"):
-        what = (f"{mode} translation, {w.maxphyaddr}-bit output addresses{assumed}"
-                if w.mode else "stage 1 off")
-        out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, {t.root_name} {t.cr3:#x} "
-                   f"({t.cr3_source}), {what}")
+        if w.mode:
+            out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, {t.root_name} {t.cr3:#x} "
+                       f"({t.cr3_source}), {mode} translation, {w.maxphyaddr}-bit output "
+                       f"addresses{assumed}")
+        else:       # no TTBR is read: the register's value says nothing (it is often junk)
+            out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu} ({t.cr3_source}), stage 1 off")
     elif is_riscv(w):
         out.append(f"GVA {t.gva:#018x}   vCPU {t.vcpu}, satp {t.cr3:#x} ({t.cr3_source}), "
                    f"{mode.capitalize()} translation")
