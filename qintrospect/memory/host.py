@@ -501,33 +501,10 @@ class HostProcess:
 
     def readv(self, buf, offsets, hvas, lengths) -> None:
         """The one way memory is read: piece i of buf (at offsets[i], lengths[i] bytes) from
-        hvas[i], IOV_MAX pieces per process_vm_readv call, the iovec arrays built by numpy
-        (no Python object per piece). Pieces a call could not read are read one by one
-        through /proc/PID/mem, which says why when it fails too."""
-        import ctypes
-        import numpy as np
-        libc, iovec = _process_vm_readv()
-        offsets = np.asarray(offsets, dtype=np.uint64)
-        hvas = np.asarray(hvas, dtype=np.uint64)
-        lengths = np.asarray(lengths, dtype=np.uint64)
-        view = (ctypes.c_char * len(buf)).from_buffer(buf)
-        try:
-            base = np.uint64(ctypes.addressof(view))
-            for k in range(0, len(hvas), IOV_MAX):
-                part = slice(k, k + IOV_MAX)
-                n = len(hvas[part])
-                local = np.stack([base + offsets[part], lengths[part]], axis=1)
-                remote = np.stack([hvas[part], lengths[part]], axis=1)
-                got = -1 if libc is None else libc.process_vm_readv(
-                    self.pid, local.ctypes.data_as(ctypes.POINTER(iovec)), n,
-                    remote.ctypes.data_as(ctypes.POINTER(iovec)), n, 0)
-                if got == int(lengths[part].sum()):
-                    continue
-                for off, hva, length in zip(offsets[part].tolist(), hvas[part].tolist(),
-                                            lengths[part].tolist()):
-                    buf[off:off + length] = self._pread(hva, length)
-        finally:
-            del view   # release buf's export
+        hvas[i], many per process_vm_readv call (memory.vmreadv); pieces a call could not
+        read are read one by one through /proc/PID/mem, which says why when it fails too."""
+        from .vmreadv import read_pieces
+        read_pieces(self.pid, buf, offsets, hvas, lengths, self._pread)
 
     def _pread(self, hva: int, length: int) -> bytes:
         try:
@@ -550,33 +527,6 @@ class HostProcess:
         except OSError:
             exe = "?"
         return f"pid {self.pid} ({os.path.basename(exe)})"
-
-
-_VM_READV = []
-
-
-def _process_vm_readv():
-    """(libc with process_vm_readv typed, its iovec struct), or (None, iovec) where there is
-    none (not Linux/glibc: /proc/PID/mem only). ctypes is loaded on first use: a command that
-    reads one piece at a time never needs it."""
-    if not _VM_READV:
-        import ctypes
-
-        class Iovec(ctypes.Structure):
-            _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.process_vm_readv.restype = ctypes.c_ssize_t
-            libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(Iovec),
-                                              ctypes.c_ulong, ctypes.POINTER(Iovec),
-                                              ctypes.c_ulong, ctypes.c_ulong]
-        except (OSError, AttributeError):
-            libc = None
-        _VM_READV.append((libc, Iovec))
-    return _VM_READV[0]
-
-
-IOV_MAX = 1024   # iovecs per process_vm_readv call (the kernel's UIO_MAXIOV)
 
 
 def _holes(fd: int, offset: int, pages: int, skew: int) -> np.ndarray:
