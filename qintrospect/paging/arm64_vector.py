@@ -53,18 +53,23 @@ class _Range:
     """One VA range's walk as numpy constants, from its RangeParams and Arm64Format."""
 
     def __init__(self, p: RangeParams, mair: int):
+        root = ttbr_base(p)
+        # what stops every walk of the range before its first read (after the range check)
+        start_fault = (FAULT_TRANSLATION if p.epd or p.tsz_fault else
+                       FAULT_ADDRESS_SIZE if root >> p.oa_bits else FAULT_NONE)
+        self._set(p, arm64_format(p, mair), root, start_fault, 0 if p.hpd else TABLE_ATTRS)
+
+    def _set(self, p, fmt, root: int, start_fault: int, table_attrs: int) -> None:
         self.p = p
         self.mode = p.mode
-        self.fmt = arm64_format(p, mair)
+        self.fmt = fmt
         self.depth = len(p.mode.levels)
         self.first = len(LEVEL_NAMES) - self.depth     # the code of mode.levels[0]
-        self.root = ttbr_base(p)
-        # what stops every walk of the range before its first read (after the range check)
-        self.start_fault = (FAULT_TRANSLATION if p.epd or p.tsz_fault else
-                            FAULT_ADDRESS_SIZE if self.root >> p.oa_bits else FAULT_NONE)
-        self.table_mask = U64(self.fmt.table_mask)
+        self.root = root
+        self.start_fault = start_fault
+        self.table_mask = U64(fmt.table_mask)
         self.oa_bits = U64(p.oa_bits)
-        self.tattr_mask = U64(0 if p.hpd else TABLE_ATTRS)
+        self.tattr_mask = U64(table_attrs)
 
     def level(self, i: int):
         """(shift, entry count, last?, blocks allowed?, leaf OA mask, page size) of level i."""
@@ -450,16 +455,7 @@ class _Stage2Range(_Range):
 
     def __init__(self, p):
         from .arm64_stage2_format import stage2_format
-        self.p = p
-        self.mode = p.mode
-        self.fmt = stage2_format(p)
-        self.depth = len(p.mode.levels)
-        self.first = len(LEVEL_NAMES) - self.depth
-        self.root = p.root
-        self.start_fault = FAULT_NONE
-        self.table_mask = U64(self.fmt.table_mask)
-        self.oa_bits = U64(p.oa_bits)
-        self.tattr_mask = U64(0)
+        self._set(p, stage2_format(p), p.root, FAULT_NONE, 0)   # (the caller checked the start)
 
     def rights(self, e: np.ndarray, _above) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(writable, user, executable) as arm64_stage2._rights: S2AP[1] (or DBM=1 with
